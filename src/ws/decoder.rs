@@ -1,0 +1,652 @@
+//! The receiving half of a WebSocket connection, sans IO: bytes in, events out.
+//!
+//! Input is consumed as it arrives: a header split across reads is carried in a 14-byte
+//! array, payload is unmasked in place, text is validated piece by piece, and a frame
+//! whose whole payload sits in the input is handed out as a slice of that input (no copy).
+//! Only messages that span reads or fragments are assembled in a buffer of the
+//! connection's own, which is released afterwards, so an idle connection holds none.
+
+use super::close::{parse_close_payload, BadClose, CloseCode};
+use super::frame::{
+    header_len, parse_header, OpCode, RawHeader, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN,
+};
+use super::mask::apply_mask;
+use super::utf8::Utf8Validator;
+
+/// Which end of the connection we are: servers require masked frames, clients unmasked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Server,
+    Client,
+}
+
+/// What the peer sent. Slices borrow the input or the decoder and live until the callback
+/// returns.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event<'a> {
+    /// A whole data message; for `OpCode::Text` the payload is valid UTF-8.
+    Message {
+        opcode: OpCode,
+        payload: &'a [u8],
+    },
+    Ping(&'a [u8]),
+    Pong(&'a [u8]),
+    /// The peer started or answered the closing handshake. Nothing after it is decoded.
+    Close {
+        code: Option<CloseCode>,
+        reason: &'a str,
+    },
+}
+
+/// The peer broke the protocol: close with this code and reason, then drop the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProtocolError {
+    pub code: CloseCode,
+    pub reason: &'static str,
+}
+
+impl std::fmt::Display for ProtocolError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.reason, self.code.0)
+    }
+}
+
+impl std::error::Error for ProtocolError {}
+
+const fn fail(code: CloseCode, reason: &'static str) -> ProtocolError {
+    ProtocolError { code, reason }
+}
+
+/// An assembled-message buffer up to this capacity is kept for the next message; a larger
+/// one is released so that one big message does not pin memory on an idle connection.
+const RETAIN_MESSAGE_BUFFER: usize = 512;
+
+#[derive(Debug, Clone, Copy)]
+struct Frame {
+    opcode: OpCode,
+    fin: bool,
+    len: u64,
+    done: u64,
+    mask: Option<[u8; 4]>,
+}
+
+#[derive(Debug)]
+pub struct Decoder {
+    role: Role,
+    max_message: u64,
+    header: [u8; MAX_HEADER_LEN],
+    header_have: u8,
+    frame: Option<Frame>,
+    /// The opcode (Text or Binary) of the data message in progress, and its length so far.
+    message: Option<OpCode>,
+    message_len: u64,
+    message_buf: Vec<u8>,
+    control_buf: Vec<u8>,
+    utf8: Utf8Validator,
+    /// Set after a Close frame or a protocol error: later input is ignored.
+    finished: bool,
+}
+
+impl Decoder {
+    pub fn new(role: Role, max_message: usize) -> Self {
+        Decoder {
+            role,
+            max_message: max_message as u64,
+            header: [0; MAX_HEADER_LEN],
+            header_have: 0,
+            frame: None,
+            message: None,
+            message_len: 0,
+            message_buf: Vec::new(),
+            control_buf: Vec::new(),
+            utf8: Utf8Validator::new(),
+            finished: false,
+        }
+    }
+
+    /// True once a Close frame was decoded or the peer broke the protocol.
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Decodes all of `input` (unmasking it in place), calling `on_event` for each complete
+    /// message or control frame. Incomplete trailing data is carried over to the next call.
+    pub fn feed<F>(&mut self, input: &mut [u8], on_event: &mut F) -> Result<(), ProtocolError>
+    where
+        F: FnMut(Event<'_>),
+    {
+        let result = self.feed_inner(input, on_event);
+        if result.is_err() {
+            self.finished = true;
+        }
+        result
+    }
+
+    fn feed_inner<F>(&mut self, input: &mut [u8], on_event: &mut F) -> Result<(), ProtocolError>
+    where
+        F: FnMut(Event<'_>),
+    {
+        let mut pos = 0;
+        loop {
+            if self.finished {
+                return Ok(());
+            }
+            let mut frame = match self.frame {
+                Some(f) => f,
+                None => match self.take_header(input, &mut pos)? {
+                    Some(h) => self.begin_frame(h)?,
+                    None => return Ok(()),
+                },
+            };
+            let remaining = frame.len - frame.done;
+            let take = remaining.min((input.len() - pos) as u64) as usize;
+            if take == 0 && remaining > 0 {
+                self.frame = Some(frame);
+                return Ok(());
+            }
+            let chunk = &mut input[pos..pos + take];
+            pos += take;
+            if let Some(m) = frame.mask {
+                apply_mask(chunk, m, (frame.done & 3) as usize);
+            }
+            let whole = frame.done == 0 && take as u64 == frame.len;
+            frame.done += take as u64;
+            let frame_done = frame.done == frame.len;
+            self.frame = if frame_done { None } else { Some(frame) };
+
+            if frame.opcode.is_control() {
+                if !frame_done {
+                    self.control_buf.extend_from_slice(chunk);
+                    continue;
+                }
+                if whole {
+                    self.control(frame.opcode, chunk, on_event)?;
+                } else {
+                    self.control_buf.extend_from_slice(chunk);
+                    let payload = std::mem::take(&mut self.control_buf);
+                    self.control(frame.opcode, &payload, on_event)?;
+                }
+                continue;
+            }
+
+            let opcode = self.message.unwrap_or(OpCode::Binary);
+            let last = frame_done && frame.fin;
+            if opcode == OpCode::Text && self.utf8.feed(chunk, last).is_err() {
+                return Err(fail(
+                    CloseCode::INVALID_PAYLOAD,
+                    "invalid UTF-8 in text message",
+                ));
+            }
+            if whole && frame.fin && frame.opcode != OpCode::Continuation {
+                on_event(Event::Message {
+                    opcode,
+                    payload: chunk,
+                });
+            } else {
+                self.message_buf.extend_from_slice(chunk);
+                if last {
+                    on_event(Event::Message {
+                        opcode,
+                        payload: &self.message_buf,
+                    });
+                }
+            }
+            if last {
+                self.end_message();
+            }
+        }
+    }
+
+    /// Takes the next header out of the input, or carries a partial one over.
+    fn take_header(
+        &mut self,
+        input: &[u8],
+        pos: &mut usize,
+    ) -> Result<Option<RawHeader>, ProtocolError> {
+        const BAD_LENGTH: ProtocolError = fail(
+            CloseCode::PROTOCOL_ERROR,
+            "64-bit length with the top bit set",
+        );
+        let avail = &input[*pos..];
+        if self.header_have == 0 && avail.len() >= 2 && avail.len() >= header_len(avail[1]) {
+            let total = header_len(avail[1]);
+            *pos += total;
+            return parse_header(&avail[..total]).map(Some).ok_or(BAD_LENGTH);
+        }
+        let mut have = self.header_have as usize;
+        let mut from = *pos;
+        while from < input.len() {
+            let total = if have >= 2 {
+                header_len(self.header[1])
+            } else {
+                2
+            };
+            if have == total {
+                break;
+            }
+            let n = (total - have).min(input.len() - from);
+            self.header[have..have + n].copy_from_slice(&input[from..from + n]);
+            have += n;
+            from += n;
+            if have >= 2 && have == header_len(self.header[1]) {
+                break;
+            }
+        }
+        *pos = from;
+        if have >= 2 && have == header_len(self.header[1]) {
+            self.header_have = 0;
+            parse_header(&self.header[..have])
+                .map(Some)
+                .ok_or(BAD_LENGTH)
+        } else {
+            self.header_have = have as u8;
+            Ok(None)
+        }
+    }
+
+    fn begin_frame(&mut self, h: RawHeader) -> Result<Frame, ProtocolError> {
+        if h.rsv != 0 {
+            return Err(fail(
+                CloseCode::PROTOCOL_ERROR,
+                "reserved bits set without an extension",
+            ));
+        }
+        let opcode =
+            OpCode::from_u8(h.opcode).ok_or(fail(CloseCode::PROTOCOL_ERROR, "unknown opcode"))?;
+        match (self.role, h.mask.is_some()) {
+            (Role::Server, false) => {
+                return Err(fail(
+                    CloseCode::PROTOCOL_ERROR,
+                    "client frames must be masked",
+                ))
+            }
+            (Role::Client, true) => {
+                return Err(fail(
+                    CloseCode::PROTOCOL_ERROR,
+                    "server frames must not be masked",
+                ))
+            }
+            _ => {}
+        }
+        if opcode.is_control() {
+            if !h.fin {
+                return Err(fail(CloseCode::PROTOCOL_ERROR, "fragmented control frame"));
+            }
+            if h.payload_len > MAX_CONTROL_PAYLOAD as u64 {
+                return Err(fail(
+                    CloseCode::PROTOCOL_ERROR,
+                    "control frame longer than 125 bytes",
+                ));
+            }
+        } else {
+            match (opcode, self.message) {
+                (OpCode::Continuation, None) => {
+                    return Err(fail(
+                        CloseCode::PROTOCOL_ERROR,
+                        "continuation frame without a message",
+                    ))
+                }
+                (OpCode::Text | OpCode::Binary, Some(_)) => {
+                    return Err(fail(
+                        CloseCode::PROTOCOL_ERROR,
+                        "new message inside a fragmented message",
+                    ))
+                }
+                (OpCode::Text | OpCode::Binary, None) => self.message = Some(opcode),
+                _ => {}
+            }
+            self.message_len += h.payload_len;
+            if self.message_len > self.max_message {
+                return Err(fail(
+                    CloseCode::MESSAGE_TOO_BIG,
+                    "message exceeds the size limit",
+                ));
+            }
+        }
+        Ok(Frame {
+            opcode,
+            fin: h.fin,
+            len: h.payload_len,
+            done: 0,
+            mask: h.mask,
+        })
+    }
+
+    fn control<F>(
+        &mut self,
+        opcode: OpCode,
+        payload: &[u8],
+        on_event: &mut F,
+    ) -> Result<(), ProtocolError>
+    where
+        F: FnMut(Event<'_>),
+    {
+        match opcode {
+            OpCode::Ping => on_event(Event::Ping(payload)),
+            OpCode::Pong => on_event(Event::Pong(payload)),
+            _ => match parse_close_payload(payload) {
+                Ok((code, reason)) => {
+                    self.finished = true;
+                    on_event(Event::Close { code, reason });
+                }
+                Err(BadClose::Protocol) => {
+                    return Err(fail(CloseCode::PROTOCOL_ERROR, "invalid close frame"))
+                }
+                Err(BadClose::Utf8) => {
+                    return Err(fail(
+                        CloseCode::INVALID_PAYLOAD,
+                        "close reason is not UTF-8",
+                    ))
+                }
+            },
+        }
+        Ok(())
+    }
+
+    fn end_message(&mut self) {
+        self.message = None;
+        self.message_len = 0;
+        self.utf8.reset();
+        if self.message_buf.capacity() > RETAIN_MESSAGE_BUFFER {
+            self.message_buf = Vec::new();
+        } else {
+            self.message_buf.clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ws::frame::{write_close, write_frame};
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Owned {
+        Msg(OpCode, Vec<u8>),
+        Ping(Vec<u8>),
+        Pong(Vec<u8>),
+        Close(Option<u16>, String),
+    }
+
+    const MASK: Option<[u8; 4]> = Some([0x37, 0xfa, 0x21, 0x3d]);
+
+    /// Feeds `wire` in pieces cut at `cuts`, collecting events until the first error.
+    fn decode_split(
+        wire: &[u8],
+        cuts: &[usize],
+        max: usize,
+    ) -> (Vec<Owned>, Option<ProtocolError>) {
+        let mut d = Decoder::new(Role::Server, max);
+        let mut wire = wire.to_vec();
+        let mut events = Vec::new();
+        let mut start = 0;
+        let mut bounds: Vec<usize> = cuts.iter().map(|&c| c.min(wire.len())).collect();
+        bounds.sort();
+        bounds.push(wire.len());
+        for end in bounds {
+            let end = end.max(start);
+            let res = d.feed(&mut wire[start..end], &mut |e| {
+                events.push(match e {
+                    Event::Message { opcode, payload } => Owned::Msg(opcode, payload.to_vec()),
+                    Event::Ping(p) => Owned::Ping(p.to_vec()),
+                    Event::Pong(p) => Owned::Pong(p.to_vec()),
+                    Event::Close { code, reason } => {
+                        Owned::Close(code.map(|c| c.0), reason.to_string())
+                    }
+                })
+            });
+            if let Err(e) = res {
+                return (events, Some(e));
+            }
+            start = end;
+        }
+        (events, None)
+    }
+
+    fn decode(wire: &[u8]) -> (Vec<Owned>, Option<ProtocolError>) {
+        decode_split(wire, &[], 1 << 20)
+    }
+
+    fn error_code(wire: &[u8]) -> Option<u16> {
+        decode(wire).1.map(|e| e.code.0)
+    }
+
+    fn fragmented_text_with_ping() -> (Vec<u8>, Vec<Owned>) {
+        let mut wire = Vec::new();
+        write_frame(&mut wire, false, OpCode::Text, "héllo ".as_bytes(), MASK);
+        write_frame(&mut wire, true, OpCode::Ping, b"are you there", MASK);
+        write_frame(
+            &mut wire,
+            false,
+            OpCode::Continuation,
+            "wörld".as_bytes(),
+            MASK,
+        );
+        write_frame(
+            &mut wire,
+            true,
+            OpCode::Continuation,
+            &[0xF0, 0x9D, 0x84, 0x9E],
+            MASK,
+        );
+        write_frame(&mut wire, true, OpCode::Binary, &[0u8; 300], MASK);
+        write_frame(&mut wire, true, OpCode::Binary, &[], MASK);
+        write_frame(&mut wire, true, OpCode::Pong, b"", MASK);
+        write_frame(&mut wire, true, OpCode::Binary, &vec![7u8; 70_000], MASK);
+        write_close(&mut wire, 1000, "bye", MASK);
+        write_frame(&mut wire, true, OpCode::Text, b"after close", MASK);
+        let expected = vec![
+            Owned::Ping(b"are you there".to_vec()),
+            Owned::Msg(OpCode::Text, "héllo wörld𝄞".as_bytes().to_vec()),
+            Owned::Msg(OpCode::Binary, vec![0u8; 300]),
+            Owned::Msg(OpCode::Binary, vec![]),
+            Owned::Pong(vec![]),
+            Owned::Msg(OpCode::Binary, vec![7u8; 70_000]),
+            Owned::Close(Some(1000), "bye".into()),
+        ];
+        (wire, expected)
+    }
+
+    #[test]
+    fn every_single_split_gives_the_same_events() {
+        let (wire, expected) = fragmented_text_with_ping();
+        // Every cut among the small frames and around the 70 KB one; a stride inside its bulk.
+        let big_start = wire.len() - 70_000 - 200;
+        let cuts = (0..=wire.len())
+            .filter(|&c| c < big_start + 300 || c > wire.len() - 300 || c % 97 == 0);
+        for cut in cuts {
+            assert_eq!(
+                decode_split(&wire, &[cut], 1 << 20),
+                (expected.clone(), None),
+                "cut at {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn many_small_pieces_give_the_same_events() {
+        let (wire, expected) = fragmented_text_with_ping();
+        let cuts: Vec<usize> = (0..wire.len())
+            .filter(|c| c % 13 == 0 || *c < 600)
+            .collect();
+        assert_eq!(decode_split(&wire, &cuts, 1 << 20), (expected, None));
+    }
+
+    #[test]
+    fn unmasked_client_frame_is_1002() {
+        let mut wire = Vec::new();
+        write_frame(&mut wire, true, OpCode::Text, b"hi", None);
+        assert_eq!(error_code(&wire), Some(1002));
+    }
+
+    #[test]
+    fn masked_server_frame_is_refused_by_client() {
+        let mut wire = Vec::new();
+        write_frame(&mut wire, true, OpCode::Text, b"hi", MASK);
+        let mut d = Decoder::new(Role::Client, 100);
+        assert_eq!(
+            d.feed(&mut wire, &mut |_| {}).map_err(|e| e.code.0),
+            Err(1002)
+        );
+    }
+
+    #[test]
+    fn reserved_bits_are_1002() {
+        for rsv in [0x40u8, 0x20, 0x10] {
+            let mut wire = Vec::new();
+            write_frame(&mut wire, true, OpCode::Text, b"hi", MASK);
+            wire[0] |= rsv;
+            assert_eq!(error_code(&wire), Some(1002));
+        }
+    }
+
+    #[test]
+    fn unknown_opcodes_are_1002() {
+        for op in [3u8, 4, 5, 6, 7, 0xB, 0xC, 0xD, 0xE, 0xF] {
+            let wire = [0x80 | op, 0x80, 1, 2, 3, 4];
+            assert_eq!(error_code(&wire), Some(1002), "opcode {op}");
+        }
+    }
+
+    #[test]
+    fn control_frame_rules() {
+        let mut wire = Vec::new();
+        write_frame(&mut wire, false, OpCode::Ping, b"x", MASK);
+        assert_eq!(error_code(&wire), Some(1002));
+        let mut wire = Vec::new();
+        write_frame(&mut wire, true, OpCode::Ping, &[0u8; 126], MASK);
+        assert_eq!(error_code(&wire), Some(1002));
+        let mut wire = Vec::new();
+        write_frame(&mut wire, true, OpCode::Ping, &[9u8; 125], MASK);
+        assert_eq!(decode(&wire), (vec![Owned::Ping(vec![9u8; 125])], None));
+    }
+
+    #[test]
+    fn fragment_sequencing_is_enforced() {
+        let mut wire = Vec::new();
+        write_frame(&mut wire, true, OpCode::Continuation, b"x", MASK);
+        assert_eq!(error_code(&wire), Some(1002));
+        let mut wire = Vec::new();
+        write_frame(&mut wire, false, OpCode::Text, b"x", MASK);
+        write_frame(&mut wire, true, OpCode::Text, b"y", MASK);
+        assert_eq!(error_code(&wire), Some(1002));
+    }
+
+    #[test]
+    fn oversized_message_is_1009_before_its_payload_arrives() {
+        let mut wire = Vec::new();
+        write_frame(&mut wire, false, OpCode::Binary, &[0u8; 60], MASK);
+        write_frame(&mut wire, true, OpCode::Continuation, &[0u8; 60], MASK);
+        let (events, err) = decode_split(&wire, &[], 100);
+        assert!(events.is_empty());
+        assert_eq!(err.map(|e| e.code.0), Some(1009));
+        // Only the header of the second frame is needed to refuse it.
+        let (_, err) = decode_split(&wire[..60 + 6 + 6], &[], 100);
+        assert_eq!(err.map(|e| e.code.0), Some(1009));
+    }
+
+    #[test]
+    fn top_bit_length_is_1002() {
+        let wire = [0x82, 0xFF, 0x80, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4];
+        assert_eq!(error_code(&wire), Some(1002));
+    }
+
+    #[test]
+    fn invalid_utf8_fails_fast_across_fragments() {
+        let mut wire = Vec::new();
+        write_frame(&mut wire, false, OpCode::Text, "κόσμε".as_bytes(), MASK);
+        write_frame(
+            &mut wire,
+            false,
+            OpCode::Continuation,
+            &[0xF4, 0x90, 0x80, 0x80],
+            MASK,
+        );
+        let first_two = wire.len();
+        write_frame(&mut wire, true, OpCode::Continuation, b"edited", MASK);
+        let (_, err) = decode_split(&wire[..first_two], &[], 1 << 20);
+        assert_eq!(err.map(|e| e.code.0), Some(1007));
+    }
+
+    #[test]
+    fn invalid_utf8_fails_fast_inside_one_frame() {
+        let mut wire = Vec::new();
+        let mut payload = b"hello".to_vec();
+        payload.extend_from_slice(&[0xED, 0xA0, 0x80]);
+        payload.extend_from_slice(&[b'z'; 100]);
+        write_frame(&mut wire, true, OpCode::Text, &payload, MASK);
+        // Only part of the frame has arrived, and it already cannot be valid.
+        let (_, err) = decode_split(&wire[..6 + 2 + 8], &[], 1 << 20);
+        assert_eq!(err.map(|e| e.code.0), Some(1007));
+    }
+
+    #[test]
+    fn close_frame_rules() {
+        let close = |payload: &[u8]| {
+            let mut wire = Vec::new();
+            write_frame(&mut wire, true, OpCode::Close, payload, MASK);
+            decode(&wire)
+        };
+        assert_eq!(close(&[]), (vec![Owned::Close(None, String::new())], None));
+        assert_eq!(close(&[0x03]).1.map(|e| e.code.0), Some(1002));
+        assert_eq!(close(&[0x03, 0xEE]).1.map(|e| e.code.0), Some(1002)); // 1006
+        assert_eq!(close(&[0x03, 0xE8, 0xC0]).1.map(|e| e.code.0), Some(1007));
+        assert_eq!(
+            close(&[0x0F, 0xA0, b'x']),
+            (vec![Owned::Close(Some(4000), "x".into())], None)
+        );
+    }
+
+    #[test]
+    fn nothing_is_decoded_after_an_error() {
+        let mut d = Decoder::new(Role::Server, 100);
+        let mut bad = vec![0x81, 0x02, b'h', b'i'];
+        assert!(d.feed(&mut bad, &mut |_| {}).is_err());
+        let mut good = Vec::new();
+        write_frame(&mut good, true, OpCode::Text, b"ok", MASK);
+        let mut seen = 0;
+        assert!(d.feed(&mut good, &mut |_| seen += 1).is_ok());
+        assert_eq!(seen, 0);
+        assert!(d.is_finished());
+    }
+
+    fn arb_message() -> impl Strategy<Value = (bool, Vec<u8>, usize)> {
+        (
+            any::<bool>(),
+            proptest::collection::vec(any::<u8>(), 0..400),
+            1usize..4,
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..512),
+                                    cuts in proptest::collection::vec(0usize..512, 0..6)) {
+            let _ = decode_split(&data, &cuts, 256);
+        }
+
+        #[test]
+        fn encode_then_decode_round_trips(msgs in proptest::collection::vec(arb_message(), 1..6),
+                                          cuts in proptest::collection::vec(0usize..4000, 0..8),
+                                          mask in any::<[u8; 4]>()) {
+            let mut wire = Vec::new();
+            let mut expected = Vec::new();
+            for (is_text, bytes, pieces) in msgs {
+                let (opcode, payload) = if is_text {
+                    (OpCode::Text, String::from_utf8_lossy(&bytes).into_owned().into_bytes())
+                } else {
+                    (OpCode::Binary, bytes)
+                };
+                let step = payload.len() / pieces + 1;
+                let parts: Vec<&[u8]> = if payload.is_empty() { vec![&payload[..]] } else { payload.chunks(step).collect() };
+                for (i, part) in parts.iter().enumerate() {
+                    let op = if i == 0 { opcode } else { OpCode::Continuation };
+                    write_frame(&mut wire, i + 1 == parts.len(), op, part, Some(mask));
+                }
+                expected.push(Owned::Msg(opcode, payload));
+            }
+            prop_assert_eq!(decode_split(&wire, &cuts, 1 << 20), (expected, None));
+        }
+    }
+}
