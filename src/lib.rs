@@ -1,3 +1,9 @@
 //! shardgate: a WebSocket chat gateway for Linux on io_uring, one pinned shard per core.
+//!
+//! - [`ws`]: the WebSocket protocol, sans IO (bytes in, events out).
+//! - [`shard`]: executors, listeners and the connection driver.
+//! - [`config`]: flags, the TOML file, defaults.
 
+pub mod config;
+pub mod shard;
 pub mod ws;

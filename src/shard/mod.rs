@@ -1,0 +1,206 @@
+//! Shards: one glommio executor per core, pinned, each with its own listener, owning its
+//! connections from accept to close. This module starts them, and stops them on a signal.
+
+mod connection;
+mod context;
+pub mod limits;
+mod listener;
+mod shutdown;
+
+use std::io;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::rc::Rc;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_lite::future;
+use glommio::net::TcpListener;
+use glommio::{LocalExecutorBuilder, Placement};
+
+use crate::config::Config;
+use context::ShardContext;
+pub use shutdown::Shutdown;
+
+/// Runs the gateway until SIGINT or SIGTERM, then closes every connection with 1001 and
+/// returns once they are gone (or the drain time is up).
+pub fn run(config: Config) -> Result<(), String> {
+    let shards = config.shards;
+    let nofile = limits::raise_nofile().map_err(|e| format!("cannot read RLIMIT_NOFILE: {e}"))?;
+    let fd_room = limits::connections_for_nofile(nofile, shards);
+    let max_connections = config.max_connections.unwrap_or(fd_room);
+    check_memlock(&config)?;
+    let cores = core_affinity::get_core_ids()
+        .filter(|c| !c.is_empty())
+        .ok_or("cannot list the CPU cores")?;
+    let (sockets, bound) = listener::bind_listeners(config.listen, shards, config.backlog)
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+
+    println!(
+        "shardgate {}: {shards} shard(s) on {bound}; max connections {max_connections} (RLIMIT_NOFILE {nofile} allows {fd_room})",
+        env!("CARGO_PKG_VERSION")
+    );
+    if max_connections > fd_room {
+        println!("warning: --max-connections {max_connections} is above what the open-file limit allows ({fd_room}); accepts will back off at the limit");
+    }
+
+    let config = Arc::new(config);
+    let stop = Arc::new(Shutdown::new(shards));
+    let open_connections = Arc::new(AtomicUsize::new(0));
+    let mut handles = Vec::with_capacity(shards);
+    for (id, socket) in sockets.into_iter().enumerate() {
+        let cpu = cores[id % cores.len()].id;
+        println!("shard {id}: cpu {cpu}, listening on {bound}");
+        let fd = socket.into_raw_fd();
+        let (config, stop, open) = (config.clone(), stop.clone(), open_connections.clone());
+        let mut builder = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+            .name(&format!("shard-{id}"))
+            .io_memory(config.io_memory);
+        if let Some(spin) = config.spin_before_park {
+            builder = builder.spin_before_park(spin);
+        }
+        let handle = builder
+            .spawn(move || async move {
+                // SAFETY: `fd` is a listening socket this shard alone now owns.
+                let listener = unsafe { TcpListener::from_raw_fd(fd) };
+                let ctx = Rc::new(ShardContext::new(id, config, open, max_connections));
+                shard_main(ctx, listener, stop).await
+            })
+            .map_err(|e| explain_start_error(id, &e.to_string()))?;
+        handles.push(handle);
+    }
+    spawn_signal_thread(stop)?;
+
+    let mut failures = Vec::new();
+    for (id, handle) in handles.into_iter().enumerate() {
+        if let Err(e) = handle.join() {
+            failures.push(explain_start_error(id, &e.to_string()));
+        }
+    }
+    if failures.is_empty() {
+        println!("shardgate stopped");
+        Ok(())
+    } else {
+        Err(failures.join("\n"))
+    }
+}
+
+/// One shard's life: accept until told to stop, then close every connection and wait for
+/// them (at most the drain time).
+async fn shard_main(ctx: Rc<ShardContext>, listener: TcpListener, stop: Arc<Shutdown>) {
+    future::or(accept_loop(ctx.clone(), listener), stop.wait(ctx.id)).await;
+    let live = ctx.live_connections();
+    ctx.begin_stop();
+    let drain = ctx.config.drain_timeout;
+    let drained = future::or(
+        async {
+            ctx.drained().await;
+            true
+        },
+        async {
+            glommio::timer::sleep(drain).await;
+            false
+        },
+    )
+    .await;
+    println!(
+        "shard {}: stopped; {live} connection(s) closed with 1001{}",
+        ctx.id,
+        if drained {
+            String::new()
+        } else {
+            format!(", {} cut off after {drain:?}", ctx.live_connections())
+        }
+    );
+}
+
+async fn accept_loop(ctx: Rc<ShardContext>, listener: TcpListener) {
+    let mut backoff = Duration::ZERO;
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                backoff = Duration::ZERO;
+                match ctx.admit() {
+                    Some(slot) => {
+                        glommio::spawn_local(connection::serve(ctx.clone(), stream, slot)).detach()
+                    }
+                    None => {
+                        connection::refuse_busy(&stream);
+                        continue;
+                    }
+                };
+            }
+            Err(e) => {
+                let e = io::Error::from(e);
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                ) {
+                    // Out of descriptors: spinning would burn the core and starve the
+                    // connections whose closing frees them. Back off, up to 100 ms.
+                    if backoff.is_zero() {
+                        println!(
+                            "shard {}: accept: {e}; backing off until descriptors free up",
+                            ctx.id
+                        );
+                    }
+                    backoff =
+                        (backoff * 2).clamp(Duration::from_millis(1), Duration::from_millis(100));
+                    glommio::timer::sleep(backoff).await;
+                }
+                // Anything else (a peer that reset before we accepted it) concerns only that peer.
+            }
+        }
+    }
+}
+
+fn check_memlock(config: &Config) -> Result<(), String> {
+    let memlock =
+        limits::raise_memlock().map_err(|e| format!("cannot read RLIMIT_MEMLOCK: {e}"))?;
+    if memlock < limits::GLOMMIO_MIN_MEMLOCK {
+        return Err(format!(
+            "RLIMIT_MEMLOCK is {} KiB, but io_uring (glommio) needs at least {} KiB per process plus --io-memory per shard.\n\
+             Raise it: `ulimit -l unlimited` in the shell, LimitMEMLOCK=infinity in a systemd unit, or memlock in /etc/security/limits.conf (see kernel-tuning.md).",
+            memlock / 1024,
+            limits::GLOMMIO_MIN_MEMLOCK / 1024
+        ));
+    }
+    let wanted = config.io_memory as u64 * config.shards as u64;
+    if !limits::is_root() && memlock < wanted + limits::GLOMMIO_MIN_MEMLOCK {
+        println!(
+            "warning: RLIMIT_MEMLOCK is {} KiB, less than --io-memory × shards ({} KiB); io_uring buffers may fail to register (lower --io-memory or raise the limit)",
+            memlock / 1024,
+            wanted / 1024
+        );
+    }
+    Ok(())
+}
+
+fn explain_start_error(shard: usize, error: &str) -> String {
+    if error.contains("MemLock") {
+        format!("shard {shard} could not start io_uring: {error}: RLIMIT_MEMLOCK is too low (glommio needs at least 512 KiB per executor); raise it with `ulimit -l` or LimitMEMLOCK= (see kernel-tuning.md)")
+    } else {
+        format!("shard {shard} failed: {error}")
+    }
+}
+
+/// SIGINT/SIGTERM start a graceful stop; a second one ends the process at once.
+fn spawn_signal_thread(stop: Arc<Shutdown>) -> Result<(), String> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .map_err(|e| format!("cannot watch signals: {e}"))?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                if stop.is_requested() {
+                    println!("second signal {signal}: exiting without draining");
+                    std::process::exit(130);
+                }
+                println!("signal {signal}: closing every connection with 1001 (going away)");
+                stop.trigger();
+            }
+        })
+        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+    Ok(())
+}
