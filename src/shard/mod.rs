@@ -50,7 +50,6 @@ pub fn run(config: Config) -> Result<(), String> {
     let mut handles = Vec::with_capacity(shards);
     for (id, socket) in sockets.into_iter().enumerate() {
         let cpu = cores[id % cores.len()].id;
-        println!("shard {id}: cpu {cpu}, listening on {bound}");
         let fd = socket.into_raw_fd();
         let (config, stop, open) = (config.clone(), stop.clone(), open_connections.clone());
         let mut builder = LocalExecutorBuilder::new(Placement::Fixed(cpu))
@@ -63,6 +62,9 @@ pub fn run(config: Config) -> Result<(), String> {
             .spawn(move || async move {
                 // SAFETY: `fd` is a listening socket this shard alone now owns.
                 let listener = unsafe { TcpListener::from_raw_fd(fd) };
+                // SAFETY: gettid and sched_getcpu have no preconditions.
+                let (tid, running_on) = unsafe { (libc::gettid(), libc::sched_getcpu()) };
+                println!("shard {id}: cpu {cpu} (running on {running_on}), thread {tid}, listening on {bound}");
                 let ctx = Rc::new(ShardContext::new(id, config, open, max_connections));
                 shard_main(ctx, listener, stop).await
             })

@@ -1,0 +1,209 @@
+//! A real shardgate process for integration tests: started on an ephemeral port, its
+//! stdout collected, stopped by PID when the test ends.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+pub struct Gateway {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    lines: Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl Gateway {
+    /// Starts `shardgate serve` with `args` on 127.0.0.1:0 and waits until every shard listens.
+    pub fn start(args: &[&str]) -> Gateway {
+        Self::start_with(Command::new(env!("CARGO_BIN_EXE_shardgate")), args)
+    }
+
+    /// As `start`, with a prepared command (for a wrapper such as `prlimit`).
+    pub fn start_with(mut cmd: Command, args: &[&str]) -> Gateway {
+        cmd.args(["serve", "--listen", "127.0.0.1:0"]).args(args);
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start shardgate");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut gw = Gateway {
+            child: Some(child),
+            addr: "0.0.0.0:0".parse().unwrap(),
+            lines,
+            seen: Vec::new(),
+        };
+        let first = gw.wait_line("shard(s) on");
+        let shards: usize = first
+            .split(' ')
+            .nth(2)
+            .and_then(|s| s.parse().ok())
+            .expect("shard count");
+        for _ in 0..shards {
+            gw.wait_line("listening on");
+        }
+        let addr = first
+            .split(" on ")
+            .nth(1)
+            .and_then(|s| s.split(';').next())
+            .expect("address");
+        gw.addr = addr.parse().expect("socket address");
+        gw
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// Waits (at most 20 s) for the next stdout line containing `needle` and returns it.
+    pub fn wait_line(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!("no line with {needle:?} within 20 s; saw {:?}", self.seen)
+                }
+                Err(RecvTimeoutError::Disconnected) => panic!(
+                    "gateway exited before printing {needle:?}; saw {:?}",
+                    self.seen
+                ),
+            }
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+
+    /// Sends `signal` to the gateway.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on the PID of the child we started.
+        unsafe { libc::kill(self.pid() as i32, signal) };
+    }
+
+    /// Waits (at most 20 s) for the gateway to exit and returns its status.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = child.id() as i32;
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        let status = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(status) => status.expect("wait"),
+            Err(_) => {
+                // SAFETY: kill(2) on the PID of the child we started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                panic!("gateway did not exit within 20 s; saw {:?}", self.seen);
+            }
+        };
+        // The process is gone, so its stdout is closed: this drains what is left.
+        while let Ok(line) = self.lines.recv() {
+            self.seen.push(line);
+        }
+        status
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Sends a raw HTTP request and returns everything the server answered before closing.
+pub fn http_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    s.write_all(request).expect("write request");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// An upgrade request for `path` with the given extra header lines.
+pub fn upgrade_request(path: &str, extra: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    )
+}
+
+/// Connects and completes an upgrade on a plain socket; returns the socket after the 101.
+pub fn raw_upgrade(addr: SocketAddr, path: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    s.write_all(upgrade_request(path, "").as_bytes()).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).expect("read 101");
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101 "),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    s
+}
+
+/// Reads one unmasked server frame: (opcode, payload).
+pub fn read_frame(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+    let mut h = [0u8; 2];
+    s.read_exact(&mut h)?;
+    let len = match h[1] & 0x7F {
+        126 => {
+            let mut b = [0u8; 2];
+            s.read_exact(&mut b)?;
+            u16::from_be_bytes(b) as usize
+        }
+        127 => {
+            let mut b = [0u8; 8];
+            s.read_exact(&mut b)?;
+            u64::from_be_bytes(b) as usize
+        }
+        n => n as usize,
+    };
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload)?;
+    Ok((h[0] & 0x0F, payload))
+}
+
+/// Writes one masked client frame.
+pub fn write_frame(s: &mut TcpStream, first_byte: u8, payload: &[u8]) {
+    let mut out = Vec::new();
+    shardgate::ws::frame::write_frame(
+        &mut out,
+        true,
+        shardgate::ws::OpCode::Binary,
+        payload,
+        Some([1, 2, 3, 4]),
+    );
+    out[0] = first_byte;
+    s.write_all(&out).unwrap();
+}
+
+pub fn close_code(payload: &[u8]) -> u16 {
+    u16::from_be_bytes([payload[0], payload[1]])
+}

@@ -1,0 +1,379 @@
+//! The gateway as a client sees it: a real process, real sockets, real WebSocket clients.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn echoes_text_binary_and_large_messages() {
+    let gw = Gateway::start(&["--shards", "2"]);
+    runtime().block_on(async {
+        let (mut ws, _) = tokio_tungstenite::connect_async(gw.url("/echo"))
+            .await
+            .expect("upgrade");
+        let big: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7) as u8).collect();
+        let messages = vec![
+            Message::Text("hello, κόσμε".into()),
+            Message::Binary(vec![0, 1, 2, 255]),
+            Message::Text(String::new()),
+            Message::Binary(big),
+            Message::Text("x".repeat(70_000)),
+        ];
+        // All in flight at once: the server must keep them apart and in order.
+        for m in &messages {
+            ws.send(m.clone()).await.unwrap();
+        }
+        for m in &messages {
+            assert_eq!(ws.next().await.unwrap().unwrap(), *m);
+        }
+        ws.send(Message::Ping(b"are you there".to_vec()))
+            .await
+            .unwrap();
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            Message::Pong(b"are you there".to_vec())
+        );
+        ws.close(None).await.unwrap();
+        match ws.next().await {
+            Some(Ok(Message::Close(_))) | None => {}
+            other => panic!("expected the close handshake, got {other:?}"),
+        }
+    });
+}
+
+#[test]
+fn healthz_answers_200_without_upgrading() {
+    let gw = Gateway::start(&["--shards", "1"]);
+    let resp = http_exchange(gw.addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(resp.starts_with("HTTP/1.1 200 OK\r\n"), "{resp}");
+    assert!(resp.ends_with("\r\n\r\nok\n"), "{resp}");
+}
+
+#[test]
+fn bad_upgrades_get_the_right_status() {
+    let gw = Gateway::start(&["--shards", "1"]);
+    let good = upgrade_request("/echo", "");
+    let cases: Vec<(String, &str, Option<&str>)> = vec![
+        (
+            good.replace("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8"),
+            "426",
+            Some("Sec-WebSocket-Version: 13"),
+        ),
+        (
+            good.replace("Upgrade: websocket\r\n", ""),
+            "426",
+            Some("Upgrade: websocket"),
+        ),
+        (
+            good.replace("Connection: Upgrade", "Connection: keep-alive"),
+            "400",
+            None,
+        ),
+        (
+            good.replace("dGhlIHNhbXBsZSBub25jZQ==", "dG9vIHNob3J0"),
+            "400",
+            None,
+        ),
+        (good.replace("Host: localhost\r\n", ""), "400", None),
+        (good.replace("GET", "POST"), "405", Some("Allow: GET")),
+        (good.replace("/echo", "/nowhere"), "404", None),
+        (
+            good.replace("Host:", &format!("X-Big: {}\r\nHost:", "a".repeat(9000))),
+            "431",
+            None,
+        ),
+        ("\u{1}\u{2}garbage\r\n\r\n".to_string(), "400", None),
+    ];
+    for (request, status, header) in cases {
+        let resp = http_exchange(gw.addr, request.as_bytes());
+        assert!(
+            resp.starts_with(&format!("HTTP/1.1 {status} ")),
+            "want {status} for {request:?}, got {resp:?}"
+        );
+        if let Some(h) = header {
+            assert!(resp.contains(&format!("{h}\r\n")), "want {h} in {resp:?}");
+        }
+    }
+    // The gateway is still serving.
+    let resp = http_exchange(gw.addr, good.as_bytes());
+    assert!(resp.starts_with("HTTP/1.1 101 "), "{resp}");
+}
+
+#[test]
+fn slow_handshake_times_out_with_408() {
+    let gw = Gateway::start(&["--shards", "1", "--handshake-timeout", "300ms"]);
+    let mut s = TcpStream::connect(gw.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /echo HTTP/1.1\r\nHost: x\r\n").unwrap(); // and never the rest
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    assert!(resp.starts_with("HTTP/1.1 408 "), "{resp:?}");
+}
+
+#[test]
+fn protocol_errors_close_with_the_right_code() {
+    let gw = Gateway::start(&["--shards", "1", "--max-message-size", "1000"]);
+    // (first byte, mask it?, payload, expected close code)
+    let cases: [(u8, &[u8], u16); 4] = [
+        (0x81 | 0x40, b"rsv1", 1002), // RSV1 without an extension
+        (0x83, b"op3", 1002),         // unknown opcode
+        (0x81, &[0xC3, 0x28], 1007),  // invalid UTF-8
+        (0x82, &[0u8; 1001], 1009),   // over --max-message-size
+    ];
+    for (first, payload, code) in cases {
+        let mut s = raw_upgrade(gw.addr, "/echo");
+        write_frame(&mut s, first, payload);
+        let (op, body) = read_frame(&mut s).expect("close frame");
+        assert_eq!(
+            (op, close_code(&body)),
+            (0x8, code),
+            "first byte {first:#x}"
+        );
+        let mut rest = Vec::new();
+        assert_eq!(
+            s.read_to_end(&mut rest).unwrap(),
+            0,
+            "the server closes after its Close"
+        );
+    }
+    // An unmasked frame is a protocol error too.
+    let mut s = raw_upgrade(gw.addr, "/echo");
+    s.write_all(&[0x81, 0x02, b'h', b'i']).unwrap();
+    let (op, body) = read_frame(&mut s).unwrap();
+    assert_eq!((op, close_code(&body)), (0x8, 1002));
+}
+
+#[test]
+fn subprotocol_is_negotiated_in_server_order() {
+    let gw = Gateway::start(&[
+        "--shards",
+        "1",
+        "--subprotocol",
+        "chat.v2",
+        "--subprotocol",
+        "chat.v1",
+    ]);
+    let offer = |protocols: &str| {
+        let mut s = TcpStream::connect(gw.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let req = upgrade_request("/echo", &format!("Sec-WebSocket-Protocol: {protocols}\r\n"));
+        s.write_all(req.as_bytes()).unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        String::from_utf8(head).unwrap()
+    };
+    let head = offer("chat.v1, chat.v2");
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    assert!(
+        head.contains("\r\nSec-WebSocket-Protocol: chat.v2\r\n"),
+        "{head}"
+    );
+    let head = offer("other");
+    assert!(
+        head.starts_with("HTTP/1.1 101 ") && !head.contains("Sec-WebSocket-Protocol"),
+        "{head}"
+    );
+}
+
+#[test]
+fn keepalive_pings_and_closes_a_silent_peer() {
+    let gw = Gateway::start(&[
+        "--shards",
+        "1",
+        "--ping-interval",
+        "200ms",
+        "--pong-timeout",
+        "300ms",
+    ]);
+    // A peer that answers: tungstenite pongs automatically, and the connection lives on
+    // through several ping rounds.
+    runtime().block_on(async {
+        let (mut ws, _) = tokio_tungstenite::connect_async(gw.url("/echo"))
+            .await
+            .unwrap();
+        for _ in 0..3 {
+            assert!(matches!(ws.next().await, Some(Ok(Message::Ping(_)))));
+        }
+        ws.send(Message::Text("still here".into())).await.unwrap();
+        loop {
+            match ws.next().await.unwrap().unwrap() {
+                Message::Ping(_) => continue,
+                m => {
+                    assert_eq!(m, Message::Text("still here".into()));
+                    break;
+                }
+            }
+        }
+    });
+    // A peer that never answers gets a ping, then Close 1008, then EOF.
+    let mut s = raw_upgrade(gw.addr, "/echo");
+    assert_eq!(read_frame(&mut s).unwrap().0, 0x9);
+    let (op, body) = read_frame(&mut s).unwrap();
+    assert_eq!((op, close_code(&body)), (0x8, 1008));
+}
+
+#[test]
+fn sigterm_closes_every_client_with_1001_and_exits_zero() {
+    let mut gw = Gateway::start(&["--shards", "2"]);
+    let status = runtime().block_on(async {
+        let mut clients = Vec::new();
+        for _ in 0..6 {
+            let (ws, _) = tokio_tungstenite::connect_async(gw.url("/echo"))
+                .await
+                .unwrap();
+            clients.push(ws);
+        }
+        // Make sure every connection is fully up before the signal.
+        for ws in &mut clients {
+            ws.send(Message::Text("up".into())).await.unwrap();
+            assert_eq!(
+                ws.next().await.unwrap().unwrap(),
+                Message::Text("up".into())
+            );
+        }
+        gw.signal(libc::SIGTERM);
+        for ws in &mut clients {
+            match ws.next().await {
+                Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Away),
+                other => panic!("expected Close 1001, got {other:?}"),
+            }
+        }
+        drop(clients);
+        gw.wait_exit()
+    });
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        gw.seen.iter().any(|l| l == "shardgate stopped"),
+        "{:?}",
+        gw.seen
+    );
+}
+
+#[test]
+fn connections_over_the_cap_get_503() {
+    let gw = Gateway::start(&["--shards", "1", "--max-connections", "2"]);
+    let _a = raw_upgrade(gw.addr, "/echo");
+    let _b = raw_upgrade(gw.addr, "/echo");
+    let resp = http_exchange(gw.addr, upgrade_request("/echo", "").as_bytes());
+    assert!(resp.starts_with("HTTP/1.1 503 "), "{resp}");
+    drop(_a);
+    // A freed place is usable again (the server notices the close when it reads EOF).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let resp = http_exchange(gw.addr, upgrade_request("/echo", "").as_bytes());
+        if resp.starts_with("HTTP/1.1 101 ") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the freed place was never reused: {resp}"
+        );
+    }
+}
+
+#[test]
+fn shards_are_pinned_one_per_cpu() {
+    let gw = Gateway::start(&["--shards", "2"]);
+    let shard_lines: Vec<&String> = gw
+        .seen
+        .iter()
+        .filter(|l| l.starts_with("shard ") && l.contains("thread"))
+        .collect();
+    assert_eq!(shard_lines.len(), 2, "{:?}", gw.seen);
+    let mut cpus = Vec::new();
+    for line in shard_lines {
+        // "shard 0: cpu 0 (running on 0), thread 1234, listening on ..."
+        let field = |after: &str, until: char| {
+            line.split(after)
+                .nth(1)
+                .unwrap()
+                .split(until)
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        let (cpu, running_on, tid) = (
+            field(": cpu ", ' '),
+            field("running on ", ')'),
+            field("thread ", ','),
+        );
+        assert_eq!(cpu, running_on, "{line}");
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/task/{tid}/status", gw.pid())).unwrap();
+        let allowed = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap()
+            .trim();
+        assert_eq!(allowed, cpu, "thread {tid} may run on {allowed}");
+        cpus.push(cpu);
+    }
+    cpus.sort();
+    cpus.dedup();
+    assert_eq!(cpus.len(), 2, "two shards on two cores here");
+}
+
+#[test]
+fn accept_backs_off_at_the_open_file_limit_and_resumes() {
+    use std::os::unix::process::CommandExt;
+    const NOFILE: u64 = 64;
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_shardgate"));
+    // SAFETY: setrlimit is async-signal-safe, as pre_exec requires.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: NOFILE,
+                rlim_max: NOFILE,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    // A cap above what the descriptors allow, so that accept itself hits EMFILE.
+    let mut gw = Gateway::start_with(cmd, &["--shards", "1", "--max-connections", "1000"]);
+    let in_use = std::fs::read_dir(format!("/proc/{}/fd", gw.pid()))
+        .unwrap()
+        .count() as u64;
+    let room = (NOFILE - in_use) as usize;
+    assert!(room >= 10, "only {room} descriptors free");
+
+    let first: Vec<TcpStream> = (0..room).map(|_| raw_upgrade(gw.addr, "/echo")).collect();
+    // These wait in the listen backlog: the process has no descriptor left to accept them.
+    let mut waiting: Vec<TcpStream> = (0..room / 2)
+        .map(|_| {
+            let mut s = TcpStream::connect(gw.addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+            s.write_all(upgrade_request("/echo", "").as_bytes())
+                .unwrap();
+            s
+        })
+        .collect();
+    gw.wait_line("backing off until descriptors free up");
+    drop(first);
+    for s in &mut waiting {
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head)
+            .expect("a waiting connection is served once descriptors free up");
+        assert_eq!(&head, b"HTTP/1.1 101");
+    }
+}
