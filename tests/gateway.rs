@@ -377,3 +377,39 @@ fn accept_backs_off_at_the_open_file_limit_and_resumes() {
         assert_eq!(&head, b"HTTP/1.1 101");
     }
 }
+
+#[test]
+fn too_low_memlock_limit_is_named_in_a_clear_error() {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_shardgate"));
+    // SAFETY: setrlimit is async-signal-safe, as pre_exec requires.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 64 * 1024,
+                rlim_max: 64 * 1024,
+            };
+            if libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd
+        .args(["serve", "--listen", "127.0.0.1:0", "--shards", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("RLIMIT_MEMLOCK is 64 KiB") && stderr.contains("512 KiB"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn no_echo_turns_the_echo_endpoint_off() {
+    let gw = Gateway::start(&["--shards", "1", "--no-echo"]);
+    let resp = http_exchange(gw.addr, upgrade_request("/echo", "").as_bytes());
+    assert!(resp.starts_with("HTTP/1.1 404 "), "{resp}");
+}

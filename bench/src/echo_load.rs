@@ -1,1 +1,298 @@
-fn main() {}
+//! echo-load: an echo load generator for WebSocket servers.
+//!
+//! Opens N connections to an echo endpoint, keeps a window of W messages of S bytes in
+//! flight on each, and reports messages per second and round-trip percentiles from an HDR
+//! histogram. Thread-per-core on glommio like the gateway, so that on a shared machine the
+//! server, not the client, is what runs out of CPU. `--idle` only opens and holds the
+//! connections (for measuring the server's memory per connection).
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+use glommio::{LocalExecutorBuilder, Placement};
+use hdrhistogram::Histogram;
+use shardgate::ws::{write_frame, Decoder, Event, OpCode, Role};
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "echo-load", about = "WebSocket echo load generator")]
+struct Args {
+    /// Server address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: SocketAddr,
+    /// Request path of the echo endpoint.
+    #[arg(long, default_value = "/echo")]
+    path: String,
+    /// Connections, spread over the client threads.
+    #[arg(short, long, default_value_t = 100)]
+    connections: usize,
+    /// Payload bytes per message.
+    #[arg(short, long, default_value_t = 20)]
+    size: usize,
+    /// Messages in flight per connection.
+    #[arg(short, long, default_value_t = 1)]
+    window: usize,
+    /// Measured time, after the warm-up.
+    #[arg(short, long, default_value = "5s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Time running before measuring starts.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    /// CPUs the client threads are pinned to, one thread each (e.g. `1` or `0,1`).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    cpus: Vec<usize>,
+    /// Send text frames instead of binary (the payload is ASCII).
+    #[arg(long)]
+    text: bool,
+    /// Only open the connections and hold them for --duration; print when all are up.
+    #[arg(long)]
+    idle: bool,
+}
+
+#[derive(Default)]
+struct Stats {
+    messages: u64,
+    failed: u64,
+}
+
+fn main() {
+    let args = Args::parse();
+    if args.connections == 0 || args.window == 0 || args.cpus.is_empty() {
+        eprintln!("echo-load: --connections, --window and --cpus must not be empty");
+        std::process::exit(2);
+    }
+    let threads = args.cpus.len();
+
+    let handles: Vec<_> = args
+        .cpus
+        .iter()
+        .enumerate()
+        .map(|(i, &cpu)| {
+            let share = args.connections / threads + usize::from(i < args.connections % threads);
+            let args = args.clone();
+            LocalExecutorBuilder::new(Placement::Fixed(cpu))
+                .name(&format!("load-{i}"))
+                .io_memory(1 << 20)
+                .spawn(move || async move { run_thread(args, share).await })
+                .unwrap_or_else(|e| {
+                    eprintln!("echo-load: cannot start a client thread on cpu {cpu}: {e}");
+                    std::process::exit(2)
+                })
+        })
+        .collect();
+    let mut hist = new_histogram();
+    let mut total = Stats::default();
+    for h in handles {
+        match h.join() {
+            Ok((part, stats)) => {
+                hist.add(&part).expect("histograms share their bounds");
+                total.messages += stats.messages;
+                total.failed += stats.failed;
+            }
+            Err(e) => {
+                eprintln!("echo-load: a client thread failed: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+    if args.idle {
+        println!(
+            "echo-load: held {} idle connections ({} failed) for {:?}",
+            args.connections - total.failed as usize,
+            total.failed,
+            args.duration
+        );
+    } else {
+        let secs = args.duration.as_secs_f64();
+        println!(
+            "echo-load: connections={} size={} window={} client_cpus={:?} duration={secs:.1}s messages={} msg_per_s={:.0} p50_us={} p99_us={} p999_us={} max_us={} failed_connections={}",
+            args.connections,
+            args.size,
+            args.window,
+            args.cpus,
+            total.messages,
+            total.messages as f64 / secs,
+            hist.value_at_quantile(0.5),
+            hist.value_at_quantile(0.99),
+            hist.value_at_quantile(0.999),
+            hist.max(),
+            total.failed,
+        );
+    }
+    if total.failed > 0 {
+        std::process::exit(1);
+    }
+}
+
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
+}
+
+async fn run_thread(args: Args, connections: usize) -> (Histogram<u64>, Stats) {
+    let args = Rc::new(args);
+    let hist = Rc::new(RefCell::new(new_histogram()));
+    let messages = Rc::new(Cell::new(0u64));
+    // Connect everything first, so the measured phase sees a steady population.
+    let mut streams = Vec::with_capacity(connections);
+    let mut failed = 0u64;
+    for chunk in (0..connections).collect::<Vec<_>>().chunks(256) {
+        let tasks: Vec<_> = chunk
+            .iter()
+            .map(|_| glommio::spawn_local(connect(args.clone())))
+            .collect();
+        for t in tasks {
+            match t.await {
+                Ok(s) => streams.push(s),
+                Err(e) => {
+                    failed += 1;
+                    eprintln!("echo-load: connection failed: {e}");
+                }
+            }
+        }
+    }
+    if args.idle {
+        println!("echo-load: {} connections up", streams.len());
+        glommio::timer::sleep(args.duration).await;
+        return (
+            new_histogram(),
+            Stats {
+                messages: 0,
+                failed,
+            },
+        );
+    }
+    let measure_from = Instant::now() + args.warmup;
+    let deadline = measure_from + args.duration;
+    let tasks: Vec<_> = streams
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            glommio::spawn_local(drive(
+                args.clone(),
+                s,
+                i as u32,
+                measure_from,
+                deadline,
+                hist.clone(),
+                messages.clone(),
+            ))
+        })
+        .collect();
+    for t in tasks {
+        if let Err(e) = t.await {
+            failed += 1;
+            eprintln!("echo-load: connection failed: {e}");
+        }
+    }
+    let hist = hist.borrow().clone();
+    (
+        hist,
+        Stats {
+            messages: messages.get(),
+            failed,
+        },
+    )
+}
+
+async fn connect(args: Rc<Args>) -> std::io::Result<TcpStream> {
+    let mut stream = TcpStream::connect(args.addr).await?;
+    stream.set_nodelay(true)?;
+    let request = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        args.path, args.addr
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut head = Vec::with_capacity(256);
+    let mut buf = [0u8; 512];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 || head.len() > 8192 {
+            return Err(std::io::Error::other("no 101 from the server"));
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    if !head.starts_with(b"HTTP/1.1 101 ") {
+        return Err(std::io::Error::other(format!(
+            "upgrade refused: {}",
+            String::from_utf8_lossy(&head[..head.len().min(80)])
+        )));
+    }
+    Ok(stream)
+}
+
+async fn drive(
+    args: Rc<Args>,
+    mut stream: TcpStream,
+    seed: u32,
+    measure_from: Instant,
+    deadline: Instant,
+    hist: Rc<RefCell<Histogram<u64>>>,
+    messages: Rc<Cell<u64>>,
+) -> std::io::Result<()> {
+    // One masked frame, encoded once and sent again and again: the client spends its
+    // time on system calls, not on encoding.
+    let payload: Vec<u8> = (0..args.size).map(|i| b'a' + (i % 26) as u8).collect();
+    let mask = (seed.wrapping_mul(2_654_435_761) | 1).to_be_bytes();
+    let opcode = if args.text {
+        OpCode::Text
+    } else {
+        OpCode::Binary
+    };
+    let mut frame = Vec::new();
+    write_frame(&mut frame, true, opcode, &payload, Some(mask));
+
+    let mut decoder = Decoder::new(Role::Client, usize::MAX);
+    let mut in_flight: VecDeque<Instant> = VecDeque::with_capacity(args.window);
+    let mut out = Vec::with_capacity(frame.len() * args.window);
+    let mut buf = vec![0u8; 64 * 1024];
+    let now = Instant::now();
+    for _ in 0..args.window {
+        out.extend_from_slice(&frame);
+        in_flight.push_back(now);
+    }
+    stream.write_all(&out).await?;
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Err(std::io::Error::other("server closed the connection"));
+        }
+        let now = Instant::now();
+        let mut echoed = 0usize;
+        let mut bad = false;
+        let result = decoder.feed(&mut buf[..n], &mut |event| match event {
+            Event::Message { payload: p, .. } if p.len() == args.size => echoed += 1,
+            _ => bad = true,
+        });
+        if result.is_err() || bad {
+            return Err(std::io::Error::other("unexpected frame from the server"));
+        }
+        if now >= measure_from && now < deadline {
+            let mut h = hist.borrow_mut();
+            for sent in in_flight.iter().take(echoed) {
+                let _ = h.record(now.duration_since(*sent).as_micros().max(1) as u64);
+            }
+            messages.set(messages.get() + echoed as u64);
+        }
+        in_flight.drain(..echoed.min(in_flight.len()));
+        if now >= deadline {
+            break;
+        }
+        if echoed > 0 {
+            out.clear();
+            for _ in 0..echoed {
+                out.extend_from_slice(&frame);
+                in_flight.push_back(now);
+            }
+            stream.write_all(&out).await?;
+        }
+    }
+    let mut close = Vec::new();
+    shardgate::ws::write_close(&mut close, 1000, "", Some(mask));
+    let _ = stream.write_all(&close).await;
+    Ok(())
+}
