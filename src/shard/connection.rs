@@ -1,9 +1,10 @@
 //! Drives one connection: the HTTP upgrade, then WebSocket frames, until it closes.
 //!
 //! Reads land in the shard's shared receive buffer and are decoded before the next await;
-//! everything the connection answers goes into the shard's cork and leaves in one `send`
-//! per read. Only when the socket cannot take it all does the rest move into a buffer of
-//! the connection's own, which is freed once written.
+//! everything the connection answers goes into the shard's cork and leaves in one
+//! `sendmsg` per read (large echoed payloads straight from the receive buffer). Only when
+//! the socket cannot take it all does the rest move into a buffer of the connection's own,
+//! which is freed once written.
 
 use std::io;
 use std::net::Shutdown;
@@ -15,8 +16,9 @@ use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
 
 use super::context::{ConnectionSlot, ReadOutcome, ShardContext};
+use super::cork::{self, Cork};
 use crate::ws::handshake::{self, Rejection};
-use crate::ws::{write_close, write_frame, CloseCode, Decoder, Event, OpCode, Role};
+use crate::ws::{write_close, CloseCode, Decoder, Event, OpCode, Role};
 
 /// After we close (or refuse), how long we keep reading so that the peer gets our last
 /// bytes rather than a reset.
@@ -38,7 +40,7 @@ pub fn refuse_busy(stream: &TcpStream) {
         "the gateway is at its connection limit",
         "Retry-After: 1\r\n",
     );
-    let _ = send_now(stream, &out);
+    let _ = cork::send_now(stream.as_raw_fd(), &out);
 }
 
 /// Reads the request head and answers it. Returns the bytes that followed the head when
@@ -151,18 +153,17 @@ struct Session {
 }
 
 impl Session {
-    /// Decodes `input` and writes every answer (echo, pong, close) into `out`.
-    fn on_bytes(&mut self, input: &mut [u8], out: &mut Vec<u8>) -> Next {
+    /// Decodes `input` and queues every answer (echo, pong, close) in `out`.
+    fn on_bytes(&mut self, input: &mut [u8], out: &mut Cork) -> Next {
         let open = self.state == State::Open;
         let echo = self.echo && open;
         let mut peer_close = None;
         let mut pong = false;
+        out.begin(input);
         let result = self.decoder.feed(input, &mut |event| match event {
-            Event::Message { opcode, payload } if echo => {
-                write_frame(out, true, opcode, payload, None)
-            }
+            Event::Message { opcode, payload } if echo => out.frame(opcode, payload),
             Event::Message { .. } => {}
-            Event::Ping(payload) if open => write_frame(out, true, OpCode::Pong, payload, None),
+            Event::Ping(payload) if open => out.frame(OpCode::Pong, payload),
             Event::Ping(_) => {}
             Event::Pong(_) => pong = true,
             Event::Close { code, .. } => peer_close = Some(code),
@@ -172,7 +173,7 @@ impl Session {
         }
         if let Err(error) = result {
             if open {
-                write_close(out, error.code.0, error.reason, None);
+                out.push_with(|b| write_close(b, error.code.0, error.reason, None));
             }
             return Next::Fail;
         }
@@ -181,8 +182,8 @@ impl Session {
                 if open {
                     // Echo the peer's code (§5.5.1); an empty Close is answered with an empty one.
                     match code {
-                        Some(code) => write_close(out, code.0, "", None),
-                        None => write_frame(out, true, OpCode::Close, &[], None),
+                        Some(code) => out.push_with(|b| write_close(b, code.0, "", None)),
+                        None => out.frame(OpCode::Close, &[]),
                     }
                 }
                 Next::Close
@@ -192,9 +193,9 @@ impl Session {
     }
 
     /// Starts the closing handshake from our side.
-    fn begin_close(&mut self, code: CloseCode, reason: &str, out: &mut Vec<u8>, drain: Duration) {
+    fn begin_close(&mut self, code: CloseCode, reason: &str, out: &mut Cork, drain: Duration) {
         if self.state == State::Open {
-            write_close(out, code.0, reason, None);
+            out.push_with(|b| write_close(b, code.0, reason, None));
             self.state = State::Closing {
                 deadline: Instant::now() + drain,
             };
@@ -220,23 +221,32 @@ async fn websocket(
     mut leftover: Vec<u8>,
 ) {
     let config = &ctx.config;
+    let fd = stream.as_raw_fd();
     let mut session = Session {
         decoder: Decoder::new(Role::Server, config.max_message_size),
         state: State::Open,
         echo: config.echo,
         ping_sent: None,
     };
-    let mut next = if leftover.is_empty() {
-        Next::Continue
-    } else {
-        let next = session.on_bytes(&mut leftover, &mut ctx.cork.borrow_mut());
-        drop(leftover);
-        next
-    };
+    // Bytes the socket could not take at once; written (awaiting) before reading more,
+    // which is the backpressure on a client that sends faster than it reads.
+    let mut unsent = None;
+    let mut next = Next::Continue;
+    if !leftover.is_empty() {
+        let mut cork = ctx.cork.borrow_mut();
+        next = session.on_bytes(&mut leftover, &mut cork);
+        match cork.send(fd, &leftover) {
+            Ok(rest) => unsent = rest,
+            Err(_) => return,
+        }
+    }
+    drop(leftover);
     let mut timeout = Duration::ZERO;
     loop {
-        if flush(ctx, stream).await.is_err() {
-            return;
+        if let Some(rest) = unsent.take() {
+            if write_all(stream, &rest).await.is_err() {
+                return;
+            }
         }
         match next {
             Next::Continue => {}
@@ -258,10 +268,16 @@ async fn websocket(
         }
         glommio::yield_if_needed().await;
         let outcome = ctx.read(stream, slot, session.state == State::Open).await;
+        // From here to the send: no await, so the shard's buffers are ours alone.
         let mut cork = ctx.cork.borrow_mut();
+        let mut rx = ctx.rx.borrow_mut();
+        let input: &mut [u8] = match outcome {
+            Ok(ReadOutcome::Data(n)) => &mut rx[..n],
+            _ => &mut [],
+        };
         next = match outcome {
-            Ok(ReadOutcome::Data(n)) => {
-                let next = session.on_bytes(&mut ctx.rx.borrow_mut()[..n], &mut cork);
+            Ok(ReadOutcome::Data(_)) => {
+                let next = session.on_bytes(input, &mut cork);
                 match session.ping_sent {
                     Some(sent)
                         if next == Next::Continue && sent.elapsed() >= config.pong_timeout =>
@@ -279,7 +295,7 @@ async fn websocket(
             }
             Ok(ReadOutcome::TimedOut) => match (session.state, session.ping_sent) {
                 (State::Open, None) => {
-                    write_frame(&mut cork, true, OpCode::Ping, b"", None);
+                    cork.frame(OpCode::Ping, &[]);
                     session.ping_sent = Some(Instant::now());
                     Next::Continue
                 }
@@ -305,54 +321,10 @@ async fn websocket(
             }
             Ok(ReadOutcome::Eof) | Err(_) => return,
         };
-    }
-}
-
-/// Sends what the cork holds: at once if the socket takes it, otherwise the rest from a
-/// buffer of this connection's own (the cork is the shard's and must be free at the await).
-async fn flush(ctx: &ShardContext, stream: &mut TcpStream) -> io::Result<()> {
-    let rest = {
-        let mut cork = ctx.cork.borrow_mut();
-        if cork.is_empty() {
-            return Ok(());
+        match cork.send(fd, input) {
+            Ok(rest) => unsent = rest,
+            Err(_) => return,
         }
-        let sent = send_now(stream, &cork);
-        let rest = match sent {
-            Ok(n) if n == cork.len() => None,
-            Ok(n) => Some(cork[n..].to_vec()),
-            Err(e) => {
-                ShardContext::reset_cork(&mut cork);
-                return Err(e);
-            }
-        };
-        ShardContext::reset_cork(&mut cork);
-        rest
-    };
-    match rest {
-        Some(rest) => write_all(stream, &rest).await,
-        None => Ok(()),
-    }
-}
-
-/// One non-blocking `send`: how much the socket took (0 when it is full).
-fn send_now(stream: &TcpStream, buf: &[u8]) -> io::Result<usize> {
-    // SAFETY: the pointer and length describe `buf`, which outlives the call.
-    let n = unsafe {
-        libc::send(
-            stream.as_raw_fd(),
-            buf.as_ptr().cast(),
-            buf.len(),
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-        )
-    };
-    if n >= 0 {
-        return Ok(n as usize);
-    }
-    let err = io::Error::last_os_error();
-    if err.kind() == io::ErrorKind::WouldBlock {
-        Ok(0)
-    } else {
-        Err(err)
     }
 }
 

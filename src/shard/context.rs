@@ -15,12 +15,11 @@ use futures_lite::AsyncRead;
 use glommio::net::TcpStream;
 use slab::Slab;
 
+use super::cork::Cork;
 use crate::config::Config;
 
 /// Size of the shard's receive buffer: one read takes up to this much from a socket.
 pub const RX_BUFFER: usize = 64 * 1024;
-/// The cork keeps up to this capacity between uses; a larger one (after a huge message) shrinks.
-const CORK_RETAIN: usize = 256 * 1024;
 
 /// What a read returned. For `Data(n)` the bytes are in `ShardContext::rx[..n]` until the
 /// caller's next await: decode them before awaiting anything.
@@ -37,7 +36,7 @@ pub struct ShardContext {
     pub id: usize,
     pub config: Arc<Config>,
     pub rx: RefCell<Vec<u8>>,
-    pub cork: RefCell<Vec<u8>>,
+    pub cork: RefCell<Cork>,
     /// Each live connection's waker, so that a stop can interrupt its read.
     connections: RefCell<Slab<Option<Waker>>>,
     stopping: Cell<bool>,
@@ -58,7 +57,7 @@ impl ShardContext {
             id,
             config,
             rx: RefCell::new(vec![0; RX_BUFFER]),
-            cork: RefCell::new(Vec::with_capacity(RX_BUFFER + 1024)),
+            cork: RefCell::new(Cork::new()),
             connections: RefCell::new(Slab::new()),
             stopping: Cell::new(false),
             drained: RefCell::new(None),
@@ -143,14 +142,6 @@ impl ShardContext {
             }
         })
         .await
-    }
-
-    /// Empties the cork after a write, giving back memory a huge burst made it take.
-    pub fn reset_cork(cork: &mut Vec<u8>) {
-        cork.clear();
-        if cork.capacity() > CORK_RETAIN {
-            cork.shrink_to(CORK_RETAIN);
-        }
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod connection;
 mod context;
+mod cork;
 pub mod limits;
 mod listener;
 mod shutdown;

@@ -1,0 +1,278 @@
+//! The cork: what a connection answers to one read, gathered and sent with one `sendmsg`.
+//!
+//! Headers, control frames and small payloads are copied into the cork's own bytes. Large
+//! payloads that still sit in the input buffer (an echoed or forwarded frame that arrived
+//! whole) are only referenced, so they go from the receive buffer to the socket without a
+//! copy in user space. The input must stay untouched until `send` (the shard decodes and
+//! sends without awaiting in between).
+
+use std::io;
+use std::ops::Range;
+use std::os::fd::RawFd;
+
+use crate::ws::frame::{encode_header, MAX_HEADER_LEN};
+use crate::ws::OpCode;
+
+/// Payloads shorter than this are copied: an extra iovec costs more than a small copy.
+const BORROW_MIN: usize = 512;
+/// iovecs handed to one `sendmsg` (the kernel's IOV_MAX is 1024).
+const IOV_BATCH: usize = 512;
+/// Owned bytes kept between rounds; a larger buffer (after a huge burst) shrinks back.
+const RETAIN: usize = 256 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    /// `bytes[range]`.
+    Owned(Range<usize>),
+    /// `input[range]`.
+    Input(Range<usize>),
+}
+
+#[derive(Debug, Default)]
+pub struct Cork {
+    bytes: Vec<u8>,
+    segments: Vec<Segment>,
+    /// Address and length of this round's input, to recognise payloads that lie in it.
+    input_addr: usize,
+    input_len: usize,
+}
+
+impl Cork {
+    pub fn new() -> Self {
+        Cork {
+            bytes: Vec::with_capacity(64 * 1024),
+            ..Default::default()
+        }
+    }
+
+    /// Starts a round whose payloads may point into `input`.
+    pub fn begin(&mut self, input: &[u8]) {
+        self.input_addr = input.as_ptr() as usize;
+        self.input_len = input.len();
+    }
+
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.segments.is_empty()
+    }
+
+    /// Bytes queued in all segments.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.segments.iter().map(|s| seg_range(s).len()).sum()
+    }
+
+    /// Appends what `write` puts into the owned bytes, merged with an owned segment before it.
+    pub fn push_with(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
+        let start = self.bytes.len();
+        write(&mut self.bytes);
+        let end = self.bytes.len();
+        if start == end {
+            return;
+        }
+        match self.segments.last_mut() {
+            Some(Segment::Owned(r)) if r.end == start => r.end = end,
+            _ => self.segments.push(Segment::Owned(start..end)),
+        }
+    }
+
+    /// Appends one unmasked, unfragmented frame.
+    pub fn frame(&mut self, opcode: OpCode, payload: &[u8]) {
+        let mut header = [0u8; MAX_HEADER_LEN];
+        let n = encode_header(&mut header, true, opcode, payload.len() as u64, None);
+        match self.input_range(payload) {
+            Some(range) if payload.len() >= BORROW_MIN => {
+                self.push_with(|b| b.extend_from_slice(&header[..n]));
+                self.segments.push(Segment::Input(range));
+            }
+            _ => self.push_with(|b| {
+                b.extend_from_slice(&header[..n]);
+                b.extend_from_slice(payload);
+            }),
+        }
+    }
+
+    /// Where `payload` lies in this round's input, if it does.
+    fn input_range(&self, payload: &[u8]) -> Option<Range<usize>> {
+        let start = (payload.as_ptr() as usize).checked_sub(self.input_addr)?;
+        (start + payload.len() <= self.input_len).then(|| start..start + payload.len())
+    }
+
+    /// Sends everything with as few `sendmsg` calls as the socket allows, without blocking.
+    /// Returns the part the socket did not take (copied out), and empties the cork.
+    pub fn send(&mut self, fd: RawFd, input: &[u8]) -> io::Result<Option<Vec<u8>>> {
+        debug_assert!(
+            self.segments
+                .iter()
+                .all(|s| !matches!(s, Segment::Input(_)))
+                || input.as_ptr() as usize == self.input_addr
+        );
+        let result = self.send_inner(fd, input);
+        self.input_addr = 0;
+        self.input_len = 0;
+        self.segments.clear();
+        self.bytes.clear();
+        if self.bytes.capacity() > RETAIN {
+            self.bytes.shrink_to(RETAIN);
+        }
+        result
+    }
+
+    fn slice<'a>(&'a self, segment: &Segment, input: &'a [u8]) -> &'a [u8] {
+        match segment {
+            Segment::Owned(r) => &self.bytes[r.clone()],
+            Segment::Input(r) => &input[r.clone()],
+        }
+    }
+
+    fn send_inner(&self, fd: RawFd, input: &[u8]) -> io::Result<Option<Vec<u8>>> {
+        let mut index = 0; // first segment not fully sent
+        let mut offset = 0; // bytes of it already sent
+        let mut iov: Vec<libc::iovec> = Vec::with_capacity(IOV_BATCH.min(self.segments.len()));
+        while index < self.segments.len() {
+            iov.clear();
+            let mut batch_len = 0;
+            for (i, seg) in self.segments[index..].iter().take(IOV_BATCH).enumerate() {
+                let s = &self.slice(seg, input)[if i == 0 { offset } else { 0 }..];
+                batch_len += s.len();
+                iov.push(libc::iovec {
+                    iov_base: s.as_ptr() as *mut libc::c_void,
+                    iov_len: s.len(),
+                });
+            }
+            let sent = sendmsg_now(fd, &iov)?;
+            // Advance over what was sent.
+            let mut left = sent;
+            while left > 0 {
+                let seg_left = seg_range(&self.segments[index]).len() - offset;
+                if left >= seg_left {
+                    left -= seg_left;
+                    index += 1;
+                    offset = 0;
+                } else {
+                    offset += left;
+                    left = 0;
+                }
+            }
+            if sent < batch_len {
+                break; // the socket is full
+            }
+        }
+        if index == self.segments.len() {
+            return Ok(None);
+        }
+        let mut rest = Vec::new();
+        for (i, seg) in self.segments[index..].iter().enumerate() {
+            rest.extend_from_slice(&self.slice(seg, input)[if i == 0 { offset } else { 0 }..]);
+        }
+        Ok(Some(rest))
+    }
+}
+
+fn seg_range(s: &Segment) -> Range<usize> {
+    match s {
+        Segment::Owned(r) | Segment::Input(r) => r.clone(),
+    }
+}
+
+/// One non-blocking send of `buf`: how much the socket took (0 when it is full).
+pub fn send_now(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    sendmsg_now(
+        fd,
+        &[libc::iovec {
+            iov_base: buf.as_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        }],
+    )
+}
+
+/// One non-blocking `sendmsg`: how much the socket took (0 when it is full).
+fn sendmsg_now(fd: RawFd, iov: &[libc::iovec]) -> io::Result<usize> {
+    // SAFETY: a zeroed msghdr is valid; we set only the iovec array, which outlives the call
+    // and whose entries point into slices that do too.
+    let n = unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = iov.len();
+        libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+    };
+    if n >= 0 {
+        return Ok(n as usize);
+    }
+    let err = io::Error::last_os_error();
+    if err.kind() == io::ErrorKind::WouldBlock {
+        Ok(0)
+    } else {
+        Err(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn borrows_large_payloads_from_the_input_and_copies_small_ones() {
+        let input: Vec<u8> = (0..4000u32).map(|i| i as u8).collect();
+        let mut cork = Cork::new();
+        cork.begin(&input);
+        cork.frame(OpCode::Binary, &input[10..1010]); // large, in the input: borrowed
+        cork.frame(OpCode::Text, &input[0..5]); // small: copied
+        let outside = vec![7u8; 600];
+        cork.frame(OpCode::Binary, &outside); // not in the input: copied
+        assert_eq!(cork.segments.len(), 3, "{:?}", cork.segments);
+        assert!(matches!(cork.segments[1], Segment::Input(ref r) if *r == (10..1010)));
+
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let expected_len = cork.len();
+        let rest = cork.send(a.as_raw_fd(), &input).unwrap();
+        assert!(rest.is_none());
+        assert!(cork.is_empty());
+        drop(a);
+        let mut got = Vec::new();
+        b.read_to_end(&mut got).unwrap();
+        assert_eq!(got.len(), expected_len);
+        let mut expected = Vec::new();
+        crate::ws::write_frame(&mut expected, true, OpCode::Binary, &input[10..1010], None);
+        crate::ws::write_frame(&mut expected, true, OpCode::Text, &input[0..5], None);
+        crate::ws::write_frame(&mut expected, true, OpCode::Binary, &outside, None);
+        assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn returns_what_a_full_socket_did_not_take() {
+        let input = vec![3u8; 1 << 20];
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut cork = Cork::new();
+        cork.begin(&input);
+        for chunk in input.chunks(64 * 1024) {
+            cork.frame(OpCode::Binary, chunk);
+        }
+        let total = cork.len();
+        let rest = cork
+            .send(a.as_raw_fd(), &input)
+            .unwrap()
+            .expect("a socket buffer is smaller than 1 MiB");
+        assert!(!rest.is_empty() && rest.len() < total);
+        // What was sent followed by the rest is exactly the frames, in order.
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            b.read_to_end(&mut got).unwrap();
+            got
+        });
+        use std::io::Write;
+        let mut a = a;
+        a.write_all(&rest).unwrap();
+        drop(a);
+        let got = reader.join().unwrap();
+        let mut expected = Vec::new();
+        for chunk in input.chunks(64 * 1024) {
+            crate::ws::write_frame(&mut expected, true, OpCode::Binary, chunk, None);
+        }
+        assert_eq!(got.len(), total);
+        assert_eq!(got, expected);
+    }
+}
