@@ -4,6 +4,8 @@
 //! - [`shard`]: executors, listeners and the connection driver.
 //! - [`config`]: flags, the TOML file, defaults.
 
+pub mod chat;
 pub mod config;
+pub mod route;
 pub mod shard;
 pub mod ws;

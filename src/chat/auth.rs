@@ -1,0 +1,266 @@
+//! Who a connection belongs to: HS256 JWTs (`sub` = user id, `exp`), checked at upgrade.
+//!
+//! The secret comes from `--auth-secret-file`, else `SHARDGATE_AUTH_SECRET`, else a random
+//! secret created once in the data directory (mode 0600), so the gateway is secure by
+//! default and still runs out of the box; `shardgate token <user>` mints with the same one.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+pub const SECRET_ENV: &str = "SHARDGATE_AUTH_SECRET";
+const SECRET_FILE_NAME: &str = "auth-secret";
+
+/// A user id: 1–64 characters of `[A-Za-z0-9_.@-]` (so it never needs escaping in JSON).
+pub fn is_valid_user_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.@-".contains(&b))
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Claims {
+    sub: String,
+    exp: u64,
+}
+
+/// Where the secret came from, for the start-up message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    File(PathBuf),
+    Env,
+    /// Created (or found) in the data directory.
+    DataDir {
+        path: PathBuf,
+        created: bool,
+    },
+}
+
+pub struct Authenticator {
+    decoding: DecodingKey,
+    encoding: EncodingKey,
+    validation: Validation,
+    pub source: SecretSource,
+}
+
+impl Authenticator {
+    pub fn from_secret(secret: &[u8], source: SecretSource) -> Self {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        // Tokens are minted by this cluster's own clock: no grace after `exp`.
+        validation.leeway = 0;
+        Authenticator {
+            decoding: DecodingKey::from_secret(secret),
+            encoding: EncodingKey::from_secret(secret),
+            validation,
+            source,
+        }
+    }
+
+    /// Loads the secret the way `serve` and `token` both do.
+    pub fn load(secret_file: Option<&Path>, data_dir: &Path) -> Result<Self, String> {
+        Self::load_with(secret_file, std::env::var(SECRET_ENV).ok(), data_dir)
+    }
+
+    /// `load`, with the value of `SHARDGATE_AUTH_SECRET` given.
+    fn load_with(
+        secret_file: Option<&Path>,
+        env_secret: Option<String>,
+        data_dir: &Path,
+    ) -> Result<Self, String> {
+        if let Some(path) = secret_file {
+            let secret = read_secret(path)?;
+            return Ok(Self::from_secret(
+                &secret,
+                SecretSource::File(path.to_path_buf()),
+            ));
+        }
+        if let Some(secret) = env_secret {
+            if secret.trim().is_empty() {
+                return Err(format!("{SECRET_ENV} is set but empty"));
+            }
+            return Ok(Self::from_secret(
+                secret.trim().as_bytes(),
+                SecretSource::Env,
+            ));
+        }
+        let path = data_dir.join(SECRET_FILE_NAME);
+        let created = !path.exists();
+        if created {
+            create_secret(&path)?;
+        }
+        let secret = read_secret(&path)?;
+        Ok(Self::from_secret(
+            &secret,
+            SecretSource::DataDir { path, created },
+        ))
+    }
+
+    /// The user a token names, if it is well formed, correctly signed and not expired.
+    pub fn verify(&self, token: &str) -> Result<String, String> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map_err(|e| e.to_string())?;
+        if !is_valid_user_id(&data.claims.sub) {
+            return Err("sub is not a valid user id".into());
+        }
+        Ok(data.claims.sub)
+    }
+
+    /// A token for `user` that expires after `ttl`.
+    pub fn mint(&self, user: &str, ttl: Duration) -> Result<String, String> {
+        if !is_valid_user_id(user) {
+            return Err(format!(
+                "{user:?} is not a valid user id (1-64 of A-Z a-z 0-9 _ . @ -)"
+            ));
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let claims = Claims {
+            sub: user.to_string(),
+            exp: (now + ttl).as_secs(),
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn read_secret(path: &Path) -> Result<Vec<u8>, String> {
+    let text = std::fs::read(path)
+        .map_err(|e| format!("cannot read the auth secret {}: {e}", path.display()))?;
+    let secret = text.trim_ascii().to_vec();
+    if secret.is_empty() {
+        return Err(format!("the auth secret {} is empty", path.display()));
+    }
+    Ok(secret)
+}
+
+/// Writes 32 random bytes (hex) to `path`, readable by the owner only.
+fn create_secret(path: &Path) -> Result<(), String> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create the data directory {}: {e}", dir.display()))?;
+    }
+    let mut bytes = [0u8; 32];
+    getrandom::getrandom(&mut bytes)
+        .map_err(|e| format!("no randomness for the auth secret: {e}"))?;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("cannot create the auth secret {}: {e}", path.display()))?;
+    file.write_all(hex.as_bytes())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    Ok(())
+}
+
+/// The default data directory: `$XDG_DATA_HOME/shardgate`, else `~/.local/share/shardgate`,
+/// else `./shardgate-data`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(x).join("shardgate");
+    }
+    if let Some(home) = std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(home).join(".local/share/shardgate");
+    }
+    PathBuf::from("shardgate-data")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth() -> Authenticator {
+        Authenticator::from_secret(b"test-secret", SecretSource::Env)
+    }
+
+    #[test]
+    fn user_id_rules() {
+        for ok in ["a", "user-b", "x.y@z_1", &"a".repeat(64)] {
+            assert!(is_valid_user_id(ok), "{ok}");
+        }
+        for bad in ["", "has space", "quote\"", "é", &"a".repeat(65)] {
+            assert!(!is_valid_user_id(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn minted_tokens_verify_and_others_do_not() {
+        let a = auth();
+        let token = a.mint("user-a", Duration::from_secs(60)).unwrap();
+        assert_eq!(a.verify(&token).unwrap(), "user-a");
+        let other = Authenticator::from_secret(b"another-secret", SecretSource::Env);
+        assert!(other.verify(&token).is_err(), "bad signature");
+        assert!(a.verify("not.a.token").is_err());
+        assert!(a.verify("").is_err());
+        let expired = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &Claims {
+                sub: "user-a".into(),
+                exp: 1_000,
+            },
+            &EncodingKey::from_secret(b"test-secret"),
+        )
+        .unwrap();
+        assert!(a.verify(&expired).unwrap_err().contains("Expired"));
+        let bad_sub = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &Claims {
+                sub: "no spaces allowed".into(),
+                exp: u64::MAX / 2,
+            },
+            &EncodingKey::from_secret(b"test-secret"),
+        )
+        .unwrap();
+        assert!(a.verify(&bad_sub).is_err());
+        assert!(a.mint("bad user", Duration::from_secs(1)).is_err());
+    }
+
+    #[test]
+    fn secret_is_created_once_with_mode_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("shardgate-auth-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let first = Authenticator::load_with(None, None, &dir).unwrap();
+        let path = dir.join(SECRET_FILE_NAME);
+        assert_eq!(
+            first.source,
+            SecretSource::DataDir {
+                path: path.clone(),
+                created: true
+            }
+        );
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let token = first.mint("u", Duration::from_secs(60)).unwrap();
+        let second = Authenticator::load_with(None, None, &dir).unwrap();
+        let env = Authenticator::load_with(None, Some("from-env".into()), &dir).unwrap();
+        assert_eq!(env.source, SecretSource::Env);
+        assert_eq!(
+            second.source,
+            SecretSource::DataDir {
+                path: path.clone(),
+                created: false
+            }
+        );
+        assert_eq!(second.verify(&token).unwrap(), "u");
+        let from_file = Authenticator::load_with(
+            Some(&path),
+            Some("ignored".into()),
+            Path::new("/nonexistent"),
+        )
+        .unwrap();
+        assert_eq!(from_file.verify(&token).unwrap(), "u");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,4 @@
+//! The chat application: who a connection is (`auth`) and what it says (`protocol`).
+
+pub mod auth;
+pub mod protocol;

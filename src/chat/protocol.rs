@@ -1,0 +1,333 @@
+//! The chat wire protocol: JSON text frames. Client envelopes are parsed without copying
+//! their `body` (kept as raw JSON and forwarded as it arrived); server frames are written
+//! by hand around it. User ids and room names are restricted to characters that never
+//! need escaping in JSON; client-chosen `id`s are escaped.
+
+use std::borrow::Cow;
+use std::io::Write;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::auth::is_valid_user_id;
+
+/// The longest client-chosen message id.
+pub const MAX_ID_LEN: usize = 128;
+
+/// Room names follow the user id rules.
+pub fn is_valid_room(room: &str) -> bool {
+    is_valid_user_id(room)
+}
+
+/// A parsed client frame. Strings borrow the frame where they need no unescaping.
+#[derive(Debug)]
+pub enum ClientMessage<'a> {
+    Send {
+        to: Cow<'a, str>,
+        id: Option<Cow<'a, str>>,
+        body: &'a RawValue,
+    },
+    Join {
+        room: Cow<'a, str>,
+    },
+    Leave {
+        room: Cow<'a, str>,
+    },
+    Publish {
+        room: Cow<'a, str>,
+        id: Option<Cow<'a, str>>,
+        body: &'a RawValue,
+    },
+}
+
+/// An application error: answered with an error frame, the connection stays open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppError {
+    pub code: &'static str,
+    pub message: Cow<'static, str>,
+    /// The `id` of the client frame it answers, when there was one.
+    pub id: Option<String>,
+}
+
+impl AppError {
+    pub fn new(code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+        AppError {
+            code,
+            message: message.into(),
+            id: None,
+        }
+    }
+
+    fn with_id(mut self, id: &Option<Cow<'_, str>>) -> Self {
+        self.id = id.as_ref().map(|s| s.to_string());
+        self
+    }
+}
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    to: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    room: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    body: Option<&'a RawValue>,
+}
+
+/// Parses one client text frame.
+pub fn parse(frame: &[u8]) -> Result<ClientMessage<'_>, AppError> {
+    let env: Envelope<'_> = serde_json::from_slice(frame).map_err(|e| {
+        AppError::new(
+            "bad_json",
+            format!("not a JSON object of the chat protocol: {e}"),
+        )
+    })?;
+    if let Some(id) = &env.id {
+        if id.is_empty() || id.len() > MAX_ID_LEN {
+            return Err(AppError::new("bad_field", "id must be 1-128 characters"));
+        }
+    }
+    let kind = env
+        .kind
+        .as_deref()
+        .ok_or_else(|| AppError::new("bad_field", "type is missing").with_id(&env.id))?;
+    let room = |env: &Envelope<'_>| -> Result<(), AppError> {
+        match env.room.as_deref() {
+            Some(r) if is_valid_room(r) => Ok(()),
+            _ => Err(
+                AppError::new("bad_field", "room must be 1-64 of A-Z a-z 0-9 _ . @ -")
+                    .with_id(&env.id),
+            ),
+        }
+    };
+    match kind {
+        "send" => {
+            let body = body_of(&env)?;
+            match env.to {
+                Some(to) if is_valid_user_id(&to) => Ok(ClientMessage::Send {
+                    to,
+                    id: env.id,
+                    body,
+                }),
+                _ => Err(AppError::new("bad_field", "to must be a user id").with_id(&env.id)),
+            }
+        }
+        "join" | "leave" => {
+            room(&env)?;
+            let room = env.room.unwrap_or_default();
+            Ok(if kind == "join" {
+                ClientMessage::Join { room }
+            } else {
+                ClientMessage::Leave { room }
+            })
+        }
+        "publish" => {
+            room(&env)?;
+            let body = body_of(&env)?;
+            Ok(ClientMessage::Publish {
+                room: env.room.unwrap_or_default(),
+                id: env.id,
+                body,
+            })
+        }
+        other => Err(AppError::new(
+            "unknown_type",
+            format!("unknown type {:?}", truncate(other, 32)),
+        )
+        .with_id(&env.id)),
+    }
+}
+
+fn body_of<'a>(env: &Envelope<'a>) -> Result<&'a RawValue, AppError> {
+    env.body
+        .ok_or_else(|| AppError::new("bad_field", "body is missing").with_id(&env.id))
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn write_json_str(out: &mut Vec<u8>, s: &str) {
+    // Writing a &str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// `{"type":"message","from":…,"to":…,"id":…,"ts":…,"body":…}`
+pub fn write_message(
+    out: &mut Vec<u8>,
+    from: &str,
+    to: &str,
+    id: Option<&str>,
+    ts_ms: u64,
+    body: &RawValue,
+) {
+    out.extend_from_slice(b"{\"type\":\"message\",\"from\":\"");
+    out.extend_from_slice(from.as_bytes());
+    out.extend_from_slice(b"\",\"to\":\"");
+    out.extend_from_slice(to.as_bytes());
+    out.extend_from_slice(b"\"");
+    write_id_ts_body(out, id, ts_ms, body);
+}
+
+/// `{"type":"room_message","room":…,"from":…,"id":…,"ts":…,"body":…}`
+pub fn write_room_message(
+    out: &mut Vec<u8>,
+    room: &str,
+    from: &str,
+    id: Option<&str>,
+    ts_ms: u64,
+    body: &RawValue,
+) {
+    out.extend_from_slice(b"{\"type\":\"room_message\",\"room\":\"");
+    out.extend_from_slice(room.as_bytes());
+    out.extend_from_slice(b"\",\"from\":\"");
+    out.extend_from_slice(from.as_bytes());
+    out.extend_from_slice(b"\"");
+    write_id_ts_body(out, id, ts_ms, body);
+}
+
+fn write_id_ts_body(out: &mut Vec<u8>, id: Option<&str>, ts_ms: u64, body: &RawValue) {
+    if let Some(id) = id {
+        out.extend_from_slice(b",\"id\":");
+        write_json_str(out, id);
+    }
+    let _ = write!(out, ",\"ts\":{ts_ms},\"body\":");
+    out.extend_from_slice(body.get().as_bytes());
+    out.push(b'}');
+}
+
+/// `{"type":"ack","id":…,"status":"routed"|"offline"}`
+pub fn write_ack(out: &mut Vec<u8>, id: Option<&str>, status: &str) {
+    out.extend_from_slice(b"{\"type\":\"ack\"");
+    if let Some(id) = id {
+        out.extend_from_slice(b",\"id\":");
+        write_json_str(out, id);
+    }
+    let _ = write!(out, ",\"status\":\"{status}\"}}");
+}
+
+/// `{"type":"joined"|"left","room":…}`: the membership change is in effect on every shard.
+pub fn write_membership(out: &mut Vec<u8>, joined: bool, room: &str) {
+    let kind = if joined { "joined" } else { "left" };
+    let _ = write!(out, "{{\"type\":\"{kind}\",\"room\":\"{room}\"}}");
+}
+
+/// `{"type":"error","code":…,"id":…,"message":…}`
+pub fn write_error(out: &mut Vec<u8>, e: &AppError) {
+    let _ = write!(out, "{{\"type\":\"error\",\"code\":\"{}\"", e.code);
+    if let Some(id) = &e.id {
+        out.extend_from_slice(b",\"id\":");
+        write_json_str(out, id);
+    }
+    out.extend_from_slice(b",\"message\":");
+    write_json_str(out, &e.message);
+    out.push(b'}');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    #[test]
+    fn parses_every_client_type() {
+        let m =
+            parse(br#"{"type":"send","to":"user-b","id":"c-17","body":{"text":"hi","n":[1,2]}}"#)
+                .unwrap();
+        match m {
+            ClientMessage::Send { to, id, body } => {
+                assert_eq!((to.as_ref(), id.as_deref()), ("user-b", Some("c-17")));
+                assert_eq!(
+                    body.get(),
+                    r#"{"text":"hi","n":[1,2]}"#,
+                    "body is kept byte for byte"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            matches!(parse(br#"{"type":"join","room":"general"}"#).unwrap(), ClientMessage::Join { room } if room == "general")
+        );
+        assert!(
+            matches!(parse(br#"{"type":"leave","room":"general"}"#).unwrap(), ClientMessage::Leave { room } if room == "general")
+        );
+        assert!(matches!(
+            parse(br#"{"type":"publish","room":"g","id":"c-18","body":"x"}"#).unwrap(),
+            ClientMessage::Publish { .. }
+        ));
+    }
+
+    #[test]
+    fn errors_have_the_right_codes() {
+        let code = |frame: &[u8]| parse(frame).unwrap_err().code;
+        assert_eq!(code(b"not json"), "bad_json");
+        assert_eq!(code(b"[1,2]"), "bad_json");
+        assert_eq!(code(br#"{"type":"dance","id":"c-1"}"#), "unknown_type");
+        assert_eq!(code(br#"{"to":"b","body":1}"#), "bad_field");
+        assert_eq!(code(br#"{"type":"send","to":"b"}"#), "bad_field");
+        assert_eq!(
+            code(br#"{"type":"send","to":"bad user","body":1}"#),
+            "bad_field"
+        );
+        assert_eq!(code(br#"{"type":"join","room":""}"#), "bad_field");
+        assert_eq!(code(br#"{"type":"publish","room":"r"}"#), "bad_field");
+        let e = parse(br#"{"type":"dance","id":"c-9"}"#).unwrap_err();
+        assert_eq!(e.id.as_deref(), Some("c-9"));
+    }
+
+    #[test]
+    fn server_frames_are_valid_json() {
+        let body = RawValue::from_string(r#"{"text":"hé \"quoted\""}"#.into()).unwrap();
+        let mut out = Vec::new();
+        write_message(
+            &mut out,
+            "a",
+            "b",
+            Some("weird \"id\"\n"),
+            1764259200123,
+            &body,
+        );
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["type"], "message");
+        assert_eq!(v["id"], "weird \"id\"\n");
+        assert_eq!(v["ts"], 1764259200123u64);
+        assert_eq!(v["body"]["text"], "hé \"quoted\"");
+        out.clear();
+        write_room_message(&mut out, "general", "a", None, 5, &body);
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            (v["type"].as_str(), v["room"].as_str(), v.get("id")),
+            (Some("room_message"), Some("general"), None)
+        );
+        out.clear();
+        write_ack(&mut out, Some("c-1"), "offline");
+        assert_eq!(
+            serde_json::from_slice::<Value>(&out).unwrap()["status"],
+            "offline"
+        );
+        out.clear();
+        write_error(
+            &mut out,
+            &AppError::new("bad_json", "x \"y\"").with_id(&Some("i".into())),
+        );
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            (v["code"].as_str(), v["id"].as_str(), v["message"].as_str()),
+            (Some("bad_json"), Some("i"), Some("x \"y\""))
+        );
+        out.clear();
+        write_membership(&mut out, true, "general");
+        assert_eq!(
+            serde_json::from_slice::<Value>(&out).unwrap()["type"],
+            "joined"
+        );
+    }
+}

@@ -1,0 +1,546 @@
+//! The router of one shard, sans IO: it keeps the shard's view of where users and rooms
+//! are, and turns connects, disconnects and membership changes into messages for other
+//! shards (`take_effects`). The shard layer sends those and feeds back what arrives.
+//!
+//! Consistency without locks:
+//! - Each user has a home shard (a hash of the id). Only the home changes the user's
+//!   record (which shards hold its connections, which rooms it is in) and broadcasts
+//!   every change as a `UserState` snapshot; every shard keeps the latest as its replica.
+//!   One writer per user and FIFO inboxes make all replicas converge to the same order.
+//! - Each shard alone says whether it holds members of a room (`RoomShard`); every
+//!   shard's room mask is the collection of those bits.
+//! - A membership change is acknowledged to the client only after the home recorded it
+//!   and two barrier rounds over all shards: the first makes every shard apply the new
+//!   `UserState`, the second makes every shard apply the `RoomShard` bits that caused.
+//!   After `joined`, a publish from any shard reaches the user's connections.
+
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use super::{ConnId, ShardMask, ShardMsg, Ticket};
+
+/// The membership change a pending ticket will acknowledge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acknowledged {
+    pub conn: ConnId,
+    pub room: Arc<str>,
+    pub join: bool,
+}
+
+#[derive(Debug)]
+struct Pending {
+    ack: Acknowledged,
+    round: u8,
+    waiting: usize,
+}
+
+#[derive(Debug, Default)]
+struct HomeRecord {
+    mask: ShardMask,
+    rooms: Vec<Arc<str>>,
+}
+
+#[derive(Debug, Clone)]
+struct Replica {
+    mask: ShardMask,
+    rooms: Arc<[Arc<str>]>,
+}
+
+pub struct Router {
+    shard: usize,
+    shards: usize,
+    /// Latest `UserState` of every connected user, from its home.
+    users: HashMap<Arc<str>, Replica>,
+    /// Shards holding members of each room, from their `RoomShard`s.
+    room_masks: HashMap<Arc<str>, ShardMask>,
+    /// This shard's connections, by user.
+    local_users: HashMap<Arc<str>, Vec<ConnId>>,
+    /// This shard's connections that receive each room.
+    local_rooms: HashMap<Arc<str>, Vec<ConnId>>,
+    /// Records of the users whose home is this shard.
+    homes: HashMap<Arc<str>, HomeRecord>,
+    pending: HashMap<u64, Pending>,
+    next_seq: u64,
+    effects: Vec<(usize, ShardMsg)>,
+    completed: Vec<Acknowledged>,
+}
+
+impl Router {
+    pub fn new(shard: usize, shards: usize) -> Self {
+        Router {
+            shard,
+            shards,
+            users: HashMap::new(),
+            room_masks: HashMap::new(),
+            local_users: HashMap::new(),
+            local_rooms: HashMap::new(),
+            homes: HashMap::new(),
+            pending: HashMap::new(),
+            next_seq: 0,
+            effects: Vec::new(),
+            completed: Vec::new(),
+        }
+    }
+
+    /// The shard that owns `user`'s record.
+    pub fn home_of(&self, user: &str) -> usize {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        user.hash(&mut h);
+        (h.finish() % self.shards as u64) as usize
+    }
+
+    /// Messages to send: `(destination shard, message)`. Those for this shard itself must
+    /// be fed back through `handle`.
+    pub fn take_effects(&mut self) -> Vec<(usize, ShardMsg)> {
+        std::mem::take(&mut self.effects)
+    }
+
+    /// Membership changes now in effect everywhere, to acknowledge to their connections.
+    pub fn take_completed(&mut self) -> Vec<Acknowledged> {
+        std::mem::take(&mut self.completed)
+    }
+
+    fn send(&mut self, shard: usize, msg: ShardMsg) {
+        self.effects.push((shard, msg));
+    }
+
+    fn broadcast(&mut self, msg: ShardMsg) {
+        for shard in 0..self.shards {
+            self.effects.push((shard, msg.clone()));
+        }
+    }
+
+    // ---- queries on the hot path ----
+
+    /// Shards holding connections of `user` (0 when offline, as far as this shard knows).
+    pub fn user_shards(&self, user: &str) -> ShardMask {
+        self.users.get(user).map_or(0, |r| r.mask)
+    }
+
+    /// Shards holding connections of members of `room`.
+    pub fn room_shards(&self, room: &str) -> ShardMask {
+        self.room_masks.get(room).copied().unwrap_or(0)
+    }
+
+    pub fn is_member(&self, user: &str, room: &str) -> bool {
+        self.users
+            .get(user)
+            .is_some_and(|r| r.rooms.iter().any(|x| &**x == room))
+    }
+
+    /// This shard's connections of `user`.
+    pub fn local_connections(&self, user: &str) -> &[ConnId] {
+        self.local_users.get(user).map_or(&[], Vec::as_slice)
+    }
+
+    /// This shard's connections that receive `room`.
+    pub fn local_room_connections(&self, room: &str) -> &[ConnId] {
+        self.local_rooms.get(room).map_or(&[], Vec::as_slice)
+    }
+
+    pub fn local_user_count(&self) -> usize {
+        self.local_users.len()
+    }
+
+    /// The interned id for `user`, shared with the directory's maps when known.
+    pub fn intern(&self, user: &str) -> Arc<str> {
+        match self.users.get_key_value(user) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(user),
+        }
+    }
+
+    // ---- local events ----
+
+    /// A connection of `user` was upgraded on this shard.
+    pub fn connect(&mut self, user: &Arc<str>, conn: ConnId) {
+        let first = match self.local_users.entry(user.clone()) {
+            Entry::Occupied(mut e) => {
+                e.get_mut().push(conn);
+                false
+            }
+            Entry::Vacant(e) => {
+                e.insert(vec![conn]);
+                true
+            }
+        };
+        // Rooms the user is already in (joined from another device) include this connection.
+        let rooms = self.users.get(&**user).map(|r| r.rooms.clone());
+        for room in rooms.iter().flat_map(|r| r.iter()) {
+            self.add_local_room_member(room, conn);
+        }
+        if first {
+            self.send(
+                self.home_of(user),
+                ShardMsg::Attach {
+                    user: user.clone(),
+                    shard: self.shard,
+                },
+            );
+        }
+    }
+
+    /// A connection of `user` on this shard closed.
+    pub fn disconnect(&mut self, user: &str, conn: ConnId) {
+        let Some(conns) = self.local_users.get_mut(user) else {
+            return;
+        };
+        conns.retain(|c| *c != conn);
+        let last = conns.is_empty();
+        let rooms = self.users.get(user).map(|r| r.rooms.clone());
+        for room in rooms.iter().flat_map(|r| r.iter()) {
+            self.remove_local_room_member(room, conn);
+        }
+        if last {
+            if let Some((user, _)) = self.local_users.remove_entry(user) {
+                self.send(
+                    self.home_of(&user),
+                    ShardMsg::Detach {
+                        user,
+                        shard: self.shard,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Connection `conn` of `user` asks to join or leave `room`; `Acknowledged` comes out of
+    /// `take_completed` once the change is in effect on every shard.
+    pub fn change_membership(&mut self, user: &Arc<str>, conn: ConnId, room: Arc<str>, join: bool) {
+        self.next_seq += 1;
+        let ticket = Ticket {
+            shard: self.shard,
+            seq: self.next_seq,
+        };
+        self.pending.insert(
+            ticket.seq,
+            Pending {
+                ack: Acknowledged {
+                    conn,
+                    room: room.clone(),
+                    join,
+                },
+                round: 0,
+                waiting: 0,
+            },
+        );
+        self.send(
+            self.home_of(user),
+            ShardMsg::Membership {
+                user: user.clone(),
+                room,
+                join,
+                ticket,
+            },
+        );
+    }
+
+    // ---- messages from shards (including this one) ----
+
+    /// Applies a control message. Delivery messages (`Direct`, `Room`) are the shard
+    /// layer's and are ignored here.
+    pub fn handle(&mut self, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Attach { user, shard } => {
+                let rec = self.homes.entry(user.clone()).or_default();
+                rec.mask |= 1 << shard;
+                self.publish_user(user);
+            }
+            ShardMsg::Detach { user, shard } => {
+                if let Some(rec) = self.homes.get_mut(&user) {
+                    rec.mask &= !(1 << shard);
+                    if rec.mask == 0 {
+                        // Membership lasts until the user's last connection closes.
+                        rec.rooms.clear();
+                    }
+                    self.publish_user(user);
+                }
+            }
+            ShardMsg::Membership {
+                user,
+                room,
+                join,
+                ticket,
+            } => {
+                // A user with no connection left has no record: nothing to change.
+                if let Some(rec) = self.homes.get_mut(&user) {
+                    let present = rec.rooms.iter().position(|r| *r == room);
+                    match (join, present) {
+                        (true, None) => rec.rooms.push(room),
+                        (false, Some(i)) => {
+                            rec.rooms.swap_remove(i);
+                        }
+                        _ => {}
+                    }
+                    self.publish_user(user);
+                }
+                self.send(ticket.shard, ShardMsg::Done { ticket });
+            }
+            ShardMsg::UserState { user, mask, rooms } => self.apply_user_state(user, mask, rooms),
+            ShardMsg::RoomShard {
+                room,
+                shard,
+                present,
+            } => {
+                let mask = self.room_masks.entry(room).or_insert(0);
+                if present {
+                    *mask |= 1 << shard;
+                } else {
+                    *mask &= !(1 << shard);
+                }
+                if *mask == 0 {
+                    self.room_masks.retain(|_, m| *m != 0);
+                }
+            }
+            ShardMsg::Done { ticket } => self.barrier_round(ticket, 1),
+            ShardMsg::Barrier { ticket, round } => {
+                self.send(ticket.shard, ShardMsg::BarrierAck { ticket, round })
+            }
+            ShardMsg::BarrierAck { ticket, round } => {
+                let Some(p) = self.pending.get_mut(&ticket.seq) else {
+                    return;
+                };
+                if p.round != round {
+                    return;
+                }
+                p.waiting -= 1;
+                if p.waiting == 0 {
+                    if round == 1 {
+                        self.barrier_round(ticket, 2);
+                    } else if let Some(p) = self.pending.remove(&ticket.seq) {
+                        self.completed.push(p.ack);
+                    }
+                }
+            }
+            ShardMsg::Direct { .. } | ShardMsg::Room { .. } => {}
+        }
+    }
+
+    fn barrier_round(&mut self, ticket: Ticket, round: u8) {
+        let others: Vec<usize> = (0..self.shards).filter(|&s| s != self.shard).collect();
+        let Some(p) = self.pending.get_mut(&ticket.seq) else {
+            return;
+        };
+        if others.is_empty() {
+            if let Some(p) = self.pending.remove(&ticket.seq) {
+                self.completed.push(p.ack);
+            }
+            return;
+        }
+        p.round = round;
+        p.waiting = others.len();
+        for s in others {
+            self.send(s, ShardMsg::Barrier { ticket, round });
+        }
+    }
+
+    /// At a home: broadcasts the user's record (an empty mask removes it everywhere).
+    fn publish_user(&mut self, user: Arc<str>) {
+        let Some(rec) = self.homes.get(&user) else {
+            return;
+        };
+        let msg = ShardMsg::UserState {
+            user: user.clone(),
+            mask: rec.mask,
+            rooms: rec.rooms.iter().cloned().collect(),
+        };
+        if rec.mask == 0 {
+            self.homes.remove(&user);
+        }
+        self.broadcast(msg);
+    }
+
+    fn apply_user_state(&mut self, user: Arc<str>, mask: ShardMask, rooms: Arc<[Arc<str>]>) {
+        let old: HashSet<Arc<str>> = self
+            .users
+            .get(&user)
+            .map(|r| r.rooms.iter().cloned().collect())
+            .unwrap_or_default();
+        let new: HashSet<Arc<str>> = rooms.iter().cloned().collect();
+        let conns = self.local_users.get(&user).cloned().unwrap_or_default();
+        for room in new.difference(&old) {
+            for &c in &conns {
+                self.add_local_room_member(room, c);
+            }
+        }
+        for room in old.difference(&new) {
+            for &c in &conns {
+                self.remove_local_room_member(room, c);
+            }
+        }
+        if mask == 0 {
+            self.users.remove(&user);
+        } else {
+            self.users.insert(user, Replica { mask, rooms });
+        }
+    }
+
+    fn add_local_room_member(&mut self, room: &Arc<str>, conn: ConnId) {
+        let conns = self.local_rooms.entry(room.clone()).or_default();
+        if conns.contains(&conn) {
+            return;
+        }
+        conns.push(conn);
+        if conns.len() == 1 {
+            self.broadcast(ShardMsg::RoomShard {
+                room: room.clone(),
+                shard: self.shard,
+                present: true,
+            });
+        }
+    }
+
+    fn remove_local_room_member(&mut self, room: &str, conn: ConnId) {
+        let Some(conns) = self.local_rooms.get_mut(room) else {
+            return;
+        };
+        conns.retain(|c| *c != conn);
+        if conns.is_empty() {
+            if let Some((room, _)) = self.local_rooms.remove_entry(room) {
+                self.broadcast(ShardMsg::RoomShard {
+                    room,
+                    shard: self.shard,
+                    present: false,
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Several routers exchanging their effects in FIFO order, as the inboxes do.
+    struct Cluster {
+        routers: Vec<Router>,
+        queues: Vec<std::collections::VecDeque<ShardMsg>>,
+    }
+
+    impl Cluster {
+        fn new(n: usize) -> Self {
+            Cluster {
+                routers: (0..n).map(|i| Router::new(i, n)).collect(),
+                queues: (0..n).map(|_| Default::default()).collect(),
+            }
+        }
+
+        fn collect(&mut self, shard: usize) {
+            for (dest, msg) in self.routers[shard].take_effects() {
+                self.queues[dest].push_back(msg);
+            }
+        }
+
+        /// Delivers messages, one shard at a time in `order`, until all queues are empty.
+        fn settle(&mut self, order: &[usize]) {
+            for s in 0..self.routers.len() {
+                self.collect(s);
+            }
+            while self.queues.iter().any(|q| !q.is_empty()) {
+                for &s in order {
+                    if let Some(msg) = self.queues[s].pop_front() {
+                        self.routers[s].handle(msg);
+                        self.collect(s);
+                    }
+                }
+            }
+        }
+
+        fn user(name: &str) -> Arc<str> {
+            Arc::from(name)
+        }
+    }
+
+    #[test]
+    fn users_are_visible_from_every_shard_and_vanish_with_their_last_connection() {
+        let mut c = Cluster::new(3);
+        let alice = Cluster::user("alice");
+        c.routers[0].connect(&alice, 1);
+        c.routers[2].connect(&alice, 7);
+        c.settle(&[0, 1, 2]);
+        for r in &c.routers {
+            assert_eq!(r.user_shards("alice"), 0b101);
+        }
+        assert_eq!(c.routers[2].local_connections("alice"), &[7]);
+        c.routers[0].disconnect("alice", 1);
+        c.settle(&[2, 1, 0]);
+        for r in &c.routers {
+            assert_eq!(r.user_shards("alice"), 0b100);
+        }
+        c.routers[2].disconnect("alice", 7);
+        c.settle(&[1, 0, 2]);
+        for r in &c.routers {
+            assert_eq!(r.user_shards("alice"), 0);
+            assert!(r.homes.is_empty() && r.users.is_empty());
+        }
+    }
+
+    #[test]
+    fn membership_reaches_every_device_and_is_acknowledged_when_in_effect() {
+        let mut c = Cluster::new(3);
+        let (alice, bob) = (Cluster::user("alice"), Cluster::user("bob"));
+        c.routers[0].connect(&alice, 1);
+        c.routers[1].connect(&alice, 2); // a second device
+        c.routers[2].connect(&bob, 3);
+        c.settle(&[0, 1, 2]);
+        c.routers[0].change_membership(&alice, 1, Arc::from("general"), true);
+        c.settle(&[2, 0, 1]);
+        assert_eq!(
+            c.routers[0].take_completed(),
+            vec![Acknowledged {
+                conn: 1,
+                room: Arc::from("general"),
+                join: true
+            }]
+        );
+        // Every shard knows both of alice's shards receive the room, and that she is a member.
+        for r in &c.routers {
+            assert_eq!(r.room_shards("general"), 0b011);
+            assert!(r.is_member("alice", "general"));
+            assert!(!r.is_member("bob", "general"));
+        }
+        assert_eq!(c.routers[1].local_room_connections("general"), &[2]);
+        // A device that connects later receives the room too.
+        c.routers[2].connect(&alice, 9);
+        c.settle(&[0, 1, 2]);
+        assert_eq!(c.routers[2].local_room_connections("general"), &[9]);
+        assert_eq!(c.routers[0].room_shards("general"), 0b111);
+        // Leaving removes every device; closing the last connection ends membership too.
+        c.routers[1].change_membership(&alice, 2, Arc::from("general"), false);
+        c.settle(&[1, 2, 0]);
+        assert_eq!(c.routers[1].take_completed().len(), 1);
+        for r in &c.routers {
+            assert_eq!(r.room_shards("general"), 0);
+            assert!(!r.is_member("alice", "general"));
+        }
+    }
+
+    #[test]
+    fn closing_the_last_connection_ends_membership() {
+        let mut c = Cluster::new(2);
+        let alice = Cluster::user("alice");
+        c.routers[1].connect(&alice, 1);
+        c.settle(&[0, 1]);
+        c.routers[1].change_membership(&alice, 1, Arc::from("r"), true);
+        c.settle(&[0, 1]);
+        c.routers[1].disconnect("alice", 1);
+        c.settle(&[1, 0]);
+        c.routers[0].connect(&alice, 5);
+        c.settle(&[0, 1]);
+        assert!(!c.routers[0].is_member("alice", "r"));
+        assert_eq!(c.routers[0].room_shards("r"), 0);
+    }
+
+    #[test]
+    fn a_single_shard_acknowledges_at_once() {
+        let mut c = Cluster::new(1);
+        let alice = Cluster::user("alice");
+        c.routers[0].connect(&alice, 1);
+        c.routers[0].change_membership(&alice, 1, Arc::from("r"), true);
+        c.settle(&[0]);
+        assert_eq!(c.routers[0].take_completed().len(), 1);
+        assert_eq!(c.routers[0].local_room_connections("r"), &[1]);
+    }
+}

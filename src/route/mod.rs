@@ -1,0 +1,93 @@
+//! Routing between shards: the messages shards send each other, the inboxes they arrive
+//! in, and the directory each shard keeps of who is where.
+//!
+//! - `inbox`: one crossbeam channel per shard plus a doorbell that wakes it.
+//! - `directory`: the sans-IO router: replicas of user and room placement, the home-shard
+//!   protocol that keeps them consistent, and barriers for acknowledged membership changes.
+
+pub mod directory;
+pub mod inbox;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+
+/// Shards in one process, as bits of a `u64`.
+pub type ShardMask = u64;
+/// The most shards one process may run (one bit each in a `ShardMask`).
+pub const MAX_SHARDS: usize = 64;
+/// A connection, unique within its shard for the life of the process.
+pub type ConnId = u64;
+
+/// What one shard sends another.
+#[derive(Debug, Clone)]
+pub enum ShardMsg {
+    /// Deliver `frame` (an encoded WebSocket frame) to every local connection of `to`.
+    Direct {
+        to: Arc<str>,
+        frame: Bytes,
+        ingress: Instant,
+    },
+    /// Deliver `frame` to every local connection of every member of `room`, except the
+    /// sending connection `(shard, conn)`.
+    Room {
+        room: Arc<str>,
+        frame: Bytes,
+        ingress: Instant,
+        except: (usize, ConnId),
+    },
+    /// To a user's home: shard `shard` now holds connections of `user` (or no longer does).
+    Attach {
+        user: Arc<str>,
+        shard: usize,
+    },
+    Detach {
+        user: Arc<str>,
+        shard: usize,
+    },
+    /// To a user's home: add or remove a room; answer `Done` to `ticket.shard`.
+    Membership {
+        user: Arc<str>,
+        room: Arc<str>,
+        join: bool,
+        ticket: Ticket,
+    },
+    /// From a user's home to every shard: where the user is connected and its rooms.
+    UserState {
+        user: Arc<str>,
+        mask: ShardMask,
+        rooms: Arc<[Arc<str>]>,
+    },
+    /// From shard `shard` to every shard: whether it holds connections of members of `room`.
+    RoomShard {
+        room: Arc<str>,
+        shard: usize,
+        present: bool,
+    },
+    /// From a home: the membership change of `ticket` is recorded and broadcast.
+    Done {
+        ticket: Ticket,
+    },
+    /// Barrier round `round` of `ticket`: answer `BarrierAck` to `ticket.shard`.
+    Barrier {
+        ticket: Ticket,
+        round: u8,
+    },
+    BarrierAck {
+        ticket: Ticket,
+        round: u8,
+    },
+}
+
+/// Names one pending operation of one connection, so its answer finds its way back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Ticket {
+    pub shard: usize,
+    pub seq: u64,
+}
+
+/// The shards set in `mask`.
+pub fn shards_in(mask: ShardMask) -> impl Iterator<Item = usize> {
+    (0..MAX_SHARDS).filter(move |i| mask & (1 << i) != 0)
+}
