@@ -13,7 +13,7 @@ mkdir -p "$out"
 cargo build --release --quiet -p shardgate -p shardgate-bench
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-target/release/shardgate serve --listen "127.0.0.1:$port" --shards 1 >"$out/server.log" 2>&1 &
+target/release/shardgate serve --listen "127.0.0.1:$port" --shards 1 --data-dir "$out" >"$out/server.log" 2>&1 &
 server=$!
 trap 'kill -TERM $server 2>/dev/null || true; wait $server 2>/dev/null || true' EXIT
 scripts/wait-listening.sh "$out/server.log" "$server"

@@ -21,10 +21,29 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once at start: the size of the `serve` variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the gateway.
     Serve(ServeArgs),
+    /// Mint a token for a user, with the secret `serve` uses.
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// The user id (1-64 of A-Z a-z 0-9 _ . @ -).
+    pub user: String,
+    /// How long the token is valid.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+    /// File holding the HMAC secret (else SHARDGATE_AUTH_SECRET, else the data directory's).
+    #[arg(long, value_name = "FILE")]
+    pub auth_secret_file: Option<PathBuf>,
+    /// Where `serve` keeps its generated secret [default: ~/.local/share/shardgate].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
 }
 
 /// The `serve` flags; the same keys may come from the TOML file given with `--config`.
@@ -82,6 +101,44 @@ pub struct ServeArgs {
     #[arg(long, value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde")]
     pub spin_before_park: Option<Duration>,
+    /// File holding the HMAC secret for tokens [default: SHARDGATE_AUTH_SECRET, else a secret created in the data directory].
+    #[arg(long, value_name = "FILE")]
+    pub auth_secret_file: Option<PathBuf>,
+    /// Where a generated secret is kept [default: ~/.local/share/shardgate].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// DEMOS AND BENCHMARKS ONLY: accept `?user=<id>` on /ws without a token.
+    #[arg(long, num_args = 0, default_missing_value = "true")]
+    pub insecure_dev_auth: Option<bool>,
+    /// An Origin allowed to open /ws from a browser (repeatable) [default: any].
+    #[arg(long = "allowed-origin", value_name = "ORIGIN")]
+    pub allowed_origins: Option<Vec<String>>,
+    /// Bytes a chat connection may have queued for sending; past it, it is closed with 1008 [default: 1048576].
+    #[arg(long)]
+    pub max_outbound_bytes: Option<usize>,
+    /// Largest chat frame in bytes; larger gets a `too_large` error [default: 65536].
+    #[arg(long)]
+    pub max_chat_message: Option<usize>,
+    /// Chat messages per second per connection, 0 for no limit [default: 100].
+    #[arg(long)]
+    pub rate_limit: Option<f64>,
+    /// Burst allowed above --rate-limit [default: 200].
+    #[arg(long)]
+    pub rate_burst: Option<u32>,
+    /// How often the latency report line is printed [default: 10s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub report_interval: Option<Duration>,
+    /// The end-to-end latency objective the report measures against [default: 200ms].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub slo: Option<Duration>,
+    /// Also write the whole run's latency distribution to this file at shutdown.
+    #[arg(long, value_name = "FILE")]
+    pub histogram_out: Option<PathBuf>,
+    /// Each shard also listens on a port of its own (printed at start), to reach a chosen shard.
+    #[arg(long, num_args = 0, default_missing_value = "true")]
+    pub shard_ports: Option<bool>,
 }
 
 impl ServeArgs {
@@ -103,6 +160,18 @@ impl ServeArgs {
             subprotocols: self.subprotocols.or(file.subprotocols),
             io_memory: self.io_memory.or(file.io_memory),
             spin_before_park: self.spin_before_park.or(file.spin_before_park),
+            auth_secret_file: self.auth_secret_file.or(file.auth_secret_file),
+            data_dir: self.data_dir.or(file.data_dir),
+            insecure_dev_auth: self.insecure_dev_auth.or(file.insecure_dev_auth),
+            allowed_origins: self.allowed_origins.or(file.allowed_origins),
+            max_outbound_bytes: self.max_outbound_bytes.or(file.max_outbound_bytes),
+            max_chat_message: self.max_chat_message.or(file.max_chat_message),
+            rate_limit: self.rate_limit.or(file.rate_limit),
+            rate_burst: self.rate_burst.or(file.rate_burst),
+            report_interval: self.report_interval.or(file.report_interval),
+            slo: self.slo.or(file.slo),
+            histogram_out: self.histogram_out.or(file.histogram_out),
+            shard_ports: self.shard_ports.or(file.shard_ports),
         }
     }
 }
@@ -125,6 +194,18 @@ pub struct Config {
     pub subprotocols: Vec<String>,
     pub io_memory: usize,
     pub spin_before_park: Option<Duration>,
+    pub auth_secret_file: Option<PathBuf>,
+    pub data_dir: PathBuf,
+    pub insecure_dev_auth: bool,
+    pub allowed_origins: Vec<String>,
+    pub max_outbound_bytes: usize,
+    pub max_chat_message: usize,
+    pub rate_limit: f64,
+    pub rate_burst: u32,
+    pub report_interval: Duration,
+    pub slo: Duration,
+    pub histogram_out: Option<PathBuf>,
+    pub shard_ports: bool,
 }
 
 impl Default for Config {
@@ -144,6 +225,18 @@ impl Default for Config {
             subprotocols: Vec::new(),
             io_memory: 1 << 20,
             spin_before_park: None,
+            auth_secret_file: None,
+            data_dir: crate::chat::auth::default_data_dir(),
+            insecure_dev_auth: false,
+            allowed_origins: Vec::new(),
+            max_outbound_bytes: 1 << 20,
+            max_chat_message: 64 << 10,
+            rate_limit: 100.0,
+            rate_burst: 200,
+            report_interval: Duration::from_secs(10),
+            slo: Duration::from_millis(200),
+            histogram_out: None,
+            shard_ports: false,
         }
     }
 }
@@ -153,10 +246,8 @@ impl Config {
     pub fn from_args(args: ServeArgs) -> Result<Config, String> {
         let file = match &args.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-                toml::from_str::<ServeArgs>(&text)
-                    .map_err(|e| format!("{}: {e}", path.display()))?
+                let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                toml::from_str::<ServeArgs>(&text).map_err(|e| format!("{}: {e}", path.display()))?
             }
             None => ServeArgs::default(),
         };
@@ -177,13 +268,36 @@ impl Config {
             subprotocols: a.subprotocols.unwrap_or_default(),
             io_memory: a.io_memory.unwrap_or(d.io_memory),
             spin_before_park: a.spin_before_park,
+            auth_secret_file: a.auth_secret_file,
+            data_dir: a.data_dir.unwrap_or(d.data_dir),
+            insecure_dev_auth: a.insecure_dev_auth.unwrap_or(false),
+            allowed_origins: a.allowed_origins.unwrap_or_default(),
+            max_outbound_bytes: a.max_outbound_bytes.unwrap_or(d.max_outbound_bytes),
+            max_chat_message: a.max_chat_message.unwrap_or(d.max_chat_message),
+            rate_limit: a.rate_limit.unwrap_or(d.rate_limit),
+            rate_burst: a.rate_burst.unwrap_or(d.rate_burst),
+            report_interval: a.report_interval.unwrap_or(d.report_interval),
+            slo: a.slo.unwrap_or(d.slo),
+            histogram_out: a.histogram_out,
+            shard_ports: a.shard_ports.unwrap_or(false),
         };
         config.validate()?;
         Ok(config)
     }
 
     fn validate(&self) -> Result<(), String> {
+        if self.shards > crate::route::MAX_SHARDS {
+            return Err(format!(
+                "at most {} shards per process (run more processes for more cores)",
+                crate::route::MAX_SHARDS
+            ));
+        }
+        if !(self.rate_limit >= 0.0 && self.rate_limit.is_finite()) {
+            return Err("rate-limit must be a number of messages per second, 0 for none".into());
+        }
         let positive = [
+            ("max-outbound-bytes", self.max_outbound_bytes),
+            ("max-chat-message", self.max_chat_message),
             ("shards", self.shards),
             ("max-message-size", self.max_message_size),
             ("max-request-head", self.max_request_head),
@@ -198,6 +312,8 @@ impl Config {
             ("handshake-timeout", self.handshake_timeout),
             ("ping-interval", self.ping_interval),
             ("pong-timeout", self.pong_timeout),
+            ("report-interval", self.report_interval),
+            ("slo", self.slo),
         ] {
             if d.is_zero() {
                 return Err(format!("{name} must be longer than zero"));
@@ -216,7 +332,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("shardgate-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("gateway.toml");
-        std::fs::write(&path, "listen = \"0.0.0.0:9000\"\nshards = 3\nping-interval = \"45s\"\nsubprotocols = [\"chat\"]\n").unwrap();
+        std::fs::write(
+            &path,
+            "listen = \"0.0.0.0:9000\"\nshards = 3\nping-interval = \"45s\"\nsubprotocols = [\"chat\"]\n",
+        )
+        .unwrap();
         let cli = Cli::parse_from([
             "shardgate",
             "serve",
@@ -226,7 +346,9 @@ mod tests {
             "2",
             "--no-echo",
         ]);
-        let Command::Serve(args) = cli.command;
+        let Command::Serve(args) = cli.command else {
+            panic!("serve")
+        };
         let c = Config::from_args(args).unwrap();
         assert_eq!(c.listen, "0.0.0.0:9000".parse().unwrap());
         assert_eq!(c.shards, 2);

@@ -6,6 +6,7 @@
 
 pub mod chat;
 pub mod config;
+pub mod metrics;
 pub mod route;
 pub mod shard;
 pub mod ws;

@@ -1,10 +1,17 @@
 use clap::Parser;
+use shardgate::chat::auth::{default_data_dir, Authenticator};
 use shardgate::config::{Cli, Command, Config};
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => Config::from_args(args).and_then(shardgate::shard::run),
+        Command::Token(args) => {
+            let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
+            Authenticator::load(args.auth_secret_file.as_deref(), &data_dir)
+                .and_then(|auth| auth.mint(&args.user, args.ttl))
+                .map(|token| println!("{token}"))
+        }
     };
     if let Err(message) = result {
         eprintln!("shardgate: {message}");

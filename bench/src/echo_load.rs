@@ -158,13 +158,7 @@ async fn run_thread(args: Args, connections: usize) -> (Histogram<u64>, Stats) {
     if args.idle {
         println!("echo-load: {} connections up", streams.len());
         glommio::timer::sleep(args.duration).await;
-        return (
-            new_histogram(),
-            Stats {
-                messages: 0,
-                failed,
-            },
-        );
+        return (new_histogram(), Stats { messages: 0, failed });
     }
     let measure_from = Instant::now() + args.warmup;
     let deadline = measure_from + args.duration;
@@ -238,11 +232,7 @@ async fn drive(
     // time on system calls, not on encoding.
     let payload: Vec<u8> = (0..args.size).map(|i| b'a' + (i % 26) as u8).collect();
     let mask = (seed.wrapping_mul(2_654_435_761) | 1).to_be_bytes();
-    let opcode = if args.text {
-        OpCode::Text
-    } else {
-        OpCode::Binary
-    };
+    let opcode = if args.text { OpCode::Text } else { OpCode::Binary };
     let mut frame = Vec::new();
     write_frame(&mut frame, true, opcode, &payload, Some(mask));
 

@@ -18,10 +18,7 @@ const SECRET_FILE_NAME: &str = "auth-secret";
 
 /// A user id: 1–64 characters of `[A-Za-z0-9_.@-]` (so it never needs escaping in JSON).
 pub fn is_valid_user_id(id: &str) -> bool {
-    (1..=64).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_.@-".contains(&b))
+    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.@-".contains(&b))
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -69,26 +66,16 @@ impl Authenticator {
     }
 
     /// `load`, with the value of `SHARDGATE_AUTH_SECRET` given.
-    fn load_with(
-        secret_file: Option<&Path>,
-        env_secret: Option<String>,
-        data_dir: &Path,
-    ) -> Result<Self, String> {
+    fn load_with(secret_file: Option<&Path>, env_secret: Option<String>, data_dir: &Path) -> Result<Self, String> {
         if let Some(path) = secret_file {
             let secret = read_secret(path)?;
-            return Ok(Self::from_secret(
-                &secret,
-                SecretSource::File(path.to_path_buf()),
-            ));
+            return Ok(Self::from_secret(&secret, SecretSource::File(path.to_path_buf())));
         }
         if let Some(secret) = env_secret {
             if secret.trim().is_empty() {
                 return Err(format!("{SECRET_ENV} is set but empty"));
             }
-            return Ok(Self::from_secret(
-                secret.trim().as_bytes(),
-                SecretSource::Env,
-            ));
+            return Ok(Self::from_secret(secret.trim().as_bytes(), SecretSource::Env));
         }
         let path = data_dir.join(SECRET_FILE_NAME);
         let created = !path.exists();
@@ -96,16 +83,13 @@ impl Authenticator {
             create_secret(&path)?;
         }
         let secret = read_secret(&path)?;
-        Ok(Self::from_secret(
-            &secret,
-            SecretSource::DataDir { path, created },
-        ))
+        Ok(Self::from_secret(&secret, SecretSource::DataDir { path, created }))
     }
 
     /// The user a token names, if it is well formed, correctly signed and not expired.
     pub fn verify(&self, token: &str) -> Result<String, String> {
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
-            .map_err(|e| e.to_string())?;
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| e.to_string())?;
         if !is_valid_user_id(&data.claims.sub) {
             return Err("sub is not a valid user id".into());
         }
@@ -115,25 +99,19 @@ impl Authenticator {
     /// A token for `user` that expires after `ttl`.
     pub fn mint(&self, user: &str, ttl: Duration) -> Result<String, String> {
         if !is_valid_user_id(user) {
-            return Err(format!(
-                "{user:?} is not a valid user id (1-64 of A-Z a-z 0-9 _ . @ -)"
-            ));
+            return Err(format!("{user:?} is not a valid user id (1-64 of A-Z a-z 0-9 _ . @ -)"));
         }
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         let claims = Claims {
             sub: user.to_string(),
             exp: (now + ttl).as_secs(),
         };
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
-            .map_err(|e| e.to_string())
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding).map_err(|e| e.to_string())
     }
 }
 
 fn read_secret(path: &Path) -> Result<Vec<u8>, String> {
-    let text = std::fs::read(path)
-        .map_err(|e| format!("cannot read the auth secret {}: {e}", path.display()))?;
+    let text = std::fs::read(path).map_err(|e| format!("cannot read the auth secret {}: {e}", path.display()))?;
     let secret = text.trim_ascii().to_vec();
     if secret.is_empty() {
         return Err(format!("the auth secret {} is empty", path.display()));
@@ -144,12 +122,10 @@ fn read_secret(path: &Path) -> Result<Vec<u8>, String> {
 /// Writes 32 random bytes (hex) to `path`, readable by the owner only.
 fn create_secret(path: &Path) -> Result<(), String> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create the data directory {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create the data directory {}: {e}", dir.display()))?;
     }
     let mut bytes = [0u8; 32];
-    getrandom::getrandom(&mut bytes)
-        .map_err(|e| format!("no randomness for the auth secret: {e}"))?;
+    getrandom::getrandom(&mut bytes).map_err(|e| format!("no randomness for the auth secret: {e}"))?;
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     let mut file = OpenOptions::new()
         .write(true)
@@ -238,10 +214,7 @@ mod tests {
                 created: true
             }
         );
-        assert_eq!(
-            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         let token = first.mint("u", Duration::from_secs(60)).unwrap();
         let second = Authenticator::load_with(None, None, &dir).unwrap();
         let env = Authenticator::load_with(None, Some("from-env".into()), &dir).unwrap();
@@ -254,12 +227,8 @@ mod tests {
             }
         );
         assert_eq!(second.verify(&token).unwrap(), "u");
-        let from_file = Authenticator::load_with(
-            Some(&path),
-            Some("ignored".into()),
-            Path::new("/nonexistent"),
-        )
-        .unwrap();
+        let from_file =
+            Authenticator::load_with(Some(&path), Some("ignored".into()), Path::new("/nonexistent")).unwrap();
         assert_eq!(from_file.verify(&token).unwrap(), "u");
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -58,6 +58,11 @@ impl AppError {
         }
     }
 
+    pub fn with_id_str(mut self, id: Option<&str>) -> Self {
+        self.id = id.map(str::to_string);
+        self
+    }
+
     fn with_id(mut self, id: &Option<Cow<'_, str>>) -> Self {
         self.id = id.as_ref().map(|s| s.to_string());
         self
@@ -80,12 +85,8 @@ struct Envelope<'a> {
 
 /// Parses one client text frame.
 pub fn parse(frame: &[u8]) -> Result<ClientMessage<'_>, AppError> {
-    let env: Envelope<'_> = serde_json::from_slice(frame).map_err(|e| {
-        AppError::new(
-            "bad_json",
-            format!("not a JSON object of the chat protocol: {e}"),
-        )
-    })?;
+    let env: Envelope<'_> = serde_json::from_slice(frame)
+        .map_err(|e| AppError::new("bad_json", format!("not a JSON object of the chat protocol: {e}")))?;
     if let Some(id) = &env.id {
         if id.is_empty() || id.len() > MAX_ID_LEN {
             return Err(AppError::new("bad_field", "id must be 1-128 characters"));
@@ -98,21 +99,14 @@ pub fn parse(frame: &[u8]) -> Result<ClientMessage<'_>, AppError> {
     let room = |env: &Envelope<'_>| -> Result<(), AppError> {
         match env.room.as_deref() {
             Some(r) if is_valid_room(r) => Ok(()),
-            _ => Err(
-                AppError::new("bad_field", "room must be 1-64 of A-Z a-z 0-9 _ . @ -")
-                    .with_id(&env.id),
-            ),
+            _ => Err(AppError::new("bad_field", "room must be 1-64 of A-Z a-z 0-9 _ . @ -").with_id(&env.id)),
         }
     };
     match kind {
         "send" => {
             let body = body_of(&env)?;
             match env.to {
-                Some(to) if is_valid_user_id(&to) => Ok(ClientMessage::Send {
-                    to,
-                    id: env.id,
-                    body,
-                }),
+                Some(to) if is_valid_user_id(&to) => Ok(ClientMessage::Send { to, id: env.id, body }),
                 _ => Err(AppError::new("bad_field", "to must be a user id").with_id(&env.id)),
             }
         }
@@ -134,11 +128,7 @@ pub fn parse(frame: &[u8]) -> Result<ClientMessage<'_>, AppError> {
                 body,
             })
         }
-        other => Err(AppError::new(
-            "unknown_type",
-            format!("unknown type {:?}", truncate(other, 32)),
-        )
-        .with_id(&env.id)),
+        other => Err(AppError::new("unknown_type", format!("unknown type {:?}", truncate(other, 32))).with_id(&env.id)),
     }
 }
 
@@ -161,14 +151,7 @@ fn write_json_str(out: &mut Vec<u8>, s: &str) {
 }
 
 /// `{"type":"message","from":…,"to":…,"id":…,"ts":…,"body":…}`
-pub fn write_message(
-    out: &mut Vec<u8>,
-    from: &str,
-    to: &str,
-    id: Option<&str>,
-    ts_ms: u64,
-    body: &RawValue,
-) {
+pub fn write_message(out: &mut Vec<u8>, from: &str, to: &str, id: Option<&str>, ts_ms: u64, body: &RawValue) {
     out.extend_from_slice(b"{\"type\":\"message\",\"from\":\"");
     out.extend_from_slice(from.as_bytes());
     out.extend_from_slice(b"\",\"to\":\"");
@@ -178,14 +161,7 @@ pub fn write_message(
 }
 
 /// `{"type":"room_message","room":…,"from":…,"id":…,"ts":…,"body":…}`
-pub fn write_room_message(
-    out: &mut Vec<u8>,
-    room: &str,
-    from: &str,
-    id: Option<&str>,
-    ts_ms: u64,
-    body: &RawValue,
-) {
+pub fn write_room_message(out: &mut Vec<u8>, room: &str, from: &str, id: Option<&str>, ts_ms: u64, body: &RawValue) {
     out.extend_from_slice(b"{\"type\":\"room_message\",\"room\":\"");
     out.extend_from_slice(room.as_bytes());
     out.extend_from_slice(b"\",\"from\":\"");
@@ -220,6 +196,11 @@ pub fn write_membership(out: &mut Vec<u8>, joined: bool, room: &str) {
     let _ = write!(out, "{{\"type\":\"{kind}\",\"room\":\"{room}\"}}");
 }
 
+/// `{"type":"ready","user":…}`: the connection's user is reachable from every shard.
+pub fn write_ready(out: &mut Vec<u8>, user: &str) {
+    let _ = write!(out, "{{\"type\":\"ready\",\"user\":\"{user}\"}}");
+}
+
 /// `{"type":"error","code":…,"id":…,"message":…}`
 pub fn write_error(out: &mut Vec<u8>, e: &AppError) {
     let _ = write!(out, "{{\"type\":\"error\",\"code\":\"{}\"", e.code);
@@ -239,17 +220,11 @@ mod tests {
 
     #[test]
     fn parses_every_client_type() {
-        let m =
-            parse(br#"{"type":"send","to":"user-b","id":"c-17","body":{"text":"hi","n":[1,2]}}"#)
-                .unwrap();
+        let m = parse(br#"{"type":"send","to":"user-b","id":"c-17","body":{"text":"hi","n":[1,2]}}"#).unwrap();
         match m {
             ClientMessage::Send { to, id, body } => {
                 assert_eq!((to.as_ref(), id.as_deref()), ("user-b", Some("c-17")));
-                assert_eq!(
-                    body.get(),
-                    r#"{"text":"hi","n":[1,2]}"#,
-                    "body is kept byte for byte"
-                );
+                assert_eq!(body.get(), r#"{"text":"hi","n":[1,2]}"#, "body is kept byte for byte");
             }
             other => panic!("{other:?}"),
         }
@@ -273,10 +248,7 @@ mod tests {
         assert_eq!(code(br#"{"type":"dance","id":"c-1"}"#), "unknown_type");
         assert_eq!(code(br#"{"to":"b","body":1}"#), "bad_field");
         assert_eq!(code(br#"{"type":"send","to":"b"}"#), "bad_field");
-        assert_eq!(
-            code(br#"{"type":"send","to":"bad user","body":1}"#),
-            "bad_field"
-        );
+        assert_eq!(code(br#"{"type":"send","to":"bad user","body":1}"#), "bad_field");
         assert_eq!(code(br#"{"type":"join","room":""}"#), "bad_field");
         assert_eq!(code(br#"{"type":"publish","room":"r"}"#), "bad_field");
         let e = parse(br#"{"type":"dance","id":"c-9"}"#).unwrap_err();
@@ -287,14 +259,7 @@ mod tests {
     fn server_frames_are_valid_json() {
         let body = RawValue::from_string(r#"{"text":"hé \"quoted\""}"#.into()).unwrap();
         let mut out = Vec::new();
-        write_message(
-            &mut out,
-            "a",
-            "b",
-            Some("weird \"id\"\n"),
-            1764259200123,
-            &body,
-        );
+        write_message(&mut out, "a", "b", Some("weird \"id\"\n"), 1764259200123, &body);
         let v: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["type"], "message");
         assert_eq!(v["id"], "weird \"id\"\n");
@@ -309,10 +274,7 @@ mod tests {
         );
         out.clear();
         write_ack(&mut out, Some("c-1"), "offline");
-        assert_eq!(
-            serde_json::from_slice::<Value>(&out).unwrap()["status"],
-            "offline"
-        );
+        assert_eq!(serde_json::from_slice::<Value>(&out).unwrap()["status"], "offline");
         out.clear();
         write_error(
             &mut out,
@@ -325,9 +287,6 @@ mod tests {
         );
         out.clear();
         write_membership(&mut out, true, "general");
-        assert_eq!(
-            serde_json::from_slice::<Value>(&out).unwrap()["type"],
-            "joined"
-        );
+        assert_eq!(serde_json::from_slice::<Value>(&out).unwrap()["type"], "joined");
     }
 }

@@ -21,12 +21,19 @@ use std::sync::Arc;
 
 use super::{ConnId, ShardMask, ShardMsg, Ticket};
 
-/// The membership change a pending ticket will acknowledge.
+/// What a pending ticket will acknowledge to its connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AckEvent {
+    /// The connection's user is reachable from every shard.
+    Ready,
+    Joined(Arc<str>),
+    Left(Arc<str>),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Acknowledged {
     pub conn: ConnId,
-    pub room: Arc<str>,
-    pub join: bool,
+    pub event: AckEvent,
 }
 
 #[derive(Debug)]
@@ -171,15 +178,36 @@ impl Router {
         for room in rooms.iter().flat_map(|r| r.iter()) {
             self.add_local_room_member(room, conn);
         }
+        let home = self.home_of(user);
         if first {
             self.send(
-                self.home_of(user),
+                home,
                 ShardMsg::Attach {
                     user: user.clone(),
                     shard: self.shard,
                 },
             );
         }
+        // `ready` once the home has the attachment and every shard applied it.
+        let ticket = self.new_ticket(conn, AckEvent::Ready);
+        self.send(home, ShardMsg::Sync { ticket });
+    }
+
+    fn new_ticket(&mut self, conn: ConnId, event: AckEvent) -> Ticket {
+        self.next_seq += 1;
+        let ticket = Ticket {
+            shard: self.shard,
+            seq: self.next_seq,
+        };
+        self.pending.insert(
+            ticket.seq,
+            Pending {
+                ack: Acknowledged { conn, event },
+                round: 0,
+                waiting: 0,
+            },
+        );
+        ticket
     }
 
     /// A connection of `user` on this shard closed.
@@ -209,23 +237,12 @@ impl Router {
     /// Connection `conn` of `user` asks to join or leave `room`; `Acknowledged` comes out of
     /// `take_completed` once the change is in effect on every shard.
     pub fn change_membership(&mut self, user: &Arc<str>, conn: ConnId, room: Arc<str>, join: bool) {
-        self.next_seq += 1;
-        let ticket = Ticket {
-            shard: self.shard,
-            seq: self.next_seq,
+        let event = if join {
+            AckEvent::Joined(room.clone())
+        } else {
+            AckEvent::Left(room.clone())
         };
-        self.pending.insert(
-            ticket.seq,
-            Pending {
-                ack: Acknowledged {
-                    conn,
-                    room: room.clone(),
-                    join,
-                },
-                round: 0,
-                waiting: 0,
-            },
-        );
+        let ticket = self.new_ticket(conn, event);
         self.send(
             self.home_of(user),
             ShardMsg::Membership {
@@ -278,12 +295,9 @@ impl Router {
                 }
                 self.send(ticket.shard, ShardMsg::Done { ticket });
             }
+            ShardMsg::Sync { ticket } => self.send(ticket.shard, ShardMsg::Done { ticket }),
             ShardMsg::UserState { user, mask, rooms } => self.apply_user_state(user, mask, rooms),
-            ShardMsg::RoomShard {
-                room,
-                shard,
-                present,
-            } => {
+            ShardMsg::RoomShard { room, shard, present } => {
                 let mask = self.room_masks.entry(room).or_insert(0);
                 if present {
                     *mask |= 1 << shard;
@@ -295,9 +309,7 @@ impl Router {
                 }
             }
             ShardMsg::Done { ticket } => self.barrier_round(ticket, 1),
-            ShardMsg::Barrier { ticket, round } => {
-                self.send(ticket.shard, ShardMsg::BarrierAck { ticket, round })
-            }
+            ShardMsg::Barrier { ticket, round } => self.send(ticket.shard, ShardMsg::BarrierAck { ticket, round }),
             ShardMsg::BarrierAck { ticket, round } => {
                 let Some(p) = self.pending.get_mut(&ticket.seq) else {
                     return;
@@ -454,6 +466,26 @@ mod tests {
     }
 
     #[test]
+    fn ready_means_reachable_from_every_shard() {
+        let mut c = Cluster::new(4);
+        let bob = Cluster::user("bob");
+        c.routers[3].connect(&bob, 1);
+        // Deliver in an order that makes the home answer before others heard of bob: the
+        // barrier still holds `ready` back until every shard knows.
+        c.settle(&[0, 1, 2, 3]);
+        assert_eq!(
+            c.routers[3].take_completed(),
+            vec![Acknowledged {
+                conn: 1,
+                event: AckEvent::Ready
+            }]
+        );
+        for r in &c.routers {
+            assert_eq!(r.user_shards("bob"), 0b1000);
+        }
+    }
+
+    #[test]
     fn users_are_visible_from_every_shard_and_vanish_with_their_last_connection() {
         let mut c = Cluster::new(3);
         let alice = Cluster::user("alice");
@@ -485,14 +517,16 @@ mod tests {
         c.routers[1].connect(&alice, 2); // a second device
         c.routers[2].connect(&bob, 3);
         c.settle(&[0, 1, 2]);
+        for r in &mut c.routers {
+            assert!(r.take_completed().iter().all(|a| a.event == AckEvent::Ready));
+        }
         c.routers[0].change_membership(&alice, 1, Arc::from("general"), true);
         c.settle(&[2, 0, 1]);
         assert_eq!(
             c.routers[0].take_completed(),
             vec![Acknowledged {
                 conn: 1,
-                room: Arc::from("general"),
-                join: true
+                event: AckEvent::Joined(Arc::from("general"))
             }]
         );
         // Every shard knows both of alice's shards receive the room, and that she is a member.
@@ -508,9 +542,16 @@ mod tests {
         assert_eq!(c.routers[2].local_room_connections("general"), &[9]);
         assert_eq!(c.routers[0].room_shards("general"), 0b111);
         // Leaving removes every device; closing the last connection ends membership too.
+        c.routers[1].take_completed();
         c.routers[1].change_membership(&alice, 2, Arc::from("general"), false);
         c.settle(&[1, 2, 0]);
-        assert_eq!(c.routers[1].take_completed().len(), 1);
+        assert_eq!(
+            c.routers[1].take_completed(),
+            vec![Acknowledged {
+                conn: 2,
+                event: AckEvent::Left(Arc::from("general"))
+            }]
+        );
         for r in &c.routers {
             assert_eq!(r.room_shards("general"), 0);
             assert!(!r.is_member("alice", "general"));
@@ -540,7 +581,7 @@ mod tests {
         c.routers[0].connect(&alice, 1);
         c.routers[0].change_membership(&alice, 1, Arc::from("r"), true);
         c.settle(&[0]);
-        assert_eq!(c.routers[0].take_completed().len(), 1);
+        assert_eq!(c.routers[0].take_completed().len(), 2, "ready, then joined");
         assert_eq!(c.routers[0].local_room_connections("r"), &[1]);
     }
 }

@@ -31,8 +31,7 @@ pub struct Inbox {
 impl Mesh {
     /// Creates the mesh and one inbox per shard.
     pub fn new(shards: usize) -> (Arc<Mesh>, Vec<Receiver<ShardMsg>>) {
-        let (senders, receivers): (Vec<_>, Vec<_>) =
-            (0..shards).map(|_| crossbeam_channel::unbounded()).unzip();
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..shards).map(|_| crossbeam_channel::unbounded()).unzip();
         let mesh = Arc::new(Mesh {
             senders,
             doorbells: (0..shards).map(|_| AtomicWaker::new()).collect(),
@@ -63,11 +62,7 @@ impl Mesh {
 
 impl Inbox {
     pub fn new(shard: usize, receiver: Receiver<ShardMsg>, mesh: Arc<Mesh>) -> Self {
-        Inbox {
-            shard,
-            receiver,
-            mesh,
-        }
+        Inbox { shard, receiver, mesh }
     }
 
     /// Waits until at least one message is queued, then moves up to `max` into `batch`.

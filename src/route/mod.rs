@@ -46,6 +46,10 @@ pub enum ShardMsg {
         user: Arc<str>,
         shard: usize,
     },
+    /// To a user's home: answer `Done` to `ticket.shard` (after everything sent before it).
+    Sync {
+        ticket: Ticket,
+    },
     /// To a user's home: add or remove a room; answer `Done` to `ticket.shard`.
     Membership {
         user: Arc<str>,

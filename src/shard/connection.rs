@@ -3,36 +3,48 @@
 //! Reads land in the shard's shared receive buffer and are decoded before the next await;
 //! everything the connection answers goes into the shard's cork and leaves in one
 //! `sendmsg` per read (large echoed payloads straight from the receive buffer). Only when
-//! the socket cannot take it all does the rest move into a buffer of the connection's own,
-//! which is freed once written.
+//! the socket cannot take it all does the rest wait in the connection's outbound queue,
+//! which is also where routed chat messages for it arrive.
 
-use std::io;
 use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
 
-use super::context::{ConnectionSlot, ReadOutcome, ShardContext};
-use super::cork::{self, Cork};
-use crate::ws::handshake::{self, Rejection};
+use super::chat::{Arrival, ChatConn};
+use super::context::{ConnectionSlot, ReadOutcome, ShardContext, RX_BUFFER};
+use super::cork::Cork;
+use super::outbound::Outbound;
+use crate::chat::auth::is_valid_user_id;
+use crate::ws::handshake::{self, Rejection, Request};
 use crate::ws::{write_close, CloseCode, Decoder, Event, OpCode, Role};
 
 /// After we close (or refuse), how long we keep reading so that the peer gets our last
 /// bytes rather than a reset.
 const LINGER: Duration = Duration::from_secs(1);
 
+/// What an upgraded connection runs.
+enum AppKind {
+    Echo,
+    Chat(Arc<str>),
+}
+
 /// Serves one accepted connection to the end.
 pub async fn serve(ctx: Rc<ShardContext>, mut stream: TcpStream, slot: ConnectionSlot) {
-    if let Some(leftover) = handshake(&ctx, &mut stream, &slot).await {
-        websocket(&ctx, &mut stream, &slot, leftover).await;
+    if let Some((leftover, app)) = handshake(&ctx, &mut stream, &slot).await {
+        websocket(&ctx, &mut stream, &slot, leftover, app).await;
     }
 }
 
-/// Answers a connection the process has no room for, without spending a task on it.
-pub fn refuse_busy(stream: &TcpStream) {
+/// Answers a connection the process has no room for: 503, then the same lingering close
+/// as every refusal (closing with the request unread would reset the connection and could
+/// destroy the answer before the client reads it).
+pub async fn refuse_busy(ctx: Rc<ShardContext>, mut stream: TcpStream) {
     let mut out = Vec::new();
     handshake::write_response(
         &mut out,
@@ -40,16 +52,14 @@ pub fn refuse_busy(stream: &TcpStream) {
         "the gateway is at its connection limit",
         "Retry-After: 1\r\n",
     );
-    let _ = cork::send_now(stream.as_raw_fd(), &out);
+    if stream.write_all(&out).await.is_ok() {
+        linger_close(&ctx, &mut stream, None).await;
+    }
 }
 
-/// Reads the request head and answers it. Returns the bytes that followed the head when
-/// the connection was upgraded, `None` when it is done.
-async fn handshake(
-    ctx: &ShardContext,
-    stream: &mut TcpStream,
-    slot: &ConnectionSlot,
-) -> Option<Vec<u8>> {
+/// Reads the request head and answers it. Returns the bytes that followed the head and
+/// the endpoint when the connection was upgraded, `None` when it is done.
+async fn handshake(ctx: &ShardContext, stream: &mut TcpStream, slot: &ConnectionSlot) -> Option<(Vec<u8>, AppKind)> {
     let config = &ctx.config;
     let deadline = Instant::now() + config.handshake_timeout;
     let mut head: Vec<u8> = Vec::new();
@@ -60,13 +70,13 @@ async fn handshake(
             return None;
         }
         stream.set_read_timeout(Some(left)).ok()?;
-        match ctx.read(stream, slot, true).await {
+        match ctx.read(stream, Some(slot), true, None).await {
             Ok(ReadOutcome::Data(n)) => head.extend_from_slice(&ctx.rx.borrow()[..n]),
             Ok(ReadOutcome::TimedOut) => {
                 refuse(ctx, stream, slot, &handshake_timeout()).await;
                 return None;
             }
-            Ok(ReadOutcome::Eof | ReadOutcome::Stopping) | Err(_) => return None,
+            Ok(ReadOutcome::Eof | ReadOutcome::Stopping | ReadOutcome::Outbound) | Err(_) => return None,
         }
         let request = match handshake::parse_request(&head, config.max_request_head) {
             Ok(Some(request)) => request,
@@ -77,29 +87,100 @@ async fn handshake(
             }
         };
         let mut out = Vec::new();
-        match request.path {
+        let upgrade = match request.path {
             "/healthz" if request.method == "GET" => {
-                handshake::write_response(&mut out, 200, "ok", "")
+                handshake::write_response(&mut out, 200, "ok", "");
+                None
             }
-            "/healthz" => handshake::write_response(&mut out, 405, "use GET", "Allow: GET\r\n"),
-            "/echo" if config.echo => {
-                match handshake::validate_upgrade(&request, &config.subprotocols) {
-                    Ok(accept) => {
-                        handshake::write_accept(&mut out, &accept);
-                        let head_len = request.head_len;
-                        write_all(stream, &out).await.ok()?;
-                        head.drain(..head_len);
-                        return Some(head);
-                    }
-                    Err(rejection) => handshake::write_rejection(&mut out, &rejection),
+            "/healthz" => {
+                handshake::write_response(&mut out, 405, "use GET", "Allow: GET\r\n");
+                None
+            }
+            "/echo" if config.echo => Some(AppKind::Echo),
+            "/ws" => Some(AppKind::Chat(Arc::from(""))),
+            _ => {
+                handshake::write_response(&mut out, 404, "no such endpoint", "");
+                None
+            }
+        };
+        if let Some(app) = upgrade {
+            let decision = handshake::validate_upgrade(&request, &config.subprotocols).and_then(|accept| match app {
+                AppKind::Echo => Ok((accept, AppKind::Echo)),
+                AppKind::Chat(_) => authorize(ctx, &request).map(|user| (accept, AppKind::Chat(user))),
+            });
+            match decision {
+                Ok((accept, app)) => {
+                    handshake::write_accept(&mut out, &accept);
+                    let head_len = request.head_len;
+                    stream.write_all(&out).await.ok()?;
+                    head.drain(..head_len);
+                    return Some((head, app));
                 }
+                Err(rejection) => handshake::write_rejection(&mut out, &rejection),
             }
-            _ => handshake::write_response(&mut out, 404, "no such endpoint", ""),
         }
-        if write_all(stream, &out).await.is_ok() {
-            linger_close(ctx, stream, slot).await;
+        if stream.write_all(&out).await.is_ok() {
+            linger_close(ctx, stream, Some(slot)).await;
         }
         return None;
+    }
+}
+
+/// Who is opening /ws: the Origin must be allowed, and a valid token (or, in dev mode, a
+/// `user` parameter) must name the user.
+fn authorize(ctx: &ShardContext, request: &Request<'_>) -> Result<Arc<str>, Rejection> {
+    const UNAUTHORIZED: &str = "WWW-Authenticate: Bearer\r\n";
+    let config = &ctx.config;
+    if !config.allowed_origins.is_empty() {
+        if let Some(origin) = request.header_values("origin").next() {
+            if !config
+                .allowed_origins
+                .iter()
+                .any(|o| o.as_bytes() == origin.trim_ascii())
+            {
+                return Err(Rejection {
+                    status: 403,
+                    message: "this Origin may not open the chat endpoint",
+                    extra_headers: "",
+                });
+            }
+        }
+    }
+    let mut token = None;
+    let mut dev_user = None;
+    for (k, v) in form_urlencoded::parse(request.query.as_bytes()) {
+        match &*k {
+            "token" => token = Some(v.into_owned()),
+            "user" => dev_user = Some(v.into_owned()),
+            _ => {}
+        }
+    }
+    if token.is_none() {
+        if let Some(value) = request.header("authorization") {
+            let value = std::str::from_utf8(value).unwrap_or("").trim();
+            if let Some(t) = value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")) {
+                token = Some(t.trim().to_string());
+            }
+        }
+    }
+    let unauthorized = |message| Rejection {
+        status: 401,
+        message,
+        extra_headers: UNAUTHORIZED,
+    };
+    match (token, dev_user) {
+        (Some(token), _) => match ctx.auth.verify(&token) {
+            Ok(user) => Ok(ctx.hub.router.borrow().intern(&user)),
+            Err(_) => Err(unauthorized("the token is malformed, badly signed or expired")),
+        },
+        (None, Some(user)) if config.insecure_dev_auth => {
+            if is_valid_user_id(&user) {
+                Ok(ctx.hub.router.borrow().intern(&user))
+            } else {
+                Err(unauthorized("user must be 1-64 of A-Z a-z 0-9 _ . @ -"))
+            }
+        }
+        _ => Err(unauthorized("a token is required: ?token= or Authorization: Bearer")),
     }
 }
 
@@ -111,16 +192,11 @@ fn handshake_timeout() -> Rejection {
     }
 }
 
-async fn refuse(
-    ctx: &ShardContext,
-    stream: &mut TcpStream,
-    slot: &ConnectionSlot,
-    rejection: &Rejection,
-) {
+async fn refuse(ctx: &ShardContext, stream: &mut TcpStream, slot: &ConnectionSlot, rejection: &Rejection) {
     let mut out = Vec::new();
     handshake::write_rejection(&mut out, rejection);
-    if write_all(stream, &out).await.is_ok() {
-        linger_close(ctx, stream, slot).await;
+    if stream.write_all(&out).await.is_ok() {
+        linger_close(ctx, stream, Some(slot)).await;
     }
 }
 
@@ -144,24 +220,38 @@ enum Next {
     Fail,
 }
 
+enum App {
+    Echo,
+    Chat(ChatConn),
+}
+
 struct Session {
     decoder: Decoder,
     state: State,
-    echo: bool,
+    app: App,
     /// When our keepalive ping went out, while no pong has come back.
     ping_sent: Option<Instant>,
 }
 
 impl Session {
-    /// Decodes `input` and queues every answer (echo, pong, close) in `out`.
-    fn on_bytes(&mut self, input: &mut [u8], out: &mut Cork) -> Next {
+    /// Decodes `input` and queues every answer (echo, chat answers, pong, close) in `out`.
+    fn on_bytes(&mut self, ctx: &ShardContext, input: &mut [u8], out: &mut Cork) -> Next {
         let open = self.state == State::Open;
-        let echo = self.echo && open;
         let mut peer_close = None;
         let mut pong = false;
+        let ingress = Instant::now();
+        let ts_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         out.begin(input);
-        let result = self.decoder.feed(input, &mut |event| match event {
-            Event::Message { opcode, payload } if echo => out.frame(opcode, payload),
+        let Session { decoder, app, .. } = self;
+        let result = decoder.feed(input, &mut |event| match event {
+            Event::Message { opcode, payload } if open => match app {
+                App::Echo => out.frame(opcode, payload),
+                App::Chat(chat) => {
+                    chat.on_message(&ctx.hub, &ctx.config, opcode, payload, Arrival { ingress, ts_ms }, out)
+                }
+            },
             Event::Message { .. } => {}
             Event::Ping(payload) if open => out.frame(OpCode::Pong, payload),
             Event::Ping(_) => {}
@@ -214,39 +304,93 @@ impl Session {
     }
 }
 
+/// Unregisters a chat connection from its shard however the connection ends.
+struct Registration<'a> {
+    ctx: &'a ShardContext,
+    user: Arc<str>,
+    id: u64,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.ctx.hub.unregister(&self.user, self.id);
+        self.ctx.end_round();
+    }
+}
+
 async fn websocket(
     ctx: &ShardContext,
     stream: &mut TcpStream,
     slot: &ConnectionSlot,
     mut leftover: Vec<u8>,
+    kind: AppKind,
 ) {
     let config = &ctx.config;
     let fd = stream.as_raw_fd();
+    // A peer that takes nothing for this long is gone.
+    if stream
+        .set_write_timeout(Some(config.ping_interval + config.pong_timeout))
+        .is_err()
+    {
+        return;
+    }
+    let id = ctx.hub.next_conn_id();
+    let (app, out, mut registration) = match kind {
+        AppKind::Echo => {
+            // An echo answers at most one read plus one assembled message at a time.
+            let out = Rc::new(Outbound::new(
+                id,
+                slot.key(),
+                fd,
+                config.max_message_size + 2 * RX_BUFFER,
+            ));
+            (App::Echo, out, None)
+        }
+        AppKind::Chat(user) => {
+            let out = Rc::new(Outbound::new(id, slot.key(), fd, config.max_outbound_bytes));
+            ctx.hub.register(&user, out.clone());
+            ctx.end_round();
+            let registration = Registration {
+                ctx,
+                user: user.clone(),
+                id,
+            };
+            (
+                App::Chat(ChatConn::new(user, out.clone(), config)),
+                out,
+                Some(registration),
+            )
+        }
+    };
     let mut session = Session {
         decoder: Decoder::new(Role::Server, config.max_message_size),
         state: State::Open,
-        echo: config.echo,
+        app,
         ping_sent: None,
     };
-    // Bytes the socket could not take at once; written (awaiting) before reading more,
-    // which is the backpressure on a client that sends faster than it reads.
-    let mut unsent = None;
     let mut next = Next::Continue;
     if !leftover.is_empty() {
         let mut cork = ctx.cork.borrow_mut();
-        next = session.on_bytes(&mut leftover, &mut cork);
-        match cork.send(fd, &leftover) {
-            Ok(rest) => unsent = rest,
-            Err(_) => return,
+        next = session.on_bytes(ctx, &mut leftover, &mut cork);
+        if next != Next::Continue {
+            drop(registration.take());
+        }
+        if finish_round(ctx, &out, &mut cork, &leftover, fd).is_err() {
+            return;
         }
     }
     drop(leftover);
     let mut timeout = Duration::ZERO;
     loop {
-        if let Some(rest) = unsent.take() {
-            if write_all(stream, &rest).await.is_err() {
+        if out.overflowed() {
+            close_slow_consumer(ctx, stream, slot, &out).await;
+            return;
+        }
+        if !out.is_empty() {
+            if write_queue(ctx, stream, &out).await.is_err() {
                 return;
             }
+            continue;
         }
         match next {
             Next::Continue => {}
@@ -255,7 +399,7 @@ async fn websocket(
                 return;
             }
             Next::Fail => {
-                linger_close(ctx, stream, slot).await;
+                linger_close(ctx, stream, Some(slot)).await;
                 return;
             }
         }
@@ -267,7 +411,9 @@ async fn websocket(
             }
         }
         glommio::yield_if_needed().await;
-        let outcome = ctx.read(stream, slot, session.state == State::Open).await;
+        let outcome = ctx
+            .read(stream, Some(slot), session.state == State::Open, Some(&out))
+            .await;
         // From here to the send: no await, so the shard's buffers are ours alone.
         let mut cork = ctx.cork.borrow_mut();
         let mut rx = ctx.rx.borrow_mut();
@@ -277,11 +423,9 @@ async fn websocket(
         };
         next = match outcome {
             Ok(ReadOutcome::Data(_)) => {
-                let next = session.on_bytes(input, &mut cork);
+                let next = session.on_bytes(ctx, input, &mut cork);
                 match session.ping_sent {
-                    Some(sent)
-                        if next == Next::Continue && sent.elapsed() >= config.pong_timeout =>
-                    {
+                    Some(sent) if next == Next::Continue && sent.elapsed() >= config.pong_timeout => {
                         session.begin_close(
                             CloseCode::POLICY_VIOLATION,
                             "no pong to keepalive ping",
@@ -311,30 +455,76 @@ async fn websocket(
                 (State::Closing { .. }, _) => return,
             },
             Ok(ReadOutcome::Stopping) => {
-                session.begin_close(
-                    CloseCode::GOING_AWAY,
-                    "going away",
-                    &mut cork,
-                    config.drain_timeout,
-                );
+                session.begin_close(CloseCode::GOING_AWAY, "going away", &mut cork, config.drain_timeout);
                 Next::Continue
             }
+            Ok(ReadOutcome::Outbound) => Next::Continue,
             Ok(ReadOutcome::Eof) | Err(_) => return,
         };
-        match cork.send(fd, input) {
-            Ok(rest) => unsent = rest,
-            Err(_) => return,
+        if next != Next::Continue {
+            // Leave the directory before our last frames go out: a client that sees our
+            // Close and reconnects at once must find its old connection already gone.
+            drop(registration.take());
+        }
+        if finish_round(ctx, &out, &mut cork, input, fd).is_err() {
+            return;
         }
     }
 }
 
-async fn write_all(stream: &mut TcpStream, buf: &[u8]) -> io::Result<()> {
-    stream.write_all(buf).await
+/// Sends what the round put in the cork (straight away when nothing is queued before it,
+/// else behind the queue), then ends the shard's round.
+fn finish_round(ctx: &ShardContext, out: &Rc<Outbound>, cork: &mut Cork, input: &[u8], fd: i32) -> std::io::Result<()> {
+    if !cork.is_empty() {
+        if out.is_empty() {
+            if let Some(rest) = cork.send(fd, input)? {
+                out.push(Bytes::from(rest), None);
+            }
+        } else {
+            out.push(Bytes::from(cork.take_all(input)), None);
+        }
+    }
+    ctx.end_round();
+    Ok(())
+}
+
+/// Writes the outbound queue until it is empty, waiting for the socket as needed.
+async fn write_queue(ctx: &ShardContext, stream: &mut TcpStream, out: &Outbound) -> std::io::Result<()> {
+    loop {
+        let more = out.flush_now(&mut ctx.hub.latency.borrow_mut())?;
+        if !more || out.overflowed() {
+            return Ok(());
+        }
+        let Some(chunk) = out.begin_write() else { return Ok(()) };
+        let written = stream.write(&chunk).await;
+        out.end_write(*written.as_ref().unwrap_or(&0), &mut ctx.hub.latency.borrow_mut());
+        written?;
+    }
+}
+
+/// Closes a connection whose outbound queue overflowed: finish the frame on the wire,
+/// then Close 1008 naming the reason. The socket is full, so this waits for the peer to
+/// read, as long as a pong may take: a peer that cannot take one frame by then is gone.
+async fn close_slow_consumer(ctx: &ShardContext, stream: &mut TcpStream, slot: &ConnectionSlot, out: &Outbound) {
+    let _ = stream.set_write_timeout(Some(ctx.config.pong_timeout));
+    while let Some(chunk) = out.begin_write() {
+        let written = stream.write(&chunk).await;
+        out.end_write(*written.as_ref().unwrap_or(&0), &mut ctx.hub.latency.borrow_mut());
+        if written.is_err() {
+            return;
+        }
+    }
+    let mut close = Vec::new();
+    let reason = format!("slow consumer: more than {} bytes queued", out.limit());
+    write_close(&mut close, CloseCode::POLICY_VIOLATION.0, &reason, None);
+    if stream.write_all(&close).await.is_ok() {
+        linger_close(ctx, stream, Some(slot)).await;
+    }
 }
 
 /// Half-closes, then reads and discards for a moment, so that our last bytes reach the
 /// peer instead of being cut off by a reset (closing a socket with unread input sends RST).
-async fn linger_close(ctx: &ShardContext, stream: &mut TcpStream, slot: &ConnectionSlot) {
+async fn linger_close(ctx: &ShardContext, stream: &mut TcpStream, slot: Option<&ConnectionSlot>) {
     if stream.shutdown(Shutdown::Write).await.is_err() {
         return;
     }
@@ -344,7 +534,7 @@ async fn linger_close(ctx: &ShardContext, stream: &mut TcpStream, slot: &Connect
         if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
             return;
         }
-        match ctx.read(stream, slot, false).await {
+        match ctx.read(stream, slot, false, None).await {
             Ok(ReadOutcome::Data(_)) => continue,
             _ => return,
         }

@@ -16,6 +16,9 @@ use glommio::net::TcpStream;
 use slab::Slab;
 
 use super::cork::Cork;
+use super::hub::Hub;
+use super::outbound::Outbound;
+use crate::chat::auth::Authenticator;
 use crate::config::Config;
 
 /// Size of the shard's receive buffer: one read takes up to this much from a socket.
@@ -30,6 +33,8 @@ pub enum ReadOutcome {
     TimedOut,
     /// The shard is stopping; only returned to reads that asked to be interrupted.
     Stopping,
+    /// The connection's outbound queue needs its task (a full socket, a slow consumer).
+    Outbound,
 }
 
 pub struct ShardContext {
@@ -37,6 +42,10 @@ pub struct ShardContext {
     pub config: Arc<Config>,
     pub rx: RefCell<Vec<u8>>,
     pub cork: RefCell<Cork>,
+    pub hub: Hub,
+    pub auth: Arc<Authenticator>,
+    /// Slots to wake after a round (reused, so a round allocates nothing).
+    to_wake: RefCell<Vec<usize>>,
     /// Each live connection's waker, so that a stop can interrupt its read.
     connections: RefCell<Slab<Option<Waker>>>,
     stopping: Cell<bool>,
@@ -50,6 +59,8 @@ impl ShardContext {
     pub fn new(
         id: usize,
         config: Arc<Config>,
+        hub: Hub,
+        auth: Arc<Authenticator>,
         open_connections: Arc<AtomicUsize>,
         max_connections: usize,
     ) -> Self {
@@ -58,6 +69,9 @@ impl ShardContext {
             config,
             rx: RefCell::new(vec![0; RX_BUFFER]),
             cork: RefCell::new(Cork::new()),
+            hub,
+            auth,
+            to_wake: RefCell::new(Vec::new()),
             connections: RefCell::new(Slab::new()),
             stopping: Cell::new(false),
             drained: RefCell::new(None),
@@ -74,10 +88,7 @@ impl ShardContext {
             return None;
         }
         let key = self.connections.borrow_mut().insert(None);
-        Some(ConnectionSlot {
-            ctx: self.clone(),
-            key,
-        })
+        Some(ConnectionSlot { ctx: self.clone(), key })
     }
 
     pub fn live_connections(&self) -> usize {
@@ -111,28 +122,50 @@ impl ShardContext {
         .await
     }
 
+    /// Ends a round of work (a read, an inbox batch): see `Hub::end_round`; connections
+    /// whose queues need their task are woken.
+    pub fn end_round(&self) {
+        let mut wake = self.to_wake.borrow_mut();
+        self.hub.end_round(&mut wake);
+        for slot in wake.drain(..) {
+            self.wake(slot);
+        }
+    }
+
+    /// Wakes the task of the connection in `slot`, if it is waiting.
+    pub fn wake(&self, slot: usize) {
+        let waker = self.connections.borrow_mut().get_mut(slot).and_then(Option::take);
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
     /// Reads from `stream` into the shared receive buffer. With `interruptible`, a stop of
-    /// the shard ends the wait with `Stopping`.
+    /// the shard ends the wait with `Stopping`; with `out`, a queue that needs the task
+    /// ends it with `Outbound`.
     pub async fn read(
         &self,
         stream: &mut TcpStream,
-        slot: &ConnectionSlot,
+        slot: Option<&ConnectionSlot>,
         interruptible: bool,
+        out: Option<&Outbound>,
     ) -> io::Result<ReadOutcome> {
         poll_fn(|cx| {
             if interruptible && self.stopping.get() {
                 return Poll::Ready(Ok(ReadOutcome::Stopping));
             }
+            if out.is_some_and(Outbound::needs_task) {
+                return Poll::Ready(Ok(ReadOutcome::Outbound));
+            }
             let mut rx = self.rx.borrow_mut();
             match Pin::new(&mut *stream).poll_read(cx, &mut rx[..]) {
                 Poll::Ready(Ok(0)) => Poll::Ready(Ok(ReadOutcome::Eof)),
                 Poll::Ready(Ok(n)) => Poll::Ready(Ok(ReadOutcome::Data(n))),
-                Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::TimedOut => {
-                    Poll::Ready(Ok(ReadOutcome::TimedOut))
-                }
+                Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::TimedOut => Poll::Ready(Ok(ReadOutcome::TimedOut)),
                 Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
                 Poll::Pending => {
-                    if let Some(entry) = self.connections.borrow_mut().get_mut(slot.key) {
+                    let mut connections = self.connections.borrow_mut();
+                    if let Some(entry) = slot.and_then(|s| connections.get_mut(s.key)) {
                         if !entry.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                             *entry = Some(cx.waker().clone());
                         }
@@ -149,6 +182,12 @@ impl ShardContext {
 pub struct ConnectionSlot {
     ctx: Rc<ShardContext>,
     key: usize,
+}
+
+impl ConnectionSlot {
+    pub fn key(&self) -> usize {
+        self.key
+    }
 }
 
 impl Drop for ConnectionSlot {

@@ -51,8 +51,7 @@ impl Cork {
         self.input_len = input.len();
     }
 
-    #[cfg(test)]
-    fn is_empty(&self) -> bool {
+    pub fn is_empty(&self) -> bool {
         self.segments.is_empty()
     }
 
@@ -102,10 +101,7 @@ impl Cork {
     /// Returns the part the socket did not take (copied out), and empties the cork.
     pub fn send(&mut self, fd: RawFd, input: &[u8]) -> io::Result<Option<Vec<u8>>> {
         debug_assert!(
-            self.segments
-                .iter()
-                .all(|s| !matches!(s, Segment::Input(_)))
-                || input.as_ptr() as usize == self.input_addr
+            self.segments.iter().all(|s| !matches!(s, Segment::Input(_))) || input.as_ptr() as usize == self.input_addr
         );
         let result = self.send_inner(fd, input);
         self.input_addr = 0;
@@ -116,6 +112,20 @@ impl Cork {
             self.bytes.shrink_to(RETAIN);
         }
         result
+    }
+
+    /// Everything queued, as one buffer (when it must wait behind an outbound queue).
+    /// Empties the cork.
+    pub fn take_all(&mut self, input: &[u8]) -> Vec<u8> {
+        let mut all = Vec::with_capacity(self.segments.iter().map(|s| seg_range(s).len()).sum());
+        for seg in &self.segments {
+            all.extend_from_slice(self.slice(seg, input));
+        }
+        self.input_addr = 0;
+        self.input_len = 0;
+        self.segments.clear();
+        self.bytes.clear();
+        all
     }
 
     fn slice<'a>(&'a self, segment: &Segment, input: &'a [u8]) -> &'a [u8] {
@@ -175,19 +185,8 @@ fn seg_range(s: &Segment) -> Range<usize> {
     }
 }
 
-/// One non-blocking send of `buf`: how much the socket took (0 when it is full).
-pub fn send_now(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
-    sendmsg_now(
-        fd,
-        &[libc::iovec {
-            iov_base: buf.as_ptr() as *mut libc::c_void,
-            iov_len: buf.len(),
-        }],
-    )
-}
-
 /// One non-blocking `sendmsg`: how much the socket took (0 when it is full).
-fn sendmsg_now(fd: RawFd, iov: &[libc::iovec]) -> io::Result<usize> {
+pub fn sendmsg_now(fd: RawFd, iov: &[libc::iovec]) -> io::Result<usize> {
     // SAFETY: a zeroed msghdr is valid; we set only the iovec array, which outlives the call
     // and whose entries point into slices that do too.
     let n = unsafe {

@@ -23,11 +23,7 @@ fn bind_one(addr: SocketAddr, backlog: u32) -> io::Result<Socket> {
 
 /// Binds `count` listeners on `addr`. With port 0 the first one picks the port and the
 /// rest join it. Returns the sockets and the address they share.
-pub fn bind_listeners(
-    addr: SocketAddr,
-    count: usize,
-    backlog: u32,
-) -> io::Result<(Vec<Socket>, SocketAddr)> {
+pub fn bind_listeners(addr: SocketAddr, count: usize, backlog: u32) -> io::Result<(Vec<Socket>, SocketAddr)> {
     let first = bind_one(addr, backlog)?;
     let bound = first
         .local_addr()?

@@ -1,11 +1,14 @@
 //! Shards: one glommio executor per core, pinned, each with its own listener, owning its
 //! connections from accept to close. This module starts them, and stops them on a signal.
 
+mod chat;
 mod connection;
 mod context;
 mod cork;
+mod hub;
 pub mod limits;
 mod listener;
+mod outbound;
 mod shutdown;
 
 use std::io;
@@ -19,8 +22,13 @@ use futures_lite::future;
 use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
 
+use crate::chat::auth::{Authenticator, SecretSource};
 use crate::config::Config;
+use crate::metrics::{spawn_reporter, Reporter, ShardReport};
+use crate::route::inbox::{Inbox, Mesh};
+use crate::route::ShardMsg;
 use context::ShardContext;
+use hub::Hub;
 pub use shutdown::Shutdown;
 
 /// Runs the gateway until SIGINT or SIGTERM, then closes every connection with 1001 and
@@ -36,6 +44,22 @@ pub fn run(config: Config) -> Result<(), String> {
         .ok_or("cannot list the CPU cores")?;
     let (sockets, bound) = listener::bind_listeners(config.listen, shards, config.backlog)
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    // With --shard-ports every shard also gets a listener of its own, to reach it by choice.
+    let mut own_ports = Vec::new();
+    for _ in 0..shards {
+        own_ports.push(if config.shard_ports {
+            let (mut socket, addr) =
+                listener::bind_listeners(std::net::SocketAddr::new(bound.ip(), 0), 1, config.backlog)
+                    .map_err(|e| format!("cannot bind a shard port: {e}"))?;
+            Some((socket.remove(0), addr))
+        } else {
+            None
+        });
+    }
+    let auth = Arc::new(Authenticator::load(
+        config.auth_secret_file.as_deref(),
+        &config.data_dir,
+    )?);
 
     println!(
         "shardgate {}: {shards} shard(s) on {bound}; max connections {max_connections} (RLIMIT_NOFILE {nofile} allows {fd_room})",
@@ -44,15 +68,26 @@ pub fn run(config: Config) -> Result<(), String> {
     if max_connections > fd_room {
         println!("warning: --max-connections {max_connections} is above what the open-file limit allows ({fd_room}); accepts will back off at the limit");
     }
+    print_auth(&config, &auth);
 
+    let (reporter, reporter_thread) = spawn_reporter(crate::metrics::report::ReporterConfig {
+        shards,
+        interval: config.report_interval,
+        slo: config.slo,
+        histogram_out: config.histogram_out.clone(),
+    })
+    .map_err(|e| format!("cannot start the reporter thread: {e}"))?;
+    let (mesh, receivers) = Mesh::new(shards);
     let config = Arc::new(config);
     let stop = Arc::new(Shutdown::new(shards));
     let open_connections = Arc::new(AtomicUsize::new(0));
     let mut handles = Vec::with_capacity(shards);
-    for (id, socket) in sockets.into_iter().enumerate() {
+    for (id, (socket, receiver)) in sockets.into_iter().zip(receivers).enumerate() {
         let cpu = cores[id % cores.len()].id;
         let fd = socket.into_raw_fd();
+        let own = own_ports[id].take().map(|(s, addr)| (s.into_raw_fd(), addr));
         let (config, stop, open) = (config.clone(), stop.clone(), open_connections.clone());
+        let (mesh, auth, reporter) = (mesh.clone(), auth.clone(), reporter.clone());
         let mut builder = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{id}"))
             .io_memory(config.io_memory);
@@ -63,15 +98,26 @@ pub fn run(config: Config) -> Result<(), String> {
             .spawn(move || async move {
                 // SAFETY: `fd` is a listening socket this shard alone now owns.
                 let listener = unsafe { TcpListener::from_raw_fd(fd) };
+                // SAFETY: as above, for the shard's own listener.
+                let own = own.map(|(fd, addr)| (unsafe { TcpListener::from_raw_fd(fd) }, addr));
                 // SAFETY: gettid and sched_getcpu have no preconditions.
                 let (tid, running_on) = unsafe { (libc::gettid(), libc::sched_getcpu()) };
-                println!("shard {id}: cpu {cpu} (running on {running_on}), thread {tid}, listening on {bound}");
-                let ctx = Rc::new(ShardContext::new(id, config, open, max_connections));
-                shard_main(ctx, listener, stop).await
+                let own_line = own
+                    .as_ref()
+                    .map(|(_, a)| format!(", own port {}", a.port()))
+                    .unwrap_or_default();
+                println!(
+                    "shard {id}: cpu {cpu} (running on {running_on}), thread {tid}, listening on {bound}{own_line}"
+                );
+                let inbox = Inbox::new(id, receiver, mesh.clone());
+                let hub = Hub::new(id, mesh);
+                let ctx = Rc::new(ShardContext::new(id, config, hub, auth, open, max_connections));
+                shard_main(ctx, listener, own.map(|(l, _)| l), inbox, reporter, stop).await
             })
             .map_err(|e| explain_start_error(id, &e.to_string()))?;
         handles.push(handle);
     }
+    drop(reporter);
     spawn_signal_thread(stop)?;
 
     let mut failures = Vec::new();
@@ -81,6 +127,9 @@ pub fn run(config: Config) -> Result<(), String> {
         }
     }
     if failures.is_empty() {
+        let _ = reporter_thread.join();
+    }
+    if failures.is_empty() {
         println!("shardgate stopped");
         Ok(())
     } else {
@@ -88,10 +137,25 @@ pub fn run(config: Config) -> Result<(), String> {
     }
 }
 
-/// One shard's life: accept until told to stop, then close every connection and wait for
-/// them (at most the drain time).
-async fn shard_main(ctx: Rc<ShardContext>, listener: TcpListener, stop: Arc<Shutdown>) {
-    future::or(accept_loop(ctx.clone(), listener), stop.wait(ctx.id)).await;
+/// One shard's life: accept (and route) until told to stop, then close every connection
+/// and wait for them (at most the drain time).
+async fn shard_main(
+    ctx: Rc<ShardContext>,
+    listener: TcpListener,
+    own: Option<TcpListener>,
+    inbox: Inbox,
+    reporter: Reporter,
+    stop: Arc<Shutdown>,
+) {
+    glommio::spawn_local(pump(ctx.clone(), inbox)).detach();
+    glommio::spawn_local(report_intervals(ctx.clone(), reporter.clone())).detach();
+    let accepting = async {
+        match own {
+            Some(own) => future::or(accept_loop(ctx.clone(), listener), accept_loop(ctx.clone(), own)).await,
+            None => accept_loop(ctx.clone(), listener).await,
+        }
+    };
+    future::or(accepting, stop.wait(ctx.id)).await;
     let live = ctx.live_connections();
     ctx.begin_stop();
     let drain = ctx.config.drain_timeout;
@@ -115,6 +179,58 @@ async fn shard_main(ctx: Rc<ShardContext>, listener: TcpListener, stop: Arc<Shut
             format!(", {} cut off after {drain:?}", ctx.live_connections())
         }
     );
+    let histogram = ctx.hub.latency.borrow().total.clone();
+    reporter.send(ShardReport::Final { histogram });
+}
+
+/// Messages per inbox batch: enough to amortise a wake-up, few enough to stay fair.
+const INBOX_BATCH: usize = 1024;
+
+/// Drains the shard's inbox: deliveries to local connections, and the router's messages.
+async fn pump(ctx: Rc<ShardContext>, inbox: Inbox) {
+    let mut batch: Vec<ShardMsg> = Vec::with_capacity(INBOX_BATCH);
+    while inbox.next_batch(&mut batch, INBOX_BATCH).await {
+        for msg in batch.drain(..) {
+            ctx.hub.on_message(msg);
+        }
+        ctx.end_round();
+        glommio::yield_if_needed().await;
+    }
+}
+
+/// Hands the reporter this shard's interval histogram every `--report-interval`.
+async fn report_intervals(ctx: Rc<ShardContext>, reporter: Reporter) {
+    let interval = ctx.config.report_interval;
+    let start = std::time::Instant::now();
+    for tick in 1u64.. {
+        // Sleep to the tick's deadline, not for a fixed time, so the ticks do not drift.
+        let due = start + interval * tick as u32;
+        glommio::timer::sleep(due.saturating_duration_since(std::time::Instant::now())).await;
+        let histogram = ctx.hub.latency.borrow_mut().take_interval();
+        reporter.send(ShardReport::Interval {
+            tick,
+            histogram,
+            connections: ctx.live_connections() as u64,
+        });
+    }
+}
+
+fn print_auth(config: &Config, auth: &Authenticator) {
+    match &auth.source {
+        SecretSource::File(path) => println!("auth: HS256 tokens, secret from {}", path.display()),
+        SecretSource::Env => println!("auth: HS256 tokens, secret from ${}", crate::chat::auth::SECRET_ENV),
+        SecretSource::DataDir { path, created } => {
+            println!(
+                "auth: HS256 tokens, secret {} {} (mode 0600); mint a token with: shardgate token <user> --data-dir {}",
+                if *created { "created at" } else { "from" },
+                path.display(),
+                config.data_dir.display()
+            );
+        }
+    }
+    if config.insecure_dev_auth {
+        println!("WARNING: --insecure-dev-auth is on: anyone can connect to /ws as any user with ?user=<id>. For demos and benchmarks only.");
+    }
 }
 
 async fn accept_loop(ctx: Rc<ShardContext>, listener: TcpListener) {
@@ -124,11 +240,9 @@ async fn accept_loop(ctx: Rc<ShardContext>, listener: TcpListener) {
             Ok(stream) => {
                 backoff = Duration::ZERO;
                 match ctx.admit() {
-                    Some(slot) => {
-                        glommio::spawn_local(connection::serve(ctx.clone(), stream, slot)).detach()
-                    }
+                    Some(slot) => glommio::spawn_local(connection::serve(ctx.clone(), stream, slot)).detach(),
                     None => {
-                        connection::refuse_busy(&stream);
+                        glommio::spawn_local(connection::refuse_busy(ctx.clone(), stream)).detach();
                         continue;
                     }
                 };
@@ -142,13 +256,9 @@ async fn accept_loop(ctx: Rc<ShardContext>, listener: TcpListener) {
                     // Out of descriptors: spinning would burn the core and starve the
                     // connections whose closing frees them. Back off, up to 100 ms.
                     if backoff.is_zero() {
-                        println!(
-                            "shard {}: accept: {e}; backing off until descriptors free up",
-                            ctx.id
-                        );
+                        println!("shard {}: accept: {e}; backing off until descriptors free up", ctx.id);
                     }
-                    backoff =
-                        (backoff * 2).clamp(Duration::from_millis(1), Duration::from_millis(100));
+                    backoff = (backoff * 2).clamp(Duration::from_millis(1), Duration::from_millis(100));
                     glommio::timer::sleep(backoff).await;
                 }
                 // Anything else (a peer that reset before we accepted it) concerns only that peer.
@@ -158,8 +268,7 @@ async fn accept_loop(ctx: Rc<ShardContext>, listener: TcpListener) {
 }
 
 fn check_memlock(config: &Config) -> Result<(), String> {
-    let memlock =
-        limits::raise_memlock().map_err(|e| format!("cannot read RLIMIT_MEMLOCK: {e}"))?;
+    let memlock = limits::raise_memlock().map_err(|e| format!("cannot read RLIMIT_MEMLOCK: {e}"))?;
     if memlock < limits::GLOMMIO_MIN_MEMLOCK {
         return Err(format!(
             "RLIMIT_MEMLOCK is {} KiB, but io_uring (glommio) needs at least {} KiB per process plus --io-memory per shard.\n\
@@ -190,8 +299,8 @@ fn explain_start_error(shard: usize, error: &str) -> String {
 /// SIGINT/SIGTERM start a graceful stop; a second one ends the process at once.
 fn spawn_signal_thread(stop: Arc<Shutdown>) -> Result<(), String> {
     use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
-        .map_err(|e| format!("cannot watch signals: {e}"))?;
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(|e| format!("cannot watch signals: {e}"))?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {

@@ -54,14 +54,11 @@ mod tests {
     #[test]
     fn code_rules() {
         for c in [
-            1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 3999,
-            4000, 4999,
+            1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 3999, 4000, 4999,
         ] {
             assert!(CloseCode(c).is_valid_on_wire(), "{c} should be valid");
         }
-        for c in [
-            0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535,
-        ] {
+        for c in [0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535] {
             assert!(!CloseCode(c).is_valid_on_wire(), "{c} should be invalid");
         }
     }
@@ -70,18 +67,12 @@ mod tests {
     fn payload_rules() {
         assert_eq!(parse_close_payload(&[]), Ok((None, "")));
         assert_eq!(parse_close_payload(&[0x03]), Err(BadClose::Protocol));
-        assert_eq!(
-            parse_close_payload(&[0x03, 0xE8]),
-            Ok((Some(CloseCode(1000)), ""))
-        );
+        assert_eq!(parse_close_payload(&[0x03, 0xE8]), Ok((Some(CloseCode(1000)), "")));
         assert_eq!(
             parse_close_payload(&[0x03, 0xE8, b'o', b'k']),
             Ok((Some(CloseCode(1000)), "ok"))
         );
         assert_eq!(parse_close_payload(&[0x03, 0xED]), Err(BadClose::Protocol)); // 1005
-        assert_eq!(
-            parse_close_payload(&[0x03, 0xE8, 0xFF]),
-            Err(BadClose::Utf8)
-        );
+        assert_eq!(parse_close_payload(&[0x03, 0xE8, 0xFF]), Err(BadClose::Utf8));
     }
 }

@@ -7,9 +7,7 @@
 //! connection's own, which is released afterwards, so an idle connection holds none.
 
 use super::close::{parse_close_payload, BadClose, CloseCode};
-use super::frame::{
-    header_len, parse_header, OpCode, RawHeader, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN,
-};
+use super::frame::{header_len, parse_header, OpCode, RawHeader, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN};
 use super::mask::apply_mask;
 use super::utf8::Utf8Validator;
 
@@ -172,16 +170,10 @@ impl Decoder {
             let opcode = self.message.unwrap_or(OpCode::Binary);
             let last = frame_done && frame.fin;
             if opcode == OpCode::Text && self.utf8.feed(chunk, last).is_err() {
-                return Err(fail(
-                    CloseCode::INVALID_PAYLOAD,
-                    "invalid UTF-8 in text message",
-                ));
+                return Err(fail(CloseCode::INVALID_PAYLOAD, "invalid UTF-8 in text message"));
             }
             if whole && frame.fin && frame.opcode != OpCode::Continuation {
-                on_event(Event::Message {
-                    opcode,
-                    payload: chunk,
-                });
+                on_event(Event::Message { opcode, payload: chunk });
             } else {
                 self.message_buf.extend_from_slice(chunk);
                 if last {
@@ -198,15 +190,8 @@ impl Decoder {
     }
 
     /// Takes the next header out of the input, or carries a partial one over.
-    fn take_header(
-        &mut self,
-        input: &[u8],
-        pos: &mut usize,
-    ) -> Result<Option<RawHeader>, ProtocolError> {
-        const BAD_LENGTH: ProtocolError = fail(
-            CloseCode::PROTOCOL_ERROR,
-            "64-bit length with the top bit set",
-        );
+    fn take_header(&mut self, input: &[u8], pos: &mut usize) -> Result<Option<RawHeader>, ProtocolError> {
+        const BAD_LENGTH: ProtocolError = fail(CloseCode::PROTOCOL_ERROR, "64-bit length with the top bit set");
         let avail = &input[*pos..];
         if self.header_have == 0 && avail.len() >= 2 && avail.len() >= header_len(avail[1]) {
             let total = header_len(avail[1]);
@@ -216,11 +201,7 @@ impl Decoder {
         let mut have = self.header_have as usize;
         let mut from = *pos;
         while from < input.len() {
-            let total = if have >= 2 {
-                header_len(self.header[1])
-            } else {
-                2
-            };
+            let total = if have >= 2 { header_len(self.header[1]) } else { 2 };
             if have == total {
                 break;
             }
@@ -235,9 +216,7 @@ impl Decoder {
         *pos = from;
         if have >= 2 && have == header_len(self.header[1]) {
             self.header_have = 0;
-            parse_header(&self.header[..have])
-                .map(Some)
-                .ok_or(BAD_LENGTH)
+            parse_header(&self.header[..have]).map(Some).ok_or(BAD_LENGTH)
         } else {
             self.header_have = have as u8;
             Ok(None)
@@ -251,21 +230,10 @@ impl Decoder {
                 "reserved bits set without an extension",
             ));
         }
-        let opcode =
-            OpCode::from_u8(h.opcode).ok_or(fail(CloseCode::PROTOCOL_ERROR, "unknown opcode"))?;
+        let opcode = OpCode::from_u8(h.opcode).ok_or(fail(CloseCode::PROTOCOL_ERROR, "unknown opcode"))?;
         match (self.role, h.mask.is_some()) {
-            (Role::Server, false) => {
-                return Err(fail(
-                    CloseCode::PROTOCOL_ERROR,
-                    "client frames must be masked",
-                ))
-            }
-            (Role::Client, true) => {
-                return Err(fail(
-                    CloseCode::PROTOCOL_ERROR,
-                    "server frames must not be masked",
-                ))
-            }
+            (Role::Server, false) => return Err(fail(CloseCode::PROTOCOL_ERROR, "client frames must be masked")),
+            (Role::Client, true) => return Err(fail(CloseCode::PROTOCOL_ERROR, "server frames must not be masked")),
             _ => {}
         }
         if opcode.is_control() {
@@ -273,18 +241,12 @@ impl Decoder {
                 return Err(fail(CloseCode::PROTOCOL_ERROR, "fragmented control frame"));
             }
             if h.payload_len > MAX_CONTROL_PAYLOAD as u64 {
-                return Err(fail(
-                    CloseCode::PROTOCOL_ERROR,
-                    "control frame longer than 125 bytes",
-                ));
+                return Err(fail(CloseCode::PROTOCOL_ERROR, "control frame longer than 125 bytes"));
             }
         } else {
             match (opcode, self.message) {
                 (OpCode::Continuation, None) => {
-                    return Err(fail(
-                        CloseCode::PROTOCOL_ERROR,
-                        "continuation frame without a message",
-                    ))
+                    return Err(fail(CloseCode::PROTOCOL_ERROR, "continuation frame without a message"))
                 }
                 (OpCode::Text | OpCode::Binary, Some(_)) => {
                     return Err(fail(
@@ -297,10 +259,7 @@ impl Decoder {
             }
             self.message_len += h.payload_len;
             if self.message_len > self.max_message {
-                return Err(fail(
-                    CloseCode::MESSAGE_TOO_BIG,
-                    "message exceeds the size limit",
-                ));
+                return Err(fail(CloseCode::MESSAGE_TOO_BIG, "message exceeds the size limit"));
             }
         }
         Ok(Frame {
@@ -312,12 +271,7 @@ impl Decoder {
         })
     }
 
-    fn control<F>(
-        &mut self,
-        opcode: OpCode,
-        payload: &[u8],
-        on_event: &mut F,
-    ) -> Result<(), ProtocolError>
+    fn control<F>(&mut self, opcode: OpCode, payload: &[u8], on_event: &mut F) -> Result<(), ProtocolError>
     where
         F: FnMut(Event<'_>),
     {
@@ -329,15 +283,8 @@ impl Decoder {
                     self.finished = true;
                     on_event(Event::Close { code, reason });
                 }
-                Err(BadClose::Protocol) => {
-                    return Err(fail(CloseCode::PROTOCOL_ERROR, "invalid close frame"))
-                }
-                Err(BadClose::Utf8) => {
-                    return Err(fail(
-                        CloseCode::INVALID_PAYLOAD,
-                        "close reason is not UTF-8",
-                    ))
-                }
+                Err(BadClose::Protocol) => return Err(fail(CloseCode::PROTOCOL_ERROR, "invalid close frame")),
+                Err(BadClose::Utf8) => return Err(fail(CloseCode::INVALID_PAYLOAD, "close reason is not UTF-8")),
             },
         }
         Ok(())
@@ -372,11 +319,7 @@ mod tests {
     const MASK: Option<[u8; 4]> = Some([0x37, 0xfa, 0x21, 0x3d]);
 
     /// Feeds `wire` in pieces cut at `cuts`, collecting events until the first error.
-    fn decode_split(
-        wire: &[u8],
-        cuts: &[usize],
-        max: usize,
-    ) -> (Vec<Owned>, Option<ProtocolError>) {
+    fn decode_split(wire: &[u8], cuts: &[usize], max: usize) -> (Vec<Owned>, Option<ProtocolError>) {
         let mut d = Decoder::new(Role::Server, max);
         let mut wire = wire.to_vec();
         let mut events = Vec::new();
@@ -391,9 +334,7 @@ mod tests {
                     Event::Message { opcode, payload } => Owned::Msg(opcode, payload.to_vec()),
                     Event::Ping(p) => Owned::Ping(p.to_vec()),
                     Event::Pong(p) => Owned::Pong(p.to_vec()),
-                    Event::Close { code, reason } => {
-                        Owned::Close(code.map(|c| c.0), reason.to_string())
-                    }
+                    Event::Close { code, reason } => Owned::Close(code.map(|c| c.0), reason.to_string()),
                 })
             });
             if let Err(e) = res {
@@ -416,20 +357,8 @@ mod tests {
         let mut wire = Vec::new();
         write_frame(&mut wire, false, OpCode::Text, "héllo ".as_bytes(), MASK);
         write_frame(&mut wire, true, OpCode::Ping, b"are you there", MASK);
-        write_frame(
-            &mut wire,
-            false,
-            OpCode::Continuation,
-            "wörld".as_bytes(),
-            MASK,
-        );
-        write_frame(
-            &mut wire,
-            true,
-            OpCode::Continuation,
-            &[0xF0, 0x9D, 0x84, 0x9E],
-            MASK,
-        );
+        write_frame(&mut wire, false, OpCode::Continuation, "wörld".as_bytes(), MASK);
+        write_frame(&mut wire, true, OpCode::Continuation, &[0xF0, 0x9D, 0x84, 0x9E], MASK);
         write_frame(&mut wire, true, OpCode::Binary, &[0u8; 300], MASK);
         write_frame(&mut wire, true, OpCode::Binary, &[], MASK);
         write_frame(&mut wire, true, OpCode::Pong, b"", MASK);
@@ -453,8 +382,7 @@ mod tests {
         let (wire, expected) = fragmented_text_with_ping();
         // Every cut among the small frames and around the 70 KB one; a stride inside its bulk.
         let big_start = wire.len() - 70_000 - 200;
-        let cuts = (0..=wire.len())
-            .filter(|&c| c < big_start + 300 || c > wire.len() - 300 || c % 97 == 0);
+        let cuts = (0..=wire.len()).filter(|&c| c < big_start + 300 || c > wire.len() - 300 || c % 97 == 0);
         for cut in cuts {
             assert_eq!(
                 decode_split(&wire, &[cut], 1 << 20),
@@ -467,9 +395,7 @@ mod tests {
     #[test]
     fn many_small_pieces_give_the_same_events() {
         let (wire, expected) = fragmented_text_with_ping();
-        let cuts: Vec<usize> = (0..wire.len())
-            .filter(|c| c % 13 == 0 || *c < 600)
-            .collect();
+        let cuts: Vec<usize> = (0..wire.len()).filter(|c| c % 13 == 0 || *c < 600).collect();
         assert_eq!(decode_split(&wire, &cuts, 1 << 20), (expected, None));
     }
 
@@ -485,10 +411,7 @@ mod tests {
         let mut wire = Vec::new();
         write_frame(&mut wire, true, OpCode::Text, b"hi", MASK);
         let mut d = Decoder::new(Role::Client, 100);
-        assert_eq!(
-            d.feed(&mut wire, &mut |_| {}).map_err(|e| e.code.0),
-            Err(1002)
-        );
+        assert_eq!(d.feed(&mut wire, &mut |_| {}).map_err(|e| e.code.0), Err(1002));
     }
 
     #[test]
@@ -556,13 +479,7 @@ mod tests {
     fn invalid_utf8_fails_fast_across_fragments() {
         let mut wire = Vec::new();
         write_frame(&mut wire, false, OpCode::Text, "κόσμε".as_bytes(), MASK);
-        write_frame(
-            &mut wire,
-            false,
-            OpCode::Continuation,
-            &[0xF4, 0x90, 0x80, 0x80],
-            MASK,
-        );
+        write_frame(&mut wire, false, OpCode::Continuation, &[0xF4, 0x90, 0x80, 0x80], MASK);
         let first_two = wire.len();
         write_frame(&mut wire, true, OpCode::Continuation, b"edited", MASK);
         let (_, err) = decode_split(&wire[..first_two], &[], 1 << 20);
@@ -612,11 +529,7 @@ mod tests {
     }
 
     fn arb_message() -> impl Strategy<Value = (bool, Vec<u8>, usize)> {
-        (
-            any::<bool>(),
-            proptest::collection::vec(any::<u8>(), 0..400),
-            1usize..4,
-        )
+        (any::<bool>(), proptest::collection::vec(any::<u8>(), 0..400), 1usize..4)
     }
 
     proptest! {

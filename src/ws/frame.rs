@@ -128,13 +128,7 @@ pub fn encode_header(
 
 /// Appends one whole frame to `out`. With a mask (client role) the payload is masked as
 /// it is copied.
-pub fn write_frame(
-    out: &mut Vec<u8>,
-    fin: bool,
-    opcode: OpCode,
-    payload: &[u8],
-    mask: Option<[u8; 4]>,
-) {
+pub fn write_frame(out: &mut Vec<u8>, fin: bool, opcode: OpCode, payload: &[u8], mask: Option<[u8; 4]>) {
     let mut hdr = [0u8; MAX_HEADER_LEN];
     let n = encode_header(&mut hdr, fin, opcode, payload.len() as u64, mask);
     out.reserve(n + payload.len());
@@ -170,10 +164,7 @@ mod tests {
         assert_eq!(encode_header(&mut h, true, OpCode::Text, 126, None), 4);
         assert_eq!(encode_header(&mut h, true, OpCode::Text, 65535, None), 4);
         assert_eq!(encode_header(&mut h, true, OpCode::Text, 65536, None), 10);
-        assert_eq!(
-            encode_header(&mut h, true, OpCode::Text, 65536, Some([1, 2, 3, 4])),
-            14
-        );
+        assert_eq!(encode_header(&mut h, true, OpCode::Text, 65536, Some([1, 2, 3, 4])), 14);
         let parsed = parse_header(&h).unwrap();
         assert_eq!(parsed.payload_len, 65536);
         assert_eq!(parsed.mask, Some([1, 2, 3, 4]));

@@ -91,9 +91,7 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Result<Option<Request<'_>>,
         return Err(reject(400, "missing or repeated Host header"));
     }
     let has_body = request.header_values("transfer-encoding").next().is_some()
-        || request
-            .header_values("content-length")
-            .any(|v| v.trim_ascii() != b"0");
+        || request.header_values("content-length").any(|v| v.trim_ascii() != b"0");
     if has_body {
         return Err(reject(400, "a request body is not allowed here"));
     }
@@ -137,10 +135,7 @@ pub fn validate_upgrade(req: &Request<'_>, supported: &[String]) -> Result<Accep
             extra_headers: "Sec-WebSocket-Version: 13\r\n",
         });
     }
-    let key = req
-        .header("sec-websocket-key")
-        .map(<[u8]>::trim_ascii)
-        .unwrap_or(b"");
+    let key = req.header("sec-websocket-key").map(<[u8]>::trim_ascii).unwrap_or(b"");
     match BASE64.decode(key) {
         Ok(decoded) if decoded.len() == 16 => {}
         _ => {
@@ -170,7 +165,9 @@ pub fn accept_key(key: &[u8]) -> String {
 
 /// Appends the 101 response.
 pub fn write_accept(out: &mut Vec<u8>, accept: &Accept) {
-    out.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ");
+    out.extend_from_slice(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ",
+    );
     out.extend_from_slice(accept.accept_key.as_bytes());
     if let Some(p) = &accept.protocol {
         out.extend_from_slice(b"\r\nSec-WebSocket-Protocol: ");
@@ -252,23 +249,11 @@ mod tests {
         assert_eq!(status(&GOOD.replace("HTTP/1.1", "HTTP/1.0")), 400);
         assert_eq!(status(&GOOD.replace("Host: example.com\r\n", "")), 400);
         assert_eq!(status(&GOOD.replace("Upgrade: WebSocket\r\n", "")), 426);
-        assert_eq!(
-            status(&GOOD.replace("Upgrade: WebSocket", "Upgrade: h2c")),
-            426
-        );
-        assert_eq!(
-            status(&GOOD.replace("keep-alive, Upgrade", "keep-alive")),
-            400
-        );
+        assert_eq!(status(&GOOD.replace("Upgrade: WebSocket", "Upgrade: h2c")), 426);
+        assert_eq!(status(&GOOD.replace("keep-alive, Upgrade", "keep-alive")), 400);
         assert_eq!(status(&GOOD.replace("Version: 13", "Version: 8")), 426);
-        assert_eq!(
-            status(&GOOD.replace("Sec-WebSocket-Version: 13\r\n", "")),
-            426
-        );
-        assert_eq!(
-            status(&GOOD.replace("dGhlIHNhbXBsZSBub25jZQ==", "c2hvcnQ=")),
-            400
-        );
+        assert_eq!(status(&GOOD.replace("Sec-WebSocket-Version: 13\r\n", "")), 426);
+        assert_eq!(status(&GOOD.replace("dGhlIHNhbXBsZSBub25jZQ==", "c2hvcnQ=")), 400);
         assert_eq!(
             status(&GOOD.replace("dGhlIHNhbXBsZSBub25jZQ==", "!!!notbase64!!!")),
             400
@@ -282,10 +267,7 @@ mod tests {
             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version",
         );
         assert_eq!(status(&two_keys), 400);
-        assert_eq!(
-            status(&GOOD.replace("\r\n\r\n", "\r\nContent-Length: 5\r\n\r\n")),
-            400
-        );
+        assert_eq!(status(&GOOD.replace("\r\n\r\n", "\r\nContent-Length: 5\r\n\r\n")), 400);
         assert_eq!(status("GARBAGE\r\n\r\n"), 400);
         let v426 = check(&GOOD.replace("Version: 13", "Version: 8"), &[]).unwrap_err();
         assert_eq!(v426.extra_headers, "Sec-WebSocket-Version: 13\r\n");
@@ -295,12 +277,7 @@ mod tests {
     fn oversized_heads_are_431() {
         let big = GOOD.replace("Host:", &format!("X-Pad: {}\r\nHost:", "a".repeat(9000)));
         assert_eq!(parse_request(big.as_bytes(), 8192).unwrap_err().status, 431);
-        assert_eq!(
-            parse_request(&big.as_bytes()[..8500], 8192)
-                .unwrap_err()
-                .status,
-            431
-        );
+        assert_eq!(parse_request(&big.as_bytes()[..8500], 8192).unwrap_err().status, 431);
         let many: String = (0..70).map(|i| format!("X-{i}: y\r\n")).collect();
         let req = GOOD.replace("Host:", &format!("{many}Host:"));
         assert_eq!(parse_request(req.as_bytes(), 8192).unwrap_err().status, 431);
@@ -308,15 +285,9 @@ mod tests {
 
     #[test]
     fn subprotocol_follows_server_preference() {
-        let req = GOOD.replace(
-            "\r\n\r\n",
-            "\r\nSec-WebSocket-Protocol: chat.v1, chat.v2\r\n\r\n",
-        );
+        let req = GOOD.replace("\r\n\r\n", "\r\nSec-WebSocket-Protocol: chat.v1, chat.v2\r\n\r\n");
         assert_eq!(
-            check(&req, &["chat.v2", "chat.v1"])
-                .unwrap()
-                .protocol
-                .as_deref(),
+            check(&req, &["chat.v2", "chat.v1"]).unwrap().protocol.as_deref(),
             Some("chat.v2")
         );
         assert_eq!(check(&req, &["other"]).unwrap().protocol, None);

@@ -8,12 +8,7 @@
 #[inline]
 pub fn apply_mask(buf: &mut [u8], mask: [u8; 4], offset: usize) {
     let rot = offset & 3;
-    let m = [
-        mask[rot],
-        mask[(rot + 1) & 3],
-        mask[(rot + 2) & 3],
-        mask[(rot + 3) & 3],
-    ];
+    let m = [mask[rot], mask[(rot + 1) & 3], mask[(rot + 2) & 3], mask[(rot + 3) & 3]];
     let word = u64::from_ne_bytes([m[0], m[1], m[2], m[3], m[0], m[1], m[2], m[3]]);
     let mut chunks = buf.chunks_exact_mut(8);
     for chunk in &mut chunks {

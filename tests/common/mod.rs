@@ -81,10 +81,9 @@ impl Gateway {
                 Err(RecvTimeoutError::Timeout) => {
                     panic!("no line with {needle:?} within 20 s; saw {:?}", self.seen)
                 }
-                Err(RecvTimeoutError::Disconnected) => panic!(
-                    "gateway exited before printing {needle:?}; saw {:?}",
-                    self.seen
-                ),
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!("gateway exited before printing {needle:?}; saw {:?}", self.seen)
+                }
             }
         }
     }
@@ -160,11 +159,7 @@ pub fn raw_upgrade(addr: SocketAddr, path: &str) -> TcpStream {
         s.read_exact(&mut byte).expect("read 101");
         head.push(byte[0]);
     }
-    assert!(
-        head.starts_with(b"HTTP/1.1 101 "),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
+    assert!(head.starts_with(b"HTTP/1.1 101 "), "{}", String::from_utf8_lossy(&head));
     s
 }
 
@@ -206,4 +201,37 @@ pub fn write_frame(s: &mut TcpStream, first_byte: u8, payload: &[u8]) {
 
 pub fn close_code(payload: &[u8]) -> u16 {
     u16::from_be_bytes([payload[0], payload[1]])
+}
+
+/// The per-shard ports printed with `--shard-ports`, by shard id.
+pub fn shard_ports(gw: &Gateway) -> Vec<u16> {
+    let mut ports: Vec<(usize, u16)> = gw
+        .seen
+        .iter()
+        .filter_map(|l| {
+            let id = l.strip_prefix("shard ")?.split(':').next()?.parse().ok()?;
+            let port = l.split("own port ").nth(1)?.trim().parse().ok()?;
+            Some((id, port))
+        })
+        .collect();
+    ports.sort();
+    ports.into_iter().map(|(_, p)| p).collect()
+}
+
+/// A fresh directory for a test's data (the generated auth secret lives there).
+pub fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("shardgate-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Sends a request and returns just the response's status code (the connection may stay open).
+pub fn response_status(addr: SocketAddr, request: &str) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    s.write_all(request.as_bytes()).expect("write request");
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).expect("a status line");
+    String::from_utf8_lossy(&head[9..12]).into_owned()
 }

@@ -1,0 +1,170 @@
+//! Latency against the SLO: each shard records every routed message's ingress-to-egress
+//! time in its own HDR histograms (no locks), and hands copies to a reporter thread that
+//! merges them off the hot path and prints.
+
+pub mod report;
+
+pub use report::{spawn_reporter, Reporter, ShardReport};
+
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+/// 1 µs to 60 s at 3 significant digits, as every histogram here.
+pub fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+/// One shard's recorder: the current interval and the whole run.
+pub struct LatencyRecorder {
+    pub interval: Histogram<u64>,
+    pub total: Histogram<u64>,
+}
+
+impl Default for LatencyRecorder {
+    fn default() -> Self {
+        LatencyRecorder {
+            interval: new_histogram(),
+            total: new_histogram(),
+        }
+    }
+}
+
+impl LatencyRecorder {
+    /// Records a message that entered at `ingress` and left at `now`.
+    #[inline]
+    pub fn record(&mut self, ingress: Instant, now: Instant) {
+        let us = now.saturating_duration_since(ingress).as_micros().clamp(1, 60_000_000) as u64;
+        // Within the bounds by the clamp, so recording cannot fail.
+        let _ = self.interval.record(us);
+        let _ = self.total.record(us);
+    }
+
+    /// The interval so far, and a fresh one started.
+    pub fn take_interval(&mut self) -> Histogram<u64> {
+        let h = self.interval.clone();
+        self.interval.reset();
+        h
+    }
+}
+
+/// The stdout report line for one interval (documented in the README):
+/// `report: t=… interval_s=… msgs_per_s=… connections=… count=… p50_us=… p90_us=… p99_us=… p999_us=… max_us=… within_slo_pct=… slo_ms=…`
+pub fn report_line(
+    elapsed: Duration,
+    interval: Duration,
+    connections: u64,
+    h: &Histogram<u64>,
+    slo: Duration,
+) -> String {
+    let count = h.len();
+    let within = if count == 0 { 100.0 } else { within_slo(h, slo) * 100.0 };
+    format!(
+        "report: t={:.0}s interval_s={:.1} msgs_per_s={:.1} connections={connections} count={count} p50_us={} p90_us={} p99_us={} p999_us={} max_us={} within_slo_pct={within:.3} slo_ms={}",
+        elapsed.as_secs_f64(),
+        interval.as_secs_f64(),
+        count as f64 / interval.as_secs_f64().max(1e-9),
+        h.value_at_quantile(0.50),
+        h.value_at_quantile(0.90),
+        h.value_at_quantile(0.99),
+        h.value_at_quantile(0.999),
+        h.max(),
+        slo.as_millis(),
+    )
+}
+
+/// The share of recorded values at or below `slo`.
+pub fn within_slo(h: &Histogram<u64>, slo: Duration) -> f64 {
+    if h.is_empty() {
+        return 1.0;
+    }
+    let limit = slo.as_micros() as u64;
+    h.count_between(0, limit) as f64 / h.len() as f64
+}
+
+/// The whole distribution in HdrHistogram's percentile text format (values in ms).
+pub fn percentile_distribution(h: &Histogram<u64>) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "{:>12} {:>14} {:>10} {:>14}\n\n",
+        "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
+    ));
+    let mut total = 0u64;
+    for v in h.iter_quantiles(5) {
+        total += v.count_since_last_iteration();
+        let q = v.quantile_iterated_to();
+        let inv = if q < 1.0 {
+            format!("{:14.2}", 1.0 / (1.0 - q))
+        } else {
+            String::new()
+        };
+        out.push_str(&format!(
+            "{:12.3} {:2.12} {:10} {}\n",
+            v.value_iterated_to() as f64 / 1000.0,
+            q,
+            total,
+            inv
+        ));
+    }
+    let mean = h.mean() / 1000.0;
+    let stddev = h.stdev() / 1000.0;
+    out.push_str(&format!(
+        "#[Mean    = {mean:12.3}, StdDeviation   = {stddev:12.3}]\n#[Max     = {:12.3}, Total count    = {:12}]\n#[Buckets = {:12}, SubBuckets     = {:12}]\n",
+        h.max() as f64 / 1000.0,
+        h.len(),
+        h.buckets(),
+        h.distinct_values(),
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recorder_and_report_line() {
+        let mut r = LatencyRecorder::default();
+        let t0 = Instant::now();
+        for us in [100u64, 200, 300, 250_000] {
+            r.record(t0, t0 + Duration::from_micros(us));
+        }
+        let h = r.take_interval();
+        assert_eq!(h.len(), 4);
+        assert!(r.interval.is_empty());
+        assert_eq!(r.total.len(), 4);
+        assert!((within_slo(&h, Duration::from_millis(200)) - 0.75).abs() < 1e-9);
+        let line = report_line(
+            Duration::from_secs(10),
+            Duration::from_secs(10),
+            7,
+            &h,
+            Duration::from_millis(200),
+        );
+        assert!(
+            line.starts_with("report: t=10s interval_s=10.0 msgs_per_s=0.4 connections=7 count=4 p50_us=200 "),
+            "{line}"
+        );
+        assert!(line.ends_with("within_slo_pct=75.000 slo_ms=200"), "{line}");
+    }
+
+    #[test]
+    fn distribution_format_is_hdrhistogram_percentiles() {
+        let mut h = new_histogram();
+        for v in 1..=1000u64 {
+            h.record(v * 10).unwrap();
+        }
+        let text = percentile_distribution(&h);
+        let mut lines = text.lines();
+        assert!(lines.next().unwrap().contains("Value") && text.contains("1/(1-Percentile)"));
+        let rows: Vec<Vec<&str>> = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.contains("Value") && !l.is_empty())
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        let last = rows.last().unwrap();
+        assert_eq!(last[1].parse::<f64>().unwrap(), 1.0);
+        assert_eq!(last[2], "1000");
+        assert!(text.contains("Total count    =         1000"));
+    }
+}

@@ -1,0 +1,101 @@
+//! The reporter thread: merges every shard's interval histograms and prints one line per
+//! interval; at the end, prints (and writes) the whole run's percentile distribution.
+
+use std::path::PathBuf;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use hdrhistogram::Histogram;
+
+use super::{new_histogram, percentile_distribution, report_line};
+
+/// What a shard hands the reporter.
+pub enum ShardReport {
+    /// Interval number `tick` of one shard.
+    Interval {
+        tick: u64,
+        histogram: Histogram<u64>,
+        connections: u64,
+    },
+    /// The shard's whole run, sent once when it stops.
+    Final { histogram: Histogram<u64> },
+}
+
+/// The shards' handle on the reporter.
+#[derive(Clone)]
+pub struct Reporter {
+    tx: Sender<ShardReport>,
+}
+
+impl Reporter {
+    /// Never blocks (the channel is unbounded, and carries one message per shard per interval).
+    pub fn send(&self, report: ShardReport) {
+        let _ = self.tx.send(report);
+    }
+}
+
+pub struct ReporterConfig {
+    pub shards: usize,
+    pub interval: Duration,
+    pub slo: Duration,
+    pub histogram_out: Option<PathBuf>,
+}
+
+/// Starts the reporter thread. It ends after every shard sent its `Final`.
+pub fn spawn_reporter(config: ReporterConfig) -> std::io::Result<(Reporter, JoinHandle<()>)> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let handle = std::thread::Builder::new()
+        .name("reporter".into())
+        .spawn(move || run(config, rx))?;
+    Ok((Reporter { tx }, handle))
+}
+
+fn run(config: ReporterConfig, rx: Receiver<ShardReport>) {
+    let started = Instant::now();
+    // Interval merges waiting for the shards that have not reported that tick yet.
+    let mut ticks: std::collections::BTreeMap<u64, (usize, Histogram<u64>, u64)> = Default::default();
+    let mut total = new_histogram();
+    let mut finals = 0;
+    while finals < config.shards {
+        let Ok(report) = rx.recv() else { break };
+        match report {
+            ShardReport::Interval {
+                tick,
+                histogram,
+                connections,
+            } => {
+                let entry = ticks.entry(tick).or_insert_with(|| (0, new_histogram(), 0));
+                entry.0 += 1;
+                let _ = entry.1.add(&histogram);
+                entry.2 += connections;
+                if entry.0 == config.shards {
+                    if let Some((_, h, conns)) = ticks.remove(&tick) {
+                        println!(
+                            "{}",
+                            report_line(started.elapsed(), config.interval, conns, &h, config.slo)
+                        );
+                    }
+                }
+            }
+            ShardReport::Final { histogram } => {
+                let _ = total.add(&histogram);
+                finals += 1;
+            }
+        }
+    }
+    let text = percentile_distribution(&total);
+    println!(
+        "latency over the whole run (ingress to egress, ms; {} messages, {:.3}% within the {} ms SLO):",
+        total.len(),
+        super::within_slo(&total, config.slo) * 100.0,
+        config.slo.as_millis()
+    );
+    print!("{text}");
+    if let Some(path) = &config.histogram_out {
+        match std::fs::write(path, &text) {
+            Ok(()) => println!("histogram written to {}", path.display()),
+            Err(e) => println!("cannot write the histogram to {}: {e}", path.display()),
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! A connection's outbound queue: frames waiting for its socket.
+//!
+//! Frames are shared (`Bytes`): a room message encoded once sits in the queues of all its
+//! recipients. Whoever queues (the connection's own task, another connection on the shard,
+//! the inbox pump) marks the queue dirty; the shard flushes dirty queues with one
+//! `sendmsg` each after a batch. What the socket does not take stays queued, and the
+//! connection's task writes it when the socket is writable. The queue is bounded in bytes:
+//! past the bound the connection is a slow consumer and is closed with 1008.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::RawFd;
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use super::cork::sendmsg_now;
+use crate::metrics::LatencyRecorder;
+use crate::route::ConnId;
+
+/// iovecs per `sendmsg` when flushing a queue.
+const IOV_BATCH: usize = 256;
+
+struct Queued {
+    frame: Bytes,
+    /// When the message entered the gateway (routed messages only): recorded on egress.
+    ingress: Option<Instant>,
+}
+
+pub struct Outbound {
+    pub id: ConnId,
+    /// The connection's place in its shard (to wake its task).
+    pub slot: usize,
+    fd: RawFd,
+    limit: usize,
+    queue: RefCell<VecDeque<Queued>>,
+    /// Bytes of the front frame already sent.
+    front_sent: Cell<usize>,
+    bytes: Cell<usize>,
+    /// The connection's task is writing the front frame: nobody else may send now.
+    writing: Cell<bool>,
+    dirty: Cell<bool>,
+    overflowed: Cell<bool>,
+}
+
+impl Outbound {
+    pub fn new(id: ConnId, slot: usize, fd: RawFd, limit: usize) -> Self {
+        Outbound {
+            id,
+            slot,
+            fd,
+            limit,
+            queue: RefCell::new(VecDeque::new()),
+            front_sent: Cell::new(0),
+            bytes: Cell::new(0),
+            writing: Cell::new(false),
+            dirty: Cell::new(false),
+            overflowed: Cell::new(false),
+        }
+    }
+
+    /// Queues a frame. Returns true when the queue just became dirty (the caller should
+    /// put it on the shard's flush list).
+    pub fn push(&self, frame: Bytes, ingress: Option<Instant>) -> bool {
+        if self.overflowed.get() {
+            return false;
+        }
+        let bytes = self.bytes.get() + frame.len();
+        if bytes > self.limit {
+            // The connection is closed for being too slow: drop what is queued, except the
+            // rest of a frame already partly on the wire (the Close must not cut into it).
+            self.overflowed.set(true);
+            let mut queue = self.queue.borrow_mut();
+            if self.front_sent.get() > 0 {
+                queue.truncate(1);
+                self.bytes
+                    .set(queue.front().map_or(0, |q| q.frame.len() - self.front_sent.get()));
+            } else {
+                queue.clear();
+                self.bytes.set(0);
+            }
+            return !self.dirty.replace(true);
+        }
+        self.bytes.set(bytes);
+        self.queue.borrow_mut().push_back(Queued { frame, ingress });
+        !self.dirty.replace(true)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.borrow().is_empty()
+    }
+
+    pub fn overflowed(&self) -> bool {
+        self.overflowed.get()
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Is there work only the connection's task can do (write into a full socket, or
+    /// close a slow consumer)?
+    pub fn needs_task(&self) -> bool {
+        self.overflowed.get() || (!self.writing.get() && !self.queue.borrow().is_empty())
+    }
+
+    /// Sends as much as the socket takes now, without waiting. Records the latency of
+    /// routed frames that left completely. Returns true if frames remain (the task must
+    /// wait for the socket).
+    pub fn flush_now(&self, latency: &mut LatencyRecorder) -> io::Result<bool> {
+        self.dirty.set(false);
+        if self.writing.get() || self.overflowed.get() {
+            return Ok(!self.is_empty());
+        }
+        let mut queue = self.queue.borrow_mut();
+        let mut iov: Vec<libc::iovec> = Vec::with_capacity(queue.len().min(IOV_BATCH));
+        while !queue.is_empty() {
+            iov.clear();
+            let mut batch_len = 0;
+            for (i, q) in queue.iter().take(IOV_BATCH).enumerate() {
+                let s = if i == 0 {
+                    &q.frame[self.front_sent.get()..]
+                } else {
+                    &q.frame[..]
+                };
+                batch_len += s.len();
+                iov.push(libc::iovec {
+                    iov_base: s.as_ptr() as *mut libc::c_void,
+                    iov_len: s.len(),
+                });
+            }
+            let sent = sendmsg_now(self.fd, &iov)?;
+            self.advance(&mut queue, sent, latency);
+            if sent < batch_len {
+                break;
+            }
+        }
+        Ok(!queue.is_empty())
+    }
+
+    /// Drops `sent` bytes from the front of the queue.
+    fn advance(&self, queue: &mut VecDeque<Queued>, mut sent: usize, latency: &mut LatencyRecorder) {
+        self.bytes.set(self.bytes.get() - sent);
+        let mut now = None;
+        while sent > 0 {
+            let Some(front) = queue.front() else { break };
+            let left = front.frame.len() - self.front_sent.get();
+            if sent < left {
+                self.front_sent.set(self.front_sent.get() + sent);
+                return;
+            }
+            sent -= left;
+            self.front_sent.set(0);
+            if let Some(ingress) = front.ingress {
+                latency.record(ingress, *now.get_or_insert_with(Instant::now));
+            }
+            queue.pop_front();
+        }
+    }
+
+    /// The front frame's unsent bytes, for the task to write while it owns the socket.
+    /// `None` when the queue is empty.
+    pub fn begin_write(&self) -> Option<Bytes> {
+        let queue = self.queue.borrow();
+        let front = queue.front()?;
+        self.writing.set(true);
+        Some(front.frame.slice(self.front_sent.get()..))
+    }
+
+    /// The task wrote `n` bytes of what `begin_write` gave it.
+    pub fn end_write(&self, n: usize, latency: &mut LatencyRecorder) {
+        self.writing.set(false);
+        let mut queue = self.queue.borrow_mut();
+        self.advance(&mut queue, n, latency);
+    }
+}

@@ -1,0 +1,532 @@
+//! The chat gateway as clients see it: users on chosen shards of a real process exchange
+//! direct and room messages over real WebSocket connections.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream as TokioTcp;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+type Ws = WebSocketStream<MaybeTlsStream<TokioTcp>>;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A two-shard gateway with dev auth and a port per shard.
+fn gateway(name: &str, extra: &[&str]) -> (Gateway, Vec<u16>) {
+    let dir = temp_dir(name);
+    let mut args = vec![
+        "--shards",
+        "2",
+        "--shard-ports",
+        "--insecure-dev-auth",
+        "--rate-limit",
+        "0",
+    ];
+    args.extend_from_slice(&["--data-dir", dir.to_str().unwrap()]);
+    args.extend_from_slice(extra);
+    let gw = Gateway::start(&args);
+    let ports = shard_ports(&gw);
+    assert_eq!(ports.len(), 2, "{:?}", gw.seen);
+    (gw, ports)
+}
+
+/// Connects `user` to the shard listening on `port` and waits for `ready`.
+async fn connect(port: u16, user: &str) -> Ws {
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/ws?user={user}"))
+        .await
+        .expect("upgrade");
+    let ready = recv(&mut ws).await;
+    assert_eq!(ready, json!({"type": "ready", "user": user}));
+    ws
+}
+
+async fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::Text(v.to_string())).await.unwrap();
+}
+
+/// The next JSON frame (pings are answered by tungstenite and skipped).
+async fn recv(ws: &mut Ws) -> Value {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => return serde_json::from_str(&t).unwrap(),
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn direct_messages_cross_shards_with_acks() {
+    let (_gw, ports) = gateway("direct", &[]);
+    runtime().block_on(async {
+        let mut alice = connect(ports[0], "alice").await;
+        let mut bob = connect(ports[1], "bob").await;
+        send(
+            &mut alice,
+            json!({"type":"send","to":"bob","id":"c-17","body":{"text":"hi","n":[1,2.5]}}),
+        )
+        .await;
+        assert_eq!(
+            recv(&mut alice).await,
+            json!({"type":"ack","id":"c-17","status":"routed"})
+        );
+        let m = recv(&mut bob).await;
+        assert_eq!(
+            (
+                m["type"].as_str(),
+                m["from"].as_str(),
+                m["to"].as_str(),
+                m["id"].as_str()
+            ),
+            (Some("message"), Some("alice"), Some("bob"), Some("c-17"))
+        );
+        assert_eq!(m["body"], json!({"text":"hi","n":[1,2.5]}));
+        let ts = m["ts"].as_u64().unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        assert!(now - ts < 10_000, "ts {ts} is the server's wall clock in ms");
+        // Back the other way, and to someone who is not connected.
+        send(&mut bob, json!({"type":"send","to":"alice","id":"r-1","body":"pong"})).await;
+        assert_eq!(recv(&mut bob).await["status"], "routed");
+        assert_eq!(recv(&mut alice).await["body"], "pong");
+        send(&mut alice, json!({"type":"send","to":"nobody","id":"c-18","body":1})).await;
+        assert_eq!(
+            recv(&mut alice).await,
+            json!({"type":"ack","id":"c-18","status":"offline"})
+        );
+    });
+}
+
+#[test]
+fn every_device_of_the_recipient_receives() {
+    let (_gw, ports) = gateway("devices", &[]);
+    runtime().block_on(async {
+        let mut alice = connect(ports[0], "alice").await;
+        let mut bob_phone = connect(ports[0], "bob").await;
+        let mut bob_laptop = connect(ports[1], "bob").await;
+        send(&mut alice, json!({"type":"send","to":"bob","id":"m1","body":"to both"})).await;
+        assert_eq!(recv(&mut alice).await["status"], "routed");
+        assert_eq!(recv(&mut bob_phone).await["body"], "to both");
+        assert_eq!(recv(&mut bob_laptop).await["body"], "to both");
+    });
+}
+
+#[test]
+fn rooms_join_publish_leave() {
+    let (_gw, ports) = gateway("rooms", &[]);
+    runtime().block_on(async {
+        let mut alice = connect(ports[0], "alice").await;
+        let mut bob = connect(ports[1], "bob").await;
+        let mut bob_other = connect(ports[0], "bob").await;
+        let mut carol = connect(ports[1], "carol").await;
+        send(
+            &mut alice,
+            json!({"type":"publish","room":"general","id":"p0","body":"early"}),
+        )
+        .await;
+        let e = recv(&mut alice).await;
+        assert_eq!(
+            (e["type"].as_str(), e["code"].as_str(), e["id"].as_str()),
+            (Some("error"), Some("not_member"), Some("p0"))
+        );
+        for ws in [&mut alice, &mut bob, &mut carol] {
+            send(ws, json!({"type":"join","room":"general"})).await;
+            assert_eq!(recv(ws).await, json!({"type":"joined","room":"general"}));
+        }
+        send(
+            &mut bob,
+            json!({"type":"publish","room":"general","id":"p1","body":{"text":"hello room"}}),
+        )
+        .await;
+        assert_eq!(recv(&mut bob).await, json!({"type":"ack","id":"p1","status":"routed"}));
+        for ws in [&mut alice, &mut carol, &mut bob_other] {
+            let m = recv(ws).await;
+            assert_eq!(
+                (
+                    m["type"].as_str(),
+                    m["room"].as_str(),
+                    m["from"].as_str(),
+                    m["id"].as_str()
+                ),
+                (Some("room_message"), Some("general"), Some("bob"), Some("p1"))
+            );
+            assert_eq!(m["body"]["text"], "hello room");
+        }
+        // Carol leaves: the next publish does not reach her. A direct message sent after it
+        // is the next thing she gets (one sender's messages keep their order).
+        send(&mut carol, json!({"type":"leave","room":"general"})).await;
+        assert_eq!(recv(&mut carol).await, json!({"type":"left","room":"general"}));
+        send(
+            &mut bob,
+            json!({"type":"publish","room":"general","id":"p2","body":"without carol"}),
+        )
+        .await;
+        send(&mut bob, json!({"type":"send","to":"carol","id":"d1","body":"marker"})).await;
+        assert_eq!(recv(&mut carol).await["body"], "marker");
+        assert_eq!(recv(&mut alice).await["id"], "p2");
+        // The sending connection never gets its own room message; its acks are all it sees.
+        assert_eq!(recv(&mut bob).await["id"], "p2");
+        assert_eq!(recv(&mut bob).await["id"], "d1");
+    });
+}
+
+#[test]
+fn membership_ends_with_the_users_last_connection() {
+    let (_gw, ports) = gateway("membership", &[]);
+    runtime().block_on(async {
+        let mut alice = connect(ports[0], "alice").await;
+        let mut bob = connect(ports[1], "bob").await;
+        send(&mut bob, json!({"type":"join","room":"r"})).await;
+        assert_eq!(recv(&mut bob).await["type"], "joined");
+        bob.close(None).await.unwrap();
+        while let Some(Ok(m)) = bob.next().await {
+            if m.is_close() {
+                break;
+            }
+        }
+        let mut bob = connect(ports[0], "bob").await;
+        send(&mut bob, json!({"type":"publish","room":"r","id":"x","body":1})).await;
+        assert_eq!(recv(&mut bob).await["code"], "not_member");
+        send(&mut alice, json!({"type":"send","to":"bob","id":"y","body":1})).await;
+        assert_eq!(recv(&mut alice).await["status"], "routed");
+    });
+}
+
+#[test]
+fn ten_thousand_messages_from_one_sender_arrive_in_order() {
+    let (_gw, ports) = gateway("order", &[]);
+    runtime().block_on(async {
+        let mut alice = connect(ports[0], "alice").await;
+        let mut bob = connect(ports[1], "bob").await;
+        const N: u64 = 10_000;
+        let sender = async {
+            for i in 0..N {
+                alice
+                    .feed(Message::Text(
+                        json!({"type":"send","to":"bob","id":i.to_string(),"body":i}).to_string(),
+                    ))
+                    .await
+                    .unwrap();
+            }
+            alice.flush().await.unwrap();
+            for i in 0..N {
+                assert_eq!(recv(&mut alice).await["id"], i.to_string());
+            }
+        };
+        let receiver = async {
+            for i in 0..N {
+                assert_eq!(recv(&mut bob).await["body"], i, "message {i} out of order");
+            }
+        };
+        futures_util::future::join(sender, receiver).await;
+    });
+}
+
+#[test]
+fn application_errors_answer_and_keep_the_connection() {
+    let (_gw, ports) = gateway("errors", &["--max-chat-message", "200"]);
+    runtime().block_on(async {
+        let mut alice = connect(ports[0], "alice").await;
+        let cases: Vec<(Message, &str)> = vec![
+            (Message::Text("{not json".into()), "bad_json"),
+            (
+                Message::Text(json!({"type":"dance","id":"d"}).to_string()),
+                "unknown_type",
+            ),
+            (
+                Message::Text(json!({"type":"send","to":"has space","body":1}).to_string()),
+                "bad_field",
+            ),
+            (
+                Message::Text(json!({"type":"send","to":"bob"}).to_string()),
+                "bad_field",
+            ),
+            (Message::Text(json!({"type":"join"}).to_string()), "bad_field"),
+            (Message::Binary(vec![1, 2, 3]), "bad_json"),
+            (
+                Message::Text(json!({"type":"send","to":"bob","body":"x".repeat(300)}).to_string()),
+                "too_large",
+            ),
+        ];
+        for (msg, code) in cases {
+            alice.send(msg.clone()).await.unwrap();
+            let e = recv(&mut alice).await;
+            assert_eq!(
+                (e["type"].as_str(), e["code"].as_str()),
+                (Some("error"), Some(code)),
+                "for {msg:?}: {e}"
+            );
+            assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()));
+        }
+        send(
+            &mut alice,
+            json!({"type":"send","to":"alice","id":"self","body":"still open"}),
+        )
+        .await;
+        let mut got = [recv(&mut alice).await, recv(&mut alice).await];
+        got.sort_by_key(|v| v["type"].as_str().map(str::to_string));
+        assert_eq!(got[0]["status"], "routed");
+        assert_eq!(got[1]["body"], "still open");
+    });
+}
+
+#[test]
+fn rate_limit_answers_rate_limited() {
+    let dir = temp_dir("rate");
+    let gw = Gateway::start(&[
+        "--shards",
+        "1",
+        "--insecure-dev-auth",
+        "--rate-limit",
+        "1",
+        "--rate-burst",
+        "3",
+        "--data-dir",
+        dir.to_str().unwrap(),
+    ]);
+    runtime().block_on(async {
+        let mut alice = connect(gw.addr.port(), "alice").await;
+        for i in 0..4 {
+            send(
+                &mut alice,
+                json!({"type":"send","to":"nobody","id":i.to_string(),"body":1}),
+            )
+            .await;
+        }
+        for _ in 0..3 {
+            assert_eq!(recv(&mut alice).await["status"], "offline");
+        }
+        assert_eq!(recv(&mut alice).await["code"], "rate_limited");
+    });
+}
+
+fn upgrade_status(addr: std::net::SocketAddr, target: &str, headers: &str) -> String {
+    response_status(
+        addr,
+        &upgrade_request(target, headers).replace("Host: localhost", "Host: x"),
+    )
+}
+
+#[test]
+fn tokens_are_checked_before_the_upgrade() {
+    let dir = temp_dir("tokens");
+    let gw = Gateway::start(&["--shards", "1", "--data-dir", dir.to_str().unwrap()]);
+    let mint = |user: &str, ttl: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_shardgate"))
+            .args(["token", user, "--ttl", ttl, "--data-dir", dir.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let good = mint("alice", "1h");
+    assert_eq!(upgrade_status(gw.addr, &format!("/ws?token={good}"), ""), "101");
+    assert_eq!(
+        upgrade_status(gw.addr, "/ws", &format!("Authorization: Bearer {good}\r\n")),
+        "101"
+    );
+    assert_eq!(upgrade_status(gw.addr, "/ws", ""), "401", "missing");
+    assert_eq!(upgrade_status(gw.addr, "/ws?token=garbage", ""), "401", "malformed");
+    assert_eq!(upgrade_status(gw.addr, "/ws?user=alice", ""), "401", "dev auth is off");
+    let forged = {
+        let mut parts: Vec<String> = good.split('.').map(str::to_string).collect();
+        parts[2] = parts[2].chars().rev().collect();
+        parts.join(".")
+    };
+    assert_eq!(
+        upgrade_status(gw.addr, &format!("/ws?token={forged}"), ""),
+        "401",
+        "bad signature"
+    );
+    let expired = mint("alice", "1s");
+    // The token names its expiry in whole seconds; wait for the clock to pass it.
+    let exp = {
+        use base64::Engine;
+        let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(expired.split('.').nth(1).unwrap())
+            .unwrap();
+        serde_json::from_slice::<Value>(&claims).unwrap()["exp"]
+            .as_u64()
+            .unwrap()
+    };
+    while std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        <= exp
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        upgrade_status(gw.addr, &format!("/ws?token={expired}"), ""),
+        "401",
+        "expired"
+    );
+}
+
+#[test]
+fn forbidden_origin_is_403() {
+    let dir = temp_dir("origin");
+    let gw = Gateway::start(&[
+        "--shards",
+        "1",
+        "--insecure-dev-auth",
+        "--allowed-origin",
+        "https://chat.example",
+        "--data-dir",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        upgrade_status(gw.addr, "/ws?user=a", "Origin: https://evil.example\r\n"),
+        "403"
+    );
+    assert_eq!(
+        upgrade_status(gw.addr, "/ws?user=a", "Origin: https://chat.example\r\n"),
+        "101"
+    );
+    assert_eq!(
+        upgrade_status(gw.addr, "/ws?user=a", ""),
+        "101",
+        "non-browser clients send no Origin"
+    );
+}
+
+#[test]
+fn a_slow_consumer_is_closed_with_1008_while_others_keep_receiving() {
+    let (_gw, ports) = gateway("slow", &["--max-outbound-bytes", "65536"]);
+    // The slow consumer: a raw socket with a small receive buffer that stops reading.
+    let slow = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    slow.set_recv_buffer_size(4096).unwrap();
+    slow.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], ports[1])).into())
+        .unwrap();
+    let mut slow: TcpStream = slow.into();
+    slow.write_all(upgrade_request("/ws?user=slow", "").as_bytes()).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        slow.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let (op, ready) = read_frame(&mut slow).unwrap();
+    assert_eq!(
+        (op, serde_json::from_slice::<Value>(&ready).unwrap()["type"].as_str()),
+        (1, Some("ready"))
+    );
+    runtime().block_on(async {
+        let mut alice = connect(ports[0], "alice").await;
+        let mut bob = connect(ports[1], "bob").await;
+        let body = "y".repeat(16_000);
+        // 6.4 MB: more than the queue's 64 KiB plus what the kernel buffers (its send
+        // buffer grows to net.ipv4.tcp_wmem's maximum, 4 MiB by default).
+        for i in 0..400 {
+            send(
+                &mut alice,
+                json!({"type":"send","to":"slow","id":i.to_string(),"body":body}),
+            )
+            .await;
+            send(
+                &mut alice,
+                json!({"type":"send","to":"bob","id":format!("b{i}"),"body":i}),
+            )
+            .await;
+        }
+        for i in 0..400 {
+            assert_eq!(recv(&mut bob).await["body"], i, "bob keeps receiving");
+        }
+    });
+    // Now read what reached the slow consumer: messages, then Close 1008 naming the reason.
+    loop {
+        let (op, payload) = read_frame(&mut slow).expect("frames, then a close");
+        if op == 0x8 {
+            assert_eq!(close_code(&payload), 1008);
+            let reason = String::from_utf8_lossy(&payload[2..]);
+            assert!(reason.contains("slow consumer") && reason.contains("65536"), "{reason}");
+            break;
+        }
+        assert_eq!(op, 0x1);
+    }
+}
+
+#[test]
+fn report_lines_and_final_histogram() {
+    let dir = temp_dir("report");
+    let hist = dir.join("latency.hgrm");
+    let (mut gw, ports) = gateway(
+        "report",
+        &["--report-interval", "300ms", "--histogram-out", hist.to_str().unwrap()],
+    );
+    runtime().block_on(async {
+        let mut alice = connect(ports[0], "alice").await;
+        let mut bob = connect(ports[1], "bob").await;
+        for i in 0..50 {
+            send(
+                &mut alice,
+                json!({"type":"send","to":"bob","id":i.to_string(),"body":i}),
+            )
+            .await;
+        }
+        for _ in 0..50 {
+            recv(&mut bob).await;
+        }
+    });
+    // Report lines come every 300 ms; find one that counted the 50 messages.
+    let mut counted = 0;
+    while counted < 50 {
+        let line = gw.wait_line("report: ");
+        let fields: std::collections::HashMap<&str, &str> = line["report: ".len()..]
+            .split(' ')
+            .filter_map(|kv| kv.split_once('='))
+            .collect();
+        for key in [
+            "t",
+            "interval_s",
+            "msgs_per_s",
+            "connections",
+            "count",
+            "p50_us",
+            "p90_us",
+            "p99_us",
+            "p999_us",
+            "max_us",
+            "within_slo_pct",
+            "slo_ms",
+        ] {
+            assert!(fields.contains_key(key), "{key} missing from {line}");
+        }
+        assert_eq!(fields["slo_ms"], "200");
+        let count: u64 = fields["count"].parse().unwrap();
+        if count > 0 {
+            let p99: u64 = fields["p99_us"].parse().unwrap();
+            assert!((1..200_000).contains(&p99), "{line}");
+            assert_eq!(fields["within_slo_pct"], "100.000");
+        }
+        counted += count;
+    }
+    assert_eq!(counted, 50);
+    gw.signal(libc::SIGTERM);
+    assert!(gw.wait_exit().success());
+    assert!(
+        gw.seen
+            .iter()
+            .any(|l| l.contains("Value") && l.contains("1/(1-Percentile)")),
+        "{:?}",
+        gw.seen
+    );
+    let text = std::fs::read_to_string(&hist).unwrap();
+    assert!(text.contains("Total count    =           50"), "{text}");
+}
