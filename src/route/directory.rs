@@ -65,7 +65,7 @@ pub struct Router {
     /// This shard's connections, by user.
     local_users: HashMap<Arc<str>, Vec<ConnId>>,
     /// This shard's connections that receive each room.
-    local_rooms: HashMap<Arc<str>, Vec<ConnId>>,
+    local_rooms: HashMap<Arc<str>, HashSet<ConnId>>,
     /// Records of the users whose home is this shard.
     homes: HashMap<Arc<str>, HomeRecord>,
     pending: HashMap<u64, Pending>,
@@ -143,8 +143,8 @@ impl Router {
     }
 
     /// This shard's connections that receive `room`.
-    pub fn local_room_connections(&self, room: &str) -> &[ConnId] {
-        self.local_rooms.get(room).map_or(&[], Vec::as_slice)
+    pub fn local_room_connections(&self, room: &str) -> impl Iterator<Item = &ConnId> {
+        self.local_rooms.get(room).into_iter().flatten()
     }
 
     pub fn local_user_count(&self) -> usize {
@@ -298,14 +298,13 @@ impl Router {
             ShardMsg::Sync { ticket } => self.send(ticket.shard, ShardMsg::Done { ticket }),
             ShardMsg::UserState { user, mask, rooms } => self.apply_user_state(user, mask, rooms),
             ShardMsg::RoomShard { room, shard, present } => {
-                let mask = self.room_masks.entry(room).or_insert(0);
                 if present {
-                    *mask |= 1 << shard;
-                } else {
+                    *self.room_masks.entry(room).or_insert(0) |= 1 << shard;
+                } else if let Some(mask) = self.room_masks.get_mut(&room) {
                     *mask &= !(1 << shard);
-                }
-                if *mask == 0 {
-                    self.room_masks.retain(|_, m| *m != 0);
+                    if *mask == 0 {
+                        self.room_masks.remove(&room);
+                    }
                 }
             }
             ShardMsg::Done { ticket } => self.barrier_round(ticket, 1),
@@ -391,10 +390,9 @@ impl Router {
 
     fn add_local_room_member(&mut self, room: &Arc<str>, conn: ConnId) {
         let conns = self.local_rooms.entry(room.clone()).or_default();
-        if conns.contains(&conn) {
+        if !conns.insert(conn) {
             return;
         }
-        conns.push(conn);
         if conns.len() == 1 {
             self.broadcast(ShardMsg::RoomShard {
                 room: room.clone(),
@@ -408,7 +406,7 @@ impl Router {
         let Some(conns) = self.local_rooms.get_mut(room) else {
             return;
         };
-        conns.retain(|c| *c != conn);
+        conns.remove(&conn);
         if conns.is_empty() {
             if let Some((room, _)) = self.local_rooms.remove_entry(room) {
                 self.broadcast(ShardMsg::RoomShard {
@@ -535,11 +533,11 @@ mod tests {
             assert!(r.is_member("alice", "general"));
             assert!(!r.is_member("bob", "general"));
         }
-        assert_eq!(c.routers[1].local_room_connections("general"), &[2]);
+        assert_eq!(c.routers[1].local_room_connections("general").collect::<Vec<_>>(), [&2]);
         // A device that connects later receives the room too.
         c.routers[2].connect(&alice, 9);
         c.settle(&[0, 1, 2]);
-        assert_eq!(c.routers[2].local_room_connections("general"), &[9]);
+        assert_eq!(c.routers[2].local_room_connections("general").collect::<Vec<_>>(), [&9]);
         assert_eq!(c.routers[0].room_shards("general"), 0b111);
         // Leaving removes every device; closing the last connection ends membership too.
         c.routers[1].take_completed();
@@ -582,6 +580,6 @@ mod tests {
         c.routers[0].change_membership(&alice, 1, Arc::from("r"), true);
         c.settle(&[0]);
         assert_eq!(c.routers[0].take_completed().len(), 2, "ready, then joined");
-        assert_eq!(c.routers[0].local_room_connections("r"), &[1]);
+        assert_eq!(c.routers[0].local_room_connections("r").collect::<Vec<_>>(), [&1]);
     }
 }

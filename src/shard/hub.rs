@@ -82,7 +82,13 @@ impl Hub {
     }
 
     /// Queues `frame` for each of `conns` (except `except`).
-    pub fn deliver_local(&self, conns: &[ConnId], frame: &Bytes, ingress: Instant, except: Option<ConnId>) {
+    pub fn deliver_local<'a>(
+        &self,
+        conns: impl IntoIterator<Item = &'a ConnId>,
+        frame: &Bytes,
+        ingress: Instant,
+        except: Option<ConnId>,
+    ) {
         let map = self.conns.borrow();
         let mut dirty = self.dirty.borrow_mut();
         for id in conns {
