@@ -9,14 +9,8 @@ out=$root/target/autobahn
 mkdir -p "$out"
 
 wstest=$(scripts/autobahn-env.sh) || { echo "autobahn: cannot set up the testsuite (Python 2.7 is required)" >&2; exit 3; }
-cargo build --release --quiet --bin shardgate
-
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-target/release/shardgate serve --listen "127.0.0.1:$port" --shards 2 --data-dir "$out" >"$out/server.log" 2>&1 &
-server=$!
-stop_server() { kill -TERM "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; }
-trap stop_server EXIT
-scripts/wait-listening.sh "$out/server.log" "$server"
+source scripts/lib.sh
+start_gateway "$out" --shards 2
 
 rm -rf "$out/report"
 cat >"$out/spec.json" <<JSON

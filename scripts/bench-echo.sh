@@ -8,15 +8,9 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 runs=${1:-3}
 duration=${DURATION:-4s}
+source scripts/lib.sh
+start_gateway "$root/target/bench-echo" --shards 1
 out=$root/target/bench-echo
-mkdir -p "$out"
-cargo build --release --quiet -p shardgate -p shardgate-bench
-
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-target/release/shardgate serve --listen "127.0.0.1:$port" --shards 1 --data-dir "$out" >"$out/server.log" 2>&1 &
-server=$!
-trap 'kill -TERM $server 2>/dev/null || true; wait $server 2>/dev/null || true' EXIT
-scripts/wait-listening.sh "$out/server.log" "$server"
 echo "server: shardgate --shards 1 on cpu 0; client: echo-load on cpu 1; $runs runs of $duration per case, median shown"
 printf '%-24s %10s %9s %9s %9s\n' case msg/s p50_us p99_us p999_us
 for case in "100 20 1" "10 1024 1" "200 16384 1" "500 16384 1" "100 20 16" "10 1024 16"; do

@@ -9,20 +9,9 @@ cd "$root"
 n=${1:-15000}
 hold=${HOLD:-20s}
 out=$root/target/idle-memory
-mkdir -p "$out"
-cargo build --release --quiet --bin shardgate -p shardgate -p shardgate-bench
-
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-target/release/shardgate serve --listen "127.0.0.1:$port" --shards 2 --data-dir "$out" >"$out/server.log" 2>&1 &
-server=$!
 client=
-cleanup() {
-  [ -n "$client" ] && kill -TERM "$client" 2>/dev/null || true
-  kill -TERM "$server" 2>/dev/null || true
-  wait 2>/dev/null || true
-}
-trap cleanup EXIT
-scripts/wait-listening.sh "$out/server.log" "$server"
+source scripts/lib.sh
+start_gateway "$out" --shards 2
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 before=$(rss_kib "$server")
 

@@ -292,6 +292,12 @@ impl Session {
         }
     }
 
+    /// No pong came back in time: Close 1008, then drop the connection.
+    fn fail_keepalive(&mut self, out: &mut Cork) -> Next {
+        self.begin_close(CloseCode::POLICY_VIOLATION, "no pong to keepalive ping", out, LINGER);
+        Next::Fail
+    }
+
     /// The read timeout that matches the state: the ping interval, what is left of the
     /// pong timeout, or what is left of the closing deadline.
     fn read_timeout(&self, ping_interval: Duration, pong_timeout: Duration) -> Duration {
@@ -424,17 +430,14 @@ async fn websocket(
         next = match outcome {
             Ok(ReadOutcome::Data(_)) => {
                 let next = session.on_bytes(ctx, input, &mut cork);
-                match session.ping_sent {
-                    Some(sent) if next == Next::Continue && sent.elapsed() >= config.pong_timeout => {
-                        session.begin_close(
-                            CloseCode::POLICY_VIOLATION,
-                            "no pong to keepalive ping",
-                            &mut cork,
-                            LINGER,
-                        );
-                        Next::Fail
-                    }
-                    _ => next,
+                // A peer that keeps sending but never answers our ping is not alive either.
+                let overdue = session
+                    .ping_sent
+                    .is_some_and(|sent| sent.elapsed() >= config.pong_timeout);
+                if next == Next::Continue && overdue {
+                    session.fail_keepalive(&mut cork)
+                } else {
+                    next
                 }
             }
             Ok(ReadOutcome::TimedOut) => match (session.state, session.ping_sent) {
@@ -443,15 +446,7 @@ async fn websocket(
                     session.ping_sent = Some(Instant::now());
                     Next::Continue
                 }
-                (State::Open, Some(_)) => {
-                    session.begin_close(
-                        CloseCode::POLICY_VIOLATION,
-                        "no pong to keepalive ping",
-                        &mut cork,
-                        LINGER,
-                    );
-                    Next::Fail
-                }
+                (State::Open, Some(_)) => session.fail_keepalive(&mut cork),
                 (State::Closing { .. }, _) => return,
             },
             Ok(ReadOutcome::Stopping) => {
