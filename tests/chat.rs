@@ -530,3 +530,36 @@ fn report_lines_and_final_histogram() {
     let text = std::fs::read_to_string(&hist).unwrap();
     assert!(text.contains("Total count    =           50"), "{text}");
 }
+
+#[test]
+fn nothing_follows_the_close_at_shutdown() {
+    let (mut gw, ports) = gateway("shutdown", &["--drain-timeout", "3s"]);
+    let mut bob = raw_upgrade(std::net::SocketAddr::from(([127, 0, 0, 1], ports[1])), "/ws?user=bob");
+    let (_, ready) = read_frame(&mut bob).unwrap();
+    assert_eq!(serde_json::from_slice::<Value>(&ready).unwrap()["type"], "ready");
+    runtime().block_on(async {
+        let mut alice = connect(ports[0], "alice").await;
+        gw.signal(libc::SIGTERM);
+        // Alice's shard is stopping too; whatever she manages to send, bob must see his
+        // Close 1001 last: no message frame may follow it.
+        for i in 0..200 {
+            let _ = alice
+                .send(Message::Text(
+                    json!({"type":"send","to":"bob","id":i.to_string(),"body":i}).to_string(),
+                ))
+                .await;
+        }
+    });
+    loop {
+        let (op, payload) = read_frame(&mut bob).expect("frames, then Close 1001");
+        if op == 0x8 {
+            assert_eq!(close_code(&payload), 1001);
+            break;
+        }
+    }
+    // Bob does not answer the Close; after it the server sends nothing more, then closes.
+    let mut rest = Vec::new();
+    bob.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "{} bytes after the Close", rest.len());
+    assert!(gw.wait_exit().success());
+}

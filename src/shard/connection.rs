@@ -384,6 +384,9 @@ async fn websocket(
         if finish_round(ctx, &out, &mut cork, &leftover, fd).is_err() {
             return;
         }
+        if next != Next::Continue {
+            out.seal();
+        }
     }
     drop(leftover);
     let mut timeout = Duration::ZERO;
@@ -463,6 +466,10 @@ async fn websocket(
         }
         if finish_round(ctx, &out, &mut cork, input, fd).is_err() {
             return;
+        }
+        if next != Next::Continue || session.state != State::Open {
+            // Our Close (or the answer to the peer's) is on its way: nothing may follow it.
+            out.seal();
         }
     }
 }

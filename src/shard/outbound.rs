@@ -42,6 +42,8 @@ pub struct Outbound {
     writing: Cell<bool>,
     dirty: Cell<bool>,
     overflowed: Cell<bool>,
+    /// Our Close is queued or sent: no data frame may follow it (RFC 6455 §5.5.1).
+    sealed: Cell<bool>,
 }
 
 impl Outbound {
@@ -57,13 +59,14 @@ impl Outbound {
             writing: Cell::new(false),
             dirty: Cell::new(false),
             overflowed: Cell::new(false),
+            sealed: Cell::new(false),
         }
     }
 
     /// Queues a frame. Returns true when the queue just became dirty (the caller should
     /// put it on the shard's flush list).
     pub fn push(&self, frame: Bytes, ingress: Option<Instant>) -> bool {
-        if self.overflowed.get() {
+        if self.overflowed.get() || self.sealed.get() {
             return false;
         }
         let bytes = self.bytes.get() + frame.len();
@@ -85,6 +88,11 @@ impl Outbound {
         self.bytes.set(bytes);
         self.queue.borrow_mut().push_back(Queued { frame, ingress });
         !self.dirty.replace(true)
+    }
+
+    /// Refuses every frame from now on: the connection's Close has been queued.
+    pub fn seal(&self) {
+        self.sealed.set(true);
     }
 
     pub fn is_empty(&self) -> bool {
