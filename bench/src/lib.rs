@@ -1,0 +1,3 @@
+//! Shared pieces of the benchmark tools.
+
+pub mod accounting;

@@ -1,0 +1,738 @@
+//! shardgate-load: the chat load generator for soak tests.
+//!
+//! Opens N chat connections at a ramp rate, pairs them (direct mode: users 2k and 2k+1 send
+//! each other messages; room mode: groups publish to their room), holds them for a while at
+//! a message rate, then drains and counts: sent, received, lost, duplicated, reordered,
+//! failed handshakes, unexpected closes, and end-to-end latency (send to receive) in an
+//! HDR histogram. Partners always share a gateway (and a client thread), so no message has
+//! to cross gateway processes.
+//!
+//! Thread-per-core on glommio; each thread reads every socket into one shared buffer, so a
+//! connection costs a few KiB. More connections than one process may open are spread over
+//! child processes (`--processes`), whose results are merged.
+
+use std::cell::{Cell, RefCell};
+use std::future::poll_fn;
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::process::{Command, Stdio};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use crossbeam_channel::Sender;
+use futures_lite::{AsyncRead, AsyncWriteExt};
+use glommio::net::TcpStream;
+use glommio::{LocalExecutorBuilder, Placement};
+use hdrhistogram::Histogram;
+use serde::Deserialize;
+use shardgate::chat::auth::Authenticator;
+use shardgate::ws::{write_close, write_frame, Decoder, Event, OpCode, Role};
+use shardgate_bench::accounting::{decode_histogram, encode_histogram, new_histogram, Report, Tracker};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// Users 2k and 2k+1 send each other direct messages.
+    Direct,
+    /// Groups of --room-size users join a room and publish to it.
+    Room,
+}
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "shardgate-load",
+    about = "chat load generator: ramp, hold, count, measure",
+    args_override_self = true
+)]
+struct Args {
+    /// Gateway addresses; a pair (or room group) uses one of them.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:8080")]
+    gateways: Vec<SocketAddr>,
+    /// Connections in all (even; in room mode a multiple of --room-size).
+    #[arg(short, long, default_value_t = 2000)]
+    connections: usize,
+    /// New connections per second.
+    #[arg(long, default_value_t = 2000.0)]
+    ramp: f64,
+    /// How long to hold the load once every connection is up.
+    #[arg(short, long, default_value = "30s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Messages per second each connection sends.
+    #[arg(long, default_value_t = 0.5)]
+    rate: f64,
+    #[arg(long, value_enum, default_value_t = Mode::Direct)]
+    mode: Mode,
+    #[arg(long, default_value_t = 4)]
+    room_size: usize,
+    /// Local addresses client sockets bind to, in turn (loopback: 127.0.0.2,127.0.0.3,…).
+    #[arg(long, value_delimiter = ',')]
+    source_ips: Vec<IpAddr>,
+    /// Mint tokens with this secret file; without it, use the gateway's --insecure-dev-auth.
+    #[arg(long)]
+    auth_secret_file: Option<PathBuf>,
+    /// CPUs for the client threads, one thread each.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    cpus: Vec<usize>,
+    /// The latency objective: the run fails if p99 is above it.
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    slo: Duration,
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    report_interval: Duration,
+    /// After the hold, how long to wait for messages still in flight.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    drain: Duration,
+    /// Run as this many child processes (each opens its share), and merge their results.
+    #[arg(long, default_value_t = 0)]
+    processes: usize,
+    /// Write the merged latency distribution (HdrHistogram V2, base64) here.
+    #[arg(long)]
+    histogram_out: Option<PathBuf>,
+    /// User ids are PREFIX-<n>.
+    #[arg(long, default_value = "load")]
+    prefix: String,
+    /// (internal) first connection index of this child, and its count of all connections.
+    #[arg(long, hide = true)]
+    child_offset: Option<usize>,
+    #[arg(long, hide = true)]
+    total: Option<usize>,
+}
+
+/// What a client thread tells its process every interval, and at the end.
+enum ThreadEvent {
+    Tick {
+        tick: u64,
+        up: u64,
+        sent: u64,
+        received: u64,
+        latency: Histogram<u64>,
+    },
+    Done(Box<Report>),
+}
+
+fn main() {
+    let args = Args::parse();
+    let group = if args.mode == Mode::Direct {
+        2
+    } else {
+        args.room_size.max(2)
+    };
+    if args.connections == 0 || args.connections % group != 0 {
+        eprintln!("shardgate-load: --connections must be a positive multiple of {group}");
+        std::process::exit(2);
+    }
+    let report = if args.processes > 0 {
+        coordinate(&args, group)
+    } else {
+        run_process(&args, group)
+    };
+    if args.child_offset.is_some() {
+        println!("final {}", report.to_line());
+    } else {
+        print_final(&args, &report);
+    }
+    if !passed(&args, &report) {
+        std::process::exit(1);
+    }
+}
+
+/// Every connection up and none closed on us, every message delivered once and in order,
+/// p99 within the SLO.
+fn passed(args: &Args, r: &Report) -> bool {
+    r.is_clean()
+        && r.connections_up == args.connections as u64
+        && r.failed_handshakes == 0
+        && r.unexpected_closes == 0
+        && r.latency.value_at_quantile(0.99) <= args.slo.as_micros() as u64
+}
+
+fn print_final(args: &Args, r: &Report) {
+    let h = &r.latency;
+    println!(
+        "summary: connections_up={} failed_handshakes={} unexpected_closes={} sent={} received={} lost={} duplicates={} reordered={} offline={} errors={} p50_us={} p90_us={} p99_us={} p999_us={} max_us={} slo_ms={} verdict={}",
+        r.connections_up, r.failed_handshakes, r.unexpected_closes, r.sent, r.received, r.lost, r.duplicates, r.reordered, r.offline, r.errors,
+        h.value_at_quantile(0.5), h.value_at_quantile(0.9), h.value_at_quantile(0.99), h.value_at_quantile(0.999), h.max(),
+        args.slo.as_millis(),
+        if passed(args, r) { "PASS" } else { "FAIL" },
+    );
+    print!("{}", shardgate::metrics::percentile_distribution(h));
+    if let Some(path) = &args.histogram_out {
+        if let Err(e) = std::fs::write(path, encode_histogram(h)) {
+            eprintln!("shardgate-load: cannot write {}: {e}", path.display());
+        }
+    }
+}
+
+/// Spawns the child processes and merges what they report.
+fn coordinate(args: &Args, group: usize) -> Report {
+    let groups = args.connections / group;
+    let exe = std::env::current_exe().expect("own path");
+    let mut children = Vec::new();
+    let mut offset = 0;
+    for k in 0..args.processes {
+        let share = (groups / args.processes + usize::from(k < groups % args.processes)) * group;
+        if share == 0 {
+            continue;
+        }
+        let mut cmd = Command::new(&exe);
+        cmd.args(std::env::args_os().skip(1).collect::<Vec<_>>())
+            .args(["--processes", "0", "--connections", &share.to_string()])
+            .args([
+                "--child-offset",
+                &offset.to_string(),
+                "--total",
+                &args.connections.to_string(),
+            ])
+            .stdout(Stdio::piped());
+        offset += share;
+        children.push(cmd.spawn().expect("start a load process"));
+    }
+    let n = children.len();
+    let (tx, rx) = crossbeam_channel::unbounded::<(usize, String)>();
+    for (k, child) in children.iter_mut().enumerate() {
+        let out = child.stdout.take().expect("piped stdout");
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send((k, line));
+            }
+        });
+    }
+    drop(tx);
+    let started = Instant::now();
+    let mut ticks: std::collections::BTreeMap<u64, (usize, u64, u64, u64, Histogram<u64>)> = Default::default();
+    let mut total = Report::default();
+    for (_, line) in rx.iter() {
+        if let Some(rest) = line.strip_prefix("final ") {
+            match Report::from_line(rest) {
+                Ok(r) => total.merge(&r),
+                Err(e) => eprintln!("shardgate-load: bad report from a child: {e}"),
+            }
+        } else if let Some(rest) = line.strip_prefix("tick ") {
+            let kv: std::collections::HashMap<&str, &str> =
+                rest.split_whitespace().filter_map(|s| s.split_once('=')).collect();
+            let num = |k: &str| kv.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            let tick = num("tick");
+            let e = ticks.entry(tick).or_insert_with(|| (0, 0, 0, 0, new_histogram()));
+            e.0 += 1;
+            e.1 += num("up");
+            e.2 += num("sent");
+            e.3 += num("received");
+            if let Some(h) = kv.get("hist").and_then(|h| decode_histogram(h).ok()) {
+                let _ = e.4.add(&h);
+            }
+            if e.0 == n {
+                if let Some((_, up, sent, received, h)) = ticks.remove(&tick) {
+                    print_progress(started.elapsed(), args.report_interval, up, sent, received, &h);
+                }
+            }
+        } else {
+            println!("{line}");
+        }
+    }
+    for mut child in children {
+        // A child that failed to run reports nothing; its connections count as not up.
+        match child.wait() {
+            Ok(status) if status.code().is_some() => {}
+            _ => total.errors += 1,
+        }
+    }
+    total
+}
+
+fn print_progress(t: Duration, interval: Duration, up: u64, sent: u64, received: u64, h: &Histogram<u64>) {
+    let secs = interval.as_secs_f64();
+    println!(
+        "progress: t={:.0}s connections_up={up} sent_per_s={:.0} received_per_s={:.0} p50_us={} p99_us={} max_us={}",
+        t.as_secs_f64(),
+        sent as f64 / secs,
+        received as f64 / secs,
+        h.value_at_quantile(0.5),
+        h.value_at_quantile(0.99),
+        h.max()
+    );
+}
+
+/// Runs this process's share on its client threads; returns the merged report.
+fn run_process(args: &Args, group: usize) -> Report {
+    let offset = args.child_offset.unwrap_or(0);
+    let total = args.total.unwrap_or(args.connections);
+    let epoch = Instant::now();
+    let auth = args.auth_secret_file.as_ref().map(|f| {
+        Rc::new(
+            Authenticator::load(Some(f), std::path::Path::new(".")).unwrap_or_else(|e| {
+                eprintln!("shardgate-load: {e}");
+                std::process::exit(2)
+            }),
+        )
+    });
+    // Tokens are minted here, before the threads start (the authenticator is not Send).
+    let names: Vec<String> = (0..args.connections)
+        .map(|i| format!("{}-{}", args.prefix, offset + i))
+        .collect();
+    let creds: Vec<String> = names
+        .iter()
+        .map(|n| match &auth {
+            Some(a) => format!(
+                "token={}",
+                a.mint(n, Duration::from_secs(86_400)).expect("valid user id")
+            ),
+            None => format!("user={n}"),
+        })
+        .collect();
+    let threads = args.cpus.len();
+    let groups = args.connections / group;
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let mut handles = Vec::new();
+    for (t, &cpu) in args.cpus.iter().enumerate() {
+        // Whole groups per thread, so partners share a thread.
+        let mine: Vec<usize> = (0..groups).filter(|g| g % threads == t).collect();
+        let members: Vec<(usize, String, String)> = mine
+            .iter()
+            .flat_map(|g| (g * group..(g + 1) * group).map(|i| (i, names[i].clone(), creds[i].clone())))
+            .collect();
+        let (args, tx) = (args.clone(), tx.clone());
+        let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+            .name(&format!("load-{t}"))
+            .io_memory(1 << 20)
+            .spawn(move || async move { run_thread(args, members, group, offset, total, epoch, tx).await })
+            .unwrap_or_else(|e| {
+                eprintln!("shardgate-load: cannot start a thread on cpu {cpu}: {e}");
+                std::process::exit(2)
+            });
+        handles.push(handle);
+    }
+    drop(tx);
+    let child = args.child_offset.is_some();
+    let started = Instant::now();
+    let mut ticks: std::collections::BTreeMap<u64, (usize, u64, u64, u64, Histogram<u64>)> = Default::default();
+    let mut total_report = Report::default();
+    for event in rx.iter() {
+        match event {
+            ThreadEvent::Tick {
+                tick,
+                up,
+                sent,
+                received,
+                latency,
+            } => {
+                let e = ticks.entry(tick).or_insert_with(|| (0, 0, 0, 0, new_histogram()));
+                e.0 += 1;
+                e.1 += up;
+                e.2 += sent;
+                e.3 += received;
+                let _ = e.4.add(&latency);
+                if e.0 == threads {
+                    if let Some((_, up, sent, received, h)) = ticks.remove(&tick) {
+                        if child {
+                            println!(
+                                "tick tick={tick} up={up} sent={sent} received={received} hist={}",
+                                encode_histogram(&h)
+                            );
+                        } else {
+                            print_progress(started.elapsed(), args.report_interval, up, sent, received, &h);
+                        }
+                    }
+                }
+            }
+            ThreadEvent::Done(r) => total_report.merge(&r),
+        }
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    total_report
+}
+
+/// One simulated user on a client thread.
+struct User {
+    name: String,
+    /// Can receive from its group: connected (direct mode), or joined its room (room mode).
+    ready: Cell<bool>,
+    /// Messages this user sent (to its partner, or to its room).
+    sent: Cell<u64>,
+    /// Messages from each member of its group, by position in the group.
+    trackers: RefCell<Vec<Tracker>>,
+    finished: Cell<bool>,
+}
+
+struct Thread {
+    args: Args,
+    users: Vec<User>,
+    group: usize,
+    /// Index of the first connection this process runs (names carry global indices).
+    offset: usize,
+    rx: RefCell<Vec<u8>>,
+    report: RefCell<Report>,
+    interval: RefCell<Histogram<u64>>,
+    interval_sent: Cell<u64>,
+    interval_received: Cell<u64>,
+    epoch: Instant,
+}
+
+impl Thread {
+    fn micros(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+}
+
+async fn run_thread(
+    args: Args,
+    members: Vec<(usize, String, String)>,
+    group: usize,
+    offset: usize,
+    total: usize,
+    epoch: Instant,
+    tx: Sender<ThreadEvent>,
+) {
+    let ramp_time = Duration::from_secs_f64(total as f64 / args.ramp.max(1.0));
+    let hold_end = epoch + ramp_time + args.duration;
+    let users = members
+        .iter()
+        .map(|(_, name, _)| User {
+            name: name.clone(),
+            ready: Cell::new(false),
+            sent: Cell::new(0),
+            trackers: RefCell::new(vec![Tracker::default(); group]),
+            finished: Cell::new(false),
+        })
+        .collect();
+    let th = Rc::new(Thread {
+        args: args.clone(),
+        users,
+        group,
+        offset,
+        rx: RefCell::new(vec![0; 64 * 1024]),
+        report: RefCell::new(Report::default()),
+        interval: RefCell::new(new_histogram()),
+        interval_sent: Cell::new(0),
+        interval_received: Cell::new(0),
+        epoch,
+    });
+    let ticker = {
+        let (th, tx) = (th.clone(), tx.clone());
+        glommio::spawn_local(async move {
+            for tick in 1u64.. {
+                let due = th.epoch + th.args.report_interval * tick as u32;
+                glommio::timer::sleep(due.saturating_duration_since(Instant::now())).await;
+                let latency = std::mem::replace(&mut *th.interval.borrow_mut(), new_histogram());
+                let up = th.report.borrow().connections_up;
+                let _ = tx.send(ThreadEvent::Tick {
+                    tick,
+                    up,
+                    sent: th.interval_sent.replace(0),
+                    received: th.interval_received.replace(0),
+                    latency,
+                });
+            }
+        })
+    };
+    let tasks: Vec<_> = members
+        .into_iter()
+        .enumerate()
+        .map(|(local, (global, _, cred))| {
+            let start = epoch + Duration::from_secs_f64((offset + global) as f64 / args.ramp.max(1.0));
+            glommio::spawn_local(run_user(th.clone(), local, global, cred, start, hold_end))
+        })
+        .collect();
+    for t in tasks {
+        t.await;
+    }
+    drop(ticker);
+    // Loss: what each sender sent to each recipient and the recipient never got.
+    let mut report = th.report.borrow_mut();
+    for (u, user) in th.users.iter().enumerate() {
+        let base = u - u % group;
+        for (pos, tracker) in user.trackers.borrow().iter().enumerate() {
+            if base + pos == u {
+                continue;
+            }
+            let sender = &th.users[base + pos];
+            report.lost += tracker.lost(sender.sent.get());
+            report.received += tracker.received;
+            report.duplicates += tracker.duplicates;
+            report.reordered += tracker.reordered;
+        }
+    }
+    let _ = tx.send(ThreadEvent::Done(Box::new(std::mem::take(&mut *report))));
+}
+
+#[derive(Deserialize)]
+struct Incoming<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    #[serde(default)]
+    from: Option<&'a str>,
+    #[serde(default)]
+    status: Option<&'a str>,
+    #[serde(default)]
+    body: Option<Body>,
+}
+
+/// One frame from the gateway, as far as the accounting needs it.
+struct Received {
+    kind: String,
+    seq: Option<u64>,
+    sent_at: Option<u64>,
+    from: Option<String>,
+    offline: bool,
+}
+
+#[derive(Deserialize)]
+struct Body {
+    s: u64,
+    t: u64,
+}
+
+/// Connects, upgrades and waits for `ready`; `None` counts as a failed handshake.
+async fn connect(th: &Thread, global: usize, cred: &str) -> Option<(TcpStream, Decoder, Vec<u8>)> {
+    let gateway = th.args.gateways[(global / th.group) % th.args.gateways.len()];
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(gateway),
+        socket2::Type::STREAM.nonblocking(),
+        None,
+    )
+    .ok()?;
+    if !th.args.source_ips.is_empty() {
+        let ip = th.args.source_ips[global % th.args.source_ips.len()];
+        socket.bind(&SocketAddr::new(ip, 0).into()).ok()?;
+    }
+    let _ = socket.set_nodelay(true);
+    match socket.connect(&gateway.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(_) => return None,
+    }
+    // SAFETY: a connecting TCP socket we own; glommio takes it over.
+    let mut stream = unsafe { TcpStream::from_raw_fd(socket.into_raw_fd()) };
+    let request = format!(
+        "GET /ws?{cred} HTTP/1.1\r\nHost: {gateway}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    // The first write waits until the connection is established.
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut head = Vec::new();
+    let pos = loop {
+        let n = read_shared(th, &mut stream).await.ok()?;
+        if n == 0 || head.len() > 8192 {
+            return None;
+        }
+        head.extend_from_slice(&th.rx.borrow()[..n]);
+        if let Some(p) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+    };
+    if !head.starts_with(b"HTTP/1.1 101 ") {
+        return None;
+    }
+    head.drain(..pos);
+    Some((stream, Decoder::new(Role::Client, 1 << 20), head))
+}
+
+async fn read_shared(th: &Thread, stream: &mut TcpStream) -> std::io::Result<usize> {
+    poll_fn(|cx| {
+        let mut rx = th.rx.borrow_mut();
+        Pin::new(&mut *stream).poll_read(cx, &mut rx[..])
+    })
+    .await
+}
+
+enum Wake {
+    Read(std::io::Result<usize>),
+    Send,
+}
+
+async fn run_user(th: Rc<Thread>, local: usize, global: usize, cred: String, start: Instant, hold_end: Instant) {
+    glommio::timer::sleep(start.saturating_duration_since(Instant::now())).await;
+    let Some((mut stream, mut decoder, mut pending)) = connect(&th, global, &cred).await else {
+        th.report.borrow_mut().failed_handshakes += 1;
+        return;
+    };
+    let user = &th.users[local];
+    let base = local - local % th.group;
+    let room = format!("{}-room-{}", th.args.prefix, (th.offset + global) / th.group);
+    let mask = (global as u32).wrapping_mul(2_654_435_761).to_be_bytes();
+    let interval = Duration::from_secs_f64(1.0 / th.args.rate.max(1e-6));
+    // Spread the first sends over one interval so the load is smooth.
+    let mut next_send = hold_end.min(Instant::now() + interval.mul_f64((global % 997) as f64 / 997.0));
+    let mut joined = th.args.mode == Mode::Direct;
+    let mut out = Vec::with_capacity(256);
+    let mut ready = false;
+    // Bytes of the shared buffer filled by the last read (decoded at the top of the loop).
+    let mut last_read = 0usize;
+    let drain_end = hold_end + th.args.drain;
+    loop {
+        // Decode what arrived (the bytes after the 101 first).
+        let mut events: Vec<Received> = Vec::new();
+        let mut closed = false;
+        let mut bad = false;
+        {
+            let mut rx_guard;
+            let input: &mut [u8] = if !pending.is_empty() {
+                &mut pending[..]
+            } else {
+                rx_guard = th.rx.borrow_mut();
+                &mut rx_guard[..last_read]
+            };
+            let result = decoder.feed(input, &mut |e| match e {
+                Event::Message {
+                    opcode: OpCode::Text,
+                    payload,
+                } => match serde_json::from_slice::<Incoming<'_>>(payload) {
+                    Ok(m) => events.push(Received {
+                        kind: m.kind.to_string(),
+                        seq: m.body.as_ref().map(|b| b.s),
+                        sent_at: m.body.as_ref().map(|b| b.t),
+                        from: m.from.map(str::to_string),
+                        offline: m.status == Some("offline"),
+                    }),
+                    Err(_) => bad = true,
+                },
+                Event::Close { .. } => closed = true,
+                Event::Ping(_) | Event::Pong(_) => {}
+                _ => bad = true,
+            });
+            if result.is_err() {
+                bad = true;
+            }
+        }
+        pending.clear();
+        last_read = 0;
+        let now_us = th.micros();
+        for Received {
+            kind,
+            seq,
+            sent_at,
+            from,
+            offline,
+        } in events
+        {
+            match kind.as_str() {
+                "ready" => {
+                    ready = true;
+                    user.ready.set(th.args.mode == Mode::Direct);
+                    th.report.borrow_mut().connections_up += 1;
+                    if th.args.mode == Mode::Room {
+                        send_json(&mut out, mask, &format!(r#"{{"type":"join","room":"{room}"}}"#));
+                    }
+                }
+                "joined" => {
+                    joined = true;
+                    user.ready.set(true);
+                }
+                "message" | "room_message" => {
+                    let (Some(s), Some(t), Some(from)) = (seq, sent_at, from) else {
+                        th.report.borrow_mut().errors += 1;
+                        continue;
+                    };
+                    // Names carry global indices; groups are aligned on them.
+                    let sender = from.rsplit('-').next().and_then(|n| n.parse::<usize>().ok());
+                    let pos = sender
+                        .filter(|g| g / th.group == (th.offset + global) / th.group)
+                        .map(|g| g % th.group);
+                    match pos {
+                        Some(pos) => user.trackers.borrow_mut()[pos].record(s),
+                        None => th.report.borrow_mut().errors += 1,
+                    }
+                    let _ = th.interval.borrow_mut().record(now_us.saturating_sub(t).max(1));
+                    let _ = th.report.borrow_mut().latency.record(now_us.saturating_sub(t).max(1));
+                    th.interval_received.set(th.interval_received.get() + 1);
+                }
+                "ack" => {
+                    if offline {
+                        th.report.borrow_mut().offline += 1;
+                    }
+                }
+                _ => th.report.borrow_mut().errors += 1,
+            }
+        }
+        if bad {
+            th.report.borrow_mut().errors += 1;
+        }
+        if closed {
+            th.report.borrow_mut().unexpected_closes += 1;
+            return;
+        }
+        if !out.is_empty() {
+            if stream.write_all(&out).await.is_err() {
+                th.report.borrow_mut().unexpected_closes += 1;
+                return;
+            }
+            out.clear();
+        }
+        let now = Instant::now();
+        if now >= hold_end {
+            user.finished.set(true);
+            if now >= drain_end || all_received(&th, local, base) {
+                break;
+            }
+        }
+        // Wait for data or the next send.
+        let wake = if now < hold_end && ready && joined {
+            let deadline = next_send;
+            futures_lite::future::or(async { Wake::Read(read_shared(&th, &mut stream).await) }, async {
+                glommio::timer::sleep(deadline.saturating_duration_since(Instant::now())).await;
+                Wake::Send
+            })
+            .await
+        } else {
+            let deadline = if now < hold_end {
+                hold_end
+            } else {
+                drain_end.min(now + Duration::from_millis(100))
+            };
+            futures_lite::future::or(async { Wake::Read(read_shared(&th, &mut stream).await) }, async {
+                glommio::timer::sleep(deadline.saturating_duration_since(Instant::now())).await;
+                Wake::Send
+            })
+            .await
+        };
+        match wake {
+            Wake::Read(Ok(0)) | Wake::Read(Err(_)) => {
+                th.report.borrow_mut().unexpected_closes += 1;
+                return;
+            }
+            Wake::Read(Ok(n)) => last_read = n,
+            Wake::Send => {
+                if Instant::now() >= next_send && Instant::now() < hold_end && ready && joined {
+                    next_send += interval;
+                    let peers_ready = th.users[base..base + th.group].iter().all(|u| u.ready.get());
+                    if peers_ready {
+                        let seq = user.sent.get();
+                        let t = th.micros();
+                        let msg = match th.args.mode {
+                            Mode::Direct => format!(
+                                r#"{{"type":"send","to":"{}","body":{{"s":{seq},"t":{t}}}}}"#,
+                                th.users[local ^ 1].name
+                            ),
+                            Mode::Room => {
+                                format!(r#"{{"type":"publish","room":"{room}","body":{{"s":{seq},"t":{t}}}}}"#)
+                            }
+                        };
+                        send_json(&mut out, mask, &msg);
+                        user.sent.set(seq + 1);
+                        th.report.borrow_mut().sent += 1;
+                        th.interval_sent.set(th.interval_sent.get() + 1);
+                    }
+                }
+            }
+        }
+    }
+    let mut close = Vec::new();
+    write_close(&mut close, 1000, "", Some(mask));
+    let _ = stream.write_all(&close).await;
+}
+
+fn send_json(out: &mut Vec<u8>, mask: [u8; 4], json: &str) {
+    write_frame(out, true, OpCode::Text, json.as_bytes(), Some(mask));
+}
+
+/// Has `local` received everything its group sent it?
+fn all_received(th: &Thread, local: usize, base: usize) -> bool {
+    let trackers = th.users[local].trackers.borrow();
+    (0..th.group).filter(|&p| base + p != local).all(|p| {
+        let sender = &th.users[base + p];
+        sender.finished.get() && trackers[p].received >= sender.sent.get()
+    })
+}
