@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# soak.sh: hold many chat connections under load and report how the gateway held up.
+#
+#   scripts/soak.sh                      # 100,000 connections, 60 s hold
+#   scripts/soak.sh --profile ci         # 20,000 connections, 60 s (what CI runs)
+#   scripts/soak.sh --profile small      # 2,000 connections, 15 s
+#   scripts/soak.sh --connections 50000 --duration 120s --rate 0.2 --mode room --tune
+#
+# It prints the host limits (and applies scripts/tune-host.sh only with --tune), starts
+# enough gateway processes for the open-file limit, ramps the load generator up, holds,
+# stops everything it started (by PID) and prints a summary: connections held, server RSS
+# per connection, CPU per shard, messages sent/delivered/lost, client- and server-side
+# latency percentiles against the SLO. Everything lands in the results folder, with a chart.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+connections=100000 duration=60s rate=0.1 ramp=5000 mode=direct tune=0 slo=200ms
+per_process= shards=$(nproc) results=
+while [ $# -gt 0 ]; do
+  case $1 in
+    --profile)
+      case $2 in
+        ci) connections=20000 duration=60s rate=0.5 ;;
+        small) connections=2000 duration=15s rate=1 ;;
+        full) ;;
+        *) echo "soak: unknown profile $2 (ci, small, full)" >&2; exit 2 ;;
+      esac
+      shift 2 ;;
+    --connections) connections=$2; shift 2 ;;
+    --duration) duration=$2; shift 2 ;;
+    --rate) rate=$2; shift 2 ;;
+    --ramp) ramp=$2; shift 2 ;;
+    --mode) mode=$2; shift 2 ;;
+    --shards) shards=$2; shift 2 ;;
+    --per-process) per_process=$2; shift 2 ;;
+    --slo) slo=$2; shift 2 ;;
+    --results) results=$2; shift 2 ;;
+    --tune) tune=1; shift ;;
+    *) echo "soak: unknown option $1" >&2; exit 2 ;;
+  esac
+done
+results=${results:-$root/results/soak-$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$results"
+results=$(cd "$results" && pwd)
+
+echo "== host limits"
+scripts/tune-host.sh | tee "$results/host-limits.txt"
+if [ "$tune" = 1 ]; then scripts/tune-host.sh --apply; fi
+nofile=$(ulimit -Hn)
+[ "$nofile" = unlimited ] && nofile=1048576
+if [ -z "$per_process" ]; then
+  # Leave room for the process's own descriptors; a pair never spans two gateways.
+  per_process=$(( (nofile - 400) / 2 * 2 ))
+fi
+gateways=$(( (connections + per_process - 1) / per_process ))
+# Ephemeral ports per client address on loopback: about 28,000 with the default range.
+addresses=$(( connections / 20000 + 1 ))
+source_ips=$(seq -s, -f "127.0.0.%g" 2 $((addresses + 1)))
+echo "== plan: $connections connections over $gateways gateway process(es) of $shards shard(s) (open-file limit $nofile), $gateways load process(es), client addresses $source_ips"
+
+cargo build --release --quiet -p shardgate -p shardgate-bench
+secret=$results/auth-secret
+head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$secret"
+chmod 600 "$secret"
+
+pids=()
+load_pid=
+cleanup() {
+  [ -n "$load_pid" ] && kill -TERM "$load_pid" 2>/dev/null
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+addrs=()
+for k in $(seq 0 $((gateways - 1))); do
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  target/release/shardgate serve --listen "127.0.0.1:$port" --shards "$shards" --auth-secret-file "$secret" \
+    --data-dir "$results" --max-connections "$per_process" --report-interval 5s --slo "$slo" \
+    --histogram-out "$results/gateway-$k.hgrm" >"$results/gateway-$k.log" 2>&1 &
+  pids+=($!)
+  scripts/wait-listening.sh "$results/gateway-$k.log" "$!"
+  addrs+=("127.0.0.1:$port")
+done
+gateway_list=$(IFS=,; echo "${addrs[*]}")
+rss_sum() { local s=0; for p in "${pids[@]}"; do s=$((s + $(awk '/^VmRSS:/ {print $2}' "/proc/$p/status"))); done; echo "$s"; }
+rss_before=$(rss_sum)
+
+cpus=$(seq -s, 0 $(( $(nproc) - 1 )))
+echo "== load: ramp $ramp/s, hold $duration at $rate msg/s per connection ($mode)"
+target/release/shardgate-load --gateways "$gateway_list" --connections "$connections" --ramp "$ramp" \
+  --duration "$duration" --rate "$rate" --mode "$mode" --source-ips "$source_ips" \
+  --auth-secret-file "$secret" --cpus "$cpus" --processes "$gateways" --slo "$slo" \
+  --report-interval 5s --histogram-out "$results/client.hgrm.b64" >"$results/load.log" 2>"$results/load.err" &
+load_pid=$!
+
+# While the load runs: RSS every second (peak kept) and per-shard CPU during the hold.
+ramp_secs=$(python3 -c "print($connections / $ramp)")
+hold_secs=$(python3 -c "import re; d='$duration'; m=re.fullmatch(r'(\d+)(ms|s|m)?', d); v=int(m.group(1)); print({'ms':v/1000,'s':v,'m':v*60,None:v}[m.group(2)])")
+started=$(date +%s.%N)
+peak_rss=0 peak_conns=0
+# Shard threads by the ids each gateway printed at start ("shard 0: cpu 0 (…), thread 1234, …").
+shard_cpu() { for k in "${!pids[@]}"; do
+  grep -o '^shard [0-9]*: .*thread [0-9]*' "$results/gateway-$k.log" | sed -E 's/^shard ([0-9]+):.*thread ([0-9]+)/\1 \2/' |
+  while read -r shard tid; do echo "gateway-$k/shard-$shard $(awk '{print $14+$15}' "/proc/${pids[$k]}/task/$tid/stat")"; done; done; }
+cpu_start= cpu_start_time=
+while kill -0 "$load_pid" 2>/dev/null; do
+  sleep 1
+  now=$(date +%s.%N)
+  rss=$(rss_sum)
+  [ "$rss" -gt "$peak_rss" ] && peak_rss=$rss
+  if [ -z "$cpu_start" ] && python3 -c "import sys; sys.exit(0 if $now - $started > $ramp_secs + 2 else 1)"; then
+    cpu_start=$(shard_cpu); cpu_start_time=$now
+  fi
+  if [ -n "$cpu_start" ] && [ -z "${cpu_end:-}" ] && python3 -c "import sys; sys.exit(0 if $now - $started > $ramp_secs + $hold_secs - 1 else 1)"; then
+    cpu_end=$(shard_cpu); cpu_end_time=$now
+  fi
+done
+load_status=0
+wait "$load_pid" || load_status=$?
+load_pid=
+for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+for p in "${pids[@]}"; do wait "$p" || true; done
+pids=()
+
+printf '%s\n' "${cpu_start:-}" >"$results/cpu-start.txt"
+printf '%s\n' "${cpu_end:-}" >"$results/cpu-end.txt"
+python3 scripts/soak-report.py "$results" \
+  --connections "$connections" --gateways "$gateways" --rss-before-kib "$rss_before" --peak-rss-kib "$peak_rss" \
+  --cpu-seconds "$(python3 -c "print(${cpu_end_time:-0} - ${cpu_start_time:-0})")" --clk-tck "$(getconf CLK_TCK)" \
+  --load-status "$load_status" --slo "$slo"
