@@ -15,7 +15,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
-connections=100000 duration=60s rate=0.1 ramp=5000 mode=direct tune=0 slo=200ms
+connections=100000 duration=60s rate=0.1 ramp=2500 mode=direct tune=0 slo=200ms
 per_process= shards=$(nproc) results=
 while [ $# -gt 0 ]; do
   case $1 in

@@ -13,3 +13,15 @@ echo "== cargo test"
 cargo test --workspace
 echo "== autobahn testsuite"
 scripts/autobahn.sh
+echo "== soak, CI profile (20,000 connections, 60 s)"
+rm -rf target/soak-ci
+scripts/soak.sh --profile ci --results target/soak-ci
+# The summary must parse and say what the run promises: every connection held, nothing lost.
+python3 - target/soak-ci/summary.json <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))
+problems = [k for k in ("messages_lost", "duplicates", "reordered", "failed_handshakes", "unexpected_closes") if s[k] != 0]
+if s["verdict"] != "PASS" or s["connections_held"] != s["connections_requested"] or s["messages_delivered"] == 0 or problems:
+    sys.exit("soak summary says: %s" % json.dumps(s))
+print("soak: %d connections held, %d messages delivered, 0 lost; client p99 %.3f ms" % (s["connections_held"], s["messages_delivered"], s["client_latency_ms"]["p99"]))
+PY

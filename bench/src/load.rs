@@ -179,6 +179,9 @@ fn coordinate(args: &Args, group: usize) -> Report {
         let mut cmd = Command::new(&exe);
         cmd.args(std::env::args_os().skip(1).collect::<Vec<_>>())
             .args(["--processes", "0", "--connections", &share.to_string()])
+            // One client thread per child, children spread over the CPUs: more threads
+            // than cores only adds parking and waking.
+            .args(["--cpus", &args.cpus[k % args.cpus.len()].to_string()])
             .args([
                 "--child-offset",
                 &offset.to_string(),
@@ -590,7 +593,9 @@ async fn run_user(th: Rc<Thread>, local: usize, global: usize, cred: String, sta
                     Err(_) => bad = true,
                 },
                 Event::Close { .. } => closed = true,
-                Event::Ping(_) | Event::Pong(_) => {}
+                // Keepalive: a client that does not answer is closed by the gateway.
+                Event::Ping(payload) => write_frame(&mut out, true, OpCode::Pong, payload, Some(mask)),
+                Event::Pong(_) => {}
                 _ => bad = true,
             });
             if result.is_err() {
