@@ -16,7 +16,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
 connections=100000 duration=60s rate=0.1 ramp=2500 mode=direct tune=0 slo=200ms
-per_process= shards=$(nproc) results=
+per_process= shards=$(nproc) shards_given=0 results=
 while [ $# -gt 0 ]; do
   case $1 in
     --profile)
@@ -32,7 +32,7 @@ while [ $# -gt 0 ]; do
     --rate) rate=$2; shift 2 ;;
     --ramp) ramp=$2; shift 2 ;;
     --mode) mode=$2; shift 2 ;;
-    --shards) shards=$2; shift 2 ;;
+    --shards) shards=$2; shards_given=1; shift 2 ;;
     --per-process) per_process=$2; shift 2 ;;
     --slo) slo=$2; shift 2 ;;
     --results) results=$2; shift 2 ;;
@@ -57,7 +57,8 @@ gateways=$(( (connections + per_process - 1) / per_process ))
 # Ephemeral ports per client address on loopback: about 28,000 with the default range.
 addresses=$(( connections / 20000 + 1 ))
 source_ips=$(seq -s, -f "127.0.0.%g" 2 $((addresses + 1)))
-echo "== plan: $connections connections over $gateways gateway process(es) of $shards shard(s) (open-file limit $nofile), $gateways load process(es), client addresses $source_ips"
+if [ "$gateways" -ge "$(nproc)" ] && [ "$shards_given" = 0 ]; then shards_note="1 shard each, spread over the cores"; else shards_note="$shards shard(s) each"; fi
+echo "== plan: $connections connections over $gateways gateway process(es), $shards_note (open-file limit $nofile), $gateways load process(es), client addresses $source_ips"
 
 cargo build --release --quiet -p shardgate -p shardgate-bench
 secret=$results/auth-secret
@@ -76,7 +77,14 @@ trap cleanup EXIT
 addrs=()
 for k in $(seq 0 $((gateways - 1))); do
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  target/release/shardgate serve --listen "127.0.0.1:$port" --shards "$shards" --auth-secret-file "$secret" \
+  # With more gateway processes than cores, one shard each, spread over the cores: more
+  # executor threads than cores only queue for the CPU (and show up as latency).
+  if [ "$gateways" -ge "$(nproc)" ] && [ "$shards_given" = 0 ]; then
+    placement=(--shards 1 --cpus $((k % $(nproc))))
+  else
+    placement=(--shards "$shards")
+  fi
+  target/release/shardgate serve --listen "127.0.0.1:$port" "${placement[@]}" --auth-secret-file "$secret" \
     --data-dir "$results" --max-connections "$per_process" --report-interval 5s --slo "$slo" \
     --histogram-out "$results/gateway-$k.hgrm" >"$results/gateway-$k.log" 2>&1 &
   pids+=($!)

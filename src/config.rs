@@ -60,6 +60,9 @@ pub struct ServeArgs {
     /// Number of shards (executors), one pinned per core [default: one per core].
     #[arg(long)]
     pub shards: Option<usize>,
+    /// CPUs the shards are pinned to, in order (shard i on the i-th, round robin) [default: every core].
+    #[arg(long, value_delimiter = ',')]
+    pub cpus: Option<Vec<usize>>,
     /// Listen backlog per shard (capped by net.core.somaxconn) [default: 4096].
     #[arg(long)]
     pub backlog: Option<u32>,
@@ -101,6 +104,9 @@ pub struct ServeArgs {
     #[arg(long, value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde")]
     pub spin_before_park: Option<Duration>,
+    /// io_uring submission queue depth per ring; deeper rings get the kernel's largest poll-cancel table [default: 4096].
+    #[arg(long)]
+    pub ring_depth: Option<usize>,
     /// File holding the HMAC secret for tokens [default: SHARDGATE_AUTH_SECRET, else a secret created in the data directory].
     #[arg(long, value_name = "FILE")]
     pub auth_secret_file: Option<PathBuf>,
@@ -148,6 +154,7 @@ impl ServeArgs {
             config: self.config,
             listen: self.listen.or(file.listen),
             shards: self.shards.or(file.shards),
+            cpus: self.cpus.or(file.cpus),
             backlog: self.backlog.or(file.backlog),
             max_connections: self.max_connections.or(file.max_connections),
             max_message_size: self.max_message_size.or(file.max_message_size),
@@ -160,6 +167,7 @@ impl ServeArgs {
             subprotocols: self.subprotocols.or(file.subprotocols),
             io_memory: self.io_memory.or(file.io_memory),
             spin_before_park: self.spin_before_park.or(file.spin_before_park),
+            ring_depth: self.ring_depth.or(file.ring_depth),
             auth_secret_file: self.auth_secret_file.or(file.auth_secret_file),
             data_dir: self.data_dir.or(file.data_dir),
             insecure_dev_auth: self.insecure_dev_auth.or(file.insecure_dev_auth),
@@ -181,6 +189,8 @@ impl ServeArgs {
 pub struct Config {
     pub listen: SocketAddr,
     pub shards: usize,
+    /// `None`: every core, as `core_affinity` lists them.
+    pub cpus: Option<Vec<usize>>,
     pub backlog: u32,
     /// `None`: derived from the open-file limit at start.
     pub max_connections: Option<usize>,
@@ -194,6 +204,7 @@ pub struct Config {
     pub subprotocols: Vec<String>,
     pub io_memory: usize,
     pub spin_before_park: Option<Duration>,
+    pub ring_depth: usize,
     pub auth_secret_file: Option<PathBuf>,
     pub data_dir: PathBuf,
     pub insecure_dev_auth: bool,
@@ -213,6 +224,7 @@ impl Default for Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             shards: core_affinity::get_core_ids().map_or(1, |c| c.len().max(1)),
+            cpus: None,
             backlog: 4096,
             max_connections: None,
             max_message_size: 16 << 20,
@@ -225,6 +237,10 @@ impl Default for Config {
             subprotocols: Vec::new(),
             io_memory: 1 << 20,
             spin_before_park: None,
+            // The kernel sizes a ring's poll-cancel hash from its CQ size: 4096 gives the
+            // maximum of 256 buckets (the default 128 gives 8, and every cancel then scans
+            // thousands of armed polls at 16k connections per shard).
+            ring_depth: 4096,
             auth_secret_file: None,
             data_dir: crate::chat::auth::default_data_dir(),
             insecure_dev_auth: false,
@@ -256,6 +272,7 @@ impl Config {
         let config = Config {
             listen: a.listen.unwrap_or(d.listen),
             shards: a.shards.unwrap_or(d.shards),
+            cpus: a.cpus.filter(|c| !c.is_empty()),
             backlog: a.backlog.unwrap_or(d.backlog),
             max_connections: a.max_connections,
             max_message_size: a.max_message_size.unwrap_or(d.max_message_size),
@@ -268,6 +285,7 @@ impl Config {
             subprotocols: a.subprotocols.unwrap_or_default(),
             io_memory: a.io_memory.unwrap_or(d.io_memory),
             spin_before_park: a.spin_before_park,
+            ring_depth: a.ring_depth.unwrap_or(d.ring_depth),
             auth_secret_file: a.auth_secret_file,
             data_dir: a.data_dir.unwrap_or(d.data_dir),
             insecure_dev_auth: a.insecure_dev_auth.unwrap_or(false),
@@ -302,6 +320,7 @@ impl Config {
             ("max-message-size", self.max_message_size),
             ("max-request-head", self.max_request_head),
             ("backlog", self.backlog as usize),
+            ("ring-depth", self.ring_depth),
         ];
         for (name, v) in positive {
             if v == 0 {

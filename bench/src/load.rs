@@ -15,7 +15,7 @@ use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::process::{Command, Stdio};
@@ -300,6 +300,9 @@ fn run_process(args: &Args, group: usize) -> Report {
         let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("load-{t}"))
             .io_memory(1 << 20)
+            // A deep ring gets the kernel's largest poll-cancel table (256 buckets instead
+            // of 8): glommio's cancels otherwise scan thousands of armed polls each.
+            .ring_depth(4096)
             .spawn(move || async move { run_thread(args, members, group, offset, total, epoch, tx).await })
             .unwrap_or_else(|e| {
                 eprintln!("shardgate-load: cannot start a thread on cpu {cpu}: {e}");
@@ -500,6 +503,20 @@ async fn connect(th: &Thread, global: usize, cred: &str) -> Option<(TcpStream, D
     .ok()?;
     if !th.args.source_ips.is_empty() {
         let ip = th.args.source_ips[global % th.args.source_ips.len()];
+        // Choose the port at connect time, not bind time: bind(port 0) makes the kernel scan
+        // its bind table for a free port, which grows slower with every socket (it stalled a
+        // client thread for a minute at 17k sockets per address).
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt reads `one` for the length given.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
         socket.bind(&SocketAddr::new(ip, 0).into()).ok()?;
     }
     let _ = socket.set_nodelay(true);
