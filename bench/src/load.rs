@@ -123,6 +123,21 @@ fn main() {
         eprintln!("shardgate-load: --connections must be a positive multiple of {group}");
         std::process::exit(2);
     }
+    let mut args = args;
+    if args.processes == 0 && args.child_offset.is_none() {
+        // One descriptor per connection: past what one process may open, split into
+        // processes (the open-file limit cannot always be raised, e.g. in a sandbox).
+        let nofile = shardgate::shard::limits::raise_nofile().unwrap_or(1024) as usize;
+        let per_process = nofile.saturating_sub(256).max(group) / group * group;
+        let needed = args.connections.div_ceil(per_process);
+        if needed > 1 {
+            println!(
+                "shardgate-load: {} connections exceed one process's open-file limit ({nofile}): running {needed} processes",
+                args.connections
+            );
+            args.processes = needed;
+        }
+    }
     let report = if args.processes > 0 {
         coordinate(&args, group)
     } else {
