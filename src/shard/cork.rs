@@ -15,8 +15,8 @@ use crate::ws::OpCode;
 
 /// Payloads shorter than this are copied: an extra iovec costs more than a small copy.
 const BORROW_MIN: usize = 512;
-/// iovecs handed to one `sendmsg` (the kernel's IOV_MAX is 1024).
-const IOV_BATCH: usize = 512;
+/// iovecs handed to one `sendmsg` (the kernel's IOV_MAX is 1024; these live on the stack).
+pub const IOV_BATCH: usize = 64;
 /// Owned bytes kept between rounds; a larger buffer (after a huge burst) shrinks back.
 const RETAIN: usize = 256 * 1024;
 
@@ -138,19 +138,16 @@ impl Cork {
     fn send_inner(&self, fd: RawFd, input: &[u8]) -> io::Result<Option<Vec<u8>>> {
         let mut index = 0; // first segment not fully sent
         let mut offset = 0; // bytes of it already sent
-        let mut iov: Vec<libc::iovec> = Vec::with_capacity(IOV_BATCH.min(self.segments.len()));
+        let mut iov = IoBatch::new();
         while index < self.segments.len() {
             iov.clear();
             let mut batch_len = 0;
             for (i, seg) in self.segments[index..].iter().take(IOV_BATCH).enumerate() {
                 let s = &self.slice(seg, input)[if i == 0 { offset } else { 0 }..];
                 batch_len += s.len();
-                iov.push(libc::iovec {
-                    iov_base: s.as_ptr() as *mut libc::c_void,
-                    iov_len: s.len(),
-                });
+                iov.push(s);
             }
-            let sent = sendmsg_now(fd, &iov)?;
+            let sent = iov.send(fd)?;
             // Advance over what was sent.
             let mut left = sent;
             while left > 0 {
@@ -185,8 +182,44 @@ fn seg_range(s: &Segment) -> Range<usize> {
     }
 }
 
+/// Up to `IOV_BATCH` slices for one `sendmsg`, on the stack (no allocation per send).
+pub struct IoBatch {
+    iov: [libc::iovec; IOV_BATCH],
+    len: usize,
+}
+
+impl IoBatch {
+    pub fn new() -> Self {
+        IoBatch {
+            iov: [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; IOV_BATCH],
+            len: 0,
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Adds a slice; the caller keeps it alive until `send` and adds at most `IOV_BATCH`.
+    pub fn push(&mut self, s: &[u8]) {
+        self.iov[self.len] = libc::iovec {
+            iov_base: s.as_ptr() as *mut libc::c_void,
+            iov_len: s.len(),
+        };
+        self.len += 1;
+    }
+
+    /// One non-blocking `sendmsg` of the slices: how much the socket took (0 when full).
+    pub fn send(&self, fd: RawFd) -> io::Result<usize> {
+        sendmsg_now(fd, &self.iov[..self.len])
+    }
+}
+
 /// One non-blocking `sendmsg`: how much the socket took (0 when it is full).
-pub fn sendmsg_now(fd: RawFd, iov: &[libc::iovec]) -> io::Result<usize> {
+fn sendmsg_now(fd: RawFd, iov: &[libc::iovec]) -> io::Result<usize> {
     // SAFETY: a zeroed msghdr is valid; we set only the iovec array, which outlives the call
     // and whose entries point into slices that do too.
     let n = unsafe {

@@ -30,6 +30,8 @@ pub struct Hub {
     next_conn: Cell<ConnId>,
     /// Queues with frames added since the last flush.
     dirty: RefCell<Vec<Rc<Outbound>>>,
+    /// The list being flushed, kept between rounds so that its capacity is reused.
+    flushing: RefCell<Vec<Rc<Outbound>>>,
     /// Shards sent to since their doorbells were last rung.
     to_ring: Cell<ShardMask>,
     pub latency: RefCell<LatencyRecorder>,
@@ -56,6 +58,7 @@ impl Hub {
             conns: RefCell::new(HashMap::new()),
             next_conn: Cell::new(1),
             dirty: RefCell::new(Vec::new()),
+            flushing: RefCell::new(Vec::new()),
             to_ring: Cell::new(0),
             latency: RefCell::new(LatencyRecorder::default()),
             scratch: RefCell::new(Vec::with_capacity(4096)),
@@ -171,10 +174,11 @@ impl Hub {
             };
             self.queue_own(&out, frame);
         }
-        let dirty = std::mem::take(&mut *self.dirty.borrow_mut());
-        if !dirty.is_empty() {
+        let mut flushing = self.flushing.borrow_mut();
+        std::mem::swap(&mut *flushing, &mut *self.dirty.borrow_mut());
+        if !flushing.is_empty() {
             let mut latency = self.latency.borrow_mut();
-            for out in dirty {
+            for out in flushing.drain(..) {
                 match out.flush_now(&mut latency) {
                     Ok(false) if !out.overflowed() => {}
                     _ => wake.push(out.slot),

@@ -15,12 +15,9 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::cork::sendmsg_now;
+use super::cork::{IoBatch, IOV_BATCH};
 use crate::metrics::LatencyRecorder;
 use crate::route::ConnId;
-
-/// iovecs per `sendmsg` when flushing a queue.
-const IOV_BATCH: usize = 256;
 
 struct Queued {
     frame: Bytes,
@@ -122,7 +119,7 @@ impl Outbound {
             return Ok(!self.is_empty());
         }
         let mut queue = self.queue.borrow_mut();
-        let mut iov: Vec<libc::iovec> = Vec::with_capacity(queue.len().min(IOV_BATCH));
+        let mut iov = IoBatch::new();
         while !queue.is_empty() {
             iov.clear();
             let mut batch_len = 0;
@@ -133,12 +130,9 @@ impl Outbound {
                     &q.frame[..]
                 };
                 batch_len += s.len();
-                iov.push(libc::iovec {
-                    iov_base: s.as_ptr() as *mut libc::c_void,
-                    iov_len: s.len(),
-                });
+                iov.push(s);
             }
-            let sent = sendmsg_now(self.fd, &iov)?;
+            let sent = iov.send(self.fd)?;
             self.advance(&mut queue, sent, latency);
             if sent < batch_len {
                 break;
