@@ -589,8 +589,10 @@ async fn run_user(th: Rc<Thread>, local: usize, global: usize, cred: String, sta
     let room = format!("{}-room-{}", th.args.prefix, (th.offset + global) / th.group);
     let mask = (global as u32).wrapping_mul(2_654_435_761).to_be_bytes();
     let interval = Duration::from_secs_f64(1.0 / th.args.rate.max(1e-6));
-    // Spread the first sends over one interval so the load is smooth.
-    let mut next_send = hold_end.min(Instant::now() + interval.mul_f64((global % 997) as f64 / 997.0));
+    // Messages flow during the hold only (the ramp is for connecting), and the first sends
+    // are spread over one interval so the load starts smooth.
+    let hold_start = hold_end - th.args.duration;
+    let mut next_send = hold_start.max(Instant::now()) + interval.mul_f64((global % 997) as f64 / 997.0);
     let mut joined = th.args.mode == Mode::Direct;
     let mut out = Vec::with_capacity(256);
     let mut ready = false;
