@@ -159,6 +159,15 @@ impl Router {
         }
     }
 
+    /// The interned name of `room`, shared with the directory's maps when known (a publish
+    /// to a room with members then allocates nothing for the name).
+    pub fn intern_room(&self, room: &str) -> Arc<str> {
+        match self.room_masks.get_key_value(room) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(room),
+        }
+    }
+
     // ---- local events ----
 
     /// A connection of `user` was upgraded on this shard.

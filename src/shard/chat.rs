@@ -166,7 +166,7 @@ impl ChatConn {
                     protocol::write_room_message(&mut scratch, &room, &self.user, id.as_deref(), ts_ms, body);
                     text_frame(&scratch)
                 };
-                let room: Arc<str> = Arc::from(room.as_ref());
+                let room = hub.router.borrow().intern_room(&room);
                 for shard in shards_in(mask) {
                     if shard == hub.shard {
                         let router = hub.router.borrow();

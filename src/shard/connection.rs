@@ -480,7 +480,7 @@ fn finish_round(ctx: &ShardContext, out: &Rc<Outbound>, cork: &mut Cork, input: 
     if !cork.is_empty() {
         if out.is_empty() {
             if let Some(rest) = cork.send(fd, input)? {
-                out.push(Bytes::from(rest), None);
+                out.push_unsent(Bytes::from(rest));
             }
         } else {
             out.push(Bytes::from(cork.take_all(input)), None);

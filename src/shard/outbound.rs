@@ -23,6 +23,8 @@ struct Queued {
     frame: Bytes,
     /// When the message entered the gateway (routed messages only): recorded on egress.
     ingress: Option<Instant>,
+    /// These bytes may start inside a frame whose beginning is already on the wire.
+    continues: bool,
 }
 
 pub struct Outbound {
@@ -63,6 +65,15 @@ impl Outbound {
     /// Queues a frame. Returns true when the queue just became dirty (the caller should
     /// put it on the shard's flush list).
     pub fn push(&self, frame: Bytes, ingress: Option<Instant>) -> bool {
+        self.enqueue(frame, ingress, false)
+    }
+
+    /// Queues what a direct send left unsent: it may start mid-frame, so it is never dropped.
+    pub fn push_unsent(&self, rest: Bytes) -> bool {
+        self.enqueue(rest, None, true)
+    }
+
+    fn enqueue(&self, frame: Bytes, ingress: Option<Instant>, continues: bool) -> bool {
         if self.overflowed.get() || self.sealed.get() {
             return false;
         }
@@ -72,7 +83,7 @@ impl Outbound {
             // rest of a frame already partly on the wire (the Close must not cut into it).
             self.overflowed.set(true);
             let mut queue = self.queue.borrow_mut();
-            if self.front_sent.get() > 0 {
+            if self.front_sent.get() > 0 || queue.front().is_some_and(|q| q.continues) {
                 queue.truncate(1);
                 self.bytes
                     .set(queue.front().map_or(0, |q| q.frame.len() - self.front_sent.get()));
@@ -83,7 +94,11 @@ impl Outbound {
             return !self.dirty.replace(true);
         }
         self.bytes.set(bytes);
-        self.queue.borrow_mut().push_back(Queued { frame, ingress });
+        self.queue.borrow_mut().push_back(Queued {
+            frame,
+            ingress,
+            continues,
+        });
         !self.dirty.replace(true)
     }
 
@@ -175,5 +190,37 @@ impl Outbound {
         self.writing.set(false);
         let mut queue = self.queue.borrow_mut();
         self.advance(&mut queue, n, latency);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn overflow_keeps_the_rest_of_a_frame_already_on_the_wire() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let out = Outbound::new(1, 0, a.as_raw_fd(), 100);
+        // The tail of a direct send that stopped mid-frame, then routed frames.
+        assert!(out.push_unsent(Bytes::from_static(b"tail-of-a-frame")));
+        out.push(Bytes::from(vec![1u8; 50]), None);
+        out.push(Bytes::from(vec![2u8; 50]), None);
+        assert!(out.overflowed());
+        let kept = out.begin_write().expect("the tail stays queued");
+        assert_eq!(&kept[..], b"tail-of-a-frame");
+        out.end_write(kept.len(), &mut LatencyRecorder::default());
+        assert!(out.is_empty(), "whole frames were dropped");
+    }
+
+    #[test]
+    fn overflow_drops_whole_frames_only() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let out = Outbound::new(1, 0, a.as_raw_fd(), 100);
+        out.push(Bytes::from(vec![1u8; 60]), None);
+        out.push(Bytes::from(vec![2u8; 60]), None);
+        assert!(out.overflowed());
+        assert!(out.is_empty());
     }
 }
