@@ -21,3 +21,33 @@ stop_gateway() {
   kill -TERM "$server" 2>/dev/null || true
   wait 2>/dev/null || true
 }
+
+# ensure_nats_server: installs nats-server from the distribution if it is missing.
+ensure_nats_server() {
+  if ! command -v nats-server >/dev/null; then
+    echo "nats-server is missing; installing it (apt-get install nats-server)"
+    if [ "$(id -u)" = 0 ]; then sudo=; else sudo=sudo; fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq nats-server >/dev/null
+  fi
+}
+
+# start_nats OUT: starts nats-server on a free loopback port (log in OUT/nats.log), waits
+# until it accepts clients, sets $nats_url and $nats_pid. The caller stops it by PID.
+start_nats() {
+  local out=$1
+  mkdir -p "$out"
+  ensure_nats_server
+  local nport
+  nport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  nats-server -a 127.0.0.1 -p "$nport" >"$out/nats.log" 2>&1 &
+  nats_pid=$!
+  nats_url="nats://127.0.0.1:$nport"
+  for _ in $(seq 200); do
+    grep -q "Server is ready" "$out/nats.log" && return 0
+    kill -0 "$nats_pid" 2>/dev/null || { cat "$out/nats.log" >&2; echo "nats-server exited" >&2; return 1; }
+    sleep 0.05
+  done
+  echo "nats-server did not become ready; see $out/nats.log" >&2
+  return 1
+}

@@ -136,8 +136,16 @@ def main():
         start = next((i for i, l in enumerate(lines) if l.startswith("latency over the whole run")), None)
         rows = distribution(lines[start + 1:]) if start is not None else []
         count = int(re.search(r"\(ingress to egress, ms; (\d+) messages", lines[start]).group(1)) if start is not None else 0
-        servers.append({"gateway": k, "messages": count, "p50_ms": at(rows, 0.5), "p99_ms": at(rows, 0.99),
-                        "p999_ms": at(rows, 0.999), "max_ms": rows[-1][0] if rows else 0.0, "rows": rows})
+        server = {"gateway": k, "messages": count, "p50_ms": at(rows, 0.5), "p99_ms": at(rows, 0.99),
+                  "p999_ms": at(rows, 0.999), "max_ms": rows[-1][0] if rows else 0.0, "rows": rows}
+        # "cross-node messages: N (x% of all); p50 a ms, p99 b ms, p99.9 c ms, max d ms"
+        cross = next((l for l in lines if l.startswith("cross-node messages: ")), None)
+        if cross:
+            m = re.search(r"messages: (\d+) .*p50 ([\d.]+) ms, p99 ([\d.]+) ms, p99.9 ([\d.]+) ms, max ([\d.]+) ms", cross)
+            if m:
+                server["cross_node"] = {"messages": int(m.group(1)), "p50_ms": float(m.group(2)), "p99_ms": float(m.group(3)),
+                                        "p999_ms": float(m.group(4)), "max_ms": float(m.group(5))}
+        servers.append(server)
 
     def cpu(path):
         d = {}
@@ -172,6 +180,14 @@ def main():
         "server_latency_ms": [{k: v for k, v in s.items() if k != "rows"} for s in servers],
         "slo_ms": slo_ms,
     }
+    cross_received = int(client.get("cross_node_received", 0))
+    if cross_received or any("cross_node" in s for s in servers):
+        summary["cross_node"] = {
+            "messages_delivered": cross_received,
+            "share_pct": round(cross_received * 100 / max(int(client.get("received", 0)), 1), 2),
+            "client_latency_ms": {q: int(client.get(f"cross_{q}_us", 0)) / 1000 for q in ["p50", "p90", "p99", "p999", "max"]},
+            "server_messages": sum(s.get("cross_node", {}).get("messages", 0) for s in servers),
+        }
     text = [
         f"soak {summary['verdict']}: {up}/{a.connections} connections held over {a.gateways} gateway process(es)",
         f"server memory: peak RSS {a.peak_rss_kib / 1024:.1f} MiB in all, {summary['server_bytes_per_connection']} bytes per connection (growth over the idle gateways)",
@@ -180,8 +196,15 @@ def main():
         f"duplicated {summary['duplicates']}, reordered {summary['reordered']}; failed handshakes {summary['failed_handshakes']}, unexpected closes {summary['unexpected_closes']}",
         "client latency (send to receive): " + ", ".join(f"{q} {v:.3f} ms" for q, v in summary["client_latency_ms"].items()) + f"  (SLO {slo_ms:g} ms)",
     ]
+    if "cross_node" in summary:
+        c = summary["cross_node"]
+        text.append(f"cross-node: {c['messages_delivered']} messages ({c['share_pct']:g}% of delivered) crossed nodes through NATS; client latency "
+                    + ", ".join(f"{q} {v:.3f} ms" for q, v in c["client_latency_ms"].items()))
     for s in servers:
         text.append(f"server latency, gateway {s['gateway']} (ingress to egress, {s['messages']} messages): p50 {s['p50_ms']:.3f} ms, p99 {s['p99_ms']:.3f} ms, p99.9 {s['p999_ms']:.3f} ms, max {s['max_ms']:.3f} ms")
+        if "cross_node" in s:
+            x = s["cross_node"]
+            text.append(f"  of which cross-node ({x['messages']} messages, ingress on another node to egress here): p50 {x['p50_ms']:.3f} ms, p99 {x['p99_ms']:.3f} ms, p99.9 {x['p999_ms']:.3f} ms, max {x['max_ms']:.3f} ms")
     text.append(f"results: {res}")
     print("\n".join(text))
     (res / "summary.txt").write_text("\n".join(text) + "\n")

@@ -5,18 +5,25 @@
 #   scripts/soak.sh --profile ci         # 20,000 connections, 60 s (what CI runs)
 #   scripts/soak.sh --profile small      # 2,000 connections, 15 s
 #   scripts/soak.sh --connections 50000 --duration 120s --rate 0.2 --mode room --tune
+#   scripts/soak.sh --nodes 6 --nats      # six nodes joined through a local nats-server,
+#                                         # half the pairs split across nodes
+#   scripts/soak.sh --nats nats://10.0.0.5:4222 --cross-node 1.0
 #
 # It prints the host limits (and applies scripts/tune-host.sh only with --tune), starts
 # enough gateway processes for the open-file limit, ramps the load generator up, holds,
 # stops everything it started (by PID) and prints a summary: connections held, server RSS
 # per connection, CPU per shard, messages sent/delivered/lost, client- and server-side
 # latency percentiles against the SLO. Everything lands in the results folder, with a chart.
+# With --nats the gateways form one cluster (a nats-server is started on a free loopback
+# port unless a URL is given) and --cross-node of the pairs or rooms span nodes; the summary
+# shows the messages that crossed nodes and their latency apart.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
 connections=100000 duration=60s rate=0.1 ramp=2500 mode=direct tune=0 slo=200ms
 per_process= shards=$(nproc) shards_given=0 results=
+nodes=0 nats=0 nats_url= cross_node=
 while [ $# -gt 0 ]; do
   case $1 in
     --profile)
@@ -37,6 +44,12 @@ while [ $# -gt 0 ]; do
     --slo) slo=$2; shift 2 ;;
     --results) results=$2; shift 2 ;;
     --tune) tune=1; shift ;;
+    --nodes) nodes=$2; shift 2 ;;
+    --nats)
+      nats=1
+      if [ $# -gt 1 ] && [[ $2 == nats://* ]]; then nats_url=$2; shift; fi
+      shift ;;
+    --cross-node) cross_node=$2; shift 2 ;;
     *) echo "soak: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -54,6 +67,14 @@ if [ -z "$per_process" ]; then
   per_process=$(( (nofile - 400) / 2 * 2 ))
 fi
 gateways=$(( (connections + per_process - 1) / per_process ))
+if [ "$nodes" -gt "$gateways" ]; then gateways=$nodes; fi
+if [ "$nodes" -gt 0 ] && [ "$nodes" -lt "$gateways" ]; then
+  echo "soak: --nodes $nodes is too few for $connections connections at $per_process per process; using $gateways" >&2
+fi
+if [ "$nats" = 1 ]; then cross_node=${cross_node:-0.5}; else cross_node=${cross_node:-0}; fi
+if [ "$nats" = 0 ] && [ "$cross_node" != 0 ]; then
+  echo "soak: --cross-node needs --nats (nodes only reach each other through NATS)" >&2; exit 2
+fi
 # Ephemeral ports per client address on loopback: about 28,000 with the default range.
 addresses=$(( connections / 20000 + 1 ))
 source_ips=$(seq -s, -f "127.0.0.%g" 2 $((addresses + 1)))
@@ -66,13 +87,25 @@ head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$secret"
 chmod 600 "$secret"
 
 pids=()
-load_pid=
+load_pid= nats_pid=
 cleanup() {
   [ -n "$load_pid" ] && kill -TERM "$load_pid" 2>/dev/null
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  [ -n "$nats_pid" ] && kill -TERM "$nats_pid" 2>/dev/null
   wait 2>/dev/null || true
 }
 trap cleanup EXIT
+
+cluster=()
+if [ "$nats" = 1 ]; then
+  if [ -z "$nats_url" ]; then
+    source scripts/lib.sh
+    start_nats "$results"
+    echo "== nats-server $nats_url (pid $nats_pid), log $results/nats.log"
+  fi
+  cluster=(--nats "$nats_url" --nats-prefix "soak$$")
+  echo "== cluster: $gateways node(s) through $nats_url; $cross_node of the groups span nodes"
+fi
 
 addrs=()
 for k in $(seq 0 $((gateways - 1))); do
@@ -86,11 +119,22 @@ for k in $(seq 0 $((gateways - 1))); do
   fi
   target/release/shardgate serve --listen "127.0.0.1:$port" "${placement[@]}" --auth-secret-file "$secret" \
     --data-dir "$results" --max-connections "$per_process" --report-interval 5s --slo "$slo" \
-    --histogram-out "$results/gateway-$k.hgrm" >"$results/gateway-$k.log" 2>&1 &
+    --histogram-out "$results/gateway-$k.hgrm" "${cluster[@]}" >"$results/gateway-$k.log" 2>&1 &
   pids+=($!)
   scripts/wait-listening.sh "$results/gateway-$k.log" "$!"
   addrs+=("127.0.0.1:$port")
 done
+if [ "$nats" = 1 ]; then
+  # Every node must know every other before users arrive ("offline" is a promise).
+  for k in $(seq 0 $((gateways - 1))); do
+    for _ in $(seq 600); do
+      grep -q "cluster: presence settled: $((gateways - 1)) other node" "$results/gateway-$k.log" && break
+      sleep 0.05
+    done
+    grep -q "cluster: presence settled: $((gateways - 1)) other node" "$results/gateway-$k.log" ||
+      { echo "soak: gateway $k did not join the cluster; see $results/gateway-$k.log" >&2; exit 1; }
+  done
+fi
 gateway_list=$(IFS=,; echo "${addrs[*]}")
 rss_sum() { local s=0; for p in "${pids[@]}"; do s=$((s + $(awk '/^VmRSS:/ {print $2}' "/proc/$p/status"))); done; echo "$s"; }
 rss_before=$(rss_sum)
@@ -99,7 +143,7 @@ cpus=$(seq -s, 0 $(( $(nproc) - 1 )))
 echo "== load: ramp $ramp/s, hold $duration at $rate msg/s per connection ($mode)"
 target/release/shardgate-load --gateways "$gateway_list" --connections "$connections" --ramp "$ramp" \
   --duration "$duration" --rate "$rate" --mode "$mode" --source-ips "$source_ips" \
-  --auth-secret-file "$secret" --cpus "$cpus" --processes "$gateways" --slo "$slo" \
+  --auth-secret-file "$secret" --cpus "$cpus" --processes "$gateways" --slo "$slo" --cross-node "$cross_node" \
   --report-interval 5s --histogram-out "$results/client.hgrm.b64" >"$results/load.log" 2>"$results/load.err" &
 load_pid=$!
 

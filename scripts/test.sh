@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting, lints, unit/property/integration tests
-# of the workspace, then the Autobahn|Testsuite (cases 1-10) against a real gateway.
-# Installs what it needs that a fresh machine of this kind lacks (the Autobahn virtualenv).
+# of the workspace (the cluster tests against a real nats-server, started here on a free
+# loopback port and stopped after), the Autobahn|Testsuite (cases 1-10) against a real
+# gateway, then the soak (CI profile). Installs what a fresh machine of this kind lacks
+# (nats-server from apt, the Autobahn virtualenv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,8 +11,14 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "== nats-server for the cluster tests"
+source scripts/lib.sh
+start_nats target/test-nats
+trap 'kill -TERM "$nats_pid" 2>/dev/null; wait "$nats_pid" 2>/dev/null || true' EXIT
+echo "nats-server $nats_url (pid $nats_pid)"
 echo "== cargo test"
-cargo test --workspace
+SHARDGATE_TEST_NATS=$nats_url cargo test --workspace
+kill -TERM "$nats_pid"; wait "$nats_pid" 2>/dev/null || true; trap - EXIT
 echo "== autobahn testsuite"
 scripts/autobahn.sh
 echo "== soak, CI profile (20,000 connections, 60 s)"

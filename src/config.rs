@@ -145,6 +145,25 @@ pub struct ServeArgs {
     /// Each shard also listens on a port of its own (printed at start), to reach a chosen shard.
     #[arg(long, num_args = 0, default_missing_value = "true")]
     pub shard_ports: Option<bool>,
+    /// Join a cluster of gateways through this NATS server (e.g. nats://127.0.0.1:4222).
+    /// Without it the gateway is a single node with no dependency.
+    #[arg(long, value_name = "URL")]
+    pub nats: Option<String>,
+    /// Subject prefix of the cluster: nodes with the same prefix form one [default: shardgate].
+    #[arg(long)]
+    pub nats_prefix: Option<String>,
+    /// A node not heard from for this long is forgotten with its users [default: 5s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub presence_timeout: Option<Duration>,
+    /// A cross-node send not confirmed within this is answered `unavailable` [default: 2s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub cluster_ack_timeout: Option<Duration>,
+    /// Pin the NATS thread to this CPU [default: unpinned, so it never competes with one
+    /// shard alone for a core].
+    #[arg(long)]
+    pub cluster_cpu: Option<usize>,
 }
 
 impl ServeArgs {
@@ -180,6 +199,11 @@ impl ServeArgs {
             slo: self.slo.or(file.slo),
             histogram_out: self.histogram_out.or(file.histogram_out),
             shard_ports: self.shard_ports.or(file.shard_ports),
+            nats: self.nats.or(file.nats),
+            nats_prefix: self.nats_prefix.or(file.nats_prefix),
+            presence_timeout: self.presence_timeout.or(file.presence_timeout),
+            cluster_ack_timeout: self.cluster_ack_timeout.or(file.cluster_ack_timeout),
+            cluster_cpu: self.cluster_cpu.or(file.cluster_cpu),
         }
     }
 }
@@ -217,6 +241,12 @@ pub struct Config {
     pub slo: Duration,
     pub histogram_out: Option<PathBuf>,
     pub shard_ports: bool,
+    /// `Some` when the node joins a cluster.
+    pub nats: Option<String>,
+    pub nats_prefix: String,
+    pub presence_timeout: Duration,
+    pub cluster_ack_timeout: Duration,
+    pub cluster_cpu: Option<usize>,
 }
 
 impl Default for Config {
@@ -253,6 +283,11 @@ impl Default for Config {
             slo: Duration::from_millis(200),
             histogram_out: None,
             shard_ports: false,
+            nats: None,
+            nats_prefix: "shardgate".into(),
+            presence_timeout: Duration::from_secs(5),
+            cluster_ack_timeout: Duration::from_secs(2),
+            cluster_cpu: None,
         }
     }
 }
@@ -298,6 +333,11 @@ impl Config {
             slo: a.slo.unwrap_or(d.slo),
             histogram_out: a.histogram_out,
             shard_ports: a.shard_ports.unwrap_or(false),
+            nats: a.nats.filter(|u| !u.is_empty()),
+            nats_prefix: a.nats_prefix.unwrap_or(d.nats_prefix),
+            presence_timeout: a.presence_timeout.unwrap_or(d.presence_timeout),
+            cluster_ack_timeout: a.cluster_ack_timeout.unwrap_or(d.cluster_ack_timeout),
+            cluster_cpu: a.cluster_cpu,
         };
         config.validate()?;
         Ok(config)
@@ -333,10 +373,23 @@ impl Config {
             ("pong-timeout", self.pong_timeout),
             ("report-interval", self.report_interval),
             ("slo", self.slo),
+            ("presence-timeout", self.presence_timeout),
+            ("cluster-ack-timeout", self.cluster_ack_timeout),
         ] {
             if d.is_zero() {
                 return Err(format!("{name} must be longer than zero"));
             }
+        }
+        let prefix_ok = !self.nats_prefix.is_empty()
+            && self
+                .nats_prefix
+                .split('.')
+                .all(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'));
+        if !prefix_ok {
+            return Err("nats-prefix must be dot-separated tokens of A-Z a-z 0-9 _ -".into());
+        }
+        if self.presence_timeout < Duration::from_secs(2) {
+            return Err("presence-timeout must be at least 2s (nodes send a heartbeat every second)".into());
         }
         Ok(())
     }

@@ -61,6 +61,9 @@ pub struct Report {
     pub errors: u64,
     /// End-to-end latency, µs.
     pub latency: Histogram<u64>,
+    /// Messages whose sender and recipient used different gateways (nodes), and their latency.
+    pub cross_received: u64,
+    pub cross_latency: Histogram<u64>,
 }
 
 pub fn new_histogram() -> Histogram<u64> {
@@ -81,11 +84,13 @@ impl Default for Report {
             offline: 0,
             errors: 0,
             latency: new_histogram(),
+            cross_received: 0,
+            cross_latency: new_histogram(),
         }
     }
 }
 
-const FIELDS: [&str; 10] = [
+const FIELDS: [&str; 11] = [
     "connections_up",
     "failed_handshakes",
     "unexpected_closes",
@@ -96,10 +101,11 @@ const FIELDS: [&str; 10] = [
     "reordered",
     "offline",
     "errors",
+    "cross_received",
 ];
 
 impl Report {
-    fn counters(&self) -> [u64; 10] {
+    fn counters(&self) -> [u64; 11] {
         [
             self.connections_up,
             self.failed_handshakes,
@@ -111,10 +117,11 @@ impl Report {
             self.reordered,
             self.offline,
             self.errors,
+            self.cross_received,
         ]
     }
 
-    fn counters_mut(&mut self) -> [&mut u64; 10] {
+    fn counters_mut(&mut self) -> [&mut u64; 11] {
         [
             &mut self.connections_up,
             &mut self.failed_handshakes,
@@ -126,6 +133,7 @@ impl Report {
             &mut self.reordered,
             &mut self.offline,
             &mut self.errors,
+            &mut self.cross_received,
         ]
     }
 
@@ -134,6 +142,7 @@ impl Report {
             *mine += theirs;
         }
         let _ = self.latency.add(&other.latency);
+        let _ = self.cross_latency.add(&other.cross_latency);
     }
 
     /// Did every message arrive, once and in order?
@@ -149,6 +158,7 @@ impl Report {
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
         line.push(format!("hist={}", encode_histogram(&self.latency)));
+        line.push(format!("xhist={}", encode_histogram(&self.cross_latency)));
         line.join(" ")
     }
 
@@ -158,6 +168,8 @@ impl Report {
             let (k, v) = kv.split_once('=').ok_or_else(|| format!("not key=value: {kv}"))?;
             if k == "hist" {
                 report.latency = decode_histogram(v)?;
+            } else if k == "xhist" {
+                report.cross_latency = decode_histogram(v)?;
             } else if let Some(i) = FIELDS.iter().position(|f| *f == k) {
                 *report.counters_mut()[i] = v.parse().map_err(|e| format!("{k}: {e}"))?;
             }
@@ -222,9 +234,12 @@ mod tests {
         };
         b.latency.record(300).unwrap();
         b.latency.record(500).unwrap();
+        b.cross_received = 1;
+        b.cross_latency.record(500).unwrap();
         let b = Report::from_line(&b.to_line()).unwrap();
         a.merge(&b);
         assert_eq!((a.sent, a.received, a.lost, a.connections_up), (15, 14, 1, 6));
+        assert_eq!((a.cross_received, a.cross_latency.len()), (1, 1));
         assert_eq!(a.latency.len(), 3);
         assert_eq!(a.latency.max(), 500);
         assert!(!a.is_clean());

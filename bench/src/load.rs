@@ -4,8 +4,9 @@
 //! each other messages; room mode: groups publish to their room), holds them for a while at
 //! a message rate, then drains and counts: sent, received, lost, duplicated, reordered,
 //! failed handshakes, unexpected closes, and end-to-end latency (send to receive) in an
-//! HDR histogram. Partners always share a gateway (and a client thread), so no message has
-//! to cross gateway processes.
+//! HDR histogram. Partners share a client thread and, unless `--cross-node` spreads their
+//! group over gateways, a gateway; messages between gateways (nodes of one cluster) are
+//! counted and measured apart.
 //!
 //! Thread-per-core on glommio; each thread reads every socket into one shared buffer, so a
 //! connection costs a few KiB. More connections than one process may open are spread over
@@ -90,6 +91,10 @@ struct Args {
     /// Write the merged latency distribution (HdrHistogram V2, base64) here.
     #[arg(long)]
     histogram_out: Option<PathBuf>,
+    /// Share of groups (pairs, rooms) spread over different gateways, so that their
+    /// messages cross nodes (gateways joined through NATS), 0 to 1.
+    #[arg(long, default_value_t = 0.0)]
+    cross_node: f64,
     /// User ids are PREFIX-<n>.
     #[arg(long, default_value = "load")]
     prefix: String,
@@ -121,6 +126,10 @@ fn main() {
     };
     if args.connections == 0 || args.connections % group != 0 {
         eprintln!("shardgate-load: --connections must be a positive multiple of {group}");
+        std::process::exit(2);
+    }
+    if !(0.0..=1.0).contains(&args.cross_node) {
+        eprintln!("shardgate-load: --cross-node is a share, from 0 to 1");
         std::process::exit(2);
     }
     let mut args = args;
@@ -165,11 +174,13 @@ fn passed(args: &Args, r: &Report) -> bool {
 
 fn print_final(args: &Args, r: &Report) {
     let h = &r.latency;
+    let x = &r.cross_latency;
     println!(
-        "summary: connections_up={} failed_handshakes={} unexpected_closes={} sent={} received={} lost={} duplicates={} reordered={} offline={} errors={} p50_us={} p90_us={} p99_us={} p999_us={} max_us={} slo_ms={} verdict={}",
+        "summary: connections_up={} failed_handshakes={} unexpected_closes={} sent={} received={} lost={} duplicates={} reordered={} offline={} errors={} p50_us={} p90_us={} p99_us={} p999_us={} max_us={} slo_ms={} cross_node_received={} cross_p50_us={} cross_p90_us={} cross_p99_us={} cross_p999_us={} cross_max_us={} verdict={}",
         r.connections_up, r.failed_handshakes, r.unexpected_closes, r.sent, r.received, r.lost, r.duplicates, r.reordered, r.offline, r.errors,
         h.value_at_quantile(0.5), h.value_at_quantile(0.9), h.value_at_quantile(0.99), h.value_at_quantile(0.999), h.max(),
         args.slo.as_millis(),
+        r.cross_received, x.value_at_quantile(0.5), x.value_at_quantile(0.9), x.value_at_quantile(0.99), x.value_at_quantile(0.999), x.max(),
         if passed(args, r) { "PASS" } else { "FAIL" },
     );
     print!("{}", shardgate::metrics::percentile_distribution(h));
@@ -507,9 +518,23 @@ struct Body {
     t: u64,
 }
 
+/// The gateway connection `global` (an index over all processes) uses: its group's, or,
+/// for the groups `--cross-node` spreads, one per member in turn.
+fn gateway_of(args: &Args, group: usize, global: usize) -> usize {
+    let g = global / group;
+    let n = args.gateways.len();
+    // Spread groups are picked by a low-discrepancy sequence: an even share, in any prefix.
+    let spread = args.cross_node > 0.0 && (g as f64 * 0.618_033_988_749_895).fract() < args.cross_node;
+    if spread {
+        (g + global % group) % n
+    } else {
+        g % n
+    }
+}
+
 /// Connects, upgrades and waits for `ready`; `None` counts as a failed handshake.
 async fn connect(th: &Thread, global: usize, cred: &str) -> Option<(TcpStream, Decoder, Vec<u8>)> {
-    let gateway = th.args.gateways[(global / th.group) % th.args.gateways.len()];
+    let gateway = th.args.gateways[gateway_of(&th.args, th.group, th.offset + global)];
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(gateway),
         socket2::Type::STREAM.nonblocking(),
@@ -674,8 +699,15 @@ async fn run_user(th: Rc<Thread>, local: usize, global: usize, cred: String, sta
                         Some(pos) => user.trackers.borrow_mut()[pos].record(s),
                         None => th.report.borrow_mut().errors += 1,
                     }
-                    let _ = th.interval.borrow_mut().record(now_us.saturating_sub(t).max(1));
-                    let _ = th.report.borrow_mut().latency.record(now_us.saturating_sub(t).max(1));
+                    let us = now_us.saturating_sub(t).max(1);
+                    let _ = th.interval.borrow_mut().record(us);
+                    let mut report = th.report.borrow_mut();
+                    let _ = report.latency.record(us);
+                    let me = gateway_of(&th.args, th.group, th.offset + global);
+                    if sender.is_some_and(|g| gateway_of(&th.args, th.group, g) != me) {
+                        report.cross_received += 1;
+                        let _ = report.cross_latency.record(us);
+                    }
                     th.interval_received.set(th.interval_received.get() + 1);
                 }
                 "ack" => {

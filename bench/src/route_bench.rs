@@ -122,6 +122,7 @@ fn hop(paced: u64, interval: Duration, burst: u64, batch: u64, cpus: &[usize]) {
                         to: to.clone(),
                         frame: frame.clone(),
                         ingress: Instant::now(),
+                        cross_node: false,
                     },
                 );
                 mesh.ring(1);
@@ -137,6 +138,7 @@ fn hop(paced: u64, interval: Duration, burst: u64, batch: u64, cpus: &[usize]) {
                             to: to.clone(),
                             frame: frame.clone(),
                             ingress: Instant::now(),
+                            cross_node: false,
                         },
                     );
                 }

@@ -15,10 +15,13 @@ pub fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
 }
 
-/// One shard's recorder: the current interval and the whole run.
+/// One shard's recorder: the current interval and the whole run, for every message and
+/// again for those that came from another node.
 pub struct LatencyRecorder {
     pub interval: Histogram<u64>,
     pub total: Histogram<u64>,
+    pub cross_interval: Histogram<u64>,
+    pub cross_total: Histogram<u64>,
 }
 
 impl Default for LatencyRecorder {
@@ -26,41 +29,51 @@ impl Default for LatencyRecorder {
         LatencyRecorder {
             interval: new_histogram(),
             total: new_histogram(),
+            cross_interval: new_histogram(),
+            cross_total: new_histogram(),
         }
     }
 }
 
 impl LatencyRecorder {
-    /// Records a message that entered at `ingress` and left at `now`.
+    /// Records a message that entered at `ingress` (on this node or, `cross_node`, on
+    /// another) and left at `now`.
     #[inline]
-    pub fn record(&mut self, ingress: Instant, now: Instant) {
+    pub fn record(&mut self, ingress: Instant, now: Instant, cross_node: bool) {
         let us = now.saturating_duration_since(ingress).as_micros().clamp(1, 60_000_000) as u64;
         // Within the bounds by the clamp, so recording cannot fail.
         let _ = self.interval.record(us);
         let _ = self.total.record(us);
+        if cross_node {
+            let _ = self.cross_interval.record(us);
+            let _ = self.cross_total.record(us);
+        }
     }
 
-    /// The interval so far, and a fresh one started.
-    pub fn take_interval(&mut self) -> Histogram<u64> {
-        let h = self.interval.clone();
+    /// The interval so far (all messages, cross-node ones), and fresh ones started.
+    pub fn take_interval(&mut self) -> (Histogram<u64>, Histogram<u64>) {
+        let h = (self.interval.clone(), self.cross_interval.clone());
         self.interval.reset();
+        self.cross_interval.reset();
         h
     }
 }
 
 /// The stdout report line for one interval (documented in the README):
-/// `report: t=… interval_s=… msgs_per_s=… connections=… count=… p50_us=… p90_us=… p99_us=… p999_us=… max_us=… within_slo_pct=… slo_ms=…`
+/// `report: t=… interval_s=… msgs_per_s=… connections=… count=… p50_us=… p90_us=… p99_us=… p999_us=… max_us=… within_slo_pct=… slo_ms=… cross_node=… cross_p50_us=… cross_p99_us=…`
+/// where the `cross_` fields count the messages that came from other nodes.
 pub fn report_line(
     elapsed: Duration,
     interval: Duration,
     connections: u64,
     h: &Histogram<u64>,
+    cross: &Histogram<u64>,
     slo: Duration,
 ) -> String {
     let count = h.len();
     let within = if count == 0 { 100.0 } else { within_slo(h, slo) * 100.0 };
     format!(
-        "report: t={:.0}s interval_s={:.1} msgs_per_s={:.1} connections={connections} count={count} p50_us={} p90_us={} p99_us={} p999_us={} max_us={} within_slo_pct={within:.3} slo_ms={}",
+        "report: t={:.0}s interval_s={:.1} msgs_per_s={:.1} connections={connections} count={count} p50_us={} p90_us={} p99_us={} p999_us={} max_us={} within_slo_pct={within:.3} slo_ms={} cross_node={} cross_p50_us={} cross_p99_us={}",
         elapsed.as_secs_f64(),
         interval.as_secs_f64(),
         count as f64 / interval.as_secs_f64().max(1e-9),
@@ -70,6 +83,9 @@ pub fn report_line(
         h.value_at_quantile(0.999),
         h.max(),
         slo.as_millis(),
+        cross.len(),
+        cross.value_at_quantile(0.50),
+        cross.value_at_quantile(0.99),
     )
 }
 
@@ -127,9 +143,12 @@ mod tests {
         let mut r = LatencyRecorder::default();
         let t0 = Instant::now();
         for us in [100u64, 200, 300, 250_000] {
-            r.record(t0, t0 + Duration::from_micros(us));
+            r.record(t0, t0 + Duration::from_micros(us), us == 300);
         }
-        let h = r.take_interval();
+        let (h, cross) = r.take_interval();
+        assert_eq!(cross.len(), 1);
+        assert!(r.cross_interval.is_empty());
+        assert_eq!(r.cross_total.len(), 1);
         assert_eq!(h.len(), 4);
         assert!(r.interval.is_empty());
         assert_eq!(r.total.len(), 4);
@@ -139,13 +158,17 @@ mod tests {
             Duration::from_secs(10),
             7,
             &h,
+            &cross,
             Duration::from_millis(200),
         );
         assert!(
             line.starts_with("report: t=10s interval_s=10.0 msgs_per_s=0.4 connections=7 count=4 p50_us=200 "),
             "{line}"
         );
-        assert!(line.ends_with("within_slo_pct=75.000 slo_ms=200"), "{line}");
+        assert!(
+            line.ends_with("within_slo_pct=75.000 slo_ms=200 cross_node=1 cross_p50_us=300 cross_p99_us=300"),
+            "{line}"
+        );
     }
 
     #[test]

@@ -16,10 +16,14 @@ pub enum ShardReport {
     Interval {
         tick: u64,
         histogram: Histogram<u64>,
+        cross: Histogram<u64>,
         connections: u64,
     },
     /// The shard's whole run, sent once when it stops.
-    Final { histogram: Histogram<u64> },
+    Final {
+        histogram: Histogram<u64>,
+        cross: Histogram<u64>,
+    },
 }
 
 /// The shards' handle on the reporter.
@@ -54,8 +58,9 @@ pub fn spawn_reporter(config: ReporterConfig) -> std::io::Result<(Reporter, Join
 fn run(config: ReporterConfig, rx: Receiver<ShardReport>) {
     let started = Instant::now();
     // Interval merges waiting for the shards that have not reported that tick yet.
-    let mut ticks: std::collections::BTreeMap<u64, (usize, Histogram<u64>, u64)> = Default::default();
+    let mut ticks: std::collections::BTreeMap<u64, (usize, Histogram<u64>, Histogram<u64>, u64)> = Default::default();
     let mut total = new_histogram();
+    let mut cross_total = new_histogram();
     let mut finals = 0;
     while finals < config.shards {
         let Ok(report) = rx.recv() else { break };
@@ -63,23 +68,28 @@ fn run(config: ReporterConfig, rx: Receiver<ShardReport>) {
             ShardReport::Interval {
                 tick,
                 histogram,
+                cross,
                 connections,
             } => {
-                let entry = ticks.entry(tick).or_insert_with(|| (0, new_histogram(), 0));
+                let entry = ticks
+                    .entry(tick)
+                    .or_insert_with(|| (0, new_histogram(), new_histogram(), 0));
                 entry.0 += 1;
                 let _ = entry.1.add(&histogram);
-                entry.2 += connections;
+                let _ = entry.2.add(&cross);
+                entry.3 += connections;
                 if entry.0 == config.shards {
-                    if let Some((_, h, conns)) = ticks.remove(&tick) {
+                    if let Some((_, h, cross, conns)) = ticks.remove(&tick) {
                         println!(
                             "{}",
-                            report_line(started.elapsed(), config.interval, conns, &h, config.slo)
+                            report_line(started.elapsed(), config.interval, conns, &h, &cross, config.slo)
                         );
                     }
                 }
             }
-            ShardReport::Final { histogram } => {
+            ShardReport::Final { histogram, cross } => {
                 let _ = total.add(&histogram);
+                let _ = cross_total.add(&cross);
                 finals += 1;
             }
         }
@@ -92,6 +102,17 @@ fn run(config: ReporterConfig, rx: Receiver<ShardReport>) {
         config.slo.as_millis()
     );
     print!("{text}");
+    if !cross_total.is_empty() {
+        println!(
+            "cross-node messages: {} ({:.1}% of all); p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms",
+            cross_total.len(),
+            cross_total.len() as f64 * 100.0 / total.len().max(1) as f64,
+            cross_total.value_at_quantile(0.5) as f64 / 1000.0,
+            cross_total.value_at_quantile(0.99) as f64 / 1000.0,
+            cross_total.value_at_quantile(0.999) as f64 / 1000.0,
+            cross_total.max() as f64 / 1000.0,
+        );
+    }
     if let Some(path) = &config.histogram_out {
         match std::fs::write(path, &text) {
             Ok(()) => println!("histogram written to {}", path.display()),

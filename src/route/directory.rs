@@ -334,7 +334,7 @@ impl Router {
                     }
                 }
             }
-            ShardMsg::Direct { .. } | ShardMsg::Room { .. } => {}
+            ShardMsg::Direct { .. } | ShardMsg::Room { .. } | ShardMsg::ClusterAck { .. } => {}
         }
     }
 

@@ -28,6 +28,8 @@ pub enum ShardMsg {
         to: Arc<str>,
         frame: Bytes,
         ingress: Instant,
+        /// It came from another node (counted and recorded apart).
+        cross_node: bool,
     },
     /// Deliver `frame` to every local connection of every member of `room`, except the
     /// sending connection `(shard, conn)`.
@@ -36,6 +38,13 @@ pub enum ShardMsg {
         frame: Bytes,
         ingress: Instant,
         except: (usize, ConnId),
+        cross_node: bool,
+    },
+    /// From the cluster thread: how a cross-node send of connection `conn` ended.
+    ClusterAck {
+        conn: ConnId,
+        id: Option<Box<str>>,
+        outcome: crate::cluster::Outcome,
     },
     /// To a user's home: shard `shard` now holds connections of `user` (or no longer does).
     Attach {

@@ -9,6 +9,7 @@ use super::cork::Cork;
 use super::hub::{text_frame, Hub};
 use super::outbound::Outbound;
 use crate::chat::protocol::{self, AppError, ClientMessage};
+use crate::cluster::{AckTo, ToCluster};
 use crate::config::Config;
 use crate::route::{shards_in, ShardMsg};
 use crate::ws::OpCode;
@@ -113,7 +114,21 @@ impl ChatConn {
         match msg {
             ClientMessage::Send { to, id, body } => {
                 let mask = hub.router.borrow().user_shards(&to);
-                let status = if mask == 0 {
+                let cluster = hub.cluster.as_deref();
+                if let Some(link) = cluster {
+                    // The recipient may have connections on other nodes too.
+                    if mask == 0 && !link.is_up() {
+                        return Err(
+                            unavailable("the recipient is not on this node, and the cluster is unreachable")
+                                .with_id_str(id.as_deref()),
+                        );
+                    }
+                    if link.is_up() && link.is_full() {
+                        return Err(AppError::new("rate_limited", "the cluster link is overloaded; retry")
+                            .with_id_str(id.as_deref()));
+                    }
+                }
+                let status = if mask == 0 && cluster.is_none() {
                     "offline"
                 } else {
                     if shards_in(mask).any(|s| s != hub.shard && hub.mesh.is_full(s)) {
@@ -132,7 +147,7 @@ impl ChatConn {
                     for shard in shards_in(mask) {
                         if shard == hub.shard {
                             let router = hub.router.borrow();
-                            hub.deliver_local(router.local_connections(&to), &frame, ingress, None);
+                            hub.deliver_local(router.local_connections(&to), &frame, ingress, None, false);
                         } else {
                             hub.send_to(
                                 shard,
@@ -140,8 +155,25 @@ impl ChatConn {
                                     to: to.clone(),
                                     frame: frame.clone(),
                                     ingress,
+                                    cross_node: false,
                                 },
                             );
+                        }
+                    }
+                    if let Some(link) = cluster.filter(|l| l.is_up()) {
+                        // Not on this node: the cluster thread answers once other nodes did.
+                        let ack = (mask == 0).then(|| self.ack_to(hub, id.as_deref()));
+                        hub.to_cluster(
+                            link,
+                            ToCluster::Direct {
+                                to,
+                                frame,
+                                ingress,
+                                ack,
+                            },
+                        );
+                        if mask == 0 {
+                            return Ok(());
                         }
                     }
                     "routed"
@@ -156,7 +188,9 @@ impl ChatConn {
                     );
                 }
                 let mask = hub.router.borrow().room_shards(&room);
-                if shards_in(mask).any(|s| s != hub.shard && hub.mesh.is_full(s)) {
+                if shards_in(mask).any(|s| s != hub.shard && hub.mesh.is_full(s))
+                    || hub.cluster.as_ref().is_some_and(|l| l.is_up() && l.is_full())
+                {
                     return Err(AppError::new("rate_limited", "a member's shard is overloaded; retry")
                         .with_id_str(id.as_deref()));
                 }
@@ -170,7 +204,13 @@ impl ChatConn {
                 for shard in shards_in(mask) {
                     if shard == hub.shard {
                         let router = hub.router.borrow();
-                        hub.deliver_local(router.local_room_connections(&room), &frame, ingress, Some(self.out.id));
+                        hub.deliver_local(
+                            router.local_room_connections(&room),
+                            &frame,
+                            ingress,
+                            Some(self.out.id),
+                            false,
+                        );
                     } else {
                         hub.send_to(
                             shard,
@@ -179,9 +219,30 @@ impl ChatConn {
                                 frame: frame.clone(),
                                 ingress,
                                 except: (hub.shard, self.out.id),
+                                cross_node: false,
                             },
                         );
                     }
+                }
+                if let Some(link) = hub.cluster.as_deref() {
+                    if !link.is_up() {
+                        return Err(unavailable(
+                            "delivered to the room's members on this node only: the cluster is unreachable",
+                        )
+                        .with_id_str(id.as_deref()));
+                    }
+                    // The cluster thread answers once the other nodes with members confirmed.
+                    let ack = self.ack_to(hub, id.as_deref());
+                    hub.to_cluster(
+                        link,
+                        ToCluster::Publish {
+                            room,
+                            frame,
+                            ingress,
+                            ack,
+                        },
+                    );
+                    return Ok(());
                 }
                 self.answer(hub, cork, |s| protocol::write_ack(s, id.as_deref(), "routed"));
             }
@@ -199,12 +260,25 @@ impl ChatConn {
         Ok(())
     }
 
+    /// Where the cluster thread's answer for this connection goes.
+    fn ack_to(&self, hub: &Hub, id: Option<&str>) -> AckTo {
+        AckTo {
+            shard: hub.shard,
+            conn: self.out.id,
+            id: id.map(Box::from),
+        }
+    }
+
     fn answer(&self, hub: &Hub, cork: &mut Cork, write: impl FnOnce(&mut Vec<u8>)) {
         let mut scratch = hub.scratch.borrow_mut();
         scratch.clear();
         write(&mut scratch);
         cork.frame(OpCode::Text, &scratch);
     }
+}
+
+fn unavailable(message: &'static str) -> AppError {
+    AppError::new("unavailable", message)
 }
 
 #[cfg(test)]

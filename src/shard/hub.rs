@@ -11,7 +11,8 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use super::outbound::Outbound;
-use crate::chat::protocol;
+use crate::chat::protocol::{self, AppError};
+use crate::cluster::{ClusterLink, Outcome, ToCluster};
 use crate::metrics::LatencyRecorder;
 use crate::route::directory::{AckEvent, Router};
 use crate::route::inbox::Mesh;
@@ -26,6 +27,10 @@ pub struct Hub {
     pub shard: usize,
     pub router: RefCell<Router>,
     pub mesh: Arc<Mesh>,
+    /// The cluster thread, when this node is part of one (`--nats`).
+    pub cluster: Option<Arc<ClusterLink>>,
+    /// Messages were queued for the cluster thread since its doorbell last rang.
+    ring_cluster: Cell<bool>,
     conns: RefCell<ConnTable>,
     next_conn: Cell<ConnId>,
     /// Queues with frames added since the last flush.
@@ -50,11 +55,13 @@ pub fn text_frame(json: &[u8]) -> Bytes {
 }
 
 impl Hub {
-    pub fn new(shard: usize, mesh: Arc<Mesh>) -> Self {
+    pub fn new(shard: usize, mesh: Arc<Mesh>, cluster: Option<Arc<ClusterLink>>) -> Self {
         Hub {
             shard,
             router: RefCell::new(Router::new(shard, mesh.shards())),
             mesh,
+            cluster,
+            ring_cluster: Cell::new(false),
             conns: RefCell::new(HashMap::new()),
             next_conn: Cell::new(1),
             dirty: RefCell::new(Vec::new()),
@@ -91,6 +98,7 @@ impl Hub {
         frame: &Bytes,
         ingress: Instant,
         except: Option<ConnId>,
+        cross_node: bool,
     ) {
         let map = self.conns.borrow();
         let mut dirty = self.dirty.borrow_mut();
@@ -99,7 +107,7 @@ impl Hub {
                 continue;
             }
             if let Some((_, out)) = map.get(id) {
-                if out.push(frame.clone(), Some(ingress)) {
+                if out.push_routed(frame.clone(), ingress, cross_node) {
                     dirty.push(out.clone());
                 }
             }
@@ -119,25 +127,96 @@ impl Hub {
         self.to_ring.set(self.to_ring.get() | 1 << shard);
     }
 
+    /// Hands `msg` to the cluster thread; its doorbell rings at the end of the round.
+    pub fn to_cluster(&self, link: &ClusterLink, msg: ToCluster) {
+        link.push(msg);
+        self.ring_cluster.set(true);
+    }
+
     /// Handles one message from the inbox.
     pub fn on_message(&self, msg: ShardMsg) {
         match msg {
-            ShardMsg::Direct { to, frame, ingress } => {
+            ShardMsg::Direct {
+                to,
+                frame,
+                ingress,
+                cross_node,
+            } => {
                 let router = self.router.borrow();
-                self.deliver_local(router.local_connections(&to), &frame, ingress, None);
+                self.deliver_local(router.local_connections(&to), &frame, ingress, None, cross_node);
             }
             ShardMsg::Room {
                 room,
                 frame,
                 ingress,
                 except,
+                cross_node,
             } => {
                 let router = self.router.borrow();
                 let except = (except.0 == self.shard).then_some(except.1);
-                self.deliver_local(router.local_room_connections(&room), &frame, ingress, except);
+                self.deliver_local(
+                    router.local_room_connections(&room),
+                    &frame,
+                    ingress,
+                    except,
+                    cross_node,
+                );
             }
+            ShardMsg::ClusterAck { conn, id, outcome } => self.answer_cluster(conn, id.as_deref(), outcome),
             other => self.router.borrow_mut().handle(other),
         }
+    }
+
+    /// The end of a cross-node send, for the connection that sent it.
+    fn answer_cluster(&self, conn: ConnId, id: Option<&str>, outcome: Outcome) {
+        let Some(out) = self.conns.borrow().get(&conn).map(|(_, out)| out.clone()) else {
+            return; // The sender is gone.
+        };
+        let frame = {
+            let mut scratch = self.scratch.borrow_mut();
+            scratch.clear();
+            match outcome {
+                Outcome::Routed => protocol::write_ack(&mut scratch, id, "routed"),
+                Outcome::Offline => protocol::write_ack(&mut scratch, id, "offline"),
+                Outcome::Unavailable => protocol::write_error(
+                    &mut scratch,
+                    &AppError::new(
+                        "unavailable",
+                        "another node did not confirm the message (the cluster link is down or slow); it may not have arrived",
+                    )
+                    .with_id_str(id),
+                ),
+            }
+            text_frame(&scratch)
+        };
+        self.queue_own(&out, frame);
+    }
+
+    /// Tells the cluster thread which users and rooms this shard now holds (or no longer
+    /// does), from the router's messages to other shards.
+    fn tell_cluster(&self, link: &ClusterLink, dest: usize, msg: &ShardMsg) {
+        let msg = match msg {
+            ShardMsg::Attach { user, shard } => ToCluster::UserShard {
+                user: user.clone(),
+                shard: *shard,
+                present: true,
+            },
+            ShardMsg::Detach { user, shard } => ToCluster::UserShard {
+                user: user.clone(),
+                shard: *shard,
+                present: false,
+            },
+            // Broadcast to every shard: passed on once, from the copy addressed to us.
+            ShardMsg::RoomShard { room, shard, present } if dest == self.shard && *shard == self.shard => {
+                ToCluster::RoomShard {
+                    room: room.clone(),
+                    shard: *shard,
+                    present: *present,
+                }
+            }
+            _ => return,
+        };
+        self.to_cluster(link, msg);
     }
 
     /// The end of a round (a read, an inbox batch): router messages go out, completed
@@ -150,6 +229,9 @@ impl Hub {
                 break;
             }
             for (dest, msg) in effects {
+                if let Some(link) = &self.cluster {
+                    self.tell_cluster(link, dest, &msg);
+                }
                 if dest == self.shard {
                     self.router.borrow_mut().handle(msg);
                 } else {
@@ -188,6 +270,11 @@ impl Hub {
         let ring = self.to_ring.replace(0);
         for shard in crate::route::shards_in(ring) {
             self.mesh.ring(shard);
+        }
+        if self.ring_cluster.replace(false) {
+            if let Some(link) = &self.cluster {
+                link.ring();
+            }
         }
     }
 }

@@ -23,6 +23,9 @@ use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::chat::auth::{Authenticator, SecretSource};
+use crate::cluster::node::ClusterConfig;
+use crate::cluster::wire::NodeId;
+use crate::cluster::ClusterLink;
 use crate::config::Config;
 use crate::metrics::{spawn_reporter, Reporter, ShardReport};
 use crate::route::inbox::{Inbox, Mesh};
@@ -93,7 +96,28 @@ pub fn run(config: Config) -> Result<(), String> {
     .map_err(|e| format!("cannot start the reporter thread: {e}"))?;
     let (mesh, receivers) = Mesh::new(shards);
     let config = Arc::new(config);
-    let stop = Arc::new(Shutdown::new(shards));
+    // One doorbell per shard, and one for the cluster thread.
+    let stop = Arc::new(Shutdown::new(shards + 1));
+    let cluster = match &config.nats {
+        Some(url) => {
+            let (link, rx) = ClusterLink::new();
+            let node: NodeId = rand_node_id()?;
+            let cluster_config = ClusterConfig {
+                url: url.clone(),
+                prefix: config.nats_prefix.clone(),
+                node,
+                presence_timeout: config.presence_timeout,
+                heartbeat: Duration::from_secs(1),
+                ack_timeout: config.cluster_ack_timeout,
+                cpu: config.cluster_cpu,
+            };
+            let thread =
+                crate::cluster::node::spawn(cluster_config, link.clone(), rx, mesh.clone(), stop.clone(), shards)
+                    .map_err(|e| format!("cannot start the cluster thread: {e}"))?;
+            Some((link, thread))
+        }
+        None => None,
+    };
     let open_connections = Arc::new(AtomicUsize::new(0));
     let mut handles = Vec::with_capacity(shards);
     for (id, (socket, receiver)) in sockets.into_iter().zip(receivers).enumerate() {
@@ -102,6 +126,7 @@ pub fn run(config: Config) -> Result<(), String> {
         let own = own_ports[id].take().map(|(s, addr)| (s.into_raw_fd(), addr));
         let (config, stop, open) = (config.clone(), stop.clone(), open_connections.clone());
         let (mesh, auth, reporter) = (mesh.clone(), auth.clone(), reporter.clone());
+        let link = cluster.as_ref().map(|(link, _)| link.clone());
         let mut builder = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{id}"))
             .io_memory(config.io_memory)
@@ -125,7 +150,7 @@ pub fn run(config: Config) -> Result<(), String> {
                     "shard {id}: cpu {cpu} (running on {running_on}), thread {tid}, listening on {bound}{own_line}"
                 );
                 let inbox = Inbox::new(id, receiver, mesh.clone());
-                let hub = Hub::new(id, mesh);
+                let hub = Hub::new(id, mesh, link);
                 let ctx = Rc::new(ShardContext::new(id, config, hub, auth, open, max_connections));
                 shard_main(ctx, listener, own.map(|(l, _)| l), inbox, reporter, stop).await
             })
@@ -140,6 +165,10 @@ pub fn run(config: Config) -> Result<(), String> {
         if let Err(e) = handle.join() {
             failures.push(explain_start_error(id, &e.to_string()));
         }
+    }
+    if let Some((link, thread)) = cluster {
+        link.close();
+        let _ = thread.join();
     }
     if failures.is_empty() {
         let _ = reporter_thread.join();
@@ -208,8 +237,11 @@ async fn shard_main(
             format!(", {} cut off after {drain:?}", ctx.live_connections())
         }
     );
-    let histogram = ctx.hub.latency.borrow().total.clone();
-    reporter.send(ShardReport::Final { histogram });
+    let (histogram, cross) = {
+        let latency = ctx.hub.latency.borrow();
+        (latency.total.clone(), latency.cross_total.clone())
+    };
+    reporter.send(ShardReport::Final { histogram, cross });
 }
 
 /// Messages per inbox batch: enough to amortise a wake-up, few enough to stay fair.
@@ -235,13 +267,21 @@ async fn report_intervals(ctx: Rc<ShardContext>, reporter: Reporter) {
         // Sleep to the tick's deadline, not for a fixed time, so the ticks do not drift.
         let due = start + interval * tick as u32;
         glommio::timer::sleep(due.saturating_duration_since(std::time::Instant::now())).await;
-        let histogram = ctx.hub.latency.borrow_mut().take_interval();
+        let (histogram, cross) = ctx.hub.latency.borrow_mut().take_interval();
         reporter.send(ShardReport::Interval {
             tick,
             histogram,
+            cross,
             connections: ctx.live_connections() as u64,
         });
     }
+}
+
+/// A random node id: nodes restarted with the same address are still new nodes.
+fn rand_node_id() -> Result<NodeId, String> {
+    let mut bytes = [0u8; 8];
+    getrandom::getrandom(&mut bytes).map_err(|e| format!("cannot draw a node id: {e}"))?;
+    Ok(NodeId::from_le_bytes(bytes))
 }
 
 fn print_auth(config: &Config, auth: &Authenticator) {

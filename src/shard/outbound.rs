@@ -23,6 +23,8 @@ struct Queued {
     frame: Bytes,
     /// When the message entered the gateway (routed messages only): recorded on egress.
     ingress: Option<Instant>,
+    /// It came from another node.
+    cross_node: bool,
     /// These bytes may start inside a frame whose beginning is already on the wire.
     continues: bool,
 }
@@ -65,15 +67,20 @@ impl Outbound {
     /// Queues a frame. Returns true when the queue just became dirty (the caller should
     /// put it on the shard's flush list).
     pub fn push(&self, frame: Bytes, ingress: Option<Instant>) -> bool {
-        self.enqueue(frame, ingress, false)
+        self.enqueue(frame, ingress, false, false)
+    }
+
+    /// Queues a routed frame that came from another node (its latency is counted apart too).
+    pub fn push_routed(&self, frame: Bytes, ingress: Instant, cross_node: bool) -> bool {
+        self.enqueue(frame, Some(ingress), cross_node, false)
     }
 
     /// Queues what a direct send left unsent: it may start mid-frame, so it is never dropped.
     pub fn push_unsent(&self, rest: Bytes) -> bool {
-        self.enqueue(rest, None, true)
+        self.enqueue(rest, None, false, true)
     }
 
-    fn enqueue(&self, frame: Bytes, ingress: Option<Instant>, continues: bool) -> bool {
+    fn enqueue(&self, frame: Bytes, ingress: Option<Instant>, cross_node: bool, continues: bool) -> bool {
         if self.overflowed.get() || self.sealed.get() {
             return false;
         }
@@ -97,6 +104,7 @@ impl Outbound {
         self.queue.borrow_mut().push_back(Queued {
             frame,
             ingress,
+            cross_node,
             continues,
         });
         !self.dirty.replace(true)
@@ -170,7 +178,7 @@ impl Outbound {
             sent -= left;
             self.front_sent.set(0);
             if let Some(ingress) = front.ingress {
-                latency.record(ingress, *now.get_or_insert_with(Instant::now));
+                latency.record(ingress, *now.get_or_insert_with(Instant::now), front.cross_node);
             }
             queue.pop_front();
         }

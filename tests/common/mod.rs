@@ -88,6 +88,14 @@ impl Gateway {
         }
     }
 
+    /// A line containing `needle` already seen, else the next one to come.
+    pub fn seen_or_wait(&mut self, needle: &str) -> String {
+        match self.seen.iter().find(|l| l.contains(needle)) {
+            Some(line) => line.clone(),
+            None => self.wait_line(needle),
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("ws://{}{}", self.addr, path)
     }
@@ -234,4 +242,86 @@ pub fn response_status(addr: SocketAddr, request: &str) -> String {
     let mut head = [0u8; 12];
     s.read_exact(&mut head).expect("a status line");
     String::from_utf8_lossy(&head[9..12]).into_owned()
+}
+
+/// A real nats-server on a loopback port of its own, stopped by PID when dropped.
+pub struct Nats {
+    child: Option<Child>,
+    pub port: u16,
+}
+
+impl Nats {
+    /// Starts `nats-server` on a free loopback port (it must be installed: `scripts/test.sh`
+    /// installs it; by hand, `apt-get install nats-server`).
+    pub fn start() -> Nats {
+        Self::start_on(0)
+    }
+
+    fn start_on(port: u16) -> Nats {
+        let port_arg = if port == 0 { "-1".to_string() } else { port.to_string() };
+        let mut child = Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port_arg])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("nats-server is not installed: run scripts/test.sh, or apt-get install nats-server");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            // Read to the end, so the server never blocks on a full pipe.
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(port) = line
+                    .split("Listening for client connections on ")
+                    .nth(1)
+                    .and_then(|a| a.rsplit(':').next())
+                    .and_then(|p| p.trim().parse::<u16>().ok())
+                {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(port);
+                    }
+                }
+            }
+        });
+        let port = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("nats-server did not start listening within 20 s");
+        Nats {
+            child: Some(child),
+            port,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server (SIGTERM, then waits for it).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on the PID of the child we started.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        let again = Self::start_on(self.port);
+        self.child = again.into_child();
+    }
+
+    fn into_child(mut self) -> Option<Child> {
+        self.child.take()
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }

@@ -1,0 +1,182 @@
+//! Many gateways as one, through NATS (`--nats URL`).
+//!
+//! The NATS client runs on a thread of its own (async-nats on a current-thread tokio
+//! runtime), never inside a shard. Shards hand it work through a crossbeam channel and a
+//! doorbell, exactly as they hand each other work; it hands deliveries back through the
+//! shards' own inboxes.
+//!
+//! - `wire`: the bytes nodes exchange (batches, receipts, presence, snapshots).
+//! - `presence`: which other nodes hold which users and rooms (sans IO).
+//! - `node`: the thread: subjects, batching, receipts, reconnects.
+
+pub mod node;
+pub mod presence;
+pub mod wire;
+
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Instant;
+
+use atomic_waker::AtomicWaker;
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+
+use crate::route::ConnId;
+
+/// Messages waiting for the cluster thread beyond which shards refuse cross-node sends
+/// (answered `rate_limited`), so a stalled NATS link cannot grow memory without bound.
+pub const CLUSTER_QUEUE_LIMIT: usize = 1 << 20;
+
+/// Where the answer to a cross-node send goes: a connection of a shard, and the
+/// client's `id` for its ack.
+#[derive(Debug, Clone)]
+pub struct AckTo {
+    pub shard: usize,
+    pub conn: ConnId,
+    pub id: Option<Box<str>>,
+}
+
+/// How a cross-node send ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A node holding the recipient took it.
+    Routed,
+    /// No node holds a connection of the recipient.
+    Offline,
+    /// NATS is unreachable, or a node did not answer in time: it may not have arrived.
+    Unavailable,
+}
+
+/// What a shard sends the cluster thread.
+#[derive(Debug)]
+pub enum ToCluster {
+    /// Deliver to `to`'s connections on other nodes. With `ack`, the cluster thread
+    /// answers the sender (the user had no connection on this node).
+    Direct {
+        to: Arc<str>,
+        frame: Bytes,
+        ingress: Instant,
+        ack: Option<AckTo>,
+    },
+    /// Deliver to `room`'s members on other nodes, then answer `ack`.
+    Publish {
+        room: Arc<str>,
+        frame: Bytes,
+        ingress: Instant,
+        ack: AckTo,
+    },
+    /// Shard `shard` holds connections of `user` (or no longer does).
+    UserShard {
+        user: Arc<str>,
+        shard: usize,
+        present: bool,
+    },
+    /// Shard `shard` holds connections of members of `room` (or no longer does).
+    RoomShard {
+        room: Arc<str>,
+        shard: usize,
+        present: bool,
+    },
+}
+
+/// The shards' side of the cluster thread.
+pub struct ClusterLink {
+    tx: Sender<ToCluster>,
+    doorbell: AtomicWaker,
+    up: AtomicBool,
+    /// The shards are gone: the cluster thread says bye and ends.
+    closed: AtomicBool,
+}
+
+impl ClusterLink {
+    pub fn new() -> (Arc<ClusterLink>, Receiver<ToCluster>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let link = Arc::new(ClusterLink {
+            tx,
+            doorbell: AtomicWaker::new(),
+            up: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+        });
+        (link, rx)
+    }
+
+    /// Queues `msg` without waking the cluster thread (ring once per round).
+    pub fn push(&self, msg: ToCluster) {
+        // The cluster thread lives as long as the shards; a send after it stopped is moot.
+        let _ = self.tx.send(msg);
+    }
+
+    pub fn ring(&self) {
+        self.doorbell.wake();
+    }
+
+    /// Is the NATS connection up (as last reported by the cluster thread)?
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::Release);
+    }
+
+    /// Tells the cluster thread to finish (every shard has stopped).
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.doorbell.wake();
+    }
+
+    /// Would one more message exceed the queue limit?
+    pub fn is_full(&self) -> bool {
+        self.tx.len() >= CLUSTER_QUEUE_LIMIT
+    }
+
+    /// Waits for work, then moves up to `max` messages into `batch`. False once closed
+    /// and drained.
+    pub async fn next_batch(&self, rx: &Receiver<ToCluster>, batch: &mut Vec<ToCluster>, max: usize) -> bool {
+        poll_fn(|cx| {
+            batch.extend(rx.try_iter().take(max));
+            if !batch.is_empty() {
+                return Poll::Ready(true);
+            }
+            self.doorbell.register(cx.waker());
+            // Drained again after registering, so a message sent in between is not missed.
+            batch.extend(rx.try_iter().take(max));
+            if !batch.is_empty() {
+                return Poll::Ready(true);
+            }
+            if self.closed.load(Ordering::Acquire) {
+                return Poll::Ready(false);
+            }
+            match rx.try_recv() {
+                Err(TryRecvError::Disconnected) => Poll::Ready(false),
+                Ok(msg) => {
+                    batch.push(msg);
+                    Poll::Ready(true)
+                }
+                Err(TryRecvError::Empty) => Poll::Pending,
+            }
+        })
+        .await
+    }
+}
+
+/// Now as Unix nanoseconds (the clock that travels between nodes).
+pub fn unix_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// The wall-clock time of a monotonic `instant` in the past.
+pub fn instant_to_unix_nanos(instant: Instant, now: Instant, now_ns: u64) -> u64 {
+    now_ns.saturating_sub(now.saturating_duration_since(instant).as_nanos() as u64)
+}
+
+/// The monotonic instant of a wall-clock time in the past (clamped to now: clocks of
+/// different hosts may disagree by a little).
+pub fn unix_nanos_to_instant(ns: u64, now: Instant, now_ns: u64) -> Instant {
+    let ago = std::time::Duration::from_nanos(now_ns.saturating_sub(ns));
+    now.checked_sub(ago).unwrap_or(now)
+}

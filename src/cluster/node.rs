@@ -1,0 +1,688 @@
+//! The cluster thread: one NATS connection per node.
+//!
+//! Subjects, under a prefix (`--nats-prefix`, default `shardgate`):
+//! - `<p>.presence`: every node's presence deltas, heartbeats, hellos and byes.
+//! - `<p>.node.<id>.inbox`: batches of deliveries for node `<id>`, with a reply subject
+//!   `<p>.node.<sender>.ack.<seq>` for the receipt.
+//! - `<p>.node.<id>.snapshot` / `.resync`: snapshots sent to `<id>`, requests for its own.
+//!
+//! A node subscribes to two subjects only: `<p>.presence` and `<p>.node.<its id>.>`.
+//! Everything one node has for another in one round goes as one batch (one NATS
+//! message), each frame encoded once by the sending shard.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::{Client, ConnectOptions, Event, Message, StatusCode};
+use bytes::Bytes;
+use crossbeam_channel::Receiver;
+use futures_util::StreamExt;
+
+use super::presence::{Action, Presence};
+use super::wire::{self, BatchWriter, NodeId, RecordKind};
+use super::{instant_to_unix_nanos, unix_nanos, unix_nanos_to_instant, AckTo, ClusterLink, Outcome, ToCluster};
+use crate::route::inbox::Mesh;
+use crate::route::{ShardMask, ShardMsg};
+use crate::shard::Shutdown;
+
+/// How the node joins the cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub url: String,
+    pub prefix: String,
+    pub node: NodeId,
+    /// A node not heard from for this long is forgotten with its users.
+    pub presence_timeout: Duration,
+    pub heartbeat: Duration,
+    /// A batch not acknowledged within this is answered `unavailable`.
+    pub ack_timeout: Duration,
+    pub cpu: Option<usize>,
+}
+
+/// Shard messages handled per round, before batches are sent.
+const ROUND: usize = 4096;
+/// Batches stay well under NATS's default 1 MiB payload limit.
+const MAX_BATCH_BYTES: usize = 512 * 1024;
+/// A publish that cannot even be queued in this time (the client is reconnecting with a
+/// full buffer) is given up, so that the thread keeps serving the shards.
+const PUBLISH_WAIT: Duration = Duration::from_millis(200);
+
+/// Starts the cluster thread. `stop` index `stop_index` says when to leave the cluster.
+pub fn spawn(
+    config: ClusterConfig,
+    link: Arc<ClusterLink>,
+    rx: Receiver<ToCluster>,
+    mesh: Arc<Mesh>,
+    stop: Arc<Shutdown>,
+    stop_index: usize,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name("cluster".into()).spawn(move || {
+        if let Some(cpu) = config.cpu {
+            if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
+                println!("cluster: cannot pin to CPU {cpu}; running unpinned");
+            }
+        }
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                println!("cluster: cannot start the NATS runtime: {e}; this node serves local traffic only");
+                return;
+            }
+        };
+        runtime.block_on(run(config, link, rx, mesh, stop, stop_index));
+    })
+}
+
+/// A cross-node send waiting for receipts.
+struct PendingAck {
+    to: AckTo,
+    room: bool,
+    remaining: usize,
+    delivered: bool,
+    failed: bool,
+    answered: bool,
+}
+
+/// A batch sent and not yet acknowledged.
+struct SentBatch {
+    at: Instant,
+    /// `(record index, pending ack)` of the records that carry an ack.
+    acks: Vec<(u32, usize)>,
+}
+
+/// A batch being filled for one node.
+struct OutBatch {
+    seq: u64,
+    writer: BatchWriter,
+    acks: Vec<(u32, usize)>,
+}
+
+enum Receipt {
+    Delivered,
+    Absent,
+    Failed,
+}
+
+struct Node {
+    config: ClusterConfig,
+    client: Client,
+    link: Arc<ClusterLink>,
+    mesh: Arc<Mesh>,
+    presence: Presence,
+    connected: bool,
+    /// When the current NATS connection came up.
+    connected_at: Option<Instant>,
+    /// The node count last said "settled" with (since the connection came up).
+    said_settled: Option<usize>,
+    leaving: bool,
+    next_seq: u64,
+    filling: HashMap<NodeId, OutBatch>,
+    /// Batches complete before the end of the round.
+    sealed: Vec<(NodeId, OutBatch)>,
+    sent: HashMap<u64, SentBatch>,
+    acks: slab::Slab<PendingAck>,
+    /// Shards sent to this round (doorbells to ring).
+    to_ring: ShardMask,
+    actions: Vec<Action>,
+}
+
+async fn run(
+    config: ClusterConfig,
+    link: Arc<ClusterLink>,
+    rx: Receiver<ToCluster>,
+    mesh: Arc<Mesh>,
+    stop: Arc<Shutdown>,
+    stop_index: usize,
+) {
+    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let connect = ConnectOptions::new()
+        .name(format!("shardgate-{:016x}", config.node))
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        // We never need our own presence broadcasts back.
+        .no_echo()
+        .ping_interval(Duration::from_secs(2))
+        .connection_timeout(Duration::from_secs(2))
+        .reconnect_delay_callback(|attempt| Duration::from_millis((attempt as u64 * 100).min(1000)))
+        .event_callback(move |event| {
+            let tx = events_tx.clone();
+            async move {
+                let _ = tx.send(event);
+            }
+        })
+        .connect(config.url.as_str())
+        .await;
+    let client = match connect {
+        Ok(c) => c,
+        Err(e) => {
+            println!(
+                "cluster: cannot use NATS at {}: {e}; this node serves local traffic only",
+                config.url
+            );
+            return;
+        }
+    };
+    let p = &config.prefix;
+    let me = config.node;
+    let subscribed = async {
+        let presence = client.subscribe(format!("{p}.presence")).await?;
+        let own = client.subscribe(format!("{p}.node.{me:016x}.>")).await?;
+        Ok::<_, async_nats::SubscribeError>((presence, own))
+    };
+    let (mut presence_sub, mut own_sub) = match subscribed.await {
+        Ok(subs) => subs,
+        Err(e) => {
+            println!("cluster: cannot subscribe: {e}; this node serves local traffic only");
+            return;
+        }
+    };
+    println!(
+        "cluster: node {me:016x}, NATS {} (subjects {p}.presence, {p}.node.{me:016x}.>); presence timeout {:?}",
+        config.url, config.presence_timeout
+    );
+    let mut node = Node {
+        presence: Presence::new(me, config.presence_timeout),
+        config,
+        client,
+        link,
+        mesh,
+        connected: false,
+        connected_at: None,
+        said_settled: None,
+        leaving: false,
+        next_seq: 0,
+        filling: HashMap::new(),
+        sealed: Vec::new(),
+        sent: HashMap::new(),
+        acks: slab::Slab::new(),
+        to_ring: 0,
+        actions: Vec::new(),
+    };
+    let mut batch = Vec::with_capacity(ROUND);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut last_heartbeat = Instant::now();
+    let link = node.link.clone();
+    loop {
+        tokio::select! {
+            more = link.next_batch(&rx, &mut batch, ROUND) => {
+                if !more {
+                    break;
+                }
+                for msg in batch.drain(..) {
+                    node.on_shard_msg(msg);
+                }
+            }
+            Some(msg) = presence_sub.next() => node.on_presence(msg),
+            Some(msg) = own_sub.next() => node.on_own(msg).await,
+            Some(event) = events.recv() => node.on_event(event).await,
+            _ = tick.tick() => {
+                let now = Instant::now();
+                node.expire_batches(now);
+                if node.connected && !node.leaving {
+                    node.presence.tick(now, &mut node.actions);
+                    let nodes = node.presence.synced_nodes();
+                    if node.said_settled != Some(nodes) && node.settled() {
+                        node.said_settled = Some(nodes);
+                        println!(
+                            "cluster: presence settled: {} other node(s), {} remote user(s)",
+                            node.presence.synced_nodes(),
+                            node.presence.remote_users()
+                        );
+                    }
+                    if now.duration_since(last_heartbeat) >= node.config.heartbeat {
+                        last_heartbeat = now;
+                        node.presence.flush(&mut node.actions);
+                        let hb = node.presence.heartbeat();
+                        node.publish(format!("{}.presence", node.config.prefix), None, hb).await;
+                    }
+                }
+            }
+            _ = stop.wait(stop_index), if !node.leaving => {
+                node.leaving = true;
+                if node.connected {
+                    let bye = wire::write_presence(&wire::PresenceMsg::Bye { node: me });
+                    node.publish(format!("{}.presence", node.config.prefix), None, bye).await;
+                    let _ = tokio::time::timeout(Duration::from_secs(1), node.client.flush()).await;
+                }
+                println!("cluster: node {me:016x} left the cluster");
+            }
+        }
+        node.end_round().await;
+    }
+    // Whatever still waits for an answer gets one.
+    node.fail_all();
+    node.ring();
+    let _ = tokio::time::timeout(Duration::from_secs(1), node.client.flush()).await;
+}
+
+impl Node {
+    /// One message from a shard.
+    fn on_shard_msg(&mut self, msg: ToCluster) {
+        match msg {
+            ToCluster::UserShard { user, shard, present } => self.presence.local_user(user, shard, present),
+            ToCluster::RoomShard { room, shard, present } => self.presence.local_room(room, shard, present),
+            ToCluster::Direct {
+                to,
+                frame,
+                ingress,
+                ack,
+            } => {
+                if !self.connected || self.leaving {
+                    if let Some(ack) = ack {
+                        self.answer(ack, Outcome::Unavailable);
+                    }
+                    return;
+                }
+                let nodes = self.presence.user_nodes(&to).to_vec();
+                if nodes.is_empty() {
+                    if let Some(ack) = ack {
+                        // "offline" is a promise that no node holds the user: only made once
+                        // presence is complete.
+                        let outcome = if self.settled() {
+                            Outcome::Offline
+                        } else {
+                            Outcome::Unavailable
+                        };
+                        self.answer(ack, outcome);
+                    }
+                    return;
+                }
+                let pending = ack.map(|to| self.pending(to, false, nodes.len()));
+                self.add(&nodes, RecordKind::Direct, &to, &frame, ingress, pending);
+            }
+            ToCluster::Publish {
+                room,
+                frame,
+                ingress,
+                ack,
+            } => {
+                if !self.connected || self.leaving {
+                    self.answer(ack, Outcome::Unavailable);
+                    return;
+                }
+                let nodes = self.presence.room_nodes(&room).to_vec();
+                if nodes.is_empty() {
+                    let outcome = if self.settled() {
+                        Outcome::Routed
+                    } else {
+                        Outcome::Unavailable
+                    };
+                    self.answer(ack, outcome);
+                    return;
+                }
+                let pending = self.pending(ack, true, nodes.len());
+                self.add(&nodes, RecordKind::Room, &room, &frame, ingress, Some(pending));
+            }
+        }
+    }
+
+    /// Is presence complete? Every live node heartbeats each interval, so two intervals
+    /// after connecting we have heard of all of them; and each must be in sync.
+    fn settled(&self) -> bool {
+        let heard_all = self
+            .connected_at
+            .is_some_and(|t| t.elapsed() >= self.config.heartbeat * 2 + Duration::from_millis(100));
+        heard_all && self.presence.all_synced()
+    }
+
+    fn pending(&mut self, to: AckTo, room: bool, remaining: usize) -> usize {
+        self.acks.insert(PendingAck {
+            to,
+            room,
+            remaining,
+            delivered: false,
+            failed: false,
+            answered: false,
+        })
+    }
+
+    /// Adds one record to the batch of each node in `nodes`.
+    fn add(
+        &mut self,
+        nodes: &[NodeId],
+        kind: RecordKind,
+        name: &str,
+        frame: &Bytes,
+        ingress: Instant,
+        pending: Option<usize>,
+    ) {
+        let ingress_ns = instant_to_unix_nanos(ingress, Instant::now(), unix_nanos());
+        for &node in nodes {
+            let me = self.presence.me;
+            let full = self
+                .filling
+                .get(&node)
+                .is_some_and(|b| b.writer.records > 0 && b.writer.len_with(name.len(), frame.len()) > MAX_BATCH_BYTES);
+            if full {
+                // Sent at the end of the round with the rest; start another for this node.
+                if let Some(batch) = self.filling.remove(&node) {
+                    self.seal(node, batch);
+                }
+            }
+            let seq = &mut self.next_seq;
+            let batch = self.filling.entry(node).or_insert_with(|| {
+                *seq += 1;
+                OutBatch {
+                    seq: *seq,
+                    writer: BatchWriter::new(me, *seq),
+                    acks: Vec::new(),
+                }
+            });
+            let index = batch.writer.push(kind, ingress_ns, name, frame);
+            if let Some(p) = pending {
+                batch.acks.push((index, p));
+            }
+        }
+    }
+
+    /// Batches sealed before the end of the round (a full one), to send with the others.
+    fn seal(&mut self, node: NodeId, batch: OutBatch) {
+        self.sealed.push((node, batch));
+    }
+
+    /// The end of a round: presence changes and batches go out, doorbells ring.
+    async fn end_round(&mut self) {
+        if self.connected && !self.leaving {
+            self.presence.flush(&mut self.actions);
+        } else {
+            // Not published while NATS is away; peers resync from our snapshot later.
+        }
+        self.run_actions().await;
+        let filling: Vec<(NodeId, OutBatch)> = self.filling.drain().collect();
+        self.sealed.extend(filling);
+        let sealed = std::mem::take(&mut self.sealed);
+        for (node, batch) in sealed {
+            let p = &self.config.prefix;
+            let subject = format!("{p}.node.{node:016x}.inbox");
+            let reply = format!("{p}.node.{:016x}.ack.{}", self.presence.me, batch.seq);
+            let ok = self.publish(subject, Some(reply), Bytes::from(batch.writer.buf)).await;
+            let sent = SentBatch {
+                at: Instant::now(),
+                acks: batch.acks,
+            };
+            if ok {
+                self.sent.insert(batch.seq, sent);
+            } else {
+                for (_, p) in sent.acks {
+                    self.resolve(p, Receipt::Failed);
+                }
+            }
+        }
+        self.ring();
+    }
+
+    async fn run_actions(&mut self) {
+        let actions = std::mem::take(&mut self.actions);
+        for action in actions {
+            let p = self.config.prefix.clone();
+            match action {
+                Action::Broadcast(bytes) => {
+                    self.publish(format!("{p}.presence"), None, bytes).await;
+                }
+                Action::AskSnapshot(node) => {
+                    let me = Bytes::copy_from_slice(&self.presence.me.to_le_bytes());
+                    self.publish(format!("{p}.node.{node:016x}.resync"), None, me).await;
+                }
+                Action::SendSnapshot(node, chunks) => {
+                    for chunk in chunks {
+                        self.publish(format!("{p}.node.{node:016x}.snapshot"), None, chunk)
+                            .await;
+                    }
+                }
+                Action::Say(line) => println!("{line}"),
+            }
+        }
+    }
+
+    /// Publishes, unless NATS is away; false when the message was not handed to the client.
+    async fn publish(&mut self, subject: String, reply: Option<String>, payload: Bytes) -> bool {
+        if !self.connected {
+            return false;
+        }
+        let publish = async {
+            match reply {
+                Some(reply) => self.client.publish_with_reply(subject, reply, payload).await,
+                None => self.client.publish(subject, payload).await,
+            }
+        };
+        matches!(tokio::time::timeout(PUBLISH_WAIT, publish).await, Ok(Ok(())))
+    }
+
+    /// A message on the presence subject.
+    fn on_presence(&mut self, msg: Message) {
+        if self.leaving {
+            return;
+        }
+        match wire::read_presence(msg.payload) {
+            Ok(m) => self.presence.on_presence(m, Instant::now(), &mut self.actions),
+            Err(e) => println!("cluster: unreadable presence message: {}", e.0),
+        }
+    }
+
+    /// A message on one of our own subjects.
+    async fn on_own(&mut self, msg: Message) {
+        let own = format!("{}.node.{:016x}.", self.config.prefix, self.presence.me);
+        let Some(rest) = msg.subject.as_str().strip_prefix(own.as_str()) else {
+            return;
+        };
+        if rest == "inbox" {
+            self.deliver(msg).await;
+        } else if let Some(seq) = rest.strip_prefix("ack.") {
+            let Ok(seq) = seq.parse::<u64>() else { return };
+            let Some(batch) = self.sent.remove(&seq) else {
+                return; // Answered already (timed out).
+            };
+            if msg.status == Some(StatusCode::NO_RESPONDERS) {
+                // The node is gone: nobody there holds the recipients.
+                for (_, p) in batch.acks {
+                    self.resolve(p, Receipt::Absent);
+                }
+                return;
+            }
+            let absent = wire::read_receipt(msg.payload).unwrap_or_default();
+            for (index, p) in batch.acks {
+                let r = if absent.contains(&index) {
+                    Receipt::Absent
+                } else {
+                    Receipt::Delivered
+                };
+                self.resolve(p, r);
+            }
+        } else if rest == "snapshot" {
+            match wire::read_snapshot(msg.payload) {
+                Ok(chunk) => self.presence.on_snapshot(chunk, Instant::now(), &mut self.actions),
+                Err(e) => println!("cluster: unreadable snapshot chunk: {}", e.0),
+            }
+        } else if rest == "resync" {
+            let Ok(bytes) = <[u8; 8]>::try_from(&msg.payload[..]) else {
+                return;
+            };
+            if self.leaving {
+                return;
+            }
+            let to = NodeId::from_le_bytes(bytes);
+            self.presence.flush(&mut self.actions);
+            let snapshot = self.presence.snapshot();
+            self.actions.push(Action::SendSnapshot(to, snapshot));
+        }
+    }
+
+    /// A batch from another node: hand each record to the shards holding its recipients,
+    /// then send the receipt.
+    async fn deliver(&mut self, msg: Message) {
+        let (_sender, _seq, records) = match wire::read_batch(msg.payload) {
+            Ok(b) => b,
+            Err(e) => {
+                println!("cluster: unreadable batch: {}", e.0);
+                return;
+            }
+        };
+        let (now, now_ns) = (Instant::now(), unix_nanos());
+        let mut absent = Vec::new();
+        for (index, record) in records.into_iter().enumerate() {
+            let Ok(name) = std::str::from_utf8(&record.name) else {
+                absent.push(index as u32);
+                continue;
+            };
+            let ingress = unix_nanos_to_instant(record.ingress_ns, now, now_ns);
+            let target = match record.kind {
+                RecordKind::Direct => self.presence.local_user_shards(name),
+                RecordKind::Room => self.presence.local_room_shards(name),
+            };
+            let Some((name, mask)) = target.map(|(n, m)| (n.clone(), m)) else {
+                absent.push(index as u32);
+                continue;
+            };
+            let mut handed = false;
+            for shard in crate::route::shards_in(mask) {
+                if self.mesh.is_full(shard) {
+                    continue;
+                }
+                let frame = record.frame.clone();
+                let msg = match record.kind {
+                    RecordKind::Direct => ShardMsg::Direct {
+                        to: name.clone(),
+                        frame,
+                        ingress,
+                        cross_node: true,
+                    },
+                    RecordKind::Room => ShardMsg::Room {
+                        room: name.clone(),
+                        frame,
+                        ingress,
+                        except: (usize::MAX, 0),
+                        cross_node: true,
+                    },
+                };
+                self.mesh.push(shard, msg);
+                self.to_ring |= 1 << shard;
+                handed = true;
+            }
+            if !handed {
+                absent.push(index as u32);
+            }
+        }
+        if let Some(reply) = msg.reply {
+            let receipt = wire::write_receipt(&absent);
+            self.publish(reply.to_string(), None, receipt).await;
+        }
+    }
+
+    async fn on_event(&mut self, event: Event) {
+        match event {
+            Event::Connected => {
+                self.connected = true;
+                self.connected_at = Some(Instant::now());
+                self.said_settled = None;
+                self.link.set_up(true);
+                println!("cluster: connected to NATS at {}", self.config.url);
+                if !self.leaving {
+                    // New or back: everyone sends us their state, and learns of us.
+                    let hello = wire::write_presence(&wire::PresenceMsg::Hello { node: self.presence.me });
+                    self.publish(format!("{}.presence", self.config.prefix), None, hello)
+                        .await;
+                }
+            }
+            Event::Disconnected => {
+                self.connected = false;
+                self.connected_at = None;
+                self.link.set_up(false);
+                // What we knew of other nodes goes stale while we cannot hear them.
+                self.presence.forget_all();
+                let waiting = self.sent.len();
+                self.fail_all();
+                println!(
+                    "cluster: lost NATS at {}; cross-node sends are answered 'unavailable' until it is back ({waiting} batch(es) unconfirmed)",
+                    self.config.url
+                );
+            }
+            Event::SlowConsumer(sid) => {
+                println!("cluster: NATS dropped messages for this node (slow consumer, subscription {sid})");
+            }
+            other => println!("cluster: NATS {other}"),
+        }
+    }
+
+    /// Answers `unavailable` to batches not confirmed within the ack timeout.
+    fn expire_batches(&mut self, now: Instant) {
+        let timeout = self.config.ack_timeout;
+        let late: Vec<u64> = self
+            .sent
+            .iter()
+            .filter(|(_, b)| now.saturating_duration_since(b.at) > timeout)
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in late {
+            if let Some(batch) = self.sent.remove(&seq) {
+                for (_, p) in batch.acks {
+                    self.resolve(p, Receipt::Failed);
+                }
+            }
+        }
+    }
+
+    fn fail_all(&mut self) {
+        let sent: Vec<SentBatch> = self.sent.drain().map(|(_, b)| b).collect();
+        for batch in sent {
+            for (_, p) in batch.acks {
+                self.resolve(p, Receipt::Failed);
+            }
+        }
+    }
+
+    /// One destination node's answer for a pending send.
+    fn resolve(&mut self, key: usize, receipt: Receipt) {
+        let Some(p) = self.acks.get_mut(key) else {
+            return;
+        };
+        p.remaining = p.remaining.saturating_sub(1);
+        match receipt {
+            Receipt::Delivered => p.delivered = true,
+            Receipt::Absent => {}
+            Receipt::Failed => p.failed = true,
+        }
+        // A direct message is routed once any device has it.
+        let early = !p.room && p.delivered && !p.answered;
+        if early {
+            p.answered = true;
+            let to = p.to.clone();
+            self.answer(to, Outcome::Routed);
+        }
+        let Some(p) = self.acks.get(key) else { return };
+        if p.remaining > 0 {
+            return;
+        }
+        let p = self.acks.remove(key);
+        if p.answered {
+            return;
+        }
+        let outcome = if p.failed {
+            Outcome::Unavailable
+        } else if p.room || p.delivered {
+            Outcome::Routed
+        } else {
+            Outcome::Offline
+        };
+        self.answer(p.to, outcome);
+    }
+
+    fn answer(&mut self, to: AckTo, outcome: Outcome) {
+        let shard = to.shard;
+        self.mesh.push(
+            shard,
+            ShardMsg::ClusterAck {
+                conn: to.conn,
+                id: to.id,
+                outcome,
+            },
+        );
+        self.to_ring |= 1 << shard;
+    }
+
+    fn ring(&mut self) {
+        for shard in crate::route::shards_in(std::mem::take(&mut self.to_ring)) {
+            self.mesh.ring(shard);
+        }
+    }
+}

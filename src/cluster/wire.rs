@@ -1,0 +1,412 @@
+//! What nodes send each other through NATS, as bytes (sans IO). Little-endian, length-
+//! prefixed, versionless: every node of a cluster runs the same build of the format.
+//!
+//! - A *batch* (to `<prefix>.node.<id>.inbox`): every delivery one node has for another,
+//!   each frame already encoded as the WebSocket frame the recipients get.
+//! - A *presence* message (to `<prefix>.presence`): a node's changes, heartbeat, hello, bye.
+//! - A *snapshot chunk* (to `<prefix>.node.<id>.snapshot`): part of a node's whole state.
+//! - A batch *receipt* (the reply to a batch): the records that found no recipient.
+
+use bytes::{Buf, BufMut, Bytes};
+
+/// A node of the cluster, random per process (a restarted node is a new node).
+pub type NodeId = u64;
+
+/// One delivery in a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub kind: RecordKind,
+    /// Wall-clock time the message entered its first gateway, in Unix nanoseconds.
+    pub ingress_ns: u64,
+    /// The recipient user or room.
+    pub name: Bytes,
+    /// The encoded WebSocket frame (a slice of the batch: no copy).
+    pub frame: Bytes,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordKind {
+    Direct = 1,
+    Room = 2,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireError(pub &'static str);
+
+const BATCH_HEADER: usize = 16;
+const RECORD_HEADER: usize = 1 + 8 + 1 + 4;
+
+/// Encodes a batch: records are appended until it is sent.
+pub struct BatchWriter {
+    pub buf: Vec<u8>,
+    pub records: u32,
+}
+
+impl BatchWriter {
+    pub fn new(sender: NodeId, seq: u64) -> Self {
+        let mut buf = Vec::with_capacity(4096);
+        buf.put_u64_le(sender);
+        buf.put_u64_le(seq);
+        BatchWriter { buf, records: 0 }
+    }
+
+    /// The size the batch would have with one more record of these sizes.
+    pub fn len_with(&self, name: usize, frame: usize) -> usize {
+        self.buf.len() + RECORD_HEADER + name + frame
+    }
+
+    /// Appends a record; returns its index in the batch. Names are at most 255 bytes
+    /// (user ids and rooms are at most 64).
+    pub fn push(&mut self, kind: RecordKind, ingress_ns: u64, name: &str, frame: &[u8]) -> u32 {
+        debug_assert!(name.len() <= u8::MAX as usize);
+        self.buf.put_u8(kind as u8);
+        self.buf.put_u64_le(ingress_ns);
+        self.buf.put_u8(name.len() as u8);
+        self.buf.put_slice(name.as_bytes());
+        self.buf.put_u32_le(frame.len() as u32);
+        self.buf.put_slice(frame);
+        self.records += 1;
+        self.records - 1
+    }
+}
+
+/// Reads a batch: `(sender, seq, records)`. Records share the batch's memory.
+pub fn read_batch(mut batch: Bytes) -> Result<(NodeId, u64, Vec<Record>), WireError> {
+    if batch.len() < BATCH_HEADER {
+        return Err(WireError("batch shorter than its header"));
+    }
+    let sender = batch.get_u64_le();
+    let seq = batch.get_u64_le();
+    let mut records = Vec::new();
+    while batch.has_remaining() {
+        if batch.len() < RECORD_HEADER - 4 {
+            return Err(WireError("truncated record header"));
+        }
+        let kind = match batch.get_u8() {
+            1 => RecordKind::Direct,
+            2 => RecordKind::Room,
+            _ => return Err(WireError("unknown record kind")),
+        };
+        let ingress_ns = batch.get_u64_le();
+        let name_len = batch.get_u8() as usize;
+        if batch.len() < name_len + 4 {
+            return Err(WireError("truncated record name"));
+        }
+        let name = batch.split_to(name_len);
+        let frame_len = batch.get_u32_le() as usize;
+        if batch.len() < frame_len {
+            return Err(WireError("truncated record frame"));
+        }
+        let frame = batch.split_to(frame_len);
+        records.push(Record {
+            kind,
+            ingress_ns,
+            name,
+            frame,
+        });
+    }
+    Ok((sender, seq, records))
+}
+
+/// The receipt of a batch: indices of the records that found no recipient on the node.
+pub fn write_receipt(absent: &[u32]) -> Bytes {
+    let mut buf = Vec::with_capacity(absent.len() * 4);
+    for i in absent {
+        buf.put_u32_le(*i);
+    }
+    Bytes::from(buf)
+}
+
+pub fn read_receipt(mut receipt: Bytes) -> Result<Vec<u32>, WireError> {
+    if !receipt.len().is_multiple_of(4) {
+        return Err(WireError("receipt length is not a multiple of 4"));
+    }
+    let mut absent = Vec::with_capacity(receipt.len() / 4);
+    while receipt.has_remaining() {
+        absent.push(receipt.get_u32_le());
+    }
+    Ok(absent)
+}
+
+/// A change in what a node holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    UserUp(String),
+    UserDown(String),
+    RoomUp(String),
+    RoomDown(String),
+}
+
+impl Op {
+    fn code(&self) -> (u8, &str) {
+        match self {
+            Op::UserUp(n) => (1, n),
+            Op::UserDown(n) => (2, n),
+            Op::RoomUp(n) => (3, n),
+            Op::RoomDown(n) => (4, n),
+        }
+    }
+}
+
+/// A message on the presence subject.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PresenceMsg {
+    /// Changes numbered `seq` (each node numbers its own from 1).
+    Delta { node: NodeId, seq: u64, ops: Vec<Op> },
+    /// "I am alive; my last change is `seq`; I hold `users` users."
+    Heartbeat { node: NodeId, seq: u64, users: u32 },
+    /// A node (re)joined: everyone sends it a snapshot.
+    Hello { node: NodeId },
+    /// A node is leaving: forget it now.
+    Bye { node: NodeId },
+}
+
+pub fn write_presence(msg: &PresenceMsg) -> Bytes {
+    let mut buf = Vec::new();
+    match msg {
+        PresenceMsg::Delta { node, seq, ops } => {
+            buf.put_u8(1);
+            buf.put_u64_le(*node);
+            buf.put_u64_le(*seq);
+            for op in ops {
+                put_op(&mut buf, op);
+            }
+        }
+        PresenceMsg::Heartbeat { node, seq, users } => {
+            buf.put_u8(2);
+            buf.put_u64_le(*node);
+            buf.put_u64_le(*seq);
+            buf.put_u32_le(*users);
+        }
+        PresenceMsg::Hello { node } => {
+            buf.put_u8(3);
+            buf.put_u64_le(*node);
+        }
+        PresenceMsg::Bye { node } => {
+            buf.put_u8(4);
+            buf.put_u64_le(*node);
+        }
+    }
+    Bytes::from(buf)
+}
+
+pub fn read_presence(mut msg: Bytes) -> Result<PresenceMsg, WireError> {
+    if msg.len() < 9 {
+        return Err(WireError("presence message too short"));
+    }
+    let kind = msg.get_u8();
+    let node = msg.get_u64_le();
+    match kind {
+        1 | 2 if msg.len() < 8 => Err(WireError("presence message without seq")),
+        1 => {
+            let seq = msg.get_u64_le();
+            Ok(PresenceMsg::Delta {
+                node,
+                seq,
+                ops: read_ops(msg)?,
+            })
+        }
+        2 => {
+            let seq = msg.get_u64_le();
+            let users = if msg.len() >= 4 { msg.get_u32_le() } else { 0 };
+            Ok(PresenceMsg::Heartbeat { node, seq, users })
+        }
+        3 => Ok(PresenceMsg::Hello { node }),
+        4 => Ok(PresenceMsg::Bye { node }),
+        _ => Err(WireError("unknown presence message")),
+    }
+}
+
+/// One chunk of a node's snapshot: the users and rooms it held at change `seq`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotChunk {
+    pub node: NodeId,
+    pub seq: u64,
+    pub index: u32,
+    pub total: u32,
+    pub ops: Vec<Op>,
+}
+
+/// Snapshot chunks stay well under NATS's default 1 MiB payload limit.
+pub const SNAPSHOT_CHUNK_BYTES: usize = 256 * 1024;
+
+/// Splits a whole state (`UserUp`/`RoomUp` ops) into chunks. Always at least one chunk,
+/// so an empty node is heard from too.
+pub fn write_snapshot<'a>(node: NodeId, seq: u64, ops: impl Iterator<Item = Op> + 'a) -> Vec<Bytes> {
+    let mut bodies: Vec<Vec<u8>> = vec![Vec::new()];
+    for op in ops {
+        let last = bodies.last_mut().expect("at least one chunk");
+        if last.len() > SNAPSHOT_CHUNK_BYTES {
+            bodies.push(Vec::new());
+        }
+        put_op(bodies.last_mut().expect("at least one chunk"), &op);
+    }
+    let total = bodies.len() as u32;
+    bodies
+        .into_iter()
+        .enumerate()
+        .map(|(i, body)| {
+            let mut buf = Vec::with_capacity(24 + body.len());
+            buf.put_u64_le(node);
+            buf.put_u64_le(seq);
+            buf.put_u32_le(i as u32);
+            buf.put_u32_le(total);
+            buf.extend_from_slice(&body);
+            Bytes::from(buf)
+        })
+        .collect()
+}
+
+pub fn read_snapshot(mut chunk: Bytes) -> Result<SnapshotChunk, WireError> {
+    if chunk.len() < 24 {
+        return Err(WireError("snapshot chunk shorter than its header"));
+    }
+    let node = chunk.get_u64_le();
+    let seq = chunk.get_u64_le();
+    let index = chunk.get_u32_le();
+    let total = chunk.get_u32_le();
+    if index >= total {
+        return Err(WireError("snapshot chunk index out of range"));
+    }
+    Ok(SnapshotChunk {
+        node,
+        seq,
+        index,
+        total,
+        ops: read_ops(chunk)?,
+    })
+}
+
+fn put_op(buf: &mut Vec<u8>, op: &Op) {
+    let (code, name) = op.code();
+    buf.put_u8(code);
+    buf.put_u8(name.len() as u8);
+    buf.put_slice(name.as_bytes());
+}
+
+fn read_ops(mut buf: Bytes) -> Result<Vec<Op>, WireError> {
+    let mut ops = Vec::new();
+    while buf.has_remaining() {
+        if buf.len() < 2 {
+            return Err(WireError("truncated op"));
+        }
+        let code = buf.get_u8();
+        let len = buf.get_u8() as usize;
+        if buf.len() < len {
+            return Err(WireError("truncated op name"));
+        }
+        let name = std::str::from_utf8(&buf[..len])
+            .map_err(|_| WireError("op name is not UTF-8"))?
+            .to_string();
+        buf.advance(len);
+        ops.push(match code {
+            1 => Op::UserUp(name),
+            2 => Op::UserDown(name),
+            3 => Op::RoomUp(name),
+            4 => Op::RoomDown(name),
+            _ => return Err(WireError("unknown op")),
+        });
+    }
+    Ok(ops)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn batches_round_trip_and_share_memory() {
+        let mut w = BatchWriter::new(7, 42);
+        assert_eq!(w.push(RecordKind::Direct, 123, "bob", b"\x81\x02hi"), 0);
+        assert_eq!(w.push(RecordKind::Room, 456, "lobby", b""), 1);
+        let bytes = Bytes::from(w.buf);
+        let (sender, seq, records) = read_batch(bytes.clone()).unwrap();
+        assert_eq!((sender, seq), (7, 42));
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[0].kind, RecordKind::Direct);
+        assert_eq!(records[0].ingress_ns, 123);
+        assert_eq!(&records[0].name[..], b"bob");
+        assert_eq!(&records[0].frame[..], b"\x81\x02hi");
+        assert_eq!(records[1].kind, RecordKind::Room);
+        assert_eq!(&records[1].name[..], b"lobby");
+        // The frame is a view into the batch, not a copy.
+        let start = bytes.as_ptr() as usize;
+        let frame = records[0].frame.as_ptr() as usize;
+        assert!(frame > start && frame < start + bytes.len());
+    }
+
+    #[test]
+    fn truncated_batches_are_errors() {
+        let mut w = BatchWriter::new(1, 1);
+        w.push(RecordKind::Direct, 1, "bob", b"frame");
+        let bytes = Bytes::from(w.buf);
+        for cut in [0, 15, 17, 20, 26, bytes.len() - 1] {
+            assert!(read_batch(bytes.slice(..cut)).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn presence_round_trips() {
+        for msg in [
+            PresenceMsg::Delta {
+                node: 1,
+                seq: 2,
+                ops: vec![
+                    Op::UserUp("a".into()),
+                    Op::UserDown("b".into()),
+                    Op::RoomUp("r".into()),
+                    Op::RoomDown("s".into()),
+                ],
+            },
+            PresenceMsg::Heartbeat {
+                node: 3,
+                seq: 9,
+                users: 100,
+            },
+            PresenceMsg::Hello { node: 4 },
+            PresenceMsg::Bye { node: 5 },
+        ] {
+            assert_eq!(read_presence(write_presence(&msg)).unwrap(), msg);
+        }
+    }
+
+    #[test]
+    fn snapshots_split_into_chunks_that_reassemble() {
+        let users: Vec<Op> = (0..30_000).map(|i| Op::UserUp(format!("user-{i:08}"))).collect();
+        let chunks = write_snapshot(9, 77, users.clone().into_iter());
+        assert!(chunks.len() > 1, "30k users need more than one chunk");
+        assert!(chunks.iter().all(|c| c.len() < 512 * 1024));
+        let mut all = Vec::new();
+        for (i, c) in chunks.iter().enumerate() {
+            let chunk = read_snapshot(c.clone()).unwrap();
+            assert_eq!(
+                (chunk.node, chunk.seq, chunk.index, chunk.total),
+                (9, 77, i as u32, chunks.len() as u32)
+            );
+            all.extend(chunk.ops);
+        }
+        assert_eq!(all, users);
+        let empty = write_snapshot(9, 0, std::iter::empty());
+        assert_eq!(empty.len(), 1);
+        assert_eq!(read_snapshot(empty[0].clone()).unwrap().ops, vec![]);
+    }
+
+    #[test]
+    fn receipts_round_trip() {
+        assert_eq!(read_receipt(write_receipt(&[0, 5, 9])).unwrap(), vec![0, 5, 9]);
+        assert_eq!(read_receipt(write_receipt(&[])).unwrap(), Vec::<u32>::new());
+        assert!(read_receipt(Bytes::from_static(b"abc")).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let b = Bytes::from(data);
+            let _ = read_batch(b.clone());
+            let _ = read_presence(b.clone());
+            let _ = read_snapshot(b.clone());
+            let _ = read_receipt(b);
+        }
+    }
+}

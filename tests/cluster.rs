@@ -1,0 +1,482 @@
+//! Gateways joined through a real nats-server: users on different processes exchange
+//! direct and room messages; nodes that die, and a NATS server that restarts.
+//!
+//! `scripts/test.sh` starts one nats-server for the run and names it in
+//! `SHARDGATE_TEST_NATS`; without it each test starts its own. Tests that restart or
+//! need a server to themselves always start their own.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream as TokioTcp;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+type Ws = WebSocketStream<MaybeTlsStream<TokioTcp>>;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The run's nats-server, or one of this test's own.
+fn nats() -> (Option<Nats>, String) {
+    match std::env::var("SHARDGATE_TEST_NATS") {
+        Ok(url) if !url.is_empty() => (None, url),
+        _ => {
+            let n = Nats::start();
+            let url = n.url();
+            (Some(n), url)
+        }
+    }
+}
+
+struct Node {
+    gw: Gateway,
+    id: String,
+}
+
+/// Starts a node of cluster `prefix` (one shard, dev auth, no rate limit).
+fn node(name: &str, url: &str, prefix: &str, extra: &[&str]) -> Node {
+    let dir = temp_dir(name);
+    let mut args = vec![
+        "--shards",
+        "1",
+        "--insecure-dev-auth",
+        "--rate-limit",
+        "0",
+        "--report-interval",
+        "1s",
+        "--nats",
+        url,
+        "--nats-prefix",
+        prefix,
+        "--data-dir",
+        dir.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let mut gw = Gateway::start(&args);
+    let line = gw.seen_or_wait("cluster: node ");
+    let id = line["cluster: node ".len()..]
+        .split(',')
+        .next()
+        .expect("node id")
+        .to_string();
+    gw.seen_or_wait("cluster: connected to NATS");
+    Node { gw, id }
+}
+
+/// Starts `n` nodes and waits until each has synced every other's presence.
+fn cluster(name: &str, url: &str, n: usize, extra: &[&str]) -> Vec<Node> {
+    let prefix = format!("t{}{}", std::process::id(), name.replace('-', "_"));
+    let mut nodes: Vec<Node> = (0..n)
+        .map(|i| node(&format!("{name}-{i}"), url, &prefix, extra))
+        .collect();
+    let ids: Vec<String> = nodes.iter().map(|n| n.id.clone()).collect();
+    for node in nodes.iter_mut() {
+        for id in ids.iter().filter(|id| **id != node.id) {
+            node.gw.seen_or_wait(&format!("cluster: node {id} synced"));
+        }
+        node.gw
+            .seen_or_wait(&format!("cluster: presence settled: {} other node(s)", n - 1));
+    }
+    nodes
+}
+
+async fn connect(node: &Node, user: &str) -> Ws {
+    let (mut ws, _) = tokio_tungstenite::connect_async(node.gw.url(&format!("/ws?user={user}")))
+        .await
+        .expect("upgrade");
+    assert_eq!(recv(&mut ws).await, json!({"type": "ready", "user": user}));
+    ws
+}
+
+async fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::Text(v.to_string())).await.unwrap();
+}
+
+async fn recv(ws: &mut Ws) -> Value {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => return serde_json::from_str(&t).unwrap(),
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+/// Sends probes to `to` until one is acknowledged `routed` (presence reaches other nodes
+/// a moment after `ready`); returns how many probes were sent. The recipient sees only
+/// the routed one.
+async fn until_routed(ws: &mut Ws, to: &str) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for n in 1.. {
+        let id = format!("probe-{n}");
+        send(ws, json!({"type":"send","to":to,"id":id,"body":"probe"})).await;
+        let ack = recv(ws).await;
+        assert_eq!(ack["id"], id.as_str(), "{ack}");
+        if ack["status"] == "routed" {
+            return n;
+        }
+        assert!(Instant::now() < deadline, "{to} never became reachable: {ack}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    unreachable!()
+}
+
+/// Skips the probe a recipient got.
+async fn take_probe(ws: &mut Ws) {
+    let m = recv(ws).await;
+    assert_eq!(m["body"], "probe", "{m}");
+}
+
+#[test]
+fn two_nodes_exchange_direct_and_room_messages() {
+    let (_nats, url) = nats();
+    let mut nodes = cluster("two", &url, 2, &[]);
+    runtime().block_on(async {
+        let mut alice = connect(&nodes[0], "alice").await;
+        let mut bob = connect(&nodes[1], "bob").await;
+        until_routed(&mut alice, "bob").await;
+        take_probe(&mut bob).await;
+        send(
+            &mut alice,
+            json!({"type":"send","to":"bob","id":"m1","body":{"text":"hi"}}),
+        )
+        .await;
+        assert_eq!(
+            recv(&mut alice).await,
+            json!({"type":"ack","id":"m1","status":"routed"})
+        );
+        let m = recv(&mut bob).await;
+        assert_eq!(
+            (m["type"].as_str(), m["from"].as_str()),
+            (Some("message"), Some("alice"))
+        );
+        assert_eq!(m["body"], json!({"text":"hi"}));
+        // And back; and to a user no node holds.
+        send(&mut bob, json!({"type":"send","to":"alice","id":"r1","body":"pong"})).await;
+        assert_eq!(recv(&mut bob).await["status"], "routed");
+        assert_eq!(recv(&mut alice).await["body"], "pong");
+        send(&mut alice, json!({"type":"send","to":"nobody","id":"m2","body":1})).await;
+        assert_eq!(
+            recv(&mut alice).await,
+            json!({"type":"ack","id":"m2","status":"offline"})
+        );
+
+        // A room with members on both nodes.
+        let mut carol = connect(&nodes[0], "carol").await;
+        for ws in [&mut carol, &mut bob] {
+            send(ws, json!({"type":"join","room":"lobby"})).await;
+            assert_eq!(recv(ws).await, json!({"type":"joined","room":"lobby"}));
+        }
+        // Until node 0 knows node 1 has members, a publish reaches carol only.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut n = 0;
+        loop {
+            n += 1;
+            let id = format!("p{n}");
+            send(&mut carol, json!({"type":"publish","room":"lobby","id":id,"body":n})).await;
+            assert_eq!(recv(&mut carol).await, json!({"type":"ack","id":id,"status":"routed"}));
+            let got = tokio::time::timeout(Duration::from_millis(200), recv(&mut bob)).await;
+            if let Ok(m) = got {
+                assert_eq!(
+                    (m["type"].as_str(), m["room"].as_str()),
+                    (Some("room_message"), Some("lobby"))
+                );
+                assert_eq!(m["from"], "carol");
+                assert_eq!(m["body"], n);
+                break;
+            }
+            assert!(Instant::now() < deadline, "the publish never crossed nodes");
+        }
+        // From the other side, with a member on each node: carol gets it, bob (the sender) not.
+        send(&mut bob, json!({"type":"publish","room":"lobby","id":"b1","body":"x"})).await;
+        assert_eq!(recv(&mut bob).await, json!({"type":"ack","id":"b1","status":"routed"}));
+        let m = recv(&mut carol).await;
+        assert_eq!((m["from"].as_str(), m["body"].as_str()), (Some("bob"), Some("x")));
+        // The sender was excluded: the next frame bob sees is the answer to his next send.
+        send(&mut bob, json!({"type":"send","to":"carol","id":"b2","body":"y"})).await;
+        assert_eq!(recv(&mut bob).await, json!({"type":"ack","id":"b2","status":"routed"}));
+        assert_eq!(recv(&mut carol).await["body"], "y");
+    });
+    // Each node counts what crossed into it, in the report lines and the final summary.
+    let node1 = &mut nodes[1].gw;
+    let report = node1.wait_line("cross_node=");
+    let _ = report;
+    node1.signal(libc::SIGTERM);
+    assert!(node1.wait_exit().success());
+    let summary = node1
+        .seen
+        .iter()
+        .find(|l| l.starts_with("cross-node messages: "))
+        .unwrap_or_else(|| panic!("no cross-node summary in {:?}", node1.seen));
+    let count: u64 = summary["cross-node messages: ".len()..]
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // Into node 1: probe, m1, p<n> (one), b2 is outbound. At least 3.
+    assert!(count >= 3, "{summary}");
+    let crossed: u64 = node1
+        .seen
+        .iter()
+        .filter_map(|l| l.split("cross_node=").nth(1)?.split(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(crossed, count, "report lines add up to the summary");
+}
+
+#[test]
+fn three_nodes_keep_order_per_sender_and_reach_every_device() {
+    let (_nats, url) = nats();
+    let nodes = cluster("three", &url, 3, &[]);
+    runtime().block_on(async {
+        let mut alice = connect(&nodes[0], "alice").await;
+        let mut phone = connect(&nodes[1], "bob").await;
+        let mut laptop = connect(&nodes[2], "bob").await;
+        // Wait until alice's node routes to both of bob's devices.
+        loop {
+            let n = until_routed(&mut alice, "bob").await;
+            let _ = n;
+            let a = tokio::time::timeout(Duration::from_millis(300), recv(&mut phone)).await;
+            let b = tokio::time::timeout(Duration::from_millis(300), recv(&mut laptop)).await;
+            if a.is_ok() && b.is_ok() {
+                break;
+            }
+        }
+        const N: usize = 3000;
+        let (mut tx, mut rx) = alice.split();
+        let sender = async {
+            for i in 0..N {
+                let m = json!({"type":"send","to":"bob","id":format!("s{i}"),"body":i});
+                tx.send(Message::Text(m.to_string())).await.unwrap();
+            }
+        };
+        let acks = async {
+            let mut routed = 0;
+            while routed < N {
+                match tokio::time::timeout(Duration::from_secs(10), rx.next()).await {
+                    Ok(Some(Ok(Message::Text(t)))) => {
+                        let v: Value = serde_json::from_str(&t).unwrap();
+                        assert_eq!(v["status"], "routed", "{v}");
+                        routed += 1;
+                    }
+                    Ok(Some(Ok(_))) => {}
+                    other => panic!("acks stopped after {routed}: {other:?}"),
+                }
+            }
+        };
+        tokio::join!(sender, acks, in_order(&mut phone, N), in_order(&mut laptop, N));
+    });
+}
+
+/// Receives bodies 0..n in order (probes aside).
+async fn in_order(ws: &mut Ws, n: usize) {
+    let mut next = 0u64;
+    while next < n as u64 {
+        let m = recv(ws).await;
+        if m["body"] == "probe" {
+            continue;
+        }
+        assert_eq!(m["body"], next, "in order");
+        next += 1;
+    }
+}
+
+/// Runs a short steady stream of sends from `from` to `to` and records what came of each.
+struct Tally {
+    routed: HashSet<String>,
+    offline: HashSet<String>,
+    unavailable: HashSet<String>,
+    delivered: HashSet<String>,
+}
+
+#[test]
+fn nats_restart_mid_traffic_loses_no_message_silently() {
+    let mut nats = Nats::start();
+    let url = nats.url();
+    let mut nodes = cluster("restart", &url, 2, &[]);
+    let tally = runtime().block_on(async {
+        let mut alice = connect(&nodes[0], "alice").await;
+        let mut bob = connect(&nodes[1], "bob").await;
+        until_routed(&mut alice, "bob").await;
+        take_probe(&mut bob).await;
+        let (mut tx, mut rx) = alice.split();
+        let mut tally = Tally {
+            routed: HashSet::new(),
+            offline: HashSet::new(),
+            unavailable: HashSet::new(),
+            delivered: HashSet::new(),
+        };
+        let sent = std::cell::Cell::new(0usize);
+        let done_sending = std::cell::Cell::new(false);
+        // 2 s of traffic; the server restarts half a second in.
+        let sender = async {
+            let start = Instant::now();
+            let mut i = 0;
+            while start.elapsed() < Duration::from_secs(2) {
+                for _ in 0..10 {
+                    let m = json!({"type":"send","to":"bob","id":format!("s{i}"),"body":i});
+                    tx.send(Message::Text(m.to_string())).await.unwrap();
+                    i += 1;
+                }
+                sent.set(i);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            done_sending.set(true);
+        };
+        let restarter = async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            // The blocking restart runs on a thread of its own; the clients keep going.
+            let handle = std::thread::spawn(move || {
+                nats.restart();
+                nats
+            });
+            loop {
+                if handle.is_finished() {
+                    break handle.join().unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        let answers = async {
+            let mut answered = 0;
+            let mut last_progress = Instant::now();
+            loop {
+                if done_sending.get() && answered == sent.get() {
+                    break;
+                }
+                assert!(
+                    last_progress.elapsed() < Duration::from_secs(10),
+                    "answers stopped after {answered} of {}",
+                    sent.get()
+                );
+                match tokio::time::timeout(Duration::from_millis(100), rx.next()).await {
+                    Err(_) => continue,
+                    Ok(Some(Ok(Message::Text(t)))) => {
+                        let v: Value = serde_json::from_str(&t).unwrap();
+                        let id = v["id"].as_str().expect("every answer names its message").to_string();
+                        match (v["type"].as_str(), v["status"].as_str(), v["code"].as_str()) {
+                            (Some("ack"), Some("routed"), _) => tally.routed.insert(id),
+                            (Some("ack"), Some("offline"), _) => tally.offline.insert(id),
+                            (Some("error"), _, Some("unavailable")) => tally.unavailable.insert(id),
+                            _ => panic!("unexpected answer {v}"),
+                        };
+                        answered += 1;
+                        last_progress = Instant::now();
+                    }
+                    Ok(Some(Ok(_))) => {}
+                    Ok(other) => panic!("alice's connection ended after {answered} answers: {other:?}"),
+                }
+            }
+        };
+        let receiving = async {
+            // Bob takes what arrives until two quiet seconds after the sending ended.
+            loop {
+                match tokio::time::timeout(Duration::from_secs(2), bob.next()).await {
+                    Ok(Some(Ok(Message::Text(t)))) => {
+                        let v: Value = serde_json::from_str(&t).unwrap();
+                        tally.delivered.insert(v["id"].as_str().unwrap().to_string());
+                    }
+                    Ok(Some(Ok(_))) => {}
+                    Ok(other) => panic!("bob's connection ended: {other:?}"),
+                    Err(_) if done_sending.get() => break,
+                    Err(_) => {}
+                }
+            }
+        };
+        let (_, nats, _, _) = tokio::join!(sender, restarter, answers, receiving);
+        // The nodes recover by themselves: cross-node sends are routed again.
+        let mut alice = rx.reunite(tx).unwrap();
+        until_routed(&mut alice, "bob").await;
+        drop(nats);
+        tally
+    });
+    let total = tally.routed.len() + tally.offline.len() + tally.unavailable.len();
+    println!(
+        "{total} sent: {} routed, {} offline, {} unavailable; {} delivered",
+        tally.routed.len(),
+        tally.offline.len(),
+        tally.unavailable.len(),
+        tally.delivered.len()
+    );
+    // Every message was answered once, and every `routed` one arrived.
+    let missing: Vec<&String> = tally.routed.difference(&tally.delivered).collect();
+    assert!(missing.is_empty(), "routed but never delivered: {missing:?}");
+    assert!(
+        !tally.unavailable.is_empty(),
+        "the outage must show: some sends are answered unavailable"
+    );
+    assert!(tally.routed.len() > 100, "traffic flowed before and after the restart");
+    // The outage and the recovery are on stdout.
+    let node0 = &mut nodes[0].gw;
+    node0.seen_or_wait("cluster: lost NATS");
+    node0.wait_line("cluster: connected to NATS");
+}
+
+#[test]
+fn a_killed_node_disappears_from_presence() {
+    let nats = Nats::start();
+    let url = nats.url();
+    let mut nodes = cluster("killed", &url, 2, &["--presence-timeout", "2s"]);
+    runtime().block_on(async {
+        let mut alice = connect(&nodes[0], "alice").await;
+        let mut bob = connect(&nodes[1], "bob").await;
+        until_routed(&mut alice, "bob").await;
+        take_probe(&mut bob).await;
+        let killed_id = nodes[1].id.clone();
+        nodes[1].gw.signal(libc::SIGKILL);
+        let t0 = Instant::now();
+        nodes[0]
+            .gw
+            .wait_line(&format!("cluster: node {killed_id} not heard from"));
+        let gone_after = t0.elapsed();
+        assert!(gone_after < Duration::from_secs(5), "took {gone_after:?}");
+        send(&mut alice, json!({"type":"send","to":"bob","id":"after","body":1})).await;
+        assert_eq!(
+            recv(&mut alice).await,
+            json!({"type":"ack","id":"after","status":"offline"})
+        );
+    });
+    drop(nats);
+}
+
+#[test]
+fn without_nats_cross_node_sends_are_answered_unavailable_and_local_traffic_flows() {
+    let mut nats = Nats::start();
+    let url = nats.url();
+    let nodes = cluster("down", &url, 2, &[]);
+    runtime().block_on(async {
+        let mut alice = connect(&nodes[0], "alice").await;
+        let mut carol = connect(&nodes[0], "carol").await;
+        let mut bob = connect(&nodes[1], "bob").await;
+        until_routed(&mut alice, "bob").await;
+        take_probe(&mut bob).await;
+        nats.stop();
+        // Once the node noticed, sends to users elsewhere are refused with a reason...
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            send(&mut alice, json!({"type":"send","to":"bob","id":"x","body":1})).await;
+            let v = recv(&mut alice).await;
+            if v["type"] == "error" {
+                assert_eq!(v["code"], "unavailable", "{v}");
+                assert_eq!(v["id"], "x");
+                break;
+            }
+            assert!(Instant::now() < deadline, "never answered unavailable: {v}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // ...while users of this node still reach each other.
+        send(&mut alice, json!({"type":"send","to":"carol","id":"l","body":"local"})).await;
+        assert_eq!(recv(&mut alice).await, json!({"type":"ack","id":"l","status":"routed"}));
+        assert_eq!(recv(&mut carol).await["body"], "local");
+    });
+}
