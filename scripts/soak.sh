@@ -136,7 +136,7 @@ if [ "$nats" = 1 ]; then
   done
 fi
 gateway_list=$(IFS=,; echo "${addrs[*]}")
-rss_sum() { local s=0; for p in "${pids[@]}"; do s=$((s + $(awk '/^VmRSS:/ {print $2}' "/proc/$p/status"))); done; echo "$s"; }
+rss_sum() { local s=0 k v u; for p in "${pids[@]}"; do while read -r k v u; do [ "$k" = VmRSS: ] && s=$((s + v)); done <"/proc/$p/status"; done; echo "$s"; }
 rss_before=$(rss_sum)
 
 cpus=$(seq -s, 0 $(( $(nproc) - 1 )))
@@ -148,9 +148,13 @@ target/release/shardgate-load --gateways "$gateway_list" --connections "$connect
 load_pid=$!
 
 # While the load runs: RSS every second (peak kept) and per-shard CPU during the hold.
-ramp_secs=$(python3 -c "print($connections / $ramp)")
-hold_secs=$(python3 -c "import re; d='$duration'; m=re.fullmatch(r'(\d+)(ms|s|m)?', d); v=int(m.group(1)); print({'ms':v/1000,'s':v,'m':v*60,None:v}[m.group(2)])")
-started=$(date +%s.%N)
+# The load waits 2 s after the ramp (--settle) before the hold's first message.
+# The sampling loop below uses bash arithmetic only (milliseconds): it runs every second
+# on the machine under test, and a python3 start there costs a few % of a core.
+ramp_ms=$(python3 -c "print(int(($connections / $ramp + 2) * 1000))")
+hold_ms=$(python3 -c "import re; d='$duration'; m=re.fullmatch(r'(\d+)(ms|s|m)?', d); v=int(m.group(1)); print(int({'ms':v/1000,'s':v,'m':v*60,None:v}[m.group(2)] * 1000))")
+now_ms() { local t=${EPOCHREALTIME/./}; echo $(( t / 1000 )); }
+started=$(now_ms)
 peak_rss=0 peak_conns=0
 # Shard threads by the ids each gateway printed at start ("shard 0: cpu 0 (…), thread 1234, …").
 shard_cpu() { for k in "${!pids[@]}"; do
@@ -159,13 +163,13 @@ shard_cpu() { for k in "${!pids[@]}"; do
 cpu_start= cpu_start_time=
 while kill -0 "$load_pid" 2>/dev/null; do
   sleep 1
-  now=$(date +%s.%N)
+  now=$(now_ms)
   rss=$(rss_sum)
   [ "$rss" -gt "$peak_rss" ] && peak_rss=$rss
-  if [ -z "$cpu_start" ] && python3 -c "import sys; sys.exit(0 if $now - $started > $ramp_secs + 2 else 1)"; then
+  if [ -z "$cpu_start" ] && [ $((now - started)) -gt $((ramp_ms + 2000)) ]; then
     cpu_start=$(shard_cpu); cpu_start_time=$now
   fi
-  if [ -n "$cpu_start" ] && [ -z "${cpu_end:-}" ] && python3 -c "import sys; sys.exit(0 if $now - $started > $ramp_secs + $hold_secs - 1 else 1)"; then
+  if [ -n "$cpu_start" ] && [ -z "${cpu_end:-}" ] && [ $((now - started)) -gt $((ramp_ms + hold_ms - 1000)) ]; then
     cpu_end=$(shard_cpu); cpu_end_time=$now
   fi
 done
@@ -180,5 +184,5 @@ printf '%s\n' "${cpu_start:-}" >"$results/cpu-start.txt"
 printf '%s\n' "${cpu_end:-}" >"$results/cpu-end.txt"
 python3 scripts/soak-report.py "$results" \
   --connections "$connections" --gateways "$gateways" --rss-before-kib "$rss_before" --peak-rss-kib "$peak_rss" \
-  --cpu-seconds "$(python3 -c "print(${cpu_end_time:-0} - ${cpu_start_time:-0})")" --clk-tck "$(getconf CLK_TCK)" \
+  --cpu-seconds "$(python3 -c "print((${cpu_end_time:-0} - ${cpu_start_time:-0}) / 1000)")" --clk-tck "$(getconf CLK_TCK)" \
   --load-status "$load_status" --slo "$slo"

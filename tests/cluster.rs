@@ -480,3 +480,45 @@ fn without_nats_cross_node_sends_are_answered_unavailable_and_local_traffic_flow
         assert_eq!(recv(&mut carol).await["body"], "local");
     });
 }
+
+#[test]
+fn devices_on_the_senders_node_and_elsewhere_both_receive() {
+    let (_nats, url) = nats();
+    let nodes = cluster("devices", &url, 2, &[]);
+    runtime().block_on(async {
+        let mut bob_far = connect(&nodes[1], "bob").await;
+        let mut alice = connect(&nodes[0], "alice").await;
+        until_routed(&mut alice, "bob").await;
+        take_probe(&mut bob_far).await;
+        // bob's second device is on alice's node: the send is local there, and must still
+        // reach the device on the other node.
+        let mut bob_near = connect(&nodes[0], "bob").await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for n in 0.. {
+            let id = format!("d{n}");
+            send(&mut alice, json!({"type":"send","to":"bob","id":id,"body":n})).await;
+            assert_eq!(recv(&mut alice).await, json!({"type":"ack","id":id,"status":"routed"}));
+            assert_eq!(recv(&mut bob_near).await["body"], n);
+            if let Ok(m) = tokio::time::timeout(Duration::from_millis(300), recv(&mut bob_far)).await {
+                assert_eq!(m["body"], n);
+                break;
+            }
+            assert!(Instant::now() < deadline, "the far device never got a local send");
+        }
+        // From then on, every message reaches both, in order.
+        for n in 1000..1100 {
+            send(
+                &mut alice,
+                json!({"type":"send","to":"bob","id":format!("e{n}"),"body":n}),
+            )
+            .await;
+        }
+        for _ in 1000..1100 {
+            assert_eq!(recv(&mut alice).await["status"], "routed");
+        }
+        for n in 1000..1100 {
+            assert_eq!(recv(&mut bob_near).await["body"], n);
+            assert_eq!(recv(&mut bob_far).await["body"], n);
+        }
+    });
+}

@@ -82,6 +82,10 @@ struct Args {
     slo: Duration,
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     report_interval: Duration,
+    /// Between the last connection's `ready` and the first message: time for presence to
+    /// reach other gateways of a cluster (a send to a user not known yet is `offline`).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    settle: Duration,
     /// After the hold, how long to wait for messages still in flight.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     drain: Duration,
@@ -420,7 +424,7 @@ async fn run_thread(
     tx: Sender<ThreadEvent>,
 ) {
     let ramp_time = Duration::from_secs_f64(total as f64 / args.ramp.max(1.0));
-    let hold_end = epoch + ramp_time + args.duration;
+    let hold_end = epoch + ramp_time + args.settle + args.duration;
     let users = members
         .iter()
         .map(|(_, name, _)| User {

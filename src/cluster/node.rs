@@ -2,8 +2,9 @@
 //!
 //! Subjects, under a prefix (`--nats-prefix`, default `shardgate`):
 //! - `<p>.presence`: every node's presence deltas, heartbeats, hellos and byes.
-//! - `<p>.node.<id>.inbox`: batches of deliveries for node `<id>`, with a reply subject
-//!   `<p>.node.<sender>.ack.<seq>` for the receipt.
+//! - `<p>.node.<id>.inbox`: batches of deliveries for node `<id>`.
+//! - `<p>.node.<id>.receipts`: which of `<id>`'s batches arrived, gathered for a few
+//!   milliseconds per sender (one message per sender then, not one per batch).
 //! - `<p>.node.<id>.snapshot` / `.resync`: snapshots sent to `<id>`, requests for its own.
 //!
 //! A node subscribes to two subjects only: `<p>.presence` and `<p>.node.<its id>.>`.
@@ -14,13 +15,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::{Client, ConnectOptions, Event, Message, StatusCode};
+use async_nats::{Client, ConnectOptions, Event, Message};
 use bytes::Bytes;
 use crossbeam_channel::Receiver;
 use futures_util::StreamExt;
 
 use super::presence::{Action, Presence};
-use super::wire::{self, BatchWriter, NodeId, RecordKind};
+use super::wire::{self, BatchWriter, NodeId, ReceiptWriter, RecordKind};
 use super::{instant_to_unix_nanos, unix_nanos, unix_nanos_to_instant, AckTo, ClusterLink, Outcome, ToCluster};
 use crate::route::inbox::Mesh;
 use crate::route::{ShardMask, ShardMsg};
@@ -38,6 +39,20 @@ pub struct ClusterConfig {
     /// A batch not acknowledged within this is answered `unavailable`.
     pub ack_timeout: Duration,
     pub cpu: Option<usize>,
+    /// How often the `cluster:` traffic line is printed.
+    pub report_interval: Duration,
+}
+
+/// Traffic through NATS since the last `cluster:` line.
+#[derive(Debug, Default, Clone, Copy)]
+struct Traffic {
+    batches_out: u64,
+    records_out: u64,
+    batches_in: u64,
+    records_in: u64,
+    routed: u64,
+    offline: u64,
+    unavailable: u64,
 }
 
 /// Shard messages handled per round, before batches are sent.
@@ -47,6 +62,14 @@ const MAX_BATCH_BYTES: usize = 512 * 1024;
 /// A publish that cannot even be queued in this time (the client is reconnecting with a
 /// full buffer) is given up, so that the thread keeps serving the shards.
 const PUBLISH_WAIT: Duration = Duration::from_millis(200);
+/// Receipts wait this long to go out together: a sender's acks come a little later, and
+/// NATS carries one receipt message per sender instead of one per batch.
+const RECEIPT_DELAY: Duration = Duration::from_millis(5);
+/// Batches leave at most this often. A message after a quiet spell leaves at once; under
+/// load, what the shards hand over meanwhile waits in their channel (the thread is not even
+/// woken for it) and leaves together: fewer, fuller NATS messages and fewer wake-ups on
+/// every node it reaches.
+const FLUSH_INTERVAL: Duration = Duration::from_millis(1);
 
 /// Starts the cluster thread. `stop` index `stop_index` says when to leave the cluster.
 pub fn spawn(
@@ -125,6 +148,10 @@ struct Node {
     /// Shards sent to this round (doorbells to ring).
     to_ring: ShardMask,
     actions: Vec<Action>,
+    /// Receipts to send, by the node whose batches they confirm.
+    receipts: HashMap<NodeId, ReceiptWriter>,
+    receipts_due: Option<tokio::time::Instant>,
+    traffic: Traffic,
 }
 
 async fn run(
@@ -198,14 +225,23 @@ async fn run(
         acks: slab::Slab::new(),
         to_ring: 0,
         actions: Vec::new(),
+        receipts: HashMap::new(),
+        receipts_due: None,
+        traffic: Traffic::default(),
     };
+    let mut last_report = Instant::now();
     let mut batch = Vec::with_capacity(ROUND);
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut last_heartbeat = Instant::now();
     let link = node.link.clone();
+    let mut last_flush = Instant::now() - FLUSH_INTERVAL;
     loop {
+        // Batches waiting for the next flush: the shards' channel is left alone till then.
+        let flush_due = node
+            .has_batches()
+            .then(|| tokio::time::Instant::from_std(last_flush + FLUSH_INTERVAL));
         tokio::select! {
-            more = link.next_batch(&rx, &mut batch, ROUND) => {
+            more = link.next_batch(&rx, &mut batch, ROUND), if flush_due.is_none() => {
                 if !more {
                     break;
                 }
@@ -213,12 +249,23 @@ async fn run(
                     node.on_shard_msg(msg);
                 }
             }
+            _ = sleep_until(flush_due) => {
+                for msg in rx.try_iter() {
+                    node.on_shard_msg(msg);
+                }
+            }
             Some(msg) = presence_sub.next() => node.on_presence(msg),
             Some(msg) = own_sub.next() => node.on_own(msg).await,
             Some(event) = events.recv() => node.on_event(event).await,
+            _ = sleep_until(node.receipts_due) => node.send_receipts().await,
             _ = tick.tick() => {
                 let now = Instant::now();
                 node.expire_batches(now);
+                if now.duration_since(last_report) >= node.config.report_interval {
+                    let secs = now.duration_since(last_report).as_secs_f64();
+                    last_report = now;
+                    node.report(secs);
+                }
                 if node.connected && !node.leaving {
                     node.presence.tick(now, &mut node.actions);
                     let nodes = node.presence.synced_nodes();
@@ -232,9 +279,11 @@ async fn run(
                     }
                     if now.duration_since(last_heartbeat) >= node.config.heartbeat {
                         last_heartbeat = now;
+                        // Our changes first: a heartbeat must never announce a change not sent yet.
                         node.presence.flush(&mut node.actions);
+                        node.run_actions().await;
                         let hb = node.presence.heartbeat();
-                        node.publish(format!("{}.presence", node.config.prefix), None, hb).await;
+                        node.publish(format!("{}.presence", node.config.prefix), hb).await;
                     }
                 }
             }
@@ -242,18 +291,33 @@ async fn run(
                 node.leaving = true;
                 if node.connected {
                     let bye = wire::write_presence(&wire::PresenceMsg::Bye { node: me });
-                    node.publish(format!("{}.presence", node.config.prefix), None, bye).await;
+                    node.publish(format!("{}.presence", node.config.prefix), bye).await;
                     let _ = tokio::time::timeout(Duration::from_secs(1), node.client.flush()).await;
                 }
                 println!("cluster: node {me:016x} left the cluster");
             }
         }
-        node.end_round().await;
+        let now = Instant::now();
+        let flush = now >= last_flush + FLUSH_INTERVAL;
+        if flush && node.has_batches() {
+            last_flush = now;
+        }
+        node.end_round(flush).await;
     }
     // Whatever still waits for an answer gets one.
+    node.end_round(true).await;
+    node.send_receipts().await;
     node.fail_all();
     node.ring();
     let _ = tokio::time::timeout(Duration::from_secs(1), node.client.flush()).await;
+}
+
+/// Sleeps until `due`; never, without one.
+async fn sleep_until(due: Option<tokio::time::Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due).await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Node {
@@ -381,22 +445,43 @@ impl Node {
         self.sealed.push((node, batch));
     }
 
-    /// The end of a round: presence changes and batches go out, doorbells ring.
-    async fn end_round(&mut self) {
+    fn has_batches(&self) -> bool {
+        !self.filling.is_empty() || !self.sealed.is_empty()
+    }
+
+    /// The end of a round: presence changes go out, batches too if `flush`, doorbells ring.
+    async fn end_round(&mut self, flush: bool) {
         if self.connected && !self.leaving {
             self.presence.flush(&mut self.actions);
         } else {
             // Not published while NATS is away; peers resync from our snapshot later.
         }
         self.run_actions().await;
+        for (user, remote) in self.presence.take_remote_flags() {
+            for shard in 0..self.mesh.shards() {
+                self.mesh.push(
+                    shard,
+                    ShardMsg::AlsoRemote {
+                        user: user.clone(),
+                        remote,
+                    },
+                );
+                self.to_ring |= 1 << shard;
+            }
+        }
+        if !flush {
+            self.ring();
+            return;
+        }
         let filling: Vec<(NodeId, OutBatch)> = self.filling.drain().collect();
         self.sealed.extend(filling);
         let sealed = std::mem::take(&mut self.sealed);
         for (node, batch) in sealed {
             let p = &self.config.prefix;
             let subject = format!("{p}.node.{node:016x}.inbox");
-            let reply = format!("{p}.node.{:016x}.ack.{}", self.presence.me, batch.seq);
-            let ok = self.publish(subject, Some(reply), Bytes::from(batch.writer.buf)).await;
+            self.traffic.batches_out += 1;
+            self.traffic.records_out += batch.writer.records as u64;
+            let ok = self.publish(subject, Bytes::from(batch.writer.buf)).await;
             let sent = SentBatch {
                 at: Instant::now(),
                 acks: batch.acks,
@@ -418,16 +503,15 @@ impl Node {
             let p = self.config.prefix.clone();
             match action {
                 Action::Broadcast(bytes) => {
-                    self.publish(format!("{p}.presence"), None, bytes).await;
+                    self.publish(format!("{p}.presence"), bytes).await;
                 }
                 Action::AskSnapshot(node) => {
                     let me = Bytes::copy_from_slice(&self.presence.me.to_le_bytes());
-                    self.publish(format!("{p}.node.{node:016x}.resync"), None, me).await;
+                    self.publish(format!("{p}.node.{node:016x}.resync"), me).await;
                 }
                 Action::SendSnapshot(node, chunks) => {
                     for chunk in chunks {
-                        self.publish(format!("{p}.node.{node:016x}.snapshot"), None, chunk)
-                            .await;
+                        self.publish(format!("{p}.node.{node:016x}.snapshot"), chunk).await;
                     }
                 }
                 Action::Say(line) => println!("{line}"),
@@ -436,17 +520,23 @@ impl Node {
     }
 
     /// Publishes, unless NATS is away; false when the message was not handed to the client.
-    async fn publish(&mut self, subject: String, reply: Option<String>, payload: Bytes) -> bool {
+    async fn publish(&mut self, subject: String, payload: Bytes) -> bool {
         if !self.connected {
             return false;
         }
-        let publish = async {
-            match reply {
-                Some(reply) => self.client.publish_with_reply(subject, reply, payload).await,
-                None => self.client.publish(subject, payload).await,
-            }
-        };
+        let publish = self.client.publish(subject, payload);
         matches!(tokio::time::timeout(PUBLISH_WAIT, publish).await, Ok(Ok(())))
+    }
+
+    /// Sends the gathered receipts, one message per sender.
+    async fn send_receipts(&mut self) {
+        self.receipts_due = None;
+        let receipts: Vec<(NodeId, ReceiptWriter)> = self.receipts.drain().collect();
+        for (node, receipt) in receipts {
+            let subject = format!("{}.node.{node:016x}.receipts", self.config.prefix);
+            // A receipt lost here times the sender's acks out as `unavailable`: still an answer.
+            self.publish(subject, Bytes::from(receipt.buf)).await;
+        }
     }
 
     /// A message on the presence subject.
@@ -468,26 +558,26 @@ impl Node {
         };
         if rest == "inbox" {
             self.deliver(msg).await;
-        } else if let Some(seq) = rest.strip_prefix("ack.") {
-            let Ok(seq) = seq.parse::<u64>() else { return };
-            let Some(batch) = self.sent.remove(&seq) else {
-                return; // Answered already (timed out).
-            };
-            if msg.status == Some(StatusCode::NO_RESPONDERS) {
-                // The node is gone: nobody there holds the recipients.
-                for (_, p) in batch.acks {
-                    self.resolve(p, Receipt::Absent);
+        } else if rest == "receipts" {
+            let receipts = match wire::read_receipts(msg.payload) {
+                Ok(r) => r,
+                Err(e) => {
+                    println!("cluster: unreadable receipts: {}", e.0);
+                    return;
                 }
-                return;
-            }
-            let absent = wire::read_receipt(msg.payload).unwrap_or_default();
-            for (index, p) in batch.acks {
-                let r = if absent.contains(&index) {
-                    Receipt::Absent
-                } else {
-                    Receipt::Delivered
+            };
+            for (seq, absent) in receipts {
+                let Some(batch) = self.sent.remove(&seq) else {
+                    continue; // Answered already (timed out).
                 };
-                self.resolve(p, r);
+                for (index, p) in batch.acks {
+                    let r = if absent.contains(&index) {
+                        Receipt::Absent
+                    } else {
+                        Receipt::Delivered
+                    };
+                    self.resolve(p, r);
+                }
             }
         } else if rest == "snapshot" {
             match wire::read_snapshot(msg.payload) {
@@ -509,9 +599,9 @@ impl Node {
     }
 
     /// A batch from another node: hand each record to the shards holding its recipients,
-    /// then send the receipt.
+    /// then note its receipt.
     async fn deliver(&mut self, msg: Message) {
-        let (_sender, _seq, records) = match wire::read_batch(msg.payload) {
+        let (sender, seq, records) = match wire::read_batch(msg.payload) {
             Ok(b) => b,
             Err(e) => {
                 println!("cluster: unreadable batch: {}", e.0);
@@ -519,6 +609,8 @@ impl Node {
             }
         };
         let (now, now_ns) = (Instant::now(), unix_nanos());
+        self.traffic.batches_in += 1;
+        self.traffic.records_in += records.len() as u64;
         let mut absent = Vec::new();
         for (index, record) in records.into_iter().enumerate() {
             let Ok(name) = std::str::from_utf8(&record.name) else {
@@ -563,9 +655,9 @@ impl Node {
                 absent.push(index as u32);
             }
         }
-        if let Some(reply) = msg.reply {
-            let receipt = wire::write_receipt(&absent);
-            self.publish(reply.to_string(), None, receipt).await;
+        self.receipts.entry(sender).or_default().push(seq, &absent);
+        if self.receipts_due.is_none() {
+            self.receipts_due = Some(tokio::time::Instant::now() + RECEIPT_DELAY);
         }
     }
 
@@ -580,8 +672,7 @@ impl Node {
                 if !self.leaving {
                     // New or back: everyone sends us their state, and learns of us.
                     let hello = wire::write_presence(&wire::PresenceMsg::Hello { node: self.presence.me });
-                    self.publish(format!("{}.presence", self.config.prefix), None, hello)
-                        .await;
+                    self.publish(format!("{}.presence", self.config.prefix), hello).await;
                 }
             }
             Event::Disconnected => {
@@ -668,6 +759,11 @@ impl Node {
     }
 
     fn answer(&mut self, to: AckTo, outcome: Outcome) {
+        match outcome {
+            Outcome::Routed => self.traffic.routed += 1,
+            Outcome::Offline => self.traffic.offline += 1,
+            Outcome::Unavailable => self.traffic.unavailable += 1,
+        }
         let shard = to.shard;
         self.mesh.push(
             shard,
@@ -678,6 +774,27 @@ impl Node {
             },
         );
         self.to_ring |= 1 << shard;
+    }
+
+    /// The `cluster:` traffic line (documented in the README).
+    fn report(&mut self, secs: f64) {
+        let t = std::mem::take(&mut self.traffic);
+        let per_batch = |records: u64, batches: u64| records as f64 / batches.max(1) as f64;
+        println!(
+            "cluster: nodes={} remote_users={} connected={} out_records_per_s={:.1} out_batches_per_s={:.1} records_per_batch={:.2} in_records_per_s={:.1} in_batches_per_s={:.1} acks_routed={} acks_offline={} acks_unavailable={} awaiting_receipts={}",
+            self.presence.synced_nodes(),
+            self.presence.remote_users(),
+            self.connected,
+            t.records_out as f64 / secs,
+            t.batches_out as f64 / secs,
+            per_batch(t.records_out, t.batches_out),
+            t.records_in as f64 / secs,
+            t.batches_in as f64 / secs,
+            t.routed,
+            t.offline,
+            t.unavailable,
+            self.sent.len(),
+        );
     }
 
     fn ring(&mut self) {

@@ -62,6 +62,9 @@ pub struct Presence {
     /// Other nodes' users and rooms.
     users: HashMap<Arc<str>, Vec<NodeId>>,
     rooms: HashMap<Arc<str>, Vec<NodeId>>,
+    /// Users of this node that gained or lost connections on other nodes, for the shards
+    /// (a send to a local user goes to the cluster thread only when it is elsewhere too).
+    remote_flags: Vec<(Arc<str>, bool)>,
 }
 
 impl Presence {
@@ -76,14 +79,31 @@ impl Presence {
             nodes: HashMap::new(),
             users: HashMap::new(),
             rooms: HashMap::new(),
+            remote_flags: Vec::new(),
         }
+    }
+
+    /// Local users whose presence on other nodes changed since the last call.
+    pub fn take_remote_flags(&mut self) -> Vec<(Arc<str>, bool)> {
+        std::mem::take(&mut self.remote_flags)
     }
 
     // ---- this node ----
 
     /// Shard `shard` holds connections of `user` (or no longer does).
     pub fn local_user(&mut self, user: Arc<str>, shard: usize, present: bool) {
-        if let Some(op) = update_mask(&mut self.local_users, user, shard, present, Op::UserUp, Op::UserDown) {
+        let elsewhere = self.users.contains_key(&user);
+        if let Some(op) = update_mask(
+            &mut self.local_users,
+            user.clone(),
+            shard,
+            present,
+            Op::UserUp,
+            Op::UserDown,
+        ) {
+            if elsewhere {
+                self.remote_flags.push((user, present));
+            }
             self.pending.push(op);
         }
     }
@@ -197,7 +217,10 @@ impl Presence {
             PresenceMsg::Heartbeat { node, seq, .. } => {
                 let n = self.heard(node, now, out);
                 if n.synced && seq > n.seq {
-                    // A delta went missing.
+                    out.push(Action::Say(format!(
+                        "cluster: node {node:016x} is at change {seq}, we have {}; asking for its snapshot",
+                        n.seq
+                    )));
                     n.synced = false;
                 }
                 self.ask(node, now, out);
@@ -317,6 +340,11 @@ impl Presence {
 
     /// Forgets every other node (our NATS connection was lost: what we knew is stale).
     pub fn forget_all(&mut self) {
+        for user in self.users.keys() {
+            if self.local_users.contains_key(user) {
+                self.remote_flags.push((user.clone(), false));
+            }
+        }
         self.nodes.clear();
         self.users.clear();
         self.rooms.clear();
@@ -351,12 +379,19 @@ impl Presence {
 
     /// Removes `node` from every user and room entry.
     fn drop_entries(&mut self, node: NodeId) {
-        for map in [&mut self.users, &mut self.rooms] {
-            map.retain(|_, nodes| {
-                nodes.retain(|n| *n != node);
-                !nodes.is_empty()
-            });
-        }
+        let (local, flags) = (&self.local_users, &mut self.remote_flags);
+        self.users.retain(|user, nodes| {
+            nodes.retain(|n| *n != node);
+            let kept = !nodes.is_empty();
+            if !kept && local.contains_key(user) {
+                flags.push((user.clone(), false));
+            }
+            kept
+        });
+        self.rooms.retain(|_, nodes| {
+            nodes.retain(|n| *n != node);
+            !nodes.is_empty()
+        });
         if let Some(n) = self.nodes.get_mut(&node) {
             n.users = 0;
         }
@@ -372,11 +407,16 @@ impl Presence {
                 Op::RoomDown(n) => (&mut self.rooms, n, false),
             };
             let is_user = matches!(op, Op::UserUp(_) | Op::UserDown(_));
+            // A user of ours now also elsewhere, or no longer: the shards are told.
+            let local = is_user.then(|| self.local_users.get_key_value(name.as_str()).map(|(k, _)| k.clone()));
             if up {
                 let nodes = map.entry(Arc::from(name.as_str())).or_default();
                 if !nodes.contains(&node) {
                     nodes.push(node);
                     users += is_user as isize;
+                    if let (1, Some(Some(user))) = (nodes.len(), local) {
+                        self.remote_flags.push((user, true));
+                    }
                 }
             } else if let Some(nodes) = map.get_mut(name.as_str()) {
                 let before = nodes.len();
@@ -384,6 +424,9 @@ impl Presence {
                 users -= (is_user && nodes.len() < before) as isize;
                 if nodes.is_empty() {
                     map.remove(name.as_str());
+                    if let Some(Some(user)) = local {
+                        self.remote_flags.push((user, false));
+                    }
                 }
             }
         }
@@ -564,6 +607,38 @@ mod tests {
         assert!(said
             .iter()
             .any(|s| matches!(s, Action::Say(l) if l.contains("not heard from"))));
+    }
+
+    #[test]
+    fn local_users_learn_when_they_are_elsewhere_too() {
+        let now = Instant::now();
+        let mut a = Presence::new(1, T);
+        let mut b = Presence::new(2, T);
+        // bob is on b; a has nobody yet.
+        b.local_user(Arc::from("bob"), 0, true);
+        let mut d = Vec::new();
+        b.flush(&mut d);
+        let back = deliver(&mut b, d, &mut a, now);
+        let _ = deliver(&mut a, back, &mut b, now);
+        assert!(a.take_remote_flags().is_empty(), "bob is not a's user");
+        // bob connects to a too: a's shards learn he is elsewhere as well.
+        a.local_user(Arc::from("bob"), 1, true);
+        assert_eq!(a.take_remote_flags(), vec![(Arc::from("bob"), true)]);
+        // bob leaves b: no longer elsewhere.
+        b.local_user(Arc::from("bob"), 0, false);
+        let mut d = Vec::new();
+        b.flush(&mut d);
+        deliver(&mut b, d, &mut a, now);
+        assert_eq!(a.take_remote_flags(), vec![(Arc::from("bob"), false)]);
+        // Back on b, then b is forgotten: flags follow.
+        b.local_user(Arc::from("bob"), 0, true);
+        let mut d = Vec::new();
+        b.flush(&mut d);
+        deliver(&mut b, d, &mut a, now);
+        assert_eq!(a.take_remote_flags(), vec![(Arc::from("bob"), true)]);
+        let bye = wire::write_presence(&PresenceMsg::Bye { node: 2 });
+        a.on_presence(wire::read_presence(bye).unwrap(), now, &mut Vec::new());
+        assert_eq!(a.take_remote_flags(), vec![(Arc::from("bob"), false)]);
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //!   each frame already encoded as the WebSocket frame the recipients get.
 //! - A *presence* message (to `<prefix>.presence`): a node's changes, heartbeat, hello, bye.
 //! - A *snapshot chunk* (to `<prefix>.node.<id>.snapshot`): part of a node's whole state.
-//! - A batch *receipt* (the reply to a batch): the records that found no recipient.
+//! - *Receipts* (to `<prefix>.node.<sender>.receipts`): which batches arrived, and which
+//!   of their records found no recipient.
 
 use bytes::{Buf, BufMut, Bytes};
 
@@ -108,24 +109,38 @@ pub fn read_batch(mut batch: Bytes) -> Result<(NodeId, u64, Vec<Record>), WireEr
     Ok((sender, seq, records))
 }
 
-/// The receipt of a batch: indices of the records that found no recipient on the node.
-pub fn write_receipt(absent: &[u32]) -> Bytes {
-    let mut buf = Vec::with_capacity(absent.len() * 4);
-    for i in absent {
-        buf.put_u32_le(*i);
-    }
-    Bytes::from(buf)
+/// Receipts for batches from one sender, gathered for a few milliseconds: for each batch,
+/// its seq and the indices of the records that found no recipient on the node.
+#[derive(Debug, Default)]
+pub struct ReceiptWriter {
+    pub buf: Vec<u8>,
 }
 
-pub fn read_receipt(mut receipt: Bytes) -> Result<Vec<u32>, WireError> {
-    if !receipt.len().is_multiple_of(4) {
-        return Err(WireError("receipt length is not a multiple of 4"));
+impl ReceiptWriter {
+    pub fn push(&mut self, seq: u64, absent: &[u32]) {
+        self.buf.put_u64_le(seq);
+        self.buf.put_u32_le(absent.len() as u32);
+        for i in absent {
+            self.buf.put_u32_le(*i);
+        }
     }
-    let mut absent = Vec::with_capacity(receipt.len() / 4);
-    while receipt.has_remaining() {
-        absent.push(receipt.get_u32_le());
+}
+
+/// Reads receipts: `(batch seq, absent record indices)`.
+pub fn read_receipts(mut receipts: Bytes) -> Result<Vec<(u64, Vec<u32>)>, WireError> {
+    let mut out = Vec::new();
+    while receipts.has_remaining() {
+        if receipts.len() < 12 {
+            return Err(WireError("truncated receipt"));
+        }
+        let seq = receipts.get_u64_le();
+        let n = receipts.get_u32_le() as usize;
+        if receipts.len() < n.saturating_mul(4) {
+            return Err(WireError("truncated receipt indices"));
+        }
+        out.push((seq, (0..n).map(|_| receipts.get_u32_le()).collect()));
     }
-    Ok(absent)
+    Ok(out)
 }
 
 /// A change in what a node holds.
@@ -394,9 +409,16 @@ mod tests {
 
     #[test]
     fn receipts_round_trip() {
-        assert_eq!(read_receipt(write_receipt(&[0, 5, 9])).unwrap(), vec![0, 5, 9]);
-        assert_eq!(read_receipt(write_receipt(&[])).unwrap(), Vec::<u32>::new());
-        assert!(read_receipt(Bytes::from_static(b"abc")).is_err());
+        let mut w = ReceiptWriter::default();
+        w.push(7, &[0, 5, 9]);
+        w.push(8, &[]);
+        let bytes = Bytes::from(w.buf);
+        assert_eq!(
+            read_receipts(bytes.clone()).unwrap(),
+            vec![(7, vec![0, 5, 9]), (8, vec![])]
+        );
+        assert!(read_receipts(bytes.slice(..bytes.len() - 1)).is_err());
+        assert!(read_receipts(Bytes::from_static(b"abc")).is_err());
     }
 
     proptest! {
@@ -406,7 +428,7 @@ mod tests {
             let _ = read_batch(b.clone());
             let _ = read_presence(b.clone());
             let _ = read_snapshot(b.clone());
-            let _ = read_receipt(b);
+            let _ = read_receipts(b);
         }
     }
 }

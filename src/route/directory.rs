@@ -334,7 +334,10 @@ impl Router {
                     }
                 }
             }
-            ShardMsg::Direct { .. } | ShardMsg::Room { .. } | ShardMsg::ClusterAck { .. } => {}
+            ShardMsg::Direct { .. }
+            | ShardMsg::Room { .. }
+            | ShardMsg::ClusterAck { .. }
+            | ShardMsg::AlsoRemote { .. } => {}
         }
     }
 

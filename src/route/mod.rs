@@ -40,6 +40,12 @@ pub enum ShardMsg {
         except: (usize, ConnId),
         cross_node: bool,
     },
+    /// From the cluster thread, to every shard: `user`, connected to this node, also is (or
+    /// no longer is) connected to other nodes.
+    AlsoRemote {
+        user: Arc<str>,
+        remote: bool,
+    },
     /// From the cluster thread: how a cross-node send of connection `conn` ended.
     ClusterAck {
         conn: ConnId,

@@ -160,7 +160,8 @@ impl ChatConn {
                             );
                         }
                     }
-                    if let Some(link) = cluster.filter(|l| l.is_up()) {
+                    let elsewhere = mask == 0 || hub.also_remote.borrow().contains(&to);
+                    if let Some(link) = cluster.filter(|l| l.is_up() && elsewhere) {
                         // Not on this node: the cluster thread answers once other nodes did.
                         let ack = (mask == 0).then(|| self.ack_to(hub, id.as_deref()));
                         hub.to_cluster(

@@ -3,7 +3,7 @@
 //! ring the doorbells of shards we sent to).
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -31,6 +31,9 @@ pub struct Hub {
     pub cluster: Option<Arc<ClusterLink>>,
     /// Messages were queued for the cluster thread since its doorbell last rang.
     ring_cluster: Cell<bool>,
+    /// Users of this node connected to other nodes too: a send to them also goes to the
+    /// cluster thread (for other users of this node it need not).
+    pub also_remote: RefCell<HashSet<Arc<str>>>,
     conns: RefCell<ConnTable>,
     next_conn: Cell<ConnId>,
     /// Queues with frames added since the last flush.
@@ -62,6 +65,7 @@ impl Hub {
             mesh,
             cluster,
             ring_cluster: Cell::new(false),
+            also_remote: RefCell::new(HashSet::new()),
             conns: RefCell::new(HashMap::new()),
             next_conn: Cell::new(1),
             dirty: RefCell::new(Vec::new()),
@@ -163,6 +167,14 @@ impl Hub {
                 );
             }
             ShardMsg::ClusterAck { conn, id, outcome } => self.answer_cluster(conn, id.as_deref(), outcome),
+            ShardMsg::AlsoRemote { user, remote } => {
+                let mut set = self.also_remote.borrow_mut();
+                if remote {
+                    set.insert(user);
+                } else {
+                    set.remove(&user);
+                }
+            }
             other => self.router.borrow_mut().handle(other),
         }
     }

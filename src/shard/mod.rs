@@ -110,6 +110,7 @@ pub fn run(config: Config) -> Result<(), String> {
                 heartbeat: Duration::from_secs(1),
                 ack_timeout: config.cluster_ack_timeout,
                 cpu: config.cluster_cpu,
+                report_interval: config.report_interval,
             };
             let thread =
                 crate::cluster::node::spawn(cluster_config, link.clone(), rx, mesh.clone(), stop.clone(), shards)
