@@ -2,7 +2,8 @@
 # The whole test suite, as CI runs it: formatting, lints, unit/property/integration tests
 # of the workspace (the cluster tests against a real nats-server, started here on a free
 # loopback port and stopped after), the Autobahn|Testsuite (cases 1-10) against a real
-# gateway, then the soak (CI profile). Installs what a fresh machine of this kind lacks
+# gateway, then the soak (CI profile) and a small soak across a 3-node cluster. Installs
+# what a fresh machine of this kind lacks
 # (nats-server from apt, the Autobahn virtualenv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,4 +33,15 @@ problems = [k for k in ("messages_lost", "duplicates", "reordered", "failed_hand
 if s["verdict"] != "PASS" or s["connections_held"] != s["connections_requested"] or s["messages_delivered"] == 0 or problems:
     sys.exit("soak summary says: %s" % json.dumps(s))
 print("soak: %d connections held, %d messages delivered, 0 lost; client p99 %.3f ms" % (s["connections_held"], s["messages_delivered"], s["client_latency_ms"]["p99"]))
+PY
+echo "== soak across a cluster (3 nodes through a local nats-server, 2,000 connections, 15 s)"
+rm -rf target/soak-cluster
+scripts/soak.sh --profile small --nodes 3 --nats --results target/soak-cluster
+python3 - target/soak-cluster/summary.json <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))
+c = s.get("cross_node", {})
+if s["verdict"] != "PASS" or s["messages_lost"] != 0 or c.get("messages_delivered", 0) == 0:
+    sys.exit("cluster soak summary says: %s" % json.dumps(s))
+print("cluster soak: %d messages delivered, %d across nodes (client p99 %.3f ms), 0 lost" % (s["messages_delivered"], c["messages_delivered"], c["client_latency_ms"]["p99"]))
 PY
