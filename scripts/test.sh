@@ -2,9 +2,9 @@
 # The whole test suite, as CI runs it: formatting, lints, unit/property/integration tests
 # of the workspace (the cluster tests against a real nats-server, started here on a free
 # loopback port and stopped after), the Autobahn|Testsuite (cases 1-10) against a real
-# gateway, then the soak (CI profile) and a small soak across a 3-node cluster. Installs
-# what a fresh machine of this kind lacks
-# (nats-server from apt, the Autobahn virtualenv).
+# gateway, then the soak (CI profile) and a small soak across a 3-node cluster.
+# Installs what a fresh machine of this kind lacks (nats-server from apt, the Autobahn
+# virtualenv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
