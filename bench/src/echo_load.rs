@@ -4,7 +4,8 @@
 //! flight on each, and reports messages per second and round-trip percentiles from an HDR
 //! histogram. Thread-per-core on glommio like the gateway, so that on a shared machine the
 //! server, not the client, is what runs out of CPU. `--idle` only opens and holds the
-//! connections (for measuring the server's memory per connection).
+//! connections (for measuring the server's memory per connection); `--handshakes` measures
+//! new connections per second, each doing an upgrade, one echo and a close.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -52,6 +53,9 @@ struct Args {
     /// Only open the connections and hold them for --duration; print when all are up.
     #[arg(long)]
     idle: bool,
+    /// Measure handshakes: each of --connections loops connect, upgrade, one echo, close.
+    #[arg(long, conflicts_with = "idle")]
+    handshakes: bool,
 }
 
 #[derive(Default)]
@@ -107,6 +111,21 @@ fn main() {
             total.failed,
             args.duration
         );
+    } else if args.handshakes {
+        let secs = args.duration.as_secs_f64();
+        println!(
+            "echo-load: mode=handshakes concurrency={} size={} client_cpus={:?} duration={secs:.1}s handshakes={} handshakes_per_s={:.0} p50_us={} p99_us={} p999_us={} max_us={} failed_connections={}",
+            args.connections,
+            args.size,
+            args.cpus,
+            total.messages,
+            total.messages as f64 / secs,
+            hist.value_at_quantile(0.5),
+            hist.value_at_quantile(0.99),
+            hist.value_at_quantile(0.999),
+            hist.max(),
+            total.failed,
+        );
     } else {
         let secs = args.duration.as_secs_f64();
         println!(
@@ -137,6 +156,34 @@ async fn run_thread(args: Args, connections: usize) -> (Histogram<u64>, Stats) {
     let args = Rc::new(args);
     let hist = Rc::new(RefCell::new(new_histogram()));
     let messages = Rc::new(Cell::new(0u64));
+    if args.handshakes {
+        let measure_from = Instant::now() + args.warmup;
+        let deadline = measure_from + args.duration;
+        let tasks: Vec<_> = (0..connections)
+            .map(|i| {
+                glommio::spawn_local(handshake_loop(
+                    args.clone(),
+                    i as u32,
+                    measure_from,
+                    deadline,
+                    hist.clone(),
+                    messages.clone(),
+                ))
+            })
+            .collect();
+        let mut failed = 0;
+        for t in tasks {
+            failed += t.await;
+        }
+        let hist = hist.borrow().clone();
+        return (
+            hist,
+            Stats {
+                messages: messages.get(),
+                failed,
+            },
+        );
+    }
     // Connect everything first, so the measured phase sees a steady population.
     let mut streams = Vec::with_capacity(connections);
     let mut failed = 0u64;
@@ -217,6 +264,77 @@ async fn connect(args: Rc<Args>) -> std::io::Result<TcpStream> {
         )));
     }
     Ok(stream)
+}
+
+/// Connects, upgrades, echoes one message and closes, again and again until `deadline`;
+/// counts the cycles completed in the measured window and returns the failures.
+async fn handshake_loop(
+    args: Rc<Args>,
+    seed: u32,
+    measure_from: Instant,
+    deadline: Instant,
+    hist: Rc<RefCell<Histogram<u64>>>,
+    done: Rc<Cell<u64>>,
+) -> u64 {
+    let payload: Vec<u8> = (0..args.size).map(|i| b'a' + (i % 26) as u8).collect();
+    let mask = (seed.wrapping_mul(2_654_435_761) | 1).to_be_bytes();
+    let mut frame = Vec::new();
+    write_frame(&mut frame, true, OpCode::Binary, &payload, Some(mask));
+    let mut close = Vec::new();
+    shardgate::ws::write_close(&mut close, 1000, "", Some(mask));
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut failed = 0;
+    while Instant::now() < deadline {
+        let start = Instant::now();
+        let cycle = async {
+            let mut stream = connect(args.clone()).await?;
+            // One echo, then the closing handshake: our Close, the server's answer.
+            stream.write_all(&frame).await?;
+            let mut decoder = Decoder::new(Role::Client, usize::MAX);
+            let (mut echoed, mut closed) = (false, false);
+            while !closed {
+                let n = stream.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                let was_echoed = echoed;
+                let result = decoder.feed(&mut buf[..n], &mut |event| match event {
+                    Event::Message { payload: p, .. } if p.len() == args.size => echoed = true,
+                    Event::Close { .. } => closed = true,
+                    _ => {}
+                });
+                if result.is_err() {
+                    return Err(std::io::Error::other("unexpected frame from the server"));
+                }
+                if echoed && !was_echoed {
+                    stream.write_all(&close).await?;
+                }
+            }
+            if echoed && closed {
+                Ok(())
+            } else {
+                Err(std::io::Error::other("the echo or the server's Close did not come"))
+            }
+        };
+        match cycle.await {
+            Ok(()) => {
+                let end = Instant::now();
+                if start >= measure_from && end < deadline {
+                    done.set(done.get() + 1);
+                    let _ = hist
+                        .borrow_mut()
+                        .record(end.duration_since(start).as_micros().max(1) as u64);
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                if failed <= 3 {
+                    eprintln!("echo-load: handshake cycle failed: {e}");
+                }
+            }
+        }
+    }
+    failed
 }
 
 async fn drive(

@@ -1,0 +1,276 @@
+#!/usr/bin/env python3
+"""The side-by-side benchmark (run through scripts/bench-peers.sh, which builds first).
+
+Every server echoes at a path of its own; the same client, target/release/echo-load, drives
+all of them. Servers are started by this script and stopped by PID.
+"""
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ECHO_LOAD = ROOT / "target/release/echo-load"
+SHARDGATE = ROOT / "target/release/shardgate"
+PEER = ROOT / "bench/peers/target/release/peer-echo"
+SERVERS = ["shardgate", "tokio-tungstenite", "fastwebsockets", "tokio-websockets"]
+PEER_NAME = {"tokio-tungstenite": "tungstenite", "fastwebsockets": "fastwebsockets",
+             "tokio-websockets": "tokio-websockets"}
+CASES = [(100, 20), (10, 1024), (200, 16384), (500, 16384)]
+WINDOWS = [1, 16]
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Server:
+    def __init__(self, name, placement, cpus, out):
+        self.name = name
+        self.port = free_port()
+        self.log = open(out / f"{name}-{placement}.log", "w")
+        if name == "shardgate":
+            shards = 1 if placement == "single" else len(cpus)
+            cmd = [str(SHARDGATE), "serve", "--listen", f"127.0.0.1:{self.port}", "--shards", str(shards),
+                   "--cpus", ",".join(map(str, cpus[:shards])), "--data-dir", str(out),
+                   "--max-connections", "19000", "--report-interval", "1h"]
+            self.path = "/echo"
+        else:
+            threads = 1 if placement == "single" else len(cpus)
+            cmd = [str(PEER), "--server", PEER_NAME[name], "--listen", f"127.0.0.1:{self.port}",
+                   "--threads", str(threads), "--cpu", str(cpus[0])]
+            self.path = "/"
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    break
+                time.sleep(0.05)
+        raise SystemExit(f"bench-peers: {name} did not start; see {self.log.name}")
+
+    def cpu_seconds(self):
+        # utime + stime of every thread, in clock ticks.
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def status_kib(self, key):
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+        return 0
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def echo_load(server, args, extra):
+    cmd = [str(ECHO_LOAD), "--addr", f"127.0.0.1:{server.port}", "--path", server.path] + extra
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    line = next((l for l in r.stdout.splitlines() if "failed_connections=" in l), "")
+    kv = dict(re.findall(r"(\w+)=([^ ]+)", line))
+    if r.returncode != 0 or not kv:
+        return None, (r.stdout + r.stderr).strip()[-300:]
+    return kv, None
+
+
+def median_run(runs, key):
+    ok = [r for r in runs if r]
+    if not ok:
+        return None
+    ok.sort(key=lambda r: float(r[key]))
+    return ok[len(ok) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="one short run per case (about 2 minutes)")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--duration", default="3s")
+    ap.add_argument("--warmup", default="1s")
+    ap.add_argument("--idle-connections", type=int, default=15000)
+    ap.add_argument("--results", default=None)
+    a = ap.parse_args()
+    if a.quick:
+        a.runs, a.duration, a.warmup = 1, "1s", "300ms"
+    out = Path(a.results or ROOT / f"results/peers-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    ncpu = os.cpu_count() or 1
+    cpus = list(range(ncpu))
+    placements = [("single", [0], [1 % ncpu] if ncpu > 1 else [0]), ("all", cpus, cpus)]
+    print(f"host: {ncpu} CPU(s); {a.runs} run(s) of {a.duration} (+{a.warmup} warm-up) per server per case; "
+          f"servers alternate run by run; medians shown")
+    rows = []  # raw: one per run
+
+    def record(placement, case, server, run, kv, cpu_s, rss_kib, error):
+        rows.append({"placement": placement, "case": case, "server": server, "run": run,
+                     "msg_per_s": float(kv["msg_per_s"]) if kv and "msg_per_s" in kv else
+                     (float(kv["handshakes_per_s"]) if kv and "handshakes_per_s" in kv else 0.0),
+                     "p50_us": int(kv["p50_us"]) if kv else 0, "p99_us": int(kv["p99_us"]) if kv else 0,
+                     "server_cpu_s": round(cpu_s, 3), "server_peak_rss_kib": rss_kib, "error": error or ""})
+
+    for placement, server_cpus, client_cpus in placements:
+        if placement == "single":
+            where = f"servers on CPU {server_cpus[0]} (shardgate --shards 1; peers on a current-thread runtime), client on CPU {client_cpus[0]}"
+        else:
+            where = (f"servers on all {ncpu} CPUs (shardgate --shards {ncpu}; peers on a {ncpu}-worker runtime), "
+                     f"client on the same CPUs {client_cpus} (a {ncpu}-CPU host has no core to spare)")
+        print(f"\n=== {placement} core{'s' if placement == 'all' else ''}: {where}")
+        servers = {n: Server(n, placement, server_cpus, out) for n in SERVERS}
+        try:
+            client = ["--cpus", ",".join(map(str, client_cpus)), "-d", a.duration, "--warmup", a.warmup]
+            cases = [(c, s, w) for w in WINDOWS for (c, s) in CASES] + [("handshakes", 20, 1)]
+            for c, size, window in cases:
+                name = f"{c}x{size}B w{window}" if c != "handshakes" else "handshakes (upgrade + 1 echo + close), 50 at a time"
+                for run in range(a.runs):
+                    for n in SERVERS:
+                        s = servers[n]
+                        before = s.cpu_seconds()
+                        if c == "handshakes":
+                            kv, err = echo_load(s, a, client + ["--handshakes", "-c", "50", "-s", str(size)])
+                        else:
+                            kv, err = echo_load(s, a, client + ["-c", str(c), "-s", str(size), "-w", str(window)])
+                        record(placement, name, n, run, kv, s.cpu_seconds() - before, s.status_kib("VmHWM"), err)
+                print_table(placement, name, rows, "handshakes/s" if c == "handshakes" else "msg/s")
+            if placement == "single":
+                idle_memory(servers, a, out, rows, client_cpus)
+        finally:
+            for s in servers.values():
+                s.stop()
+
+    with open(out / "raw.csv", "w") as f:
+        keys = list(rows[0].keys())
+        f.write(",".join(keys) + "\n")
+        for r in rows:
+            f.write(",".join(str(r[k]).replace(",", ";") for k in keys) + "\n")
+    summary = summarize(rows)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    chart(summary, out / "chart.svg")
+    losses = [(s["placement"], s["case"], p) for s in summary for p, v in s["servers"].items()
+              if p != "shardgate" and v.get("ratio_to_shardgate") is not None and s["metric"] != "bytes/conn"
+              and v["ratio_to_shardgate"] > 1.0]
+    print(f"\nresults: {out} (raw.csv, summary.json, chart.svg)")
+    if losses:
+        print("shardgate is behind in: " + "; ".join(f"{pl}/{c} ({p})" for pl, c, p in losses))
+    else:
+        print("shardgate is at or above every peer in every throughput case")
+
+
+def idle_memory(servers, a, out, rows, client_cpus):
+    n = a.idle_connections
+    print(f"\n--- idle memory: {n} upgraded, idle connections per server (RSS growth / connections)")
+    print(f"{'server':20s} {'bytes/conn':>10s} {'RSS before':>12s} {'RSS held':>10s}")
+    for name, s in servers.items():
+        before = s.status_kib("VmRSS")
+        log = open(out / f"idle-{name}.log", "w")
+        proc = subprocess.Popen([str(ECHO_LOAD), "--addr", f"127.0.0.1:{s.port}", "--path", s.path, "--idle",
+                                 "-c", str(n), "--cpus", ",".join(map(str, client_cpus)), "-d", "3s"],
+                                stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        up = 0
+        while time.time() < deadline and proc.poll() is None:
+            text = (out / f"idle-{name}.log").read_text()
+            up = sum(int(m) for m in re.findall(r"echo-load: (\d+) connections up", text))
+            if len(re.findall(r"connections up", text)) >= len(client_cpus):
+                break
+            time.sleep(0.1)
+        held = s.status_kib("VmRSS")
+        proc.wait(timeout=60)
+        log.close()
+        per = (held - before) * 1024 / max(up, 1)
+        rows.append({"placement": "single", "case": f"idle memory, {n} connections", "server": name, "run": 0,
+                     "msg_per_s": round(per), "p50_us": 0, "p99_us": 0, "server_cpu_s": 0,
+                     "server_peak_rss_kib": held, "error": "" if up == n else f"only {up} up"})
+        print(f"{name:20s} {per:10.0f} {before:9d} KiB {held:7d} KiB" + ("" if up == n else f"  (only {up} up)"))
+        time.sleep(0.5)
+
+
+def print_table(placement, name, rows, unit):
+    mine = [r for r in rows if r["placement"] == placement and r["case"] == name]
+    print(f"\n--- {name}")
+    print(f"{'server':20s} {unit:>12s} {'ratio':>7s} {'p50_us':>8s} {'p99_us':>8s} {'cpu_s':>7s} {'peak_rss':>10s}")
+    base = statistics.median([r["msg_per_s"] for r in mine if r["server"] == "shardgate"] or [0])
+    for n in SERVERS:
+        rs = [r for r in mine if r["server"] == n]
+        ok = [r for r in rs if not r["error"]]
+        if not ok:
+            print(f"{n:20s} {'failed':>12s}   {rs[0]['error'] if rs else ''}")
+            continue
+        ok.sort(key=lambda r: r["msg_per_s"])
+        m = ok[len(ok) // 2]
+        ratio = m["msg_per_s"] / base if base else 0
+        print(f"{n:20s} {m['msg_per_s']:12.0f} {ratio:7.2f} {m['p50_us']:8d} {m['p99_us']:8d} "
+              f"{statistics.median(r['server_cpu_s'] for r in ok):7.2f} {m['server_peak_rss_kib'] / 1024:7.1f} MiB")
+
+
+def summarize(rows):
+    out = []
+    for key in dict.fromkeys((r["placement"], r["case"]) for r in rows):
+        mine = [r for r in rows if (r["placement"], r["case"]) == key and not r["error"]]
+        metric = "bytes/conn" if key[1].startswith("idle") else ("handshakes/s" if key[1].startswith("handshakes") else "msg/s")
+        med = {}
+        for n in SERVERS:
+            vals = sorted(r["msg_per_s"] for r in mine if r["server"] == n)
+            if vals:
+                med[n] = vals[len(vals) // 2]
+        base = med.get("shardgate")
+        servers = {}
+        for n, v in med.items():
+            ratio = None
+            if base:
+                # For memory, smaller is better: the ratio says how much a peer uses per shardgate byte.
+                ratio = round(v / base, 3)
+            servers[n] = {"median": v, "ratio_to_shardgate": ratio}
+        out.append({"placement": key[0], "case": key[1], "metric": metric, "servers": servers})
+    return out
+
+
+def chart(summary, path):
+    """Bars: each peer's median relative to shardgate (1.0 = equal), one group per case."""
+    colors = {"shardgate": "#1f77b4", "tokio-tungstenite": "#ff7f0e", "fastwebsockets": "#2ca02c",
+              "tokio-websockets": "#d62728"}
+    groups = [s for s in summary if s["metric"] != "bytes/conn"]
+    w, h, pad, bar = 60 + 70 * len(groups), 360, 50, 14
+    top = max([v["ratio_to_shardgate"] or 0 for s in groups for v in s["servers"].values()] + [1.2])
+    y = lambda r: h - pad - (h - 2 * pad) * r / top
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h + 120}" font-family="sans-serif" font-size="10">',
+           f'<text x="{pad}" y="16" font-size="13">throughput relative to shardgate (1.0 = shardgate; higher is faster)</text>',
+           f'<line x1="{pad}" x2="{w - 10}" y1="{y(1):.1f}" y2="{y(1):.1f}" stroke="#888" stroke-dasharray="4"/>']
+    for gi, s in enumerate(groups):
+        x0 = pad + gi * 70
+        for si, n in enumerate(SERVERS):
+            r = (s["servers"].get(n) or {}).get("ratio_to_shardgate") or 0
+            svg.append(f'<rect x="{x0 + si * bar}" y="{y(r):.1f}" width="{bar - 2}" height="{y(0) - y(r):.1f}" fill="{colors[n]}"/>')
+        label = f'{s["placement"]}: {s["case"].split(",")[0]}'
+        svg.append(f'<text transform="translate({x0 + 20},{h - pad + 10}) rotate(60)">{label}</text>')
+    for si, n in enumerate(SERVERS):
+        svg.append(f'<rect x="{pad + si * 150}" y="24" width="10" height="10" fill="{colors[n]}"/><text x="{pad + si * 150 + 14}" y="33">{n}</text>')
+    svg.append("</svg>")
+    path.write_text("\n".join(svg) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# bench-peers.sh: shardgate side by side with the Rust WebSocket servers a user would pick
+# instead (tokio-tungstenite, fastwebsockets, tokio-websockets), same machine, same load
+# generator, one run.
+#
+#   scripts/bench-peers.sh            # every case, 3 runs each (about 15 minutes)
+#   scripts/bench-peers.sh --quick    # one short run per case (about 2 minutes)
+#   scripts/bench-peers.sh --runs 5 --duration 5s --results results/peers-today
+#
+# Builds everything in release mode, then for each case runs the servers in turn
+# (A B C D A B C D …, so that drift on a shared machine hits all of them alike) and prints
+# one table per case: median msg/s, ratio to shardgate, round-trip p50/p99, server CPU
+# seconds and peak RSS. Raw numbers (CSV, JSON) and an SVG chart go to the results folder.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+echo "== building shardgate, echo-load and the peer servers (release)"
+cargo build --release --quiet -p shardgate -p shardgate-bench
+cargo build --release --quiet --manifest-path bench/peers/Cargo.toml
+exec python3 scripts/bench-peers.py "$@"
