@@ -10,18 +10,7 @@ use std::time::Duration;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tokio::net::TcpStream as TokioTcp;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-
-type Ws = WebSocketStream<MaybeTlsStream<TokioTcp>>;
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 /// A two-shard gateway with dev auth and a port per shard.
 fn gateway(name: &str, extra: &[&str]) -> (Gateway, Vec<u16>) {
@@ -44,27 +33,7 @@ fn gateway(name: &str, extra: &[&str]) -> (Gateway, Vec<u16>) {
 
 /// Connects `user` to the shard listening on `port` and waits for `ready`.
 async fn connect(port: u16, user: &str) -> Ws {
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/ws?user={user}"))
-        .await
-        .expect("upgrade");
-    let ready = recv(&mut ws).await;
-    assert_eq!(ready, json!({"type": "ready", "user": user}));
-    ws
-}
-
-async fn send(ws: &mut Ws, v: Value) {
-    ws.send(Message::Text(v.to_string())).await.unwrap();
-}
-
-/// The next JSON frame (pings are answered by tungstenite and skipped).
-async fn recv(ws: &mut Ws) -> Value {
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
-            Ok(Some(Ok(Message::Text(t)))) => return serde_json::from_str(&t).unwrap(),
-            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
-            other => panic!("expected a text frame, got {other:?}"),
-        }
-    }
+    connect_user(&format!("ws://127.0.0.1:{port}/ws?user={user}"), user).await
 }
 
 #[test]

@@ -13,18 +13,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tokio::net::TcpStream as TokioTcp;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-
-type Ws = WebSocketStream<MaybeTlsStream<TokioTcp>>;
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 /// The run's nats-server, or one of this test's own.
 fn nats() -> (Option<Nats>, String) {
@@ -91,25 +80,7 @@ fn cluster(name: &str, url: &str, n: usize, extra: &[&str]) -> Vec<Node> {
 }
 
 async fn connect(node: &Node, user: &str) -> Ws {
-    let (mut ws, _) = tokio_tungstenite::connect_async(node.gw.url(&format!("/ws?user={user}")))
-        .await
-        .expect("upgrade");
-    assert_eq!(recv(&mut ws).await, json!({"type": "ready", "user": user}));
-    ws
-}
-
-async fn send(ws: &mut Ws, v: Value) {
-    ws.send(Message::Text(v.to_string())).await.unwrap();
-}
-
-async fn recv(ws: &mut Ws) -> Value {
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
-            Ok(Some(Ok(Message::Text(t)))) => return serde_json::from_str(&t).unwrap(),
-            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
-            other => panic!("expected a text frame, got {other:?}"),
-        }
-    }
+    connect_user(&node.gw.url(&format!("/ws?user={user}")), user).await
 }
 
 /// Sends probes to `to` until one is acknowledged `routed` (presence reaches other nodes
@@ -208,9 +179,29 @@ fn two_nodes_exchange_direct_and_room_messages() {
         assert_eq!(recv(&mut carol).await["body"], "y");
     });
     // Each node counts what crossed into it, in the report lines and the final summary.
+    // The traffic is over: once an interval reports none after some did, every message
+    // that crossed has been reported.
     let node1 = &mut nodes[1].gw;
-    let report = node1.wait_line("cross_node=");
-    let _ = report;
+    let cross_of = |line: &str| -> u64 {
+        line.split("cross_node=")
+            .nth(1)
+            .and_then(|v| v.split(' ').next())
+            .and_then(|v| v.parse().ok())
+            .expect("a cross_node field")
+    };
+    let mut crossed: u64 = node1
+        .seen
+        .iter()
+        .filter(|l| l.starts_with("report: "))
+        .map(|l| cross_of(l))
+        .sum();
+    loop {
+        let n = cross_of(&node1.wait_line("report: "));
+        crossed += n;
+        if crossed > 0 && n == 0 {
+            break;
+        }
+    }
     node1.signal(libc::SIGTERM);
     assert!(node1.wait_exit().success());
     let summary = node1
@@ -224,13 +215,8 @@ fn two_nodes_exchange_direct_and_room_messages() {
         .unwrap()
         .parse()
         .unwrap();
-    // Into node 1: probe, m1, p<n> (one), b2 is outbound. At least 3.
+    // Into node 1: the probe, m1 and the publish that crossed (b2 went the other way).
     assert!(count >= 3, "{summary}");
-    let crossed: u64 = node1
-        .seen
-        .iter()
-        .filter_map(|l| l.split("cross_node=").nth(1)?.split(' ').next()?.parse::<u64>().ok())
-        .sum();
     assert_eq!(crossed, count, "report lines add up to the summary");
 }
 

@@ -152,6 +152,8 @@ struct Node {
     receipts: HashMap<NodeId, ReceiptWriter>,
     receipts_due: Option<tokio::time::Instant>,
     traffic: Traffic,
+    /// The destination nodes of the message at hand (kept for its capacity).
+    destinations: Vec<NodeId>,
 }
 
 async fn run(
@@ -228,6 +230,7 @@ async fn run(
         receipts: HashMap::new(),
         receipts_due: None,
         traffic: Traffic::default(),
+        destinations: Vec::new(),
     };
     let mut last_report = Instant::now();
     let mut batch = Vec::with_capacity(ROUND);
@@ -338,7 +341,9 @@ impl Node {
                     }
                     return;
                 }
-                let nodes = self.presence.user_nodes(&to).to_vec();
+                let mut nodes = std::mem::take(&mut self.destinations);
+                nodes.clear();
+                nodes.extend_from_slice(self.presence.user_nodes(&to));
                 if nodes.is_empty() {
                     if let Some(ack) = ack {
                         // "offline" is a promise that no node holds the user: only made once
@@ -350,10 +355,11 @@ impl Node {
                         };
                         self.answer(ack, outcome);
                     }
-                    return;
+                } else {
+                    let pending = ack.map(|to| self.pending(to, false, nodes.len()));
+                    self.add(&nodes, RecordKind::Direct, &to, &frame, ingress, pending);
                 }
-                let pending = ack.map(|to| self.pending(to, false, nodes.len()));
-                self.add(&nodes, RecordKind::Direct, &to, &frame, ingress, pending);
+                self.destinations = nodes;
             }
             ToCluster::Publish {
                 room,
@@ -365,7 +371,9 @@ impl Node {
                     self.answer(ack, Outcome::Unavailable);
                     return;
                 }
-                let nodes = self.presence.room_nodes(&room).to_vec();
+                let mut nodes = std::mem::take(&mut self.destinations);
+                nodes.clear();
+                nodes.extend_from_slice(self.presence.room_nodes(&room));
                 if nodes.is_empty() {
                     let outcome = if self.settled() {
                         Outcome::Routed
@@ -373,10 +381,11 @@ impl Node {
                         Outcome::Unavailable
                     };
                     self.answer(ack, outcome);
-                    return;
+                } else {
+                    let pending = self.pending(ack, true, nodes.len());
+                    self.add(&nodes, RecordKind::Room, &room, &frame, ingress, Some(pending));
                 }
-                let pending = self.pending(ack, true, nodes.len());
-                self.add(&nodes, RecordKind::Room, &room, &frame, ingress, Some(pending));
+                self.destinations = nodes;
             }
         }
     }

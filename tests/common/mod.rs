@@ -325,3 +325,40 @@ impl Drop for Nats {
         }
     }
 }
+
+/// A chat client connection (tokio-tungstenite).
+pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Upgrades at `url` (a `/ws` URL for `user`) and waits for `ready`.
+pub async fn connect_user(url: &str, user: &str) -> Ws {
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("upgrade");
+    assert_eq!(recv(&mut ws).await, serde_json::json!({"type": "ready", "user": user}));
+    ws
+}
+
+pub async fn send(ws: &mut Ws, v: serde_json::Value) {
+    use futures_util::SinkExt;
+    ws.send(tokio_tungstenite::tungstenite::Message::Text(v.to_string()))
+        .await
+        .unwrap();
+}
+
+/// The next JSON frame (pings are answered by tungstenite and skipped).
+pub async fn recv(ws: &mut Ws) -> serde_json::Value {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => return serde_json::from_str(&t).unwrap(),
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
