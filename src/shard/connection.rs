@@ -36,6 +36,14 @@ enum AppKind {
 
 /// Serves one accepted connection to the end.
 pub async fn serve(ctx: Rc<ShardContext>, mut stream: TcpStream, slot: ConnectionSlot) {
+    if let Err(e) = slot.watch(stream.as_raw_fd()) {
+        // Only a host out of epoll watches (fs.epoll.max_user_watches) or memory gets here.
+        println!(
+            "shard {}: dropping a connection: cannot add it to the epoll set: {e}",
+            ctx.id
+        );
+        return;
+    }
     if let Some((leftover, app)) = handshake(&ctx, &mut stream, &slot).await {
         websocket(&ctx, &mut stream, &slot, leftover, app).await;
     }
@@ -69,8 +77,7 @@ async fn handshake(ctx: &ShardContext, stream: &mut TcpStream, slot: &Connection
             refuse(ctx, stream, slot, &handshake_timeout()).await;
             return None;
         }
-        stream.set_read_timeout(Some(left)).ok()?;
-        match ctx.read(stream, Some(slot), true, None).await {
+        match ctx.read(stream, Some(slot), true, None, Some(left)).await {
             Ok(ReadOutcome::Data(n)) => head.extend_from_slice(&ctx.rx.borrow()[..n]),
             Ok(ReadOutcome::TimedOut) => {
                 refuse(ctx, stream, slot, &handshake_timeout()).await;
@@ -389,7 +396,6 @@ async fn websocket(
         }
     }
     drop(leftover);
-    let mut timeout = Duration::ZERO;
     loop {
         if out.overflowed() {
             close_slow_consumer(ctx, stream, slot, &out).await;
@@ -412,16 +418,16 @@ async fn websocket(
                 return;
             }
         }
-        let wanted = session.read_timeout(config.ping_interval, config.pong_timeout);
-        if wanted != timeout {
-            timeout = wanted;
-            if stream.set_read_timeout(Some(timeout)).is_err() {
-                return;
-            }
-        }
+        let timeout = session.read_timeout(config.ping_interval, config.pong_timeout);
         glommio::yield_if_needed().await;
         let outcome = ctx
-            .read(stream, Some(slot), session.state == State::Open, Some(&out))
+            .read(
+                stream,
+                Some(slot),
+                session.state == State::Open,
+                Some(&out),
+                Some(timeout),
+            )
             .await;
         // From here to the send: no await, so the shard's buffers are ours alone.
         let mut cork = ctx.cork.borrow_mut();
@@ -533,10 +539,10 @@ async fn linger_close(ctx: &ShardContext, stream: &mut TcpStream, slot: Option<&
     let deadline = Instant::now() + LINGER;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+        if left.is_zero() {
             return;
         }
-        match ctx.read(stream, slot, false, None).await {
+        match ctx.read(stream, slot, false, None, Some(left)).await {
             Ok(ReadOutcome::Data(_)) => continue,
             _ => return,
         }

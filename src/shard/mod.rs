@@ -9,6 +9,7 @@ mod hub;
 pub mod limits;
 mod listener;
 mod outbound;
+mod readiness;
 mod shutdown;
 
 use std::io;
@@ -152,7 +153,10 @@ pub fn run(config: Config) -> Result<(), String> {
                 );
                 let inbox = Inbox::new(id, receiver, mesh.clone());
                 let hub = Hub::new(id, mesh, link);
-                let ctx = Rc::new(ShardContext::new(id, config, hub, auth, open, max_connections));
+                let ctx = match ShardContext::new(id, config, hub, auth, open, max_connections) {
+                    Ok(ctx) => Rc::new(ctx),
+                    Err(e) => panic!("shard {id}: cannot create its epoll set: {e}"),
+                };
                 shard_main(ctx, listener, own.map(|(l, _)| l), inbox, reporter, stop).await
             })
             .map_err(|e| explain_start_error(id, &e.to_string()))?;
@@ -208,6 +212,10 @@ async fn shard_main(
         }
     };
     glommio::spawn_local(report_intervals(ctx.clone(), reporter.clone())).detach();
+    let readiness = ctx.clone();
+    glommio::spawn_local(async move { readiness.dispatch_readiness().await }).detach();
+    let deadlines = ctx.clone();
+    glommio::spawn_local(async move { deadlines.expire_deadlines().await }).detach();
     let accepting = async {
         match own {
             Some(own) => future::or(accept_loop(ctx.clone(), listener), accept_loop(ctx.clone(), own)).await,
