@@ -3,7 +3,7 @@
 
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use super::cork::Cork;
 use super::hub::{text_frame, Hub};
@@ -54,6 +54,17 @@ impl TokenBucket {
 pub struct Arrival {
     pub ingress: Instant,
     pub ts_ms: u64,
+}
+
+impl Arrival {
+    pub fn now() -> Self {
+        Arrival {
+            ingress: Instant::now(),
+            ts_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        }
+    }
 }
 
 pub struct ChatConn {

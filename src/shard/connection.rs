@@ -10,7 +10,7 @@ use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_lite::AsyncWriteExt;
@@ -246,17 +246,20 @@ impl Session {
         let open = self.state == State::Open;
         let mut peer_close = None;
         let mut pong = false;
-        let ingress = Instant::now();
-        let ts_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        // Chat messages carry when they arrived; an echo reads no clock.
+        let arrival = match self.app {
+            App::Chat(_) => Some(Arrival::now()),
+            App::Echo => None,
+        };
         out.begin(input);
         let Session { decoder, app, .. } = self;
         let result = decoder.feed(input, &mut |event| match event {
             Event::Message { opcode, payload } if open => match app {
                 App::Echo => out.frame(opcode, payload),
                 App::Chat(chat) => {
-                    chat.on_message(&ctx.hub, &ctx.config, opcode, payload, Arrival { ingress, ts_ms }, out)
+                    if let Some(arrival) = arrival {
+                        chat.on_message(&ctx.hub, &ctx.config, opcode, payload, arrival, out)
+                    }
                 }
             },
             Event::Message { .. } => {}
