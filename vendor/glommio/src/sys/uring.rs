@@ -1223,8 +1223,6 @@ pub(crate) struct Reactor {
     poll_ring: RefCell<PollRing>,
 
     latency_preemption_timeout_src: Cell<Option<Source>>,
-    /// shardgate patch: when the armed latency preemption timer fires.
-    latency_preemption_deadline: Cell<Option<Instant>>,
     throughput_preemption_timeout_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
@@ -1356,7 +1354,6 @@ impl Reactor {
             latency_ring: RefCell::new(latency_ring),
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
-            latency_preemption_deadline: Cell::new(None),
             throughput_preemption_timeout_src: Cell::new(None),
             blocking_thread,
             link_fd,
@@ -1818,47 +1815,22 @@ impl Reactor {
         // consume all events from the rings
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
-        // shardgate patch: glommio 0.9 cancelled both preemption timers and armed new ones
-        // on every pass of the executor loop: four submissions and at least one
-        // `io_uring_enter` per pass, which at small batches cost a fifth of a shard's CPU.
-        // On a pass that will not sleep (`preempt_timer()` is `Some`), a pending latency
-        // timer that fires no later than a new one would is kept instead: firing early
-        // only preempts early, and the pass after it fires arms a new one. A pass that may
-        // sleep still cancels it, as before.
-        let latency_src = self.latency_preemption_timeout_src.take();
-        let keep_latency_timer = match (preempt_timer(), &latency_src, self.latency_preemption_deadline.get()) {
-            (Some(preempt), Some(src), Some(deadline)) => {
-                src.result().is_none() && deadline <= Instant::now() + preempt
-            }
-            _ => false,
-        };
-        if keep_latency_timer {
-            self.latency_preemption_timeout_src.set(latency_src);
-        } else {
-            // Cancel the old timer regardless of whether we can sleep:
-            // if we won't sleep, we will register the new timer with its new
-            // value.
-            //
-            // But if we will sleep, there might be a timer registered that needs
-            // to be removed otherwise we'll wake up when it expires.
-            drop(latency_src);
-            self.latency_preemption_deadline.set(None);
-        }
+        // Cancel the old timer regardless of whether we can sleep:
+        // if we won't sleep, we will register the new timer with its new
+        // value.
+        //
+        // But if we will sleep, there might be a timer registered that needs
+        // to be removed otherwise we'll wake up when it expires.
+        drop(self.latency_preemption_timeout_src.take());
 
         // Schedule the throughput-based timeout immediately: it won't matter if we end
-        // up sleeping. (shardgate patch: unless the armed one has yet to fire.)
-        let throughput_src = self.throughput_preemption_timeout_src.take();
-        if throughput_src.as_ref().is_some_and(|src| src.result().is_none()) {
-            self.throughput_preemption_timeout_src.set(throughput_src);
-        } else {
-            drop(throughput_src);
-            self.throughput_preemption_timeout_src.replace(Some(
-                main_ring.prepare_throughput_preemption_timer(
-                    self.ring_depth() as u32,
-                    self.eventfd_src.raw(),
-                ),
-            ));
-        }
+        // up sleeping.
+        self.throughput_preemption_timeout_src.replace(Some(
+            main_ring.prepare_throughput_preemption_timer(
+                self.ring_depth() as u32,
+                self.eventfd_src.raw(),
+            ),
+        ));
 
         // This will only dispatch if we run out of sqes. Which means until
         // flush_rings! nothing is really send to the kernel...
@@ -1909,12 +1881,8 @@ impl Reactor {
         }
 
         if let Some(preempt) = preempt_timer() {
-            if !keep_latency_timer {
-                self.latency_preemption_timeout_src
-                    .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
-                self.latency_preemption_deadline
-                    .set(Some(Instant::now() + preempt));
-            }
+            self.latency_preemption_timeout_src
+                .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
             flush_rings!(lat_ring, main_ring)?;
         }
 
