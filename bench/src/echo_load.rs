@@ -156,9 +156,8 @@ async fn run_thread(args: Args, connections: usize) -> (Histogram<u64>, Stats) {
     let args = Rc::new(args);
     let hist = Rc::new(RefCell::new(new_histogram()));
     let messages = Rc::new(Cell::new(0u64));
-    if args.handshakes {
-        let measure_from = Instant::now() + args.warmup;
-        let deadline = measure_from + args.duration;
+    let failed = if args.handshakes {
+        let (measure_from, deadline) = measured_window(&args);
         let tasks: Vec<_> = (0..connections)
             .map(|i| {
                 glommio::spawn_local(handshake_loop(
@@ -175,61 +174,55 @@ async fn run_thread(args: Args, connections: usize) -> (Histogram<u64>, Stats) {
         for t in tasks {
             failed += t.await;
         }
-        let hist = hist.borrow().clone();
-        return (
-            hist,
-            Stats {
-                messages: messages.get(),
-                failed,
-            },
-        );
-    }
-    // Connect everything first, so the measured phase sees a steady population.
-    let mut streams = Vec::with_capacity(connections);
-    let mut failed = 0u64;
-    for chunk in (0..connections).collect::<Vec<_>>().chunks(256) {
-        let tasks: Vec<_> = chunk
-            .iter()
-            .map(|_| glommio::spawn_local(connect(args.clone())))
-            .collect();
-        for t in tasks {
-            match t.await {
-                Ok(s) => streams.push(s),
-                Err(e) => {
-                    failed += 1;
-                    eprintln!("echo-load: connection failed: {e}");
+        failed
+    } else {
+        // Connect everything first, so the measured phase sees a steady population.
+        let mut streams = Vec::with_capacity(connections);
+        let mut failed = 0u64;
+        for chunk in (0..connections).collect::<Vec<_>>().chunks(256) {
+            let tasks: Vec<_> = chunk
+                .iter()
+                .map(|_| glommio::spawn_local(connect(args.clone())))
+                .collect();
+            for t in tasks {
+                match t.await {
+                    Ok(s) => streams.push(s),
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("echo-load: connection failed: {e}");
+                    }
                 }
             }
         }
-    }
-    if args.idle {
-        println!("echo-load: {} connections up", streams.len());
-        glommio::timer::sleep(args.duration).await;
-        return (new_histogram(), Stats { messages: 0, failed });
-    }
-    let measure_from = Instant::now() + args.warmup;
-    let deadline = measure_from + args.duration;
-    let tasks: Vec<_> = streams
-        .into_iter()
-        .enumerate()
-        .map(|(i, s)| {
-            glommio::spawn_local(drive(
-                args.clone(),
-                s,
-                i as u32,
-                measure_from,
-                deadline,
-                hist.clone(),
-                messages.clone(),
-            ))
-        })
-        .collect();
-    for t in tasks {
-        if let Err(e) = t.await {
-            failed += 1;
-            eprintln!("echo-load: connection failed: {e}");
+        if args.idle {
+            println!("echo-load: {} connections up", streams.len());
+            glommio::timer::sleep(args.duration).await;
+            return (new_histogram(), Stats { messages: 0, failed });
         }
-    }
+        let (measure_from, deadline) = measured_window(&args);
+        let tasks: Vec<_> = streams
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| {
+                glommio::spawn_local(drive(
+                    args.clone(),
+                    s,
+                    i as u32,
+                    measure_from,
+                    deadline,
+                    hist.clone(),
+                    messages.clone(),
+                ))
+            })
+            .collect();
+        for t in tasks {
+            if let Err(e) = t.await {
+                failed += 1;
+                eprintln!("echo-load: connection failed: {e}");
+            }
+        }
+        failed
+    };
     let hist = hist.borrow().clone();
     (
         hist,
@@ -238,6 +231,12 @@ async fn run_thread(args: Args, connections: usize) -> (Histogram<u64>, Stats) {
             failed,
         },
     )
+}
+
+/// When measuring starts (after the warm-up) and when the run ends.
+fn measured_window(args: &Args) -> (Instant, Instant) {
+    let measure_from = Instant::now() + args.warmup;
+    (measure_from, measure_from + args.duration)
 }
 
 async fn connect(args: Rc<Args>) -> std::io::Result<TcpStream> {

@@ -46,8 +46,8 @@ pub enum ReadOutcome {
 struct Entry {
     /// The task waiting on the connection, if it waits.
     waker: Option<Waker>,
-    /// The socket, once it is in the shard's epoll set.
-    socket: Option<RawFd>,
+    /// Whether the socket is in the shard's epoll set (reads then use it).
+    watched: bool,
     /// Whether a read may find input: set by an epoll event, cleared by a read that comes
     /// up short (edge-triggered, as tokio does with epoll).
     readable: bool,
@@ -179,7 +179,7 @@ impl ShardContext {
         out: Option<&Outbound>,
         timeout: Option<Duration>,
     ) -> io::Result<ReadOutcome> {
-        let watched = slot.filter(|s| self.connections.borrow().get(s.key).is_some_and(|e| e.socket.is_some()));
+        let watched = slot.filter(|s| self.connections.borrow().get(s.key).is_some_and(|e| e.watched));
         let Some(slot) = watched else {
             // Not in the epoll set (a connection refused for lack of room): glommio's own
             // readiness and timer.
@@ -348,7 +348,7 @@ impl ConnectionSlot {
     pub fn watch(&self, socket: RawFd) -> io::Result<()> {
         self.ctx.poller.add(socket, self.key)?;
         if let Some(entry) = self.ctx.connections.borrow_mut().get_mut(self.key) {
-            entry.socket = Some(socket);
+            entry.watched = true;
             // Input may have arrived before the socket joined the set.
             entry.readable = true;
         }
