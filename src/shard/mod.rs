@@ -120,6 +120,9 @@ pub fn run(config: Config) -> Result<(), String> {
         }
         None => None,
     };
+    // Signals are watched before any shard says it listens: a SIGTERM right after that
+    // line drains instead of killing, and the watcher's descriptors are already counted.
+    spawn_signal_thread(stop.clone())?;
     let open_connections = Arc::new(AtomicUsize::new(0));
     let mut handles = Vec::with_capacity(shards);
     for (id, (socket, receiver)) in sockets.into_iter().zip(receivers).enumerate() {
@@ -148,22 +151,23 @@ pub fn run(config: Config) -> Result<(), String> {
                     .as_ref()
                     .map(|(_, a)| format!(", own port {}", a.port()))
                     .unwrap_or_default();
-                println!(
-                    "shard {id}: cpu {cpu} (running on {running_on}), thread {tid}, listening on {bound}{own_line}"
-                );
                 let inbox = Inbox::new(id, receiver, mesh.clone());
                 let hub = Hub::new(id, mesh, link);
                 let ctx = match ShardContext::new(id, config, hub, auth, open, max_connections) {
                     Ok(ctx) => Rc::new(ctx),
                     Err(e) => panic!("shard {id}: cannot create its epoll set: {e}"),
                 };
+                // Announced only once the shard holds every descriptor it keeps (the epoll
+                // set included): operators and tests take this line to mean "ready".
+                println!(
+                    "shard {id}: cpu {cpu} (running on {running_on}), thread {tid}, listening on {bound}{own_line}"
+                );
                 shard_main(ctx, listener, own.map(|(l, _)| l), inbox, reporter, stop).await
             })
             .map_err(|e| explain_start_error(id, &e.to_string()))?;
         handles.push(handle);
     }
     drop(reporter);
-    spawn_signal_thread(stop)?;
 
     let mut failures = Vec::new();
     for (id, handle) in handles.into_iter().enumerate() {
