@@ -412,10 +412,9 @@ async fn websocket(
         }
         match next {
             Next::Continue => {}
-            Next::Close => {
-                let _ = stream.shutdown(Shutdown::Write).await;
-                return;
-            }
+            // The closing handshake is complete: closing the socket (on return) sends our
+            // FIN; the peer has nothing more to send, so no reset can cut anything off.
+            Next::Close => return,
             Next::Fail => {
                 linger_close(ctx, stream, Some(slot)).await;
                 return;

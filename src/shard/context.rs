@@ -21,7 +21,7 @@ use slab::Slab;
 use super::cork::Cork;
 use super::hub::Hub;
 use super::outbound::Outbound;
-use super::readiness::{event_buffer, Poller};
+use super::readiness::{event_buffer, Poller, LISTENER_KEY, WAKE_KEY};
 use crate::chat::auth::Authenticator;
 use crate::config::Config;
 
@@ -56,6 +56,13 @@ struct Entry {
     timed_out: bool,
 }
 
+/// A listening socket as its shard sees it: accepts wait on the epoll set too.
+struct ListenerEntry {
+    waker: Option<Waker>,
+    /// Cleared when `accept` finds the queue empty, set by an epoll event.
+    readable: bool,
+}
+
 /// How often read deadlines are checked; a read times out at most this late.
 const DEADLINE_TICK: Duration = Duration::from_millis(20);
 
@@ -71,6 +78,12 @@ pub struct ShardContext {
     /// Every live connection: its waker, readiness and read deadline.
     connections: RefCell<Slab<Entry>>,
     poller: Poller,
+    /// The shard's listening sockets (at most a few), by `LISTENER_KEY` offset.
+    listeners: RefCell<Vec<ListenerEntry>>,
+    /// What the last `epoll_wait` returned (reused).
+    events: RefCell<Vec<libc::epoll_event>>,
+    /// An `epoll_wait` failure is reported once.
+    epoll_failed: Cell<bool>,
     /// No read deadline falls before this (see `expire_deadlines`).
     earliest_deadline: Cell<Option<Instant>>,
     stopping: Cell<bool>,
@@ -78,6 +91,16 @@ pub struct ShardContext {
     /// Connections open in the whole process (every shard), against `max_connections`.
     open_connections: Arc<AtomicUsize>,
     max_connections: usize,
+}
+
+impl glommio::ExternalPoller for ShardContext {
+    fn poll(&self) -> usize {
+        self.take_events(Some(Duration::ZERO))
+    }
+
+    fn park(&self, timeout: Option<Duration>) -> usize {
+        self.take_events(timeout)
+    }
 }
 
 impl ShardContext {
@@ -99,6 +122,9 @@ impl ShardContext {
             to_wake: RefCell::new(Vec::new()),
             connections: RefCell::new(Slab::new()),
             poller: Poller::new()?,
+            listeners: RefCell::new(Vec::new()),
+            events: RefCell::new(event_buffer()),
+            epoll_failed: Cell::new(false),
             earliest_deadline: Cell::new(None),
             stopping: Cell::new(false),
             drained: RefCell::new(None),
@@ -253,37 +279,99 @@ impl ShardContext {
         .await
     }
 
-    /// Marks the connections whose sockets have input and wakes their tasks, for as long as
-    /// the shard runs. While events keep coming it asks again after the woken tasks ran;
-    /// when none are left it parks on the epoll set itself.
-    pub async fn dispatch_readiness(&self) {
-        let mut events = event_buffer();
-        loop {
-            if let Err(e) = self.poller.ready_now(&mut events) {
-                println!("shard {}: epoll_wait failed: {e}; no more input can be read", self.id);
-                return;
-            }
-            if events.is_empty() {
-                if let Err(e) = glommio::net::wait_readable(self.poller.as_raw_fd()).await {
-                    println!("shard {}: cannot wait on the epoll set: {e}", self.id);
-                    return;
-                }
-                continue;
-            }
-            self.mark_readable(&events);
-            // Let the woken connections read before asking the set again.
-            glommio::executor().yield_now().await;
+    /// Makes the shard's epoll set drive its executor (`glommio::ExternalPoller`, a
+    /// patch of ours): each busy pass of the executor asks the set what is ready without
+    /// blocking, and an idle shard sleeps in `epoll_wait` on it, which then hands over the
+    /// ready sockets directly. The executor's rings join the set so that their completions
+    /// (accepts, timers' wake-ups, other shards' doorbells) end that sleep too.
+    pub fn drive_executor(self: &Rc<Self>) -> io::Result<()> {
+        for (index, fd) in glommio::set_external_poller(self.clone()).into_iter().enumerate() {
+            self.poller.add_wake(fd, index as u64)?;
         }
+        Ok(())
     }
 
-    fn mark_readable(&self, events: &[libc::epoll_event]) {
+    /// Puts a listening socket in the shard's epoll set; `accept` then waits on it.
+    /// Returns the index to pass to `accept`.
+    pub fn watch_listener(&self, listener: RawFd) -> io::Result<usize> {
+        let mut listeners = self.listeners.borrow_mut();
+        let index = listeners.len();
+        self.poller.add(listener, LISTENER_KEY + index as u64)?;
+        // A connection may be queued already.
+        listeners.push(ListenerEntry {
+            waker: None,
+            readable: true,
+        });
+        Ok(index)
+    }
+
+    /// Accepts the next connection on the listener `index` (see `watch_listener`); the
+    /// new socket is close-on-exec. Waits on the epoll set while the queue is empty.
+    pub async fn accept(&self, listener: RawFd, index: usize) -> io::Result<RawFd> {
+        poll_fn(|cx| {
+            let mut listeners = self.listeners.borrow_mut();
+            let Some(entry) = listeners.get_mut(index) else {
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::NotFound, "no such listener")));
+            };
+            while entry.readable {
+                // SAFETY: null address arguments are allowed; the kernel checks `listener`.
+                let fd =
+                    unsafe { libc::accept4(listener, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
+                if fd >= 0 {
+                    return Poll::Ready(Ok(fd));
+                }
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::Interrupted => continue,
+                    io::ErrorKind::WouldBlock => entry.readable = false,
+                    _ => return Poll::Ready(Err(e)),
+                }
+            }
+            if !entry.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                entry.waker = Some(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Marks the connections in `events` readable and wakes their tasks; returns how many
+    /// it woke.
+    fn mark_readable(&self, events: &[libc::epoll_event]) -> usize {
         let mut connections = self.connections.borrow_mut();
-        for event in events {
-            if let Some(entry) = connections.get_mut(event.u64 as usize) {
+        let mut woke = 0;
+        for event in events.iter().filter(|e| e.u64 < WAKE_KEY) {
+            if event.u64 >= LISTENER_KEY {
+                let mut listeners = self.listeners.borrow_mut();
+                if let Some(entry) = listeners.get_mut((event.u64 - LISTENER_KEY) as usize) {
+                    entry.readable = true;
+                    if let Some(w) = entry.waker.take() {
+                        w.wake();
+                        woke += 1;
+                    }
+                }
+            } else if let Some(entry) = connections.get_mut(event.u64 as usize) {
                 entry.readable = true;
                 if let Some(w) = entry.waker.take() {
                     w.wake();
+                    woke += 1;
                 }
+            }
+        }
+        woke
+    }
+
+    fn take_events(&self, timeout: Option<Duration>) -> usize {
+        let mut events = self.events.borrow_mut();
+        match self.poller.wait(&mut events, timeout) {
+            Ok(()) => self.mark_readable(&events),
+            // Task work or a signal: the executor looks at its rings next.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+            Err(e) => {
+                if !self.epoll_failed.replace(true) {
+                    println!("shard {}: epoll_wait failed: {e}", self.id);
+                }
+                0
             }
         }
     }
@@ -346,7 +434,7 @@ impl ConnectionSlot {
 
     /// Puts the connection's socket in the shard's epoll set, so that its reads use it.
     pub fn watch(&self, socket: RawFd) -> io::Result<()> {
-        self.ctx.poller.add(socket, self.key)?;
+        self.ctx.poller.add(socket, self.key as u64)?;
         if let Some(entry) = self.ctx.connections.borrow_mut().get_mut(self.key) {
             entry.watched = true;
             // Input may have arrived before the socket joined the set.

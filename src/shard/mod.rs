@@ -12,15 +12,14 @@ mod outbound;
 mod readiness;
 mod shutdown;
 
-use std::io;
-use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_lite::future;
-use glommio::net::TcpListener;
+use glommio::net::TcpStream;
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::chat::auth::{Authenticator, SecretSource};
@@ -142,9 +141,9 @@ pub fn run(config: Config) -> Result<(), String> {
         let handle = builder
             .spawn(move || async move {
                 // SAFETY: `fd` is a listening socket this shard alone now owns.
-                let listener = unsafe { TcpListener::from_raw_fd(fd) };
+                let listener = unsafe { OwnedFd::from_raw_fd(fd) };
                 // SAFETY: as above, for the shard's own listener.
-                let own = own.map(|(fd, addr)| (unsafe { TcpListener::from_raw_fd(fd) }, addr));
+                let own = own.map(|(fd, addr)| (unsafe { OwnedFd::from_raw_fd(fd) }, addr));
                 // SAFETY: gettid and sched_getcpu have no preconditions.
                 let (tid, running_on) = unsafe { (libc::gettid(), libc::sched_getcpu()) };
                 let own_line = own
@@ -194,8 +193,8 @@ pub fn run(config: Config) -> Result<(), String> {
 /// and wait for them (at most the drain time).
 async fn shard_main(
     ctx: Rc<ShardContext>,
-    listener: TcpListener,
-    own: Option<TcpListener>,
+    listener: OwnedFd,
+    own: Option<OwnedFd>,
     inbox: Inbox,
     reporter: Reporter,
     stop: Arc<Shutdown>,
@@ -216,8 +215,10 @@ async fn shard_main(
         }
     };
     glommio::spawn_local(report_intervals(ctx.clone(), reporter.clone())).detach();
-    let readiness = ctx.clone();
-    glommio::spawn_local(async move { readiness.dispatch_readiness().await }).detach();
+    if let Err(e) = ctx.drive_executor() {
+        println!("shard {}: cannot watch the executor's rings: {e}", ctx.id);
+        return;
+    }
     let deadlines = ctx.clone();
     glommio::spawn_local(async move { deadlines.expire_deadlines().await }).detach();
     let accepting = async {
@@ -315,12 +316,21 @@ fn print_auth(config: &Config, auth: &Authenticator) {
     }
 }
 
-async fn accept_loop(ctx: Rc<ShardContext>, listener: TcpListener) {
+async fn accept_loop(ctx: Rc<ShardContext>, listener: OwnedFd) {
+    let index = match ctx.watch_listener(listener.as_raw_fd()) {
+        Ok(index) => index,
+        Err(e) => {
+            println!("shard {}: cannot watch its listener: {e}; accepting nothing", ctx.id);
+            return;
+        }
+    };
     let mut backoff = Duration::ZERO;
     loop {
-        match listener.accept().await {
-            Ok(stream) => {
+        match ctx.accept(listener.as_raw_fd(), index).await {
+            Ok(fd) => {
                 backoff = Duration::ZERO;
+                // SAFETY: `fd` is a connected socket that accept4 just handed to us alone.
+                let stream = unsafe { TcpStream::from_raw_fd(fd) };
                 match ctx.admit() {
                     Some(slot) => glommio::spawn_local(connection::serve(ctx.clone(), stream, slot)).detach(),
                     None => {
@@ -330,7 +340,6 @@ async fn accept_loop(ctx: Rc<ShardContext>, listener: TcpListener) {
                 };
             }
             Err(e) => {
-                let e = io::Error::from(e);
                 if matches!(
                     e.raw_os_error(),
                     Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)

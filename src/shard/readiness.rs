@@ -6,16 +6,24 @@
 //! callback per arrival instead, and at one message in flight per connection that was the
 //! difference (bench/README.md, "Why window 1 was slower"). Here each socket joins the set
 //! once; the shard asks the set for ready sockets without blocking while it is busy, and
-//! parks on the set's own descriptor (one io_uring poll for all its sockets) when it is not.
+//! sleeps in `epoll_wait` on the set when it is not. The set also holds the executor's
+//! io_uring descriptors, so that their completions end that sleep too.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
 
 /// Events asked for: input, the peer's FIN, and (always reported) errors and hang-ups.
 const INTEREST: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
 
 /// Ready sockets taken per `epoll_wait`; more simply wait for the next round.
 pub const BATCH: usize = 1024;
+
+/// Keys at and above this mark wake-up descriptors, not sockets (slab keys stay far below).
+pub const WAKE_KEY: u64 = u64::MAX - 64;
+
+/// Keys from here up to `WAKE_KEY` mark the shard's listening sockets.
+pub const LISTENER_KEY: u64 = WAKE_KEY - 64;
 
 pub struct Poller {
     epoll: OwnedFd,
@@ -34,16 +42,11 @@ impl Poller {
         })
     }
 
-    /// The set's own descriptor: readable while any member socket is ready.
-    pub fn as_raw_fd(&self) -> RawFd {
-        self.epoll.as_raw_fd()
-    }
-
     /// Adds `socket`; its events come back tagged with `key`.
-    pub fn add(&self, socket: RawFd, key: usize) -> io::Result<()> {
+    pub fn add(&self, socket: RawFd, key: u64) -> io::Result<()> {
         let mut event = libc::epoll_event {
             events: INTEREST,
-            u64: key as u64,
+            u64: key,
         };
         // SAFETY: `event` is a valid epoll_event; the kernel checks both descriptors.
         let rc = unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, socket, &mut event) };
@@ -53,26 +56,63 @@ impl Poller {
         Ok(())
     }
 
-    /// Fills `events` with what is ready now, without waiting.
-    pub fn ready_now(&self, events: &mut Vec<libc::epoll_event>) -> io::Result<()> {
-        events.clear();
-        loop {
-            // SAFETY: `events` has room for BATCH entries; the kernel writes at most that.
-            let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), events.as_mut_ptr(), BATCH as i32, 0) };
-            if n >= 0 {
-                // SAFETY: the kernel initialised the first `n` entries.
-                unsafe { events.set_len(n as usize) };
-                return Ok(());
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
+    /// Adds a descriptor whose input should only end a `wait` (level-triggered: while it
+    /// stays readable every wait returns at once). Its events carry a key >= `WAKE_KEY`.
+    pub fn add_wake(&self, fd: RawFd, index: u64) -> io::Result<()> {
+        let mut event = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: WAKE_KEY + index,
+        };
+        // SAFETY: as in `add`.
+        let rc = unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut event) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
         }
+        Ok(())
+    }
+
+    /// Fills `events` with what becomes ready within `timeout` (`None`: no limit). An
+    /// interruption (a signal, or io_uring task work for this thread) ends the wait early
+    /// with `Interrupted`.
+    pub fn wait(&self, events: &mut Vec<libc::epoll_event>, timeout: Option<Duration>) -> io::Result<()> {
+        events.clear();
+        let n = match timeout {
+            // SAFETY: `events` has room for BATCH entries; the kernel writes at most that.
+            Some(Duration::ZERO) => unsafe {
+                libc::epoll_wait(self.epoll.as_raw_fd(), events.as_mut_ptr(), BATCH as i32, 0) as libc::c_long
+            },
+            _ => {
+                // epoll_pwait2 for a timeout finer than epoll_wait's milliseconds: the next
+                // timer of the executor is often a fraction of one.
+                let ts = timeout.map(|d| libc::timespec {
+                    tv_sec: d.as_secs().min(i64::MAX as u64) as libc::time_t,
+                    tv_nsec: d.subsec_nanos() as libc::c_long,
+                });
+                let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
+                // SAFETY: as above; `ts` outlives the call and a null sigmask is allowed.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_epoll_pwait2,
+                        self.epoll.as_raw_fd(),
+                        events.as_mut_ptr(),
+                        BATCH as libc::c_int,
+                        ts_ptr,
+                        std::ptr::null::<libc::sigset_t>(),
+                        0usize,
+                    )
+                }
+            }
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the kernel initialised the first `n` entries.
+        unsafe { events.set_len(n as usize) };
+        Ok(())
     }
 }
 
-/// A buffer for `Poller::ready_now`.
+/// A buffer for `Poller::wait`.
 pub fn event_buffer() -> Vec<libc::epoll_event> {
     Vec::with_capacity(BATCH)
 }
@@ -82,6 +122,10 @@ mod tests {
     use super::*;
     use std::io::Write;
     use std::os::unix::net::UnixStream;
+
+    fn ready_now(poller: &Poller, events: &mut Vec<libc::epoll_event>) {
+        poller.wait(events, Some(Duration::ZERO)).unwrap();
+    }
 
     fn keys(events: &[libc::epoll_event]) -> Vec<u64> {
         let mut k: Vec<u64> = events.iter().map(|e| e.u64).collect();
@@ -97,27 +141,46 @@ mod tests {
         poller.add(b.as_raw_fd(), 7).unwrap();
         poller.add(d.as_raw_fd(), 9).unwrap();
         let mut events = event_buffer();
-        poller.ready_now(&mut events).unwrap();
+        ready_now(&poller, &mut events);
         assert!(events.is_empty(), "nothing has arrived yet");
 
         a.write_all(b"x").unwrap();
         c.write_all(b"y").unwrap();
-        poller.ready_now(&mut events).unwrap();
+        ready_now(&poller, &mut events);
         assert_eq!(keys(&events), [7, 9]);
         // Edge-triggered: unread input is not reported again...
-        poller.ready_now(&mut events).unwrap();
+        ready_now(&poller, &mut events);
         assert!(events.is_empty());
         // ...until more arrives.
         a.write_all(b"z").unwrap();
-        poller.ready_now(&mut events).unwrap();
+        ready_now(&poller, &mut events);
         assert_eq!(keys(&events), [7]);
 
         // A peer that goes away is reported; a closed socket leaves the set by itself.
         drop(d);
         drop(c);
         drop(a);
-        poller.ready_now(&mut events).unwrap();
+        ready_now(&poller, &mut events);
         assert_eq!(keys(&events), [7]);
         assert_ne!(events[0].events & (libc::EPOLLRDHUP as u32 | libc::EPOLLHUP as u32), 0);
+    }
+
+    #[test]
+    fn a_wake_descriptor_ends_a_wait_and_stays_reported_while_readable() {
+        let poller = Poller::new().unwrap();
+        let (mut ring, ring_end) = UnixStream::pair().unwrap();
+        poller.add_wake(ring_end.as_raw_fd(), 1).unwrap();
+        let mut events = event_buffer();
+        // Nothing ready: a bounded wait times out empty.
+        poller.wait(&mut events, Some(Duration::from_millis(5))).unwrap();
+        assert!(events.is_empty());
+
+        ring.write_all(b"!").unwrap();
+        // An unbounded wait returns at once, and the key says it is a wake-up, not a socket.
+        poller.wait(&mut events, None).unwrap();
+        assert_eq!(keys(&events), [WAKE_KEY + 1]);
+        // Level-triggered: it is reported again until it is drained.
+        poller.wait(&mut events, None).unwrap();
+        assert_eq!(keys(&events), [WAKE_KEY + 1]);
     }
 }

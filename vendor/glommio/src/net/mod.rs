@@ -126,15 +126,3 @@ pub use self::{
     udp_socket::UdpSocket,
     unix::{AcceptedUnixStream, UnixDatagram, UnixListener, UnixStream},
 };
-
-/// Resolves once `fd` is readable (or has hung up): one one-shot io_uring poll on the
-/// executor's main ring.
-///
-/// shardgate patch: glommio 0.9 keeps its readiness polls private to its own socket types.
-/// shardgate waits on one epoll descriptor per shard this way and keeps its connection
-/// sockets in that (edge-triggered) epoll set, so a message arriving on a busy shard costs
-/// an epoll callback instead of a one-shot poll armed and fired per socket per message.
-pub async fn wait_readable(fd: RawFd) -> io::Result<()> {
-    let source = crate::executor().reactor().poll_read_ready(fd);
-    source.collect_rw().await.map(|_| ())
-}
