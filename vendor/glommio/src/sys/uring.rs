@@ -1753,6 +1753,11 @@ impl Reactor {
     /// roles we keep them separate instead of overloading the same
     /// parameter.
     ///
+    /// shardgate patch: neither becomes an io_uring request any more. The preempt
+    /// timer is a deadline that `need_preempt` compares with the clock, and the user
+    /// timer is the sleep's own timeout. Upstream's notes below describe the design
+    /// they replace.
+    ///
     /// * The first is the preempt timer. It is designed to take the current
     ///   task queue out of the cpu. If nothing else fires in the latency ring
     ///   the preempt timer will, making need_preempt return true. Currently, we
