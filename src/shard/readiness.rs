@@ -9,6 +9,7 @@
 //! sleeps in `epoll_wait` on the set when it is not. The set also holds the executor's
 //! io_uring descriptors, so that their completions end that sleep too.
 
+use std::cell::Cell;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
@@ -27,6 +28,9 @@ pub const LISTENER_KEY: u64 = WAKE_KEY - 64;
 
 pub struct Poller {
     epoll: OwnedFd,
+    /// `epoll_pwait2` is missing (Linux before 5.11, or valgrind): sleeps use
+    /// `epoll_wait`, with the timeout rounded up to whole milliseconds.
+    no_pwait2: Cell<bool>,
 }
 
 impl Poller {
@@ -39,6 +43,7 @@ impl Poller {
         // SAFETY: `fd` was just created and is owned by nobody else.
         Ok(Poller {
             epoll: unsafe { OwnedFd::from_raw_fd(fd) },
+            no_pwait2: Cell::new(false),
         })
     }
 
@@ -77,29 +82,15 @@ impl Poller {
     pub fn wait(&self, events: &mut Vec<libc::epoll_event>, timeout: Option<Duration>) -> io::Result<()> {
         events.clear();
         let n = match timeout {
-            // SAFETY: `events` has room for BATCH entries; the kernel writes at most that.
-            Some(Duration::ZERO) => unsafe {
-                libc::epoll_wait(self.epoll.as_raw_fd(), events.as_mut_ptr(), BATCH as i32, 0) as libc::c_long
-            },
+            Some(Duration::ZERO) => self.epoll_wait(events, 0),
+            _ if self.no_pwait2.get() => self.epoll_wait(events, timeout.map_or(-1, ceil_millis)),
             _ => {
-                // epoll_pwait2 for a timeout finer than epoll_wait's milliseconds: the next
-                // timer of the executor is often a fraction of one.
-                let ts = timeout.map(|d| libc::timespec {
-                    tv_sec: d.as_secs().min(i64::MAX as u64) as libc::time_t,
-                    tv_nsec: d.subsec_nanos() as libc::c_long,
-                });
-                let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
-                // SAFETY: as above; `ts` outlives the call and a null sigmask is allowed.
-                unsafe {
-                    libc::syscall(
-                        libc::SYS_epoll_pwait2,
-                        self.epoll.as_raw_fd(),
-                        events.as_mut_ptr(),
-                        BATCH as libc::c_int,
-                        ts_ptr,
-                        std::ptr::null::<libc::sigset_t>(),
-                        0usize,
-                    )
+                let n = self.epoll_pwait2(events, timeout);
+                if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+                    self.no_pwait2.set(true);
+                    self.epoll_wait(events, timeout.map_or(-1, ceil_millis))
+                } else {
+                    n
                 }
             }
         };
@@ -110,6 +101,42 @@ impl Poller {
         unsafe { events.set_len(n as usize) };
         Ok(())
     }
+}
+
+impl Poller {
+    fn epoll_wait(&self, events: &mut Vec<libc::epoll_event>, timeout_ms: libc::c_int) -> libc::c_long {
+        // SAFETY: `events` has room for BATCH entries; the kernel writes at most that.
+        unsafe {
+            libc::epoll_wait(self.epoll.as_raw_fd(), events.as_mut_ptr(), BATCH as i32, timeout_ms) as libc::c_long
+        }
+    }
+
+    /// `epoll_pwait2`: a timeout finer than `epoll_wait`'s milliseconds (the executor's
+    /// next timer is often a fraction of one).
+    fn epoll_pwait2(&self, events: &mut Vec<libc::epoll_event>, timeout: Option<Duration>) -> libc::c_long {
+        let ts = timeout.map(|d| libc::timespec {
+            tv_sec: d.as_secs().min(i64::MAX as u64) as libc::time_t,
+            tv_nsec: d.subsec_nanos() as libc::c_long,
+        });
+        let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
+        // SAFETY: as in `epoll_wait`; `ts` outlives the call and a null sigmask is allowed.
+        unsafe {
+            libc::syscall(
+                libc::SYS_epoll_pwait2,
+                self.epoll.as_raw_fd(),
+                events.as_mut_ptr(),
+                BATCH as libc::c_int,
+                ts_ptr,
+                std::ptr::null::<libc::sigset_t>(),
+                0usize,
+            )
+        }
+    }
+}
+
+/// `d` in whole milliseconds, rounded up (a sleep must not end before its timer is due).
+fn ceil_millis(d: Duration) -> libc::c_int {
+    d.as_nanos().div_ceil(1_000_000).min(libc::c_int::MAX as u128) as libc::c_int
 }
 
 /// A buffer for `Poller::wait`.
@@ -182,5 +209,27 @@ mod tests {
         // Level-triggered: it is reported again until it is drained.
         poller.wait(&mut events, None).unwrap();
         assert_eq!(keys(&events), [WAKE_KEY + 1]);
+    }
+
+    #[test]
+    fn without_epoll_pwait2_sleeps_round_up_to_whole_milliseconds() {
+        assert_eq!(ceil_millis(Duration::from_micros(1)), 1);
+        assert_eq!(ceil_millis(Duration::from_micros(1500)), 2);
+        assert_eq!(ceil_millis(Duration::from_millis(3)), 3);
+
+        // The fallback (as on Linux before 5.11) still sleeps for at least the timeout and
+        // still returns what is ready.
+        let poller = Poller::new().unwrap();
+        poller.no_pwait2.set(true);
+        let (mut a, b) = UnixStream::pair().unwrap();
+        poller.add(b.as_raw_fd(), 3).unwrap();
+        let mut events = event_buffer();
+        let started = std::time::Instant::now();
+        poller.wait(&mut events, Some(Duration::from_micros(1500))).unwrap();
+        assert!(events.is_empty());
+        assert!(started.elapsed() >= Duration::from_micros(1500));
+        a.write_all(b"x").unwrap();
+        poller.wait(&mut events, None).unwrap();
+        assert_eq!(keys(&events), [3]);
     }
 }
