@@ -106,7 +106,29 @@ pub struct Ticket {
     pub seq: u64,
 }
 
-/// The shards set in `mask`.
-pub fn shards_in(mask: ShardMask) -> impl Iterator<Item = usize> {
-    (0..MAX_SHARDS).filter(move |i| mask & (1 << i) != 0)
+/// The shards set in `mask`, lowest first. Walks the set bits only: an empty mask (the
+/// common case, checked after every read) costs one comparison.
+pub fn shards_in(mut mask: ShardMask) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        if mask == 0 {
+            return None;
+        }
+        let shard = mask.trailing_zeros() as usize;
+        mask &= mask - 1;
+        Some(shard)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_in_lists_the_set_bits_in_order() {
+        assert_eq!(shards_in(0).count(), 0);
+        assert_eq!(shards_in(0b1).collect::<Vec<_>>(), [0]);
+        assert_eq!(shards_in(0b1010_0110).collect::<Vec<_>>(), [1, 2, 5, 7]);
+        assert_eq!(shards_in(1 << (MAX_SHARDS - 1)).collect::<Vec<_>>(), [MAX_SHARDS - 1]);
+        assert_eq!(shards_in(ShardMask::MAX).count(), MAX_SHARDS);
+    }
 }
