@@ -108,7 +108,7 @@ def median_run(runs, key):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="one short run per case (about 2 minutes)")
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5, help="rounds per case (each runs every server once)")
     ap.add_argument("--duration", default="3s")
     ap.add_argument("--warmup", default="1s")
     ap.add_argument("--idle-connections", type=int, default=15000)
@@ -121,8 +121,10 @@ def main():
     ncpu = os.cpu_count() or 1
     cpus = list(range(ncpu))
     placements = [("single", [0], [1 % ncpu] if ncpu > 1 else [0]), ("all", cpus, cpus)]
-    print(f"host: {ncpu} CPU(s); {a.runs} run(s) of {a.duration} (+{a.warmup} warm-up) per server per case; "
-          f"servers alternate run by run; medians shown")
+    print(f"host: {ncpu} CPU(s); {a.runs} round(s) of {a.duration} (+{a.warmup} warm-up) per server per case; "
+          f"each round runs every server once, in rotating order; medians shown. 'ratio' is the peer's median over "
+          f"shardgate's; 'paired' is the median over rounds of the peer's figure over shardgate's in the same round "
+          f"(drift of the machine between rounds cancels out); 'sg ahead' counts the rounds shardgate won")
     rows = []  # raw: one per run
 
     def record(placement, case, server, run, kv, cpu_s, rss_kib, error):
@@ -146,7 +148,9 @@ def main():
             for c, size, window in cases:
                 name = f"{c}x{size}B w{window}" if c != "handshakes" else "handshakes (upgrade + 1 echo + close), 50 at a time"
                 for run in range(a.runs):
-                    for n in SERVERS:
+                    # Each round starts one server later, so that no server always runs
+                    # first (right after the previous case) or last.
+                    for n in SERVERS[run % len(SERVERS):] + SERVERS[:run % len(SERVERS)]:
                         s = servers[n]
                         before = s.cpu_seconds()
                         if c == "handshakes":
@@ -169,9 +173,9 @@ def main():
     summary = summarize(rows)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     chart(summary, out / "chart.svg")
+    # Behind: the peer was faster in the same round more often than not.
     losses = [(s["placement"], s["case"], p) for s in summary for p, v in s["servers"].items()
-              if p != "shardgate" and v.get("ratio_to_shardgate") is not None and s["metric"] != "bytes/conn"
-              and v["ratio_to_shardgate"] > 1.0]
+              if p != "shardgate" and s["metric"] != "bytes/conn" and (v.get("paired_ratio") or 0) > 1.0]
     print(f"\nresults: {out} (raw.csv, summary.json, chart.svg)")
     if losses:
         print("shardgate is behind in: " + "; ".join(f"{pl}/{c} ({p})" for pl, c, p in losses))
@@ -208,10 +212,25 @@ def idle_memory(servers, a, out, rows, client_cpus):
         time.sleep(0.5)
 
 
+def paired(rows, peer):
+    """Per-round ratios peer / shardgate (rounds where both ran): their median, and in how
+    many of them shardgate was at least as fast. For memory the figures are bytes, and the
+    ratio reads the other way round (above 1: the peer uses more)."""
+    by_run = {}
+    for r in rows:
+        if not r["error"]:
+            by_run.setdefault(r["run"], {})[r["server"]] = r["msg_per_s"]
+    ratios = [v[peer] / v["shardgate"] for v in by_run.values() if v.get("shardgate") and peer in v]
+    if not ratios:
+        return None, 0, 0
+    return statistics.median(ratios), sum(1 for x in ratios if x <= 1.0), len(ratios)
+
+
 def print_table(placement, name, rows, unit):
     mine = [r for r in rows if r["placement"] == placement and r["case"] == name]
     print(f"\n--- {name}")
-    print(f"{'server':20s} {unit:>12s} {'ratio':>7s} {'p50_us':>8s} {'p99_us':>8s} {'cpu_s':>7s} {'peak_rss':>10s}")
+    print(f"{'server':20s} {unit:>12s} {'ratio':>7s} {'paired':>7s} {'sg ahead':>9s} {'p50_us':>8s} {'p99_us':>8s} "
+          f"{'cpu_s':>7s} {'peak_rss':>10s}")
     base = statistics.median([r["msg_per_s"] for r in mine if r["server"] == "shardgate"] or [0])
     for n in SERVERS:
         rs = [r for r in mine if r["server"] == n]
@@ -222,7 +241,9 @@ def print_table(placement, name, rows, unit):
         ok.sort(key=lambda r: r["msg_per_s"])
         m = ok[len(ok) // 2]
         ratio = m["msg_per_s"] / base if base else 0
-        print(f"{n:20s} {m['msg_per_s']:12.0f} {ratio:7.2f} {m['p50_us']:8d} {m['p99_us']:8d} "
+        pr, won, rounds = paired(mine, n) if n != "shardgate" else (1.0, 0, 0)
+        ahead = f"{won}/{rounds}" if n != "shardgate" else ""
+        print(f"{n:20s} {m['msg_per_s']:12.0f} {ratio:7.2f} {pr or 0:7.2f} {ahead:>9s} {m['p50_us']:8d} {m['p99_us']:8d} "
               f"{statistics.median(r['server_cpu_s'] for r in ok):7.2f} {m['server_peak_rss_kib'] / 1024:7.1f} MiB")
 
 
@@ -243,7 +264,13 @@ def summarize(rows):
             if base:
                 # For memory, smaller is better: the ratio says how much a peer uses per shardgate byte.
                 ratio = round(v / base, 3)
-            servers[n] = {"median": v, "ratio_to_shardgate": ratio}
+            entry = {"median": v, "ratio_to_shardgate": ratio}
+            if n != "shardgate" and metric != "bytes/conn":
+                pr, won, rounds = paired(mine, n)
+                entry["paired_ratio"] = round(pr, 3) if pr is not None else None
+                entry["rounds_shardgate_ahead"] = won
+                entry["rounds"] = rounds
+            servers[n] = entry
         out.append({"placement": key[0], "case": key[1], "metric": metric, "servers": servers})
     return out
 

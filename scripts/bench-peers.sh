@@ -3,14 +3,16 @@
 # instead (tokio-tungstenite, fastwebsockets, tokio-websockets), same machine, same load
 # generator, one run.
 #
-#   scripts/bench-peers.sh            # every case, 3 runs each (about 15 minutes)
+#   scripts/bench-peers.sh            # every case, 5 rounds each (about 26 minutes)
 #   scripts/bench-peers.sh --quick    # one short run per case (about 2 minutes)
-#   scripts/bench-peers.sh --runs 5 --duration 5s --results results/peers-today
+#   scripts/bench-peers.sh --runs 9 --duration 5s --results results/peers-today
 #
-# Builds everything in release mode, then for each case runs the servers in turn
-# (A B C D A B C D …, so that drift on a shared machine hits all of them alike) and prints
-# one table per case: median msg/s, ratio to shardgate, round-trip p50/p99, server CPU
-# seconds and peak RSS. Raw numbers (CSV, JSON) and an SVG chart go to the results folder.
+# Builds everything in release mode, then for each case runs the servers in rounds: a round
+# runs each server once, in rotating order (A B C D, B C D A, …), so that drift on a shared
+# machine hits all of them alike. Prints one table per case: median msg/s, ratio to
+# shardgate (of the medians, and paired round by round), the rounds shardgate won,
+# round-trip p50/p99, server CPU seconds and peak RSS. Raw numbers (CSV, JSON) and an SVG
+# chart go to the results folder.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
