@@ -63,7 +63,8 @@ struct ListenerEntry {
     readable: bool,
 }
 
-/// How often read deadlines are checked; a read times out at most this late.
+/// The least time between two sweeps of the read deadlines: a read times out at most this
+/// late, and deadlines close together expire in one walk.
 const DEADLINE_TICK: Duration = Duration::from_millis(20);
 
 pub struct ShardContext {
@@ -86,6 +87,11 @@ pub struct ShardContext {
     epoll_failed: Cell<bool>,
     /// No read deadline falls before this (see `expire_deadlines`).
     earliest_deadline: Cell<Option<Instant>>,
+    /// When the deadline sweep means to wake (`None`: it waits for a deadline to appear).
+    sweep_at: Cell<Option<Instant>>,
+    /// The sleeping sweep, woken when a read sets a deadline earlier than `sweep_at`.
+    sweep_waker: RefCell<Option<Waker>>,
+    sweep_kicked: Cell<bool>,
     stopping: Cell<bool>,
     drained: RefCell<Option<Waker>>,
     /// Connections open in the whole process (every shard), against `max_connections`.
@@ -126,6 +132,9 @@ impl ShardContext {
             events: RefCell::new(event_buffer()),
             epoll_failed: Cell::new(false),
             earliest_deadline: Cell::new(None),
+            sweep_at: Cell::new(None),
+            sweep_waker: RefCell::new(None),
+            sweep_kicked: Cell::new(false),
             stopping: Cell::new(false),
             drained: RefCell::new(None),
             open_connections,
@@ -252,6 +261,7 @@ impl ShardContext {
                 entry.deadline = Some(at);
                 if self.earliest_deadline.get().is_none_or(|e| at < e) {
                     self.earliest_deadline.set(Some(at));
+                    self.kick_sweep(at);
                 }
             }
             if !entry.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
@@ -377,12 +387,19 @@ impl ShardContext {
     }
 
     /// Ends the reads whose deadline has passed with `TimedOut`, for as long as the shard
-    /// runs. Reads only note their deadline (no timer per read); this checks every
-    /// `DEADLINE_TICK`, and walks the connections only once the earliest deadline is due.
+    /// runs. Reads only note their deadline (no timer per read). The sweep sleeps until the
+    /// earliest deadline (at least `DEADLINE_TICK` after its last walk), so a shard whose
+    /// connections are idle wakes only when one of them is due, and one without deadlines
+    /// does not wake at all.
     pub async fn expire_deadlines(&self) {
+        let mut last = Instant::now();
         loop {
-            glommio::timer::sleep(DEADLINE_TICK).await;
+            let target = self.earliest_deadline.get().map(|e| e.max(last + DEADLINE_TICK));
+            self.sweep_at.set(target);
+            self.sweep_until(target).await;
+            self.sweep_at.set(None);
             let now = Instant::now();
+            last = now;
             if self.earliest_deadline.get().is_none_or(|e| e > now) {
                 continue;
             }
@@ -402,6 +419,35 @@ impl ShardContext {
                 }
             }
             self.earliest_deadline.set(earliest);
+        }
+    }
+
+    /// Sleeps until `until` (`None`: no limit), or until `kick_sweep` wakes it.
+    async fn sweep_until(&self, until: Option<Instant>) {
+        let kicked = poll_fn(|cx| {
+            if self.sweep_kicked.replace(false) {
+                return Poll::Ready(());
+            }
+            *self.sweep_waker.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        });
+        match until {
+            Some(at) => {
+                let timer = glommio::timer::sleep(at.saturating_duration_since(Instant::now()));
+                futures_lite::future::or(timer, kicked).await
+            }
+            None => kicked.await,
+        }
+        self.sweep_waker.borrow_mut().take();
+    }
+
+    /// A read now waits until `at`: wakes the sweep if it means to sleep past that.
+    fn kick_sweep(&self, at: Instant) {
+        if self.sweep_at.get().is_none_or(|s| at < s) {
+            if let Some(w) = self.sweep_waker.borrow_mut().take() {
+                self.sweep_kicked.set(true);
+                w.wake();
+            }
         }
     }
 }
