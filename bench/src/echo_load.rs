@@ -391,9 +391,15 @@ fn drive_all(
         };
         // SAFETY: `event` is valid; the kernel checks both descriptors.
         let added = unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_ADD, c.fd, &mut event) } == 0;
-        if !added || flush(c).is_err() {
+        let result = if added {
+            flush(c)
+        } else {
+            Err(std::io::Error::last_os_error())
+        };
+        if let Err(e) = result {
             c.dead = true;
             failed += 1;
+            eprintln!("echo-load: cannot start a connection: {e}");
         }
     }
     let mut buf = vec![0u8; 64 * 1024];
@@ -418,13 +424,16 @@ fn drive_all(
                 continue;
             }
             let writable = event.events & libc::EPOLLOUT as u32 != 0;
-            let mut ok = !writable || flush(c).is_ok();
-            if ok && event.events != libc::EPOLLOUT as u32 {
-                ok = read_echoes(args, c, &mut buf, measure_from, deadline, hist, &mut messages).is_ok();
+            let mut result = if writable { flush(c) } else { Ok(()) };
+            if result.is_ok() && event.events != libc::EPOLLOUT as u32 {
+                result = read_echoes(args, c, &mut buf, measure_from, deadline, hist, &mut messages);
             }
-            if !ok {
+            if let Err(e) = result {
                 c.dead = true;
                 failed += 1;
+                if failed <= 3 {
+                    eprintln!("echo-load: connection failed: {e}");
+                }
             }
         }
     }
