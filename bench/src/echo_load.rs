@@ -12,7 +12,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,7 @@ use glommio::net::TcpStream;
 use glommio::{LocalExecutorBuilder, Placement};
 use hdrhistogram::Histogram;
 use shardgate::ws::{write_frame, Decoder, Event, OpCode, Role};
+use socket2::SockRef;
 
 #[derive(Debug, Clone, Parser)]
 #[command(name = "echo-load", about = "WebSocket echo load generator")]
@@ -514,24 +515,14 @@ fn flush(c: &mut Conn) -> std::io::Result<()> {
 
 /// One non-blocking `send`: bytes taken, 0 when the socket is full.
 fn send_now(fd: RawFd, bytes: &[u8]) -> std::io::Result<usize> {
+    // SAFETY: `fd` belongs to a stream that outlives the call.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
     loop {
-        // SAFETY: `bytes` outlives the call.
-        let n = unsafe {
-            libc::send(
-                fd,
-                bytes.as_ptr().cast(),
-                bytes.len(),
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = std::io::Error::last_os_error();
-        match e.kind() {
-            std::io::ErrorKind::WouldBlock => return Ok(0),
-            std::io::ErrorKind::Interrupted => continue,
-            _ => return Err(e),
+        match SockRef::from(&fd).send_with_flags(bytes, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(0),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
         }
     }
 }
