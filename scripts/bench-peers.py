@@ -45,6 +45,10 @@ class Server:
             cmd = [str(SHARDGATE), "serve", "--listen", f"127.0.0.1:{self.port}", "--shards", str(shards),
                    "--cpus", ",".join(map(str, cpus[:shards])), "--data-dir", str(out),
                    "--max-connections", "19000", "--report-interval", "1h"]
+            if shards > 1:
+                # Each client thread is pinned to a CPU, as a NIC queue would be: its
+                # connections go to the shard on that CPU (see kernel-tuning.md).
+                cmd.append("--steer-by-cpu")
             self.path = "/echo"
         else:
             threads = 1 if placement == "single" else len(cpus)
@@ -138,7 +142,7 @@ def main():
         if placement == "single":
             where = f"servers on CPU {server_cpus[0]} (shardgate --shards 1; peers on a current-thread runtime), client on CPU {client_cpus[0]}"
         else:
-            where = (f"servers on all {ncpu} CPUs (shardgate --shards {ncpu}; peers on a {ncpu}-worker runtime), "
+            where = (f"servers on all {ncpu} CPUs (shardgate --shards {ncpu} --steer-by-cpu; peers on a {ncpu}-worker runtime), "
                      f"client on the same CPUs {client_cpus} (a {ncpu}-CPU host has no core to spare)")
         print(f"\n=== {placement} core{'s' if placement == 'all' else ''}: {where}")
         servers = {n: Server(n, placement, server_cpus, out) for n in SERVERS}

@@ -145,6 +145,11 @@ pub struct ServeArgs {
     /// Each shard also listens on a port of its own (printed at start), to reach a chosen shard.
     #[arg(long, num_args = 0, default_missing_value = "true")]
     pub shard_ports: Option<bool>,
+    /// Hand each new connection to the shard on the CPU that received its SYN, instead of
+    /// the kernel's hash. For hosts whose NIC spreads flows over every shard's CPU (RSS, one
+    /// queue per core); needs one CPU per shard (see kernel-tuning.md).
+    #[arg(long, num_args = 0, default_missing_value = "true")]
+    pub steer_by_cpu: Option<bool>,
     /// Join a cluster of gateways through this NATS server (e.g. nats://127.0.0.1:4222).
     /// Without it the gateway is a single node with no dependency.
     #[arg(long, value_name = "URL")]
@@ -199,6 +204,7 @@ impl ServeArgs {
             slo: self.slo.or(file.slo),
             histogram_out: self.histogram_out.or(file.histogram_out),
             shard_ports: self.shard_ports.or(file.shard_ports),
+            steer_by_cpu: self.steer_by_cpu.or(file.steer_by_cpu),
             nats: self.nats.or(file.nats),
             nats_prefix: self.nats_prefix.or(file.nats_prefix),
             presence_timeout: self.presence_timeout.or(file.presence_timeout),
@@ -241,6 +247,7 @@ pub struct Config {
     pub slo: Duration,
     pub histogram_out: Option<PathBuf>,
     pub shard_ports: bool,
+    pub steer_by_cpu: bool,
     /// `Some` when the node joins a cluster.
     pub nats: Option<String>,
     pub nats_prefix: String,
@@ -283,6 +290,7 @@ impl Default for Config {
             slo: Duration::from_millis(200),
             histogram_out: None,
             shard_ports: false,
+            steer_by_cpu: false,
             nats: None,
             nats_prefix: "shardgate".into(),
             presence_timeout: Duration::from_secs(5),
@@ -333,6 +341,7 @@ impl Config {
             slo: a.slo.unwrap_or(d.slo),
             histogram_out: a.histogram_out,
             shard_ports: a.shard_ports.unwrap_or(false),
+            steer_by_cpu: a.steer_by_cpu.unwrap_or(false),
             nats: a.nats.filter(|u| !u.is_empty()),
             nats_prefix: a.nats_prefix.unwrap_or(d.nats_prefix),
             presence_timeout: a.presence_timeout.unwrap_or(d.presence_timeout),

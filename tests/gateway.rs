@@ -325,6 +325,49 @@ fn accept_backs_off_at_the_open_file_limit_and_resumes() {
 }
 
 #[test]
+fn steering_by_cpu_serves_clients_on_every_cpu() {
+    // Which shard a SYN picks is tested on real sockets in `shard::listener`; here the
+    // gateway takes the flag, says so, and serves clients connecting from both CPUs.
+    let gw = Gateway::start(&["--shards", "2", "--cpus", "0,1", "--steer-by-cpu"]);
+    assert!(gw.seen.iter().any(|l| l.contains("--steer-by-cpu")), "{:?}", gw.seen);
+    for cpu in [0, 1] {
+        let addr = gw.addr;
+        let echoed = std::thread::spawn(move || {
+            assert!(core_affinity::set_for_current(core_affinity::CoreId { id: cpu }));
+            let mut s = raw_upgrade(addr, "/echo");
+            write_frame(&mut s, 0x81, b"from this cpu");
+            read_frame(&mut s).unwrap()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(echoed, (0x1, b"from this cpu".to_vec()), "client on cpu {cpu}");
+    }
+}
+
+#[test]
+fn steering_by_cpu_refuses_shards_that_share_a_cpu() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shardgate"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--shards",
+            "2",
+            "--cpus",
+            "0",
+            "--steer-by-cpu",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--steer-by-cpu needs a CPU of its own for each shard"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn too_low_memlock_limit_is_named_in_a_clear_error() {
     use std::os::unix::process::CommandExt;
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_shardgate"));

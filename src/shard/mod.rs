@@ -61,6 +61,19 @@ pub fn run(config: Config) -> Result<(), String> {
     };
     let (sockets, bound) = listener::bind_listeners(config.listen, shards, config.backlog)
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let shard_cpus: Vec<usize> = (0..shards).map(|id| cores[id % cores.len()]).collect();
+    if config.steer_by_cpu && shards > 1 {
+        // Two shards on one CPU: the second would never be chosen.
+        let distinct: std::collections::HashSet<_> = shard_cpus.iter().collect();
+        if distinct.len() < shards {
+            return Err(format!(
+                "--steer-by-cpu needs a CPU of its own for each shard; {shards} shards share {:?}",
+                shard_cpus
+            ));
+        }
+        listener::steer_by_cpu(&sockets[0], &shard_cpus)
+            .map_err(|e| format!("cannot steer connections by CPU on {}: {e}", config.listen))?;
+    }
     // With --shard-ports every shard also gets a listener of its own, to reach it by choice.
     let mut own_ports = Vec::new();
     for _ in 0..shards {
@@ -82,6 +95,9 @@ pub fn run(config: Config) -> Result<(), String> {
         "shardgate {}: {shards} shard(s) on {bound}; max connections {max_connections} (RLIMIT_NOFILE {nofile} allows {fd_room})",
         env!("CARGO_PKG_VERSION")
     );
+    if config.steer_by_cpu && shards > 1 {
+        println!("new connections go to the shard on the CPU that received their SYN (--steer-by-cpu)");
+    }
     if max_connections > fd_room {
         println!("warning: --max-connections {max_connections} is above what the open-file limit allows ({fd_room}); accepts will back off at the limit");
     }
@@ -125,7 +141,7 @@ pub fn run(config: Config) -> Result<(), String> {
     let open_connections = Arc::new(AtomicUsize::new(0));
     let mut handles = Vec::with_capacity(shards);
     for (id, (socket, receiver)) in sockets.into_iter().zip(receivers).enumerate() {
-        let cpu = cores[id % cores.len()];
+        let cpu = shard_cpus[id];
         let fd = socket.into_raw_fd();
         let own = own_ports[id].take().map(|(s, addr)| (s.into_raw_fd(), addr));
         let (config, stop, open) = (config.clone(), stop.clone(), open_connections.clone());
