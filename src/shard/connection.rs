@@ -391,7 +391,7 @@ async fn websocket(
         if next != Next::Continue {
             drop(registration.take());
         }
-        if finish_round(ctx, &out, &mut cork, &leftover, fd).is_err() {
+        if finish_round(ctx, &out, &mut cork, &leftover, fd, false).is_err() {
             return;
         }
         if next != Next::Continue {
@@ -399,6 +399,9 @@ async fn websocket(
         }
     }
     drop(leftover);
+    // Whatever this connection left in the shard's send batch goes out before its socket
+    // closes (the descriptor number could be reused by then).
+    let _flush = FlushOnExit { ctx, out: &out };
     loop {
         if out.overflowed() {
             close_slow_consumer(ctx, stream, slot, &out).await;
@@ -472,7 +475,10 @@ async fn websocket(
             // Close and reconnects at once must find its old connection already gone.
             drop(registration.take());
         }
-        if finish_round(ctx, &out, &mut cork, input, fd).is_err() {
+        // A plain echo answer may wait for the end of the pass; anything that ends or
+        // closes the connection leaves now.
+        let batchable = matches!(session.app, App::Echo) && next == Next::Continue && session.state == State::Open;
+        if finish_round(ctx, &out, &mut cork, input, fd, batchable).is_err() {
             return;
         }
         if next != Next::Continue || session.state != State::Open {
@@ -482,9 +488,44 @@ async fn websocket(
     }
 }
 
+struct FlushOnExit<'a> {
+    ctx: &'a ShardContext,
+    out: &'a Outbound,
+}
+
+impl Drop for FlushOnExit<'_> {
+    fn drop(&mut self) {
+        if self.out.is_batched() {
+            self.ctx.flush_batch();
+        }
+    }
+}
+
 /// Sends what the round put in the cork (straight away when nothing is queued before it,
-/// else behind the queue), then ends the shard's round.
-fn finish_round(ctx: &ShardContext, out: &Rc<Outbound>, cork: &mut Cork, input: &[u8], fd: i32) -> std::io::Result<()> {
+/// else behind the queue), then ends the shard's round. With `batchable`, a small answer
+/// joins the shard's send batch instead, to leave with the pass's others.
+fn finish_round(
+    ctx: &ShardContext,
+    out: &Rc<Outbound>,
+    cork: &mut Cork,
+    input: &[u8],
+    fd: i32,
+    batchable: bool,
+) -> std::io::Result<()> {
+    if !cork.is_empty() && out.is_batched() {
+        // Bytes of ours wait in the batch: they must leave first.
+        ctx.flush_batch();
+    }
+    if !cork.is_empty() && batchable && out.is_empty() {
+        if let Some(bytes) = cork.owned_only() {
+            let mut batch = ctx.batch.borrow_mut();
+            if batch.has_room(bytes.len()) {
+                batch.add(out, fd, |b| b.extend_from_slice(bytes));
+                drop(batch);
+                cork.clear();
+            }
+        }
+    }
     if !cork.is_empty() {
         if out.is_empty() {
             if let Some(rest) = cork.send(fd, input)? {

@@ -22,6 +22,7 @@ use super::cork::Cork;
 use super::hub::Hub;
 use super::outbound::Outbound;
 use super::readiness::{event_buffer, Poller, LISTENER_KEY, WAKE_KEY};
+use super::send_batch::SendBatch;
 use crate::chat::auth::Authenticator;
 use crate::config::Config;
 
@@ -72,6 +73,8 @@ pub struct ShardContext {
     pub config: Arc<Config>,
     pub rx: RefCell<Vec<u8>>,
     pub cork: RefCell<Cork>,
+    /// Small answers of this executor pass, sent together when it ends.
+    pub batch: RefCell<SendBatch>,
     pub hub: Hub,
     pub auth: Arc<Authenticator>,
     /// Slots to wake after a round (reused, so a round allocates nothing).
@@ -107,6 +110,10 @@ impl glommio::ExternalPoller for ShardContext {
     fn park(&self, timeout: Option<Duration>) -> usize {
         self.take_events(timeout)
     }
+
+    fn end_pass(&self) -> usize {
+        self.flush_batch()
+    }
 }
 
 impl ShardContext {
@@ -123,6 +130,7 @@ impl ShardContext {
             config,
             rx: RefCell::new(vec![0; RX_BUFFER]),
             cork: RefCell::new(Cork::new()),
+            batch: RefCell::new(SendBatch::new()?),
             hub,
             auth,
             to_wake: RefCell::new(Vec::new()),
@@ -192,6 +200,18 @@ impl ShardContext {
         for slot in wake.drain(..) {
             self.wake(slot);
         }
+    }
+
+    /// Sends the pass's batch now; wakes the connections whose sockets did not take it
+    /// all. Returns how many it woke.
+    pub fn flush_batch(&self) -> usize {
+        let mut wake = self.to_wake.borrow_mut();
+        self.batch.borrow_mut().flush(&mut wake);
+        let woke = wake.len();
+        for slot in wake.drain(..) {
+            self.wake(slot);
+        }
+        woke
     }
 
     /// Wakes the task of the connection in `slot`, if it is waiting.

@@ -117,6 +117,23 @@ impl Cork {
         result
     }
 
+    /// Everything queued, when all of it is in the cork's own bytes (nothing points into
+    /// the input).
+    pub fn owned_only(&self) -> Option<&[u8]> {
+        self.segments
+            .iter()
+            .all(|s| matches!(s, Segment::Owned(_)))
+            .then_some(&self.bytes[..])
+    }
+
+    /// Empties the cork (what it held went elsewhere).
+    pub fn clear(&mut self) {
+        self.input_addr = 0;
+        self.input_len = 0;
+        self.segments.clear();
+        self.bytes.clear();
+    }
+
     /// Everything queued, as one buffer (when it must wait behind an outbound queue).
     /// Empties the cork.
     pub fn take_all(&mut self, input: &[u8]) -> Vec<u8> {

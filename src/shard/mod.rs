@@ -10,6 +10,7 @@ pub mod limits;
 mod listener;
 mod outbound;
 mod readiness;
+mod send_batch;
 mod shutdown;
 
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};

@@ -45,6 +45,9 @@ pub struct Outbound {
     overflowed: Cell<bool>,
     /// Our Close is queued or sent: no data frame may follow it (RFC 6455 §5.5.1).
     sealed: Cell<bool>,
+    /// Bytes for the socket wait in the shard's send batch (see `send_batch`): anything
+    /// sent directly must wait until they are out.
+    batched: Cell<bool>,
 }
 
 impl Outbound {
@@ -61,6 +64,7 @@ impl Outbound {
             dirty: Cell::new(false),
             overflowed: Cell::new(false),
             sealed: Cell::new(false),
+            batched: Cell::new(false),
         }
     }
 
@@ -113,6 +117,14 @@ impl Outbound {
     /// Refuses every frame from now on: the connection's Close has been queued.
     pub fn seal(&self) {
         self.sealed.set(true);
+    }
+
+    pub fn is_batched(&self) -> bool {
+        self.batched.get()
+    }
+
+    pub fn set_batched(&self, batched: bool) {
+        self.batched.set(batched);
     }
 
     pub fn is_empty(&self) -> bool {

@@ -1,0 +1,265 @@
+//! Small answers of one executor pass, sent together: one `io_uring_enter` for all of
+//! them instead of one `send` per connection.
+//!
+//! Why: each `send` is a system call, and on a core shared with other threads the first
+//! one that wakes a peer hands it the core before the next answer is written. Submitted
+//! together, every send runs inside one call (`MSG_DONTWAIT`: none waits; what a socket
+//! does not take comes back as a short count), and the shard is interrupted at most once.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+
+use bytes::Bytes;
+use io_uring::{opcode, types, IoUring};
+
+use super::outbound::Outbound;
+
+/// Sends per `io_uring_enter` (the ring's submission queue).
+const RING_ENTRIES: u32 = 256;
+/// Bytes a pass may gather before it sends early.
+const MAX_BYTES: usize = 256 * 1024;
+/// Owned bytes kept between passes.
+const RETAIN: usize = 256 * 1024;
+
+/// What became of one send: `result` is bytes sent, or minus an errno. What the socket did
+/// not take waits in the connection's queue, and its task is woken to write it. A broken
+/// connection is left to its own read, which reports the error and ends the task.
+fn settle(p: &Pending, bytes: &[u8], result: isize, wake: &mut Vec<usize>) {
+    if result == -(libc::EPIPE as isize) || result == -(libc::ECONNRESET as isize) {
+        return;
+    }
+    let sent = result.max(0) as usize;
+    if sent < bytes.len() {
+        p.out.push_unsent(Bytes::copy_from_slice(&bytes[sent..]));
+        wake.push(p.out.slot);
+    }
+}
+
+struct Pending {
+    fd: RawFd,
+    start: usize,
+    end: usize,
+    out: Rc<Outbound>,
+}
+
+pub struct SendBatch {
+    ring: IoUring,
+    bytes: Vec<u8>,
+    pending: Vec<Pending>,
+    /// Which of `pending` completed (reused).
+    done: Vec<bool>,
+    /// `io_uring_enter` failed for good: every answer goes out directly.
+    broken: bool,
+}
+
+impl SendBatch {
+    pub fn new() -> io::Result<Self> {
+        Ok(SendBatch {
+            ring: IoUring::builder().setup_single_issuer().build(RING_ENTRIES)?,
+            bytes: Vec::with_capacity(64 * 1024),
+            pending: Vec::with_capacity(RING_ENTRIES as usize),
+            done: Vec::with_capacity(RING_ENTRIES as usize),
+            broken: false,
+        })
+    }
+
+    /// Whether `bytes` more fit in this pass's batch.
+    pub fn has_room(&self, bytes: usize) -> bool {
+        !self.broken && self.pending.len() < RING_ENTRIES as usize && self.bytes.len() + bytes <= MAX_BYTES
+    }
+
+    /// Queues `bytes` for `out`'s socket. The caller checked `has_room` and that `out` has
+    /// nothing queued (here or in its own queue) before these bytes.
+    pub fn add(&mut self, out: &Rc<Outbound>, fd: RawFd, write: impl FnOnce(&mut Vec<u8>)) {
+        let start = self.bytes.len();
+        write(&mut self.bytes);
+        out.set_batched(true);
+        self.pending.push(Pending {
+            fd,
+            start,
+            end: self.bytes.len(),
+            out: out.clone(),
+        });
+    }
+
+    /// Sends everything gathered. What a socket did not take goes to the front of its
+    /// connection's queue; those connections' slots are pushed to `wake`, for their tasks
+    /// to write the rest when the socket is writable.
+    pub fn flush(&mut self, wake: &mut Vec<usize>) {
+        if self.pending.is_empty() {
+            return;
+        }
+        {
+            let mut sq = self.ring.submission();
+            for (i, p) in self.pending.iter().enumerate() {
+                let entry = opcode::Send::new(
+                    types::Fd(p.fd),
+                    self.bytes[p.start..].as_ptr(),
+                    (p.end - p.start) as u32,
+                )
+                .flags(libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+                .build()
+                .user_data(i as u64);
+                // SAFETY: the buffer lives in `self.bytes`, untouched until every
+                // completion is in (below); `has_room` kept the batch within the ring.
+                let pushed = unsafe { sq.push(&entry) };
+                debug_assert!(pushed.is_ok(), "the batch is never longer than the ring");
+            }
+        }
+        self.done.clear();
+        self.done.resize(self.pending.len(), false);
+        let mut left = self.pending.len();
+        while left > 0 {
+            let failed = match self.ring.submit_and_wait(left) {
+                Ok(_) => false,
+                // Interrupted, or short of kernel memory for a moment: reap and retry.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => false,
+                Err(e) => {
+                    // The ring is unusable: what did not complete goes out the plain way
+                    // (below), and the shard stops batching.
+                    println!("send batch: io_uring_enter failed ({e}); sending directly from now on");
+                    self.broken = true;
+                    true
+                }
+            };
+            for cqe in self.ring.completion() {
+                let i = cqe.user_data() as usize;
+                self.done[i] = true;
+                left -= 1;
+                let p = &self.pending[i];
+                settle(p, &self.bytes[p.start..p.end], cqe.result() as isize, wake);
+            }
+            if failed {
+                break;
+            }
+        }
+        for (_, p) in self.pending.iter().enumerate().filter(|&(i, _)| !self.done[i]) {
+            let bytes = &self.bytes[p.start..p.end];
+            // SAFETY: `bytes` is valid for reads of its length.
+            let rc = unsafe {
+                libc::send(
+                    p.fd,
+                    bytes.as_ptr().cast(),
+                    bytes.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            let result = if rc < 0 {
+                -(io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO) as isize)
+            } else {
+                rc
+            };
+            settle(p, bytes, result, wake);
+        }
+        for p in self.pending.drain(..) {
+            p.out.set_batched(false);
+        }
+        self.bytes.clear();
+        if self.bytes.capacity() > RETAIN {
+            self.bytes.shrink_to(RETAIN);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    fn read_exactly(s: &mut UnixStream, n: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; n];
+        s.read_exact(&mut buf).unwrap();
+        buf
+    }
+
+    #[test]
+    fn answers_of_many_connections_leave_together_each_in_order() {
+        let mut batch = SendBatch::new().unwrap();
+        let (a, mut a_peer) = UnixStream::pair().unwrap();
+        let (b, mut b_peer) = UnixStream::pair().unwrap();
+        let out_a = Rc::new(Outbound::new(1, 10, a.as_raw_fd(), 1 << 20));
+        let out_b = Rc::new(Outbound::new(2, 20, b.as_raw_fd(), 1 << 20));
+        batch.add(&out_a, a.as_raw_fd(), |v| v.extend_from_slice(b"first to a, "));
+        batch.add(&out_b, b.as_raw_fd(), |v| v.extend_from_slice(b"to b"));
+        batch.add(&out_a, a.as_raw_fd(), |v| v.extend_from_slice(b"then more to a"));
+        assert!(out_a.is_batched() && out_b.is_batched());
+        // Nothing leaves before the flush.
+        a_peer.set_nonblocking(true).unwrap();
+        assert_eq!(
+            a_peer.read(&mut [0u8; 8]).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        a_peer.set_nonblocking(false).unwrap();
+
+        let mut wake = Vec::new();
+        batch.flush(&mut wake);
+        assert!(wake.is_empty(), "every socket took all: {wake:?}");
+        assert_eq!(read_exactly(&mut a_peer, 26), b"first to a, then more to a");
+        assert_eq!(read_exactly(&mut b_peer, 4), b"to b");
+        assert!(!out_a.is_batched() && !out_b.is_batched());
+        assert!(out_a.is_empty() && out_b.is_empty());
+    }
+
+    #[test]
+    fn what_a_full_socket_leaves_waits_in_its_queue_and_its_task_is_woken() {
+        let mut batch = SendBatch::new().unwrap();
+        let (full, mut peer) = UnixStream::pair().unwrap();
+        full.set_nonblocking(true).unwrap();
+        // Fill the socket until it takes nothing more.
+        let mut filled = 0;
+        loop {
+            match (&full).write(&[7u8; 4096]) {
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let out = Rc::new(Outbound::new(3, 30, full.as_raw_fd(), 1 << 20));
+        batch.add(&out, full.as_raw_fd(), |v| v.extend_from_slice(b"answer"));
+        let mut wake = Vec::new();
+        batch.flush(&mut wake);
+        assert_eq!(wake, [30]);
+        assert!(!out.is_batched());
+        assert_eq!(&out.begin_write().expect("the answer is queued")[..], b"answer");
+        // And nothing of it was written twice: the peer finds the filler only.
+        peer.set_nonblocking(true).unwrap();
+        let mut seen = 0;
+        let mut buf = [0u8; 65536];
+        while let Ok(n) = peer.read(&mut buf) {
+            assert!(buf[..n].iter().all(|&b| b == 7));
+            seen += n;
+        }
+        assert_eq!(seen, filled);
+    }
+
+    #[test]
+    fn a_connection_whose_peer_is_gone_is_left_to_its_own_read() {
+        let mut batch = SendBatch::new().unwrap();
+        let (a, peer) = UnixStream::pair().unwrap();
+        drop(peer);
+        let out = Rc::new(Outbound::new(4, 40, a.as_raw_fd(), 1 << 20));
+        batch.add(&out, a.as_raw_fd(), |v| v.extend_from_slice(b"lost"));
+        let mut wake = Vec::new();
+        // No SIGPIPE (MSG_NOSIGNAL), nothing queued, nobody woken.
+        batch.flush(&mut wake);
+        assert!(wake.is_empty());
+        assert!(out.is_empty() && !out.is_batched());
+    }
+
+    #[test]
+    fn a_batch_is_bounded_by_the_ring_and_by_bytes() {
+        let mut batch = SendBatch::new().unwrap();
+        let (a, _peer) = UnixStream::pair().unwrap();
+        let out = Rc::new(Outbound::new(5, 50, a.as_raw_fd(), 1 << 20));
+        assert!(batch.has_room(MAX_BYTES));
+        assert!(!batch.has_room(MAX_BYTES + 1));
+        for _ in 0..RING_ENTRIES {
+            assert!(batch.has_room(1));
+            batch.add(&out, a.as_raw_fd(), |v| v.push(0));
+        }
+        assert!(!batch.has_room(1), "a full ring takes no more");
+    }
+}
