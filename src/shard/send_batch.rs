@@ -69,8 +69,9 @@ impl SendBatch {
         !self.broken && self.pending.len() < RING_ENTRIES as usize && self.bytes.len() + bytes <= MAX_BYTES
     }
 
-    /// Queues `bytes` for `out`'s socket. The caller checked `has_room` and that `out` has
-    /// nothing queued (here or in its own queue) before these bytes.
+    /// Queues the bytes `write` appends for `out`'s socket. The caller checked `has_room`,
+    /// and that `out` has nothing waiting, here (`is_batched`) or in its own queue: a
+    /// socket that takes part of an entry must not see a later one before the rest.
     pub fn add(&mut self, out: &Rc<Outbound>, fd: RawFd, write: impl FnOnce(&mut Vec<u8>)) {
         let start = self.bytes.len();
         write(&mut self.bytes);
@@ -90,7 +91,11 @@ impl SendBatch {
         if self.pending.is_empty() {
             return;
         }
-        {
+        // Entries the ring took; the others go out the plain way below: a lone answer (a
+        // `send` costs less than `io_uring_enter`, and there is nothing to group), or any
+        // the ring did not take (it always should: `has_room` keeps the batch within it).
+        let mut submitted = 0;
+        if self.pending.len() > 1 {
             let mut sq = self.ring.submission();
             for (i, p) in self.pending.iter().enumerate() {
                 let entry = opcode::Send::new(
@@ -102,14 +107,16 @@ impl SendBatch {
                 .build()
                 .user_data(i as u64);
                 // SAFETY: the buffer lives in `self.bytes`, untouched until every
-                // completion is in (below); `has_room` kept the batch within the ring.
-                let pushed = unsafe { sq.push(&entry) };
-                debug_assert!(pushed.is_ok(), "the batch is never longer than the ring");
+                // completion is in (below).
+                if unsafe { sq.push(&entry) }.is_err() {
+                    break;
+                }
+                submitted += 1;
             }
         }
         self.done.clear();
         self.done.resize(self.pending.len(), false);
-        let mut left = self.pending.len();
+        let mut left = submitted;
         while left > 0 {
             let failed = match self.ring.submit_and_wait(left) {
                 Ok(_) => false,
@@ -134,7 +141,7 @@ impl SendBatch {
                 break;
             }
         }
-        for (_, p) in self.pending.iter().enumerate().filter(|&(i, _)| !self.done[i]) {
+        for (p, _) in self.pending.iter().zip(&self.done).filter(|(_, &done)| !done) {
             let bytes = &self.bytes[p.start..p.end];
             // SAFETY: `bytes` is valid for reads of its length.
             let rc = unsafe {
@@ -182,9 +189,10 @@ mod tests {
         let (b, mut b_peer) = UnixStream::pair().unwrap();
         let out_a = Rc::new(Outbound::new(1, 10, a.as_raw_fd(), 1 << 20));
         let out_b = Rc::new(Outbound::new(2, 20, b.as_raw_fd(), 1 << 20));
-        batch.add(&out_a, a.as_raw_fd(), |v| v.extend_from_slice(b"first to a, "));
+        batch.add(&out_a, a.as_raw_fd(), |v| {
+            v.extend_from_slice(b"first to a, then more to a")
+        });
         batch.add(&out_b, b.as_raw_fd(), |v| v.extend_from_slice(b"to b"));
-        batch.add(&out_a, a.as_raw_fd(), |v| v.extend_from_slice(b"then more to a"));
         assert!(out_a.is_batched() && out_b.is_batched());
         // Nothing leaves before the flush.
         a_peer.set_nonblocking(true).unwrap();
@@ -218,10 +226,15 @@ mod tests {
             }
         }
         let out = Rc::new(Outbound::new(3, 30, full.as_raw_fd(), 1 << 20));
+        // A second connection, so that the batch goes through the ring.
+        let (other, mut other_peer) = UnixStream::pair().unwrap();
+        let other_out = Rc::new(Outbound::new(6, 60, other.as_raw_fd(), 1 << 20));
         batch.add(&out, full.as_raw_fd(), |v| v.extend_from_slice(b"answer"));
+        batch.add(&other_out, other.as_raw_fd(), |v| v.extend_from_slice(b"fine"));
         let mut wake = Vec::new();
         batch.flush(&mut wake);
         assert_eq!(wake, [30]);
+        assert_eq!(read_exactly(&mut other_peer, 4), b"fine");
         assert!(!out.is_batched());
         assert_eq!(&out.begin_write().expect("the answer is queued")[..], b"answer");
         // And nothing of it was written twice: the peer finds the filler only.
@@ -241,12 +254,33 @@ mod tests {
         let (a, peer) = UnixStream::pair().unwrap();
         drop(peer);
         let out = Rc::new(Outbound::new(4, 40, a.as_raw_fd(), 1 << 20));
+        let (b, mut b_peer) = UnixStream::pair().unwrap();
+        let out_b = Rc::new(Outbound::new(7, 70, b.as_raw_fd(), 1 << 20));
+        // Alone (a plain send) and with another (through the ring): no SIGPIPE
+        // (MSG_NOSIGNAL), nothing queued, nobody woken.
         batch.add(&out, a.as_raw_fd(), |v| v.extend_from_slice(b"lost"));
         let mut wake = Vec::new();
-        // No SIGPIPE (MSG_NOSIGNAL), nothing queued, nobody woken.
+        batch.flush(&mut wake);
+        batch.add(&out, a.as_raw_fd(), |v| v.extend_from_slice(b"lost"));
+        batch.add(&out_b, b.as_raw_fd(), |v| v.extend_from_slice(b"kept"));
         batch.flush(&mut wake);
         assert!(wake.is_empty());
         assert!(out.is_empty() && !out.is_batched());
+        assert_eq!(read_exactly(&mut b_peer, 4), b"kept");
+    }
+
+    #[test]
+    fn a_lone_answer_goes_out_with_a_plain_send_and_keeps_what_is_left() {
+        let mut batch = SendBatch::new().unwrap();
+        let (full, _peer) = UnixStream::pair().unwrap();
+        full.set_nonblocking(true).unwrap();
+        while (&full).write(&[7u8; 4096]).is_ok() {}
+        let out = Rc::new(Outbound::new(8, 80, full.as_raw_fd(), 1 << 20));
+        batch.add(&out, full.as_raw_fd(), |v| v.extend_from_slice(b"answer"));
+        let mut wake = Vec::new();
+        batch.flush(&mut wake);
+        assert_eq!(wake, [80]);
+        assert_eq!(&out.begin_write().expect("the answer is queued")[..], b"answer");
     }
 
     #[test]
@@ -256,6 +290,7 @@ mod tests {
         let out = Rc::new(Outbound::new(5, 50, a.as_raw_fd(), 1 << 20));
         assert!(batch.has_room(MAX_BYTES));
         assert!(!batch.has_room(MAX_BYTES + 1));
+        // (Never flushed: one connection would not have two entries.)
         for _ in 0..RING_ENTRIES {
             assert!(batch.has_room(1));
             batch.add(&out, a.as_raw_fd(), |v| v.push(0));
