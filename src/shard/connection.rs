@@ -520,7 +520,7 @@ fn finish_round(
         if let Some(bytes) = cork.owned_only() {
             let mut batch = ctx.batch.borrow_mut();
             if batch.has_room(bytes.len()) {
-                batch.add(out, fd, |b| b.extend_from_slice(bytes));
+                batch.add(out, |b| b.extend_from_slice(bytes));
                 drop(batch);
                 cork.clear();
             }

@@ -107,10 +107,7 @@ impl Cork {
             self.segments.iter().all(|s| !matches!(s, Segment::Input(_))) || input.as_ptr() as usize == self.input_addr
         );
         let result = self.send_inner(fd, input);
-        self.input_addr = 0;
-        self.input_len = 0;
-        self.segments.clear();
-        self.bytes.clear();
+        self.clear();
         if self.bytes.capacity() > RETAIN {
             self.bytes.shrink_to(RETAIN);
         }
@@ -141,10 +138,7 @@ impl Cork {
         for seg in &self.segments {
             all.extend_from_slice(self.slice(seg, input));
         }
-        self.input_addr = 0;
-        self.input_len = 0;
-        self.segments.clear();
-        self.bytes.clear();
+        self.clear();
         all
     }
 
@@ -261,7 +255,7 @@ impl IoBatch {
 }
 
 /// One non-blocking `send` of one buffer: how much the socket took (0 when it is full).
-fn send_now(fd: RawFd, bytes: &[u8]) -> io::Result<usize> {
+pub fn send_now(fd: RawFd, bytes: &[u8]) -> io::Result<usize> {
     // SAFETY: `bytes` outlives the call.
     let n = unsafe {
         libc::send(

@@ -119,6 +119,10 @@ impl Outbound {
         self.sealed.set(true);
     }
 
+    pub fn fd(&self) -> RawFd {
+        self.fd
+    }
+
     pub fn is_batched(&self) -> bool {
         self.batched.get()
     }

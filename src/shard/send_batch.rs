@@ -7,12 +7,12 @@
 //! does not take comes back as a short count), and the shard is interrupted at most once.
 
 use std::io;
-use std::os::fd::RawFd;
 use std::rc::Rc;
 
 use bytes::Bytes;
 use io_uring::{opcode, types, IoUring};
 
+use super::cork::send_now;
 use super::outbound::Outbound;
 
 /// Sends per `io_uring_enter` (the ring's submission queue).
@@ -22,14 +22,16 @@ const MAX_BYTES: usize = 256 * 1024;
 /// Owned bytes kept between passes.
 const RETAIN: usize = 256 * 1024;
 
-/// What became of one send: `result` is bytes sent, or minus an errno. What the socket did
-/// not take waits in the connection's queue, and its task is woken to write it. A broken
-/// connection is left to its own read, which reports the error and ends the task.
-fn settle(p: &Pending, bytes: &[u8], result: isize, wake: &mut Vec<usize>) {
-    if result == -(libc::EPIPE as isize) || result == -(libc::ECONNRESET as isize) {
-        return;
-    }
-    let sent = result.max(0) as usize;
+/// What became of one send: bytes the socket took (0 when full), or the error. What the
+/// socket did not take waits in the connection's queue, and its task is woken to write it
+/// (a write that fails there ends the task). A broken connection is left to its own read,
+/// which reports the error and ends the task.
+fn settle(p: &Pending, bytes: &[u8], result: io::Result<usize>, wake: &mut Vec<usize>) {
+    let sent = match result {
+        Ok(n) => n,
+        Err(e) if matches!(e.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset) => return,
+        Err(_) => 0,
+    };
     if sent < bytes.len() {
         p.out.push_unsent(Bytes::copy_from_slice(&bytes[sent..]));
         wake.push(p.out.slot);
@@ -37,7 +39,6 @@ fn settle(p: &Pending, bytes: &[u8], result: isize, wake: &mut Vec<usize>) {
 }
 
 struct Pending {
-    fd: RawFd,
     start: usize,
     end: usize,
     out: Rc<Outbound>,
@@ -72,12 +73,11 @@ impl SendBatch {
     /// Queues the bytes `write` appends for `out`'s socket. The caller checked `has_room`,
     /// and that `out` has nothing waiting, here (`is_batched`) or in its own queue: a
     /// socket that takes part of an entry must not see a later one before the rest.
-    pub fn add(&mut self, out: &Rc<Outbound>, fd: RawFd, write: impl FnOnce(&mut Vec<u8>)) {
+    pub fn add(&mut self, out: &Rc<Outbound>, write: impl FnOnce(&mut Vec<u8>)) {
         let start = self.bytes.len();
         write(&mut self.bytes);
         out.set_batched(true);
         self.pending.push(Pending {
-            fd,
             start,
             end: self.bytes.len(),
             out: out.clone(),
@@ -99,7 +99,7 @@ impl SendBatch {
             let mut sq = self.ring.submission();
             for (i, p) in self.pending.iter().enumerate() {
                 let entry = opcode::Send::new(
-                    types::Fd(p.fd),
+                    types::Fd(p.out.fd()),
                     self.bytes[p.start..].as_ptr(),
                     (p.end - p.start) as u32,
                 )
@@ -135,7 +135,12 @@ impl SendBatch {
                 self.done[i] = true;
                 left -= 1;
                 let p = &self.pending[i];
-                settle(p, &self.bytes[p.start..p.end], cqe.result() as isize, wake);
+                let result = match cqe.result() {
+                    n if n >= 0 => Ok(n as usize),
+                    e if e == -libc::EAGAIN => Ok(0),
+                    e => Err(io::Error::from_raw_os_error(-e)),
+                };
+                settle(p, &self.bytes[p.start..p.end], result, wake);
             }
             if failed {
                 break;
@@ -143,20 +148,7 @@ impl SendBatch {
         }
         for (p, _) in self.pending.iter().zip(&self.done).filter(|(_, &done)| !done) {
             let bytes = &self.bytes[p.start..p.end];
-            // SAFETY: `bytes` is valid for reads of its length.
-            let rc = unsafe {
-                libc::send(
-                    p.fd,
-                    bytes.as_ptr().cast(),
-                    bytes.len(),
-                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                )
-            };
-            let result = if rc < 0 {
-                -(io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO) as isize)
-            } else {
-                rc
-            };
+            let result = send_now(p.out.fd(), bytes);
             settle(p, bytes, result, wake);
         }
         for p in self.pending.drain(..) {
@@ -189,10 +181,8 @@ mod tests {
         let (b, mut b_peer) = UnixStream::pair().unwrap();
         let out_a = Rc::new(Outbound::new(1, 10, a.as_raw_fd(), 1 << 20));
         let out_b = Rc::new(Outbound::new(2, 20, b.as_raw_fd(), 1 << 20));
-        batch.add(&out_a, a.as_raw_fd(), |v| {
-            v.extend_from_slice(b"first to a, then more to a")
-        });
-        batch.add(&out_b, b.as_raw_fd(), |v| v.extend_from_slice(b"to b"));
+        batch.add(&out_a, |v| v.extend_from_slice(b"first to a, then more to a"));
+        batch.add(&out_b, |v| v.extend_from_slice(b"to b"));
         assert!(out_a.is_batched() && out_b.is_batched());
         // Nothing leaves before the flush.
         a_peer.set_nonblocking(true).unwrap();
@@ -229,8 +219,8 @@ mod tests {
         // A second connection, so that the batch goes through the ring.
         let (other, mut other_peer) = UnixStream::pair().unwrap();
         let other_out = Rc::new(Outbound::new(6, 60, other.as_raw_fd(), 1 << 20));
-        batch.add(&out, full.as_raw_fd(), |v| v.extend_from_slice(b"answer"));
-        batch.add(&other_out, other.as_raw_fd(), |v| v.extend_from_slice(b"fine"));
+        batch.add(&out, |v| v.extend_from_slice(b"answer"));
+        batch.add(&other_out, |v| v.extend_from_slice(b"fine"));
         let mut wake = Vec::new();
         batch.flush(&mut wake);
         assert_eq!(wake, [30]);
@@ -258,11 +248,11 @@ mod tests {
         let out_b = Rc::new(Outbound::new(7, 70, b.as_raw_fd(), 1 << 20));
         // Alone (a plain send) and with another (through the ring): no SIGPIPE
         // (MSG_NOSIGNAL), nothing queued, nobody woken.
-        batch.add(&out, a.as_raw_fd(), |v| v.extend_from_slice(b"lost"));
+        batch.add(&out, |v| v.extend_from_slice(b"lost"));
         let mut wake = Vec::new();
         batch.flush(&mut wake);
-        batch.add(&out, a.as_raw_fd(), |v| v.extend_from_slice(b"lost"));
-        batch.add(&out_b, b.as_raw_fd(), |v| v.extend_from_slice(b"kept"));
+        batch.add(&out, |v| v.extend_from_slice(b"lost"));
+        batch.add(&out_b, |v| v.extend_from_slice(b"kept"));
         batch.flush(&mut wake);
         assert!(wake.is_empty());
         assert!(out.is_empty() && !out.is_batched());
@@ -276,7 +266,7 @@ mod tests {
         full.set_nonblocking(true).unwrap();
         while (&full).write(&[7u8; 4096]).is_ok() {}
         let out = Rc::new(Outbound::new(8, 80, full.as_raw_fd(), 1 << 20));
-        batch.add(&out, full.as_raw_fd(), |v| v.extend_from_slice(b"answer"));
+        batch.add(&out, |v| v.extend_from_slice(b"answer"));
         let mut wake = Vec::new();
         batch.flush(&mut wake);
         assert_eq!(wake, [80]);
@@ -293,7 +283,7 @@ mod tests {
         // (Never flushed: one connection would not have two entries.)
         for _ in 0..RING_ENTRIES {
             assert!(batch.has_room(1));
-            batch.add(&out, a.as_raw_fd(), |v| v.push(0));
+            batch.add(&out, |v| v.push(0));
         }
         assert!(!batch.has_room(1), "a full ring takes no more");
     }
