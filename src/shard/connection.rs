@@ -2,9 +2,10 @@
 //!
 //! Reads land in the shard's shared receive buffer and are decoded before the next await;
 //! everything the connection answers goes into the shard's cork and leaves in one
-//! `sendmsg` per read (large echoed payloads straight from the receive buffer). Only when
-//! the socket cannot take it all does the rest wait in the connection's outbound queue,
-//! which is also where routed chat messages for it arrive.
+//! `sendmsg` per read (large echoed payloads straight from the receive buffer), or, for an
+//! echo, with the pass's other answers in the shard's send batch. Only when the socket
+//! cannot take it all does the rest wait in the connection's outbound queue, which is also
+//! where routed chat messages for it arrive.
 
 use std::net::Shutdown;
 use std::os::fd::AsRawFd;
@@ -78,7 +79,7 @@ async fn handshake(ctx: &ShardContext, stream: &mut TcpStream, slot: &Connection
             return None;
         }
         match ctx.read(stream, Some(slot), true, None, Some(left)).await {
-            Ok(ReadOutcome::Data(n)) => head.extend_from_slice(&ctx.rx.borrow()[..n]),
+            Ok(ReadOutcome::Data(n)) => head.extend_from_slice(&ctx.rx.borrow()[ctx.rx_at()..][..n]),
             Ok(ReadOutcome::TimedOut) => {
                 refuse(ctx, stream, slot, &handshake_timeout()).await;
                 return None;
@@ -391,7 +392,7 @@ async fn websocket(
         if next != Next::Continue {
             drop(registration.take());
         }
-        if finish_round(ctx, &out, &mut cork, &leftover, fd, false).is_err() {
+        if finish_round(ctx, &out, &mut cork, &mut leftover, fd, false).is_err() {
             return;
         }
         if next != Next::Continue {
@@ -438,7 +439,7 @@ async fn websocket(
         let mut cork = ctx.cork.borrow_mut();
         let mut rx = ctx.rx.borrow_mut();
         let input: &mut [u8] = match outcome {
-            Ok(ReadOutcome::Data(n)) => &mut rx[..n],
+            Ok(ReadOutcome::Data(n)) => &mut rx[ctx.rx_at()..][..n],
             _ => &mut [],
         };
         next = match outcome {
@@ -502,13 +503,14 @@ impl Drop for FlushOnExit<'_> {
 }
 
 /// Sends what the round put in the cork (straight away when nothing is queued before it,
-/// else behind the queue), then ends the shard's round. With `batchable`, a small answer
-/// joins the shard's send batch instead, to leave with the pass's others.
+/// else behind the queue), then ends the shard's round. With `batchable`, the answer joins
+/// the shard's send batch instead, to leave with the pass's others: copied when it is
+/// small, in place when it is one frame echoed from the receive buffer.
 fn finish_round(
     ctx: &ShardContext,
     out: &Rc<Outbound>,
     cork: &mut Cork,
-    input: &[u8],
+    input: &mut [u8],
     fd: i32,
     batchable: bool,
 ) -> std::io::Result<()> {
@@ -516,8 +518,13 @@ fn finish_round(
         // Bytes of ours wait in the batch: they must leave first.
         ctx.flush_batch();
     }
+    let joined = cork.join_in_input(input);
     if !cork.is_empty() && batchable && out.is_empty() {
-        if let Some(bytes) = cork.owned_only() {
+        if let Some(run) = joined {
+            if ctx.batch_received(out, &input[run]) {
+                cork.clear();
+            }
+        } else if let Some(bytes) = cork.owned_only() {
             let mut batch = ctx.batch.borrow_mut();
             if batch.has_room(bytes.len()) {
                 batch.add(out, |b| b.extend_from_slice(bytes));

@@ -26,11 +26,15 @@ use super::send_batch::SendBatch;
 use crate::chat::auth::Authenticator;
 use crate::config::Config;
 
-/// Size of the shard's receive buffer: one read takes up to this much from a socket.
+/// One read takes up to this much from a socket.
 pub const RX_BUFFER: usize = 64 * 1024;
+/// The shard's receive buffer. Reads land at `rx_at`; echo answers that lie whole in it
+/// join the send batch in place, and the next read lands after them, until the batch is
+/// sent and reads start over at the beginning.
+const RX_ARENA: usize = 8 * RX_BUFFER;
 
-/// What a read returned. For `Data(n)` the bytes are in `ShardContext::rx[..n]` until the
-/// caller's next await: decode them before awaiting anything.
+/// What a read returned. For `Data(n)` the bytes are in `ShardContext::rx`, `n` of them
+/// from `rx_at()`, until the caller's next await: decode them before awaiting anything.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadOutcome {
     Data(usize),
@@ -71,7 +75,13 @@ const DEADLINE_TICK: Duration = Duration::from_millis(20);
 pub struct ShardContext {
     pub id: usize,
     pub config: Arc<Config>,
+    /// The receive buffer (`RX_ARENA` bytes, never reallocated: the send batch may point
+    /// into it). A read's bytes are at `rx[rx_at()..][..n]`.
     pub rx: RefCell<Vec<u8>>,
+    /// Where the next read lands; what lies before it waits in the send batch.
+    rx_at: Cell<usize>,
+    /// The address of `rx`'s bytes.
+    rx_addr: usize,
     pub cork: RefCell<Cork>,
     /// Small answers of this executor pass, sent together when it ends.
     pub batch: RefCell<SendBatch>,
@@ -125,10 +135,13 @@ impl ShardContext {
         open_connections: Arc<AtomicUsize>,
         max_connections: usize,
     ) -> io::Result<Self> {
+        let rx = vec![0; RX_ARENA];
         Ok(ShardContext {
             id,
             config,
-            rx: RefCell::new(vec![0; RX_BUFFER]),
+            rx_addr: rx.as_ptr() as usize,
+            rx: RefCell::new(rx),
+            rx_at: Cell::new(0),
             cork: RefCell::new(Cork::new()),
             batch: RefCell::new(SendBatch::new()?),
             hub,
@@ -202,11 +215,45 @@ impl ShardContext {
         }
     }
 
+    /// Where the bytes of the last read begin in `rx`.
+    pub fn rx_at(&self) -> usize {
+        self.rx_at.get()
+    }
+
+    /// Puts `answer`, which lies in the receive buffer at or after `rx_at` (the input of
+    /// this round), in the send batch without copying it; the next read lands after it.
+    /// Returns false, having done nothing, when the batch is full or `answer` lies
+    /// elsewhere.
+    pub fn batch_received(&self, out: &Rc<Outbound>, answer: &[u8]) -> bool {
+        let start = (answer.as_ptr() as usize).wrapping_sub(self.rx_addr);
+        let end = start.wrapping_add(answer.len());
+        if start < self.rx_at.get() || end > RX_ARENA || end < start {
+            return false;
+        }
+        {
+            let mut batch = self.batch.borrow_mut();
+            if !batch.has_room(0) {
+                return false;
+            }
+            // SAFETY: the receive buffer is never reallocated, and nothing writes before
+            // `rx_at` (reads land at it) until `flush_batch` sends the batch and resets it.
+            unsafe { batch.add_borrowed(out, answer) };
+        }
+        // The next read starts on a fresh cache line after the answer.
+        self.rx_at.set(end.next_multiple_of(64));
+        if self.rx_at.get() + RX_BUFFER > RX_ARENA {
+            self.flush_batch();
+        }
+        true
+    }
+
     /// Sends the pass's batch now; wakes the connections whose sockets did not take it
     /// all. Returns how many it woke.
     pub fn flush_batch(&self) -> usize {
         let mut wake = self.to_wake.borrow_mut();
         self.batch.borrow_mut().flush(&mut wake);
+        // Nothing in the batch points into the receive buffer any more.
+        self.rx_at.set(0);
         let woke = wake.len();
         for slot in wake.drain(..) {
             self.wake(slot);
@@ -260,11 +307,12 @@ impl ShardContext {
             };
             if entry.readable {
                 let mut rx = self.rx.borrow_mut();
-                match recv(stream.as_raw_fd(), &mut rx) {
+                let at = self.rx_at.get();
+                match recv(stream.as_raw_fd(), &mut rx[at..at + RX_BUFFER]) {
                     Ok(0) => return Poll::Ready(Ok(ReadOutcome::Eof)),
                     Ok(n) => {
                         // A short read drained the socket: wait for the next edge.
-                        entry.readable = n == rx.len();
+                        entry.readable = n == RX_BUFFER;
                         entry.deadline = None;
                         return Poll::Ready(Ok(ReadOutcome::Data(n)));
                     }
@@ -298,7 +346,8 @@ impl ShardContext {
                 return Poll::Ready(Ok(ReadOutcome::Stopping));
             }
             let mut rx = self.rx.borrow_mut();
-            match Pin::new(&mut *stream).poll_read(cx, &mut rx[..]) {
+            let at = self.rx_at.get();
+            match Pin::new(&mut *stream).poll_read(cx, &mut rx[at..at + RX_BUFFER]) {
                 Poll::Ready(Ok(0)) => Poll::Ready(Ok(ReadOutcome::Eof)),
                 Poll::Ready(Ok(n)) => Poll::Ready(Ok(ReadOutcome::Data(n))),
                 Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::TimedOut => Poll::Ready(Ok(ReadOutcome::TimedOut)),

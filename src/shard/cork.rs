@@ -123,6 +123,27 @@ impl Cork {
             .then_some(&self.bytes[..])
     }
 
+    /// When the cork holds owned bytes followed by one payload in the input (an echoed
+    /// frame that arrived whole, with its header), writes the owned bytes into the input
+    /// right before the payload, so that the answer is one run of the input: one `send`
+    /// instead of a two-slice `sendmsg`, and an answer the send batch can take without a
+    /// copy. Returns that run. There is room: a client frame's own header (mask included)
+    /// is four bytes longer than ours for the same payload, and what came before it in the
+    /// input is decoded and referenced by nothing else.
+    pub fn join_in_input(&mut self, input: &mut [u8]) -> Option<Range<usize>> {
+        let [Segment::Owned(owned), Segment::Input(payload)] = &self.segments[..] else {
+            return None;
+        };
+        debug_assert!(input.as_ptr() as usize == self.input_addr);
+        let start = payload.start.checked_sub(owned.len())?;
+        let joined = start..payload.end;
+        input[joined.start..payload.start].copy_from_slice(&self.bytes[owned.clone()]);
+        self.bytes.clear();
+        self.segments.clear();
+        self.segments.push(Segment::Input(joined.clone()));
+        Some(joined)
+    }
+
     /// Empties the cork (what it held went elsewhere).
     pub fn clear(&mut self) {
         self.input_addr = 0;
@@ -327,6 +348,41 @@ mod tests {
         crate::ws::write_frame(&mut expected, true, OpCode::Text, &input[0..5], None);
         crate::ws::write_frame(&mut expected, true, OpCode::Binary, &outside, None);
         assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn an_echoed_frame_is_joined_with_its_header_in_the_input() {
+        // Two masked client frames, as they arrive: the second one's payload is echoed.
+        let mut input = Vec::new();
+        crate::ws::write_frame(&mut input, true, OpCode::Text, b"hi", Some([1, 2, 3, 4]));
+        let payload_at = input.len() + 8; // 2 + 2 (length) + 4 (mask)
+        let payload: Vec<u8> = (0..3000u32).map(|i| (i * 7) as u8).collect();
+        crate::ws::write_frame(&mut input, true, OpCode::Binary, &payload, Some([5, 6, 7, 8]));
+        input[payload_at..].copy_from_slice(&payload); // as the decoder leaves it: unmasked
+        let mut cork = Cork::new();
+        cork.begin(&input);
+        cork.frame(OpCode::Binary, &input[payload_at..]);
+        let run = cork.join_in_input(&mut input).expect("header and payload are one run");
+        assert_eq!(run, payload_at - 4..input.len());
+        let mut expected = Vec::new();
+        crate::ws::write_frame(&mut expected, true, OpCode::Binary, &payload, None);
+        assert_eq!(&input[run.clone()], &expected[..]);
+        assert_eq!(cork.segments, [Segment::Input(run)]);
+        // The first frame, before the joined run, is untouched.
+        assert_eq!(&input[..2], &[0x81, 0x82]);
+
+        // Not joined: a payload with no room before it, or answers of more than one piece.
+        let mut bare = payload.clone();
+        cork.clear();
+        cork.begin(&bare);
+        cork.frame(OpCode::Binary, &bare);
+        assert_eq!(cork.join_in_input(&mut bare), None);
+        cork.clear();
+        cork.begin(&input);
+        cork.frame(OpCode::Binary, &input[payload_at..payload_at + 2500]);
+        cork.frame(OpCode::Pong, b"");
+        assert_eq!(cork.join_in_input(&mut input), None);
+        assert_eq!(cork.segments.len(), 3);
     }
 
     /// Sends the cork into a socket that cannot take it all, checks that the rest came

@@ -1,5 +1,7 @@
-//! Small answers of one executor pass, sent together: one `io_uring_enter` for all of
-//! them instead of one `send` per connection.
+//! Echo answers of one executor pass, sent together: one `io_uring_enter` for all of
+//! them instead of one `send` per connection. Small answers are copied into the batch;
+//! a frame echoed whole stays where it arrived, in the shard's receive buffer, which
+//! keeps it until the flush (`ShardContext::batch_received`).
 //!
 //! Why: each `send` is a system call, and on a core shared with other threads the first
 //! one that wakes a peer hands it the core before the next answer is written. Submitted
@@ -38,9 +40,29 @@ fn settle(p: &Pending, bytes: &[u8], result: io::Result<usize>, wake: &mut Vec<u
     }
 }
 
+/// Where an entry's bytes are.
+#[derive(Clone, Copy)]
+enum Place {
+    /// `SendBatch::bytes[start..end]`.
+    Owned { start: usize, end: usize },
+    /// Memory the caller of `add_borrowed` keeps unchanged until the flush.
+    Borrowed { ptr: *const u8, len: usize },
+}
+
+impl Place {
+    /// The entry's bytes; `owned` is the batch's own buffer.
+    fn bytes(self, owned: &[u8]) -> &[u8] {
+        match self {
+            Place::Owned { start, end } => &owned[start..end],
+            // SAFETY: `add_borrowed`'s caller keeps the memory valid and unchanged until
+            // the flush, the only reader.
+            Place::Borrowed { ptr, len } => unsafe { std::slice::from_raw_parts(ptr, len) },
+        }
+    }
+}
+
 struct Pending {
-    start: usize,
-    end: usize,
+    place: Place,
     out: Rc<Outbound>,
 }
 
@@ -76,10 +98,29 @@ impl SendBatch {
     pub fn add(&mut self, out: &Rc<Outbound>, write: impl FnOnce(&mut Vec<u8>)) {
         let start = self.bytes.len();
         write(&mut self.bytes);
+        let end = self.bytes.len();
+        self.push(out, Place::Owned { start, end });
+    }
+
+    /// Queues `bytes` for `out`'s socket without copying them, under the same conditions
+    /// as `add` (and `has_room(0)`).
+    ///
+    /// # Safety
+    /// The memory of `bytes` must stay valid and unchanged until the next `flush`.
+    pub unsafe fn add_borrowed(&mut self, out: &Rc<Outbound>, bytes: &[u8]) {
+        self.push(
+            out,
+            Place::Borrowed {
+                ptr: bytes.as_ptr(),
+                len: bytes.len(),
+            },
+        );
+    }
+
+    fn push(&mut self, out: &Rc<Outbound>, place: Place) {
         out.set_batched(true);
         self.pending.push(Pending {
-            start,
-            end: self.bytes.len(),
+            place,
             out: out.clone(),
         });
     }
@@ -98,16 +139,13 @@ impl SendBatch {
         if self.pending.len() > 1 {
             let mut sq = self.ring.submission();
             for (i, p) in self.pending.iter().enumerate() {
-                let entry = opcode::Send::new(
-                    types::Fd(p.out.fd()),
-                    self.bytes[p.start..].as_ptr(),
-                    (p.end - p.start) as u32,
-                )
-                .flags(libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
-                .build()
-                .user_data(i as u64);
-                // SAFETY: the buffer lives in `self.bytes`, untouched until every
-                // completion is in (below).
+                let bytes = p.place.bytes(&self.bytes);
+                let entry = opcode::Send::new(types::Fd(p.out.fd()), bytes.as_ptr(), bytes.len() as u32)
+                    .flags(libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+                    .build()
+                    .user_data(i as u64);
+                // SAFETY: the buffer (in `self.bytes`, or borrowed) stays untouched until
+                // every completion is in (below).
                 if unsafe { sq.push(&entry) }.is_err() {
                     break;
                 }
@@ -140,14 +178,14 @@ impl SendBatch {
                     e if e == -libc::EAGAIN => Ok(0),
                     e => Err(io::Error::from_raw_os_error(-e)),
                 };
-                settle(p, &self.bytes[p.start..p.end], result, wake);
+                settle(p, p.place.bytes(&self.bytes), result, wake);
             }
             if failed {
                 break;
             }
         }
         for (p, _) in self.pending.iter().zip(&self.done).filter(|(_, &done)| !done) {
-            let bytes = &self.bytes[p.start..p.end];
+            let bytes = p.place.bytes(&self.bytes);
             let result = send_now(p.out.fd(), bytes);
             settle(p, bytes, result, wake);
         }
@@ -199,6 +237,25 @@ mod tests {
         assert_eq!(read_exactly(&mut b_peer, 4), b"to b");
         assert!(!out_a.is_batched() && !out_b.is_batched());
         assert!(out_a.is_empty() && out_b.is_empty());
+    }
+
+    #[test]
+    fn borrowed_and_copied_answers_leave_in_the_order_they_were_added() {
+        let mut batch = SendBatch::new().unwrap();
+        let (a, mut a_peer) = UnixStream::pair().unwrap();
+        let (b, mut b_peer) = UnixStream::pair().unwrap();
+        let out_a = Rc::new(Outbound::new(1, 10, a.as_raw_fd(), 1 << 20));
+        let out_b = Rc::new(Outbound::new(2, 20, b.as_raw_fd(), 1 << 20));
+        let received: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+        // SAFETY: `received` is neither changed nor dropped before the flush.
+        unsafe { batch.add_borrowed(&out_a, &received[100..18_100]) };
+        batch.add(&out_b, |v| v.extend_from_slice(b"copied"));
+        let mut wake = Vec::new();
+        batch.flush(&mut wake);
+        assert!(wake.is_empty());
+        assert_eq!(read_exactly(&mut a_peer, 18_000), &received[100..18_100]);
+        assert_eq!(read_exactly(&mut b_peer, 6), b"copied");
+        assert!(!out_a.is_batched() && out_a.is_empty());
     }
 
     #[test]
