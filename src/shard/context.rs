@@ -85,7 +85,7 @@ pub struct ShardContext {
     /// The address of `rx`'s bytes.
     rx_addr: usize,
     pub cork: RefCell<Cork>,
-    /// Small answers of this executor pass, sent together when it ends.
+    /// Echo answers of this executor pass, sent together when it ends.
     pub batch: RefCell<SendBatch>,
     pub hub: Hub,
     pub auth: Arc<Authenticator>,

@@ -259,6 +259,27 @@ mod tests {
     }
 
     #[test]
+    fn what_a_full_socket_leaves_of_a_borrowed_answer_is_copied_to_its_queue() {
+        let mut batch = SendBatch::new().unwrap();
+        let (full, _peer) = UnixStream::pair().unwrap();
+        full.set_nonblocking(true).unwrap();
+        while (&full).write(&[7u8; 4096]).is_ok() {}
+        let out = Rc::new(Outbound::new(9, 90, full.as_raw_fd(), 1 << 20));
+        let (other, _other_peer) = UnixStream::pair().unwrap();
+        let other_out = Rc::new(Outbound::new(10, 100, other.as_raw_fd(), 1 << 20));
+        let mut received = vec![3u8; 5000];
+        // SAFETY: `received` is unchanged until the flush; it is overwritten only after.
+        unsafe { batch.add_borrowed(&out, &received) };
+        batch.add(&other_out, |v| v.extend_from_slice(b"fine"));
+        let mut wake = Vec::new();
+        batch.flush(&mut wake);
+        assert_eq!(wake, [90]);
+        // The queue holds a copy: the receive buffer may be reused at once.
+        received.fill(0);
+        assert_eq!(&out.begin_write().expect("the answer is queued")[..], &[3u8; 5000][..]);
+    }
+
+    #[test]
     fn what_a_full_socket_leaves_waits_in_its_queue_and_its_task_is_woken() {
         let mut batch = SendBatch::new().unwrap();
         let (full, mut peer) = UnixStream::pair().unwrap();
