@@ -498,7 +498,7 @@ fn read_echoes(
     }
 }
 
-/// Sends `count` more copies of the connection's frame. While nothing waits before them
+/// Sends `count` more copies of the frame on `c`. While nothing waits before them
 /// they go straight from the one encoded frame; only what the socket does not take is
 /// copied, to wait for its EPOLLOUT edge. (Copying each 16 KiB message into the pending
 /// buffer took a third of the client's CPU and made the client, not the server, the limit
