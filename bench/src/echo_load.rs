@@ -547,22 +547,20 @@ fn flush(c: &mut Conn) -> std::io::Result<()> {
 fn send_vectored_now(fd: RawFd, slices: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
     // SAFETY: `fd` belongs to a stream that outlives the call.
     let fd = unsafe { BorrowedFd::borrow_raw(fd) };
-    loop {
-        match SockRef::from(&fd).send_vectored_with_flags(slices, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) {
-            Ok(n) => return Ok(n),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(0),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
+    nonblocking(|| SockRef::from(&fd).send_vectored_with_flags(slices, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL))
 }
 
 /// One non-blocking `send`: bytes taken, 0 when the socket is full.
 fn send_now(fd: RawFd, bytes: &[u8]) -> std::io::Result<usize> {
     // SAFETY: `fd` belongs to a stream that outlives the call.
     let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    nonblocking(|| SockRef::from(&fd).send_with_flags(bytes, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL))
+}
+
+/// Runs a non-blocking send, again when a signal interrupts it; a full socket is 0 bytes.
+fn nonblocking(mut send: impl FnMut() -> std::io::Result<usize>) -> std::io::Result<usize> {
     loop {
-        match SockRef::from(&fd).send_with_flags(bytes, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) {
+        match send() {
             Ok(n) => return Ok(n),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(0),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,

@@ -30,7 +30,7 @@ use crate::config::Config;
 pub const RX_BUFFER: usize = 64 * 1024;
 /// The shard's receive buffer. Reads land at `rx_at`; echo answers that lie whole in it
 /// join the send batch in place, and the next read lands after them, until the batch is
-/// sent and reads start over at the beginning. 256 KiB lets about a dozen 16 KiB answers
+/// sent and reads start over at the beginning. 256 KiB lets up to 12 answers of 16 KiB
 /// share one `io_uring_enter`; 512 KiB (this CPU's whole L2) made reads land in cold
 /// memory and cost 3% with 16 messages in flight.
 const RX_ARENA: usize = 4 * RX_BUFFER;

@@ -206,6 +206,26 @@ mod tests {
     use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixStream;
 
+    /// A socket, its peer, and a connection queue for the socket in slot `10 * id`.
+    fn connection(id: u64) -> (UnixStream, UnixStream, Rc<Outbound>) {
+        let (socket, peer) = UnixStream::pair().unwrap();
+        let out = Rc::new(Outbound::new(id, 10 * id as usize, socket.as_raw_fd(), 1 << 20));
+        (socket, peer, out)
+    }
+
+    /// Writes to `socket` until it takes nothing more; returns how much it took.
+    fn fill(socket: &UnixStream) -> usize {
+        socket.set_nonblocking(true).unwrap();
+        let mut filled = 0;
+        loop {
+            match (&*socket).write(&[7u8; 4096]) {
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return filled,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
     fn read_exactly(s: &mut UnixStream, n: usize) -> Vec<u8> {
         let mut buf = vec![0u8; n];
         s.read_exact(&mut buf).unwrap();
@@ -215,10 +235,8 @@ mod tests {
     #[test]
     fn answers_of_many_connections_leave_together_each_in_order() {
         let mut batch = SendBatch::new().unwrap();
-        let (a, mut a_peer) = UnixStream::pair().unwrap();
-        let (b, mut b_peer) = UnixStream::pair().unwrap();
-        let out_a = Rc::new(Outbound::new(1, 10, a.as_raw_fd(), 1 << 20));
-        let out_b = Rc::new(Outbound::new(2, 20, b.as_raw_fd(), 1 << 20));
+        let (_a, mut a_peer, out_a) = connection(1);
+        let (_b, mut b_peer, out_b) = connection(2);
         batch.add(&out_a, |v| v.extend_from_slice(b"first to a, then more to a"));
         batch.add(&out_b, |v| v.extend_from_slice(b"to b"));
         assert!(out_a.is_batched() && out_b.is_batched());
@@ -242,10 +260,8 @@ mod tests {
     #[test]
     fn borrowed_and_copied_answers_leave_in_the_order_they_were_added() {
         let mut batch = SendBatch::new().unwrap();
-        let (a, mut a_peer) = UnixStream::pair().unwrap();
-        let (b, mut b_peer) = UnixStream::pair().unwrap();
-        let out_a = Rc::new(Outbound::new(1, 10, a.as_raw_fd(), 1 << 20));
-        let out_b = Rc::new(Outbound::new(2, 20, b.as_raw_fd(), 1 << 20));
+        let (_a, mut a_peer, out_a) = connection(1);
+        let (_b, mut b_peer, out_b) = connection(2);
         let received: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
         // SAFETY: `received` is neither changed nor dropped before the flush.
         unsafe { batch.add_borrowed(&out_a, &received[100..18_100]) };
@@ -261,12 +277,9 @@ mod tests {
     #[test]
     fn what_a_full_socket_leaves_of_a_borrowed_answer_is_copied_to_its_queue() {
         let mut batch = SendBatch::new().unwrap();
-        let (full, _peer) = UnixStream::pair().unwrap();
-        full.set_nonblocking(true).unwrap();
-        while (&full).write(&[7u8; 4096]).is_ok() {}
-        let out = Rc::new(Outbound::new(9, 90, full.as_raw_fd(), 1 << 20));
-        let (other, _other_peer) = UnixStream::pair().unwrap();
-        let other_out = Rc::new(Outbound::new(10, 100, other.as_raw_fd(), 1 << 20));
+        let (full, _peer, out) = connection(9);
+        fill(&full);
+        let (_other, _other_peer, other_out) = connection(10);
         let mut received = vec![3u8; 5000];
         // SAFETY: `received` is unchanged until the flush; it is overwritten only after.
         unsafe { batch.add_borrowed(&out, &received) };
@@ -282,21 +295,10 @@ mod tests {
     #[test]
     fn what_a_full_socket_leaves_waits_in_its_queue_and_its_task_is_woken() {
         let mut batch = SendBatch::new().unwrap();
-        let (full, mut peer) = UnixStream::pair().unwrap();
-        full.set_nonblocking(true).unwrap();
-        // Fill the socket until it takes nothing more.
-        let mut filled = 0;
-        loop {
-            match (&full).write(&[7u8; 4096]) {
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => panic!("{e}"),
-            }
-        }
-        let out = Rc::new(Outbound::new(3, 30, full.as_raw_fd(), 1 << 20));
+        let (full, mut peer, out) = connection(3);
+        let filled = fill(&full);
         // A second connection, so that the batch goes through the ring.
-        let (other, mut other_peer) = UnixStream::pair().unwrap();
-        let other_out = Rc::new(Outbound::new(6, 60, other.as_raw_fd(), 1 << 20));
+        let (_other, mut other_peer, other_out) = connection(6);
         batch.add(&out, |v| v.extend_from_slice(b"answer"));
         batch.add(&other_out, |v| v.extend_from_slice(b"fine"));
         let mut wake = Vec::new();
@@ -319,11 +321,9 @@ mod tests {
     #[test]
     fn a_connection_whose_peer_is_gone_is_left_to_its_own_read() {
         let mut batch = SendBatch::new().unwrap();
-        let (a, peer) = UnixStream::pair().unwrap();
+        let (_a, peer, out) = connection(4);
         drop(peer);
-        let out = Rc::new(Outbound::new(4, 40, a.as_raw_fd(), 1 << 20));
-        let (b, mut b_peer) = UnixStream::pair().unwrap();
-        let out_b = Rc::new(Outbound::new(7, 70, b.as_raw_fd(), 1 << 20));
+        let (_b, mut b_peer, out_b) = connection(7);
         // Alone (a plain send) and with another (through the ring): no SIGPIPE
         // (MSG_NOSIGNAL), nothing queued, nobody woken.
         batch.add(&out, |v| v.extend_from_slice(b"lost"));
@@ -340,10 +340,8 @@ mod tests {
     #[test]
     fn a_lone_answer_goes_out_with_a_plain_send_and_keeps_what_is_left() {
         let mut batch = SendBatch::new().unwrap();
-        let (full, _peer) = UnixStream::pair().unwrap();
-        full.set_nonblocking(true).unwrap();
-        while (&full).write(&[7u8; 4096]).is_ok() {}
-        let out = Rc::new(Outbound::new(8, 80, full.as_raw_fd(), 1 << 20));
+        let (full, _peer, out) = connection(8);
+        fill(&full);
         batch.add(&out, |v| v.extend_from_slice(b"answer"));
         let mut wake = Vec::new();
         batch.flush(&mut wake);
@@ -354,8 +352,7 @@ mod tests {
     #[test]
     fn a_batch_is_bounded_by_the_ring_and_by_bytes() {
         let mut batch = SendBatch::new().unwrap();
-        let (a, _peer) = UnixStream::pair().unwrap();
-        let out = Rc::new(Outbound::new(5, 50, a.as_raw_fd(), 1 << 20));
+        let (_a, _peer, out) = connection(5);
         assert!(batch.has_room(MAX_BYTES));
         assert!(!batch.has_room(MAX_BYTES + 1));
         // (Never flushed: one connection would not have two entries.)
