@@ -322,6 +322,21 @@ fn connections_over_the_cap_get_503() {
 }
 
 #[test]
+fn a_connection_that_has_not_spoken_takes_no_slot() {
+    let gw = Gateway::start(&["--shards", "1", "--max-connections", "1"]);
+    // Connected, but no request yet: the kernel holds it back (TCP_DEFER_ACCEPT), so the
+    // only slot is still free for a client that speaks.
+    let mut silent = TcpStream::connect(gw.addr).unwrap();
+    silent.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _speaking = raw_upgrade(gw.addr, "/echo");
+    // Once it speaks it is served: here, told that the gateway is full.
+    silent.write_all(upgrade_request("/echo", "").as_bytes()).unwrap();
+    let mut resp = String::new();
+    let _ = silent.read_to_string(&mut resp);
+    assert!(resp.starts_with("HTTP/1.1 503 "), "{resp:?}");
+}
+
+#[test]
 fn shards_are_pinned_one_per_cpu() {
     let gw = Gateway::start(&["--shards", "2"]);
     let shard_lines: Vec<&String> = gw
