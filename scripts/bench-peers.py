@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import statistics
@@ -91,13 +92,23 @@ class Server:
         self.log.close()
 
 
-def echo_load(server, args, extra):
+def echo_load(server, args, extra, client_cpus):
+    """Runs the client once. Besides its figures, `kv["client_busy"]` is the share of its
+    CPUs it kept busy. Where those CPUs are its own (the one-core cases), near 1.0 means
+    the client was at its limit: the rate is then the client's as much as the server's."""
     cmd = [str(ECHO_LOAD), "--addr", f"127.0.0.1:{server.port}", "--path", server.path] + extra
+    # The servers are children too, but only waited-for children count here: the client.
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.monotonic()
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    wall = time.monotonic() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     line = next((l for l in r.stdout.splitlines() if "failed_connections=" in l), "")
     kv = dict(re.findall(r"(\w+)=([^ ]+)", line))
     if r.returncode != 0 or not kv:
         return None, (r.stdout + r.stderr).strip()[-300:]
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    kv["client_busy"] = cpu / (wall * len(client_cpus))
     return kv, None
 
 
@@ -128,7 +139,8 @@ def main():
     print(f"host: {ncpu} CPU(s); {a.runs} round(s) of {a.duration} (+{a.warmup} warm-up) per server per case; "
           f"each round runs every server once, in rotating order; medians shown. 'ratio' is the peer's median over "
           f"shardgate's; 'paired' is the median over rounds of the peer's figure over shardgate's in the same round "
-          f"(drift of the machine between rounds cancels out); 'sg ahead' counts the rounds shardgate won")
+          f"(drift of the machine between rounds cancels out); 'sg ahead' counts the rounds shardgate won; 'client' "
+          f"is the share of its CPUs the client kept busy (one core: a core of its own; all cores: shared with the server)")
     rows = []  # raw: one per run
 
     def record(placement, case, server, run, kv, cpu_s, rss_kib, error):
@@ -136,7 +148,8 @@ def main():
                      "msg_per_s": float(kv["msg_per_s"]) if kv and "msg_per_s" in kv else
                      (float(kv["handshakes_per_s"]) if kv and "handshakes_per_s" in kv else 0.0),
                      "p50_us": int(kv["p50_us"]) if kv else 0, "p99_us": int(kv["p99_us"]) if kv else 0,
-                     "server_cpu_s": round(cpu_s, 3), "server_peak_rss_kib": rss_kib, "error": error or ""})
+                     "server_cpu_s": round(cpu_s, 3), "server_peak_rss_kib": rss_kib,
+                     "client_busy": round(kv["client_busy"], 3) if kv else 0.0, "error": error or ""})
 
     for placement, server_cpus, client_cpus in placements:
         if placement == "single":
@@ -158,9 +171,10 @@ def main():
                         s = servers[n]
                         before = s.cpu_seconds()
                         if c == "handshakes":
-                            kv, err = echo_load(s, a, client + ["--handshakes", "-c", "50", "-s", str(size)])
+                            kv, err = echo_load(s, a, client + ["--handshakes", "-c", "50", "-s", str(size)], client_cpus)
                         else:
-                            kv, err = echo_load(s, a, client + ["-c", str(c), "-s", str(size), "-w", str(window)])
+                            kv, err = echo_load(s, a, client + ["-c", str(c), "-s", str(size), "-w", str(window)],
+                                                client_cpus)
                         record(placement, name, n, run, kv, s.cpu_seconds() - before, s.status_kib("VmHWM"), err)
                 print_table(placement, name, rows, "handshakes/s" if c == "handshakes" else "msg/s")
             if placement == "single":
@@ -178,11 +192,16 @@ def main():
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     chart(summary, out / "chart.svg")
     # Behind: the peer was faster in the same round more often than not.
-    losses = [(s["placement"], s["case"], p) for s in summary for p, v in s["servers"].items()
+    # With the client's busy share: where it is near 100% on a core of its own, the client
+    # bounded the rate for every server alike.
+    losses = [(s["placement"], s["case"], p, v["paired_ratio"],
+               s["servers"].get("shardgate", {}).get("client_busy", 0.0))
+              for s in summary for p, v in s["servers"].items()
               if p != "shardgate" and s["metric"] != "bytes/conn" and (v.get("paired_ratio") or 0) > 1.0]
     print(f"\nresults: {out} (raw.csv, summary.json, chart.svg)")
     if losses:
-        print("shardgate is behind in: " + "; ".join(f"{pl}/{c} ({p})" for pl, c, p in losses))
+        print("shardgate is behind in: " + "; ".join(f"{pl}/{c} ({p}, paired {r:.3f}; client {busy:.0%} busy)"
+                                                       for pl, c, p, r, busy in losses))
     else:
         print("shardgate is at or above every peer in every throughput case")
 
@@ -211,7 +230,7 @@ def idle_memory(servers, a, out, rows, client_cpus):
         per = (held - before) * 1024 / max(up, 1)
         rows.append({"placement": "single", "case": f"idle memory, {n} connections", "server": name, "run": 0,
                      "msg_per_s": round(per), "p50_us": 0, "p99_us": 0, "server_cpu_s": 0,
-                     "server_peak_rss_kib": held, "error": "" if up == n else f"only {up} up"})
+                     "server_peak_rss_kib": held, "client_busy": 0.0, "error": "" if up == n else f"only {up} up"})
         print(f"{name:20s} {per:10.0f} {before:9d} KiB {held:7d} KiB" + ("" if up == n else f"  (only {up} up)"))
         time.sleep(0.5)
 
@@ -234,7 +253,7 @@ def print_table(placement, name, rows, unit):
     mine = [r for r in rows if r["placement"] == placement and r["case"] == name]
     print(f"\n--- {name}")
     print(f"{'server':20s} {unit:>12s} {'ratio':>7s} {'paired':>7s} {'sg ahead':>9s} {'p50_us':>8s} {'p99_us':>8s} "
-          f"{'cpu_s':>7s} {'peak_rss':>10s}")
+          f"{'cpu_s':>7s} {'peak_rss':>10s} {'client':>7s}")
     base = statistics.median([r["msg_per_s"] for r in mine if r["server"] == "shardgate"] or [0])
     for n in SERVERS:
         rs = [r for r in mine if r["server"] == n]
@@ -248,7 +267,8 @@ def print_table(placement, name, rows, unit):
         pr, won, rounds = paired(mine, n) if n != "shardgate" else (1.0, 0, 0)
         ahead = f"{won}/{rounds}" if n != "shardgate" else ""
         print(f"{n:20s} {m['msg_per_s']:12.0f} {ratio:7.2f} {pr or 0:7.2f} {ahead:>9s} {m['p50_us']:8d} {m['p99_us']:8d} "
-              f"{statistics.median(r['server_cpu_s'] for r in ok):7.2f} {m['server_peak_rss_kib'] / 1024:7.1f} MiB")
+              f"{statistics.median(r['server_cpu_s'] for r in ok):7.2f} {m['server_peak_rss_kib'] / 1024:7.1f} MiB "
+              f"{statistics.median(r['client_busy'] for r in ok):6.0%}")
 
 
 def summarize(rows):
@@ -269,6 +289,8 @@ def summarize(rows):
                 # For memory, smaller is better: the ratio says how much a peer uses per shardgate byte.
                 ratio = round(v / base, 3)
             entry = {"median": v, "ratio_to_shardgate": ratio}
+            if metric != "bytes/conn":
+                entry["client_busy"] = statistics.median(r["client_busy"] for r in mine if r["server"] == n)
             if n != "shardgate" and metric != "bytes/conn":
                 pr, won, rounds = paired(mine, n)
                 entry["paired_ratio"] = round(pr, 3) if pr is not None else None
