@@ -125,6 +125,76 @@ fn many_connections_echoing_large_messages_at_once_each_get_their_own_bytes_back
 }
 
 #[test]
+fn a_flooding_connection_does_not_hold_up_the_others() {
+    // One client sends 16 KiB messages faster than the gateway echoes them, so its socket
+    // never runs dry. Another connection's small messages must still be answered at once:
+    // each connection gets one full read per executor pass, not as many as its client can
+    // feed until the executor's task slice (100 ms) runs out.
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::time::Instant;
+    let gw = Gateway::start(&["--shards", "1"]);
+    let flood = raw_upgrade(gw.addr, "/echo");
+    let mut frame = Vec::new();
+    let payload = vec![7u8; 16 * 1024];
+    shardgate::ws::frame::write_frame(
+        &mut frame,
+        true,
+        shardgate::ws::OpCode::Binary,
+        &payload,
+        Some([1, 2, 3, 4]),
+    );
+    let burst = frame.repeat(64);
+    let (stop, echoed) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+    let writer = {
+        let (mut socket, stop) = (flood.try_clone().unwrap(), stop.clone());
+        std::thread::spawn(
+            move || {
+                while !stop.load(Ordering::Relaxed) && socket.write_all(&burst).is_ok() {}
+            },
+        )
+    };
+    let reader = {
+        let (mut socket, echoed) = (flood.try_clone().unwrap(), echoed.clone());
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 16];
+            while let Ok(n @ 1..) = socket.read(&mut buf) {
+                echoed.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        })
+    };
+    // The flood is flowing: 8 MiB of echoes are back.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while echoed.load(Ordering::Relaxed) < 8 << 20 {
+        assert!(Instant::now() < deadline, "the flood never got going");
+        std::thread::yield_now();
+    }
+    let mut probe = raw_upgrade(gw.addr, "/echo");
+    let before = echoed.load(Ordering::Relaxed);
+    let mut round_trips = Vec::new();
+    for _ in 0..21 {
+        let sent = Instant::now();
+        write_frame(&mut probe, 0x82, b"probe");
+        let (opcode, echo) = read_frame(&mut probe).unwrap();
+        round_trips.push(sent.elapsed());
+        assert_eq!((opcode, &echo[..]), (0x2, &b"probe"[..]));
+    }
+    let during = echoed.load(Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    let _ = flood.shutdown(std::net::Shutdown::Both);
+    writer.join().unwrap();
+    reader.join().unwrap();
+    round_trips.sort();
+    // Served in turn, a probe waits at most a pass: under a millisecond here. Held up by
+    // the flood, at least one of 21 probes waited a whole task slice (97-300 ms).
+    assert!(
+        round_trips[20] < Duration::from_millis(50),
+        "probe round trips: {round_trips:?}"
+    );
+    assert!(during > before, "the flood was served too while the probes were");
+}
+
+#[test]
 fn healthz_answers_200_without_upgrading() {
     let gw = Gateway::start(&["--shards", "1"]);
     let resp = http_exchange(gw.addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");

@@ -61,6 +61,8 @@ struct Entry {
     /// When the waiting read gives up.
     deadline: Option<Instant>,
     timed_out: bool,
+    /// The executor pass in which a read last filled the buffer (see `read`).
+    full_read_pass: Option<u64>,
 }
 
 /// A listening socket as its shard sees it: accepts wait on the epoll set too.
@@ -98,6 +100,10 @@ pub struct ShardContext {
     listeners: RefCell<Vec<ListenerEntry>>,
     /// What the last `epoll_wait` returned (reused).
     events: RefCell<Vec<libc::epoll_event>>,
+    /// Executor passes ended so far.
+    pass: Cell<u64>,
+    /// Connections that had their full read this pass and wait for the next one.
+    next_pass: RefCell<Vec<usize>>,
     /// An `epoll_wait` failure is reported once.
     epoll_failed: Cell<bool>,
     /// No read deadline falls before this (see `expire_deadlines`).
@@ -124,7 +130,14 @@ impl glommio::ExternalPoller for ShardContext {
     }
 
     fn end_pass(&self) -> usize {
-        self.flush_batch()
+        let mut woke = self.flush_batch();
+        self.pass.set(self.pass.get() + 1);
+        let mut next_pass = self.next_pass.borrow_mut();
+        woke += next_pass.len();
+        for slot in next_pass.drain(..) {
+            self.wake(slot);
+        }
+        woke
     }
 }
 
@@ -153,6 +166,8 @@ impl ShardContext {
             poller: Poller::new()?,
             listeners: RefCell::new(Vec::new()),
             events: RefCell::new(event_buffer()),
+            pass: Cell::new(0),
+            next_pass: RefCell::new(Vec::new()),
             epoll_failed: Cell::new(false),
             earliest_deadline: Cell::new(None),
             sweep_at: Cell::new(None),
@@ -307,7 +322,12 @@ impl ShardContext {
             let Some(entry) = connections.get_mut(key) else {
                 return Poll::Ready(Ok(ReadOutcome::Eof));
             };
-            if entry.readable {
+            if entry.readable && entry.full_read_pass == Some(self.pass.get()) {
+                // One full read per connection per pass: a connection whose client refills
+                // it as fast as we answer would otherwise keep the pass from ending, and
+                // the others' input (polled between passes) would wait for the task slice.
+                self.next_pass.borrow_mut().push(key);
+            } else if entry.readable {
                 let mut rx = self.rx.borrow_mut();
                 let at = self.rx_at.get();
                 match recv(stream.as_raw_fd(), &mut rx[at..at + RX_BUFFER]) {
@@ -315,6 +335,9 @@ impl ShardContext {
                     Ok(n) => {
                         // A short read drained the socket: wait for the next edge.
                         entry.readable = n == RX_BUFFER;
+                        if entry.readable {
+                            entry.full_read_pass = Some(self.pass.get());
+                        }
                         entry.deadline = None;
                         return Poll::Ready(Ok(ReadOutcome::Data(n)));
                     }
