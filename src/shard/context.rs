@@ -28,10 +28,10 @@ use crate::config::Config;
 
 /// One read takes up to this much from a socket. A read that fills it is the
 /// connection's last of the executor pass (see `read`), so this is also what a busy
-/// connection gets per turn: 256 KiB takes nearly a whole window of 16 messages of 16 KiB
-/// in one `recv`, answered by one `sendmsg`. With 64 KiB, a turn was 4 such messages, and both
-/// ends made more, smaller system calls for the same bytes (about a quarter fewer msg/s at
-/// 16 × 16 KiB in flight; bench/README, change 13).
+/// connection gets per turn: 256 KiB takes nearly a whole window of 16 messages of
+/// 16 KiB in one `recv`, answered by one `sendmsg`. With 64 KiB, a turn was 4 such
+/// messages, and both ends made more, smaller system calls for the same bytes (about a
+/// quarter fewer msg/s at 16 × 16 KiB in flight; bench/README, change 13).
 pub const RX_BUFFER: usize = 256 * 1024;
 /// The shard's receive buffer. Reads land at `rx_at`; echo answers that lie whole in it
 /// join the send batch in place, and the next read lands after them, until the batch is
