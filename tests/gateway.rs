@@ -565,3 +565,45 @@ fn no_echo_turns_the_echo_endpoint_off() {
     let resp = http_exchange(gw.addr, upgrade_request("/echo", "").as_bytes());
     assert!(resp.starts_with("HTTP/1.1 404 "), "{resp}");
 }
+
+/// Segments that have arrived on `s` so far (`TCP_INFO`).
+fn segments_in(s: &TcpStream) -> u32 {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a zeroed tcp_info is valid; the kernel fills at most `len` bytes of it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    info.tcpi_segs_in
+}
+
+#[test]
+fn the_answer_to_a_close_arrives_with_the_fin() {
+    // The server's Close and its FIN share one segment: the peer takes in one packet
+    // fewer at every closing handshake. Counted on the client's socket, from our Close to
+    // the end of the stream (on loopback nothing else arrives in between).
+    let gw = Gateway::start(&["--shards", "1"]);
+    for _ in 0..20 {
+        let mut s = raw_upgrade(gw.addr, "/echo");
+        write_frame(&mut s, 0x82, b"ping");
+        assert_eq!(read_frame(&mut s).unwrap(), (0x2, b"ping".to_vec()));
+        let before = segments_in(&s);
+        write_frame(&mut s, 0x88, &1000u16.to_be_bytes());
+        assert_eq!(read_frame(&mut s).unwrap(), (0x8, 1000u16.to_be_bytes().to_vec()));
+        let mut rest = Vec::new();
+        assert_eq!(
+            s.read_to_end(&mut rest).unwrap(),
+            0,
+            "the server closes after its Close"
+        );
+        assert_eq!(segments_in(&s) - before, 1, "the Close and the FIN came apart");
+    }
+}

@@ -392,7 +392,7 @@ async fn websocket(
         if next != Next::Continue {
             drop(registration.take());
         }
-        if finish_round(ctx, &out, &mut cork, &mut leftover, fd, false).is_err() {
+        if finish_round(ctx, &out, &mut cork, &mut leftover, fd, false, next == Next::Close).is_err() {
             return;
         }
         if next != Next::Continue {
@@ -479,7 +479,7 @@ async fn websocket(
         // A plain echo answer may wait for the end of the pass; anything that ends or
         // closes the connection leaves now.
         let batchable = matches!(session.app, App::Echo) && next == Next::Continue && session.state == State::Open;
-        if finish_round(ctx, &out, &mut cork, input, fd, batchable).is_err() {
+        if finish_round(ctx, &out, &mut cork, input, fd, batchable, next == Next::Close).is_err() {
             return;
         }
         if next != Next::Continue || session.state != State::Open {
@@ -505,7 +505,8 @@ impl Drop for FlushOnExit<'_> {
 /// Sends what the round put in the cork (straight away when nothing is queued before it,
 /// else behind the queue), then ends the shard's round. With `batchable`, the answer joins
 /// the shard's send batch instead, to leave with the pass's others: copied when it is
-/// small, in place when it is one frame echoed from the receive buffer.
+/// small, in place when it is one frame echoed from the receive buffer. With `fin_follows`
+/// the socket closes next, and what leaves now waits for the FIN (see `Cork::send`).
 fn finish_round(
     ctx: &ShardContext,
     out: &Rc<Outbound>,
@@ -513,6 +514,7 @@ fn finish_round(
     input: &mut [u8],
     fd: i32,
     batchable: bool,
+    fin_follows: bool,
 ) -> std::io::Result<()> {
     if !cork.is_empty() && out.is_batched() {
         // Bytes of ours wait in the batch: they must leave first.
@@ -535,7 +537,7 @@ fn finish_round(
     }
     if !cork.is_empty() {
         if out.is_empty() {
-            if let Some(rest) = cork.send(fd, input)? {
+            if let Some(rest) = cork.send(fd, input, fin_follows)? {
                 out.push_unsent(Bytes::from(rest));
             }
         } else {

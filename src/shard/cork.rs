@@ -102,11 +102,16 @@ impl Cork {
 
     /// Sends everything with as few `sendmsg` calls as the socket allows, without blocking.
     /// Returns the part the socket did not take (copied out), and empties the cork.
-    pub fn send(&mut self, fd: RawFd, input: &[u8]) -> io::Result<Option<Vec<u8>>> {
+    ///
+    /// With `fin_follows` the caller closes the socket next: the bytes go with `MSG_MORE`,
+    /// so the kernel holds them for the FIN and one segment carries both (one packet fewer
+    /// for the peer to take in at every closing handshake).
+    pub fn send(&mut self, fd: RawFd, input: &[u8], fin_follows: bool) -> io::Result<Option<Vec<u8>>> {
         debug_assert!(
             self.segments.iter().all(|s| !matches!(s, Segment::Input(_))) || input.as_ptr() as usize == self.input_addr
         );
-        let result = self.send_inner(fd, input);
+        let flags = if fin_follows { libc::MSG_MORE } else { 0 };
+        let result = self.send_inner(fd, input, flags);
         self.clear();
         if self.bytes.capacity() > RETAIN {
             self.bytes.shrink_to(RETAIN);
@@ -170,7 +175,7 @@ impl Cork {
         }
     }
 
-    fn send_inner(&self, fd: RawFd, input: &[u8]) -> io::Result<Option<Vec<u8>>> {
+    fn send_inner(&self, fd: RawFd, input: &[u8], flags: libc::c_int) -> io::Result<Option<Vec<u8>>> {
         let mut index = 0; // first segment not fully sent
         let mut offset = 0; // bytes of it already sent
         let mut iov = IoBatch::new();
@@ -182,7 +187,7 @@ impl Cork {
                 batch_len += s.len();
                 iov.push(s);
             }
-            let sent = iov.send(fd)?;
+            let sent = iov.send(fd, flags)?;
             // Advance over what was sent.
             let mut left = sent;
             while left > 0 {
@@ -257,47 +262,53 @@ impl IoBatch {
         self.len += 1;
     }
 
-    /// One non-blocking send of the slices: how much the socket took (0 when full). A
-    /// single slice goes with `send`, which the kernel takes faster than `sendmsg` (no
-    /// message header or iovec array to copy in).
-    pub fn send(&self, fd: RawFd) -> io::Result<usize> {
+    /// One non-blocking send of the slices, with `flags` besides ours: how much the socket
+    /// took (0 when full). A single slice goes with `send`, which the kernel takes faster
+    /// than `sendmsg` (no message header or iovec array to copy in).
+    pub fn send(&self, fd: RawFd, flags: libc::c_int) -> io::Result<usize> {
         // SAFETY: `push` initialised the first `len` entries.
         let iov = unsafe { std::slice::from_raw_parts(self.iov.as_ptr().cast::<libc::iovec>(), self.len) };
         match iov {
             [one] => {
                 // SAFETY: the slice's memory outlives the call (see `push`).
-                send_now(fd, unsafe {
-                    std::slice::from_raw_parts(one.iov_base as *const u8, one.iov_len)
-                })
+                send_with(
+                    fd,
+                    unsafe { std::slice::from_raw_parts(one.iov_base as *const u8, one.iov_len) },
+                    flags,
+                )
             }
-            _ => sendmsg_now(fd, iov),
+            _ => sendmsg_now(fd, iov, flags),
         }
     }
 }
 
 /// One non-blocking `send` of one buffer: how much the socket took (0 when it is full).
 pub fn send_now(fd: RawFd, bytes: &[u8]) -> io::Result<usize> {
+    send_with(fd, bytes, 0)
+}
+
+fn send_with(fd: RawFd, bytes: &[u8], flags: libc::c_int) -> io::Result<usize> {
     // SAFETY: `bytes` outlives the call.
     let n = unsafe {
         libc::send(
             fd,
             bytes.as_ptr().cast(),
             bytes.len(),
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL | flags,
         )
     };
     sent(n)
 }
 
 /// One non-blocking `sendmsg`: how much the socket took (0 when it is full).
-fn sendmsg_now(fd: RawFd, iov: &[libc::iovec]) -> io::Result<usize> {
+fn sendmsg_now(fd: RawFd, iov: &[libc::iovec], flags: libc::c_int) -> io::Result<usize> {
     // SAFETY: a zeroed msghdr is valid; we set only the iovec array, which outlives the call
     // and whose entries point into slices that do too.
     let n = unsafe {
         let mut msg: libc::msghdr = std::mem::zeroed();
         msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
         msg.msg_iovlen = iov.len();
-        libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL | flags)
     };
     sent(n)
 }
@@ -336,7 +347,7 @@ mod tests {
 
         let (a, mut b) = UnixStream::pair().unwrap();
         let expected_len = cork.len();
-        let rest = cork.send(a.as_raw_fd(), &input).unwrap();
+        let rest = cork.send(a.as_raw_fd(), &input, false).unwrap();
         assert!(rest.is_none());
         assert!(cork.is_empty());
         drop(a);
@@ -391,7 +402,7 @@ mod tests {
         let total = cork.len();
         let (mut a, mut b) = UnixStream::pair().unwrap();
         let rest = cork
-            .send(a.as_raw_fd(), input)
+            .send(a.as_raw_fd(), input, false)
             .unwrap()
             .expect("the frames are larger than a socket buffer");
         assert!(!rest.is_empty() && rest.len() < total);

@@ -171,7 +171,7 @@ impl Outbound {
                 batch_len += s.len();
                 iov.push(s);
             }
-            let sent = iov.send(self.fd)?;
+            let sent = iov.send(self.fd, 0)?;
             self.advance(&mut queue, sent, latency);
             if sent < batch_len {
                 break;
