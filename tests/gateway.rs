@@ -586,24 +586,29 @@ fn segments_in(s: &TcpStream) -> u32 {
 }
 
 #[test]
-fn the_answer_to_a_close_arrives_with_the_fin() {
-    // The server's Close and its FIN share one segment: the peer takes in one packet
-    // fewer at every closing handshake. Counted on the client's socket, from our Close to
-    // the end of the stream (on loopback nothing else arrives in between).
+fn the_servers_close_arrives_with_its_fin() {
+    // The server's last Close and its FIN share one segment: the peer takes in one packet
+    // fewer at every close. Counted on the client's socket, from the client's last frame
+    // to the end of the stream (on loopback nothing else arrives in between): the answer
+    // to a Close, and a Close for a protocol error.
     let gw = Gateway::start(&["--shards", "1"]);
-    for _ in 0..20 {
-        let mut s = raw_upgrade(gw.addr, "/echo");
-        write_frame(&mut s, 0x82, b"ping");
-        assert_eq!(read_frame(&mut s).unwrap(), (0x2, b"ping".to_vec()));
-        let before = segments_in(&s);
-        write_frame(&mut s, 0x88, &1000u16.to_be_bytes());
-        assert_eq!(read_frame(&mut s).unwrap(), (0x8, 1000u16.to_be_bytes().to_vec()));
-        let mut rest = Vec::new();
-        assert_eq!(
-            s.read_to_end(&mut rest).unwrap(),
-            0,
-            "the server closes after its Close"
-        );
-        assert_eq!(segments_in(&s) - before, 1, "the Close and the FIN came apart");
+    let cases: [(u8, &[u8], u16); 2] = [(0x88, &1000u16.to_be_bytes(), 1000), (0x83, b"op3", 1002)];
+    for (first, payload, code) in cases {
+        for _ in 0..10 {
+            let mut s = raw_upgrade(gw.addr, "/echo");
+            write_frame(&mut s, 0x82, b"ping");
+            assert_eq!(read_frame(&mut s).unwrap(), (0x2, b"ping".to_vec()));
+            let before = segments_in(&s);
+            write_frame(&mut s, first, payload);
+            let (op, body) = read_frame(&mut s).unwrap();
+            assert_eq!((op, close_code(&body)), (0x8, code));
+            let mut rest = Vec::new();
+            assert_eq!(
+                s.read_to_end(&mut rest).unwrap(),
+                0,
+                "the server closes after its Close"
+            );
+            assert_eq!(segments_in(&s) - before, 1, "Close {code} and the FIN came apart");
+        }
     }
 }

@@ -392,7 +392,7 @@ async fn websocket(
         if next != Next::Continue {
             drop(registration.take());
         }
-        if finish_round(ctx, &out, &mut cork, &mut leftover, fd, false, next == Next::Close).is_err() {
+        if finish_round(ctx, &out, &mut cork, &mut leftover, fd, false, next != Next::Continue).is_err() {
             return;
         }
         if next != Next::Continue {
@@ -479,7 +479,7 @@ async fn websocket(
         // A plain echo answer may wait for the end of the pass; anything that ends or
         // closes the connection leaves now.
         let batchable = matches!(session.app, App::Echo) && next == Next::Continue && session.state == State::Open;
-        if finish_round(ctx, &out, &mut cork, input, fd, batchable, next == Next::Close).is_err() {
+        if finish_round(ctx, &out, &mut cork, input, fd, batchable, next != Next::Continue).is_err() {
             return;
         }
         if next != Next::Continue || session.state != State::Open {
@@ -506,7 +506,8 @@ impl Drop for FlushOnExit<'_> {
 /// else behind the queue), then ends the shard's round. With `batchable`, the answer joins
 /// the shard's send batch instead, to leave with the pass's others: copied when it is
 /// small, in place when it is one frame echoed from the receive buffer. With `fin_follows`
-/// the socket closes next, and what leaves now waits for the FIN (see `Cork::send`).
+/// the socket (or its sending side) closes next, and what leaves now waits for the FIN
+/// (see `Cork::send`).
 fn finish_round(
     ctx: &ShardContext,
     out: &Rc<Outbound>,

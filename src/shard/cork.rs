@@ -103,9 +103,9 @@ impl Cork {
     /// Sends everything with as few `sendmsg` calls as the socket allows, without blocking.
     /// Returns the part the socket did not take (copied out), and empties the cork.
     ///
-    /// With `fin_follows` the caller closes the socket next: the bytes go with `MSG_MORE`,
-    /// so the kernel holds them for the FIN and one segment carries both (one packet fewer
-    /// for the peer to take in at every closing handshake).
+    /// With `fin_follows` the caller closes the socket (or shuts down its sending side)
+    /// next: the bytes go with `MSG_MORE`, so the kernel holds them for the FIN and one
+    /// segment carries both (one packet fewer for the peer to take in at every close).
     pub fn send(&mut self, fd: RawFd, input: &[u8], fin_follows: bool) -> io::Result<Option<Vec<u8>>> {
         debug_assert!(
             self.segments.iter().all(|s| !matches!(s, Segment::Input(_))) || input.as_ptr() as usize == self.input_addr
