@@ -612,3 +612,28 @@ fn the_servers_close_arrives_with_its_fin() {
         }
     }
 }
+
+#[test]
+fn a_close_followed_by_more_bytes_still_gets_its_answer() {
+    // A peer that keeps sending after its Close breaks RFC 6455 §5.5.1, but it must still
+    // get our Close: bytes left unread when the socket closes make the kernel reset the
+    // connection, and a reset throws away whatever had not left yet.
+    let gw = Gateway::start(&["--shards", "1"]);
+    for _ in 0..10 {
+        let mut s = raw_upgrade(gw.addr, "/echo");
+        let mut close = Vec::new();
+        shardgate::ws::write_close(&mut close, 1000, "", Some([1, 2, 3, 4]));
+        close.extend_from_slice(&vec![0x55u8; 600 * 1024]);
+        // The gateway stops reading after the Close, so the rest may never be taken.
+        let writer = {
+            let mut s = s.try_clone().unwrap();
+            std::thread::spawn(move || {
+                let _ = s.write_all(&close);
+            })
+        };
+        let (op, body) = read_frame(&mut s).expect("the server's Close, not a reset");
+        assert_eq!((op, close_code(&body)), (0x8, 1000));
+        let _ = s.shutdown(std::net::Shutdown::Both);
+        writer.join().unwrap();
+    }
+}

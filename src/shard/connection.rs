@@ -416,9 +416,14 @@ async fn websocket(
         }
         match next {
             Next::Continue => {}
-            // The closing handshake is complete: closing the socket (on return) sends our
-            // FIN; the peer has nothing more to send, so no reset can cut anything off.
-            Next::Close => return,
+            // The closing handshake is complete. Shutting the sending side down sends our
+            // Close (held by `fin_follows`) with the FIN, even if a peer that broke §5.5.1
+            // sent more after its Close: closing with bytes unread would reset the
+            // connection and drop the Close unsent.
+            Next::Close => {
+                let _ = stream.shutdown(Shutdown::Write).await;
+                return;
+            }
             Next::Fail => {
                 linger_close(ctx, stream, Some(slot)).await;
                 return;
