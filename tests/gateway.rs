@@ -637,3 +637,40 @@ fn a_close_followed_by_more_bytes_still_gets_its_answer() {
         writer.join().unwrap();
     }
 }
+
+/// CPU time (user + system) the process has used so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which ends at the last ')': utime and stime are the
+    // 12th and 13th of them.
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn an_idle_gateway_sleeps() {
+    // Shards look again before sleeping (they yield the CPU first); a wait that kept
+    // returning at once would spin them at 100% of a CPU each, with connections open
+    // and after traffic as much as before.
+    let gw = Gateway::start(&["--shards", "2"]);
+    let mut clients: Vec<TcpStream> = (0..100).map(|_| raw_upgrade(gw.addr, "/echo")).collect();
+    for s in &mut clients {
+        write_frame(s, 0x82, b"once");
+        assert_eq!(read_frame(s).unwrap(), (0x2, b"once".to_vec()));
+    }
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    let before = cpu_ticks(gw.pid());
+    // The measurement window: how much CPU two idle shards use in two seconds.
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(gw.pid()) - before;
+    // Two spinning shards would use 4 s; an idle gateway uses next to nothing.
+    assert!(
+        used * 10 < ticks_per_s,
+        "an idle gateway used {used} ticks of CPU in 2 s"
+    );
+    for s in &mut clients {
+        write_frame(s, 0x82, b"still there");
+        assert_eq!(read_frame(s).unwrap(), (0x2, b"still there".to_vec()));
+    }
+}
