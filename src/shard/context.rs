@@ -23,6 +23,7 @@ use super::hub::Hub;
 use super::outbound::Outbound;
 use super::readiness::{event_buffer, Poller, LISTENER_KEY, WAKE_KEY};
 use super::send_batch::SendBatch;
+use super::yield_policy::YieldPolicy;
 use crate::chat::auth::Authenticator;
 use crate::config::Config;
 
@@ -122,6 +123,7 @@ pub struct ShardContext {
     /// Connections open in the whole process (every shard), against `max_connections`.
     open_connections: Arc<AtomicUsize>,
     max_connections: usize,
+    yield_policy: RefCell<YieldPolicy>,
 }
 
 impl glommio::ExternalPoller for ShardContext {
@@ -131,16 +133,22 @@ impl glommio::ExternalPoller for ShardContext {
 
     fn park(&self, timeout: Option<Duration>) -> usize {
         if timeout != Some(Duration::ZERO) {
-            // Before sleeping, let whatever else waits for this CPU run first, and look
-            // again. A thread sharing the CPU (a client on the same host, a sidecar) is
-            // often the one about to send us work: it runs now, and the shard comes back
-            // without the sleep and the wake-up it would cost both sides. On a CPU of its
-            // own the yield returns at once. See "Yield before sleeping" in bench/README.md.
-            // SAFETY: sched_yield takes no arguments and cannot fail on Linux.
-            unsafe { libc::sched_yield() };
-            let woke = self.take_events(Some(Duration::ZERO));
-            if !self.events.borrow().is_empty() {
-                return woke;
+            let start = Instant::now();
+            if self.yield_policy.borrow().may_yield(start) {
+                // Before sleeping, let whatever else waits for this CPU run first, and
+                // look again. A thread sharing the CPU (a client on the same host) is
+                // often the one about to send us work: it runs now, and the shard comes
+                // back without the sleep and the wake-up it would cost both sides. On a
+                // CPU of its own the yield returns at once; beside a CPU-bound thread it
+                // can take a whole time slice, and `YieldPolicy` then pauses yields.
+                // See change 15 in bench/README.md.
+                // SAFETY: sched_yield takes no arguments and cannot fail on Linux.
+                unsafe { libc::sched_yield() };
+                self.yield_policy.borrow_mut().yielded(start, Instant::now());
+                let woke = self.take_events(Some(Duration::ZERO));
+                if !self.events.borrow().is_empty() {
+                    return woke;
+                }
             }
         }
         self.take_events(timeout)
@@ -194,6 +202,7 @@ impl ShardContext {
             drained: RefCell::new(None),
             open_connections,
             max_connections,
+            yield_policy: RefCell::new(YieldPolicy::default()),
         })
     }
 

@@ -12,6 +12,7 @@ mod outbound;
 mod readiness;
 mod send_batch;
 mod shutdown;
+mod yield_policy;
 
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::rc::Rc;
