@@ -649,9 +649,9 @@ fn cpu_ticks(pid: u32) -> u64 {
 
 #[test]
 fn an_idle_gateway_sleeps() {
-    // Shards look again before sleeping (they yield the CPU first); a wait that kept
-    // returning at once would spin them at 100% of a CPU each, with connections open
-    // and after traffic as much as before.
+    // Shards yield the CPU and look again before they sleep; a look that kept finding
+    // something (or a wait that kept returning at once) would spin them at 100% of a CPU
+    // each. Checked with connections open, after traffic.
     let gw = Gateway::start(&["--shards", "2"]);
     let mut clients: Vec<TcpStream> = (0..100).map(|_| raw_upgrade(gw.addr, "/echo")).collect();
     for s in &mut clients {

@@ -25,6 +25,7 @@ pub struct YieldPolicy {
     paused_until: Option<Instant>,
     /// The pause that the next long yield sets.
     next_pause: Duration,
+    /// When the last long yield ended.
     last_long: Option<Instant>,
 }
 
@@ -39,6 +40,7 @@ impl Default for YieldPolicy {
 }
 
 impl YieldPolicy {
+    /// Whether a shard about to sleep at `now` should yield first.
     pub fn may_yield(&self, now: Instant) -> bool {
         self.paused_until.is_none_or(|until| now >= until)
     }
