@@ -158,7 +158,7 @@ started=$(now_ms)
 peak_rss=0 peak_conns=0
 # Shard threads by the ids each gateway printed at start ("shard 0: cpu 0 (…), thread 1234, …").
 shard_cpu() { for k in "${!pids[@]}"; do
-  grep -o '^shard [0-9]*: .*thread [0-9]*' "$results/gateway-$k.log" | sed -E 's/^shard ([0-9]+):.*thread ([0-9]+)/\1 \2/' |
+  grep -o 'shard [0-9]*: .*thread [0-9]*' "$results/gateway-$k.log" | sed -E 's/^shard ([0-9]+):.*thread ([0-9]+)/\1 \2/' |
   while read -r shard tid; do echo "gateway-$k/shard-$shard $(awk '{print $14+$15}' "/proc/${pids[$k]}/task/$tid/stat")"; done; done; }
 cpu_start= cpu_start_time=
 while kill -0 "$load_pid" 2>/dev/null; do

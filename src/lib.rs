@@ -1,16 +1,23 @@
 //! shardgate: a WebSocket chat gateway for Linux on io_uring, one pinned shard per core.
 //!
+//! From the bottom up (each module imports only those listed before it):
+//! - [`sys`]: every system call, and so every `unsafe` block.
 //! - [`ws`]: the WebSocket protocol, sans IO (bytes in, events out).
-//! - [`shard`]: executors, listeners and the connection driver.
-//! - [`config`]: flags, the TOML file, defaults.
+//! - [`mailbox`], [`shutdown`]: channels with a doorbell, for handing work to a shard.
+//! - [`metrics`]: latency histograms and the report line.
 //! - [`route`]: messages between shards, the directory of who is where.
+//! - [`config`]: flags, the TOML file, defaults, from one table.
 //! - [`cluster`]: many nodes as one, through NATS.
-//! - [`chat`], [`metrics`]: the chat protocol and auth; latency histograms and reports.
+//! - [`chat`]: the chat application (auth, protocol, sessions, the hub), apart from IO.
+//! - [`shard`]: executors, listeners, buffers and the connection driver.
 
 pub mod chat;
 pub mod cluster;
 pub mod config;
+pub mod mailbox;
 pub mod metrics;
 pub mod route;
 pub mod shard;
+pub mod shutdown;
+pub mod sys;
 pub mod ws;

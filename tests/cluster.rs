@@ -53,7 +53,10 @@ fn node(name: &str, url: &str, prefix: &str, extra: &[&str]) -> Node {
     args.extend_from_slice(extra);
     let mut gw = Gateway::start(&args);
     let line = gw.seen_or_wait("cluster: node ");
-    let id = line["cluster: node ".len()..]
+    let id = line
+        .split("cluster: node ")
+        .nth(1)
+        .expect("node line")
         .split(',')
         .next()
         .expect("node id")

@@ -209,7 +209,7 @@ async fn run_thread(args: Args, connections: usize) -> (Histogram<u64>, Stats) {
         failed += lost;
         // The closing handshake is not waited for: the measured window is over.
         let mut close = Vec::new();
-        shardgate::ws::write_close(&mut close, 1000, "", Some([1, 2, 3, 4]));
+        shardgate::ws::write_close(&mut close, shardgate::ws::CloseCode::NORMAL, "", Some([1, 2, 3, 4]));
         for s in &streams {
             let _ = send_now(s.as_raw_fd(), &close);
         }
@@ -273,7 +273,7 @@ async fn handshake_loop(
     let mut frame = Vec::new();
     write_frame(&mut frame, true, OpCode::Binary, &payload, Some(mask));
     let mut close = Vec::new();
-    shardgate::ws::write_close(&mut close, 1000, "", Some(mask));
+    shardgate::ws::write_close(&mut close, shardgate::ws::CloseCode::NORMAL, "", Some(mask));
     let mut buf = vec![0u8; 64 * 1024];
     let mut failed = 0;
     while Instant::now() < deadline {

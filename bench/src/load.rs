@@ -140,7 +140,7 @@ fn main() {
     if args.processes == 0 && args.child_offset.is_none() {
         // One descriptor per connection: past what one process may open, split into
         // processes (the open-file limit cannot always be raised, e.g. in a sandbox).
-        let nofile = shardgate::shard::limits::raise_nofile().unwrap_or(1024) as usize;
+        let nofile = shardgate::sys::process::raise_nofile().unwrap_or(1024) as usize;
         let per_process = nofile.saturating_sub(256).max(group) / group * group;
         let needed = args.connections.div_ceil(per_process);
         if needed > 1 {
@@ -795,7 +795,7 @@ async fn run_user(th: Rc<Thread>, local: usize, global: usize, cred: String, sta
         }
     }
     let mut close = Vec::new();
-    write_close(&mut close, 1000, "", Some(mask));
+    write_close(&mut close, shardgate::ws::CloseCode::NORMAL, "", Some(mask));
     let _ = stream.write_all(&close).await;
 }
 

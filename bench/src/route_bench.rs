@@ -21,7 +21,7 @@ use clap::{Parser, Subcommand};
 use glommio::{LocalExecutorBuilder, Placement};
 use hdrhistogram::Histogram;
 use shardgate::route::directory::Router;
-use shardgate::route::inbox::{Inbox, Mesh};
+use shardgate::route::inbox::Mesh;
 use shardgate::route::ShardMsg;
 
 #[derive(Parser)]
@@ -82,14 +82,12 @@ fn main() {
 
 fn hop(paced: u64, interval: Duration, burst: u64, batch: u64, cpus: &[usize]) {
     let (tx_cpu, rx_cpu) = (cpus[0], cpus.get(1).copied().unwrap_or(cpus[0]));
-    let (mesh, mut receivers) = Mesh::new(2);
-    let receiver = receivers.pop().expect("shard 1's inbox");
+    let (mesh, mut inboxes) = Mesh::new(2);
+    let inbox = inboxes.pop().expect("shard 1's inbox");
     let total = paced + burst;
-    let rx_mesh = mesh.clone();
     let consumer = LocalExecutorBuilder::new(Placement::Fixed(rx_cpu))
         .name("hop-rx")
         .spawn(move || async move {
-            let inbox = Inbox::new(1, receiver, rx_mesh);
             let (mut latency, mut received) = (histogram(), 0u64);
             let mut batch_buf = Vec::with_capacity(4096);
             let mut burst_started = None;

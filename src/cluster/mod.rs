@@ -13,41 +13,19 @@ pub mod node;
 pub mod presence;
 pub mod wire;
 
-use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Instant;
 
-use atomic_waker::AtomicWaker;
 use bytes::Bytes;
-use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use crossbeam_channel::Receiver;
 
-use crate::route::ConnId;
+use crate::mailbox::Mailbox;
+use crate::route::AckTo;
 
 /// Messages waiting for the cluster thread beyond which shards refuse cross-node sends
 /// (answered `rate_limited`), so a stalled NATS link cannot grow memory without bound.
 pub const CLUSTER_QUEUE_LIMIT: usize = 1 << 20;
-
-/// Where the answer to a cross-node send goes: a connection of a shard, and the
-/// client's `id` for its ack.
-#[derive(Debug, Clone)]
-pub struct AckTo {
-    pub shard: usize,
-    pub conn: ConnId,
-    pub id: Option<Box<str>>,
-}
-
-/// How a cross-node send ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// A node holding the recipient took it.
-    Routed,
-    /// No node holds a connection of the recipient.
-    Offline,
-    /// NATS is unreachable, or a node did not answer in time: it may not have arrived.
-    Unavailable,
-}
 
 /// What a shard sends the cluster thread.
 #[derive(Debug)]
@@ -81,35 +59,31 @@ pub enum ToCluster {
     },
 }
 
-/// The shards' side of the cluster thread.
+/// The shards' side of the cluster thread: its mailbox, and whether NATS is up.
 pub struct ClusterLink {
-    tx: Sender<ToCluster>,
-    doorbell: AtomicWaker,
+    mailbox: Arc<Mailbox<ToCluster>>,
     up: AtomicBool,
-    /// The shards are gone: the cluster thread says bye and ends.
-    closed: AtomicBool,
 }
 
 impl ClusterLink {
     pub fn new() -> (Arc<ClusterLink>, Receiver<ToCluster>) {
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let link = Arc::new(ClusterLink {
-            tx,
-            doorbell: AtomicWaker::new(),
-            up: AtomicBool::new(false),
-            closed: AtomicBool::new(false),
-        });
-        (link, rx)
+        let (mailbox, rx) = Mailbox::new();
+        (
+            Arc::new(ClusterLink {
+                mailbox,
+                up: AtomicBool::new(false),
+            }),
+            rx,
+        )
     }
 
     /// Queues `msg` without waking the cluster thread (ring once per round).
     pub fn push(&self, msg: ToCluster) {
-        // The cluster thread lives as long as the shards; a send after it stopped is moot.
-        let _ = self.tx.send(msg);
+        self.mailbox.push(msg);
     }
 
     pub fn ring(&self) {
-        self.doorbell.wake();
+        self.mailbox.ring();
     }
 
     /// Is the NATS connection up (as last reported by the cluster thread)?
@@ -123,42 +97,18 @@ impl ClusterLink {
 
     /// Tells the cluster thread to finish (every shard has stopped).
     pub fn close(&self) {
-        self.closed.store(true, Ordering::Release);
-        self.doorbell.wake();
+        self.mailbox.close();
     }
 
     /// Would one more message exceed the queue limit?
     pub fn is_full(&self) -> bool {
-        self.tx.len() >= CLUSTER_QUEUE_LIMIT
+        self.mailbox.len() >= CLUSTER_QUEUE_LIMIT
     }
 
     /// Waits for work, then moves up to `max` messages into `batch`. False once closed
     /// and drained.
     pub async fn next_batch(&self, rx: &Receiver<ToCluster>, batch: &mut Vec<ToCluster>, max: usize) -> bool {
-        poll_fn(|cx| {
-            batch.extend(rx.try_iter().take(max));
-            if !batch.is_empty() {
-                return Poll::Ready(true);
-            }
-            self.doorbell.register(cx.waker());
-            // Drained again after registering, so a message sent in between is not missed.
-            batch.extend(rx.try_iter().take(max));
-            if !batch.is_empty() {
-                return Poll::Ready(true);
-            }
-            if self.closed.load(Ordering::Acquire) {
-                return Poll::Ready(false);
-            }
-            match rx.try_recv() {
-                Err(TryRecvError::Disconnected) => Poll::Ready(false),
-                Ok(msg) => {
-                    batch.push(msg);
-                    Poll::Ready(true)
-                }
-                Err(TryRecvError::Empty) => Poll::Pending,
-            }
-        })
-        .await
+        self.mailbox.next_batch(rx, batch, max).await
     }
 }
 

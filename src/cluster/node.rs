@@ -22,10 +22,11 @@ use futures_util::StreamExt;
 
 use super::presence::{Action, Presence};
 use super::wire::{self, BatchWriter, NodeId, ReceiptWriter, RecordKind};
-use super::{instant_to_unix_nanos, unix_nanos, unix_nanos_to_instant, AckTo, ClusterLink, Outcome, ToCluster};
+use super::{instant_to_unix_nanos, unix_nanos, unix_nanos_to_instant, ClusterLink, ToCluster};
 use crate::route::inbox::Mesh;
+use crate::route::{AckTo, Outcome};
 use crate::route::{ShardMask, ShardMsg};
-use crate::shard::Shutdown;
+use crate::shutdown::Shutdown;
 
 /// How the node joins the cluster.
 #[derive(Debug, Clone)]
@@ -83,13 +84,13 @@ pub fn spawn(
     std::thread::Builder::new().name("cluster".into()).spawn(move || {
         if let Some(cpu) = config.cpu {
             if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
-                println!("cluster: cannot pin to CPU {cpu}; running unpinned");
+                tracing::warn!("cluster: cannot pin to CPU {cpu}; running unpinned");
             }
         }
         let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(rt) => rt,
             Err(e) => {
-                println!("cluster: cannot start the NATS runtime: {e}; this node serves local traffic only");
+                tracing::warn!("cluster: cannot start the NATS runtime: {e}; this node serves local traffic only");
                 return;
             }
         };
@@ -185,7 +186,7 @@ async fn run(
     let client = match connect {
         Ok(c) => c,
         Err(e) => {
-            println!(
+            tracing::warn!(
                 "cluster: cannot use NATS at {}: {e}; this node serves local traffic only",
                 config.url
             );
@@ -202,13 +203,14 @@ async fn run(
     let (mut presence_sub, mut own_sub) = match subscribed.await {
         Ok(subs) => subs,
         Err(e) => {
-            println!("cluster: cannot subscribe: {e}; this node serves local traffic only");
+            tracing::warn!("cluster: cannot subscribe: {e}; this node serves local traffic only");
             return;
         }
     };
-    println!(
+    tracing::info!(
         "cluster: node {me:016x}, NATS {} (subjects {p}.presence, {p}.node.{me:016x}.>); presence timeout {:?}",
-        config.url, config.presence_timeout
+        config.url,
+        config.presence_timeout
     );
     let mut node = Node {
         presence: Presence::new(me, config.presence_timeout),
@@ -274,7 +276,7 @@ async fn run(
                     let nodes = node.presence.synced_nodes();
                     if node.said_settled != Some(nodes) && node.settled() {
                         node.said_settled = Some(nodes);
-                        println!(
+                        tracing::info!(
                             "cluster: presence settled: {} other node(s), {} remote user(s)",
                             node.presence.synced_nodes(),
                             node.presence.remote_users()
@@ -297,7 +299,7 @@ async fn run(
                     node.publish(format!("{}.presence", node.config.prefix), bye).await;
                     let _ = tokio::time::timeout(Duration::from_secs(1), node.client.flush()).await;
                 }
-                println!("cluster: node {me:016x} left the cluster");
+                tracing::info!("cluster: node {me:016x} left the cluster");
             }
         }
         let now = Instant::now();
@@ -523,7 +525,7 @@ impl Node {
                         self.publish(format!("{p}.node.{node:016x}.snapshot"), chunk).await;
                     }
                 }
-                Action::Say(line) => println!("{line}"),
+                Action::Say(line) => tracing::info!("{line}"),
             }
         }
     }
@@ -555,7 +557,7 @@ impl Node {
         }
         match wire::read_presence(msg.payload) {
             Ok(m) => self.presence.on_presence(m, Instant::now(), &mut self.actions),
-            Err(e) => println!("cluster: unreadable presence message: {}", e.0),
+            Err(e) => tracing::warn!("cluster: unreadable presence message: {}", e.0),
         }
     }
 
@@ -571,7 +573,7 @@ impl Node {
             let receipts = match wire::read_receipts(msg.payload) {
                 Ok(r) => r,
                 Err(e) => {
-                    println!("cluster: unreadable receipts: {}", e.0);
+                    tracing::warn!("cluster: unreadable receipts: {}", e.0);
                     return;
                 }
             };
@@ -591,7 +593,7 @@ impl Node {
         } else if rest == "snapshot" {
             match wire::read_snapshot(msg.payload) {
                 Ok(chunk) => self.presence.on_snapshot(chunk, Instant::now(), &mut self.actions),
-                Err(e) => println!("cluster: unreadable snapshot chunk: {}", e.0),
+                Err(e) => tracing::warn!("cluster: unreadable snapshot chunk: {}", e.0),
             }
         } else if rest == "resync" {
             let Ok(bytes) = <[u8; 8]>::try_from(&msg.payload[..]) else {
@@ -613,7 +615,7 @@ impl Node {
         let (sender, seq, records) = match wire::read_batch(msg.payload) {
             Ok(b) => b,
             Err(e) => {
-                println!("cluster: unreadable batch: {}", e.0);
+                tracing::warn!("cluster: unreadable batch: {}", e.0);
                 return;
             }
         };
@@ -677,7 +679,7 @@ impl Node {
                 self.connected_at = Some(Instant::now());
                 self.said_settled = None;
                 self.link.set_up(true);
-                println!("cluster: connected to NATS at {}", self.config.url);
+                tracing::info!("cluster: connected to NATS at {}", self.config.url);
                 if !self.leaving {
                     // New or back: everyone sends us their state, and learns of us.
                     let hello = wire::write_presence(&wire::PresenceMsg::Hello { node: self.presence.me });
@@ -692,15 +694,15 @@ impl Node {
                 self.presence.forget_all();
                 let waiting = self.sent.len();
                 self.fail_all();
-                println!(
+                tracing::warn!(
                     "cluster: lost NATS at {}; cross-node sends are answered 'unavailable' until it is back ({waiting} batch(es) unconfirmed)",
                     self.config.url
                 );
             }
             Event::SlowConsumer(sid) => {
-                println!("cluster: NATS dropped messages for this node (slow consumer, subscription {sid})");
+                tracing::warn!("cluster: NATS dropped messages for this node (slow consumer, subscription {sid})");
             }
-            other => println!("cluster: NATS {other}"),
+            other => tracing::info!("cluster: NATS {other}"),
         }
     }
 

@@ -124,10 +124,6 @@ impl Presence {
         self.local_rooms.get_key_value(room).map(|(k, m)| (k, *m))
     }
 
-    pub fn local_user_count(&self) -> usize {
-        self.local_users.len()
-    }
-
     /// Publishes the pending changes as one delta (none if there are none).
     pub fn flush(&mut self, out: &mut Vec<Action>) {
         if self.pending.is_empty() {

@@ -147,10 +147,6 @@ impl Router {
         self.local_rooms.get(room).into_iter().flatten()
     }
 
-    pub fn local_user_count(&self) -> usize {
-        self.local_users.len()
-    }
-
     /// The interned id for `user`, shared with the directory's maps when known.
     pub fn intern(&self, user: &str) -> Arc<str> {
         match self.users.get_key_value(user) {

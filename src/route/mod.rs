@@ -20,6 +20,26 @@ pub const MAX_SHARDS: usize = 64;
 /// A connection, unique within its shard for the life of the process.
 pub type ConnId = u64;
 
+/// Where the answer to a cross-node send goes: a connection of a shard, and the
+/// client's `id` for its ack.
+#[derive(Debug, Clone)]
+pub struct AckTo {
+    pub shard: usize,
+    pub conn: ConnId,
+    pub id: Option<Box<str>>,
+}
+
+/// How a cross-node send ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A node holding the recipient took it.
+    Routed,
+    /// No node holds a connection of the recipient.
+    Offline,
+    /// NATS is unreachable, or a node did not answer in time: it may not have arrived.
+    Unavailable,
+}
+
 /// What one shard sends another.
 #[derive(Debug, Clone)]
 pub enum ShardMsg {
@@ -50,7 +70,7 @@ pub enum ShardMsg {
     ClusterAck {
         conn: ConnId,
         id: Option<Box<str>>,
-        outcome: crate::cluster::Outcome,
+        outcome: Outcome,
     },
     /// To a user's home: shard `shard` now holds connections of `user` (or no longer does).
     Attach {

@@ -1,12 +1,11 @@
-//! What one shard shares among its connections: the receive and send buffers (one each per
-//! shard, uWebSockets-style, so an idle connection holds no buffer), the epoll set that
-//! says which sockets have input, and the registry of live connections that lets readiness,
-//! read deadlines and a stop reach every one of them.
+//! What one shard shares among its connections: its buffers and way out (`Egress`), the
+//! epoll set that says which sockets have input, and the registry of live connections
+//! that lets readiness, read deadlines and a stop reach every one of them.
 
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,30 +17,21 @@ use futures_lite::AsyncRead;
 use glommio::net::TcpStream;
 use slab::Slab;
 
-use super::cork::Cork;
-use super::hub::Hub;
-use super::outbound::Outbound;
-use super::readiness::{event_buffer, Poller, LISTENER_KEY, WAKE_KEY};
-use super::send_batch::SendBatch;
+use super::deadlines::Deadlines;
+use super::egress::{Cork, Egress, Finish, Outbound, RX_BUFFER};
 use super::yield_policy::YieldPolicy;
-use crate::chat::auth::Authenticator;
+use crate::chat::hub::Hub;
 use crate::config::Config;
+use crate::sys::epoll::{event_buffer, Poller};
+use crate::sys::{process, socket};
 
-/// One read takes up to this much from a socket. A read that fills it is the
-/// connection's last of the executor pass (see `read`), so this is also what a busy
-/// connection gets per turn: 256 KiB takes nearly a whole window of 16 messages of
-/// 16 KiB in one `recv`, answered by one `sendmsg`. With 64 KiB, a turn was 4 such
-/// messages, and both ends made more, smaller system calls for the same bytes (about a
-/// quarter fewer msg/s at 16 × 16 KiB in flight; bench/README, change 13).
-pub const RX_BUFFER: usize = 256 * 1024;
-/// The shard's receive buffer. Reads land at `rx_at`; echo answers that lie whole in it
-/// join the send batch in place, and the next read lands after them, until the batch is
-/// sent and reads start over at the beginning. Two reads' worth: four measured the same
-/// (change 13), and this CPU's L2 is 512 KiB.
-const RX_ARENA: usize = 2 * RX_BUFFER;
+/// Keys at and above this mark wake-up descriptors, not sockets (slab keys stay far below).
+const WAKE_KEY: u64 = u64::MAX - 64;
+/// Keys from here up to `WAKE_KEY` mark the shard's listening sockets.
+const LISTENER_KEY: u64 = WAKE_KEY - 64;
 
-/// What a read returned. For `Data(n)` the bytes are in `ShardContext::rx`, `n` of them
-/// from `rx_at()`, until the caller's next await: decode them before awaiting anything.
+/// What a read returned. For `Data(n)` the bytes are `egress.round(n)`'s, until the
+/// caller's next await: decode them before awaiting anything.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadOutcome {
     Data(usize),
@@ -77,27 +67,14 @@ struct ListenerEntry {
     readable: bool,
 }
 
-/// The least time between two sweeps of the read deadlines: a read times out at most this
-/// late, and deadlines close together expire in one walk.
-const DEADLINE_TICK: Duration = Duration::from_millis(20);
-
 pub struct ShardContext {
     pub id: usize,
     pub config: Arc<Config>,
-    /// The receive buffer (`RX_ARENA` bytes, never reallocated: the send batch may point
-    /// into it). A read's bytes are at `rx[rx_at()..][..n]`.
-    pub rx: RefCell<Vec<u8>>,
-    /// Where the next read lands; what lies before it waits in the send batch.
-    rx_at: Cell<usize>,
-    /// The address of `rx`'s bytes.
-    rx_addr: usize,
-    pub cork: RefCell<Cork>,
-    /// Echo answers of this executor pass, sent together when it ends.
-    pub batch: RefCell<SendBatch>,
-    pub hub: Hub,
-    pub auth: Arc<Authenticator>,
+    pub egress: Egress,
     /// Slots to wake after a round (reused, so a round allocates nothing).
     to_wake: RefCell<Vec<usize>>,
+    /// Chat queues that gained frames this round (reused).
+    dirty: RefCell<Vec<Rc<Outbound>>>,
     /// Every live connection: its waker, readiness and read deadline.
     connections: RefCell<Slab<Entry>>,
     poller: Poller,
@@ -111,13 +88,8 @@ pub struct ShardContext {
     next_pass: RefCell<Vec<usize>>,
     /// An `epoll_wait` failure is reported once.
     epoll_failed: Cell<bool>,
-    /// No read deadline falls before this (see `expire_deadlines`).
-    earliest_deadline: Cell<Option<Instant>>,
-    /// When the deadline sweep means to wake (`None`: it waits for a deadline to appear).
-    sweep_at: Cell<Option<Instant>>,
-    /// The sleeping sweep, woken when a read sets a deadline earlier than `sweep_at`.
-    sweep_waker: RefCell<Option<Waker>>,
-    sweep_kicked: Cell<bool>,
+    /// The sweep that ends reads at their deadline.
+    pub deadlines: Deadlines,
     stopping: Cell<bool>,
     drained: RefCell<Option<Waker>>,
     /// Connections open in the whole process (every shard), against `max_connections`.
@@ -141,9 +113,8 @@ impl glommio::ExternalPoller for ShardContext {
                 // back without the sleep and the wake-up it would cost both sides. On a
                 // CPU of its own the yield returns at once; beside a CPU-bound thread it
                 // can take a whole time slice, and `YieldPolicy` then pauses yields.
-                // See change 15 in bench/README.md.
-                // SAFETY: sched_yield takes no arguments and cannot fail on Linux.
-                unsafe { libc::sched_yield() };
+                // See docs/perf/15-yield-before-sleep.md.
+                process::yield_cpu();
                 self.yield_policy.borrow_mut().yielded(start, Instant::now());
                 let woke = self.take_events(Some(Duration::ZERO));
                 if !self.events.borrow().is_empty() {
@@ -170,23 +141,15 @@ impl ShardContext {
     pub fn new(
         id: usize,
         config: Arc<Config>,
-        hub: Hub,
-        auth: Arc<Authenticator>,
         open_connections: Arc<AtomicUsize>,
         max_connections: usize,
     ) -> io::Result<Self> {
-        let rx = vec![0; RX_ARENA];
         Ok(ShardContext {
             id,
             config,
-            rx_addr: rx.as_ptr() as usize,
-            rx: RefCell::new(rx),
-            rx_at: Cell::new(0),
-            cork: RefCell::new(Cork::new()),
-            batch: RefCell::new(SendBatch::new()?),
-            hub,
-            auth,
+            egress: Egress::new()?,
             to_wake: RefCell::new(Vec::new()),
+            dirty: RefCell::new(Vec::new()),
             connections: RefCell::new(Slab::new()),
             poller: Poller::new()?,
             listeners: RefCell::new(Vec::new()),
@@ -194,10 +157,7 @@ impl ShardContext {
             pass: Cell::new(0),
             next_pass: RefCell::new(Vec::new()),
             epoll_failed: Cell::new(false),
-            earliest_deadline: Cell::new(None),
-            sweep_at: Cell::new(None),
-            sweep_waker: RefCell::new(None),
-            sweep_kicked: Cell::new(false),
+            deadlines: Deadlines::default(),
             stopping: Cell::new(false),
             drained: RefCell::new(None),
             open_connections,
@@ -248,60 +208,51 @@ impl ShardContext {
         .await
     }
 
-    /// Ends a round of work (a read, an inbox batch): see `Hub::end_round`; connections
-    /// whose queues need their task are woken.
-    pub fn end_round(&self) {
+    /// Ends a round of work (a read, an inbox batch): the chat hub's end of round (see
+    /// `Hub::end_round`), then the queues that gained frames are flushed, and the
+    /// connections whose queues need their task are woken.
+    pub fn end_round(&self, hub: &Hub<Outbound>) {
+        let mut dirty = self.dirty.borrow_mut();
+        hub.end_round(&mut dirty);
         let mut wake = self.to_wake.borrow_mut();
-        self.hub.end_round(&mut wake);
+        self.egress.flush_queues(&mut dirty, &mut wake);
         for slot in wake.drain(..) {
             self.wake(slot);
         }
-    }
-
-    /// Where the bytes of the last read begin in `rx`.
-    pub fn rx_at(&self) -> usize {
-        self.rx_at.get()
-    }
-
-    /// Puts `answer`, which lies in the receive buffer at or after `rx_at` (the input of
-    /// this round), in the send batch without copying it; the next read lands after it.
-    /// Returns false, having done nothing, when the batch is full or `answer` lies
-    /// elsewhere.
-    pub fn batch_received(&self, out: &Rc<Outbound>, answer: &[u8]) -> bool {
-        let start = (answer.as_ptr() as usize).wrapping_sub(self.rx_addr);
-        let end = start.wrapping_add(answer.len());
-        if start < self.rx_at.get() || end > RX_ARENA || end < start {
-            return false;
-        }
-        {
-            let mut batch = self.batch.borrow_mut();
-            if !batch.has_room(0) {
-                return false;
-            }
-            // SAFETY: the receive buffer is never reallocated, and nothing writes before
-            // `rx_at` (reads land at it) until `flush_batch` sends the batch and resets it.
-            unsafe { batch.add_borrowed(out, answer) };
-        }
-        // The next read starts on a fresh cache line after the answer.
-        self.rx_at.set(end.next_multiple_of(64));
-        if self.rx_at.get() + RX_BUFFER > RX_ARENA {
-            self.flush_batch();
-        }
-        true
     }
 
     /// Sends the pass's batch now; wakes the connections whose sockets did not take it
     /// all. Returns how many it woke.
     pub fn flush_batch(&self) -> usize {
         let mut wake = self.to_wake.borrow_mut();
-        self.batch.borrow_mut().flush(&mut wake);
-        // Nothing in the batch points into the receive buffer any more.
-        self.rx_at.set(0);
+        self.egress.flush_batch(&mut wake);
         let woke = wake.len();
         for slot in wake.drain(..) {
             self.wake(slot);
         }
         woke
+    }
+
+    /// Sends a connection's answers to one read (`Egress::finish_round`), then ends the
+    /// round.
+    pub fn finish_round(
+        &self,
+        hub: &Hub<Outbound>,
+        cork: &mut Cork,
+        input: &mut [u8],
+        out: &Rc<Outbound>,
+        finish: Finish,
+    ) -> io::Result<()> {
+        let result = {
+            let mut wake = self.to_wake.borrow_mut();
+            let result = self.egress.finish_round(cork, input, out, finish, &mut wake);
+            for slot in wake.drain(..) {
+                self.wake(slot);
+            }
+            result
+        };
+        self.end_round(hub);
+        result
     }
 
     /// Wakes the task of the connection in `slot`, if it is waiting.
@@ -354,9 +305,7 @@ impl ShardContext {
                 // the others' input (polled between passes) would wait for the task slice.
                 self.next_pass.borrow_mut().push(key);
             } else if entry.readable {
-                let mut rx = self.rx.borrow_mut();
-                let at = self.rx_at.get();
-                match recv(stream.as_raw_fd(), &mut rx[at..at + RX_BUFFER]) {
+                match self.egress.recv(stream.as_raw_fd()) {
                     Ok(0) => return Poll::Ready(Ok(ReadOutcome::Eof)),
                     Ok(n) => {
                         // A short read drained the socket: wait for the next edge.
@@ -378,10 +327,7 @@ impl ShardContext {
             if let Some(timeout) = timeout {
                 let at = *deadline.get_or_insert_with(|| Instant::now() + timeout);
                 entry.deadline = Some(at);
-                if self.earliest_deadline.get().is_none_or(|e| at < e) {
-                    self.earliest_deadline.set(Some(at));
-                    self.kick_sweep(at);
-                }
+                self.deadlines.note(at);
             }
             if !entry.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                 entry.waker = Some(cx.waker().clone());
@@ -396,9 +342,8 @@ impl ShardContext {
             if interruptible && self.stopping.get() {
                 return Poll::Ready(Ok(ReadOutcome::Stopping));
             }
-            let mut rx = self.rx.borrow_mut();
-            let at = self.rx_at.get();
-            match Pin::new(&mut *stream).poll_read(cx, &mut rx[at..at + RX_BUFFER]) {
+            let mut rx = self.egress.rx_space();
+            match Pin::new(&mut *stream).poll_read(cx, &mut rx) {
                 Poll::Ready(Ok(0)) => Poll::Ready(Ok(ReadOutcome::Eof)),
                 Poll::Ready(Ok(n)) => Poll::Ready(Ok(ReadOutcome::Data(n))),
                 Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::TimedOut => Poll::Ready(Ok(ReadOutcome::TimedOut)),
@@ -416,7 +361,7 @@ impl ShardContext {
     /// (accepts, timers' wake-ups, other shards' doorbells) end that sleep too.
     pub fn drive_executor(self: &Rc<Self>) -> io::Result<()> {
         for (index, fd) in glommio::set_external_poller(self.clone()).into_iter().enumerate() {
-            self.poller.add_wake(fd, index as u64)?;
+            self.poller.add_level(fd, WAKE_KEY + index as u64)?;
         }
         Ok(())
     }
@@ -437,24 +382,17 @@ impl ShardContext {
 
     /// Accepts the next connection on the listener `index` (see `watch_listener`); the
     /// new socket is close-on-exec. Waits on the epoll set while the queue is empty.
-    pub async fn accept(&self, listener: RawFd, index: usize) -> io::Result<RawFd> {
+    pub async fn accept(&self, listener: RawFd, index: usize) -> io::Result<OwnedFd> {
         poll_fn(|cx| {
             let mut listeners = self.listeners.borrow_mut();
             let Some(entry) = listeners.get_mut(index) else {
                 return Poll::Ready(Err(io::Error::new(io::ErrorKind::NotFound, "no such listener")));
             };
-            while entry.readable {
-                // SAFETY: null address arguments are allowed; the kernel checks `listener`.
-                let fd =
-                    unsafe { libc::accept4(listener, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
-                if fd >= 0 {
-                    return Poll::Ready(Ok(fd));
-                }
-                let e = io::Error::last_os_error();
-                match e.kind() {
-                    io::ErrorKind::Interrupted => continue,
-                    io::ErrorKind::WouldBlock => entry.readable = false,
-                    _ => return Poll::Ready(Err(e)),
+            if entry.readable {
+                match socket::accept(listener) {
+                    Ok(fd) => return Poll::Ready(Ok(fd)),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => entry.readable = false,
+                    Err(e) => return Poll::Ready(Err(e)),
                 }
             }
             if !entry.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
@@ -499,91 +437,32 @@ impl ShardContext {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
             Err(e) => {
                 if !self.epoll_failed.replace(true) {
-                    println!("shard {}: epoll_wait failed: {e}", self.id);
+                    tracing::error!("shard {}: epoll_wait failed: {e}", self.id);
                 }
                 0
             }
         }
     }
 
-    /// Ends the reads whose deadline has passed with `TimedOut`, for as long as the shard
-    /// runs. Reads only note their deadline (no timer per read). The sweep sleeps until the
-    /// earliest deadline (at least `DEADLINE_TICK` after its last walk), so a shard whose
-    /// connections are idle wakes only when one of them is due, and one without deadlines
-    /// does not wake at all.
-    pub async fn expire_deadlines(&self) {
-        let mut last = Instant::now();
-        loop {
-            let target = self.earliest_deadline.get().map(|e| e.max(last + DEADLINE_TICK));
-            self.sweep_at.set(target);
-            self.sweep_until(target).await;
-            self.sweep_at.set(None);
-            let now = Instant::now();
-            last = now;
-            if self.earliest_deadline.get().is_none_or(|e| e > now) {
-                continue;
-            }
-            let mut earliest: Option<Instant> = None;
-            let mut connections = self.connections.borrow_mut();
-            for (_, entry) in connections.iter_mut() {
-                match entry.deadline {
-                    Some(at) if at <= now => {
-                        entry.deadline = None;
-                        entry.timed_out = true;
-                        if let Some(w) = entry.waker.take() {
-                            w.wake();
-                        }
+    /// Ends the reads whose deadline has passed with `TimedOut`; returns the earliest
+    /// deadline still ahead (see `Deadlines`).
+    pub fn expire_reads(&self, now: Instant) -> Option<Instant> {
+        let mut earliest: Option<Instant> = None;
+        let mut connections = self.connections.borrow_mut();
+        for (_, entry) in connections.iter_mut() {
+            match entry.deadline {
+                Some(at) if at <= now => {
+                    entry.deadline = None;
+                    entry.timed_out = true;
+                    if let Some(w) = entry.waker.take() {
+                        w.wake();
                     }
-                    Some(at) => earliest = Some(earliest.map_or(at, |e| e.min(at))),
-                    None => {}
                 }
-            }
-            self.earliest_deadline.set(earliest);
-        }
-    }
-
-    /// Sleeps until `until` (`None`: no limit), or until `kick_sweep` wakes it.
-    async fn sweep_until(&self, until: Option<Instant>) {
-        let kicked = poll_fn(|cx| {
-            if self.sweep_kicked.replace(false) {
-                return Poll::Ready(());
-            }
-            *self.sweep_waker.borrow_mut() = Some(cx.waker().clone());
-            Poll::Pending
-        });
-        match until {
-            Some(at) => {
-                let timer = glommio::timer::sleep(at.saturating_duration_since(Instant::now()));
-                futures_lite::future::or(timer, kicked).await
-            }
-            None => kicked.await,
-        }
-        self.sweep_waker.borrow_mut().take();
-    }
-
-    /// A read now waits until `at`: wakes the sweep if it means to sleep past that.
-    fn kick_sweep(&self, at: Instant) {
-        if self.sweep_at.get().is_none_or(|s| at < s) {
-            if let Some(w) = self.sweep_waker.borrow_mut().take() {
-                self.sweep_kicked.set(true);
-                w.wake();
+                Some(at) => earliest = Some(earliest.map_or(at, |e| e.min(at))),
+                None => {}
             }
         }
-    }
-}
-
-/// One non-blocking `recv` into `buf`, retried when a signal interrupts it.
-fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
-    loop {
-        // SAFETY: `buf` is valid for writes of its length.
-        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
+        earliest
     }
 }
 

@@ -3,17 +3,14 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 
 use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::sys::socket;
 
 /// How long the kernel holds a new connection back until its first bytes arrive
 /// (`TCP_DEFER_ACCEPT`, whole seconds; a silent connection is handed over after that).
 const DEFER_ACCEPT_SECS: libc::c_int = 1;
-
-/// `SO_ATTACH_REUSEPORT_CBPF` from asm-generic/socket.h (x86, arm, riscv); the libc crate
-/// has it for Android only.
-const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
 
 fn bind_one(addr: SocketAddr, backlog: u32) -> io::Result<Socket> {
     let socket = Socket::new(
@@ -34,23 +31,10 @@ fn bind_one(addr: SocketAddr, backlog: u32) -> io::Result<Socket> {
 /// A client always speaks first (the upgrade request), so a connection is worth a wake-up
 /// only once its request is in: accept then finds the request already readable, with no
 /// wake-up for the bare handshake and no empty read. (Upgrade + one echo + close cost the
-/// shard 12% less CPU: bench/README.md, change 11.) Connections that never speak (port
+/// shard 12% less CPU: docs/perf/11-defer-accept.md.) Connections that never speak (port
 /// scans, load balancers' TCP health checks) take no descriptor or connection slot.
 fn defer_accept(socket: &Socket) -> io::Result<()> {
-    // SAFETY: the option value is a c_int that lives across the call.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_DEFER_ACCEPT,
-            (&DEFER_ACCEPT_SECS as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    socket::set_defer_accept(socket, DEFER_ACCEPT_SECS)
 }
 
 /// Binds `count` listeners on `addr`. With port 0 the first one picks the port and the
@@ -101,25 +85,7 @@ pub fn cpu_steering_program(cpus: &[usize]) -> Vec<libc::sock_filter> {
 /// client thread's connections land on the shard that shares its CPU. The program belongs
 /// to the port's whole SO_REUSEPORT group, so it is attached once.
 pub fn steer_by_cpu(listener: &Socket, cpus: &[usize]) -> io::Result<()> {
-    let program = cpu_steering_program(cpus);
-    let fprog = libc::sock_fprog {
-        len: program.len() as libc::c_ushort,
-        filter: program.as_ptr() as *mut libc::sock_filter,
-    };
-    // SAFETY: `fprog` points at `program`, which outlives the call; the kernel copies it.
-    let rc = unsafe {
-        libc::setsockopt(
-            listener.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_ATTACH_REUSEPORT_CBPF,
-            (&fprog as *const libc::sock_fprog).cast(),
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    socket::attach_reuseport_program(listener, &cpu_steering_program(cpus))
 }
 
 #[cfg(test)]

@@ -2,7 +2,25 @@
 
 /// A close status code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CloseCode(pub u16);
+pub struct CloseCode(u16);
+
+impl From<u16> for CloseCode {
+    fn from(code: u16) -> Self {
+        CloseCode(code)
+    }
+}
+
+impl From<CloseCode> for u16 {
+    fn from(code: CloseCode) -> u16 {
+        code.0
+    }
+}
+
+impl std::fmt::Display for CloseCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
 
 impl CloseCode {
     pub const NORMAL: CloseCode = CloseCode(1000);

@@ -37,19 +37,24 @@ pub enum Event<'a> {
 }
 
 /// The peer broke the protocol: close with this code and reason, then drop the connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{reason} ({code})")]
 pub struct ProtocolError {
-    pub code: CloseCode,
-    pub reason: &'static str,
+    code: CloseCode,
+    reason: &'static str,
 }
 
-impl std::fmt::Display for ProtocolError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({})", self.reason, self.code.0)
+impl ProtocolError {
+    /// The close code to answer with (1002, 1007 or 1009).
+    pub fn code(&self) -> CloseCode {
+        self.code
+    }
+
+    /// Why, in words for the Close frame.
+    pub fn reason(&self) -> &'static str {
+        self.reason
     }
 }
-
-impl std::error::Error for ProtocolError {}
 
 const fn fail(code: CloseCode, reason: &'static str) -> ProtocolError {
     ProtocolError { code, reason }
@@ -100,11 +105,6 @@ impl Decoder {
             utf8: Utf8Validator::new(),
             finished: false,
         }
-    }
-
-    /// True once a Close frame was decoded or the peer broke the protocol.
-    pub fn is_finished(&self) -> bool {
-        self.finished
     }
 
     /// Decodes all of `input` (unmasking it in place), calling `on_event` for each complete
@@ -230,7 +230,7 @@ impl Decoder {
                 "reserved bits set without an extension",
             ));
         }
-        let opcode = OpCode::from_u8(h.opcode).ok_or(fail(CloseCode::PROTOCOL_ERROR, "unknown opcode"))?;
+        let opcode = OpCode::try_from(h.opcode).map_err(|_| fail(CloseCode::PROTOCOL_ERROR, "unknown opcode"))?;
         match (self.role, h.mask.is_some()) {
             (Role::Server, false) => return Err(fail(CloseCode::PROTOCOL_ERROR, "client frames must be masked")),
             (Role::Client, true) => return Err(fail(CloseCode::PROTOCOL_ERROR, "server frames must not be masked")),
@@ -334,7 +334,7 @@ mod tests {
                     Event::Message { opcode, payload } => Owned::Msg(opcode, payload.to_vec()),
                     Event::Ping(p) => Owned::Ping(p.to_vec()),
                     Event::Pong(p) => Owned::Pong(p.to_vec()),
-                    Event::Close { code, reason } => Owned::Close(code.map(|c| c.0), reason.to_string()),
+                    Event::Close { code, reason } => Owned::Close(code.map(u16::from), reason.to_string()),
                 })
             });
             if let Err(e) = res {
@@ -350,7 +350,7 @@ mod tests {
     }
 
     fn error_code(wire: &[u8]) -> Option<u16> {
-        decode(wire).1.map(|e| e.code.0)
+        decode(wire).1.map(|e| u16::from(e.code))
     }
 
     fn fragmented_text_with_ping() -> (Vec<u8>, Vec<Owned>) {
@@ -363,7 +363,7 @@ mod tests {
         write_frame(&mut wire, true, OpCode::Binary, &[], MASK);
         write_frame(&mut wire, true, OpCode::Pong, b"", MASK);
         write_frame(&mut wire, true, OpCode::Binary, &vec![7u8; 70_000], MASK);
-        write_close(&mut wire, 1000, "bye", MASK);
+        write_close(&mut wire, CloseCode::NORMAL, "bye", MASK);
         write_frame(&mut wire, true, OpCode::Text, b"after close", MASK);
         let expected = vec![
             Owned::Ping(b"are you there".to_vec()),
@@ -411,7 +411,7 @@ mod tests {
         let mut wire = Vec::new();
         write_frame(&mut wire, true, OpCode::Text, b"hi", MASK);
         let mut d = Decoder::new(Role::Client, 100);
-        assert_eq!(d.feed(&mut wire, &mut |_| {}).map_err(|e| e.code.0), Err(1002));
+        assert_eq!(d.feed(&mut wire, &mut |_| {}).map_err(|e| u16::from(e.code)), Err(1002));
     }
 
     #[test]
@@ -463,10 +463,10 @@ mod tests {
         write_frame(&mut wire, true, OpCode::Continuation, &[0u8; 60], MASK);
         let (events, err) = decode_split(&wire, &[], 100);
         assert!(events.is_empty());
-        assert_eq!(err.map(|e| e.code.0), Some(1009));
+        assert_eq!(err.map(|e| u16::from(e.code)), Some(1009));
         // Only the header of the second frame is needed to refuse it.
         let (_, err) = decode_split(&wire[..60 + 6 + 6], &[], 100);
-        assert_eq!(err.map(|e| e.code.0), Some(1009));
+        assert_eq!(err.map(|e| u16::from(e.code)), Some(1009));
     }
 
     #[test]
@@ -483,7 +483,7 @@ mod tests {
         let first_two = wire.len();
         write_frame(&mut wire, true, OpCode::Continuation, b"edited", MASK);
         let (_, err) = decode_split(&wire[..first_two], &[], 1 << 20);
-        assert_eq!(err.map(|e| e.code.0), Some(1007));
+        assert_eq!(err.map(|e| u16::from(e.code)), Some(1007));
     }
 
     #[test]
@@ -495,7 +495,7 @@ mod tests {
         write_frame(&mut wire, true, OpCode::Text, &payload, MASK);
         // Only part of the frame has arrived, and it already cannot be valid.
         let (_, err) = decode_split(&wire[..6 + 2 + 8], &[], 1 << 20);
-        assert_eq!(err.map(|e| e.code.0), Some(1007));
+        assert_eq!(err.map(|e| u16::from(e.code)), Some(1007));
     }
 
     #[test]
@@ -506,9 +506,9 @@ mod tests {
             decode(&wire)
         };
         assert_eq!(close(&[]), (vec![Owned::Close(None, String::new())], None));
-        assert_eq!(close(&[0x03]).1.map(|e| e.code.0), Some(1002));
-        assert_eq!(close(&[0x03, 0xEE]).1.map(|e| e.code.0), Some(1002)); // 1006
-        assert_eq!(close(&[0x03, 0xE8, 0xC0]).1.map(|e| e.code.0), Some(1007));
+        assert_eq!(close(&[0x03]).1.map(|e| u16::from(e.code)), Some(1002));
+        assert_eq!(close(&[0x03, 0xEE]).1.map(|e| u16::from(e.code)), Some(1002)); // 1006
+        assert_eq!(close(&[0x03, 0xE8, 0xC0]).1.map(|e| u16::from(e.code)), Some(1007));
         assert_eq!(
             close(&[0x0F, 0xA0, b'x']),
             (vec![Owned::Close(Some(4000), "x".into())], None)
@@ -525,7 +525,6 @@ mod tests {
         let mut seen = 0;
         assert!(d.feed(&mut good, &mut |_| seen += 1).is_ok());
         assert_eq!(seen, 0);
-        assert!(d.is_finished());
     }
 
     fn arb_message() -> impl Strategy<Value = (bool, Vec<u8>, usize)> {

@@ -1,5 +1,6 @@
 //! Frame headers (RFC 6455 §5.2): parsing and encoding. No payload handling here.
 
+use super::close::CloseCode;
 use super::mask::apply_mask;
 
 /// Frame opcodes. Unknown opcodes never become an `OpCode`: the decoder refuses them.
@@ -13,19 +14,27 @@ pub enum OpCode {
     Pong = 0xA,
 }
 
-impl OpCode {
-    pub fn from_u8(v: u8) -> Option<OpCode> {
-        Some(match v {
+/// An opcode RFC 6455 does not define (§5.2: the connection must fail).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnknownOpCode(pub u8);
+
+impl TryFrom<u8> for OpCode {
+    type Error = UnknownOpCode;
+
+    fn try_from(v: u8) -> Result<OpCode, UnknownOpCode> {
+        Ok(match v {
             0x0 => OpCode::Continuation,
             0x1 => OpCode::Text,
             0x2 => OpCode::Binary,
             0x8 => OpCode::Close,
             0x9 => OpCode::Ping,
             0xA => OpCode::Pong,
-            _ => return None,
+            _ => return Err(UnknownOpCode(v)),
         })
     }
+}
 
+impl OpCode {
     pub fn is_control(self) -> bool {
         (self as u8) & 0x8 != 0
     }
@@ -140,11 +149,18 @@ pub fn write_frame(out: &mut Vec<u8>, fin: bool, opcode: OpCode, payload: &[u8],
     }
 }
 
+/// One whole unmasked text frame carrying `json`, ready to share among recipients.
+pub fn text_frame(json: &[u8]) -> bytes::Bytes {
+    let mut frame = Vec::with_capacity(MAX_HEADER_LEN + json.len());
+    write_frame(&mut frame, true, OpCode::Text, json, None);
+    bytes::Bytes::from(frame)
+}
+
 /// Appends a Close frame with `code` and `reason` (the reason is cut to fit 125 bytes at a
 /// character boundary).
-pub fn write_close(out: &mut Vec<u8>, code: u16, reason: &str, mask: Option<[u8; 4]>) {
+pub fn write_close(out: &mut Vec<u8>, code: CloseCode, reason: &str, mask: Option<[u8; 4]>) {
     let mut payload = [0u8; MAX_CONTROL_PAYLOAD];
-    payload[..2].copy_from_slice(&code.to_be_bytes());
+    payload[..2].copy_from_slice(&u16::from(code).to_be_bytes());
     let mut cut = reason.len().min(MAX_CONTROL_PAYLOAD - 2);
     while !reason.is_char_boundary(cut) {
         cut -= 1;
@@ -184,7 +200,7 @@ mod tests {
     fn close_reason_is_cut_at_char_boundary() {
         let mut out = Vec::new();
         let reason = "é".repeat(100);
-        write_close(&mut out, 1001, &reason, None);
+        write_close(&mut out, CloseCode::GOING_AWAY, &reason, None);
         let len = (out[1] & 0x7F) as usize;
         assert!(len <= MAX_CONTROL_PAYLOAD);
         assert!(std::str::from_utf8(&out[4..2 + len]).is_ok());

@@ -1,5 +1,5 @@
 //! A real shardgate process for integration tests: started on an ephemeral port, its
-//! stdout collected, stopped by PID when the test ends.
+//! output collected, stopped by PID when the test ends.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -7,6 +7,17 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
+
+/// Sends every line of `from` to `to`, on a thread of its own.
+fn forward_lines(from: impl Read + Send + 'static, to: std::sync::mpsc::Sender<String>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(from).lines().map_while(Result::ok) {
+            if to.send(line).is_err() {
+                break;
+            }
+        }
+    });
+}
 
 pub struct Gateway {
     child: Option<Child>,
@@ -26,25 +37,25 @@ impl Gateway {
         cmd.args(["serve", "--listen", "127.0.0.1:0"]).args(args);
         let mut child = cmd
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("start shardgate");
-        let stdout = child.stdout.take().expect("stdout");
+        // Report lines come on stdout, operational messages (the start lines among them)
+        // on stderr: the tests read both, each in its own order.
         let (tx, lines) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        forward_lines(stdout, tx.clone());
+        forward_lines(stderr, tx);
         let mut gw = Gateway {
             child: Some(child),
             addr: "0.0.0.0:0".parse().unwrap(),
             lines,
             seen: Vec::new(),
         };
-        let first = gw.wait_line("shard(s) on");
+        let line = gw.wait_line("shard(s) on");
+        // "... shardgate 0.1.0: 2 shard(s) on 127.0.0.1:PORT; max connections ..."
+        let first = &line[line.find("shardgate ").expect("start line")..];
         let shards: usize = first
             .split(' ')
             .nth(2)
@@ -66,7 +77,7 @@ impl Gateway {
         self.child.as_ref().map(Child::id).unwrap_or(0)
     }
 
-    /// Waits (at most 20 s) for the next stdout line containing `needle` and returns it.
+    /// Waits (at most 20 s) for the next output line containing `needle` and returns it.
     pub fn wait_line(&mut self, needle: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -217,7 +228,7 @@ pub fn shard_ports(gw: &Gateway) -> Vec<u16> {
         .seen
         .iter()
         .filter_map(|l| {
-            let id = l.strip_prefix("shard ")?.split(':').next()?.parse().ok()?;
+            let id = l.split(" shard ").nth(1)?.split(':').next()?.parse().ok()?;
             let port = l.split("own port ").nth(1)?.trim().parse().ok()?;
             Some((id, port))
         })

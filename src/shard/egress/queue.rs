@@ -1,4 +1,4 @@
-//! A connection's outbound queue: frames waiting for its socket.
+//! A connection's outgoing queue: frames waiting for its socket.
 //!
 //! Frames are shared (`Bytes`): a room message encoded once sits in the queues of all its
 //! recipients. Whoever queues (the connection's own task, another connection on the shard,
@@ -15,9 +15,10 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::cork::{IoBatch, IOV_BATCH};
+use crate::chat::output::ConnOutput;
 use crate::metrics::LatencyRecorder;
 use crate::route::ConnId;
+use crate::sys::socket::{IoBatch, Push, IOV_BATCH};
 
 struct Queued {
     frame: Bytes,
@@ -72,11 +73,6 @@ impl Outbound {
     /// put it on the shard's flush list).
     pub fn push(&self, frame: Bytes, ingress: Option<Instant>) -> bool {
         self.enqueue(frame, ingress, false, false)
-    }
-
-    /// Queues a routed frame that came from another node (its latency is counted apart too).
-    pub fn push_routed(&self, frame: Bytes, ingress: Instant, cross_node: bool) -> bool {
-        self.enqueue(frame, Some(ingress), cross_node, false)
     }
 
     /// Queues what a direct send left unsent: it may start mid-frame, so it is never dropped.
@@ -158,20 +154,13 @@ impl Outbound {
             return Ok(!self.is_empty());
         }
         let mut queue = self.queue.borrow_mut();
-        let mut iov = IoBatch::new();
         while !queue.is_empty() {
-            iov.clear();
-            let mut batch_len = 0;
+            let mut iov = IoBatch::new();
             for (i, q) in queue.iter().take(IOV_BATCH).enumerate() {
-                let s = if i == 0 {
-                    &q.frame[self.front_sent.get()..]
-                } else {
-                    &q.frame[..]
-                };
-                batch_len += s.len();
-                iov.push(s);
+                iov.push(&q.frame[if i == 0 { self.front_sent.get() } else { 0 }..]);
             }
-            let sent = iov.send(self.fd, 0)?;
+            let batch_len = iov.bytes();
+            let sent = iov.send(self.fd, Push::Now)?;
             self.advance(&mut queue, sent, latency);
             if sent < batch_len {
                 break;
@@ -214,6 +203,20 @@ impl Outbound {
         self.writing.set(false);
         let mut queue = self.queue.borrow_mut();
         self.advance(&mut queue, n, latency);
+    }
+}
+
+impl ConnOutput for Outbound {
+    fn conn_id(&self) -> ConnId {
+        self.id
+    }
+
+    fn deliver(&self, frame: Bytes, ingress: Instant, cross_node: bool) -> bool {
+        self.enqueue(frame, Some(ingress), cross_node, false)
+    }
+
+    fn answer(&self, frame: Bytes) -> bool {
+        self.enqueue(frame, None, false, false)
     }
 }
 

@@ -1,13 +1,6 @@
-//! Which of a shard's sockets have input: one edge-triggered epoll set per shard.
-//!
-//! Why not glommio's own readiness: it arms a one-shot io_uring poll on a socket after
-//! every read and fires it when the next bytes arrive, so every message pays for arming a
-//! poll, a completion through task work, and re-arming. The peers' epoll pays one cheap
-//! callback per arrival instead, and at one message in flight per connection that was the
-//! difference (bench/README.md, "Why window 1 was slower"). Here each socket joins the set
-//! once; the shard asks the set for ready sockets without blocking while it is busy, and
-//! sleeps in `epoll_wait` on the set when it is not. The set also holds the executor's
-//! io_uring descriptors, so that their completions end that sleep too.
+//! An epoll set: sockets join it once, edge-triggered; wake-up descriptors join it
+//! level-triggered. `wait` takes what is ready (without blocking, or sleeping up to a
+//! timeout with `epoll_pwait2`'s nanoseconds where the kernel has it).
 
 use std::cell::Cell;
 use std::io;
@@ -19,12 +12,6 @@ const INTEREST: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
 
 /// Ready sockets taken per `epoll_wait`; more simply wait for the next round.
 pub const BATCH: usize = 1024;
-
-/// Keys at and above this mark wake-up descriptors, not sockets (slab keys stay far below).
-pub const WAKE_KEY: u64 = u64::MAX - 64;
-
-/// Keys from here up to `WAKE_KEY` mark the shard's listening sockets.
-pub const LISTENER_KEY: u64 = WAKE_KEY - 64;
 
 pub struct Poller {
     epoll: OwnedFd,
@@ -62,11 +49,11 @@ impl Poller {
     }
 
     /// Adds a descriptor whose input should only end a `wait` (level-triggered: while it
-    /// stays readable every wait returns at once). Its events carry a key >= `WAKE_KEY`.
-    pub fn add_wake(&self, fd: RawFd, index: u64) -> io::Result<()> {
+    /// stays readable every wait returns at once); its events come back tagged with `key`.
+    pub fn add_level(&self, fd: RawFd, key: u64) -> io::Result<()> {
         let mut event = libc::epoll_event {
             events: libc::EPOLLIN as u32,
-            u64: WAKE_KEY + index,
+            u64: key,
         };
         // SAFETY: as in `add`.
         let rc = unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut event) };
@@ -196,7 +183,7 @@ mod tests {
     fn a_wake_descriptor_ends_a_wait_and_stays_reported_while_readable() {
         let poller = Poller::new().unwrap();
         let (mut ring, ring_end) = UnixStream::pair().unwrap();
-        poller.add_wake(ring_end.as_raw_fd(), 1).unwrap();
+        poller.add_level(ring_end.as_raw_fd(), 1001).unwrap();
         let mut events = event_buffer();
         // Nothing ready: a bounded wait times out empty.
         poller.wait(&mut events, Some(Duration::from_millis(5))).unwrap();
@@ -205,10 +192,10 @@ mod tests {
         ring.write_all(b"!").unwrap();
         // An unbounded wait returns at once, and the key says it is a wake-up, not a socket.
         poller.wait(&mut events, None).unwrap();
-        assert_eq!(keys(&events), [WAKE_KEY + 1]);
+        assert_eq!(keys(&events), [1001]);
         // Level-triggered: it is reported again until it is drained.
         poller.wait(&mut events, None).unwrap();
-        assert_eq!(keys(&events), [WAKE_KEY + 1]);
+        assert_eq!(keys(&events), [1001]);
     }
 
     #[test]

@@ -7,10 +7,11 @@
 //! sends without awaiting in between).
 
 use std::io;
-use std::mem::MaybeUninit;
 use std::ops::Range;
 use std::os::fd::RawFd;
 
+use crate::chat::output::Reply;
+use crate::sys::socket::{IoBatch, Push, IOV_BATCH};
 use crate::ws::frame::{encode_header, MAX_HEADER_LEN};
 use crate::ws::OpCode;
 
@@ -18,8 +19,6 @@ use crate::ws::OpCode;
 /// iovec costs: it turns a one-buffer `send` into a `sendmsg`, whose message header and
 /// iovec array the kernel must copy in and check.
 const BORROW_MIN: usize = 2048;
-/// iovecs handed to one `sendmsg` (the kernel's IOV_MAX is 1024; these live on the stack).
-pub const IOV_BATCH: usize = 64;
 /// Owned bytes kept between rounds; a larger buffer (after a huge burst) shrinks back.
 const RETAIN: usize = 256 * 1024;
 
@@ -103,15 +102,14 @@ impl Cork {
     /// Sends everything with as few `sendmsg` calls as the socket allows, without blocking.
     /// Returns the part the socket did not take (copied out), and empties the cork.
     ///
-    /// With `fin_follows` the caller closes the socket (or shuts down its sending side)
-    /// next: the bytes go with `MSG_MORE`, so the kernel holds them for the FIN and one
-    /// segment carries both (one packet fewer for the peer to take in at every close).
-    pub fn send(&mut self, fd: RawFd, input: &[u8], fin_follows: bool) -> io::Result<Option<Vec<u8>>> {
+    /// With `Push::WithFin` the caller closes the socket (or shuts down its sending side)
+    /// next: one segment then carries the bytes and the FIN (one packet fewer for the
+    /// peer to take in at every close).
+    pub fn send(&mut self, fd: RawFd, input: &[u8], push: Push) -> io::Result<Option<Vec<u8>>> {
         debug_assert!(
             self.segments.iter().all(|s| !matches!(s, Segment::Input(_))) || input.as_ptr() as usize == self.input_addr
         );
-        let flags = if fin_follows { libc::MSG_MORE } else { 0 };
-        let result = self.send_inner(fd, input, flags);
+        let result = self.send_inner(fd, input, push);
         self.clear();
         if self.bytes.capacity() > RETAIN {
             self.bytes.shrink_to(RETAIN);
@@ -175,19 +173,16 @@ impl Cork {
         }
     }
 
-    fn send_inner(&self, fd: RawFd, input: &[u8], flags: libc::c_int) -> io::Result<Option<Vec<u8>>> {
+    fn send_inner(&self, fd: RawFd, input: &[u8], push: Push) -> io::Result<Option<Vec<u8>>> {
         let mut index = 0; // first segment not fully sent
         let mut offset = 0; // bytes of it already sent
-        let mut iov = IoBatch::new();
         while index < self.segments.len() {
-            iov.clear();
-            let mut batch_len = 0;
+            let mut iov = IoBatch::new();
             for (i, seg) in self.segments[index..].iter().take(IOV_BATCH).enumerate() {
-                let s = &self.slice(seg, input)[if i == 0 { offset } else { 0 }..];
-                batch_len += s.len();
-                iov.push(s);
+                iov.push(&self.slice(seg, input)[if i == 0 { offset } else { 0 }..]);
             }
-            let sent = iov.send(fd, flags)?;
+            let batch_len = iov.bytes();
+            let sent = iov.send(fd, push)?;
             // Advance over what was sent.
             let mut left = sent;
             while left > 0 {
@@ -222,107 +217,9 @@ fn seg_range(s: &Segment) -> Range<usize> {
     }
 }
 
-/// Up to `IOV_BATCH` slices for one `sendmsg`, on the stack (no allocation per send, and
-/// no clearing of the 64 entries either: only the first `len` are ever read).
-pub struct IoBatch {
-    iov: MaybeUninit<[libc::iovec; IOV_BATCH]>,
-    len: usize,
-}
-
-impl IoBatch {
-    pub fn new() -> Self {
-        let mut batch = MaybeUninit::<IoBatch>::uninit();
-        // SAFETY: `len` is the only field that needs a value; `iov` may stay uninitialised.
-        // (Building the struct by value let LLVM fold `len: 0` and the undefined array into
-        // one 1 KiB `memset`.)
-        unsafe {
-            std::ptr::addr_of_mut!((*batch.as_mut_ptr()).len).write(0);
-            batch.assume_init()
-        }
-    }
-
-    pub fn clear(&mut self) {
-        self.len = 0;
-    }
-
-    /// Adds a slice; the caller keeps it alive until `send` and adds at most `IOV_BATCH`.
-    pub fn push(&mut self, s: &[u8]) {
-        assert!(self.len < IOV_BATCH);
-        // SAFETY: in bounds (checked above) of memory we own; `iovec` has no destructor.
-        unsafe {
-            self.iov
-                .as_mut_ptr()
-                .cast::<libc::iovec>()
-                .add(self.len)
-                .write(libc::iovec {
-                    iov_base: s.as_ptr() as *mut libc::c_void,
-                    iov_len: s.len(),
-                });
-        }
-        self.len += 1;
-    }
-
-    /// One non-blocking send of the slices, with `flags` besides ours: how much the socket
-    /// took (0 when full). A single slice goes with `send`, which the kernel takes faster
-    /// than `sendmsg` (no message header or iovec array to copy in).
-    pub fn send(&self, fd: RawFd, flags: libc::c_int) -> io::Result<usize> {
-        // SAFETY: `push` initialised the first `len` entries.
-        let iov = unsafe { std::slice::from_raw_parts(self.iov.as_ptr().cast::<libc::iovec>(), self.len) };
-        match iov {
-            [one] => {
-                // SAFETY: the slice's memory outlives the call (see `push`).
-                send_with(
-                    fd,
-                    unsafe { std::slice::from_raw_parts(one.iov_base as *const u8, one.iov_len) },
-                    flags,
-                )
-            }
-            _ => sendmsg_now(fd, iov, flags),
-        }
-    }
-}
-
-/// One non-blocking `send` of one buffer: how much the socket took (0 when it is full).
-pub fn send_now(fd: RawFd, bytes: &[u8]) -> io::Result<usize> {
-    send_with(fd, bytes, 0)
-}
-
-fn send_with(fd: RawFd, bytes: &[u8], flags: libc::c_int) -> io::Result<usize> {
-    // SAFETY: `bytes` outlives the call.
-    let n = unsafe {
-        libc::send(
-            fd,
-            bytes.as_ptr().cast(),
-            bytes.len(),
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL | flags,
-        )
-    };
-    sent(n)
-}
-
-/// One non-blocking `sendmsg`: how much the socket took (0 when it is full).
-fn sendmsg_now(fd: RawFd, iov: &[libc::iovec], flags: libc::c_int) -> io::Result<usize> {
-    // SAFETY: a zeroed msghdr is valid; we set only the iovec array, which outlives the call
-    // and whose entries point into slices that do too.
-    let n = unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
-        msg.msg_iovlen = iov.len();
-        libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL | flags)
-    };
-    sent(n)
-}
-
-/// What a non-blocking send returned: bytes taken, 0 for a full socket, or the error.
-fn sent(n: isize) -> io::Result<usize> {
-    if n >= 0 {
-        return Ok(n as usize);
-    }
-    let err = io::Error::last_os_error();
-    if err.kind() == io::ErrorKind::WouldBlock {
-        Ok(0)
-    } else {
-        Err(err)
+impl Reply for Cork {
+    fn text(&mut self, json: &[u8]) {
+        self.frame(OpCode::Text, json);
     }
 }
 
@@ -347,7 +244,7 @@ mod tests {
 
         let (a, mut b) = UnixStream::pair().unwrap();
         let expected_len = cork.len();
-        let rest = cork.send(a.as_raw_fd(), &input, false).unwrap();
+        let rest = cork.send(a.as_raw_fd(), &input, Push::Now).unwrap();
         assert!(rest.is_none());
         assert!(cork.is_empty());
         drop(a);
@@ -402,7 +299,7 @@ mod tests {
         let total = cork.len();
         let (mut a, mut b) = UnixStream::pair().unwrap();
         let rest = cork
-            .send(a.as_raw_fd(), input, false)
+            .send(a.as_raw_fd(), input, Push::Now)
             .unwrap()
             .expect("the frames are larger than a socket buffer");
         assert!(!rest.is_empty() && rest.len() < total);

@@ -1,6 +1,6 @@
-//! The chat side of a shard: its router, the outbound queues of its chat connections, and
-//! the end-of-round work (send router messages, acknowledge memberships, flush queues,
-//! ring the doorbells of shards we sent to).
+//! The chat side of a shard: its router, the outgoing queues of its chat connections, and
+//! the end-of-round work (send router messages, acknowledge memberships, hand over the
+//! queues that changed, ring the doorbells of shards we sent to).
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
@@ -10,20 +10,18 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::outbound::Outbound;
-use crate::chat::protocol::{self, AppError};
-use crate::cluster::{ClusterLink, Outcome, ToCluster};
-use crate::metrics::LatencyRecorder;
+use super::output::ConnOutput;
+use super::protocol::{self, AppError};
+use crate::cluster::{ClusterLink, ToCluster};
 use crate::route::directory::{AckEvent, Router};
 use crate::route::inbox::Mesh;
-use crate::route::{ConnId, ShardMask, ShardMsg};
-use crate::ws::frame::{encode_header, MAX_HEADER_LEN};
-use crate::ws::OpCode;
+use crate::route::{shards_in, ConnId, Outcome, ShardMask, ShardMsg};
+use crate::ws::frame::text_frame;
 
-/// Each chat connection of the shard: its user and its outbound queue.
-type ConnTable = HashMap<ConnId, (Arc<str>, Rc<Outbound>)>;
+/// Each chat connection of the shard: its user and its outgoing queue.
+type ConnTable<O> = HashMap<ConnId, (Arc<str>, Rc<O>)>;
 
-pub struct Hub {
+pub struct Hub<O> {
     pub shard: usize,
     pub router: RefCell<Router>,
     pub mesh: Arc<Mesh>,
@@ -34,30 +32,17 @@ pub struct Hub {
     /// Users of this node connected to other nodes too: a send to them also goes to the
     /// cluster thread (for other users of this node it need not).
     pub also_remote: RefCell<HashSet<Arc<str>>>,
-    conns: RefCell<ConnTable>,
+    conns: RefCell<ConnTable<O>>,
     next_conn: Cell<ConnId>,
-    /// Queues with frames added since the last flush.
-    dirty: RefCell<Vec<Rc<Outbound>>>,
-    /// The list being flushed, kept between rounds so that its capacity is reused.
-    flushing: RefCell<Vec<Rc<Outbound>>>,
+    /// Queues with frames added since the last round ended.
+    dirty: RefCell<Vec<Rc<O>>>,
     /// Shards sent to since their doorbells were last rung.
     to_ring: Cell<ShardMask>,
-    pub latency: RefCell<LatencyRecorder>,
     /// Scratch space for encoding JSON, reused by every message.
-    pub scratch: RefCell<Vec<u8>>,
+    scratch: RefCell<Vec<u8>>,
 }
 
-/// An encoded text frame, ready to share among recipients.
-pub fn text_frame(json: &[u8]) -> Bytes {
-    let mut header = [0u8; MAX_HEADER_LEN];
-    let n = encode_header(&mut header, true, OpCode::Text, json.len() as u64, None);
-    let mut frame = Vec::with_capacity(n + json.len());
-    frame.extend_from_slice(&header[..n]);
-    frame.extend_from_slice(json);
-    Bytes::from(frame)
-}
-
-impl Hub {
+impl<O: ConnOutput> Hub<O> {
     pub fn new(shard: usize, mesh: Arc<Mesh>, cluster: Option<Arc<ClusterLink>>) -> Self {
         Hub {
             shard,
@@ -69,9 +54,7 @@ impl Hub {
             conns: RefCell::new(HashMap::new()),
             next_conn: Cell::new(1),
             dirty: RefCell::new(Vec::new()),
-            flushing: RefCell::new(Vec::new()),
             to_ring: Cell::new(0),
-            latency: RefCell::new(LatencyRecorder::default()),
             scratch: RefCell::new(Vec::with_capacity(4096)),
         }
     }
@@ -82,9 +65,22 @@ impl Hub {
         id
     }
 
+    /// Encodes the JSON `write` produces into a text frame, in the shared scratch space.
+    pub fn encode(&self, write: impl FnOnce(&mut Vec<u8>)) -> Bytes {
+        self.with_json(write, text_frame)
+    }
+
+    /// Calls `use_json` with the JSON `write` produces, in the shared scratch space.
+    pub fn with_json<R>(&self, write: impl FnOnce(&mut Vec<u8>), use_json: impl FnOnce(&[u8]) -> R) -> R {
+        let mut scratch = self.scratch.borrow_mut();
+        scratch.clear();
+        write(&mut scratch);
+        use_json(&scratch)
+    }
+
     /// A chat connection of `user` is up.
-    pub fn register(&self, user: &Arc<str>, out: Rc<Outbound>) {
-        let id = out.id;
+    pub fn register(&self, user: &Arc<str>, out: Rc<O>) {
+        let id = out.conn_id();
         self.conns.borrow_mut().insert(id, (user.clone(), out));
         self.router.borrow_mut().connect(user, id);
     }
@@ -111,16 +107,16 @@ impl Hub {
                 continue;
             }
             if let Some((_, out)) = map.get(id) {
-                if out.push_routed(frame.clone(), ingress, cross_node) {
+                if out.deliver(frame.clone(), ingress, cross_node) {
                     dirty.push(out.clone());
                 }
             }
         }
     }
 
-    /// Queues a frame that is not a routed message (an answer to the connection itself).
-    pub fn queue_own(&self, out: &Rc<Outbound>, frame: Bytes) {
-        if out.push(frame, None) {
+    /// Queues a frame of ours for a connection (not a routed message).
+    fn queue_own(&self, out: &Rc<O>, frame: Bytes) {
+        if out.answer(frame) {
             self.dirty.borrow_mut().push(out.clone());
         }
     }
@@ -184,23 +180,18 @@ impl Hub {
         let Some(out) = self.conns.borrow().get(&conn).map(|(_, out)| out.clone()) else {
             return; // The sender is gone.
         };
-        let frame = {
-            let mut scratch = self.scratch.borrow_mut();
-            scratch.clear();
-            match outcome {
-                Outcome::Routed => protocol::write_ack(&mut scratch, id, "routed"),
-                Outcome::Offline => protocol::write_ack(&mut scratch, id, "offline"),
-                Outcome::Unavailable => protocol::write_error(
-                    &mut scratch,
-                    &AppError::new(
-                        "unavailable",
-                        "another node did not confirm the message (the cluster link is down or slow); it may not have arrived",
-                    )
-                    .with_id_str(id),
-                ),
-            }
-            text_frame(&scratch)
-        };
+        let frame = self.encode(|json| match outcome {
+            Outcome::Routed => protocol::write_ack(json, id, "routed"),
+            Outcome::Offline => protocol::write_ack(json, id, "offline"),
+            Outcome::Unavailable => protocol::write_error(
+                json,
+                &AppError::new(
+                    "unavailable",
+                    "another node did not confirm the message (the cluster link is down or slow); it may not have arrived",
+                )
+                .with_id_str(id),
+            ),
+        });
         self.queue_own(&out, frame);
     }
 
@@ -232,13 +223,30 @@ impl Hub {
     }
 
     /// The end of a round (a read, an inbox batch): router messages go out, completed
-    /// memberships are acknowledged, queues are flushed, doorbells rung. Returns the slots
-    /// of connections whose task must take over (a full socket, a slow consumer).
-    pub fn end_round(&self, wake: &mut Vec<usize>) {
+    /// memberships are acknowledged, doorbells rung, and the queues that gained frames
+    /// are moved into `dirty`, for the shard to flush.
+    pub fn end_round(&self, dirty: &mut Vec<Rc<O>>) {
+        self.send_router_effects();
+        self.acknowledge_completed();
+        dirty.append(&mut self.dirty.borrow_mut());
+        let ring = self.to_ring.replace(0);
+        for shard in shards_in(ring) {
+            self.mesh.ring(shard);
+        }
+        if self.ring_cluster.replace(false) {
+            if let Some(link) = &self.cluster {
+                link.ring();
+            }
+        }
+    }
+
+    /// Sends what the router has for other shards (and itself, and the cluster thread)
+    /// until it has nothing more.
+    fn send_router_effects(&self) {
         loop {
             let effects = self.router.borrow_mut().take_effects();
             if effects.is_empty() {
-                break;
+                return;
             }
             for (dest, msg) in effects {
                 if let Some(link) = &self.cluster {
@@ -251,42 +259,21 @@ impl Hub {
                 }
             }
         }
+    }
+
+    /// Answers `ready`, `joined` and `left` for the changes now in effect everywhere.
+    fn acknowledge_completed(&self) {
         let completed = self.router.borrow_mut().take_completed();
         for ack in completed {
             let Some((user, out)) = self.conns.borrow().get(&ack.conn).cloned() else {
                 continue;
             };
-            let frame = {
-                let mut scratch = self.scratch.borrow_mut();
-                scratch.clear();
-                match &ack.event {
-                    AckEvent::Ready => protocol::write_ready(&mut scratch, &user),
-                    AckEvent::Joined(room) => protocol::write_membership(&mut scratch, true, room),
-                    AckEvent::Left(room) => protocol::write_membership(&mut scratch, false, room),
-                }
-                text_frame(&scratch)
-            };
+            let frame = self.encode(|json| match &ack.event {
+                AckEvent::Ready => protocol::write_ready(json, &user),
+                AckEvent::Joined(room) => protocol::write_membership(json, true, room),
+                AckEvent::Left(room) => protocol::write_membership(json, false, room),
+            });
             self.queue_own(&out, frame);
-        }
-        let mut flushing = self.flushing.borrow_mut();
-        std::mem::swap(&mut *flushing, &mut *self.dirty.borrow_mut());
-        if !flushing.is_empty() {
-            let mut latency = self.latency.borrow_mut();
-            for out in flushing.drain(..) {
-                match out.flush_now(&mut latency) {
-                    Ok(false) if !out.overflowed() => {}
-                    _ => wake.push(out.slot),
-                }
-            }
-        }
-        let ring = self.to_ring.replace(0);
-        for shard in crate::route::shards_in(ring) {
-            self.mesh.ring(shard);
-        }
-        if self.ring_cluster.replace(false) {
-            if let Some(link) = &self.cluster {
-                link.ring();
-            }
         }
     }
 }

@@ -1,12 +1,6 @@
-//! Process limits that decide how many connections fit and whether io_uring can start.
+//! Process limits and scheduling.
 
 use std::io;
-
-/// glommio refuses to start a reactor below this RLIMIT_MEMLOCK.
-pub const GLOMMIO_MIN_MEMLOCK: u64 = 512 * 1024;
-/// Descriptors kept free for listeners, io_uring rings, eventfds and the like.
-pub const FD_RESERVE_BASE: u64 = 32;
-pub const FD_RESERVE_PER_SHARD: u64 = 8;
 
 fn get(resource: libc::__rlimit_resource_t) -> io::Result<libc::rlimit> {
     let mut lim = libc::rlimit {
@@ -43,12 +37,25 @@ pub fn raise_memlock() -> io::Result<u64> {
     raise_to_hard(libc::RLIMIT_MEMLOCK)
 }
 
-/// Connections that fit under an open-file limit, leaving a reserve for the process.
-pub fn connections_for_nofile(nofile: u64, shards: usize) -> usize {
-    nofile.saturating_sub(FD_RESERVE_BASE + FD_RESERVE_PER_SHARD * shards as u64) as usize
-}
-
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
+}
+
+/// The calling thread's Linux thread id.
+pub fn thread_id() -> i32 {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::gettid() }
+}
+
+/// The CPU the calling thread runs on now.
+pub fn current_cpu() -> i32 {
+    // SAFETY: sched_getcpu has no preconditions.
+    unsafe { libc::sched_getcpu() }
+}
+
+/// Lets whatever else waits for this CPU run first.
+pub fn yield_cpu() {
+    // SAFETY: sched_yield takes no arguments and cannot fail on Linux.
+    unsafe { libc::sched_yield() };
 }

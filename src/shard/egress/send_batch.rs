@@ -12,13 +12,10 @@ use std::io;
 use std::rc::Rc;
 
 use bytes::Bytes;
-use io_uring::{opcode, types, IoUring};
 
-use super::cork::send_now;
-use super::outbound::Outbound;
-
-/// Sends per `io_uring_enter` (the ring's submission queue).
-const RING_ENTRIES: u32 = 256;
+use super::queue::Outbound;
+use crate::sys::socket::{self, Push};
+use crate::sys::uring::{SendRing, RING_ENTRIES};
 /// Bytes a pass may gather before it sends early.
 const MAX_BYTES: usize = 256 * 1024;
 /// Owned bytes kept between passes.
@@ -67,29 +64,26 @@ struct Pending {
 }
 
 pub struct SendBatch {
-    ring: IoUring,
+    ring: SendRing,
     bytes: Vec<u8>,
     pending: Vec<Pending>,
     /// Which of `pending` completed (reused).
     done: Vec<bool>,
-    /// `io_uring_enter` failed for good: every answer goes out directly.
-    broken: bool,
 }
 
 impl SendBatch {
     pub fn new() -> io::Result<Self> {
         Ok(SendBatch {
-            ring: IoUring::builder().setup_single_issuer().build(RING_ENTRIES)?,
+            ring: SendRing::new()?,
             bytes: Vec::with_capacity(64 * 1024),
             pending: Vec::with_capacity(RING_ENTRIES as usize),
             done: Vec::with_capacity(RING_ENTRIES as usize),
-            broken: false,
         })
     }
 
     /// Whether `bytes` more fit in this pass's batch.
     pub fn has_room(&self, bytes: usize) -> bool {
-        !self.broken && self.pending.len() < RING_ENTRIES as usize && self.bytes.len() + bytes <= MAX_BYTES
+        !self.ring.is_broken() && self.pending.len() < RING_ENTRIES as usize && self.bytes.len() + bytes <= MAX_BYTES
     }
 
     /// Queues the bytes `write` appends for `out`'s socket. The caller checked `has_room`,
@@ -132,61 +126,21 @@ impl SendBatch {
         if self.pending.is_empty() {
             return;
         }
-        // Entries the ring took; the others go out the plain way below: a lone answer (a
-        // `send` costs less than `io_uring_enter`, and there is nothing to group), or any
-        // the ring did not take (it always should: `has_room` keeps the batch within it).
-        let mut submitted = 0;
-        if self.pending.len() > 1 {
-            let mut sq = self.ring.submission();
-            for (i, p) in self.pending.iter().enumerate() {
-                let bytes = p.place.bytes(&self.bytes);
-                let entry = opcode::Send::new(types::Fd(p.out.fd()), bytes.as_ptr(), bytes.len() as u32)
-                    .flags(libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
-                    .build()
-                    .user_data(i as u64);
-                // SAFETY: the buffer (in `self.bytes`, or borrowed) stays untouched until
-                // every completion is in (below).
-                if unsafe { sq.push(&entry) }.is_err() {
-                    break;
-                }
-                submitted += 1;
-            }
-        }
         self.done.clear();
         self.done.resize(self.pending.len(), false);
-        let mut left = submitted;
-        while left > 0 {
-            let failed = match self.ring.submit_and_wait(left) {
-                Ok(_) => false,
-                // Interrupted, or short of kernel memory for a moment: reap and retry.
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => false,
-                Err(e) => {
-                    // The ring is unusable: what did not complete goes out the plain way
-                    // (below), and the shard stops batching.
-                    println!("send batch: io_uring_enter failed ({e}); sending directly from now on");
-                    self.broken = true;
-                    true
-                }
-            };
-            for cqe in self.ring.completion() {
-                let i = cqe.user_data() as usize;
-                self.done[i] = true;
-                left -= 1;
-                let p = &self.pending[i];
-                let result = match cqe.result() {
-                    n if n >= 0 => Ok(n as usize),
-                    e if e == -libc::EAGAIN => Ok(0),
-                    e => Err(io::Error::from_raw_os_error(-e)),
-                };
-                settle(p, p.place.bytes(&self.bytes), result, wake);
-            }
-            if failed {
-                break;
-            }
+        // A lone answer goes out with a plain `send` (it costs less than `io_uring_enter`,
+        // and there is nothing to group); so does any the ring did not take.
+        if self.pending.len() > 1 {
+            let (pending, owned, done) = (&self.pending, &self.bytes, &mut self.done);
+            let sends = pending.iter().map(|p| (p.out.fd(), p.place.bytes(owned)));
+            self.ring.send_all(sends, |i, result| {
+                done[i] = true;
+                settle(&pending[i], pending[i].place.bytes(owned), result, wake);
+            });
         }
         for (p, _) in self.pending.iter().zip(&self.done).filter(|(_, &done)| !done) {
             let bytes = p.place.bytes(&self.bytes);
-            let result = send_now(p.out.fd(), bytes);
+            let result = socket::send(p.out.fd(), bytes, Push::Now);
             settle(p, bytes, result, wake);
         }
         for p in self.pending.drain(..) {

@@ -1,0 +1,397 @@
+//! A chat connection: who it is (`authorize`), and what becomes of each text frame it
+//! sends: parsed, checked, routed by kind, answered through its `Reply`.
+
+use std::borrow::Cow;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde_json::value::RawValue;
+
+use super::auth::{is_valid_user_id, Authenticator};
+use super::hub::Hub;
+use super::output::{ConnOutput, Reply};
+use super::protocol::{self, AppError, ClientMessage};
+use crate::cluster::ToCluster;
+use crate::config::Config;
+use crate::route::{shards_in, AckTo, ShardMask, ShardMsg};
+use crate::ws::handshake::{Rejection, Request};
+use crate::ws::OpCode;
+
+/// A token bucket: `rate` messages per second, bursts of `burst`. A rate of 0 is no limit.
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    pub fn new(rate: f64, burst: f64, now: Instant) -> Self {
+        TokenBucket {
+            rate,
+            burst,
+            tokens: burst,
+            last: now,
+        }
+    }
+
+    pub fn take(&mut self, now: Instant) -> bool {
+        if self.rate <= 0.0 {
+            return true;
+        }
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// When the read that carried a message returned: the monotonic instant (for latency) and
+/// the wall clock in Unix milliseconds (the `ts` clients see).
+#[derive(Debug, Clone, Copy)]
+pub struct Arrival {
+    pub ingress: Instant,
+    pub ts_ms: u64,
+}
+
+impl Arrival {
+    pub fn now() -> Self {
+        Arrival {
+            ingress: Instant::now(),
+            ts_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        }
+    }
+}
+
+/// Who is opening /ws: the Origin must be allowed, and a valid token (or, in dev mode, a
+/// `user` parameter) must name the user. The id is interned in `hub`'s directory.
+pub fn authorize<O: ConnOutput>(
+    config: &Config,
+    auth: &Authenticator,
+    hub: &Hub<O>,
+    request: &Request<'_>,
+) -> Result<Arc<str>, Rejection> {
+    const UNAUTHORIZED: &str = "WWW-Authenticate: Bearer\r\n";
+    let unauthorized = |message| Rejection {
+        status: 401,
+        message,
+        extra_headers: UNAUTHORIZED,
+    };
+    if !origin_allowed(config, request) {
+        return Err(Rejection {
+            status: 403,
+            message: "this Origin may not open the chat endpoint",
+            extra_headers: "",
+        });
+    }
+    let (token, dev_user) = credentials(request);
+    match (token, dev_user) {
+        (Some(token), _) => match auth.verify(&token) {
+            Ok(user) => Ok(hub.router.borrow().intern(&user)),
+            Err(_) => Err(unauthorized("the token is malformed, badly signed or expired")),
+        },
+        (None, Some(user)) if config.insecure_dev_auth => {
+            if is_valid_user_id(&user) {
+                Ok(hub.router.borrow().intern(&user))
+            } else {
+                Err(unauthorized("user must be 1-64 of A-Z a-z 0-9 _ . @ -"))
+            }
+        }
+        _ => Err(unauthorized("a token is required: ?token= or Authorization: Bearer")),
+    }
+}
+
+/// Browsers send an Origin; with `--allowed-origin` set, it must be one of them.
+fn origin_allowed(config: &Config, request: &Request<'_>) -> bool {
+    if config.allowed_origins.is_empty() {
+        return true;
+    }
+    match request.header_values("origin").next() {
+        Some(origin) => config
+            .allowed_origins
+            .iter()
+            .any(|o| o.as_bytes() == origin.trim_ascii()),
+        None => true,
+    }
+}
+
+/// The token (`?token=`, else `Authorization: Bearer`) and the dev-mode `?user=`.
+fn credentials(request: &Request<'_>) -> (Option<String>, Option<String>) {
+    let mut token = None;
+    let mut dev_user = None;
+    for (k, v) in form_urlencoded::parse(request.query.as_bytes()) {
+        match &*k {
+            "token" => token = Some(v.into_owned()),
+            "user" => dev_user = Some(v.into_owned()),
+            _ => {}
+        }
+    }
+    if token.is_none() {
+        if let Some(value) = request.header("authorization") {
+            let value = std::str::from_utf8(value).unwrap_or("").trim();
+            if let Some(t) = value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")) {
+                token = Some(t.trim().to_string());
+            }
+        }
+    }
+    (token, dev_user)
+}
+
+/// One chat connection: its user, its outgoing queue and its rate limit.
+pub struct ChatConn<O> {
+    pub user: Arc<str>,
+    pub out: Rc<O>,
+    bucket: TokenBucket,
+}
+
+impl<O: ConnOutput> ChatConn<O> {
+    pub fn new(user: Arc<str>, out: Rc<O>, config: &Config) -> Self {
+        let bucket = TokenBucket::new(config.rate_limit, config.rate_burst.max(1) as f64, Instant::now());
+        ChatConn { user, out, bucket }
+    }
+
+    /// Handles one complete message from the client; `at` is when the read that carried
+    /// it returned. Answers (acks, errors) go to `reply`.
+    pub fn on_message(
+        &mut self,
+        hub: &Hub<O>,
+        config: &Config,
+        opcode: OpCode,
+        payload: &[u8],
+        at: Arrival,
+        reply: &mut impl Reply,
+    ) {
+        let result = if opcode != OpCode::Text {
+            Err(AppError::new("bad_json", "the chat protocol uses text frames"))
+        } else if payload.len() > config.max_chat_message {
+            Err(AppError::new(
+                "too_large",
+                format!("messages are limited to {} bytes", config.max_chat_message),
+            ))
+        } else if !self.bucket.take(at.ingress) {
+            Err(AppError::new(
+                "rate_limited",
+                format!("more than {} messages per second", config.rate_limit),
+            ))
+        } else {
+            protocol::parse(payload).and_then(|msg| self.route(hub, msg, at, reply))
+        };
+        if let Err(error) = result {
+            hub.with_json(|json| protocol::write_error(json, &error), |json| reply.text(json));
+        }
+    }
+
+    fn route(
+        &mut self,
+        hub: &Hub<O>,
+        msg: ClientMessage<'_>,
+        at: Arrival,
+        reply: &mut impl Reply,
+    ) -> Result<(), AppError> {
+        match msg {
+            ClientMessage::Send { to, id, body } => {
+                let id = id.as_deref();
+                self.send(hub, &to, id, body, at, reply).map_err(|e| e.with_id_str(id))
+            }
+            ClientMessage::Publish { room, id, body } => {
+                let id = id.as_deref();
+                self.publish(hub, &room, id, body, at, reply)
+                    .map_err(|e| e.with_id_str(id))
+            }
+            ClientMessage::Join { room } => self.change_membership(hub, room, true),
+            ClientMessage::Leave { room } => self.change_membership(hub, room, false),
+        }
+    }
+
+    /// A direct message: to the recipient's connections on this node's shards, and to the
+    /// cluster thread when it has connections elsewhere (or none here).
+    fn send(
+        &self,
+        hub: &Hub<O>,
+        to: &str,
+        id: Option<&str>,
+        body: &RawValue,
+        at: Arrival,
+        reply: &mut impl Reply,
+    ) -> Result<(), AppError> {
+        let mask = hub.router.borrow().user_shards(to);
+        let cluster = hub.cluster.as_deref();
+        if let Some(link) = cluster {
+            // The recipient may have connections on other nodes too.
+            if mask == 0 && !link.is_up() {
+                return Err(unavailable(
+                    "the recipient is not on this node, and the cluster is unreachable",
+                ));
+            }
+            if link.is_up() && link.is_full() {
+                return Err(AppError::new("rate_limited", "the cluster link is overloaded; retry"));
+            }
+        }
+        if mask == 0 && cluster.is_none() {
+            hub.with_json(|json| protocol::write_ack(json, id, "offline"), |json| reply.text(json));
+            return Ok(());
+        }
+        check_shards_have_room(hub, mask, "the recipient's shard is overloaded; retry")?;
+        let frame = hub.encode(|json| protocol::write_message(json, &self.user, to, id, at.ts_ms, body));
+        let to = hub.router.borrow().intern(to);
+        for shard in shards_in(mask) {
+            if shard == hub.shard {
+                let router = hub.router.borrow();
+                hub.deliver_local(router.local_connections(&to), &frame, at.ingress, None, false);
+            } else {
+                let (to, frame, ingress) = (to.clone(), frame.clone(), at.ingress);
+                hub.send_to(
+                    shard,
+                    ShardMsg::Direct {
+                        to,
+                        frame,
+                        ingress,
+                        cross_node: false,
+                    },
+                );
+            }
+        }
+        let elsewhere = mask == 0 || hub.also_remote.borrow().contains(&to);
+        if let Some(link) = cluster.filter(|l| l.is_up() && elsewhere) {
+            // Not on this node: the cluster thread answers once other nodes did.
+            let ack = (mask == 0).then(|| self.ack_to(hub, id));
+            hub.to_cluster(
+                link,
+                ToCluster::Direct {
+                    to,
+                    frame,
+                    ingress: at.ingress,
+                    ack,
+                },
+            );
+            if mask == 0 {
+                return Ok(());
+            }
+        }
+        hub.with_json(|json| protocol::write_ack(json, id, "routed"), |json| reply.text(json));
+        Ok(())
+    }
+
+    /// A room message: to the members' connections on this node (except the sender's),
+    /// then through the cluster thread, which answers once the other nodes confirmed.
+    fn publish(
+        &self,
+        hub: &Hub<O>,
+        room: &str,
+        id: Option<&str>,
+        body: &RawValue,
+        at: Arrival,
+        reply: &mut impl Reply,
+    ) -> Result<(), AppError> {
+        if !hub.router.borrow().is_member(&self.user, room) {
+            return Err(AppError::new(
+                "not_member",
+                format!("join {room} before publishing to it"),
+            ));
+        }
+        let mask = hub.router.borrow().room_shards(room);
+        check_shards_have_room(hub, mask, "a member's shard is overloaded; retry")?;
+        if hub.cluster.as_ref().is_some_and(|l| l.is_up() && l.is_full()) {
+            return Err(AppError::new("rate_limited", "a member's shard is overloaded; retry"));
+        }
+        let frame = hub.encode(|json| protocol::write_room_message(json, room, &self.user, id, at.ts_ms, body));
+        let room = hub.router.borrow().intern_room(room);
+        self.publish_locally(hub, &room, &frame, at.ingress, mask);
+        if let Some(link) = hub.cluster.as_deref() {
+            if !link.is_up() {
+                return Err(unavailable(
+                    "delivered to the room's members on this node only: the cluster is unreachable",
+                ));
+            }
+            let ack = self.ack_to(hub, id);
+            hub.to_cluster(
+                link,
+                ToCluster::Publish {
+                    room,
+                    frame,
+                    ingress: at.ingress,
+                    ack,
+                },
+            );
+            return Ok(());
+        }
+        hub.with_json(|json| protocol::write_ack(json, id, "routed"), |json| reply.text(json));
+        Ok(())
+    }
+
+    /// Delivers a room's frame on every shard of this node in `mask`.
+    fn publish_locally(&self, hub: &Hub<O>, room: &Arc<str>, frame: &Bytes, ingress: Instant, mask: ShardMask) {
+        for shard in shards_in(mask) {
+            if shard == hub.shard {
+                let router = hub.router.borrow();
+                let members = router.local_room_connections(room);
+                hub.deliver_local(members, frame, ingress, Some(self.out.conn_id()), false);
+            } else {
+                let msg = ShardMsg::Room {
+                    room: room.clone(),
+                    frame: frame.clone(),
+                    ingress,
+                    except: (hub.shard, self.out.conn_id()),
+                    cross_node: false,
+                };
+                hub.send_to(shard, msg);
+            }
+        }
+    }
+
+    fn change_membership(&self, hub: &Hub<O>, room: Cow<'_, str>, join: bool) -> Result<(), AppError> {
+        let room = Arc::from(room.as_ref());
+        hub.router
+            .borrow_mut()
+            .change_membership(&self.user, self.out.conn_id(), room, join);
+        Ok(())
+    }
+
+    /// Where the cluster thread's answer for this connection goes.
+    fn ack_to(&self, hub: &Hub<O>, id: Option<&str>) -> AckTo {
+        AckTo {
+            shard: hub.shard,
+            conn: self.out.conn_id(),
+            id: id.map(Box::from),
+        }
+    }
+}
+
+/// Refuses a delivery that would overfill another shard's inbox.
+fn check_shards_have_room<O: ConnOutput>(hub: &Hub<O>, mask: ShardMask, message: &'static str) -> Result<(), AppError> {
+    if shards_in(mask).any(|s| s != hub.shard && hub.mesh.is_full(s)) {
+        return Err(AppError::new("rate_limited", message));
+    }
+    Ok(())
+}
+
+fn unavailable(message: &'static str) -> AppError {
+    AppError::new("unavailable", message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn token_bucket_allows_bursts_then_the_rate() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(10.0, 3.0, t0);
+        assert!(b.take(t0) && b.take(t0) && b.take(t0));
+        assert!(!b.take(t0));
+        assert!(b.take(t0 + Duration::from_millis(100)));
+        assert!(!b.take(t0 + Duration::from_millis(100)));
+        let mut unlimited = TokenBucket::new(0.0, 1.0, t0);
+        assert!((0..10_000).all(|_| unlimited.take(t0)));
+    }
+}

@@ -1,0 +1,102 @@
+//! Drives one connection from accept to close: the HTTP upgrade (`upgrade`), then the
+//! WebSocket session (`session`), and the ways a connection ends (a lingering close, a
+//! slow consumer's 1008).
+
+mod session;
+mod upgrade;
+
+use std::net::Shutdown;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_lite::AsyncWriteExt;
+use glommio::net::TcpStream;
+
+use super::context::{ConnectionSlot, ReadOutcome, ShardContext};
+use super::egress::Outbound;
+use super::Apps;
+use crate::ws::handshake;
+use crate::ws::{write_close, CloseCode};
+
+/// After we close (or refuse), how long we keep reading so that the peer gets our last
+/// bytes rather than a reset.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// What an upgraded connection runs.
+enum Endpoint {
+    Echo,
+    /// A chat connection of this user.
+    Chat(Arc<str>),
+}
+
+/// Serves one accepted connection to the end.
+pub async fn serve(ctx: Rc<ShardContext>, apps: Rc<Apps>, mut stream: TcpStream, slot: ConnectionSlot) {
+    if let Err(e) = slot.watch(stream.as_raw_fd()) {
+        // Only a host out of epoll watches (fs.epoll.max_user_watches) or memory gets here.
+        tracing::warn!(
+            "shard {}: dropping a connection: cannot add it to the epoll set: {e}",
+            ctx.id
+        );
+        return;
+    }
+    if let Some((leftover, endpoint)) = upgrade::upgrade(&ctx, &apps, &mut stream, &slot).await {
+        session::run(&ctx, &apps, &mut stream, &slot, leftover, endpoint).await;
+    }
+}
+
+/// Answers a connection the process has no room for: 503, then the same lingering close
+/// as every refusal (closing with the request unread would reset the connection and could
+/// destroy the answer before the client reads it).
+pub async fn refuse_busy(ctx: Rc<ShardContext>, mut stream: TcpStream) {
+    let mut out = Vec::new();
+    handshake::write_response(
+        &mut out,
+        503,
+        "the gateway is at its connection limit",
+        "Retry-After: 1\r\n",
+    );
+    if stream.write_all(&out).await.is_ok() {
+        linger_close(&ctx, &mut stream, None).await;
+    }
+}
+
+/// Closes a connection whose outgoing queue overflowed: finish the frame on the wire,
+/// then Close 1008 naming the reason. The socket is full, so this waits for the peer to
+/// read, as long as a pong may take: a peer that cannot take one frame by then is gone.
+async fn close_slow_consumer(ctx: &ShardContext, stream: &mut TcpStream, slot: &ConnectionSlot, out: &Outbound) {
+    let _ = stream.set_write_timeout(Some(ctx.config.pong_timeout));
+    loop {
+        match ctx.egress.write_front(stream, out).await {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(_) => return,
+        }
+    }
+    let mut close = Vec::new();
+    let reason = format!("slow consumer: more than {} bytes queued", out.limit());
+    write_close(&mut close, CloseCode::POLICY_VIOLATION, &reason, None);
+    if stream.write_all(&close).await.is_ok() {
+        linger_close(ctx, stream, Some(slot)).await;
+    }
+}
+
+/// Half-closes, then reads and discards for a moment, so that our last bytes reach the
+/// peer instead of being cut off by a reset (closing a socket with unread input sends RST).
+async fn linger_close(ctx: &ShardContext, stream: &mut TcpStream, slot: Option<&ConnectionSlot>) {
+    if stream.shutdown(Shutdown::Write).await.is_err() {
+        return;
+    }
+    let deadline = Instant::now() + LINGER;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        match ctx.read(stream, slot, false, None, Some(left)).await {
+            Ok(ReadOutcome::Data(_)) => continue,
+            _ => return,
+        }
+    }
+}

@@ -1,0 +1,398 @@
+//! An upgraded connection: WebSocket frames in, answers out, until it closes.
+//!
+//! Reads land in the shard's arena and are decoded before the next await; everything the
+//! connection answers leaves through `Egress::finish_round`. Routed chat messages for it
+//! arrive in its queue, which the shard flushes at the end of each round.
+
+use std::net::Shutdown;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use glommio::net::TcpStream;
+
+use super::{close_slow_consumer, linger_close, Endpoint, LINGER};
+use crate::chat::session::{Arrival, ChatConn};
+use crate::shard::context::{ConnectionSlot, ReadOutcome, ShardContext};
+use crate::shard::egress::{Cork, Finish, Outbound, RX_BUFFER};
+use crate::shard::Apps;
+use crate::ws::{write_close, CloseCode, Decoder, Event, OpCode, Role};
+
+/// Where the connection is in its life after the upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Open,
+    /// We sent Close and wait (until the deadline) for the peer's.
+    Closing {
+        deadline: Instant,
+    },
+}
+
+/// What the driver does after handling a read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    Continue,
+    /// The closing handshake is complete: flush, then close TCP (the server closes first).
+    Close,
+    /// The peer broke the protocol or stopped answering: flush our Close, then linger-close.
+    Fail,
+}
+
+/// What the connection runs: the one place where echo and chat part ways.
+enum App {
+    Echo,
+    Chat(ChatConn<Outbound>),
+}
+
+struct Session {
+    decoder: Decoder,
+    state: State,
+    app: App,
+    /// When our keepalive ping went out, while no pong has come back.
+    ping_sent: Option<Instant>,
+}
+
+impl Session {
+    /// Decodes `input` and queues every answer (echo, chat answers, pong, close) in `out`.
+    fn on_bytes(&mut self, apps: &Apps, ctx: &ShardContext, input: &mut [u8], out: &mut Cork) -> Next {
+        let open = self.state == State::Open;
+        let mut peer_close = None;
+        let mut pong = false;
+        // Chat messages carry when they arrived; an echo reads no clock.
+        let arrival = match self.app {
+            App::Chat(_) => Some(Arrival::now()),
+            App::Echo => None,
+        };
+        out.begin(input);
+        let Session { decoder, app, .. } = self;
+        let result = decoder.feed(input, &mut |event| match event {
+            Event::Message { opcode, payload } if open => match (&mut *app, arrival) {
+                (App::Echo, _) => out.frame(opcode, payload),
+                (App::Chat(chat), Some(arrival)) => {
+                    chat.on_message(&apps.hub, &ctx.config, opcode, payload, arrival, out)
+                }
+                (App::Chat(_), None) => {}
+            },
+            Event::Message { .. } => {}
+            Event::Ping(payload) if open => out.frame(OpCode::Pong, payload),
+            Event::Ping(_) => {}
+            Event::Pong(_) => pong = true,
+            Event::Close { code, .. } => peer_close = Some(code),
+        });
+        if pong {
+            self.ping_sent = None;
+        }
+        if let Err(error) = result {
+            if open {
+                out.push_with(|b| write_close(b, error.code(), error.reason(), None));
+            }
+            return Next::Fail;
+        }
+        match peer_close {
+            Some(code) => {
+                if open {
+                    // Echo the peer's code (§5.5.1); an empty Close is answered with an empty one.
+                    match code {
+                        Some(code) => out.push_with(|b| write_close(b, code, "", None)),
+                        None => out.frame(OpCode::Close, &[]),
+                    }
+                }
+                Next::Close
+            }
+            None => Next::Continue,
+        }
+    }
+
+    /// Starts the closing handshake from our side.
+    fn begin_close(&mut self, code: CloseCode, reason: &str, out: &mut Cork, drain: Duration) {
+        if self.state == State::Open {
+            out.push_with(|b| write_close(b, code, reason, None));
+            self.state = State::Closing {
+                deadline: Instant::now() + drain,
+            };
+        }
+    }
+
+    /// No pong came back in time: Close 1008, then drop the connection.
+    fn fail_keepalive(&mut self, out: &mut Cork) -> Next {
+        self.begin_close(CloseCode::POLICY_VIOLATION, "no pong to keepalive ping", out, LINGER);
+        Next::Fail
+    }
+
+    /// The read timeout that matches the state: the ping interval, what is left of the
+    /// pong timeout, or what is left of the closing deadline.
+    fn read_timeout(&self, ping_interval: Duration, pong_timeout: Duration) -> Duration {
+        match (self.state, self.ping_sent) {
+            (State::Closing { deadline }, _) => deadline.saturating_duration_since(Instant::now()),
+            (State::Open, Some(sent)) => pong_timeout.saturating_sub(sent.elapsed()),
+            (State::Open, None) => ping_interval,
+        }
+        .max(Duration::from_millis(1))
+    }
+
+    /// What a read's outcome (other than data) means for the session.
+    fn on_no_data(&mut self, outcome: ReadOutcome, cork: &mut Cork, ctx: &ShardContext) -> Option<Next> {
+        match outcome {
+            ReadOutcome::TimedOut => match (self.state, self.ping_sent) {
+                (State::Open, None) => {
+                    cork.frame(OpCode::Ping, &[]);
+                    self.ping_sent = Some(Instant::now());
+                    Some(Next::Continue)
+                }
+                (State::Open, Some(_)) => Some(self.fail_keepalive(cork)),
+                (State::Closing { .. }, _) => None,
+            },
+            ReadOutcome::Stopping => {
+                self.begin_close(CloseCode::GOING_AWAY, "going away", cork, ctx.config.drain_timeout);
+                Some(Next::Continue)
+            }
+            ReadOutcome::Outbound => Some(Next::Continue),
+            ReadOutcome::Data(_) | ReadOutcome::Eof => None,
+        }
+    }
+}
+
+/// Unregisters a chat connection from its shard however the connection ends.
+struct Registration<'a> {
+    ctx: &'a ShardContext,
+    apps: &'a Apps,
+    user: Arc<str>,
+    id: u64,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.apps.hub.unregister(&self.user, self.id);
+        self.ctx.end_round(&self.apps.hub);
+    }
+}
+
+/// Sends whatever the connection left in the shard's send batch before its socket closes
+/// (the descriptor number could be reused by then).
+struct FlushOnExit<'a> {
+    ctx: &'a ShardContext,
+    out: Rc<Outbound>,
+}
+
+impl Drop for FlushOnExit<'_> {
+    fn drop(&mut self) {
+        if self.out.is_batched() {
+            self.ctx.flush_batch();
+        }
+    }
+}
+
+/// A connection and everything its loop needs.
+struct Conn<'a> {
+    ctx: &'a ShardContext,
+    apps: &'a Apps,
+    slot: &'a ConnectionSlot,
+    out: Rc<Outbound>,
+    session: Session,
+    registration: Option<Registration<'a>>,
+}
+
+/// Runs an upgraded connection until it closes. `leftover` is what followed the
+/// request head in its reads.
+pub(super) async fn run(
+    ctx: &ShardContext,
+    apps: &Apps,
+    stream: &mut TcpStream,
+    slot: &ConnectionSlot,
+    leftover: Vec<u8>,
+    endpoint: Endpoint,
+) {
+    let config = &ctx.config;
+    // A peer that takes nothing for this long is gone.
+    if stream
+        .set_write_timeout(Some(config.ping_interval + config.pong_timeout))
+        .is_err()
+    {
+        return;
+    }
+    let mut conn = open(ctx, apps, slot, stream, endpoint);
+    let mut next = Next::Continue;
+    if !leftover.is_empty() {
+        match conn.leftover(leftover) {
+            Ok(n) => next = n,
+            Err(_) => return,
+        }
+    }
+    let _flush = FlushOnExit {
+        ctx,
+        out: conn.out.clone(),
+    };
+    loop {
+        if conn.out.overflowed() {
+            close_slow_consumer(ctx, stream, slot, &conn.out).await;
+            return;
+        }
+        if !conn.out.is_empty() {
+            if ctx.egress.write_queue(stream, &conn.out).await.is_err() {
+                return;
+            }
+            continue;
+        }
+        match next {
+            Next::Continue => {}
+            // The closing handshake is complete. Shutting the sending side down sends our
+            // Close (held back by `Finish::BeforeFin`) with the FIN, even if a peer that
+            // broke §5.5.1 sent more after its Close: closing with bytes unread would
+            // reset the connection and drop the Close unsent.
+            Next::Close => {
+                let _ = stream.shutdown(Shutdown::Write).await;
+                return;
+            }
+            Next::Fail => {
+                linger_close(ctx, stream, Some(slot)).await;
+                return;
+            }
+        }
+        match conn.read_round(stream).await {
+            Some(n) => next = n,
+            None => return,
+        }
+    }
+}
+
+/// Registers the connection with its application and sets up its queue.
+fn open<'a>(
+    ctx: &'a ShardContext,
+    apps: &'a Apps,
+    slot: &'a ConnectionSlot,
+    stream: &TcpStream,
+    endpoint: Endpoint,
+) -> Conn<'a> {
+    use std::os::fd::AsRawFd;
+    let config = &ctx.config;
+    let fd = stream.as_raw_fd();
+    let id = apps.hub.next_conn_id();
+    let (app, out, registration) = match endpoint {
+        Endpoint::Echo => {
+            // An echo answers at most one read plus one assembled message at a time.
+            let out = Rc::new(Outbound::new(
+                id,
+                slot.key(),
+                fd,
+                config.max_message_size + 2 * RX_BUFFER,
+            ));
+            (App::Echo, out, None)
+        }
+        Endpoint::Chat(user) => {
+            let out = Rc::new(Outbound::new(id, slot.key(), fd, config.max_outbound_bytes));
+            apps.hub.register(&user, out.clone());
+            ctx.end_round(&apps.hub);
+            let registration = Registration {
+                ctx,
+                apps,
+                user: user.clone(),
+                id,
+            };
+            (
+                App::Chat(ChatConn::new(user, out.clone(), config)),
+                out,
+                Some(registration),
+            )
+        }
+    };
+    let session = Session {
+        decoder: Decoder::new(Role::Server, config.max_message_size),
+        state: State::Open,
+        app,
+        ping_sent: None,
+    };
+    Conn {
+        ctx,
+        apps,
+        slot,
+        out,
+        session,
+        registration,
+    }
+}
+
+impl Conn<'_> {
+    /// Handles what followed the request head in its reads (it is not in the arena: its
+    /// answers are sent from the cork alone).
+    fn leftover(&mut self, mut leftover: Vec<u8>) -> std::io::Result<Next> {
+        let mut cork = self.ctx.egress.cork();
+        let next = self.session.on_bytes(self.apps, self.ctx, &mut leftover, &mut cork);
+        self.end_session_if(next);
+        self.ctx.finish_round(
+            &self.apps.hub,
+            &mut cork,
+            &mut leftover,
+            &self.out,
+            finish_kind(next, false),
+        )?;
+        if next != Next::Continue {
+            self.out.seal();
+        }
+        Ok(next)
+    }
+
+    /// Waits for input (or a deadline, a stop, work for the queue), handles it, and sends
+    /// the answers. `None` ends the connection at once.
+    async fn read_round(&mut self, stream: &mut TcpStream) -> Option<Next> {
+        let ctx = self.ctx;
+        let config = &ctx.config;
+        let timeout = self.session.read_timeout(config.ping_interval, config.pong_timeout);
+        glommio::yield_if_needed().await;
+        let open = self.session.state == State::Open;
+        let outcome = ctx
+            .read(stream, Some(self.slot), open, Some(&self.out), Some(timeout))
+            .await
+            .ok()?;
+        // From here to the send: no await, so the shard's buffers are ours alone.
+        let n = match outcome {
+            ReadOutcome::Data(n) => n,
+            _ => 0,
+        };
+        let mut round = ctx.egress.round(n);
+        let next = match outcome {
+            ReadOutcome::Data(_) => {
+                let (input, cork) = round.parts();
+                let next = self.session.on_bytes(self.apps, ctx, input, cork);
+                // A peer that keeps sending but never answers our ping is not alive either.
+                let overdue = self
+                    .session
+                    .ping_sent
+                    .is_some_and(|sent| sent.elapsed() >= config.pong_timeout);
+                if next == Next::Continue && overdue {
+                    self.session.fail_keepalive(&mut round.cork)
+                } else {
+                    next
+                }
+            }
+            other => self.session.on_no_data(other, &mut round.cork, ctx)?,
+        };
+        self.end_session_if(next);
+        // A plain echo answer may wait for the end of the pass; anything that ends or
+        // closes the connection leaves now.
+        let echo = matches!(self.session.app, App::Echo) && self.session.state == State::Open;
+        let (input, cork) = round.parts();
+        ctx.finish_round(&self.apps.hub, cork, input, &self.out, finish_kind(next, echo))
+            .ok()?;
+        if next != Next::Continue || self.session.state != State::Open {
+            // Our Close (or the answer to the peer's) is on its way: nothing may follow it.
+            self.out.seal();
+        }
+        Some(next)
+    }
+
+    /// Leaves the directory before our last frames go out: a client that sees our Close
+    /// and reconnects at once must find its old connection already gone.
+    fn end_session_if(&mut self, next: Next) {
+        if next != Next::Continue {
+            drop(self.registration.take());
+        }
+    }
+}
+
+fn finish_kind(next: Next, echo: bool) -> Finish {
+    match next {
+        Next::Continue if echo => Finish::Batchable,
+        Next::Continue => Finish::Now,
+        Next::Close | Next::Fail => Finish::BeforeFin,
+    }
+}

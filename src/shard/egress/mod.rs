@@ -1,0 +1,259 @@
+//! The shard's buffers and its one way out for bytes.
+//!
+//! A shard has one receive arena and one cork shared by all its connections (an idle
+//! connection holds no buffer), and gathers the small answers of an executor pass in one
+//! send batch. Whatever a connection answers leaves through `Egress::finish_round`, which
+//! picks the cheapest of three paths underneath:
+//! - `send_batch`: an echo answer waits for the end of the pass and leaves with the
+//!   others in one `io_uring_enter` (in place in the arena when it is one whole frame);
+//! - `cork`: everything else one read produced leaves in one `send`/`sendmsg`;
+//! - `queue`: what the socket does not take, and every routed chat message, waits in the
+//!   connection's own queue, flushed at the end of each round or written by its task.
+
+mod cork;
+mod queue;
+mod send_batch;
+
+use std::cell::{Cell, RefCell, RefMut};
+use std::io;
+use std::rc::Rc;
+
+use bytes::Bytes;
+use futures_lite::AsyncWriteExt;
+use glommio::net::TcpStream;
+
+pub use cork::Cork;
+pub use queue::Outbound;
+use send_batch::SendBatch;
+
+use crate::metrics::LatencyRecorder;
+use crate::sys::socket::{self, Push};
+
+/// One read takes up to this much from a socket. A read that fills it is the
+/// connection's last of the executor pass (see `ShardContext::read`), so this is also what
+/// a busy connection gets per turn: 256 KiB takes nearly a whole window of 16 messages of
+/// 16 KiB in one `recv`, answered by one `sendmsg`. With 64 KiB, a turn was 4 such
+/// messages, and both ends made more, smaller system calls for the same bytes (about a
+/// quarter fewer msg/s at 16 × 16 KiB in flight; docs/perf/13-256k-reads.md).
+pub const RX_BUFFER: usize = 256 * 1024;
+/// The receive arena. Reads land at `rx_at`; echo answers that lie whole in it join the
+/// send batch in place, and the next read lands after them, until the batch is sent and
+/// reads start over at the beginning. Two reads' worth: four measured the same, and this
+/// CPU's L2 is 512 KiB (docs/perf/13-256k-reads.md).
+const RX_ARENA: usize = 2 * RX_BUFFER;
+
+/// How the bytes of a round may leave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// A plain echo answer: it may wait for the end of the executor pass.
+    Batchable,
+    /// Now.
+    Now,
+    /// Now, and the socket (or its sending side) closes next: the bytes wait for the FIN.
+    BeforeFin,
+}
+
+pub struct Egress {
+    /// The receive arena (`RX_ARENA` bytes, never reallocated: the send batch may point
+    /// into it). A read's bytes are at `rx[rx_at()..][..n]`.
+    rx: RefCell<Vec<u8>>,
+    /// Where the next read lands; what lies before it waits in the send batch.
+    rx_at: Cell<usize>,
+    /// The address of `rx`'s bytes.
+    rx_addr: usize,
+    cork: RefCell<Cork>,
+    /// Echo answers of this executor pass, sent together when it ends.
+    batch: RefCell<SendBatch>,
+    /// Routed messages' latency, recorded when their last byte is handed to the socket.
+    pub latency: RefCell<LatencyRecorder>,
+    /// Queues being flushed, kept between rounds so that its capacity is reused.
+    flushing: RefCell<Vec<Rc<Outbound>>>,
+}
+
+/// A read's bytes and the cork for its answers, borrowed together until the round ends.
+pub struct Round<'a> {
+    rx: RefMut<'a, Vec<u8>>,
+    pub cork: RefMut<'a, Cork>,
+    at: usize,
+    len: usize,
+}
+
+impl Round<'_> {
+    /// The read's bytes and the cork, at once.
+    pub fn parts(&mut self) -> (&mut [u8], &mut Cork) {
+        (&mut self.rx[self.at..][..self.len], &mut self.cork)
+    }
+}
+
+impl Egress {
+    pub fn new() -> io::Result<Self> {
+        let rx = vec![0; RX_ARENA];
+        Ok(Egress {
+            rx_addr: rx.as_ptr() as usize,
+            rx: RefCell::new(rx),
+            rx_at: Cell::new(0),
+            cork: RefCell::new(Cork::new()),
+            batch: RefCell::new(SendBatch::new()?),
+            latency: RefCell::new(LatencyRecorder::default()),
+            flushing: RefCell::new(Vec::new()),
+        })
+    }
+
+    /// One non-blocking `recv` from `fd` into the arena; the bytes are then those of
+    /// `round(n)`, until the caller's next await.
+    pub fn recv(&self, fd: std::os::fd::RawFd) -> io::Result<usize> {
+        let mut rx = self.rx.borrow_mut();
+        let at = self.rx_at.get();
+        socket::recv(fd, &mut rx[at..at + RX_BUFFER])
+    }
+
+    /// Where a read through another path (glommio's own) may land.
+    pub fn rx_space(&self) -> RefMut<'_, [u8]> {
+        let at = self.rx_at.get();
+        RefMut::map(self.rx.borrow_mut(), |rx| &mut rx[at..at + RX_BUFFER])
+    }
+
+    /// The last read's `n` bytes, with the cork for the answers to them.
+    pub fn round(&self, n: usize) -> Round<'_> {
+        Round {
+            rx: self.rx.borrow_mut(),
+            cork: self.cork.borrow_mut(),
+            at: self.rx_at.get(),
+            len: n,
+        }
+    }
+
+    /// The cork alone, for answers to input that is not in the arena.
+    pub fn cork(&self) -> RefMut<'_, Cork> {
+        self.cork.borrow_mut()
+    }
+
+    /// A copy of the last read's `n` bytes, appended to `into` (an HTTP head in the
+    /// making).
+    pub fn copy_input(&self, n: usize, into: &mut Vec<u8>) {
+        into.extend_from_slice(&self.rx.borrow()[self.rx_at.get()..][..n]);
+    }
+
+    /// Sends what the round put in the cork (its payloads may point into `input`) (straight away when nothing is queued before
+    /// it, else behind the queue). A `Batchable` answer joins the pass's send batch
+    /// instead: copied when it is small, in place when it is one frame echoed from the
+    /// arena. Returns the slots of connections to wake (their queue needs its task).
+    pub fn finish_round(
+        &self,
+        cork: &mut Cork,
+        input: &mut [u8],
+        out: &Rc<Outbound>,
+        finish: Finish,
+        wake: &mut Vec<usize>,
+    ) -> io::Result<()> {
+        if !cork.is_empty() && out.is_batched() {
+            // Bytes of ours wait in the batch: they must leave first.
+            self.flush_batch(wake);
+        }
+        let joined = cork.join_in_input(input);
+        if !cork.is_empty() && finish == Finish::Batchable && out.is_empty() {
+            if let Some(run) = joined {
+                if self.batch_received(out, &input[run], wake) {
+                    cork.clear();
+                }
+            } else if let Some(bytes) = cork.owned_only() {
+                let mut batch = self.batch.borrow_mut();
+                if batch.has_room(bytes.len()) {
+                    batch.add(out, |b| b.extend_from_slice(bytes));
+                    drop(batch);
+                    cork.clear();
+                }
+            }
+        }
+        if !cork.is_empty() {
+            if out.is_empty() {
+                let push = if finish == Finish::BeforeFin {
+                    Push::WithFin
+                } else {
+                    Push::Now
+                };
+                if let Some(rest) = cork.send(out.fd(), input, push)? {
+                    out.push_unsent(Bytes::from(rest));
+                }
+            } else {
+                out.push(Bytes::from(cork.take_all(input)), None);
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts `answer`, which lies in the arena at or after `rx_at` (the input of this
+    /// round), in the send batch without copying it; the next read lands after it.
+    /// Returns false, having done nothing, when the batch is full or `answer` lies
+    /// elsewhere.
+    fn batch_received(&self, out: &Rc<Outbound>, answer: &[u8], wake: &mut Vec<usize>) -> bool {
+        let start = (answer.as_ptr() as usize).wrapping_sub(self.rx_addr);
+        let end = start.wrapping_add(answer.len());
+        if start < self.rx_at.get() || end > RX_ARENA || end < start {
+            return false;
+        }
+        {
+            let mut batch = self.batch.borrow_mut();
+            if !batch.has_room(0) {
+                return false;
+            }
+            // SAFETY: the arena is never reallocated, and nothing writes before `rx_at`
+            // (reads land at it) until `flush_batch` sends the batch and resets it.
+            unsafe { batch.add_borrowed(out, answer) };
+        }
+        // The next read starts on a fresh cache line after the answer.
+        self.rx_at.set(end.next_multiple_of(64));
+        if self.rx_at.get() + RX_BUFFER > RX_ARENA {
+            self.flush_batch(wake);
+        }
+        true
+    }
+
+    /// Sends the pass's batch now; the connections whose sockets did not take it all
+    /// are pushed to `wake`.
+    pub fn flush_batch(&self, wake: &mut Vec<usize>) {
+        self.batch.borrow_mut().flush(wake);
+        // Nothing in the batch points into the arena any more.
+        self.rx_at.set(0);
+    }
+
+    /// Sends what each of `dirty` queued this round, as much as each socket takes now.
+    /// Connections whose queue needs its task (a full socket, a slow consumer) are pushed
+    /// to `wake`.
+    pub fn flush_queues(&self, dirty: &mut Vec<Rc<Outbound>>, wake: &mut Vec<usize>) {
+        if dirty.is_empty() {
+            return;
+        }
+        let mut flushing = self.flushing.borrow_mut();
+        std::mem::swap(&mut *flushing, dirty);
+        let mut latency = self.latency.borrow_mut();
+        for out in flushing.drain(..) {
+            match out.flush_now(&mut latency) {
+                Ok(false) if !out.overflowed() => {}
+                _ => wake.push(out.slot),
+            }
+        }
+    }
+
+    /// Writes `out`'s queue until it is empty, waiting for the socket as needed.
+    pub async fn write_queue(&self, stream: &mut TcpStream, out: &Outbound) -> io::Result<()> {
+        loop {
+            let more = out.flush_now(&mut self.latency.borrow_mut())?;
+            if !more || out.overflowed() {
+                return Ok(());
+            }
+            self.write_front(stream, out).await?;
+        }
+    }
+
+    /// Writes what is left of `out`'s front frame once the socket takes it. Returns false
+    /// when the queue is empty.
+    pub async fn write_front(&self, stream: &mut TcpStream, out: &Outbound) -> io::Result<bool> {
+        let Some(chunk) = out.begin_write() else {
+            return Ok(false);
+        };
+        let written = stream.write(&chunk).await;
+        out.end_write(*written.as_ref().unwrap_or(&0), &mut self.latency.borrow_mut());
+        written.map(|_| true)
+    }
+}

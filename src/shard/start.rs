@@ -1,0 +1,197 @@
+//! What a gateway process settles before its shards start: how many connections fit,
+//! which CPUs the shards run on, their listening sockets, and the checks that turn a
+//! host that cannot run io_uring into a clear message.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use socket2::Socket;
+
+use super::listener;
+use crate::chat::auth::{Authenticator, SecretSource};
+use crate::config::Config;
+use crate::shutdown::Shutdown;
+use crate::sys::process;
+
+/// glommio refuses to start a reactor below this RLIMIT_MEMLOCK.
+pub const GLOMMIO_MIN_MEMLOCK: u64 = 512 * 1024;
+/// Descriptors kept free for listeners, io_uring rings, eventfds and the like.
+const FD_RESERVE_BASE: u64 = 32;
+const FD_RESERVE_PER_SHARD: u64 = 8;
+
+/// Connections that fit under an open-file limit, leaving a reserve for the process.
+pub fn connections_for_nofile(nofile: u64, shards: usize) -> usize {
+    nofile.saturating_sub(FD_RESERVE_BASE + FD_RESERVE_PER_SHARD * shards as u64) as usize
+}
+
+/// Where the shards run and how many connections the process takes.
+pub struct Plan {
+    pub nofile: u64,
+    /// Connections the open-file limit leaves room for.
+    pub fd_room: usize,
+    pub max_connections: usize,
+    /// The CPU of each shard.
+    pub shard_cpus: Vec<usize>,
+}
+
+impl Plan {
+    pub fn new(config: &Config) -> Result<Plan, String> {
+        let nofile = process::raise_nofile().map_err(|e| format!("cannot read RLIMIT_NOFILE: {e}"))?;
+        let fd_room = connections_for_nofile(nofile, config.shards);
+        check_memlock(config)?;
+        let cores = shard_cores(config)?;
+        let shard_cpus: Vec<usize> = (0..config.shards).map(|id| cores[id % cores.len()]).collect();
+        if config.steer_by_cpu && config.shards > 1 {
+            // Two shards on one CPU: the second would never be chosen.
+            let distinct: std::collections::HashSet<_> = shard_cpus.iter().collect();
+            if distinct.len() < config.shards {
+                return Err(format!(
+                    "--steer-by-cpu needs a CPU of its own for each shard; {} shards share {:?}",
+                    config.shards, shard_cpus
+                ));
+            }
+        }
+        Ok(Plan {
+            nofile,
+            fd_room,
+            max_connections: config.max_connections.unwrap_or(fd_room),
+            shard_cpus,
+        })
+    }
+}
+
+/// The cores the shards are pinned to, in order.
+fn shard_cores(config: &Config) -> Result<Vec<usize>, String> {
+    let online: Vec<usize> = core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    match &config.cpus {
+        Some(cpus) => {
+            if let Some(bad) = cpus.iter().find(|c| !online.contains(c)) {
+                return Err(format!(
+                    "--cpus names CPU {bad}, which this process may not run on (it may use {online:?})"
+                ));
+            }
+            Ok(cpus.clone())
+        }
+        None if online.is_empty() => Err("cannot list the CPU cores".into()),
+        None => Ok(online),
+    }
+}
+
+/// Every shard's listening sockets.
+pub struct Listeners {
+    /// One per shard on the shared address (`SO_REUSEPORT`).
+    pub shared: Vec<Socket>,
+    pub bound: SocketAddr,
+    /// With `--shard-ports`, a port of its own for each shard.
+    pub own: Vec<Option<(Socket, SocketAddr)>>,
+}
+
+pub fn bind(config: &Config, plan: &Plan) -> Result<Listeners, String> {
+    let shards = config.shards;
+    let (shared, bound) = listener::bind_listeners(config.listen, shards, config.backlog)
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    if config.steer_by_cpu && shards > 1 {
+        listener::steer_by_cpu(&shared[0], &plan.shard_cpus)
+            .map_err(|e| format!("cannot steer connections by CPU on {}: {e}", config.listen))?;
+    }
+    let mut own = Vec::with_capacity(shards);
+    for _ in 0..shards {
+        own.push(if config.shard_ports {
+            let (mut socket, addr) = listener::bind_listeners(SocketAddr::new(bound.ip(), 0), 1, config.backlog)
+                .map_err(|e| format!("cannot bind a shard port: {e}"))?;
+            Some((socket.remove(0), addr))
+        } else {
+            None
+        });
+    }
+    Ok(Listeners { shared, bound, own })
+}
+
+/// The start lines: what runs where, and how a user gets a token.
+pub fn announce(config: &Config, plan: &Plan, bound: SocketAddr, auth: &Authenticator) {
+    tracing::info!(
+        "shardgate {}: {} shard(s) on {bound}; max connections {} (RLIMIT_NOFILE {} allows {})",
+        env!("CARGO_PKG_VERSION"),
+        config.shards,
+        plan.max_connections,
+        plan.nofile,
+        plan.fd_room
+    );
+    if config.steer_by_cpu && config.shards > 1 {
+        tracing::info!("new connections go to the shard on the CPU that received their SYN (--steer-by-cpu)");
+    }
+    if plan.max_connections > plan.fd_room {
+        tracing::warn!(
+            "--max-connections {} is above what the open-file limit allows ({}); accepts will back off at the limit",
+            plan.max_connections,
+            plan.fd_room
+        );
+    }
+    match &auth.source {
+        SecretSource::File(path) => tracing::info!("auth: HS256 tokens, secret from {}", path.display()),
+        SecretSource::Env => tracing::info!("auth: HS256 tokens, secret from ${}", crate::chat::auth::SECRET_ENV),
+        SecretSource::DataDir { path, created } => tracing::info!(
+            "auth: HS256 tokens, secret {} {} (mode 0600); mint a token with: shardgate token <user> --data-dir {}",
+            if *created { "created at" } else { "from" },
+            path.display(),
+            config.data_dir.display()
+        ),
+    }
+    if config.insecure_dev_auth {
+        tracing::warn!("--insecure-dev-auth is on: anyone can connect to /ws as any user with ?user=<id>. For demos and benchmarks only.");
+    }
+}
+
+fn check_memlock(config: &Config) -> Result<(), String> {
+    let memlock = process::raise_memlock().map_err(|e| format!("cannot read RLIMIT_MEMLOCK: {e}"))?;
+    if memlock < GLOMMIO_MIN_MEMLOCK {
+        return Err(format!(
+            "RLIMIT_MEMLOCK is {} KiB, but io_uring (glommio) needs at least {} KiB per process plus --io-memory per shard.\n\
+             Raise it: `ulimit -l unlimited` in the shell, LimitMEMLOCK=infinity in a systemd unit, or memlock in /etc/security/limits.conf (see kernel-tuning.md).",
+            memlock / 1024,
+            GLOMMIO_MIN_MEMLOCK / 1024
+        ));
+    }
+    let wanted = config.io_memory as u64 * config.shards as u64;
+    if !process::is_root() && memlock < wanted + GLOMMIO_MIN_MEMLOCK {
+        tracing::warn!(
+            "RLIMIT_MEMLOCK is {} KiB, less than --io-memory × shards ({} KiB); io_uring buffers may fail to register (lower --io-memory or raise the limit)",
+            memlock / 1024,
+            wanted / 1024
+        );
+    }
+    Ok(())
+}
+
+pub fn explain_start_error(shard: usize, error: &str) -> String {
+    if error.contains("MemLock") {
+        format!("shard {shard} could not start io_uring: {error}: RLIMIT_MEMLOCK is too low (glommio needs at least 512 KiB per executor); raise it with `ulimit -l` or LimitMEMLOCK= (see kernel-tuning.md)")
+    } else {
+        format!("shard {shard} failed: {error}")
+    }
+}
+
+/// SIGINT/SIGTERM start a graceful stop; a second one ends the process at once.
+pub fn spawn_signal_thread(stop: Arc<Shutdown>) -> Result<(), String> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(|e| format!("cannot watch signals: {e}"))?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                if stop.is_requested() {
+                    tracing::warn!("second signal {signal}: exiting without draining");
+                    std::process::exit(130);
+                }
+                tracing::info!("signal {signal}: closing every connection with 1001 (going away)");
+                stop.trigger();
+            }
+        })
+        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+    Ok(())
+}

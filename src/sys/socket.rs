@@ -1,0 +1,225 @@
+//! Socket system calls: non-blocking receive and send (one buffer or an iovec batch),
+//! accept, and the socket options the listeners need. Every call here is non-blocking,
+//! retries `EINTR` itself, and reports a full (or empty) socket as a count, not an error.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+
+/// iovecs handed to one `sendmsg` (the kernel's IOV_MAX is 1024; these live on the stack).
+pub const IOV_BATCH: usize = 64;
+
+/// `SO_ATTACH_REUSEPORT_CBPF` from asm-generic/socket.h (x86, arm, riscv); the libc crate
+/// has it for Android only.
+const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
+
+/// One non-blocking `recv` into `buf`: how many bytes came (0 at end of stream), or the
+/// error (`WouldBlock` when nothing is there).
+pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `buf` is valid for writes of its length.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// When a send's bytes may leave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Push {
+    /// At once.
+    Now,
+    /// With what follows (`MSG_MORE`): the caller closes the socket or its sending side
+    /// next, and one segment then carries the bytes and the FIN.
+    WithFin,
+}
+
+impl Push {
+    fn flags(self) -> libc::c_int {
+        let more = match self {
+            Push::Now => 0,
+            Push::WithFin => libc::MSG_MORE,
+        };
+        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL | more
+    }
+}
+
+/// One non-blocking `send` of one buffer: how much the socket took (0 when it is full).
+pub fn send(fd: RawFd, bytes: &[u8], push: Push) -> io::Result<usize> {
+    loop {
+        // SAFETY: `bytes` outlives the call.
+        let n = unsafe { libc::send(fd, bytes.as_ptr().cast(), bytes.len(), push.flags()) };
+        match sent(n) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// What a non-blocking send returned: bytes taken, 0 for a full socket, or the error.
+fn sent(n: isize) -> io::Result<usize> {
+    if n >= 0 {
+        return Ok(n as usize);
+    }
+    let err = io::Error::last_os_error();
+    if err.kind() == io::ErrorKind::WouldBlock {
+        Ok(0)
+    } else {
+        Err(err)
+    }
+}
+
+/// Up to `IOV_BATCH` slices for one `sendmsg`, on the stack (no allocation per send, and
+/// no clearing of the 64 entries either: only the first `len` are ever read). The slices
+/// are borrowed for `'a`, so they outlive every send of the batch.
+pub struct IoBatch<'a> {
+    iov: MaybeUninit<[libc::iovec; IOV_BATCH]>,
+    len: usize,
+    bytes: usize,
+    _slices: std::marker::PhantomData<&'a [u8]>,
+}
+
+impl Default for IoBatch<'_> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<'a> IoBatch<'a> {
+    pub fn new() -> Self {
+        let mut batch = MaybeUninit::<IoBatch>::uninit();
+        // SAFETY: `len` and `bytes` are the only fields that need a value (the marker is
+        // zero-sized); `iov` may stay uninitialised. Building the struct by value let LLVM
+        // fold the counters and the undefined array into one 1 KiB `memset`.
+        unsafe {
+            std::ptr::addr_of_mut!((*batch.as_mut_ptr()).len).write(0);
+            std::ptr::addr_of_mut!((*batch.as_mut_ptr()).bytes).write(0);
+            batch.assume_init()
+        }
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.len == IOV_BATCH
+    }
+
+    /// Bytes in the batch.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Adds a slice.
+    ///
+    /// # Panics
+    /// When the batch already holds `IOV_BATCH` slices.
+    pub fn push(&mut self, s: &'a [u8]) {
+        assert!(self.len < IOV_BATCH);
+        // SAFETY: in bounds (checked above) of memory we own; `iovec` has no destructor.
+        unsafe {
+            self.iov
+                .as_mut_ptr()
+                .cast::<libc::iovec>()
+                .add(self.len)
+                .write(libc::iovec {
+                    iov_base: s.as_ptr() as *mut libc::c_void,
+                    iov_len: s.len(),
+                });
+        }
+        self.len += 1;
+        self.bytes += s.len();
+    }
+
+    /// One non-blocking send of the slices: how much the socket took (0 when full). A
+    /// single slice goes with `send`, which the kernel takes faster than `sendmsg` (no
+    /// message header or iovec array to copy in).
+    pub fn send(&self, fd: RawFd, push: Push) -> io::Result<usize> {
+        // SAFETY: `push` initialised the first `len` entries.
+        let iov = unsafe { std::slice::from_raw_parts(self.iov.as_ptr().cast::<libc::iovec>(), self.len) };
+        match iov {
+            [] => Ok(0),
+            [one] => {
+                // SAFETY: the entry points into a slice borrowed for `'a`.
+                send(
+                    fd,
+                    unsafe { std::slice::from_raw_parts(one.iov_base as *const u8, one.iov_len) },
+                    push,
+                )
+            }
+            _ => loop {
+                // SAFETY: a zeroed msghdr is valid; we set only the iovec array, which
+                // outlives the call and whose entries point into slices that do too.
+                let n = unsafe {
+                    let mut msg: libc::msghdr = std::mem::zeroed();
+                    msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+                    msg.msg_iovlen = iov.len();
+                    libc::sendmsg(fd, &msg, push.flags())
+                };
+                match sent(n) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    other => return other,
+                }
+            },
+        }
+    }
+}
+
+/// Accepts one connection from a non-blocking listener; the new socket is close-on-exec.
+/// `WouldBlock` when none is queued.
+pub fn accept(listener: RawFd) -> io::Result<OwnedFd> {
+    loop {
+        // SAFETY: null address arguments are allowed; the kernel checks `listener`.
+        let fd = unsafe { libc::accept4(listener, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
+        if fd >= 0 {
+            // SAFETY: accept4 just handed us this descriptor alone.
+            return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// A connected socket as a glommio stream (which takes ownership of the descriptor).
+pub fn glommio_stream(socket: OwnedFd) -> glommio::net::TcpStream {
+    // SAFETY: `socket` is a connected TCP socket that nobody else owns; the stream now does.
+    unsafe { glommio::net::TcpStream::from_raw_fd(socket.into_raw_fd()) }
+}
+
+/// `TCP_DEFER_ACCEPT`: the kernel holds a new connection back until its first bytes
+/// arrive, or `secs` pass.
+pub fn set_defer_accept(socket: &impl AsRawFd, secs: libc::c_int) -> io::Result<()> {
+    setsockopt(socket.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT, &secs)
+}
+
+/// Attaches a classic BPF program to the listener's `SO_REUSEPORT` group: it returns the
+/// index of the listener (in the order they joined the port) that gets a new connection.
+pub fn attach_reuseport_program(listener: &impl AsRawFd, program: &[libc::sock_filter]) -> io::Result<()> {
+    let fprog = libc::sock_fprog {
+        len: program.len() as libc::c_ushort,
+        filter: program.as_ptr() as *mut libc::sock_filter,
+    };
+    // The kernel copies the program: it need not outlive the call.
+    setsockopt(listener.as_raw_fd(), libc::SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, &fprog)
+}
+
+fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
+    // SAFETY: `value` is a live `T` for the length we pass; the kernel checks the rest.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
