@@ -124,16 +124,6 @@ impl Timers {
     fn process_timers(&mut self) -> (Option<Duration>, usize) {
         let now = Instant::now();
 
-        // shardgate patch: when no timer is due (nearly every pass of a busy executor),
-        // answer without `split_off`, which allocates a tree node and frees one each time.
-        match self.timers.keys().next() {
-            Some((when, _)) if *when >= now => {
-                return (Some(when.saturating_duration_since(now)), 0)
-            }
-            None => return (None, 0),
-            _ => {}
-        }
-
         // Split timers into ready and pending timers.
         let pending = self.timers.split_off(&(now, 0));
         let ready = mem::replace(&mut self.timers, pending);
@@ -183,10 +173,6 @@ pub(crate) struct Reactor {
     /// refcell) every time. Acquire during initialization
     preempt_ptr_head: *const u32,
     preempt_ptr_tail: *const AtomicU32,
-    // shardgate patch: the main ring's completion queue, see `need_preempt`.
-    throughput_ptr_head: *const u32,
-    throughput_ptr_tail: *const AtomicU32,
-    throughput_limit: u32,
 }
 
 impl Reactor {
@@ -199,7 +185,6 @@ impl Reactor {
     ) -> io::Result<Reactor> {
         let sys = sys::Reactor::new(notifier, io_memory, ring_depth, blocking_thread)?;
         let (preempt_ptr_head, preempt_ptr_tail) = sys.preempt_pointers();
-        let (throughput_ptr_head, throughput_ptr_tail) = sys.throughput_pointers();
         Ok(Reactor {
             sys,
             timers: RefCell::new(Timers::new()),
@@ -208,9 +193,6 @@ impl Reactor {
             record_io_latencies,
             preempt_ptr_head,
             preempt_ptr_tail: preempt_ptr_tail as _,
-            throughput_ptr_head,
-            throughput_ptr_tail: throughput_ptr_tail as _,
-            throughput_limit: ring_depth.max(1) as u32,
         })
     }
 
@@ -224,19 +206,7 @@ impl Reactor {
 
     #[inline(always)]
     pub(crate) fn need_preempt(&self) -> bool {
-        // shardgate patch: a latency-ring completion (a foreign wake, a sleep's timer), a
-        // main ring holding a ring's depth of unconsumed completions, or the pass's
-        // deadline on the clock.
-        let (latency_event, main_ring_full) = unsafe {
-            (
-                *self.preempt_ptr_head != (*self.preempt_ptr_tail).load(Ordering::Acquire),
-                (*self.throughput_ptr_tail)
-                    .load(Ordering::Acquire)
-                    .wrapping_sub(*self.throughput_ptr_head)
-                    >= self.throughput_limit,
-            )
-        };
-        latency_event || main_ring_full || self.sys.preempt_deadline_passed()
+        unsafe { *self.preempt_ptr_head != (*self.preempt_ptr_tail).load(Ordering::Acquire) }
     }
 
     pub(crate) fn id(&self) -> usize {
@@ -879,14 +849,9 @@ impl Reactor {
     /// Polls for I/O, but does not change any timer registration.
     ///
     /// This doesn't ever sleep, and does not touch the preemption timer.
-    pub(crate) fn spin_poll_io(&self, spinning: bool) -> io::Result<bool> {
+    pub(crate) fn spin_poll_io(&self) -> io::Result<bool> {
         let mut woke = 0;
         self.sys.poll_io(&mut woke)?;
-        // shardgate patch: only a spin (not the one check before every park) asks the
-        // external poller: the park asks it anyway.
-        if spinning {
-            woke += self.sys.poll_external();
-        }
         woke += self.process_timers().1;
         woke += self.process_shared_channels();
 
@@ -901,16 +866,8 @@ impl Reactor {
 
     /// Processes new events, blocking until the first event or the timeout.
     pub(crate) fn react(&self, timeout: impl Fn() -> Option<Duration>) -> io::Result<bool> {
-        // shardgate patch: what the external poller gathered during the last pass goes
-        // out first; the tasks it wakes keep this pass from sleeping.
-        let ended = self.sys.end_pass_external();
         // Process ready timers.
-        let (next_timer, mut woke) = self.process_external_events();
-        woke += ended;
-        // shardgate patch: a busy pass asks the external poller; a park sleeps in it.
-        if timeout().is_some() {
-            woke += self.sys.poll_external();
-        }
+        let (next_timer, woke) = self.process_external_events();
 
         // Block on I/O events.
         match self

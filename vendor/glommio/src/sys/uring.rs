@@ -14,6 +14,7 @@ use rlimit::Resource;
 use std::{
     cell::{Cell, Ref, RefCell, RefMut},
     collections::VecDeque,
+    convert::TryFrom,
     ffi::CStr,
     fmt,
     future::Future,
@@ -37,7 +38,7 @@ use crate::{
         blocking::{BlockingThreadOp, BlockingThreadPool},
         dma_buffer::{BufferStorage, DmaBuffer},
         membarrier, DirectIo, EnqueuedSource, EnqueuedStatus, InnerSource, IoBuffer,
-        PollableStatus, Source, SourceType, Statx,
+        PollableStatus, Source, SourceType, Statx, TimeSpec64,
     },
     uring_sys::{self, IoRingOp},
     GlommioError, IoRequirements, IoStats, ReactorErrorKind, RingIoStats, TaskQueueHandle,
@@ -636,7 +637,6 @@ pub(crate) trait UringCommon {
     fn submission_queue(&mut self) -> ReactorQueue;
     fn submit_sqes(&mut self) -> io::Result<usize>;
     fn waiting_kernel_submission(&self) -> usize;
-    #[allow(dead_code)]
     fn in_kernel(&self) -> usize;
     fn waiting_kernel_collection(&self) -> usize;
     fn needs_kernel_enter(&self) -> bool;
@@ -854,10 +854,6 @@ impl UringCommon for PollRing {
     }
 
     fn submit_one_event(&mut self, queue: &mut VecDeque<UringDescriptor>) -> Option<bool> {
-        // shardgate patch: no clock read when there is nothing to submit (most calls).
-        if queue.is_empty() {
-            return Some(false);
-        }
         let source_map = &mut *self.source_map.borrow_mut();
         let now = Instant::now();
 
@@ -924,8 +920,83 @@ impl SleepableRing {
         self.ring.raw().ring_fd
     }
 
-    // shardgate patch: the two preemption timers (a timeout on the latency ring, and one
-    // on the main ring linked to an eventfd write) are gone; see `Reactor::wait`.
+    /// This function prepares a timer that fires unconditionally after a
+    /// certain duration. The timer is added at the front of the queue such
+    /// that it will be the first SQE submitted the next time we enter the
+    /// latency ring
+    fn prepare_latency_preemption_timer(&mut self, d: Duration) -> Source {
+        let source = Source::new(
+            IoRequirements::default(),
+            -1,
+            SourceType::Timeout(TimeSpec64::try_from(d).unwrap(), 0),
+            None,
+            None,
+        );
+        let op = match &*source.source_type() {
+            SourceType::Timeout(ts, events) => {
+                UringOpDescriptor::Timeout(&ts.raw as *const _, *events)
+            }
+            _ => unreachable!(),
+        };
+
+        self.submission_queue()
+            .borrow_mut()
+            .submissions
+            .push_front(UringDescriptor {
+                args: op,
+                fd: -1,
+                flags: SubmissionFlags::empty(),
+                user_data: to_user_data(
+                    self.source_map
+                        .borrow_mut()
+                        .add_source(&source, self.submission_queue.clone()),
+                ),
+            });
+        source
+    }
+
+    /// This function prepares a timer that fires only after a given number of
+    /// CQEs are available on the main ring. This timer is linked with a write
+    /// to the latency ring's event fd such that this timer triggers a
+    /// preemption via the latency ring.
+    fn prepare_throughput_preemption_timer(&mut self, min_events: u32, event_fd: RawFd) -> Source {
+        assert!(min_events >= 1, "min_events should be at least 1");
+        let timer_source = Source::new(
+            IoRequirements::default(),
+            -1,
+            SourceType::Timeout(TimeSpec64::MAX, min_events),
+            None,
+            None,
+        );
+
+        const EVENTFD_WAKEUP: &[u64; 1] = &[1u64; 1];
+        let write_op = UringDescriptor {
+            fd: event_fd,
+            flags: SubmissionFlags::empty(),
+            user_data: 0,
+            args: UringOpDescriptor::Write(EVENTFD_WAKEUP as *const u64 as _, 8, 0),
+        };
+
+        let op = match &*timer_source.source_type() {
+            SourceType::Timeout(ts, events) => {
+                UringOpDescriptor::Timeout(&ts.raw as *const _, *events)
+            }
+            _ => unreachable!(),
+        };
+        let queue = self.submission_queue();
+        queue.borrow_mut().submissions.push_front(write_op);
+        queue.borrow_mut().submissions.push_front(UringDescriptor {
+            args: op,
+            fd: -1,
+            flags: SubmissionFlags::IO_LINK,
+            user_data: to_user_data(
+                self.source_map
+                    .borrow_mut()
+                    .add_source(&timer_source, queue.clone()),
+            ),
+        });
+        timer_source
+    }
 
     fn install_eventfd(&mut self, eventfd_src: &Source) -> bool {
         if let Some(mut sqe) = self.ring.sq().prepare_sqe() {
@@ -973,102 +1044,66 @@ impl SleepableRing {
         }
     }
 
-    /// shardgate patch: one `io_uring_enter` per sleep. It submits whatever is staged in
-    /// the submission ring, plus the poll that links the latency ring when that poll is not
-    /// armed already, and waits for a completion with the user's timer as the wait's own
-    /// timeout (`IORING_ENTER_EXT_ARG`). Upstream used three or four calls: a flush, a
-    /// submit of a new link poll every time, a wait, and an armed-then-cancelled timeout.
-    fn sleep(&mut self, link: &Source, arm_link: bool, timeout: Option<Duration>) -> io::Result<usize> {
-        let mut link_sqe = None;
-        if arm_link {
-            if let Some(mut sqe) = self.ring.sq().prepare_sqe() {
-                link_sqe = Some(unsafe { sqe.raw_mut() as *mut _ });
-                let op = UringDescriptor {
-                    fd: link.raw(),
-                    flags: SubmissionFlags::empty(),
-                    user_data: to_user_data(
-                        self.source_map
-                            .borrow_mut()
-                            .add_source(link, self.submission_queue.clone()),
-                    ),
-                    args: UringOpDescriptor::PollAdd(common_flags() | read_flags()),
-                };
-                fill_sqe(
-                    &mut sqe,
-                    &op,
-                    DmaBuffer::new,
-                    &mut self.source_map.borrow_mut(),
-                );
+    fn sleep(&mut self, link: &Source) -> io::Result<usize> {
+        assert_eq!(
+            self.waiting_kernel_submission(),
+            0,
+            "sleeping with pending SQEs"
+        );
+        if let Some(mut sqe) = self.ring.sq().prepare_sqe() {
+            let sqe_ptr = unsafe { sqe.raw_mut() as *mut _ };
+            let op = UringDescriptor {
+                fd: link.raw(),
+                flags: SubmissionFlags::empty(),
+                user_data: to_user_data(
+                    self.source_map
+                        .borrow_mut()
+                        .add_source(link, self.submission_queue.clone()),
+                ),
+                args: UringOpDescriptor::PollAdd(common_flags() | read_flags()),
+            };
+            fill_sqe(
+                &mut sqe,
+                &op,
+                DmaBuffer::new,
+                &mut self.source_map.borrow_mut(),
+            );
+
+            // We have now prepared the SQE that links the two rings. We now need to submit
+            // it successfully to be able to safely sleep.
+
+            if self
+                .submit_sqes()
+                .or_else(Reactor::busy_ok)
+                .or_else(Reactor::again_ok)
+                .or_else(Reactor::intr_ok)?
+                != 1
+            {
+                // We failed to submit the `SQE` that links the rings. Just can't sleep.
+                // Waiting here is unsafe because we could end up waiting much longer than
+                // needed.
+                // We make the SQE a no-op and return
+                unsafe { crate::uring_sys::io_uring_prep_nop(sqe_ptr) };
+                Err(io::Error::from_raw_os_error(libc::EBUSY))
             } else {
-                // Can't link rings because we ran out of `SQE`s. Just can't sleep.
-                // Submit what we have, once we're out of here we'll consume them
-                // and at some point will be able to sleep again.
-                return self
-                    .submit_sqes()
+                // The rings are linked. Goodnight!
+                self.ring
+                    .cq()
+                    .wait(1)
+                    .map(|_| 1)
                     .or_else(Reactor::busy_ok)
                     .or_else(Reactor::again_ok)
-                    .or_else(Reactor::intr_ok);
+                    .or_else(Reactor::intr_ok)
             }
+        } else {
+            // Can't link rings because we ran out of `CQE`s. Just can't sleep.
+            // Submit what we have, once we're out of here we'll consume them
+            // and at some point will be able to sleep again.
+            self.submit_sqes()
+                .or_else(Reactor::busy_ok)
+                .or_else(Reactor::again_ok)
+                .or_else(Reactor::intr_ok)
         }
-
-        // SAFETY: the ring is ours and initialised; this publishes the prepared SQEs.
-        let ring = unsafe { self.ring.raw_mut() };
-        let to_submit = unsafe { crate::uring_sys::__io_uring_flush_sq(ring) }.max(0) as u32;
-        let ring_fd = ring.ring_fd;
-        let ts = timeout.map(|d| crate::uring_sys::__kernel_timespec {
-            tv_sec: d.as_secs() as _,
-            tv_nsec: d.subsec_nanos() as _,
-        });
-        let arg = crate::uring_sys::io_uring_getevents_arg {
-            sigmask: 0,
-            sigmask_sz: 8,
-            pad: 0,
-            ts: ts.as_ref().map_or(0, |t| t as *const _ as u64),
-        };
-        // SAFETY: a plain io_uring_enter on our ring; `arg` and `ts` outlive the call.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_io_uring_enter,
-                ring_fd,
-                to_submit,
-                1u32,
-                crate::uring_sys::IORING_ENTER_GETEVENTS | crate::uring_sys::IORING_ENTER_EXT_ARG,
-                &arg as *const crate::uring_sys::io_uring_getevents_arg,
-                std::mem::size_of::<crate::uring_sys::io_uring_getevents_arg>(),
-            )
-        };
-        let submitted = ret.max(0) as u32;
-        self.in_kernel += submitted as usize;
-        if submitted < to_submit {
-            // The kernel stopped short (and so did not wait). The link poll went last: if
-            // it was not taken, make it a no-op that completes harmlessly later.
-            if let Some(sqe) = link_sqe {
-                unsafe { crate::uring_sys::io_uring_prep_nop(sqe) };
-            }
-        }
-        if ret < 0 {
-            let err = io::Error::last_os_error();
-            return match err.raw_os_error() {
-                Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN) => {
-                    Ok(0)
-                }
-                _ => Err(err),
-            };
-        }
-        Ok(submitted as usize)
-    }
-
-    /// shardgate patch: moves queued requests into the submission ring without entering
-    /// the kernel; the next sleep (or flush) submits them in its own call.
-    fn stage_submission_queue(&mut self) -> io::Result<usize> {
-        let q = self.submission_queue();
-        let mut queue = q.borrow_mut();
-        self.consume_sqe_queue(&mut queue.submissions, false)
-    }
-
-    /// shardgate patch: `can_sleep`, but staged SQEs are fine: `sleep` submits them.
-    fn can_sleep_with_staged(&self) -> bool {
-        self.submission_queue.borrow().is_empty() && self.waiting_kernel_collection() == 0
     }
 }
 
@@ -1151,10 +1186,6 @@ impl UringCommon for SleepableRing {
     }
 
     fn submit_one_event(&mut self, queue: &mut VecDeque<UringDescriptor>) -> Option<bool> {
-        // shardgate patch: no clock read when there is nothing to submit (most calls).
-        if queue.is_empty() {
-            return Some(false);
-        }
         let source_map = &mut *self.source_map.borrow_mut();
         let now = Instant::now();
 
@@ -1190,21 +1221,10 @@ pub(crate) struct Reactor {
     latency_ring: RefCell<SleepableRing>,
     poll_ring: RefCell<PollRing>,
 
-    // shardgate patch: while busy, preemption is a deadline read from the clock (and a
-    // count of main-ring completions, see `throughput_pointers`), not two io_uring
-    // timeouts cancelled and re-armed on every pass of the executor loop.
-    preempt_deadline: Cell<Option<Instant>>,
-    preempt_checks: Cell<u32>,
-    preempt_due: Cell<bool>,
+    latency_preemption_timeout_src: Cell<Option<Source>>,
+    throughput_preemption_timeout_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
-    // shardgate patch: the poll that links the latency ring into the main ring's sleep.
-    // It stays armed across sleeps until it fires, instead of a new one per sleep.
-    link_rings_src: RefCell<Option<Source>>,
-    // shardgate patch: see `crate::external_poller`.
-    external_poller: RefCell<Option<Rc<dyn crate::ExternalPoller>>>,
-    // The pass right after a park needs no poll: the park just took what was ready.
-    external_poll_skip: Cell<bool>,
 
     // This keeps the `eventfd` alive. Drop will close it when we're done
     notifier: Arc<sys::SleepNotifier>,
@@ -1332,14 +1352,10 @@ impl Reactor {
             main_ring: RefCell::new(main_ring),
             latency_ring: RefCell::new(latency_ring),
             poll_ring: RefCell::new(poll_ring),
-            preempt_deadline: Cell::new(None),
-            preempt_checks: Cell::new(0),
-            preempt_due: Cell::new(false),
+            latency_preemption_timeout_src: Cell::new(None),
+            throughput_preemption_timeout_src: Cell::new(None),
             blocking_thread,
             link_fd,
-            link_rings_src: RefCell::new(None),
-            external_poller: RefCell::new(None),
-            external_poll_skip: Cell::new(false),
             notifier,
             eventfd_src,
             source_map,
@@ -1709,27 +1725,15 @@ impl Reactor {
     ///
     /// We may not be able to register an `SQE` at this point, so we return an
     /// Error and will just not sleep.
-    fn link_rings_and_sleep(
-        &self,
-        ring: &mut SleepableRing,
-        timeout: Option<Duration>,
-    ) -> io::Result<()> {
-        // shardgate patch: reuse the link poll while the kernel still holds it.
-        let mut link = self.link_rings_src.borrow_mut();
-        let armed = link.as_ref().is_some_and(|l| l.is_in_flight());
-        if !armed {
-            *link = Some(Source::new(
-                IoRequirements::default(),
-                self.link_fd,
-                SourceType::LinkRings,
-                None,
-                None,
-            ));
-        }
-        let link = link.as_ref().expect("set above");
-        ring.sleep(link, !armed, timeout)
-            .or_else(Self::busy_ok)
-            .map(|_| {})
+    fn link_rings_and_sleep(&self, ring: &mut SleepableRing) -> io::Result<()> {
+        let link_rings = Source::new(
+            IoRequirements::default(),
+            self.link_fd,
+            SourceType::LinkRings,
+            None,
+            None,
+        );
+        ring.sleep(&link_rings).or_else(Self::busy_ok).map(|_| {})
     }
 
     pub(crate) fn poll_io(&self, woke: &mut usize) -> io::Result<()> {
@@ -1752,11 +1756,6 @@ impl Reactor {
     /// This function can be passed two timers. Because they play different
     /// roles we keep them separate instead of overloading the same
     /// parameter.
-    ///
-    /// shardgate patch: neither becomes an io_uring request any more. The preempt
-    /// timer is a deadline that `need_preempt` compares with the clock, and the user
-    /// timer is the sleep's own timeout. Upstream's notes below describe the design
-    /// they replace.
     ///
     /// * The first is the preempt timer. It is designed to take the current
     ///   task queue out of the cpu. If nothing else fires in the latency ring
@@ -1815,24 +1814,29 @@ impl Reactor {
         // consume all events from the rings
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
-        // shardgate patch: no preemption timers to cancel and re-arm here. A busy pass
-        // gets a deadline on the clock (set at the end), `need_preempt` counts the main
-        // ring's unconsumed completions itself, and a sleep waits with the user's timer
-        // as its own timeout.
+        // Cancel the old timer regardless of whether we can sleep:
+        // if we won't sleep, we will register the new timer with its new
+        // value.
+        //
+        // But if we will sleep, there might be a timer registered that needs
+        // to be removed otherwise we'll wake up when it expires.
+        drop(self.latency_preemption_timeout_src.take());
+
+        // Schedule the throughput-based timeout immediately: it won't matter if we end
+        // up sleeping.
+        self.throughput_preemption_timeout_src.replace(Some(
+            main_ring.prepare_throughput_preemption_timer(
+                self.ring_depth() as u32,
+                self.eventfd_src.raw(),
+            ),
+        ));
 
         // This will only dispatch if we run out of sqes. Which means until
         // flush_rings! nothing is really send to the kernel...
         flush_cancellations!(into &mut woke; lat_ring, poll_ring, main_ring);
         // ... which happens right here. If you ever reorder this code just
         // be careful about this dependency.
-        // shardgate patch: the main ring's requests are only staged here. If we sleep,
-        // the sleep submits them in its own system call; if not, the flush below does.
-        flush_rings!(lat_ring, poll_ring)?;
-        main_ring
-            .stage_submission_queue()
-            .or_else(Reactor::busy_ok)
-            .or_else(Reactor::again_ok)
-            .or_else(Reactor::intr_ok)?;
+        flush_rings!(lat_ring, poll_ring, main_ring)?;
         // pick up the results of any cancellations
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
@@ -1840,12 +1844,17 @@ impl Reactor {
         let should_sleep = preempt_timer().is_none()
             && (woke == 0)
             && poll_ring.can_sleep()
-            && main_ring.can_sleep_with_staged()
+            && main_ring.can_sleep()
             && lat_ring.can_sleep();
 
         if should_sleep {
-            // shardgate patch: a user timer no longer arms a latency-ring timeout (and
-            // cancels it after): the sleep itself waits at most that long.
+            // We are about to go to sleep. It's ok to sleep, but if there
+            // is a timer set, we need to make sure we wake up to handle it.
+            if let Some(dur) = user_timer {
+                self.latency_preemption_timeout_src
+                    .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
+                assert!(flush_rings!(lat_ring)? > 0);
+            }
             // From this moment on the remote executors are aware that we are sleeping
             // We have to sweep the remote channels function once more because since
             // last time until now it could be that something happened in a remote executor
@@ -1857,18 +1866,8 @@ impl Reactor {
             membarrier::heavy();
             let events = process_remote_channels() + self.flush_syscall_thread();
             if events == 0 {
-                let external = self.external_poller.borrow().clone();
-                if let (true, Some(poller)) = (self.eventfd_src.is_installed().unwrap(), external) {
-                    // shardgate patch: sleep in the external poller. What is staged goes out
-                    // first; its completions, like any other, make a ring readable.
-                    flush_rings!(main_ring)?;
-                    poller.park(user_timer);
-                    self.external_poll_skip.set(true);
-                    flush_cancellations!(into &mut 0; lat_ring, poll_ring, main_ring);
-                    flush_rings!(lat_ring, poll_ring, main_ring)?;
-                    consume_rings!(into &mut 0; lat_ring, poll_ring, main_ring);
-                } else if self.eventfd_src.is_installed().unwrap() {
-                    self.link_rings_and_sleep(&mut main_ring, user_timer)
+                if self.eventfd_src.is_installed().unwrap() {
+                    self.link_rings_and_sleep(&mut main_ring)
                         .expect("some error");
                     // May have new cancellations related to the link ring fd.
                     flush_cancellations!(into &mut 0; lat_ring, poll_ring, main_ring);
@@ -1880,13 +1879,11 @@ impl Reactor {
             }
         }
 
-        // shardgate patch: whatever was staged and did not go out with a sleep.
-        flush_rings!(main_ring)?;
-
-        // shardgate patch: the latency preemption is a deadline on the clock.
-        self.preempt_deadline
-            .set(preempt_timer().map(|preempt| Instant::now() + preempt));
-        self.preempt_due.set(false);
+        if let Some(preempt) = preempt_timer() {
+            self.latency_preemption_timeout_src
+                .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
+            flush_rings!(lat_ring, main_ring)?;
+        }
 
         // A Note about `need_preempt`:
         //
@@ -1902,62 +1899,10 @@ impl Reactor {
         self.blocking_thread.flush()
     }
 
-    /// shardgate patch: see `crate::external_poller`.
-    pub(crate) fn set_external_poller(&self, poller: Rc<dyn crate::ExternalPoller>) -> Vec<RawFd> {
-        *self.external_poller.borrow_mut() = Some(poller);
-        vec![
-            self.main_ring.borrow().ring_fd(),
-            self.latency_ring.borrow().ring_fd(),
-        ]
-    }
-
-    /// shardgate patch: lets the external poller, if any, finish the last pass's work.
-    pub(crate) fn end_pass_external(&self) -> usize {
-        let poller = self.external_poller.borrow().clone();
-        poller.map_or(0, |p| p.end_pass())
-    }
-
-    /// shardgate patch: asks the external poller, if any, what is ready now.
-    pub(crate) fn poll_external(&self) -> usize {
-        if self.external_poll_skip.replace(false) {
-            return 0;
-        }
-        let poller = self.external_poller.borrow().clone();
-        poller.map_or(0, |p| p.poll())
-    }
-
     pub(crate) fn preempt_pointers(&self) -> (*const u32, *const u32) {
         let mut lat_ring = self.latency_ring.borrow_mut();
         let cq = unsafe { &lat_ring.ring.raw_mut().cq };
         (cq.khead, cq.ktail)
-    }
-
-    /// shardgate patch: the main ring's completion head and tail. When as many
-    /// completions wait as the ring is deep, the executor should come back to the reactor
-    /// (the throughput timer used to signal exactly that).
-    pub(crate) fn throughput_pointers(&self) -> (*const u32, *const u32) {
-        let mut main_ring = self.main_ring.borrow_mut();
-        let cq = unsafe { &main_ring.ring.raw_mut().cq };
-        (cq.khead, cq.ktail)
-    }
-
-    /// shardgate patch: whether the current pass has run past its latency deadline. The
-    /// clock is read on every 8th call only: the executor asks before every task, and a
-    /// pass that overruns by a few tasks costs less than a clock read per task.
-    #[inline(always)]
-    pub(crate) fn preempt_deadline_passed(&self) -> bool {
-        let Some(deadline) = self.preempt_deadline.get() else {
-            return false;
-        };
-        if self.preempt_due.get() {
-            return true;
-        }
-        let calls = self.preempt_checks.get().wrapping_add(1);
-        self.preempt_checks.set(calls);
-        // Once passed, it stays passed until the next pass sets a new deadline.
-        let due = calls % 8 == 0 && Instant::now() >= deadline;
-        self.preempt_due.set(due);
-        due
     }
 
     /// RAII-truncate asynchronously files that required it, e.g. because of
