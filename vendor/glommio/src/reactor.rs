@@ -183,6 +183,10 @@ pub(crate) struct Reactor {
     /// refcell) every time. Acquire during initialization
     preempt_ptr_head: *const u32,
     preempt_ptr_tail: *const AtomicU32,
+    // shardgate patch: the main ring's completion queue, see `need_preempt`.
+    throughput_ptr_head: *const u32,
+    throughput_ptr_tail: *const AtomicU32,
+    throughput_limit: u32,
 }
 
 impl Reactor {
@@ -195,6 +199,7 @@ impl Reactor {
     ) -> io::Result<Reactor> {
         let sys = sys::Reactor::new(notifier, io_memory, ring_depth, blocking_thread)?;
         let (preempt_ptr_head, preempt_ptr_tail) = sys.preempt_pointers();
+        let (throughput_ptr_head, throughput_ptr_tail) = sys.throughput_pointers();
         Ok(Reactor {
             sys,
             timers: RefCell::new(Timers::new()),
@@ -203,6 +208,9 @@ impl Reactor {
             record_io_latencies,
             preempt_ptr_head,
             preempt_ptr_tail: preempt_ptr_tail as _,
+            throughput_ptr_head,
+            throughput_ptr_tail: throughput_ptr_tail as _,
+            throughput_limit: ring_depth.max(1) as u32,
         })
     }
 
@@ -216,7 +224,19 @@ impl Reactor {
 
     #[inline(always)]
     pub(crate) fn need_preempt(&self) -> bool {
-        unsafe { *self.preempt_ptr_head != (*self.preempt_ptr_tail).load(Ordering::Acquire) }
+        // shardgate patch: a latency-ring completion (a foreign wake, a sleep's timer), a
+        // main ring holding a ring's depth of unconsumed completions, or the pass's
+        // deadline on the clock.
+        let (latency_event, main_ring_full) = unsafe {
+            (
+                *self.preempt_ptr_head != (*self.preempt_ptr_tail).load(Ordering::Acquire),
+                (*self.throughput_ptr_tail)
+                    .load(Ordering::Acquire)
+                    .wrapping_sub(*self.throughput_ptr_head)
+                    >= self.throughput_limit,
+            )
+        };
+        latency_event || main_ring_full || self.sys.preempt_deadline_passed()
     }
 
     pub(crate) fn id(&self) -> usize {

@@ -960,48 +960,6 @@ impl SleepableRing {
         source
     }
 
-    /// This function prepares a timer that fires only after a given number of
-    /// CQEs are available on the main ring. This timer is linked with a write
-    /// to the latency ring's event fd such that this timer triggers a
-    /// preemption via the latency ring.
-    fn prepare_throughput_preemption_timer(&mut self, min_events: u32, event_fd: RawFd) -> Source {
-        assert!(min_events >= 1, "min_events should be at least 1");
-        let timer_source = Source::new(
-            IoRequirements::default(),
-            -1,
-            SourceType::Timeout(TimeSpec64::MAX, min_events),
-            None,
-            None,
-        );
-
-        const EVENTFD_WAKEUP: &[u64; 1] = &[1u64; 1];
-        let write_op = UringDescriptor {
-            fd: event_fd,
-            flags: SubmissionFlags::empty(),
-            user_data: 0,
-            args: UringOpDescriptor::Write(EVENTFD_WAKEUP as *const u64 as _, 8, 0),
-        };
-
-        let op = match &*timer_source.source_type() {
-            SourceType::Timeout(ts, events) => {
-                UringOpDescriptor::Timeout(&ts.raw as *const _, *events)
-            }
-            _ => unreachable!(),
-        };
-        let queue = self.submission_queue();
-        queue.borrow_mut().submissions.push_front(write_op);
-        queue.borrow_mut().submissions.push_front(UringDescriptor {
-            args: op,
-            fd: -1,
-            flags: SubmissionFlags::IO_LINK,
-            user_data: to_user_data(
-                self.source_map
-                    .borrow_mut()
-                    .add_source(&timer_source, queue.clone()),
-            ),
-        });
-        timer_source
-    }
 
     fn install_eventfd(&mut self, eventfd_src: &Source) -> bool {
         if let Some(mut sqe) = self.ring.sq().prepare_sqe() {
@@ -1231,7 +1189,12 @@ pub(crate) struct Reactor {
     poll_ring: RefCell<PollRing>,
 
     latency_preemption_timeout_src: Cell<Option<Source>>,
-    throughput_preemption_timeout_src: Cell<Option<Source>>,
+    // shardgate patch: while busy, preemption is a deadline read from the clock (and a
+    // count of main-ring completions, see `throughput_pointers`), not two io_uring
+    // timeouts cancelled and re-armed on every pass of the executor loop.
+    preempt_deadline: Cell<Option<Instant>>,
+    preempt_checks: Cell<u32>,
+    preempt_due: Cell<bool>,
 
     link_fd: RawFd,
 
@@ -1362,7 +1325,9 @@ impl Reactor {
             latency_ring: RefCell::new(latency_ring),
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
-            throughput_preemption_timeout_src: Cell::new(None),
+            preempt_deadline: Cell::new(None),
+            preempt_checks: Cell::new(0),
+            preempt_due: Cell::new(false),
             blocking_thread,
             link_fd,
             notifier,
@@ -1831,15 +1796,6 @@ impl Reactor {
         // to be removed otherwise we'll wake up when it expires.
         drop(self.latency_preemption_timeout_src.take());
 
-        // Schedule the throughput-based timeout immediately: it won't matter if we end
-        // up sleeping.
-        self.throughput_preemption_timeout_src.replace(Some(
-            main_ring.prepare_throughput_preemption_timer(
-                self.ring_depth() as u32,
-                self.eventfd_src.raw(),
-            ),
-        ));
-
         // This will only dispatch if we run out of sqes. Which means until
         // flush_rings! nothing is really send to the kernel...
         flush_cancellations!(into &mut woke; lat_ring, poll_ring, main_ring);
@@ -1888,11 +1844,10 @@ impl Reactor {
             }
         }
 
-        if let Some(preempt) = preempt_timer() {
-            self.latency_preemption_timeout_src
-                .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
-            flush_rings!(lat_ring, main_ring)?;
-        }
+        // shardgate patch: the latency preemption is a deadline on the clock.
+        self.preempt_deadline
+            .set(preempt_timer().map(|preempt| Instant::now() + preempt));
+        self.preempt_due.set(false);
 
         // A Note about `need_preempt`:
         //
@@ -1908,10 +1863,39 @@ impl Reactor {
         self.blocking_thread.flush()
     }
 
+
     pub(crate) fn preempt_pointers(&self) -> (*const u32, *const u32) {
         let mut lat_ring = self.latency_ring.borrow_mut();
         let cq = unsafe { &lat_ring.ring.raw_mut().cq };
         (cq.khead, cq.ktail)
+    }
+
+    /// shardgate patch: the main ring's completion head and tail. When as many
+    /// completions wait as the ring is deep, the executor should come back to the reactor
+    /// (the throughput timer used to signal exactly that).
+    pub(crate) fn throughput_pointers(&self) -> (*const u32, *const u32) {
+        let mut main_ring = self.main_ring.borrow_mut();
+        let cq = unsafe { &main_ring.ring.raw_mut().cq };
+        (cq.khead, cq.ktail)
+    }
+
+    /// shardgate patch: whether the current pass has run past its latency deadline. The
+    /// clock is read on every 8th call only: the executor asks before every task, and a
+    /// pass that overruns by a few tasks costs less than a clock read per task.
+    #[inline(always)]
+    pub(crate) fn preempt_deadline_passed(&self) -> bool {
+        let Some(deadline) = self.preempt_deadline.get() else {
+            return false;
+        };
+        if self.preempt_due.get() {
+            return true;
+        }
+        let calls = self.preempt_checks.get().wrapping_add(1);
+        self.preempt_checks.set(calls);
+        // Once passed, it stays passed until the next pass sets a new deadline.
+        let due = calls % 8 == 0 && Instant::now() >= deadline;
+        self.preempt_due.set(due);
+        due
     }
 
     /// RAII-truncate asynchronously files that required it, e.g. because of
