@@ -298,6 +298,12 @@ impl Source {
         self.inner.borrow().raw
     }
 
+    /// shardgate patch: whether the kernel (or the submission queue) still holds this
+    /// source's request.
+    pub(super) fn is_in_flight(&self) -> bool {
+        self.inner.borrow().enqueued.is_some()
+    }
+
     pub(crate) fn stats_collection(&self) -> Option<StatsCollection> {
         self.inner.borrow().stats_collection
     }

@@ -14,7 +14,6 @@ use rlimit::Resource;
 use std::{
     cell::{Cell, Ref, RefCell, RefMut},
     collections::VecDeque,
-    convert::TryFrom,
     ffi::CStr,
     fmt,
     future::Future,
@@ -38,7 +37,7 @@ use crate::{
         blocking::{BlockingThreadOp, BlockingThreadPool},
         dma_buffer::{BufferStorage, DmaBuffer},
         membarrier, DirectIo, EnqueuedSource, EnqueuedStatus, InnerSource, IoBuffer,
-        PollableStatus, Source, SourceType, Statx, TimeSpec64,
+        PollableStatus, Source, SourceType, Statx,
     },
     uring_sys::{self, IoRingOp},
     GlommioError, IoRequirements, IoStats, ReactorErrorKind, RingIoStats, TaskQueueHandle,
@@ -925,41 +924,8 @@ impl SleepableRing {
         self.ring.raw().ring_fd
     }
 
-    /// This function prepares a timer that fires unconditionally after a
-    /// certain duration. The timer is added at the front of the queue such
-    /// that it will be the first SQE submitted the next time we enter the
-    /// latency ring
-    fn prepare_latency_preemption_timer(&mut self, d: Duration) -> Source {
-        let source = Source::new(
-            IoRequirements::default(),
-            -1,
-            SourceType::Timeout(TimeSpec64::try_from(d).unwrap(), 0),
-            None,
-            None,
-        );
-        let op = match &*source.source_type() {
-            SourceType::Timeout(ts, events) => {
-                UringOpDescriptor::Timeout(&ts.raw as *const _, *events)
-            }
-            _ => unreachable!(),
-        };
-
-        self.submission_queue()
-            .borrow_mut()
-            .submissions
-            .push_front(UringDescriptor {
-                args: op,
-                fd: -1,
-                flags: SubmissionFlags::empty(),
-                user_data: to_user_data(
-                    self.source_map
-                        .borrow_mut()
-                        .add_source(&source, self.submission_queue.clone()),
-                ),
-            });
-        source
-    }
-
+    // shardgate patch: the two preemption timers (a timeout on the latency ring, and one
+    // on the main ring linked to an eventfd write) are gone; see `Reactor::wait`.
 
     fn install_eventfd(&mut self, eventfd_src: &Source) -> bool {
         if let Some(mut sqe) = self.ring.sq().prepare_sqe() {
@@ -1007,66 +973,102 @@ impl SleepableRing {
         }
     }
 
-    fn sleep(&mut self, link: &Source) -> io::Result<usize> {
-        assert_eq!(
-            self.waiting_kernel_submission(),
-            0,
-            "sleeping with pending SQEs"
-        );
-        if let Some(mut sqe) = self.ring.sq().prepare_sqe() {
-            let sqe_ptr = unsafe { sqe.raw_mut() as *mut _ };
-            let op = UringDescriptor {
-                fd: link.raw(),
-                flags: SubmissionFlags::empty(),
-                user_data: to_user_data(
-                    self.source_map
-                        .borrow_mut()
-                        .add_source(link, self.submission_queue.clone()),
-                ),
-                args: UringOpDescriptor::PollAdd(common_flags() | read_flags()),
-            };
-            fill_sqe(
-                &mut sqe,
-                &op,
-                DmaBuffer::new,
-                &mut self.source_map.borrow_mut(),
-            );
-
-            // We have now prepared the SQE that links the two rings. We now need to submit
-            // it successfully to be able to safely sleep.
-
-            if self
-                .submit_sqes()
-                .or_else(Reactor::busy_ok)
-                .or_else(Reactor::again_ok)
-                .or_else(Reactor::intr_ok)?
-                != 1
-            {
-                // We failed to submit the `SQE` that links the rings. Just can't sleep.
-                // Waiting here is unsafe because we could end up waiting much longer than
-                // needed.
-                // We make the SQE a no-op and return
-                unsafe { crate::uring_sys::io_uring_prep_nop(sqe_ptr) };
-                Err(io::Error::from_raw_os_error(libc::EBUSY))
+    /// shardgate patch: one `io_uring_enter` per sleep. It submits whatever is staged in
+    /// the submission ring, plus the poll that links the latency ring when that poll is not
+    /// armed already, and waits for a completion with the user's timer as the wait's own
+    /// timeout (`IORING_ENTER_EXT_ARG`). Upstream used three or four calls: a flush, a
+    /// submit of a new link poll every time, a wait, and an armed-then-cancelled timeout.
+    fn sleep(&mut self, link: &Source, arm_link: bool, timeout: Option<Duration>) -> io::Result<usize> {
+        let mut link_sqe = None;
+        if arm_link {
+            if let Some(mut sqe) = self.ring.sq().prepare_sqe() {
+                link_sqe = Some(unsafe { sqe.raw_mut() as *mut _ });
+                let op = UringDescriptor {
+                    fd: link.raw(),
+                    flags: SubmissionFlags::empty(),
+                    user_data: to_user_data(
+                        self.source_map
+                            .borrow_mut()
+                            .add_source(link, self.submission_queue.clone()),
+                    ),
+                    args: UringOpDescriptor::PollAdd(common_flags() | read_flags()),
+                };
+                fill_sqe(
+                    &mut sqe,
+                    &op,
+                    DmaBuffer::new,
+                    &mut self.source_map.borrow_mut(),
+                );
             } else {
-                // The rings are linked. Goodnight!
-                self.ring
-                    .cq()
-                    .wait(1)
-                    .map(|_| 1)
+                // Can't link rings because we ran out of `SQE`s. Just can't sleep.
+                // Submit what we have, once we're out of here we'll consume them
+                // and at some point will be able to sleep again.
+                return self
+                    .submit_sqes()
                     .or_else(Reactor::busy_ok)
                     .or_else(Reactor::again_ok)
-                    .or_else(Reactor::intr_ok)
+                    .or_else(Reactor::intr_ok);
             }
-        } else {
-            // Can't link rings because we ran out of `CQE`s. Just can't sleep.
-            // Submit what we have, once we're out of here we'll consume them
-            // and at some point will be able to sleep again.
-            self.submit_sqes()
-                .or_else(Reactor::busy_ok)
-                .or_else(Reactor::again_ok)
-                .or_else(Reactor::intr_ok)
         }
+
+        // SAFETY: the ring is ours and initialised; this publishes the prepared SQEs.
+        let ring = unsafe { self.ring.raw_mut() };
+        let to_submit = unsafe { crate::uring_sys::__io_uring_flush_sq(ring) }.max(0) as u32;
+        let ring_fd = ring.ring_fd;
+        let ts = timeout.map(|d| crate::uring_sys::__kernel_timespec {
+            tv_sec: d.as_secs() as _,
+            tv_nsec: d.subsec_nanos() as _,
+        });
+        let arg = crate::uring_sys::io_uring_getevents_arg {
+            sigmask: 0,
+            sigmask_sz: 8,
+            pad: 0,
+            ts: ts.as_ref().map_or(0, |t| t as *const _ as u64),
+        };
+        // SAFETY: a plain io_uring_enter on our ring; `arg` and `ts` outlive the call.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_io_uring_enter,
+                ring_fd,
+                to_submit,
+                1u32,
+                crate::uring_sys::IORING_ENTER_GETEVENTS | crate::uring_sys::IORING_ENTER_EXT_ARG,
+                &arg as *const crate::uring_sys::io_uring_getevents_arg,
+                std::mem::size_of::<crate::uring_sys::io_uring_getevents_arg>(),
+            )
+        };
+        let submitted = ret.max(0) as u32;
+        self.in_kernel += submitted as usize;
+        if submitted < to_submit {
+            // The kernel stopped short (and so did not wait). The link poll went last: if
+            // it was not taken, make it a no-op that completes harmlessly later.
+            if let Some(sqe) = link_sqe {
+                unsafe { crate::uring_sys::io_uring_prep_nop(sqe) };
+            }
+        }
+        if ret < 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN) => {
+                    Ok(0)
+                }
+                _ => Err(err),
+            };
+        }
+        Ok(submitted as usize)
+    }
+
+    /// shardgate patch: moves queued requests into the submission ring without entering
+    /// the kernel; the next sleep (or flush) submits them in its own call.
+    fn stage_submission_queue(&mut self) -> io::Result<usize> {
+        let q = self.submission_queue();
+        let mut queue = q.borrow_mut();
+        self.consume_sqe_queue(&mut queue.submissions, false)
+    }
+
+    /// shardgate patch: `can_sleep`, but staged SQEs are fine: `sleep` submits them.
+    fn can_sleep_with_staged(&self) -> bool {
+        self.submission_queue.borrow().is_empty() && self.waiting_kernel_collection() == 0
     }
 }
 
@@ -1188,7 +1190,6 @@ pub(crate) struct Reactor {
     latency_ring: RefCell<SleepableRing>,
     poll_ring: RefCell<PollRing>,
 
-    latency_preemption_timeout_src: Cell<Option<Source>>,
     // shardgate patch: while busy, preemption is a deadline read from the clock (and a
     // count of main-ring completions, see `throughput_pointers`), not two io_uring
     // timeouts cancelled and re-armed on every pass of the executor loop.
@@ -1197,6 +1198,9 @@ pub(crate) struct Reactor {
     preempt_due: Cell<bool>,
 
     link_fd: RawFd,
+    // shardgate patch: the poll that links the latency ring into the main ring's sleep.
+    // It stays armed across sleeps until it fires, instead of a new one per sleep.
+    link_rings_src: RefCell<Option<Source>>,
 
     // This keeps the `eventfd` alive. Drop will close it when we're done
     notifier: Arc<sys::SleepNotifier>,
@@ -1324,12 +1328,12 @@ impl Reactor {
             main_ring: RefCell::new(main_ring),
             latency_ring: RefCell::new(latency_ring),
             poll_ring: RefCell::new(poll_ring),
-            latency_preemption_timeout_src: Cell::new(None),
             preempt_deadline: Cell::new(None),
             preempt_checks: Cell::new(0),
             preempt_due: Cell::new(false),
             blocking_thread,
             link_fd,
+            link_rings_src: RefCell::new(None),
             notifier,
             eventfd_src,
             source_map,
@@ -1699,15 +1703,27 @@ impl Reactor {
     ///
     /// We may not be able to register an `SQE` at this point, so we return an
     /// Error and will just not sleep.
-    fn link_rings_and_sleep(&self, ring: &mut SleepableRing) -> io::Result<()> {
-        let link_rings = Source::new(
-            IoRequirements::default(),
-            self.link_fd,
-            SourceType::LinkRings,
-            None,
-            None,
-        );
-        ring.sleep(&link_rings).or_else(Self::busy_ok).map(|_| {})
+    fn link_rings_and_sleep(
+        &self,
+        ring: &mut SleepableRing,
+        timeout: Option<Duration>,
+    ) -> io::Result<()> {
+        // shardgate patch: reuse the link poll while the kernel still holds it.
+        let mut link = self.link_rings_src.borrow_mut();
+        let armed = link.as_ref().is_some_and(|l| l.is_in_flight());
+        if !armed {
+            *link = Some(Source::new(
+                IoRequirements::default(),
+                self.link_fd,
+                SourceType::LinkRings,
+                None,
+                None,
+            ));
+        }
+        let link = link.as_ref().expect("set above");
+        ring.sleep(link, !armed, timeout)
+            .or_else(Self::busy_ok)
+            .map(|_| {})
     }
 
     pub(crate) fn poll_io(&self, woke: &mut usize) -> io::Result<()> {
@@ -1730,6 +1746,11 @@ impl Reactor {
     /// This function can be passed two timers. Because they play different
     /// roles we keep them separate instead of overloading the same
     /// parameter.
+    ///
+    /// shardgate patch: neither becomes an io_uring request any more. The preempt
+    /// timer is a deadline that `need_preempt` compares with the clock, and the user
+    /// timer is the sleep's own timeout. Upstream's notes below describe the design
+    /// they replace.
     ///
     /// * The first is the preempt timer. It is designed to take the current
     ///   task queue out of the cpu. If nothing else fires in the latency ring
@@ -1788,20 +1809,24 @@ impl Reactor {
         // consume all events from the rings
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
-        // Cancel the old timer regardless of whether we can sleep:
-        // if we won't sleep, we will register the new timer with its new
-        // value.
-        //
-        // But if we will sleep, there might be a timer registered that needs
-        // to be removed otherwise we'll wake up when it expires.
-        drop(self.latency_preemption_timeout_src.take());
+        // shardgate patch: no preemption timers to cancel and re-arm here. A busy pass
+        // gets a deadline on the clock (set at the end), `need_preempt` counts the main
+        // ring's unconsumed completions itself, and a sleep waits with the user's timer
+        // as its own timeout.
 
         // This will only dispatch if we run out of sqes. Which means until
         // flush_rings! nothing is really send to the kernel...
         flush_cancellations!(into &mut woke; lat_ring, poll_ring, main_ring);
         // ... which happens right here. If you ever reorder this code just
         // be careful about this dependency.
-        flush_rings!(lat_ring, poll_ring, main_ring)?;
+        // shardgate patch: the main ring's requests are only staged here. If we sleep,
+        // the sleep submits them in its own system call; if not, the flush below does.
+        flush_rings!(lat_ring, poll_ring)?;
+        main_ring
+            .stage_submission_queue()
+            .or_else(Reactor::busy_ok)
+            .or_else(Reactor::again_ok)
+            .or_else(Reactor::intr_ok)?;
         // pick up the results of any cancellations
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
@@ -1809,17 +1834,12 @@ impl Reactor {
         let should_sleep = preempt_timer().is_none()
             && (woke == 0)
             && poll_ring.can_sleep()
-            && main_ring.can_sleep()
+            && main_ring.can_sleep_with_staged()
             && lat_ring.can_sleep();
 
         if should_sleep {
-            // We are about to go to sleep. It's ok to sleep, but if there
-            // is a timer set, we need to make sure we wake up to handle it.
-            if let Some(dur) = user_timer {
-                self.latency_preemption_timeout_src
-                    .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
-                assert!(flush_rings!(lat_ring)? > 0);
-            }
+            // shardgate patch: a user timer no longer arms a latency-ring timeout (and
+            // cancels it after): the sleep itself waits at most that long.
             // From this moment on the remote executors are aware that we are sleeping
             // We have to sweep the remote channels function once more because since
             // last time until now it could be that something happened in a remote executor
@@ -1832,7 +1852,7 @@ impl Reactor {
             let events = process_remote_channels() + self.flush_syscall_thread();
             if events == 0 {
                 if self.eventfd_src.is_installed().unwrap() {
-                    self.link_rings_and_sleep(&mut main_ring)
+                    self.link_rings_and_sleep(&mut main_ring, user_timer)
                         .expect("some error");
                     // May have new cancellations related to the link ring fd.
                     flush_cancellations!(into &mut 0; lat_ring, poll_ring, main_ring);
@@ -1843,6 +1863,9 @@ impl Reactor {
                 self.notifier.wake_up();
             }
         }
+
+        // shardgate patch: whatever was staged and did not go out with a sleep.
+        flush_rings!(main_ring)?;
 
         // shardgate patch: the latency preemption is a deadline on the clock.
         self.preempt_deadline

@@ -89,6 +89,18 @@ pub const IORING_CQ_EVENTFD_DISABLED: libc::c_uint = 1 << 0;
 // io_uring_enter flags
 pub const IORING_ENTER_GETEVENTS: libc::c_uint = 1 << 0;
 pub const IORING_ENTER_SQ_WAKEUP: libc::c_uint = 1 << 1;
+// shardgate patch: a wait with its own timeout (Linux 5.11+), see `SleepableRing::sleep`.
+pub const IORING_ENTER_EXT_ARG: libc::c_uint = 1 << 3;
+
+// shardgate patch: the argument of an `IORING_ENTER_EXT_ARG` wait.
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct io_uring_getevents_arg {
+    pub sigmask: u64,
+    pub sigmask_sz: u32,
+    pub pad: u32,
+    pub ts: u64,
+}
 
 // io_uring_params.features flags
 pub const IORING_FEAT_SINGLE_MMAP: libc::__u32 = 1 << 0;
@@ -335,6 +347,9 @@ extern "C" {
     ) -> libc::c_int;
 
     pub fn io_uring_submit(ring: *mut io_uring) -> libc::c_int;
+
+    // shardgate patch: publishes prepared SQEs to the kernel's ring without entering it.
+    pub fn __io_uring_flush_sq(ring: *mut io_uring) -> libc::c_int;
 
     pub fn io_uring_submit_and_wait(ring: *mut io_uring, wait_nr: libc::c_uint) -> libc::c_int;
 
