@@ -282,6 +282,7 @@ macro_rules! wake {
 }
 
 mod free_list;
+mod external_poller; // shardgate patch
 
 #[allow(clippy::redundant_slicing)]
 #[allow(dead_code)]
@@ -441,6 +442,7 @@ pub mod timer;
 use crate::reactor::Reactor;
 pub use crate::{
     byte_slice_ext::{ByteSliceExt, ByteSliceMutExt},
+    external_poller::{set_external_poller, ExternalPoller}, // shardgate patch
     error::{
         BuilderErrorKind, ExecutorErrorKind, GlommioError, QueueErrorKind, ReactorErrorKind,
         ResourceType, Result,

@@ -879,9 +879,14 @@ impl Reactor {
     /// Polls for I/O, but does not change any timer registration.
     ///
     /// This doesn't ever sleep, and does not touch the preemption timer.
-    pub(crate) fn spin_poll_io(&self) -> io::Result<bool> {
+    pub(crate) fn spin_poll_io(&self, spinning: bool) -> io::Result<bool> {
         let mut woke = 0;
         self.sys.poll_io(&mut woke)?;
+        // shardgate patch: only a spin (not the one check before every park) asks the
+        // external poller: the park asks it anyway.
+        if spinning {
+            woke += self.sys.poll_external();
+        }
         woke += self.process_timers().1;
         woke += self.process_shared_channels();
 
@@ -897,7 +902,11 @@ impl Reactor {
     /// Processes new events, blocking until the first event or the timeout.
     pub(crate) fn react(&self, timeout: impl Fn() -> Option<Duration>) -> io::Result<bool> {
         // Process ready timers.
-        let (next_timer, woke) = self.process_external_events();
+        let (next_timer, mut woke) = self.process_external_events();
+        // shardgate patch: a busy pass asks the external poller; a park sleeps in it.
+        if timeout().is_some() {
+            woke += self.sys.poll_external();
+        }
 
         // Block on I/O events.
         match self

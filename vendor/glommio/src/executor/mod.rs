@@ -1494,7 +1494,11 @@ impl LocalExecutor {
                         // future is probably the one setting up the task queues and etc.
                         break t.unwrap();
                     } else {
-                        while !this.reactor.spin_poll_io().unwrap() {
+                        while !this
+                            .reactor
+                            .spin_poll_io(spin_before_park > Duration::ZERO)
+                            .unwrap()
+                        {
                             if pre_time.elapsed() > spin_before_park {
                                 this.parker
                                     .park()

@@ -1201,6 +1201,10 @@ pub(crate) struct Reactor {
     // shardgate patch: the poll that links the latency ring into the main ring's sleep.
     // It stays armed across sleeps until it fires, instead of a new one per sleep.
     link_rings_src: RefCell<Option<Source>>,
+    // shardgate patch: see `crate::external_poller`.
+    external_poller: RefCell<Option<Rc<dyn crate::ExternalPoller>>>,
+    // The pass right after a park needs no poll: the park just took what was ready.
+    external_poll_skip: Cell<bool>,
 
     // This keeps the `eventfd` alive. Drop will close it when we're done
     notifier: Arc<sys::SleepNotifier>,
@@ -1334,6 +1338,8 @@ impl Reactor {
             blocking_thread,
             link_fd,
             link_rings_src: RefCell::new(None),
+            external_poller: RefCell::new(None),
+            external_poll_skip: Cell::new(false),
             notifier,
             eventfd_src,
             source_map,
@@ -1851,7 +1857,17 @@ impl Reactor {
             membarrier::heavy();
             let events = process_remote_channels() + self.flush_syscall_thread();
             if events == 0 {
-                if self.eventfd_src.is_installed().unwrap() {
+                let external = self.external_poller.borrow().clone();
+                if let (true, Some(poller)) = (self.eventfd_src.is_installed().unwrap(), external) {
+                    // shardgate patch: sleep in the external poller. What is staged goes out
+                    // first; its completions, like any other, make a ring readable.
+                    flush_rings!(main_ring)?;
+                    poller.park(user_timer);
+                    self.external_poll_skip.set(true);
+                    flush_cancellations!(into &mut 0; lat_ring, poll_ring, main_ring);
+                    flush_rings!(lat_ring, poll_ring, main_ring)?;
+                    consume_rings!(into &mut 0; lat_ring, poll_ring, main_ring);
+                } else if self.eventfd_src.is_installed().unwrap() {
                     self.link_rings_and_sleep(&mut main_ring, user_timer)
                         .expect("some error");
                     // May have new cancellations related to the link ring fd.
@@ -1886,6 +1902,23 @@ impl Reactor {
         self.blocking_thread.flush()
     }
 
+    /// shardgate patch: see `crate::external_poller`.
+    pub(crate) fn set_external_poller(&self, poller: Rc<dyn crate::ExternalPoller>) -> Vec<RawFd> {
+        *self.external_poller.borrow_mut() = Some(poller);
+        vec![
+            self.main_ring.borrow().ring_fd(),
+            self.latency_ring.borrow().ring_fd(),
+        ]
+    }
+
+    /// shardgate patch: asks the external poller, if any, what is ready now.
+    pub(crate) fn poll_external(&self) -> usize {
+        if self.external_poll_skip.replace(false) {
+            return 0;
+        }
+        let poller = self.external_poller.borrow().clone();
+        poller.map_or(0, |p| p.poll())
+    }
 
     pub(crate) fn preempt_pointers(&self) -> (*const u32, *const u32) {
         let mut lat_ring = self.latency_ring.borrow_mut();
