@@ -25,6 +25,15 @@ pub trait ExternalPoller {
     /// woke.
     fn park(&self, timeout: Option<Duration>) -> usize;
 
+    /// Called at the start of every pass of the executor loop, before [`poll`] or
+    /// [`park`]: what the application gathered while the last pass's tasks ran (writes
+    /// to batch, say) can go out here. Returns how many tasks it woke.
+    ///
+    /// [`poll`]: ExternalPoller::poll
+    /// [`park`]: ExternalPoller::park
+    fn end_pass(&self) -> usize {
+        0
+    }
 }
 
 /// Installs `poller` on the current thread's executor and returns the descriptors it must

@@ -901,8 +901,12 @@ impl Reactor {
 
     /// Processes new events, blocking until the first event or the timeout.
     pub(crate) fn react(&self, timeout: impl Fn() -> Option<Duration>) -> io::Result<bool> {
+        // shardgate patch: what the external poller gathered during the last pass goes
+        // out first; the tasks it wakes keep this pass from sleeping.
+        let ended = self.sys.end_pass_external();
         // Process ready timers.
         let (next_timer, mut woke) = self.process_external_events();
+        woke += ended;
         // shardgate patch: a busy pass asks the external poller; a park sleeps in it.
         if timeout().is_some() {
             woke += self.sys.poll_external();

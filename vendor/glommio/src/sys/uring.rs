@@ -1911,6 +1911,12 @@ impl Reactor {
         ]
     }
 
+    /// shardgate patch: lets the external poller, if any, finish the last pass's work.
+    pub(crate) fn end_pass_external(&self) -> usize {
+        let poller = self.external_poller.borrow().clone();
+        poller.map_or(0, |p| p.end_pass())
+    }
+
     /// shardgate patch: asks the external poller, if any, what is ready now.
     pub(crate) fn poll_external(&self) -> usize {
         if self.external_poll_skip.replace(false) {
