@@ -2,6 +2,8 @@
 # Creates (once) a Python 2.7 virtualenv holding the Autobahn|Testsuite and prints the path of its `wstest`.
 # The testsuite's last release is Python 2 only; virtualenv<20.22 is the last line able to make 2.7 envs.
 set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+help_if_asked "$0" "$@"
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv_dir=${AUTOBAHN_VENV:-$root/target/autobahn-venv}
 wstest=$venv_dir/py27/bin/wstest

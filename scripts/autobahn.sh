@@ -3,13 +3,14 @@
 # and exits non-zero unless every case passes. The report lands in target/autobahn/report.
 # 12.* and 13.* test permessage-deflate, which shardgate does not offer yet.
 set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+help_if_asked "$0" "$@"
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 out=$root/target/autobahn
 mkdir -p "$out"
 
 wstest=$(scripts/autobahn-env.sh) || { echo "autobahn: cannot set up the testsuite (Python 2.7 is required)" >&2; exit 3; }
-source scripts/lib.sh
 start_gateway "$out" --shards 2
 
 rm -rf "$out/report"

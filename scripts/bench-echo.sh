@@ -4,11 +4,12 @@
 # times (default 3) and the median run (by msg/s) is printed. The machine is shared and
 # noisy: compare medians taken in the same run, not against numbers from another day.
 set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+help_if_asked "$0" "$@"
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 runs=${1:-3}
 duration=${DURATION:-4s}
-source scripts/lib.sh
 start_gateway "$root/target/bench-echo" --shards 1
 out=$root/target/bench-echo
 echo "server: shardgate --shards 1 on cpu 0; client: echo-load on cpu 1; $runs runs of $duration per case, median shown"

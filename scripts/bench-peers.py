@@ -37,13 +37,14 @@ def free_port():
 
 
 class Server:
-    def __init__(self, name, placement, cpus, out):
+    def __init__(self, name, placement, cpus, out, baseline=None):
         self.name = name
         self.port = free_port()
         self.log = open(out / f"{name}-{placement}.log", "w")
-        if name == "shardgate":
+        if name in ("shardgate", "baseline"):
             shards = 1 if placement == "single" else len(cpus)
-            cmd = [str(SHARDGATE), "serve", "--listen", f"127.0.0.1:{self.port}", "--shards", str(shards),
+            binary = SHARDGATE if name == "shardgate" else baseline
+            cmd = [str(binary), "serve", "--listen", f"127.0.0.1:{self.port}", "--shards", str(shards),
                    "--cpus", ",".join(map(str, cpus[:shards])), "--data-dir", str(out),
                    "--max-connections", "19000", "--report-interval", "1h"]
             if shards > 1:
@@ -128,7 +129,22 @@ def main():
     ap.add_argument("--warmup", default="1s")
     ap.add_argument("--idle-connections", type=int, default=15000)
     ap.add_argument("--results", default=None)
+    ap.add_argument("--baseline", metavar="BIN", default=None,
+                    help="also run this shardgate binary (built from another commit) as the server 'baseline', "
+                         "for a before/after comparison")
+    ap.add_argument("--servers", metavar="LIST", default=None,
+                    help="comma-separated servers to run (default: shardgate, the three peers, and 'baseline' "
+                         "with --baseline); e.g. --servers shardgate,baseline for an A/B")
     a = ap.parse_args()
+    global SERVERS
+    if a.baseline:
+        SERVERS = SERVERS + ["baseline"]
+    if a.servers:
+        wanted = a.servers.split(",")
+        unknown = [n for n in wanted if n not in SERVERS]
+        if unknown or "shardgate" not in wanted:
+            ap.error(f"--servers takes shardgate and any of {SERVERS[1:]} (unknown: {unknown})")
+        SERVERS = [n for n in SERVERS if n in wanted]
     if a.quick:
         a.runs, a.duration, a.warmup = 1, "1s", "300ms"
     out = Path(a.results or ROOT / f"results/peers-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -158,7 +174,7 @@ def main():
             where = (f"servers on all {ncpu} CPUs (shardgate --shards {ncpu} --steer-by-cpu; peers on a {ncpu}-worker runtime), "
                      f"client on the same CPUs {client_cpus} (a {ncpu}-CPU host has no core to spare)")
         print(f"\n=== {placement} core{'s' if placement == 'all' else ''}: {where}")
-        servers = {n: Server(n, placement, server_cpus, out) for n in SERVERS}
+        servers = {n: Server(n, placement, server_cpus, out, a.baseline) for n in SERVERS}
         try:
             client = ["--cpus", ",".join(map(str, client_cpus)), "-d", a.duration, "--warmup", a.warmup]
             cases = [(c, s, w) for w in WINDOWS for (c, s) in CASES] + [("handshakes", 20, 1)]
@@ -304,7 +320,7 @@ def summarize(rows):
 def chart(summary, path):
     """Bars: each peer's median relative to shardgate (1.0 = equal), one group per case."""
     colors = {"shardgate": "#1f77b4", "tokio-tungstenite": "#ff7f0e", "fastwebsockets": "#2ca02c",
-              "tokio-websockets": "#d62728"}
+              "tokio-websockets": "#d62728", "baseline": "#7f7f7f"}
     groups = [s for s in summary if s["metric"] != "bytes/conn"]
     w, h, pad, bar = 60 + 70 * len(groups), 360, 50, 14
     top = max([v["ratio_to_shardgate"] or 0 for s in groups for v in s["servers"].values()] + [1.2])

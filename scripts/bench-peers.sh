@@ -13,7 +13,18 @@
 # shardgate (of the medians, and paired round by round), the rounds shardgate won,
 # round-trip p50/p99, server CPU seconds and peak RSS. Raw numbers (CSV, JSON) and an SVG
 # chart go to the results folder.
+#
+# Options (passed to scripts/bench-peers.py):
+#   --quick              one short run per case
+#   --runs N             rounds per case (default 5)
+#   --duration D         per run (default 3s), after --warmup (default 1s)
+#   --idle-connections N for the idle-memory row (default 15000)
+#   --results DIR        where raw.csv, summary.json and chart.svg go
+#   --baseline BIN       also run this shardgate binary (another build) as 'baseline'
+#   --servers LIST       only these servers, e.g. shardgate,baseline for an A/B
 set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+help_if_asked "$0" "$@"
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 echo "== building shardgate, echo-load and the peer servers (release)"

@@ -4,13 +4,14 @@
 # --idle, and reports (RSS with the connections - RSS before) / CONNECTIONS.
 # Kernel socket buffers are not in RSS: they are the kernel's, see kernel-tuning.md.
 set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+help_if_asked "$0" "$@"
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 n=${1:-15000}
 hold=${HOLD:-20s}
 out=$root/target/idle-memory
 client=
-source scripts/lib.sh
 start_gateway "$out" --shards 2
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 before=$(rss_kib "$server")

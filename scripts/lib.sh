@@ -1,5 +1,8 @@
 # Sourced by the scripts that run a gateway for a measurement or a test suite.
 #
+# help_if_asked SCRIPT [ARGS...]: with -h or --help among ARGS, prints SCRIPT's header
+# comment (its usage and options) and exits 0.
+#
 # start_gateway OUT [ARGS...]: builds release binaries, starts `shardgate serve` on a free
 # loopback port with its log and data in OUT, waits until it listens, and stops it (by
 # PID) when the calling script exits. Sets $port and $server.
@@ -51,3 +54,17 @@ start_nats() {
   echo "nats-server did not become ready; see $out/nats.log" >&2
   return 1
 }
+
+help_if_asked() {
+  local script=$1
+  shift
+  for arg in "$@"; do
+    case $arg in
+      -h|--help)
+        # The comment block after the shebang, without its leading "# ".
+        sed -n '2,/^[^#]/{/^#/{s/^# \{0,1\}//;p}}' "$script"
+        exit 0 ;;
+    esac
+  done
+}
+

@@ -17,7 +17,29 @@
 # With --nats the gateways form one cluster (a nats-server is started on a free loopback
 # port unless a URL is given) and --cross-node of the pairs or rooms span nodes; the summary
 # shows the messages that crossed nodes and their latency apart.
+#
+# Options:
+#   --profile ci|small|full   preset sizes (full: the defaults)
+#   --connections N           chat connections in all (default 100000)
+#   --duration D              hold time, e.g. 60s (default 60s)
+#   --rate R                  messages per second per connection (default 0.1)
+#   --ramp R                  new connections per second (default 2500)
+#   --mode direct|room        pairs of users, or groups in rooms (default direct)
+#   --shards N                shards per gateway process (default: one per core, split
+#                             over the processes)
+#   --per-process N           connections per gateway process (default: what the
+#                             open-file limit allows)
+#   --slo D                   the latency objective (default 200ms)
+#   --results DIR             where the results go (default results/soak-<time>)
+#   --tune                    apply scripts/tune-host.sh first
+#   --nodes N                 gateway processes (default: as the open-file limit needs)
+#   --nats [URL]              join the gateways through NATS (a local nats-server unless
+#                             a URL is given)
+#   --cross-node F            share of the pairs or rooms that span nodes (default 0.5)
+#   -h, --help                this text
 set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+help_if_asked "$0" "$@"
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
@@ -99,7 +121,6 @@ trap cleanup EXIT
 cluster=()
 if [ "$nats" = 1 ]; then
   if [ -z "$nats_url" ]; then
-    source scripts/lib.sh
     start_nats "$results"
     echo "== nats-server $nats_url (pid $nats_pid), log $results/nats.log"
   fi

@@ -6,6 +6,8 @@
 # Installs what a fresh machine of this kind lacks (nats-server from apt, the Autobahn
 # virtualenv).
 set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+help_if_asked "$0" "$@"
 cd "$(dirname "$0")/.."
 
 echo "== cargo fmt --check"
@@ -13,7 +15,6 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== nats-server for the cluster tests"
-source scripts/lib.sh
 start_nats target/test-nats
 trap 'kill -TERM "$nats_pid" 2>/dev/null; wait "$nats_pid" 2>/dev/null || true' EXIT
 echo "nats-server $nats_url (pid $nats_pid)"

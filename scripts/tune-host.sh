@@ -8,6 +8,8 @@
 # sysctls apply at once but not across reboots (kernel-tuning.md says how to persist
 # them); per-process limits (open files, memlock) are the service manager's: shown only.
 set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+help_if_asked "$0" "$@"
 backup=${SHARDGATE_TUNE_BACKUP:-/var/tmp/shardgate-tune-backup.conf}
 
 # name | value for 100k | value for 1M

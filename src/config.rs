@@ -1,7 +1,11 @@
-//! Configuration: command-line flags over an optional TOML file over defaults.
+//! Configuration: command-line flags over an optional TOML file over defaults, all from
+//! one table (`config_table!` below). Each entry gives a setting's name, type, default and
+//! help once; the macro makes of it the `serve` flag (`--max-message-size`), the TOML key
+//! of the same kebab-case name (`max-message-size = 1048576`), the default, the help text
+//! with the default in it, and the field of the resolved `Config`. Unknown TOML keys are
+//! an error that names them.
 //!
-//! Every `serve` flag has the same name (kebab-case) as a key in the file, so
-//! `--max-message-size 1048576` and `max-message-size = 1048576` mean the same thing.
+//! Durations take a unit (`500ms`, `10s`, `2m`); a bare number is seconds.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -35,8 +39,8 @@ pub enum Command {
 pub struct TokenArgs {
     /// The user id (1-64 of A-Z a-z 0-9 _ . @ -).
     pub user: String,
-    /// How long the token is valid.
-    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    /// How long the token is valid (a bare number is seconds).
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
     pub ttl: Duration,
     /// File holding the HMAC secret (else SHARDGATE_AUTH_SECRET, else the data directory's).
     #[arg(long, value_name = "FILE")]
@@ -46,257 +50,235 @@ pub struct TokenArgs {
     pub data_dir: Option<PathBuf>,
 }
 
-/// The `serve` flags; the same keys may come from the TOML file given with `--config`.
-#[derive(Debug, Default, Clone, Args, Deserialize)]
-#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
-pub struct ServeArgs {
-    /// TOML file with any of the keys below; flags given on the command line win.
-    #[arg(long, value_name = "FILE")]
-    #[serde(skip)]
-    pub config: Option<PathBuf>,
-    /// Address every shard listens on (SO_REUSEPORT) [default: 127.0.0.1:8080].
-    #[arg(long)]
-    pub listen: Option<SocketAddr>,
-    /// Number of shards (executors), one pinned per core [default: one per core].
-    #[arg(long)]
-    pub shards: Option<usize>,
-    /// CPUs the shards are pinned to, in order (shard i on the i-th, round robin) [default: every core].
-    #[arg(long, value_delimiter = ',')]
-    pub cpus: Option<Vec<usize>>,
-    /// Listen backlog per shard (capped by net.core.somaxconn) [default: 4096].
-    #[arg(long)]
-    pub backlog: Option<u32>,
-    /// Connections this process accepts before answering 503 [default: open-file limit less a reserve].
-    #[arg(long)]
-    pub max_connections: Option<usize>,
-    /// Largest message in bytes, over all its fragments; larger closes with 1009 [default: 16777216].
-    #[arg(long)]
-    pub max_message_size: Option<usize>,
-    /// Largest HTTP request head in bytes; larger is refused with 431 [default: 8192].
-    #[arg(long)]
-    pub max_request_head: Option<usize>,
-    /// Time a client has to complete the HTTP upgrade [default: 10s].
-    #[arg(long, value_parser = humantime::parse_duration)]
-    #[serde(with = "humantime_serde")]
-    pub handshake_timeout: Option<Duration>,
-    /// Silence after which the server pings [default: 30s].
-    #[arg(long, value_parser = humantime::parse_duration)]
-    #[serde(with = "humantime_serde")]
-    pub ping_interval: Option<Duration>,
-    /// Time a ping has to be answered before the connection is closed [default: 10s].
-    #[arg(long, value_parser = humantime::parse_duration)]
-    #[serde(with = "humantime_serde")]
-    pub pong_timeout: Option<Duration>,
-    /// On SIGINT/SIGTERM, how long clients get to answer Close 1001 before the process exits [default: 5s].
-    #[arg(long, value_parser = humantime::parse_duration)]
-    #[serde(with = "humantime_serde")]
-    pub drain_timeout: Option<Duration>,
-    /// Turn the /echo endpoint off.
-    #[arg(long, num_args = 0, default_missing_value = "true")]
-    pub no_echo: Option<bool>,
-    /// A subprotocol the server speaks, in order of preference (repeatable).
-    #[arg(long = "subprotocol", value_name = "NAME")]
-    pub subprotocols: Option<Vec<String>>,
-    /// Bytes of io_uring buffer memory each shard pins (counts against RLIMIT_MEMLOCK for non-root) [default: 1048576].
-    #[arg(long)]
-    pub io_memory: Option<usize>,
-    /// Busy-poll this long before a shard parks: lower latency, more idle CPU [default: off].
-    #[arg(long, value_parser = humantime::parse_duration)]
-    #[serde(with = "humantime_serde")]
-    pub spin_before_park: Option<Duration>,
-    /// io_uring submission queue depth per ring; deeper rings get the kernel's largest poll-cancel table [default: 4096].
-    #[arg(long)]
-    pub ring_depth: Option<usize>,
-    /// File holding the HMAC secret for tokens [default: SHARDGATE_AUTH_SECRET, else a secret created in the data directory].
-    #[arg(long, value_name = "FILE")]
-    pub auth_secret_file: Option<PathBuf>,
-    /// Where a generated secret is kept [default: ~/.local/share/shardgate].
-    #[arg(long, value_name = "DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// DEMOS AND BENCHMARKS ONLY: accept `?user=<id>` on /ws without a token.
-    #[arg(long, num_args = 0, default_missing_value = "true")]
-    pub insecure_dev_auth: Option<bool>,
-    /// An Origin allowed to open /ws from a browser (repeatable) [default: any].
-    #[arg(long = "allowed-origin", value_name = "ORIGIN")]
-    pub allowed_origins: Option<Vec<String>>,
-    /// Bytes a chat connection may have queued for sending; past it, it is closed with 1008 [default: 1048576].
-    #[arg(long)]
-    pub max_outbound_bytes: Option<usize>,
-    /// Largest chat frame in bytes; larger gets a `too_large` error [default: 65536].
-    #[arg(long)]
-    pub max_chat_message: Option<usize>,
-    /// Chat messages per second per connection, 0 for no limit [default: 100].
-    #[arg(long)]
-    pub rate_limit: Option<f64>,
-    /// Burst allowed above --rate-limit [default: 200].
-    #[arg(long)]
-    pub rate_burst: Option<u32>,
-    /// How often the latency report line is printed [default: 10s].
-    #[arg(long, value_parser = humantime::parse_duration)]
-    #[serde(with = "humantime_serde")]
-    pub report_interval: Option<Duration>,
-    /// The end-to-end latency objective the report measures against [default: 200ms].
-    #[arg(long, value_parser = humantime::parse_duration)]
-    #[serde(with = "humantime_serde")]
-    pub slo: Option<Duration>,
-    /// Also write the whole run's latency distribution to this file at shutdown.
-    #[arg(long, value_name = "FILE")]
-    pub histogram_out: Option<PathBuf>,
-    /// Each shard also listens on a port of its own (printed at start), to reach a chosen shard.
-    #[arg(long, num_args = 0, default_missing_value = "true")]
-    pub shard_ports: Option<bool>,
-    /// Hand each new connection to the shard on the CPU that received its SYN, instead of
-    /// the kernel's hash. For hosts whose NIC spreads flows over every shard's CPU (RSS, one
-    /// queue per core); needs one CPU per shard (see kernel-tuning.md).
-    #[arg(long, num_args = 0, default_missing_value = "true")]
-    pub steer_by_cpu: Option<bool>,
-    /// Join a cluster of gateways through this NATS server (e.g. nats://127.0.0.1:4222).
-    /// Without it the gateway is a single node with no dependency.
-    #[arg(long, value_name = "URL")]
-    pub nats: Option<String>,
-    /// Subject prefix of the cluster: nodes with the same prefix form one [default: shardgate].
-    #[arg(long)]
-    pub nats_prefix: Option<String>,
-    /// A node not heard from for this long is forgotten with its users [default: 5s].
-    #[arg(long, value_parser = humantime::parse_duration)]
-    #[serde(with = "humantime_serde")]
-    pub presence_timeout: Option<Duration>,
-    /// A cross-node send not confirmed within this is answered `unavailable` [default: 2s].
-    #[arg(long, value_parser = humantime::parse_duration)]
-    #[serde(with = "humantime_serde")]
-    pub cluster_ack_timeout: Option<Duration>,
-    /// Pin the NATS thread to this CPU [default: unpinned, so it never competes with one
-    /// shard alone for a core].
-    #[arg(long)]
-    pub cluster_cpu: Option<usize>,
+/// A duration from the command line: `500ms`, `10s`, `2m`, `1h30m`; a bare number is
+/// seconds (`5` is `5s`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if let Ok(secs) = text.parse::<f64>() {
+        return Duration::try_from_secs_f64(secs).map_err(|_| format!("{text}: not a duration of zero or more seconds"));
+    }
+    humantime::parse_duration(text).map_err(|e| format!("{text}: {e} (e.g. 500ms, 10s, 2m; a bare number is seconds)"))
 }
 
-impl ServeArgs {
-    /// Fills every flag that was not given from `file`.
-    fn or(self, file: ServeArgs) -> ServeArgs {
-        ServeArgs {
-            config: self.config,
-            listen: self.listen.or(file.listen),
-            shards: self.shards.or(file.shards),
-            cpus: self.cpus.or(file.cpus),
-            backlog: self.backlog.or(file.backlog),
-            max_connections: self.max_connections.or(file.max_connections),
-            max_message_size: self.max_message_size.or(file.max_message_size),
-            max_request_head: self.max_request_head.or(file.max_request_head),
-            handshake_timeout: self.handshake_timeout.or(file.handshake_timeout),
-            ping_interval: self.ping_interval.or(file.ping_interval),
-            pong_timeout: self.pong_timeout.or(file.pong_timeout),
-            drain_timeout: self.drain_timeout.or(file.drain_timeout),
-            no_echo: self.no_echo.or(file.no_echo),
-            subprotocols: self.subprotocols.or(file.subprotocols),
-            io_memory: self.io_memory.or(file.io_memory),
-            spin_before_park: self.spin_before_park.or(file.spin_before_park),
-            ring_depth: self.ring_depth.or(file.ring_depth),
-            auth_secret_file: self.auth_secret_file.or(file.auth_secret_file),
-            data_dir: self.data_dir.or(file.data_dir),
-            insecure_dev_auth: self.insecure_dev_auth.or(file.insecure_dev_auth),
-            allowed_origins: self.allowed_origins.or(file.allowed_origins),
-            max_outbound_bytes: self.max_outbound_bytes.or(file.max_outbound_bytes),
-            max_chat_message: self.max_chat_message.or(file.max_chat_message),
-            rate_limit: self.rate_limit.or(file.rate_limit),
-            rate_burst: self.rate_burst.or(file.rate_burst),
-            report_interval: self.report_interval.or(file.report_interval),
-            slo: self.slo.or(file.slo),
-            histogram_out: self.histogram_out.or(file.histogram_out),
-            shard_ports: self.shard_ports.or(file.shard_ports),
-            steer_by_cpu: self.steer_by_cpu.or(file.steer_by_cpu),
-            nats: self.nats.or(file.nats),
-            nats_prefix: self.nats_prefix.or(file.nats_prefix),
-            presence_timeout: self.presence_timeout.or(file.presence_timeout),
-            cluster_ack_timeout: self.cluster_ack_timeout.or(file.cluster_ack_timeout),
-            cluster_cpu: self.cluster_cpu.or(file.cluster_cpu),
-        }
+/// TOML durations: a string as on the command line, or a number of seconds.
+mod duration_serde {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Text {
+        Seconds(f64),
+        Unit(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let text = match Option::<Text>::deserialize(d)? {
+            None => return Ok(None),
+            Some(Text::Seconds(s)) => s.to_string(),
+            Some(Text::Unit(u)) => u,
+        };
+        super::parse_duration(&text).map(Some).map_err(serde::de::Error::custom)
     }
 }
 
-/// The resolved configuration every shard runs with.
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub listen: SocketAddr,
-    pub shards: usize,
-    /// `None`: every core, as `core_affinity` lists them.
-    pub cpus: Option<Vec<usize>>,
-    pub backlog: u32,
-    /// `None`: derived from the open-file limit at start.
-    pub max_connections: Option<usize>,
-    pub max_message_size: usize,
-    pub max_request_head: usize,
-    pub handshake_timeout: Duration,
-    pub ping_interval: Duration,
-    pub pong_timeout: Duration,
-    pub drain_timeout: Duration,
-    pub echo: bool,
-    pub subprotocols: Vec<String>,
-    pub io_memory: usize,
-    pub spin_before_park: Option<Duration>,
-    pub ring_depth: usize,
-    pub auth_secret_file: Option<PathBuf>,
-    pub data_dir: PathBuf,
-    pub insecure_dev_auth: bool,
-    pub allowed_origins: Vec<String>,
-    pub max_outbound_bytes: usize,
-    pub max_chat_message: usize,
-    pub rate_limit: f64,
-    pub rate_burst: u32,
-    pub report_interval: Duration,
-    pub slo: Duration,
-    pub histogram_out: Option<PathBuf>,
-    pub shard_ports: bool,
-    pub steer_by_cpu: bool,
-    /// `Some` when the node joins a cluster.
-    pub nats: Option<String>,
-    pub nats_prefix: String,
-    pub presence_timeout: Duration,
-    pub cluster_ack_timeout: Duration,
-    pub cluster_cpu: Option<usize>,
+/// Makes, from one table of settings, the `serve` flags and TOML keys (`ServeArgs`, every
+/// field optional so that flags can win over the file), their merge, and the resolved
+/// `Config`. `required` settings have a default (shown in the help); `optional` ones are
+/// `None` unless given.
+macro_rules! config_table {
+    (
+        required {
+            $(
+                $(#[doc = $doc:literal])*
+                $(#[arg($($arg:tt)*)])?
+                $(#[serde($($serde:tt)*)])?
+                $name:ident : $ty:ty = $default:expr, $shown:literal;
+            )*
+        }
+        optional {
+            $(
+                $(#[doc = $odoc:literal])*
+                $(#[arg($($oarg:tt)*)])?
+                $(#[serde($($oserde:tt)*)])?
+                $oname:ident : $oty:ty;
+            )*
+        }
+    ) => {
+        /// The `serve` flags; the same keys may come from the TOML file given with `--config`.
+        #[derive(Debug, Default, Clone, Args, Deserialize)]
+        #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+        pub struct ServeArgs {
+            /// TOML file with any of the keys below; flags given on the command line win.
+            #[arg(long, value_name = "FILE")]
+            #[serde(skip)]
+            pub config: Option<PathBuf>,
+            $(
+                #[arg(long, help = help_with_default(concat!($($doc),*), $shown) $(, $($arg)*)?)]
+                $(#[serde($($serde)*)])?
+                pub $name: Option<$ty>,
+            )*
+            $(
+                $(#[doc = $odoc])*
+                #[arg(long $(, $($oarg)*)?)]
+                $(#[serde($($oserde)*)])?
+                pub $oname: Option<$oty>,
+            )*
+        }
+
+        impl ServeArgs {
+            /// Fills every flag that was not given from `file`.
+            fn or(self, file: ServeArgs) -> ServeArgs {
+                ServeArgs {
+                    config: self.config,
+                    $($name: self.$name.or(file.$name),)*
+                    $($oname: self.$oname.or(file.$oname),)*
+                }
+            }
+        }
+
+        /// The resolved configuration every shard runs with.
+        #[derive(Debug, Clone)]
+        pub struct Config {
+            $(
+                $(#[doc = $doc])*
+                pub $name: $ty,
+            )*
+            $(
+                $(#[doc = $odoc])*
+                pub $oname: Option<$oty>,
+            )*
+        }
+
+        impl Config {
+            /// Every flag not given takes its default.
+            fn resolve(a: ServeArgs) -> Config {
+                Config {
+                    $($name: a.$name.unwrap_or_else(|| $default),)*
+                    $($oname: a.$oname,)*
+                }
+            }
+        }
+    };
+}
+
+/// A setting's help line: its doc comment, then its default.
+fn help_with_default(doc: &str, default: &str) -> String {
+    format!("{} [default: {default}]", doc.trim())
+}
+
+fn default_shards() -> usize {
+    core_affinity::get_core_ids().map_or(1, |c| c.len().max(1))
+}
+
+config_table! {
+    required {
+        /// Address every shard listens on (SO_REUSEPORT); port 0 picks one.
+        listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8080)), "127.0.0.1:8080";
+        /// Number of shards (executors), one pinned per core.
+        shards: usize = default_shards(), "one per core";
+        /// Listen backlog per shard (capped by net.core.somaxconn).
+        backlog: u32 = 4096, "4096";
+        /// Largest message in bytes, over all its fragments; larger closes with 1009.
+        max_message_size: usize = 16 << 20, "16777216";
+        /// Largest HTTP request head in bytes; larger is refused with 431.
+        max_request_head: usize = 8 << 10, "8192";
+        /// Time a client has to complete the HTTP upgrade; then 408.
+        #[arg(value_parser = parse_duration)]
+        #[serde(with = "duration_serde")]
+        handshake_timeout: Duration = Duration::from_secs(10), "10s";
+        /// Silence after which the server pings.
+        #[arg(value_parser = parse_duration)]
+        #[serde(with = "duration_serde")]
+        ping_interval: Duration = Duration::from_secs(30), "30s";
+        /// Time a ping has to be answered before the connection is closed with 1008.
+        #[arg(value_parser = parse_duration)]
+        #[serde(with = "duration_serde")]
+        pong_timeout: Duration = Duration::from_secs(10), "10s";
+        /// On SIGINT/SIGTERM, how long clients get to answer Close 1001 before the process exits.
+        #[arg(value_parser = parse_duration)]
+        #[serde(with = "duration_serde")]
+        drain_timeout: Duration = Duration::from_secs(5), "5s";
+        /// Turn the /echo endpoint off.
+        #[arg(num_args = 0, default_missing_value = "true")]
+        no_echo: bool = false, "off";
+        /// A subprotocol the server speaks, in order of preference (repeatable).
+        #[arg(long = "subprotocol", value_name = "NAME")]
+        subprotocols: Vec<String> = Vec::new(), "none";
+        /// Bytes of io_uring buffer memory each shard pins (counts against RLIMIT_MEMLOCK for non-root).
+        io_memory: usize = 1 << 20, "1048576";
+        /// io_uring queue depth per ring. The kernel sizes a ring's poll-cancel hash from its CQ size: 4096 gives the most buckets (256; the default 128 gives 8, and every cancel then scans thousands of armed polls).
+        ring_depth: usize = 4096, "4096";
+        /// Where a generated secret is kept.
+        #[arg(value_name = "DIR")]
+        data_dir: PathBuf = crate::chat::auth::default_data_dir(), "~/.local/share/shardgate";
+        /// DEMOS AND BENCHMARKS ONLY: accept `?user=<id>` on /ws without a token.
+        #[arg(num_args = 0, default_missing_value = "true")]
+        insecure_dev_auth: bool = false, "off";
+        /// An Origin allowed to open /ws from a browser (repeatable); other Origins get 403.
+        #[arg(long = "allowed-origin", value_name = "ORIGIN")]
+        allowed_origins: Vec<String> = Vec::new(), "any";
+        /// Bytes a chat connection may have queued for sending; past it, it is closed with 1008.
+        max_outbound_bytes: usize = 1 << 20, "1048576";
+        /// Largest chat frame in bytes; larger gets a `too_large` error.
+        max_chat_message: usize = 64 << 10, "65536";
+        /// Chat messages per second per connection, 0 for no limit.
+        rate_limit: f64 = 100.0, "100";
+        /// Burst allowed above --rate-limit.
+        rate_burst: u32 = 200, "200";
+        /// How often the latency report line is printed.
+        #[arg(value_parser = parse_duration)]
+        #[serde(with = "duration_serde")]
+        report_interval: Duration = Duration::from_secs(10), "10s";
+        /// The end-to-end latency objective the report measures against.
+        #[arg(value_parser = parse_duration)]
+        #[serde(with = "duration_serde")]
+        slo: Duration = Duration::from_millis(200), "200ms";
+        /// Each shard also listens on a port of its own (printed at start), to reach a chosen shard.
+        #[arg(num_args = 0, default_missing_value = "true")]
+        shard_ports: bool = false, "off";
+        /// Hand each new connection to the shard on the CPU that received its SYN, instead of the kernel's hash. For hosts whose NIC spreads flows over every shard's CPU (RSS, one queue per core); needs one CPU per shard (see kernel-tuning.md).
+        #[arg(num_args = 0, default_missing_value = "true")]
+        steer_by_cpu: bool = false, "off";
+        /// Subject prefix of the cluster: nodes with the same prefix form one.
+        nats_prefix: String = "shardgate".into(), "shardgate";
+        /// A node not heard from for this long is forgotten with its users.
+        #[arg(value_parser = parse_duration)]
+        #[serde(with = "duration_serde")]
+        presence_timeout: Duration = Duration::from_secs(5), "5s";
+        /// A cross-node send not confirmed within this is answered `unavailable`.
+        #[arg(value_parser = parse_duration)]
+        #[serde(with = "duration_serde")]
+        cluster_ack_timeout: Duration = Duration::from_secs(2), "2s";
+    }
+    optional {
+        /// CPUs the shards are pinned to, in order (shard i on the i-th, round robin) [default: every core].
+        #[arg(value_delimiter = ',')]
+        cpus: Vec<usize>;
+        /// Connections this process accepts before answering 503 [default: the open-file limit less a reserve].
+        max_connections: usize;
+        /// Busy-poll this long before a shard parks: lower latency, more idle CPU [default: off].
+        #[arg(value_parser = parse_duration)]
+        #[serde(with = "duration_serde")]
+        spin_before_park: Duration;
+        /// File holding the HMAC secret for tokens [default: SHARDGATE_AUTH_SECRET, else a secret created in the data directory].
+        #[arg(value_name = "FILE")]
+        auth_secret_file: PathBuf;
+        /// Also write the whole run's latency distribution to this file at shutdown.
+        #[arg(value_name = "FILE")]
+        histogram_out: PathBuf;
+        /// Join a cluster of gateways through this NATS server (e.g. nats://127.0.0.1:4222); without it the gateway is a single node with no dependency.
+        #[arg(value_name = "URL")]
+        nats: String;
+        /// Pin the NATS thread to this CPU [default: unpinned, so it never competes with one shard alone for a core].
+        cluster_cpu: usize;
+    }
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            shards: core_affinity::get_core_ids().map_or(1, |c| c.len().max(1)),
-            cpus: None,
-            backlog: 4096,
-            max_connections: None,
-            max_message_size: 16 << 20,
-            max_request_head: 8 << 10,
-            handshake_timeout: Duration::from_secs(10),
-            ping_interval: Duration::from_secs(30),
-            pong_timeout: Duration::from_secs(10),
-            drain_timeout: Duration::from_secs(5),
-            echo: true,
-            subprotocols: Vec::new(),
-            io_memory: 1 << 20,
-            spin_before_park: None,
-            // The kernel sizes a ring's poll-cancel hash from its CQ size: 4096 gives the
-            // maximum of 256 buckets (the default 128 gives 8, and every cancel then scans
-            // thousands of armed polls at 16k connections per shard).
-            ring_depth: 4096,
-            auth_secret_file: None,
-            data_dir: crate::chat::auth::default_data_dir(),
-            insecure_dev_auth: false,
-            allowed_origins: Vec::new(),
-            max_outbound_bytes: 1 << 20,
-            max_chat_message: 64 << 10,
-            rate_limit: 100.0,
-            rate_burst: 200,
-            report_interval: Duration::from_secs(10),
-            slo: Duration::from_millis(200),
-            histogram_out: None,
-            shard_ports: false,
-            steer_by_cpu: false,
-            nats: None,
-            nats_prefix: "shardgate".into(),
-            presence_timeout: Duration::from_secs(5),
-            cluster_ack_timeout: Duration::from_secs(2),
-            cluster_cpu: None,
-        }
+        Config::resolve(ServeArgs::default())
     }
 }
 
@@ -310,44 +292,10 @@ impl Config {
             }
             None => ServeArgs::default(),
         };
-        let a = args.or(file);
-        let d = Config::default();
-        let config = Config {
-            listen: a.listen.unwrap_or(d.listen),
-            shards: a.shards.unwrap_or(d.shards),
-            cpus: a.cpus.filter(|c| !c.is_empty()),
-            backlog: a.backlog.unwrap_or(d.backlog),
-            max_connections: a.max_connections,
-            max_message_size: a.max_message_size.unwrap_or(d.max_message_size),
-            max_request_head: a.max_request_head.unwrap_or(d.max_request_head),
-            handshake_timeout: a.handshake_timeout.unwrap_or(d.handshake_timeout),
-            ping_interval: a.ping_interval.unwrap_or(d.ping_interval),
-            pong_timeout: a.pong_timeout.unwrap_or(d.pong_timeout),
-            drain_timeout: a.drain_timeout.unwrap_or(d.drain_timeout),
-            echo: !a.no_echo.unwrap_or(false),
-            subprotocols: a.subprotocols.unwrap_or_default(),
-            io_memory: a.io_memory.unwrap_or(d.io_memory),
-            spin_before_park: a.spin_before_park,
-            ring_depth: a.ring_depth.unwrap_or(d.ring_depth),
-            auth_secret_file: a.auth_secret_file,
-            data_dir: a.data_dir.unwrap_or(d.data_dir),
-            insecure_dev_auth: a.insecure_dev_auth.unwrap_or(false),
-            allowed_origins: a.allowed_origins.unwrap_or_default(),
-            max_outbound_bytes: a.max_outbound_bytes.unwrap_or(d.max_outbound_bytes),
-            max_chat_message: a.max_chat_message.unwrap_or(d.max_chat_message),
-            rate_limit: a.rate_limit.unwrap_or(d.rate_limit),
-            rate_burst: a.rate_burst.unwrap_or(d.rate_burst),
-            report_interval: a.report_interval.unwrap_or(d.report_interval),
-            slo: a.slo.unwrap_or(d.slo),
-            histogram_out: a.histogram_out,
-            shard_ports: a.shard_ports.unwrap_or(false),
-            steer_by_cpu: a.steer_by_cpu.unwrap_or(false),
-            nats: a.nats.filter(|u| !u.is_empty()),
-            nats_prefix: a.nats_prefix.unwrap_or(d.nats_prefix),
-            presence_timeout: a.presence_timeout.unwrap_or(d.presence_timeout),
-            cluster_ack_timeout: a.cluster_ack_timeout.unwrap_or(d.cluster_ack_timeout),
-            cluster_cpu: a.cluster_cpu,
-        };
+        let mut config = Config::resolve(args.or(file));
+        // An empty list or URL (from a file that blanks a setting) means "not set".
+        config.cpus = config.cpus.filter(|c| !c.is_empty());
+        config.nats = config.nats.filter(|u| !u.is_empty());
         config.validate()?;
         Ok(config)
     }
@@ -435,9 +383,50 @@ mod tests {
         assert_eq!(c.shards, 2);
         assert_eq!(c.ping_interval, Duration::from_secs(45));
         assert_eq!(c.subprotocols, vec!["chat".to_string()]);
-        assert!(!c.echo);
+        assert!(c.no_echo);
         assert_eq!(c.max_message_size, 16 << 20);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_bare_number_of_a_duration_is_seconds() {
+        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("0.25"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("-1").is_err());
+        assert!(parse_duration("5 parsecs").unwrap_err().contains("a bare number is seconds"));
+        let cli = Cli::parse_from(["shardgate", "serve", "--report-interval", "5", "--slo", "150ms"]);
+        let Command::Serve(args) = cli.command else {
+            panic!("serve")
+        };
+        let c = Config::from_args(args).unwrap();
+        assert_eq!((c.report_interval, c.slo), (Duration::from_secs(5), Duration::from_millis(150)));
+        // In the file: a number of seconds, or a string as on the command line.
+        let file: ServeArgs = toml::from_str("ping-interval = 45\npong-timeout = \"1.5s\"\n").unwrap();
+        assert_eq!(file.ping_interval, Some(Duration::from_secs(45)));
+        assert_eq!(file.pong_timeout, Some(Duration::from_millis(1500)));
+    }
+
+    /// The README's configuration table is the user's reference: every flag the table of
+    /// settings makes must be in it, with the default the help shows.
+    #[test]
+    fn every_flag_is_in_the_readme_with_its_default() {
+        use clap::CommandFactory;
+        let readme = include_str!("../README.md");
+        let cli = Cli::command();
+        let serve = cli.find_subcommand("serve").expect("serve");
+        for arg in serve.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            let row = readme
+                .lines()
+                .find(|l| l.starts_with(&format!("| `--{long}")))
+                .unwrap_or_else(|| panic!("README's configuration table has no row for --{long}"));
+            let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            if let Some(default) = help.split("[default: ").nth(1).and_then(|d| d.split(']').next()) {
+                assert!(row.contains(default), "README's row for --{long} does not show its default {default:?}: {row}");
+            }
+        }
     }
 
     #[test]

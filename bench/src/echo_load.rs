@@ -12,7 +12,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -21,8 +21,9 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use glommio::{LocalExecutorBuilder, Placement};
 use hdrhistogram::Histogram;
+use shardgate::sys::epoll::{event_buffer, Poller};
+use shardgate::sys::socket::{self, IoBatch, Push, IOV_BATCH};
 use shardgate::ws::{write_frame, Decoder, Event, OpCode, Role};
-use socket2::SockRef;
 
 #[derive(Debug, Clone, Parser)]
 #[command(name = "echo-load", about = "WebSocket echo load generator")]
@@ -108,6 +109,14 @@ fn main() {
             }
         }
     }
+    print_summary(&args, &total, &hist);
+    if total.failed > 0 {
+        std::process::exit(1);
+    }
+}
+
+/// The one line a run ends with: `key=value` fields that scripts read.
+fn print_summary(args: &Args, total: &Stats, hist: &Histogram<u64>) {
     if args.idle {
         println!(
             "echo-load: held {} idle connections ({} failed) for {:?}",
@@ -146,9 +155,6 @@ fn main() {
             hist.max(),
             total.failed,
         );
-    }
-    if total.failed > 0 {
-        std::process::exit(1);
     }
 }
 
@@ -211,7 +217,7 @@ async fn run_thread(args: Args, connections: usize) -> (Histogram<u64>, Stats) {
         let mut close = Vec::new();
         shardgate::ws::write_close(&mut close, shardgate::ws::CloseCode::NORMAL, "", Some([1, 2, 3, 4]));
         for s in &streams {
-            let _ = send_now(s.as_raw_fd(), &close);
+            let _ = socket::send(s.as_raw_fd(), &close, Push::Now);
         }
         drop(streams);
         failed
@@ -356,13 +362,13 @@ fn drive_all(
 ) -> (u64, u64) {
     let payload: Vec<u8> = (0..args.size).map(|i| b'a' + (i % 26) as u8).collect();
     let opcode = if args.text { OpCode::Text } else { OpCode::Binary };
-    // SAFETY: epoll_create1 has no preconditions.
-    let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-    if epoll < 0 {
-        eprintln!("echo-load: epoll_create1: {}", std::io::Error::last_os_error());
-        return (0, streams.len() as u64);
-    }
-    let start = Instant::now();
+    let poller = match Poller::new() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("echo-load: epoll_create1: {e}");
+            return (0, streams.len() as u64);
+        }
+    };
     // One masked frame, encoded once and sent again and again on every connection: the
     // client spends its time on system calls, not on encoding, and the kernel copies
     // every send from the same cache-hot bytes (200 frames of 16 KiB, one per connection,
@@ -370,52 +376,19 @@ fn drive_all(
     let mut frame = Vec::new();
     write_frame(&mut frame, true, opcode, &payload, Some(0x9e37_79b1u32.to_be_bytes()));
     let frame = &frame[..];
-    let mut conns: Vec<Conn> = streams
-        .iter()
-        .map(|s| Conn {
-            fd: s.as_raw_fd(),
-            pending: frame.repeat(args.window),
-            decoder: Decoder::new(Role::Client, usize::MAX),
-            in_flight: std::iter::repeat_n(start, args.window).collect(),
-            sent: 0,
-            dead: false,
-        })
-        .collect();
-    let mut failed = 0u64;
-    for (i, c) in conns.iter_mut().enumerate() {
-        let mut event = libc::epoll_event {
-            events: (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
-            u64: i as u64,
-        };
-        // SAFETY: `event` is valid; the kernel checks both descriptors.
-        let added = unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_ADD, c.fd, &mut event) } == 0;
-        let result = if added {
-            flush(c)
-        } else {
-            Err(std::io::Error::last_os_error())
-        };
-        if let Err(e) = result {
-            c.dead = true;
-            failed += 1;
-            eprintln!("echo-load: cannot start a connection: {e}");
-        }
-    }
+    let (mut conns, mut failed) = start_conns(args, streams, frame, &poller);
     let mut buf = vec![0u8; 64 * 1024];
-    let mut events: Vec<libc::epoll_event> = Vec::with_capacity(1024);
+    let mut events = event_buffer();
     let mut messages = 0u64;
     loop {
         let now = Instant::now();
         if now >= deadline {
             break;
         }
-        let wait_ms = (deadline - now).as_millis().clamp(1, 100) as i32;
-        // SAFETY: `events` has room for 1024 entries; the kernel writes at most that.
-        let n = unsafe { libc::epoll_wait(epoll, events.as_mut_ptr(), 1024, wait_ms) };
-        if n < 0 {
+        let wait = (deadline - now).clamp(Duration::from_millis(1), Duration::from_millis(100));
+        if poller.wait(&mut events, Some(wait)).is_err() {
             continue; // EINTR
         }
-        // SAFETY: the kernel initialised the first `n` entries.
-        unsafe { events.set_len(n as usize) };
         for event in &events {
             let c = &mut conns[event.u64 as usize];
             if c.dead {
@@ -435,9 +408,33 @@ fn drive_all(
             }
         }
     }
-    // SAFETY: `epoll` is ours; closing it does not touch the sockets.
-    unsafe { libc::close(epoll) };
     (messages, failed)
+}
+
+/// Every stream as a `Conn` in the epoll set, its first window of messages on the wire.
+/// Returns them and how many failed to start.
+fn start_conns(args: &Args, streams: &[TcpStream], frame: &[u8], poller: &Poller) -> (Vec<Conn>, u64) {
+    let start = Instant::now();
+    let mut conns: Vec<Conn> = streams
+        .iter()
+        .map(|s| Conn {
+            fd: s.as_raw_fd(),
+            pending: frame.repeat(args.window),
+            decoder: Decoder::new(Role::Client, usize::MAX),
+            in_flight: std::iter::repeat_n(start, args.window).collect(),
+            sent: 0,
+            dead: false,
+        })
+        .collect();
+    let mut failed = 0u64;
+    for (i, c) in conns.iter_mut().enumerate() {
+        if let Err(e) = poller.add_read_write(c.fd, i as u64).and_then(|()| flush(c)) {
+            c.dead = true;
+            failed += 1;
+            eprintln!("echo-load: cannot start a connection: {e}");
+        }
+    }
+    (conns, failed)
 }
 
 /// Reads what the socket has (until a short read), counts the echoes and sends as many
@@ -454,20 +451,12 @@ fn read_echoes(
     messages: &mut u64,
 ) -> std::io::Result<()> {
     loop {
-        // SAFETY: `buf` is valid for writes of its length.
-        let n = unsafe { libc::recv(c.fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            return match e.kind() {
-                std::io::ErrorKind::WouldBlock => Ok(()),
-                std::io::ErrorKind::Interrupted => continue,
-                _ => Err(e),
-            };
-        }
-        if n == 0 {
-            return Err(std::io::Error::other("server closed the connection"));
-        }
-        let n = n as usize;
+        let n = match socket::recv(c.fd, buf) {
+            Ok(0) => return Err(std::io::Error::other("server closed the connection")),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e),
+        };
         let now = Instant::now();
         let mut echoed = 0usize;
         let mut bad = false;
@@ -504,16 +493,14 @@ fn read_echoes(
 /// buffer took a third of the client's CPU and made the client, not the server, the limit
 /// of the 16 KiB cases.)
 fn send_frames(c: &mut Conn, frame: &[u8], mut count: usize) -> std::io::Result<()> {
-    const MAX_IOV: usize = 64;
     let len = frame.len();
     while c.pending.is_empty() && count > 0 {
-        let k = count.min(MAX_IOV);
-        let sent = if k == 1 {
-            send_now(c.fd, frame)?
-        } else {
-            let iov = [std::io::IoSlice::new(frame); MAX_IOV];
-            send_vectored_now(c.fd, &iov[..k])?
-        };
+        let k = count.min(IOV_BATCH);
+        let mut iov = IoBatch::new();
+        for _ in 0..k {
+            iov.push(frame);
+        }
+        let sent = iov.send(c.fd, Push::Now)?;
         let (whole, part) = (sent / len, sent % len);
         count -= whole;
         if part > 0 {
@@ -533,7 +520,7 @@ fn send_frames(c: &mut Conn, frame: &[u8], mut count: usize) -> std::io::Result<
 /// Sends what is pending; what the socket does not take waits for its EPOLLOUT edge.
 fn flush(c: &mut Conn) -> std::io::Result<()> {
     while c.sent < c.pending.len() {
-        match send_now(c.fd, &c.pending[c.sent..])? {
+        match socket::send(c.fd, &c.pending[c.sent..], Push::Now)? {
             0 => return Ok(()),
             n => c.sent += n,
         }
@@ -541,30 +528,4 @@ fn flush(c: &mut Conn) -> std::io::Result<()> {
     c.pending.clear();
     c.sent = 0;
     Ok(())
-}
-
-/// One non-blocking `sendmsg` of several slices: bytes taken, 0 when the socket is full.
-fn send_vectored_now(fd: RawFd, slices: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
-    // SAFETY: `fd` belongs to a stream that outlives the call.
-    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
-    nonblocking(|| SockRef::from(&fd).send_vectored_with_flags(slices, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL))
-}
-
-/// One non-blocking `send`: bytes taken, 0 when the socket is full.
-fn send_now(fd: RawFd, bytes: &[u8]) -> std::io::Result<usize> {
-    // SAFETY: `fd` belongs to a stream that outlives the call.
-    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
-    nonblocking(|| SockRef::from(&fd).send_with_flags(bytes, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL))
-}
-
-/// Runs a non-blocking send, again when a signal interrupts it; a full socket is 0 bytes.
-fn nonblocking(mut send: impl FnMut() -> std::io::Result<usize>) -> std::io::Result<usize> {
-    loop {
-        match send() {
-            Ok(n) => return Ok(n),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(0),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
 }

@@ -16,7 +16,6 @@ use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::process::{Command, Stdio};
@@ -293,28 +292,7 @@ fn run_process(args: &Args, group: usize) -> Report {
     let offset = args.child_offset.unwrap_or(0);
     let total = args.total.unwrap_or(args.connections);
     let epoch = Instant::now();
-    let auth = args.auth_secret_file.as_ref().map(|f| {
-        Rc::new(
-            Authenticator::load(Some(f), std::path::Path::new(".")).unwrap_or_else(|e| {
-                eprintln!("shardgate-load: {e}");
-                std::process::exit(2)
-            }),
-        )
-    });
-    // Tokens are minted here, before the threads start (the authenticator is not Send).
-    let names: Vec<String> = (0..args.connections)
-        .map(|i| format!("{}-{}", args.prefix, offset + i))
-        .collect();
-    let creds: Vec<String> = names
-        .iter()
-        .map(|n| match &auth {
-            Some(a) => format!(
-                "token={}",
-                a.mint(n, Duration::from_secs(86_400)).expect("valid user id")
-            ),
-            None => format!("user={n}"),
-        })
-        .collect();
+    let (names, creds) = users_and_credentials(args, offset);
     let threads = args.cpus.len();
     let groups = args.connections / group;
     let (tx, rx) = crossbeam_channel::unbounded();
@@ -341,6 +319,41 @@ fn run_process(args: &Args, group: usize) -> Report {
         handles.push(handle);
     }
     drop(tx);
+    let report = collect_events(args, threads, rx);
+    for h in handles {
+        let _ = h.join();
+    }
+    report
+}
+
+/// The process's user names, and the credential of each (a token minted here, before the
+/// threads start, since the authenticator is not Send; or `user=` for dev auth).
+fn users_and_credentials(args: &Args, offset: usize) -> (Vec<String>, Vec<String>) {
+    let auth = args.auth_secret_file.as_ref().map(|f| {
+        Authenticator::load(Some(f), std::path::Path::new(".")).unwrap_or_else(|e| {
+            eprintln!("shardgate-load: {e}");
+            std::process::exit(2)
+        })
+    });
+    let names: Vec<String> = (0..args.connections)
+        .map(|i| format!("{}-{}", args.prefix, offset + i))
+        .collect();
+    let creds = names
+        .iter()
+        .map(|n| match &auth {
+            Some(a) => format!(
+                "token={}",
+                a.mint(n, Duration::from_secs(86_400)).expect("valid user id")
+            ),
+            None => format!("user={n}"),
+        })
+        .collect();
+    (names, creds)
+}
+
+/// Merges the threads' ticks (printed once every thread reported one: a progress line,
+/// or a `tick` line for the coordinator) and their final reports.
+fn collect_events(args: &Args, threads: usize, rx: crossbeam_channel::Receiver<ThreadEvent>) -> Report {
     let child = args.child_offset.is_some();
     let started = Instant::now();
     let mut ticks: std::collections::BTreeMap<u64, (usize, u64, u64, u64, Histogram<u64>)> = Default::default();
@@ -360,24 +373,21 @@ fn run_process(args: &Args, group: usize) -> Report {
                 e.2 += sent;
                 e.3 += received;
                 let _ = e.4.add(&latency);
-                if e.0 == threads {
-                    if let Some((_, up, sent, received, h)) = ticks.remove(&tick) {
-                        if child {
-                            println!(
-                                "tick tick={tick} up={up} sent={sent} received={received} hist={}",
-                                encode_histogram(&h)
-                            );
-                        } else {
-                            print_progress(started.elapsed(), args.report_interval, up, sent, received, &h);
-                        }
-                    }
+                if e.0 < threads {
+                    continue;
+                }
+                let Some((_, up, sent, received, h)) = ticks.remove(&tick) else { continue };
+                if child {
+                    println!(
+                        "tick tick={tick} up={up} sent={sent} received={received} hist={}",
+                        encode_histogram(&h)
+                    );
+                } else {
+                    print_progress(started.elapsed(), args.report_interval, up, sent, received, &h);
                 }
             }
             ThreadEvent::Done(r) => total_report.merge(&r),
         }
-    }
-    for h in handles {
-        let _ = h.join();
     }
     total_report
 }
@@ -447,24 +457,7 @@ async fn run_thread(
         interval_received: Cell::new(0),
         epoch,
     });
-    let ticker = {
-        let (th, tx) = (th.clone(), tx.clone());
-        glommio::spawn_local(async move {
-            for tick in 1u64.. {
-                let due = th.epoch + th.args.report_interval * tick as u32;
-                glommio::timer::sleep(due.saturating_duration_since(Instant::now())).await;
-                let latency = std::mem::replace(&mut *th.interval.borrow_mut(), new_histogram());
-                let up = th.report.borrow().connections_up;
-                let _ = tx.send(ThreadEvent::Tick {
-                    tick,
-                    up,
-                    sent: th.interval_sent.replace(0),
-                    received: th.interval_received.replace(0),
-                    latency,
-                });
-            }
-        })
-    };
+    let ticker = glommio::spawn_local(report_ticks(th.clone(), tx.clone()));
     let tasks: Vec<_> = members
         .into_iter()
         .enumerate()
@@ -477,10 +470,33 @@ async fn run_thread(
         t.await;
     }
     drop(ticker);
-    // Loss: what each sender sent to each recipient and the recipient never got.
-    let mut report = th.report.borrow_mut();
+    let report = count_losses(&th);
+    let _ = tx.send(ThreadEvent::Done(Box::new(report)));
+}
+
+/// Sends the thread's interval figures to the process every `--report-interval`.
+async fn report_ticks(th: Rc<Thread>, tx: Sender<ThreadEvent>) {
+    for tick in 1u64.. {
+        let due = th.epoch + th.args.report_interval * tick as u32;
+        glommio::timer::sleep(due.saturating_duration_since(Instant::now())).await;
+        let latency = std::mem::replace(&mut *th.interval.borrow_mut(), new_histogram());
+        let up = th.report.borrow().connections_up;
+        let _ = tx.send(ThreadEvent::Tick {
+            tick,
+            up,
+            sent: th.interval_sent.replace(0),
+            received: th.interval_received.replace(0),
+            latency,
+        });
+    }
+}
+
+/// The thread's report, with the loss: what each sender sent to each recipient and the
+/// recipient never got.
+fn count_losses(th: &Thread) -> Report {
+    let mut report = std::mem::take(&mut *th.report.borrow_mut());
     for (u, user) in th.users.iter().enumerate() {
-        let base = u - u % group;
+        let base = u - u % th.group;
         for (pos, tracker) in user.trackers.borrow().iter().enumerate() {
             if base + pos == u {
                 continue;
@@ -492,7 +508,7 @@ async fn run_thread(
             report.reordered += tracker.reordered;
         }
     }
-    let _ = tx.send(ThreadEvent::Done(Box::new(std::mem::take(&mut *report))));
+    report
 }
 
 #[derive(Deserialize)]
@@ -550,17 +566,7 @@ async fn connect(th: &Thread, global: usize, cred: &str) -> Option<(TcpStream, D
         // Choose the port at connect time, not bind time: bind(port 0) makes the kernel scan
         // its bind table for a free port, which grows slower with every socket (it stalled a
         // client thread for a minute at 17k sockets per address).
-        let one: libc::c_int = 1;
-        // SAFETY: setsockopt reads `one` for the length given.
-        unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::IPPROTO_IP,
-                libc::IP_BIND_ADDRESS_NO_PORT,
-                (&one as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
+        let _ = shardgate::sys::socket::set_bind_address_no_port(&socket);
         socket.bind(&SocketAddr::new(ip, 0).into()).ok()?;
     }
     let _ = socket.set_nodelay(true);
@@ -569,8 +575,7 @@ async fn connect(th: &Thread, global: usize, cred: &str) -> Option<(TcpStream, D
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
         Err(_) => return None,
     }
-    // SAFETY: a connecting TCP socket we own; glommio takes it over.
-    let mut stream = unsafe { TcpStream::from_raw_fd(socket.into_raw_fd()) };
+    let mut stream = shardgate::sys::socket::glommio_stream(socket.into());
     let request = format!(
         "GET /ws?{cred} HTTP/1.1\r\nHost: {gateway}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     );
@@ -609,119 +614,15 @@ enum Wake {
 
 async fn run_user(th: Rc<Thread>, local: usize, global: usize, cred: String, start: Instant, hold_end: Instant) {
     glommio::timer::sleep(start.saturating_duration_since(Instant::now())).await;
-    let Some((mut stream, mut decoder, mut pending)) = connect(&th, global, &cred).await else {
+    let Some((mut stream, decoder, pending)) = connect(&th, global, &cred).await else {
         th.report.borrow_mut().failed_handshakes += 1;
         return;
     };
-    let user = &th.users[local];
-    let base = local - local % th.group;
-    let room = format!("{}-room-{}", th.args.prefix, (th.offset + global) / th.group);
-    let mask = (global as u32).wrapping_mul(2_654_435_761).to_be_bytes();
-    let interval = Duration::from_secs_f64(1.0 / th.args.rate.max(1e-6));
-    // Messages flow during the hold only (the ramp is for connecting), and the first sends
-    // are spread over one interval so the load starts smooth.
-    let hold_start = hold_end - th.args.duration;
-    let mut next_send = hold_start.max(Instant::now()) + interval.mul_f64((global % 997) as f64 / 997.0);
-    let mut joined = th.args.mode == Mode::Direct;
-    let mut out = Vec::with_capacity(256);
-    let mut ready = false;
-    // Bytes of the shared buffer filled by the last read (decoded at the top of the loop).
-    let mut last_read = 0usize;
-    let drain_end = hold_end + th.args.drain;
+    let mut u = UserConn::new(&th, local, global, hold_end, decoder, pending);
     loop {
-        // Decode what arrived (the bytes after the 101 first).
-        let mut events: Vec<Received> = Vec::new();
-        let mut closed = false;
-        let mut bad = false;
-        {
-            let mut rx_guard;
-            let input: &mut [u8] = if !pending.is_empty() {
-                &mut pending[..]
-            } else {
-                rx_guard = th.rx.borrow_mut();
-                &mut rx_guard[..last_read]
-            };
-            let result = decoder.feed(input, &mut |e| match e {
-                Event::Message {
-                    opcode: OpCode::Text,
-                    payload,
-                } => match serde_json::from_slice::<Incoming<'_>>(payload) {
-                    Ok(m) => events.push(Received {
-                        kind: m.kind.to_string(),
-                        seq: m.body.as_ref().map(|b| b.s),
-                        sent_at: m.body.as_ref().map(|b| b.t),
-                        from: m.from.map(str::to_string),
-                        offline: m.status == Some("offline"),
-                    }),
-                    Err(_) => bad = true,
-                },
-                Event::Close { .. } => closed = true,
-                // Keepalive: a client that does not answer is closed by the gateway.
-                Event::Ping(payload) => write_frame(&mut out, true, OpCode::Pong, payload, Some(mask)),
-                Event::Pong(_) => {}
-                _ => bad = true,
-            });
-            if result.is_err() {
-                bad = true;
-            }
-        }
-        pending.clear();
-        last_read = 0;
-        let now_us = th.micros();
-        for Received {
-            kind,
-            seq,
-            sent_at,
-            from,
-            offline,
-        } in events
-        {
-            match kind.as_str() {
-                "ready" => {
-                    ready = true;
-                    user.ready.set(th.args.mode == Mode::Direct);
-                    th.report.borrow_mut().connections_up += 1;
-                    if th.args.mode == Mode::Room {
-                        send_json(&mut out, mask, &format!(r#"{{"type":"join","room":"{room}"}}"#));
-                    }
-                }
-                "joined" => {
-                    joined = true;
-                    user.ready.set(true);
-                }
-                "message" | "room_message" => {
-                    let (Some(s), Some(t), Some(from)) = (seq, sent_at, from) else {
-                        th.report.borrow_mut().errors += 1;
-                        continue;
-                    };
-                    // Names carry global indices; groups are aligned on them.
-                    let sender = from.rsplit('-').next().and_then(|n| n.parse::<usize>().ok());
-                    let pos = sender
-                        .filter(|g| g / th.group == (th.offset + global) / th.group)
-                        .map(|g| g % th.group);
-                    match pos {
-                        Some(pos) => user.trackers.borrow_mut()[pos].record(s),
-                        None => th.report.borrow_mut().errors += 1,
-                    }
-                    let us = now_us.saturating_sub(t).max(1);
-                    let _ = th.interval.borrow_mut().record(us);
-                    let mut report = th.report.borrow_mut();
-                    let _ = report.latency.record(us);
-                    let me = gateway_of(&th.args, th.group, th.offset + global);
-                    if sender.is_some_and(|g| gateway_of(&th.args, th.group, g) != me) {
-                        report.cross_received += 1;
-                        let _ = report.cross_latency.record(us);
-                    }
-                    th.interval_received.set(th.interval_received.get() + 1);
-                }
-                "ack" => {
-                    if offline {
-                        th.report.borrow_mut().offline += 1;
-                    }
-                }
-                _ => th.report.borrow_mut().errors += 1,
-            }
-        }
+        // Decode what arrived (the bytes after the 101 first), then answer it.
+        let (events, closed, bad) = u.decode();
+        u.on_received(events);
         if bad {
             th.report.borrow_mut().errors += 1;
         }
@@ -729,74 +630,232 @@ async fn run_user(th: Rc<Thread>, local: usize, global: usize, cred: String, sta
             th.report.borrow_mut().unexpected_closes += 1;
             return;
         }
-        if !out.is_empty() {
-            if stream.write_all(&out).await.is_err() {
+        if !u.out.is_empty() {
+            if stream.write_all(&u.out).await.is_err() {
                 th.report.borrow_mut().unexpected_closes += 1;
                 return;
             }
-            out.clear();
+            u.out.clear();
         }
         let now = Instant::now();
         if now >= hold_end {
-            user.finished.set(true);
-            if now >= drain_end || all_received(&th, local, base) {
+            u.user().finished.set(true);
+            if now >= u.drain_end || all_received(&th, local, u.base) {
                 break;
             }
         }
         // Wait for data or the next send.
-        let wake = if now < hold_end && ready && joined {
-            let deadline = next_send;
-            futures_lite::future::or(async { Wake::Read(read_shared(&th, &mut stream).await) }, async {
-                glommio::timer::sleep(deadline.saturating_duration_since(Instant::now())).await;
-                Wake::Send
-            })
-            .await
-        } else {
-            let deadline = if now < hold_end {
-                hold_end
-            } else {
-                drain_end.min(now + Duration::from_millis(100))
-            };
-            futures_lite::future::or(async { Wake::Read(read_shared(&th, &mut stream).await) }, async {
-                glommio::timer::sleep(deadline.saturating_duration_since(Instant::now())).await;
-                Wake::Send
-            })
-            .await
-        };
+        let deadline = u.next_wake(now);
+        let wake = futures_lite::future::or(async { Wake::Read(read_shared(&th, &mut stream).await) }, async {
+            glommio::timer::sleep(deadline.saturating_duration_since(Instant::now())).await;
+            Wake::Send
+        })
+        .await;
         match wake {
             Wake::Read(Ok(0)) | Wake::Read(Err(_)) => {
                 th.report.borrow_mut().unexpected_closes += 1;
                 return;
             }
-            Wake::Read(Ok(n)) => last_read = n,
-            Wake::Send => {
-                if Instant::now() >= next_send && Instant::now() < hold_end && ready && joined {
-                    next_send += interval;
-                    let peers_ready = th.users[base..base + th.group].iter().all(|u| u.ready.get());
-                    if peers_ready {
-                        let seq = user.sent.get();
-                        let t = th.micros();
-                        let msg = match th.args.mode {
-                            Mode::Direct => format!(
-                                r#"{{"type":"send","to":"{}","body":{{"s":{seq},"t":{t}}}}}"#,
-                                th.users[local ^ 1].name
-                            ),
-                            Mode::Room => {
-                                format!(r#"{{"type":"publish","room":"{room}","body":{{"s":{seq},"t":{t}}}}}"#)
-                            }
-                        };
-                        send_json(&mut out, mask, &msg);
-                        user.sent.set(seq + 1);
-                        th.report.borrow_mut().sent += 1;
-                        th.interval_sent.set(th.interval_sent.get() + 1);
-                    }
-                }
-            }
+            Wake::Read(Ok(n)) => u.last_read = n,
+            Wake::Send => u.send_due(),
         }
     }
     let mut close = Vec::new();
-    write_close(&mut close, shardgate::ws::CloseCode::NORMAL, "", Some(mask));
+    write_close(&mut close, shardgate::ws::CloseCode::NORMAL, "", Some(u.mask));
     let _ = stream.write_all(&close).await;
+}
+
+/// One simulated user's connection, between its reads and sends.
+struct UserConn<'a> {
+    th: &'a Thread,
+    local: usize,
+    global: usize,
+    /// The first user of its group (pair or room).
+    base: usize,
+    room: String,
+    mask: [u8; 4],
+    interval: Duration,
+    next_send: Instant,
+    hold_end: Instant,
+    drain_end: Instant,
+    joined: bool,
+    ready: bool,
+    decoder: Decoder,
+    /// What followed the 101 in the handshake's reads; decoded first.
+    pending: Vec<u8>,
+    /// Bytes of the shared buffer filled by the last read (decoded next).
+    last_read: usize,
+    /// Frames to send (pongs, joins, messages).
+    out: Vec<u8>,
+}
+
+impl<'a> UserConn<'a> {
+    fn new(th: &'a Thread, local: usize, global: usize, hold_end: Instant, decoder: Decoder, pending: Vec<u8>) -> Self {
+        let interval = Duration::from_secs_f64(1.0 / th.args.rate.max(1e-6));
+        // Messages flow during the hold only (the ramp is for connecting), and the first
+        // sends are spread over one interval so the load starts smooth.
+        let hold_start = hold_end - th.args.duration;
+        UserConn {
+            th,
+            local,
+            global,
+            base: local - local % th.group,
+            room: format!("{}-room-{}", th.args.prefix, (th.offset + global) / th.group),
+            mask: (global as u32).wrapping_mul(2_654_435_761).to_be_bytes(),
+            interval,
+            next_send: hold_start.max(Instant::now()) + interval.mul_f64((global % 997) as f64 / 997.0),
+            hold_end,
+            drain_end: hold_end + th.args.drain,
+            joined: th.args.mode == Mode::Direct,
+            ready: false,
+            decoder,
+            pending,
+            last_read: 0,
+            out: Vec::with_capacity(256),
+        }
+    }
+
+    fn user(&self) -> &'a User {
+        &self.th.users[self.local]
+    }
+
+    /// Decodes what arrived; pongs go straight into `out`. Returns the chat frames, and
+    /// whether the gateway closed or sent something unexpected.
+    fn decode(&mut self) -> (Vec<Received>, bool, bool) {
+        let mut events: Vec<Received> = Vec::new();
+        let (mut closed, mut bad) = (false, false);
+        let mut rx_guard;
+        let input: &mut [u8] = if !self.pending.is_empty() {
+            &mut self.pending[..]
+        } else {
+            rx_guard = self.th.rx.borrow_mut();
+            &mut rx_guard[..self.last_read]
+        };
+        let (out, mask) = (&mut self.out, self.mask);
+        let result = self.decoder.feed(input, &mut |e| match e {
+            Event::Message {
+                opcode: OpCode::Text,
+                payload,
+            } => match serde_json::from_slice::<Incoming<'_>>(payload) {
+                Ok(m) => events.push(Received {
+                    kind: m.kind.to_string(),
+                    seq: m.body.as_ref().map(|b| b.s),
+                    sent_at: m.body.as_ref().map(|b| b.t),
+                    from: m.from.map(str::to_string),
+                    offline: m.status == Some("offline"),
+                }),
+                Err(_) => bad = true,
+            },
+            Event::Close { .. } => closed = true,
+            // Keepalive: a client that does not answer is closed by the gateway.
+            Event::Ping(payload) => write_frame(out, true, OpCode::Pong, payload, Some(mask)),
+            Event::Pong(_) => {}
+            _ => bad = true,
+        });
+        self.pending.clear();
+        self.last_read = 0;
+        (events, closed, bad || result.is_err())
+    }
+
+    fn on_received(&mut self, events: Vec<Received>) {
+        let th = self.th;
+        let now_us = th.micros();
+        for r in events {
+            match r.kind.as_str() {
+                "ready" => {
+                    self.ready = true;
+                    self.user().ready.set(th.args.mode == Mode::Direct);
+                    th.report.borrow_mut().connections_up += 1;
+                    if th.args.mode == Mode::Room {
+                        let join = format!(r#"{{"type":"join","room":"{}"}}"#, self.room);
+                        send_json(&mut self.out, self.mask, &join);
+                    }
+                }
+                "joined" => {
+                    self.joined = true;
+                    self.user().ready.set(true);
+                }
+                "message" | "room_message" => self.on_message(r, now_us),
+                "ack" => {
+                    if r.offline {
+                        th.report.borrow_mut().offline += 1;
+                    }
+                }
+                _ => th.report.borrow_mut().errors += 1,
+            }
+        }
+    }
+
+    /// A message from a member of the group: in order, and how late.
+    fn on_message(&self, r: Received, now_us: u64) {
+        let th = self.th;
+        let (Some(s), Some(t), Some(from)) = (r.seq, r.sent_at, r.from) else {
+            th.report.borrow_mut().errors += 1;
+            return;
+        };
+        // Names carry global indices; groups are aligned on them.
+        let sender = from.rsplit('-').next().and_then(|n| n.parse::<usize>().ok());
+        let pos = sender
+            .filter(|g| g / th.group == (th.offset + self.global) / th.group)
+            .map(|g| g % th.group);
+        match pos {
+            Some(pos) => self.user().trackers.borrow_mut()[pos].record(s),
+            None => th.report.borrow_mut().errors += 1,
+        }
+        let us = now_us.saturating_sub(t).max(1);
+        let _ = th.interval.borrow_mut().record(us);
+        let mut report = th.report.borrow_mut();
+        let _ = report.latency.record(us);
+        let me = gateway_of(&th.args, th.group, th.offset + self.global);
+        if sender.is_some_and(|g| gateway_of(&th.args, th.group, g) != me) {
+            report.cross_received += 1;
+            let _ = report.cross_latency.record(us);
+        }
+        th.interval_received.set(th.interval_received.get() + 1);
+    }
+
+    fn sending(&self, now: Instant) -> bool {
+        now < self.hold_end && self.ready && self.joined
+    }
+
+    /// Until when to wait for input: the next send while sending, else the end of the
+    /// hold, then the drain in steps of 100 ms.
+    fn next_wake(&self, now: Instant) -> Instant {
+        if self.sending(now) {
+            self.next_send
+        } else if now < self.hold_end {
+            self.hold_end
+        } else {
+            self.drain_end.min(now + Duration::from_millis(100))
+        }
+    }
+
+    /// Sends the next message if it is due and the whole group is ready for it.
+    fn send_due(&mut self) {
+        let th = self.th;
+        let now = Instant::now();
+        if now < self.next_send || !self.sending(now) {
+            return;
+        }
+        self.next_send += self.interval;
+        if !th.users[self.base..self.base + th.group].iter().all(|u| u.ready.get()) {
+            return;
+        }
+        let user = self.user();
+        let seq = user.sent.get();
+        let t = th.micros();
+        let msg = match th.args.mode {
+            Mode::Direct => format!(
+                r#"{{"type":"send","to":"{}","body":{{"s":{seq},"t":{t}}}}}"#,
+                th.users[self.local ^ 1].name
+            ),
+            Mode::Room => format!(r#"{{"type":"publish","room":"{}","body":{{"s":{seq},"t":{t}}}}}"#, self.room),
+        };
+        send_json(&mut self.out, self.mask, &msg);
+        user.sent.set(seq + 1);
+        th.report.borrow_mut().sent += 1;
+        th.interval_sent.set(th.interval_sent.get() + 1);
+    }
 }
 
 fn send_json(out: &mut Vec<u8>, mask: [u8; 4], json: &str) {

@@ -155,17 +155,17 @@ struct Node {
     traffic: Traffic,
     /// The destination nodes of the message at hand (kept for its capacity).
     destinations: Vec<NodeId>,
+    /// When the last `cluster:` traffic line and heartbeat went out.
+    last_report: Instant,
+    last_heartbeat: Instant,
 }
 
-async fn run(
-    config: ClusterConfig,
-    link: Arc<ClusterLink>,
-    rx: Receiver<ToCluster>,
-    mesh: Arc<Mesh>,
-    stop: Arc<Shutdown>,
-    stop_index: usize,
-) {
-    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+/// The NATS client and the two subscriptions, once connected (NATS reconnects by itself
+/// after that); `None` when this node cannot use NATS at all.
+async fn connect(
+    config: &ClusterConfig,
+    events: tokio::sync::mpsc::UnboundedSender<Event>,
+) -> Option<(Client, async_nats::Subscriber, async_nats::Subscriber)> {
     let connect = ConnectOptions::new()
         .name(format!("shardgate-{:016x}", config.node))
         .retry_on_initial_connect()
@@ -176,7 +176,7 @@ async fn run(
         .connection_timeout(Duration::from_secs(2))
         .reconnect_delay_callback(|attempt| Duration::from_millis((attempt as u64 * 100).min(1000)))
         .event_callback(move |event| {
-            let tx = events_tx.clone();
+            let tx = events.clone();
             async move {
                 let _ = tx.send(event);
             }
@@ -190,55 +190,46 @@ async fn run(
                 "cluster: cannot use NATS at {}: {e}; this node serves local traffic only",
                 config.url
             );
-            return;
+            return None;
         }
     };
-    let p = &config.prefix;
-    let me = config.node;
+    let (p, me) = (&config.prefix, config.node);
     let subscribed = async {
         let presence = client.subscribe(format!("{p}.presence")).await?;
         let own = client.subscribe(format!("{p}.node.{me:016x}.>")).await?;
         Ok::<_, async_nats::SubscribeError>((presence, own))
     };
-    let (mut presence_sub, mut own_sub) = match subscribed.await {
-        Ok(subs) => subs,
+    match subscribed.await {
+        Ok((presence, own)) => {
+            tracing::info!(
+                "cluster: node {me:016x}, NATS {} (subjects {p}.presence, {p}.node.{me:016x}.>); presence timeout {:?}",
+                config.url,
+                config.presence_timeout
+            );
+            Some((client, presence, own))
+        }
         Err(e) => {
             tracing::warn!("cluster: cannot subscribe: {e}; this node serves local traffic only");
-            return;
+            None
         }
+    }
+}
+
+async fn run(
+    config: ClusterConfig,
+    link: Arc<ClusterLink>,
+    rx: Receiver<ToCluster>,
+    mesh: Arc<Mesh>,
+    stop: Arc<Shutdown>,
+    stop_index: usize,
+) {
+    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let Some((client, mut presence_sub, mut own_sub)) = connect(&config, events_tx).await else {
+        return;
     };
-    tracing::info!(
-        "cluster: node {me:016x}, NATS {} (subjects {p}.presence, {p}.node.{me:016x}.>); presence timeout {:?}",
-        config.url,
-        config.presence_timeout
-    );
-    let mut node = Node {
-        presence: Presence::new(me, config.presence_timeout),
-        config,
-        client,
-        link,
-        mesh,
-        connected: false,
-        connected_at: None,
-        said_settled: None,
-        leaving: false,
-        next_seq: 0,
-        filling: HashMap::new(),
-        sealed: Vec::new(),
-        sent: HashMap::new(),
-        acks: slab::Slab::new(),
-        to_ring: 0,
-        actions: Vec::new(),
-        receipts: HashMap::new(),
-        receipts_due: None,
-        traffic: Traffic::default(),
-        destinations: Vec::new(),
-    };
-    let mut last_report = Instant::now();
+    let mut node = Node::new(config, client, link.clone(), mesh);
     let mut batch = Vec::with_capacity(ROUND);
     let mut tick = tokio::time::interval(Duration::from_millis(100));
-    let mut last_heartbeat = Instant::now();
-    let link = node.link.clone();
     let mut last_flush = Instant::now() - FLUSH_INTERVAL;
     loop {
         // Batches waiting for the next flush: the shards' channel is left alone till then.
@@ -263,44 +254,8 @@ async fn run(
             Some(msg) = own_sub.next() => node.on_own(msg).await,
             Some(event) = events.recv() => node.on_event(event).await,
             _ = sleep_until(node.receipts_due) => node.send_receipts().await,
-            _ = tick.tick() => {
-                let now = Instant::now();
-                node.expire_batches(now);
-                if now.duration_since(last_report) >= node.config.report_interval {
-                    let secs = now.duration_since(last_report).as_secs_f64();
-                    last_report = now;
-                    node.report(secs);
-                }
-                if node.connected && !node.leaving {
-                    node.presence.tick(now, &mut node.actions);
-                    let nodes = node.presence.synced_nodes();
-                    if node.said_settled != Some(nodes) && node.settled() {
-                        node.said_settled = Some(nodes);
-                        tracing::info!(
-                            "cluster: presence settled: {} other node(s), {} remote user(s)",
-                            node.presence.synced_nodes(),
-                            node.presence.remote_users()
-                        );
-                    }
-                    if now.duration_since(last_heartbeat) >= node.config.heartbeat {
-                        last_heartbeat = now;
-                        // Our changes first: a heartbeat must never announce a change not sent yet.
-                        node.presence.flush(&mut node.actions);
-                        node.run_actions().await;
-                        let hb = node.presence.heartbeat();
-                        node.publish(format!("{}.presence", node.config.prefix), hb).await;
-                    }
-                }
-            }
-            _ = stop.wait(stop_index), if !node.leaving => {
-                node.leaving = true;
-                if node.connected {
-                    let bye = wire::write_presence(&wire::PresenceMsg::Bye { node: me });
-                    node.publish(format!("{}.presence", node.config.prefix), bye).await;
-                    let _ = tokio::time::timeout(Duration::from_secs(1), node.client.flush()).await;
-                }
-                tracing::info!("cluster: node {me:016x} left the cluster");
-            }
+            _ = tick.tick() => node.on_tick(Instant::now()).await,
+            _ = stop.wait(stop_index), if !node.leaving => node.leave().await,
         }
         let now = Instant::now();
         let flush = now >= last_flush + FLUSH_INTERVAL;
@@ -309,12 +264,7 @@ async fn run(
         }
         node.end_round(flush).await;
     }
-    // Whatever still waits for an answer gets one.
-    node.end_round(true).await;
-    node.send_receipts().await;
-    node.fail_all();
-    node.ring();
-    let _ = tokio::time::timeout(Duration::from_secs(1), node.client.flush()).await;
+    node.finish().await;
 }
 
 /// Sleeps until `due`; never, without one.
@@ -326,6 +276,86 @@ async fn sleep_until(due: Option<tokio::time::Instant>) {
 }
 
 impl Node {
+    fn new(config: ClusterConfig, client: Client, link: Arc<ClusterLink>, mesh: Arc<Mesh>) -> Node {
+        Node {
+            presence: Presence::new(config.node, config.presence_timeout),
+            config,
+            client,
+            link,
+            mesh,
+            connected: false,
+            connected_at: None,
+            said_settled: None,
+            leaving: false,
+            next_seq: 0,
+            filling: HashMap::new(),
+            sealed: Vec::new(),
+            sent: HashMap::new(),
+            acks: slab::Slab::new(),
+            to_ring: 0,
+            actions: Vec::new(),
+            receipts: HashMap::new(),
+            receipts_due: None,
+            traffic: Traffic::default(),
+            destinations: Vec::new(),
+            last_report: Instant::now(),
+            last_heartbeat: Instant::now(),
+        }
+    }
+
+    /// Every 100 ms: unconfirmed batches time out, the traffic line is due, presence
+    /// times out silent nodes, and our heartbeat leaves each `heartbeat`.
+    async fn on_tick(&mut self, now: Instant) {
+        self.expire_batches(now);
+        if now.duration_since(self.last_report) >= self.config.report_interval {
+            let secs = now.duration_since(self.last_report).as_secs_f64();
+            self.last_report = now;
+            self.report(secs);
+        }
+        if !self.connected || self.leaving {
+            return;
+        }
+        self.presence.tick(now, &mut self.actions);
+        let nodes = self.presence.synced_nodes();
+        if self.said_settled != Some(nodes) && self.settled() {
+            self.said_settled = Some(nodes);
+            tracing::info!(
+                "cluster: presence settled: {} other node(s), {} remote user(s)",
+                self.presence.synced_nodes(),
+                self.presence.remote_users()
+            );
+        }
+        if now.duration_since(self.last_heartbeat) >= self.config.heartbeat {
+            self.last_heartbeat = now;
+            // Our changes first: a heartbeat must never announce a change not sent yet.
+            self.presence.flush(&mut self.actions);
+            self.run_actions().await;
+            let hb = self.presence.heartbeat();
+            self.publish(format!("{}.presence", self.config.prefix), hb).await;
+        }
+    }
+
+    /// The shards are stopping: say bye, so that the other nodes forget us at once.
+    async fn leave(&mut self) {
+        self.leaving = true;
+        let me = self.config.node;
+        if self.connected {
+            let bye = wire::write_presence(&wire::PresenceMsg::Bye { node: me });
+            self.publish(format!("{}.presence", self.config.prefix), bye).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.client.flush()).await;
+        }
+        tracing::info!("cluster: node {me:016x} left the cluster");
+    }
+
+    /// The shards are gone: whatever still waits for an answer gets one.
+    async fn finish(&mut self) {
+        self.end_round(true).await;
+        self.send_receipts().await;
+        self.fail_all();
+        self.ring();
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.client.flush()).await;
+    }
+
     /// One message from a shard.
     fn on_shard_msg(&mut self, msg: ToCluster) {
         match msg {

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 /// Events asked for: input, the peer's FIN, and (always reported) errors and hang-ups.
 const INTEREST: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+/// The same, and room to write again (for a sender that waits for a full socket).
+const INTEREST_RW: u32 = INTEREST | libc::EPOLLOUT as u32;
 
 /// Ready sockets taken per `epoll_wait`; more simply wait for the next round.
 pub const BATCH: usize = 1024;
@@ -34,12 +36,18 @@ impl Poller {
         })
     }
 
-    /// Adds `socket`; its events come back tagged with `key`.
+    /// Adds `socket` (input, edge-triggered); its events come back tagged with `key`.
     pub fn add(&self, socket: RawFd, key: u64) -> io::Result<()> {
-        let mut event = libc::epoll_event {
-            events: INTEREST,
-            u64: key,
-        };
+        self.add_events(socket, key, INTEREST)
+    }
+
+    /// Adds `socket` for input and for room to write, edge-triggered.
+    pub fn add_read_write(&self, socket: RawFd, key: u64) -> io::Result<()> {
+        self.add_events(socket, key, INTEREST_RW)
+    }
+
+    fn add_events(&self, socket: RawFd, key: u64, events: u32) -> io::Result<()> {
+        let mut event = libc::epoll_event { events, u64: key };
         // SAFETY: `event` is a valid epoll_event; the kernel checks both descriptors.
         let rc = unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, socket, &mut event) };
         if rc < 0 {
