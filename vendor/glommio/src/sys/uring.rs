@@ -2085,6 +2085,7 @@ impl Drop for Reactor {
 
 #[cfg(test)]
 mod tests {
+    use crate::sys::TimeSpec64; // shardgate patch: the lib no longer imports it
     use crate::PoolPlacement;
     use std::time::Instant;
 
