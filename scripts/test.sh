@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting, lints, unit/property/integration tests
 # of the workspace (the cluster tests against a real nats-server, started here on a free
-# loopback port and stopped after), the Autobahn|Testsuite (cases 1-10) against a real
+# loopback port and stopped after), the vendored glommio's own executor and reactor tests
+# (scripts/glommio-tests.sh), the Autobahn|Testsuite (cases 1-10) against a real
 # gateway, then the soak (CI profile) and a small soak across a 3-node cluster.
 # Installs what a fresh machine of this kind lacks (nats-server from apt, the Autobahn
 # virtualenv).
@@ -21,6 +22,8 @@ echo "nats-server $nats_url (pid $nats_pid)"
 echo "== cargo test"
 SHARDGATE_TEST_NATS=$nats_url cargo test --workspace
 kill -TERM "$nats_pid"; wait "$nats_pid" 2>/dev/null || true; trap - EXIT
+echo "== the glommio fork's own executor, timer and reactor tests"
+scripts/glommio-tests.sh
 echo "== autobahn testsuite"
 scripts/autobahn.sh
 echo "== soak, CI profile (20,000 connections, 60 s)"

@@ -55,7 +55,8 @@ pub struct TokenArgs {
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     if let Ok(secs) = text.parse::<f64>() {
-        return Duration::try_from_secs_f64(secs).map_err(|_| format!("{text}: not a duration of zero or more seconds"));
+        return Duration::try_from_secs_f64(secs)
+            .map_err(|_| format!("{text}: not a duration of zero or more seconds"));
     }
     humantime::parse_duration(text).map_err(|e| format!("{text}: {e} (e.g. 500ms, 10s, 2m; a bare number is seconds)"))
 }
@@ -395,13 +396,18 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("-1").is_err());
-        assert!(parse_duration("5 parsecs").unwrap_err().contains("a bare number is seconds"));
+        assert!(parse_duration("5 parsecs")
+            .unwrap_err()
+            .contains("a bare number is seconds"));
         let cli = Cli::parse_from(["shardgate", "serve", "--report-interval", "5", "--slo", "150ms"]);
         let Command::Serve(args) = cli.command else {
             panic!("serve")
         };
         let c = Config::from_args(args).unwrap();
-        assert_eq!((c.report_interval, c.slo), (Duration::from_secs(5), Duration::from_millis(150)));
+        assert_eq!(
+            (c.report_interval, c.slo),
+            (Duration::from_secs(5), Duration::from_millis(150))
+        );
         // In the file: a number of seconds, or a string as on the command line.
         let file: ServeArgs = toml::from_str("ping-interval = 45\npong-timeout = \"1.5s\"\n").unwrap();
         assert_eq!(file.ping_interval, Some(Duration::from_secs(45)));
@@ -424,7 +430,10 @@ mod tests {
                 .unwrap_or_else(|| panic!("README's configuration table has no row for --{long}"));
             let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
             if let Some(default) = help.split("[default: ").nth(1).and_then(|d| d.split(']').next()) {
-                assert!(row.contains(default), "README's row for --{long} does not show its default {default:?}: {row}");
+                assert!(
+                    row.contains(default),
+                    "README's row for --{long} does not show its default {default:?}: {row}"
+                );
             }
         }
     }

@@ -376,7 +376,9 @@ fn collect_events(args: &Args, threads: usize, rx: crossbeam_channel::Receiver<T
                 if e.0 < threads {
                     continue;
                 }
-                let Some((_, up, sent, received, h)) = ticks.remove(&tick) else { continue };
+                let Some((_, up, sent, received, h)) = ticks.remove(&tick) else {
+                    continue;
+                };
                 if child {
                     println!(
                         "tick tick={tick} up={up} sent={sent} received={received} hist={}",
@@ -849,7 +851,10 @@ impl<'a> UserConn<'a> {
                 r#"{{"type":"send","to":"{}","body":{{"s":{seq},"t":{t}}}}}"#,
                 th.users[self.local ^ 1].name
             ),
-            Mode::Room => format!(r#"{{"type":"publish","room":"{}","body":{{"s":{seq},"t":{t}}}}}"#, self.room),
+            Mode::Room => format!(
+                r#"{{"type":"publish","room":"{}","body":{{"s":{seq},"t":{t}}}}}"#,
+                self.room
+            ),
         };
         send_json(&mut self.out, self.mask, &msg);
         user.sent.set(seq + 1);

@@ -117,11 +117,7 @@ pub fn run(config: Config) -> Result<(), String> {
 type ClusterThread = (Arc<ClusterLink>, JoinHandle<()>);
 
 /// With `--nats`, the cluster thread and the shards' link to it.
-fn start_cluster(
-    config: &Config,
-    mesh: &Arc<Mesh>,
-    stop: &Arc<Shutdown>,
-) -> Result<Option<ClusterThread>, String> {
+fn start_cluster(config: &Config, mesh: &Arc<Mesh>, stop: &Arc<Shutdown>) -> Result<Option<ClusterThread>, String> {
     let Some(url) = &config.nats else { return Ok(None) };
     let (link, rx) = ClusterLink::new();
     let cluster_config = ClusterConfig {

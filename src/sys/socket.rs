@@ -194,7 +194,12 @@ pub fn glommio_stream(socket: OwnedFd) -> glommio::net::TcpStream {
 /// connect time, not bind time (bind(port 0) scans the bind table for a free port, which
 /// grows slower with every socket on the address).
 pub fn set_bind_address_no_port(socket: &impl AsRawFd) -> io::Result<()> {
-    setsockopt(socket.as_raw_fd(), libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, &(1 as libc::c_int))
+    setsockopt(
+        socket.as_raw_fd(),
+        libc::IPPROTO_IP,
+        libc::IP_BIND_ADDRESS_NO_PORT,
+        &(1 as libc::c_int),
+    )
 }
 
 /// `TCP_DEFER_ACCEPT`: the kernel holds a new connection back until its first bytes
