@@ -50,6 +50,18 @@ pub struct TokenArgs {
     pub data_dir: Option<PathBuf>,
 }
 
+/// Why the settings cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    /// Not TOML, a key the gateway does not know (named), or a value of the wrong type.
+    #[error("{}: {source}", path.display())]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("{0}")]
+    Invalid(String),
+}
+
 /// A duration from the command line: `500ms`, `10s`, `2m`, `1h30m`; a bare number is
 /// seconds (`5` is `5s`).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -164,6 +176,18 @@ macro_rules! config_table {
     };
 }
 
+/// The default data directory: `$XDG_DATA_HOME/shardgate`, else `~/.local/share/shardgate`,
+/// else `./shardgate-data`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(x).join("shardgate");
+    }
+    if let Some(home) = std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(home).join(".local/share/shardgate");
+    }
+    PathBuf::from("shardgate-data")
+}
+
 /// A setting's help line: its doc comment, then its default.
 fn help_with_default(doc: &str, default: &str) -> String {
     format!("{} [default: {default}]", doc.trim())
@@ -213,7 +237,7 @@ config_table! {
         ring_depth: usize = 4096, "4096";
         /// Where a generated secret is kept.
         #[arg(value_name = "DIR")]
-        data_dir: PathBuf = crate::chat::auth::default_data_dir(), "~/.local/share/shardgate";
+        data_dir: PathBuf = default_data_dir(), "~/.local/share/shardgate";
         /// DEMOS AND BENCHMARKS ONLY: accept `?user=<id>` on /ws without a token.
         #[arg(num_args = 0, default_missing_value = "true")]
         insecure_dev_auth: bool = false, "off";
@@ -285,11 +309,17 @@ impl Default for Config {
 
 impl Config {
     /// Resolves flags over the file named by `--config` (if any) over the defaults.
-    pub fn from_args(args: ServeArgs) -> Result<Config, String> {
+    pub fn from_args(args: ServeArgs) -> Result<Config, ConfigError> {
         let file = match &args.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-                toml::from_str::<ServeArgs>(&text).map_err(|e| format!("{}: {e}", path.display()))?
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                toml::from_str::<ServeArgs>(&text).map_err(|source| ConfigError::Parse {
+                    path: path.clone(),
+                    source,
+                })?
             }
             None => ServeArgs::default(),
         };
@@ -297,10 +327,11 @@ impl Config {
         // An empty list or URL (from a file that blanks a setting) means "not set".
         config.cpus = config.cpus.filter(|c| !c.is_empty());
         config.nats = config.nats.filter(|u| !u.is_empty());
-        config.validate()?;
+        config.validate().map_err(ConfigError::Invalid)?;
         Ok(config)
     }
 
+    /// The first setting out of its range, in words.
     fn validate(&self) -> Result<(), String> {
         if self.shards > crate::route::MAX_SHARDS {
             return Err(format!(
@@ -448,7 +479,7 @@ mod tests {
             config: Some(path),
             ..Default::default()
         };
-        assert!(Config::from_args(args).unwrap_err().contains("listn"));
+        assert!(Config::from_args(args).unwrap_err().to_string().contains("listn"));
         let args = ServeArgs {
             shards: Some(0),
             ..Default::default()

@@ -12,12 +12,12 @@
 //! - [`shard`]: executors, listeners, buffers and the connection driver.
 
 pub mod chat;
-pub mod cluster;
+pub(crate) mod cluster;
 pub mod config;
-pub mod mailbox;
+pub(crate) mod mailbox;
 pub mod metrics;
 pub mod route;
 pub mod shard;
-pub mod shutdown;
+pub(crate) mod shutdown;
 pub mod sys;
 pub mod ws;

@@ -47,10 +47,6 @@ impl<T> Mailbox<T> {
         self.tx.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.tx.is_empty()
-    }
-
     /// Tells the receiver to finish once it has drained what is queued.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);

@@ -1,6 +1,6 @@
 use clap::Parser;
-use shardgate::chat::auth::{default_data_dir, Authenticator};
-use shardgate::config::{Cli, Command, Config};
+use shardgate::chat::auth::Authenticator;
+use shardgate::config::{default_data_dir, Cli, Command, Config};
 
 fn main() {
     // Operational messages go to stderr through `tracing` (RUST_LOG filters them; info by
@@ -15,13 +15,16 @@ fn main() {
         )
         .init();
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Serve(args) => Config::from_args(args).and_then(shardgate::shard::run),
+    let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
+        Command::Serve(args) => Config::from_args(args)
+            .map_err(Into::into)
+            .and_then(|config| shardgate::shard::run(config).map_err(Into::into)),
         Command::Token(args) => {
             let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
             Authenticator::load(args.auth_secret_file.as_deref(), &data_dir)
                 .and_then(|auth| auth.mint(&args.user, args.ttl))
                 .map(|token| println!("{token}"))
+                .map_err(Into::into)
         }
     };
     if let Err(message) = result {

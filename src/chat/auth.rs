@@ -61,19 +61,19 @@ impl Authenticator {
     }
 
     /// Loads the secret the way `serve` and `token` both do.
-    pub fn load(secret_file: Option<&Path>, data_dir: &Path) -> Result<Self, String> {
+    pub fn load(secret_file: Option<&Path>, data_dir: &Path) -> Result<Self, AuthError> {
         Self::load_with(secret_file, std::env::var(SECRET_ENV).ok(), data_dir)
     }
 
     /// `load`, with the value of `SHARDGATE_AUTH_SECRET` given.
-    fn load_with(secret_file: Option<&Path>, env_secret: Option<String>, data_dir: &Path) -> Result<Self, String> {
+    fn load_with(secret_file: Option<&Path>, env_secret: Option<String>, data_dir: &Path) -> Result<Self, AuthError> {
         if let Some(path) = secret_file {
             let secret = read_secret(path)?;
             return Ok(Self::from_secret(&secret, SecretSource::File(path.to_path_buf())));
         }
         if let Some(secret) = env_secret {
             if secret.trim().is_empty() {
-                return Err(format!("{SECRET_ENV} is set but empty"));
+                return Err(AuthError::EmptyEnv);
             }
             return Ok(Self::from_secret(secret.trim().as_bytes(), SecretSource::Env));
         }
@@ -87,67 +87,91 @@ impl Authenticator {
     }
 
     /// The user a token names, if it is well formed, correctly signed and not expired.
-    pub fn verify(&self, token: &str) -> Result<String, String> {
-        let data =
-            jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| e.to_string())?;
+    pub fn verify(&self, token: &str) -> Result<String, AuthError> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)?;
         if !is_valid_user_id(&data.claims.sub) {
-            return Err("sub is not a valid user id".into());
+            return Err(AuthError::BadSubject);
         }
         Ok(data.claims.sub)
     }
 
     /// A token for `user` that expires after `ttl`.
-    pub fn mint(&self, user: &str, ttl: Duration) -> Result<String, String> {
+    pub fn mint(&self, user: &str, ttl: Duration) -> Result<String, AuthError> {
         if !is_valid_user_id(user) {
-            return Err(format!("{user:?} is not a valid user id (1-64 of A-Z a-z 0-9 _ . @ -)"));
+            return Err(AuthError::BadUser(user.to_string()));
         }
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         let claims = Claims {
             sub: user.to_string(),
             exp: (now + ttl).as_secs(),
         };
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding).map_err(|e| e.to_string())
+        Ok(jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &self.encoding,
+        )?)
     }
 }
 
-fn read_secret(path: &Path) -> Result<Vec<u8>, String> {
-    let text = std::fs::read(path).map_err(|e| format!("cannot read the auth secret {}: {e}", path.display()))?;
+fn read_secret(path: &Path) -> Result<Vec<u8>, AuthError> {
+    let text = std::fs::read(path).map_err(|e| AuthError::io("cannot read the auth secret", path, e))?;
     let secret = text.trim_ascii().to_vec();
     if secret.is_empty() {
-        return Err(format!("the auth secret {} is empty", path.display()));
+        return Err(AuthError::EmptyFile(path.to_path_buf()));
     }
     Ok(secret)
 }
 
 /// Writes 32 random bytes (hex) to `path`, readable by the owner only.
-fn create_secret(path: &Path) -> Result<(), String> {
+fn create_secret(path: &Path) -> Result<(), AuthError> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create the data directory {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(|e| AuthError::io("cannot create the data directory", dir, e))?;
     }
     let mut bytes = [0u8; 32];
-    getrandom::getrandom(&mut bytes).map_err(|e| format!("no randomness for the auth secret: {e}"))?;
+    getrandom::getrandom(&mut bytes).map_err(AuthError::NoRandomness)?;
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .map_err(|e| format!("cannot create the auth secret {}: {e}", path.display()))?;
+        .map_err(|e| AuthError::io("cannot create the auth secret", path, e))?;
     file.write_all(hex.as_bytes())
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        .map_err(|e| AuthError::io("cannot write", path, e))?;
     Ok(())
 }
 
-/// The default data directory: `$XDG_DATA_HOME/shardgate`, else `~/.local/share/shardgate`,
-/// else `./shardgate-data`.
-pub fn default_data_dir() -> PathBuf {
-    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
-        return PathBuf::from(x).join("shardgate");
+/// Why the secret could not be had, or a token made or accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("{SECRET_ENV} is set but empty")]
+    EmptyEnv,
+    #[error("the auth secret {} is empty", .0.display())]
+    EmptyFile(PathBuf),
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no randomness for the auth secret: {0}")]
+    NoRandomness(getrandom::Error),
+    #[error("{0:?} is not a valid user id (1-64 of A-Z a-z 0-9 _ . @ -)")]
+    BadUser(String),
+    #[error("sub is not a valid user id")]
+    BadSubject,
+    #[error(transparent)]
+    Token(#[from] jsonwebtoken::errors::Error),
+}
+
+impl AuthError {
+    fn io(what: &'static str, path: &Path, source: std::io::Error) -> Self {
+        AuthError::Io {
+            what,
+            path: path.to_path_buf(),
+            source,
+        }
     }
-    if let Some(home) = std::env::var_os("HOME").filter(|v| !v.is_empty()) {
-        return PathBuf::from(home).join(".local/share/shardgate");
-    }
-    PathBuf::from("shardgate-data")
 }
 
 #[cfg(test)]
@@ -186,7 +210,7 @@ mod tests {
             &EncodingKey::from_secret(b"test-secret"),
         )
         .unwrap();
-        assert!(a.verify(&expired).unwrap_err().contains("Expired"));
+        assert!(a.verify(&expired).unwrap_err().to_string().contains("Expired"));
         let bad_sub = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
             &Claims {

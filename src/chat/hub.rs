@@ -11,7 +11,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use super::output::ConnOutput;
-use super::protocol::{self, AppError};
+use super::protocol::{self, AppError, ErrorCode};
 use crate::cluster::{ClusterLink, ToCluster};
 use crate::route::directory::{AckEvent, Router};
 use crate::route::inbox::Mesh;
@@ -185,8 +185,7 @@ impl<O: ConnOutput> Hub<O> {
             Outcome::Offline => protocol::write_ack(json, id, "offline"),
             Outcome::Unavailable => protocol::write_error(
                 json,
-                &AppError::new(
-                    "unavailable",
+                &AppError::new(ErrorCode::Unavailable,
                     "another node did not confirm the message (the cluster link is down or slow); it may not have arrived",
                 )
                 .with_id_str(id),

@@ -4,7 +4,7 @@
 //! outgoing path implements.
 
 pub mod auth;
-pub mod hub;
-pub mod output;
-pub mod protocol;
-pub mod session;
+pub(crate) mod hub;
+pub(crate) mod output;
+pub(crate) mod protocol;
+pub(crate) mod session;

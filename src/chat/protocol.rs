@@ -40,17 +40,50 @@ pub enum ClientMessage<'a> {
     },
 }
 
+/// The `code` of an error frame: what went wrong, for a program to act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// Not a JSON object of the protocol, or a binary frame.
+    BadJson,
+    /// A `type` the protocol does not have.
+    UnknownType,
+    /// A missing or invalid field (`to`, `room`, `id`, `body`).
+    BadField,
+    /// Publishing to a room the user has not joined.
+    NotMember,
+    /// Over `--max-chat-message`.
+    TooLarge,
+    /// Over `--rate-limit`, or a destination overloaded.
+    RateLimited,
+    /// In a cluster: the message may not have reached another node.
+    Unavailable,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadJson => "bad_json",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::BadField => "bad_field",
+            ErrorCode::NotMember => "not_member",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Unavailable => "unavailable",
+        }
+    }
+}
+
 /// An application error: answered with an error frame, the connection stays open.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppError {
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: Cow<'static, str>,
     /// The `id` of the client frame it answers, when there was one.
     pub id: Option<String>,
 }
 
 impl AppError {
-    pub fn new(code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+    pub fn new(code: ErrorCode, message: impl Into<Cow<'static, str>>) -> Self {
         AppError {
             code,
             message: message.into(),
@@ -85,21 +118,25 @@ struct Envelope<'a> {
 
 /// Parses one client text frame.
 pub fn parse(frame: &[u8]) -> Result<ClientMessage<'_>, AppError> {
-    let env: Envelope<'_> = serde_json::from_slice(frame)
-        .map_err(|e| AppError::new("bad_json", format!("not a JSON object of the chat protocol: {e}")))?;
+    let env: Envelope<'_> = serde_json::from_slice(frame).map_err(|e| {
+        AppError::new(
+            ErrorCode::BadJson,
+            format!("not a JSON object of the chat protocol: {e}"),
+        )
+    })?;
     if let Some(id) = &env.id {
         if id.is_empty() || id.len() > MAX_ID_LEN {
-            return Err(AppError::new("bad_field", "id must be 1-128 characters"));
+            return Err(AppError::new(ErrorCode::BadField, "id must be 1-128 characters"));
         }
     }
     let kind = env
         .kind
         .as_deref()
-        .ok_or_else(|| AppError::new("bad_field", "type is missing").with_id(&env.id))?;
+        .ok_or_else(|| AppError::new(ErrorCode::BadField, "type is missing").with_id(&env.id))?;
     let room = |env: &Envelope<'_>| -> Result<(), AppError> {
         match env.room.as_deref() {
             Some(r) if is_valid_room(r) => Ok(()),
-            _ => Err(AppError::new("bad_field", "room must be 1-64 of A-Z a-z 0-9 _ . @ -").with_id(&env.id)),
+            _ => Err(AppError::new(ErrorCode::BadField, "room must be 1-64 of A-Z a-z 0-9 _ . @ -").with_id(&env.id)),
         }
     };
     match kind {
@@ -107,7 +144,7 @@ pub fn parse(frame: &[u8]) -> Result<ClientMessage<'_>, AppError> {
             let body = body_of(&env)?;
             match env.to {
                 Some(to) if is_valid_user_id(&to) => Ok(ClientMessage::Send { to, id: env.id, body }),
-                _ => Err(AppError::new("bad_field", "to must be a user id").with_id(&env.id)),
+                _ => Err(AppError::new(ErrorCode::BadField, "to must be a user id").with_id(&env.id)),
             }
         }
         "join" | "leave" => {
@@ -128,13 +165,17 @@ pub fn parse(frame: &[u8]) -> Result<ClientMessage<'_>, AppError> {
                 body,
             })
         }
-        other => Err(AppError::new("unknown_type", format!("unknown type {:?}", truncate(other, 32))).with_id(&env.id)),
+        other => Err(AppError::new(
+            ErrorCode::UnknownType,
+            format!("unknown type {:?}", truncate(other, 32)),
+        )
+        .with_id(&env.id)),
     }
 }
 
 fn body_of<'a>(env: &Envelope<'a>) -> Result<&'a RawValue, AppError> {
     env.body
-        .ok_or_else(|| AppError::new("bad_field", "body is missing").with_id(&env.id))
+        .ok_or_else(|| AppError::new(ErrorCode::BadField, "body is missing").with_id(&env.id))
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -203,7 +244,7 @@ pub fn write_ready(out: &mut Vec<u8>, user: &str) {
 
 /// `{"type":"error","code":…,"id":…,"message":…}`
 pub fn write_error(out: &mut Vec<u8>, e: &AppError) {
-    let _ = write!(out, "{{\"type\":\"error\",\"code\":\"{}\"", e.code);
+    let _ = write!(out, "{{\"type\":\"error\",\"code\":\"{}\"", e.code.as_str());
     if let Some(id) = &e.id {
         out.extend_from_slice(b",\"id\":");
         write_json_str(out, id);
@@ -243,14 +284,17 @@ mod tests {
     #[test]
     fn errors_have_the_right_codes() {
         let code = |frame: &[u8]| parse(frame).unwrap_err().code;
-        assert_eq!(code(b"not json"), "bad_json");
-        assert_eq!(code(b"[1,2]"), "bad_json");
-        assert_eq!(code(br#"{"type":"dance","id":"c-1"}"#), "unknown_type");
-        assert_eq!(code(br#"{"to":"b","body":1}"#), "bad_field");
-        assert_eq!(code(br#"{"type":"send","to":"b"}"#), "bad_field");
-        assert_eq!(code(br#"{"type":"send","to":"bad user","body":1}"#), "bad_field");
-        assert_eq!(code(br#"{"type":"join","room":""}"#), "bad_field");
-        assert_eq!(code(br#"{"type":"publish","room":"r"}"#), "bad_field");
+        assert_eq!(code(b"not json"), ErrorCode::BadJson);
+        assert_eq!(code(b"[1,2]"), ErrorCode::BadJson);
+        assert_eq!(code(br#"{"type":"dance","id":"c-1"}"#), ErrorCode::UnknownType);
+        assert_eq!(code(br#"{"to":"b","body":1}"#), ErrorCode::BadField);
+        assert_eq!(code(br#"{"type":"send","to":"b"}"#), ErrorCode::BadField);
+        assert_eq!(
+            code(br#"{"type":"send","to":"bad user","body":1}"#),
+            ErrorCode::BadField
+        );
+        assert_eq!(code(br#"{"type":"join","room":""}"#), ErrorCode::BadField);
+        assert_eq!(code(br#"{"type":"publish","room":"r"}"#), ErrorCode::BadField);
         let e = parse(br#"{"type":"dance","id":"c-9"}"#).unwrap_err();
         assert_eq!(e.id.as_deref(), Some("c-9"));
     }
@@ -278,7 +322,7 @@ mod tests {
         out.clear();
         write_error(
             &mut out,
-            &AppError::new("bad_json", "x \"y\"").with_id(&Some("i".into())),
+            &AppError::new(ErrorCode::BadJson, "x \"y\"").with_id(&Some("i".into())),
         );
         let v: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(

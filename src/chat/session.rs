@@ -12,7 +12,7 @@ use serde_json::value::RawValue;
 use super::auth::{is_valid_user_id, Authenticator};
 use super::hub::Hub;
 use super::output::{ConnOutput, Reply};
-use super::protocol::{self, AppError, ClientMessage};
+use super::protocol::{self, AppError, ClientMessage, ErrorCode};
 use crate::cluster::ToCluster;
 use crate::config::Config;
 use crate::route::{shards_in, AckTo, ShardMask, ShardMsg};
@@ -171,15 +171,15 @@ impl<O: ConnOutput> ChatConn<O> {
         reply: &mut impl Reply,
     ) {
         let result = if opcode != OpCode::Text {
-            Err(AppError::new("bad_json", "the chat protocol uses text frames"))
+            Err(AppError::new(ErrorCode::BadJson, "the chat protocol uses text frames"))
         } else if payload.len() > config.max_chat_message {
             Err(AppError::new(
-                "too_large",
+                ErrorCode::TooLarge,
                 format!("messages are limited to {} bytes", config.max_chat_message),
             ))
         } else if !self.bucket.take(at.ingress) {
             Err(AppError::new(
-                "rate_limited",
+                ErrorCode::RateLimited,
                 format!("more than {} messages per second", config.rate_limit),
             ))
         } else {
@@ -233,7 +233,10 @@ impl<O: ConnOutput> ChatConn<O> {
                 ));
             }
             if link.is_up() && link.is_full() {
-                return Err(AppError::new("rate_limited", "the cluster link is overloaded; retry"));
+                return Err(AppError::new(
+                    ErrorCode::RateLimited,
+                    "the cluster link is overloaded; retry",
+                ));
             }
         }
         if mask == 0 && cluster.is_none() {
@@ -294,14 +297,17 @@ impl<O: ConnOutput> ChatConn<O> {
     ) -> Result<(), AppError> {
         if !hub.router.borrow().is_member(&self.user, room) {
             return Err(AppError::new(
-                "not_member",
+                ErrorCode::NotMember,
                 format!("join {room} before publishing to it"),
             ));
         }
         let mask = hub.router.borrow().room_shards(room);
         check_shards_have_room(hub, mask, "a member's shard is overloaded; retry")?;
         if hub.cluster.as_ref().is_some_and(|l| l.is_up() && l.is_full()) {
-            return Err(AppError::new("rate_limited", "a member's shard is overloaded; retry"));
+            return Err(AppError::new(
+                ErrorCode::RateLimited,
+                "a member's shard is overloaded; retry",
+            ));
         }
         let frame = hub.encode(|json| protocol::write_room_message(json, room, &self.user, id, at.ts_ms, body));
         let room = hub.router.borrow().intern_room(room);
@@ -369,13 +375,13 @@ impl<O: ConnOutput> ChatConn<O> {
 /// Refuses a delivery that would overfill another shard's inbox.
 fn check_shards_have_room<O: ConnOutput>(hub: &Hub<O>, mask: ShardMask, message: &'static str) -> Result<(), AppError> {
     if shards_in(mask).any(|s| s != hub.shard && hub.mesh.is_full(s)) {
-        return Err(AppError::new("rate_limited", message));
+        return Err(AppError::new(ErrorCode::RateLimited, message));
     }
     Ok(())
 }
 
 fn unavailable(message: &'static str) -> AppError {
-    AppError::new("unavailable", message)
+    AppError::new(ErrorCode::Unavailable, message)
 }
 
 #[cfg(test)]

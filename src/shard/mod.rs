@@ -36,10 +36,10 @@ use crate::shutdown::Shutdown;
 use crate::sys::{process, socket};
 use context::ShardContext;
 use egress::Outbound;
-pub use start::{connections_for_nofile, GLOMMIO_MIN_MEMLOCK};
+pub use start::StartError;
 
 /// The applications a shard serves, beside its IO: the chat hub and who may use it.
-pub struct Apps {
+pub(crate) struct Apps {
     pub hub: Hub<Outbound>,
     pub auth: Arc<Authenticator>,
 }
@@ -59,7 +59,7 @@ struct Shared {
 
 /// Runs the gateway until SIGINT or SIGTERM, then closes every connection with 1001 and
 /// returns once they are gone (or the drain time is up).
-pub fn run(config: Config) -> Result<(), String> {
+pub fn run(config: Config) -> Result<(), StartError> {
     let plan = start::Plan::new(&config)?;
     let listeners = start::bind(&config, &plan)?;
     let auth = Arc::new(Authenticator::load(
@@ -73,7 +73,10 @@ pub fn run(config: Config) -> Result<(), String> {
         slo: config.slo,
         histogram_out: config.histogram_out.clone(),
     })
-    .map_err(|e| format!("cannot start the reporter thread: {e}"))?;
+    .map_err(|source| StartError::Thread {
+        what: "reporter",
+        source,
+    })?;
     let (mesh, inboxes) = Mesh::new(config.shards);
     let config = Arc::new(config);
     // One doorbell per shard, and one for the cluster thread.
@@ -106,7 +109,7 @@ pub fn run(config: Config) -> Result<(), String> {
         let _ = thread.join();
     }
     if !failures.is_empty() {
-        return Err(failures.join("\n"));
+        return Err(StartError::Shards(failures));
     }
     let _ = reporter_thread.join();
     tracing::info!("shardgate stopped");
@@ -117,7 +120,7 @@ pub fn run(config: Config) -> Result<(), String> {
 type ClusterThread = (Arc<ClusterLink>, JoinHandle<()>);
 
 /// With `--nats`, the cluster thread and the shards' link to it.
-fn start_cluster(config: &Config, mesh: &Arc<Mesh>, stop: &Arc<Shutdown>) -> Result<Option<ClusterThread>, String> {
+fn start_cluster(config: &Config, mesh: &Arc<Mesh>, stop: &Arc<Shutdown>) -> Result<Option<ClusterThread>, StartError> {
     let Some(url) = &config.nats else { return Ok(None) };
     let (link, rx) = ClusterLink::new();
     let cluster_config = ClusterConfig {
@@ -138,7 +141,10 @@ fn start_cluster(config: &Config, mesh: &Arc<Mesh>, stop: &Arc<Shutdown>) -> Res
         stop.clone(),
         config.shards,
     )
-    .map_err(|e| format!("cannot start the cluster thread: {e}"))?;
+    .map_err(|source| StartError::Thread {
+        what: "cluster",
+        source,
+    })?;
     Ok(Some((link, thread)))
 }
 
@@ -148,7 +154,7 @@ fn spawn_shards(
     plan: &start::Plan,
     listeners: start::Listeners,
     inboxes: Vec<Inbox>,
-) -> Result<Vec<glommio::ExecutorJoinHandle<()>>, String> {
+) -> Result<Vec<glommio::ExecutorJoinHandle<()>>, StartError> {
     let mut handles = Vec::with_capacity(inboxes.len());
     let sockets = listeners.shared.into_iter().zip(listeners.own).zip(inboxes);
     for (id, ((listener, own), inbox)) in sockets.enumerate() {
@@ -176,7 +182,7 @@ fn spawn_shards(
         };
         let handle = builder
             .spawn(move || shard_main(start, listener, own, inbox))
-            .map_err(|e| start::explain_start_error(id, &e.to_string()))?;
+            .map_err(|e| StartError::Shards(vec![start::explain_start_error(id, &e.to_string())]))?;
         handles.push(handle);
     }
     Ok(handles)
@@ -342,9 +348,9 @@ async fn report_intervals(ctx: Rc<ShardContext>, reporter: Reporter) {
 }
 
 /// A random node id: nodes restarted with the same address are still new nodes.
-fn rand_node_id() -> Result<NodeId, String> {
+fn rand_node_id() -> Result<NodeId, StartError> {
     let mut bytes = [0u8; 8];
-    getrandom::getrandom(&mut bytes).map_err(|e| format!("cannot draw a node id: {e}"))?;
+    getrandom::getrandom(&mut bytes).map_err(StartError::NodeId)?;
     Ok(NodeId::from_le_bytes(bytes))
 }
 

@@ -2,16 +2,52 @@
 //! which CPUs the shards run on, their listening sockets, and the checks that turn a
 //! host that cannot run io_uring into a clear message.
 
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use socket2::Socket;
 
 use super::listener;
-use crate::chat::auth::{Authenticator, SecretSource};
+use crate::chat::auth::{AuthError, Authenticator, SecretSource};
 use crate::config::Config;
 use crate::shutdown::Shutdown;
 use crate::sys::process;
+
+/// Why the gateway could not start, or stopped with shards that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot read RLIMIT_{what}: {source}")]
+    Rlimit { what: &'static str, source: io::Error },
+    #[error(
+        "RLIMIT_MEMLOCK is {have_kib} KiB, but io_uring (glommio) needs at least {need_kib} KiB per process plus --io-memory per shard.\n\
+         Raise it: `ulimit -l unlimited` in the shell, LimitMEMLOCK=infinity in a systemd unit, or memlock in /etc/security/limits.conf (see kernel-tuning.md)."
+    )]
+    MemlockTooLow { have_kib: u64, need_kib: u64 },
+    #[error("--cpus names CPU {bad}, which this process may not run on (it may use {online:?})")]
+    CpuNotAllowed { bad: usize, online: Vec<usize> },
+    #[error("cannot list the CPU cores")]
+    NoCores,
+    #[error("--steer-by-cpu needs a CPU of its own for each shard; {shards} shards share {cpus:?}")]
+    SteerNeedsOwnCpus { shards: usize, cpus: Vec<usize> },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: io::Error },
+    #[error("cannot steer connections by CPU on {addr}: {source}")]
+    Steer { addr: SocketAddr, source: io::Error },
+    #[error("cannot bind a shard port: {0}")]
+    ShardPort(io::Error),
+    #[error("cannot start the {what} thread: {source}")]
+    Thread { what: &'static str, source: io::Error },
+    #[error("cannot watch signals: {0}")]
+    Signals(io::Error),
+    #[error("cannot draw a node id: {0}")]
+    NodeId(getrandom::Error),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// Shards that could not start or ended with an error, each explained.
+    #[error("{}", .0.join("\n"))]
+    Shards(Vec<String>),
+}
 
 /// glommio refuses to start a reactor below this RLIMIT_MEMLOCK.
 pub const GLOMMIO_MIN_MEMLOCK: u64 = 512 * 1024;
@@ -35,8 +71,8 @@ pub struct Plan {
 }
 
 impl Plan {
-    pub fn new(config: &Config) -> Result<Plan, String> {
-        let nofile = process::raise_nofile().map_err(|e| format!("cannot read RLIMIT_NOFILE: {e}"))?;
+    pub fn new(config: &Config) -> Result<Plan, StartError> {
+        let nofile = process::raise_nofile().map_err(|source| StartError::Rlimit { what: "NOFILE", source })?;
         let fd_room = connections_for_nofile(nofile, config.shards);
         check_memlock(config)?;
         let cores = shard_cores(config)?;
@@ -45,10 +81,10 @@ impl Plan {
             // Two shards on one CPU: the second would never be chosen.
             let distinct: std::collections::HashSet<_> = shard_cpus.iter().collect();
             if distinct.len() < config.shards {
-                return Err(format!(
-                    "--steer-by-cpu needs a CPU of its own for each shard; {} shards share {:?}",
-                    config.shards, shard_cpus
-                ));
+                return Err(StartError::SteerNeedsOwnCpus {
+                    shards: config.shards,
+                    cpus: shard_cpus,
+                });
             }
         }
         Ok(Plan {
@@ -61,7 +97,7 @@ impl Plan {
 }
 
 /// The cores the shards are pinned to, in order.
-fn shard_cores(config: &Config) -> Result<Vec<usize>, String> {
+fn shard_cores(config: &Config) -> Result<Vec<usize>, StartError> {
     let online: Vec<usize> = core_affinity::get_core_ids()
         .unwrap_or_default()
         .into_iter()
@@ -69,14 +105,12 @@ fn shard_cores(config: &Config) -> Result<Vec<usize>, String> {
         .collect();
     match &config.cpus {
         Some(cpus) => {
-            if let Some(bad) = cpus.iter().find(|c| !online.contains(c)) {
-                return Err(format!(
-                    "--cpus names CPU {bad}, which this process may not run on (it may use {online:?})"
-                ));
+            if let Some(&bad) = cpus.iter().find(|c| !online.contains(c)) {
+                return Err(StartError::CpuNotAllowed { bad, online });
             }
             Ok(cpus.clone())
         }
-        None if online.is_empty() => Err("cannot list the CPU cores".into()),
+        None if online.is_empty() => Err(StartError::NoCores),
         None => Ok(online),
     }
 }
@@ -90,19 +124,18 @@ pub struct Listeners {
     pub own: Vec<Option<(Socket, SocketAddr)>>,
 }
 
-pub fn bind(config: &Config, plan: &Plan) -> Result<Listeners, String> {
-    let shards = config.shards;
-    let (shared, bound) = listener::bind_listeners(config.listen, shards, config.backlog)
-        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+pub fn bind(config: &Config, plan: &Plan) -> Result<Listeners, StartError> {
+    let (shards, addr) = (config.shards, config.listen);
+    let (shared, bound) =
+        listener::bind_listeners(addr, shards, config.backlog).map_err(|source| StartError::Listen { addr, source })?;
     if config.steer_by_cpu && shards > 1 {
-        listener::steer_by_cpu(&shared[0], &plan.shard_cpus)
-            .map_err(|e| format!("cannot steer connections by CPU on {}: {e}", config.listen))?;
+        listener::steer_by_cpu(&shared[0], &plan.shard_cpus).map_err(|source| StartError::Steer { addr, source })?;
     }
     let mut own = Vec::with_capacity(shards);
     for _ in 0..shards {
         own.push(if config.shard_ports {
             let (mut socket, addr) = listener::bind_listeners(SocketAddr::new(bound.ip(), 0), 1, config.backlog)
-                .map_err(|e| format!("cannot bind a shard port: {e}"))?;
+                .map_err(StartError::ShardPort)?;
             Some((socket.remove(0), addr))
         } else {
             None
@@ -146,15 +179,16 @@ pub fn announce(config: &Config, plan: &Plan, bound: SocketAddr, auth: &Authenti
     }
 }
 
-fn check_memlock(config: &Config) -> Result<(), String> {
-    let memlock = process::raise_memlock().map_err(|e| format!("cannot read RLIMIT_MEMLOCK: {e}"))?;
+fn check_memlock(config: &Config) -> Result<(), StartError> {
+    let memlock = process::raise_memlock().map_err(|source| StartError::Rlimit {
+        what: "MEMLOCK",
+        source,
+    })?;
     if memlock < GLOMMIO_MIN_MEMLOCK {
-        return Err(format!(
-            "RLIMIT_MEMLOCK is {} KiB, but io_uring (glommio) needs at least {} KiB per process plus --io-memory per shard.\n\
-             Raise it: `ulimit -l unlimited` in the shell, LimitMEMLOCK=infinity in a systemd unit, or memlock in /etc/security/limits.conf (see kernel-tuning.md).",
-            memlock / 1024,
-            GLOMMIO_MIN_MEMLOCK / 1024
-        ));
+        return Err(StartError::MemlockTooLow {
+            have_kib: memlock / 1024,
+            need_kib: GLOMMIO_MIN_MEMLOCK / 1024,
+        });
     }
     let wanted = config.io_memory as u64 * config.shards as u64;
     if !process::is_root() && memlock < wanted + GLOMMIO_MIN_MEMLOCK {
@@ -176,10 +210,9 @@ pub fn explain_start_error(shard: usize, error: &str) -> String {
 }
 
 /// SIGINT/SIGTERM start a graceful stop; a second one ends the process at once.
-pub fn spawn_signal_thread(stop: Arc<Shutdown>) -> Result<(), String> {
+pub fn spawn_signal_thread(stop: Arc<Shutdown>) -> Result<(), StartError> {
     use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals =
-        signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(|e| format!("cannot watch signals: {e}"))?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(StartError::Signals)?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -192,6 +225,6 @@ pub fn spawn_signal_thread(stop: Arc<Shutdown>) -> Result<(), String> {
                 stop.trigger();
             }
         })
-        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+        .map_err(|source| StartError::Thread { what: "signal", source })?;
     Ok(())
 }
