@@ -124,38 +124,33 @@ fn print_summary(args: &Args, total: &Stats, hist: &Histogram<u64>) {
             total.failed,
             args.duration
         );
-    } else if args.handshakes {
-        let secs = args.duration.as_secs_f64();
-        println!(
-            "echo-load: mode=handshakes concurrency={} size={} client_cpus={:?} duration={secs:.1}s handshakes={} handshakes_per_s={:.0} p50_us={} p99_us={} p999_us={} max_us={} failed_connections={}",
-            args.connections,
-            args.size,
-            args.cpus,
-            total.messages,
-            total.messages as f64 / secs,
-            hist.value_at_quantile(0.5),
-            hist.value_at_quantile(0.99),
-            hist.value_at_quantile(0.999),
-            hist.max(),
-            total.failed,
-        );
-    } else {
-        let secs = args.duration.as_secs_f64();
-        println!(
-            "echo-load: connections={} size={} window={} client_cpus={:?} duration={secs:.1}s messages={} msg_per_s={:.0} p50_us={} p99_us={} p999_us={} max_us={} failed_connections={}",
-            args.connections,
-            args.size,
-            args.window,
-            args.cpus,
-            total.messages,
-            total.messages as f64 / secs,
-            hist.value_at_quantile(0.5),
-            hist.value_at_quantile(0.99),
-            hist.value_at_quantile(0.999),
-            hist.max(),
-            total.failed,
-        );
+        return;
     }
+    let secs = args.duration.as_secs_f64();
+    let what = if args.handshakes {
+        format!("mode=handshakes concurrency={} size={}", args.connections, args.size)
+    } else {
+        format!(
+            "connections={} size={} window={}",
+            args.connections, args.size, args.window
+        )
+    };
+    let (count, rate) = if args.handshakes {
+        ("handshakes", "handshakes_per_s")
+    } else {
+        ("messages", "msg_per_s")
+    };
+    println!(
+        "echo-load: {what} client_cpus={:?} duration={secs:.1}s {count}={} {rate}={:.0} p50_us={} p99_us={} p999_us={} max_us={} failed_connections={}",
+        args.cpus,
+        total.messages,
+        total.messages as f64 / secs,
+        hist.value_at_quantile(0.5),
+        hist.value_at_quantile(0.99),
+        hist.value_at_quantile(0.999),
+        hist.max(),
+        total.failed,
+    );
 }
 
 fn new_histogram() -> Histogram<u64> {

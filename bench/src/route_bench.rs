@@ -113,16 +113,18 @@ fn hop(paced: u64, interval: Duration, burst: u64, batch: u64, cpus: &[usize]) {
         .spawn(move || async move {
             let to: Arc<str> = Arc::from("bob");
             let frame = Bytes::from_static(b"\x81\x05hello");
+            // A message stamped now, for shard 1.
+            let send = || {
+                let msg = ShardMsg::Direct {
+                    to: to.clone(),
+                    frame: frame.clone(),
+                    ingress: Instant::now(),
+                    cross_node: false,
+                };
+                mesh.push(1, msg);
+            };
             for _ in 0..paced {
-                mesh.push(
-                    1,
-                    ShardMsg::Direct {
-                        to: to.clone(),
-                        frame: frame.clone(),
-                        ingress: Instant::now(),
-                        cross_node: false,
-                    },
-                );
+                send();
                 mesh.ring(1);
                 glommio::timer::sleep(interval).await;
             }
@@ -130,15 +132,7 @@ fn hop(paced: u64, interval: Duration, burst: u64, batch: u64, cpus: &[usize]) {
             while sent < burst {
                 let n = batch.min(burst - sent);
                 for _ in 0..n {
-                    mesh.push(
-                        1,
-                        ShardMsg::Direct {
-                            to: to.clone(),
-                            frame: frame.clone(),
-                            ingress: Instant::now(),
-                            cross_node: false,
-                        },
-                    );
+                    send();
                 }
                 mesh.ring(1);
                 sent += n;

@@ -72,15 +72,20 @@ const RECEIPT_DELAY: Duration = Duration::from_millis(5);
 /// every node it reaches.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(1);
 
-/// Starts the cluster thread. `stop` index `stop_index` says when to leave the cluster.
-pub fn spawn(
-    config: ClusterConfig,
-    link: Arc<ClusterLink>,
-    rx: Receiver<ToCluster>,
-    mesh: Arc<Mesh>,
-    stop: Arc<Shutdown>,
-    stop_index: usize,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
+/// What ties the cluster thread to the shards.
+pub struct Wiring {
+    /// The shards' side of the thread's mailbox, and `rx` its receiving end.
+    pub link: Arc<ClusterLink>,
+    pub rx: Receiver<ToCluster>,
+    /// The shards' inboxes, for deliveries and acks.
+    pub mesh: Arc<Mesh>,
+    /// Says when to leave the cluster; `stop_index` is this thread's doorbell in it.
+    pub stop: Arc<Shutdown>,
+    pub stop_index: usize,
+}
+
+/// Starts the cluster thread.
+pub fn spawn(config: ClusterConfig, wiring: Wiring) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name("cluster".into()).spawn(move || {
         if let Some(cpu) = config.cpu {
             if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
@@ -94,7 +99,7 @@ pub fn spawn(
                 return;
             }
         };
-        runtime.block_on(run(config, link, rx, mesh, stop, stop_index));
+        runtime.block_on(run(config, wiring));
     })
 }
 
@@ -215,14 +220,14 @@ async fn connect(
     }
 }
 
-async fn run(
-    config: ClusterConfig,
-    link: Arc<ClusterLink>,
-    rx: Receiver<ToCluster>,
-    mesh: Arc<Mesh>,
-    stop: Arc<Shutdown>,
-    stop_index: usize,
-) {
+async fn run(config: ClusterConfig, wiring: Wiring) {
+    let Wiring {
+        link,
+        rx,
+        mesh,
+        stop,
+        stop_index,
+    } = wiring;
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
     let Some((client, mut presence_sub, mut own_sub)) = connect(&config, events_tx).await else {
         return;
@@ -361,65 +366,59 @@ impl Node {
         match msg {
             ToCluster::UserShard { user, shard, present } => self.presence.local_user(user, shard, present),
             ToCluster::RoomShard { room, shard, present } => self.presence.local_room(room, shard, present),
+            // "offline" is a promise that no node holds the user: only made once presence
+            // is complete.
             ToCluster::Direct {
                 to,
                 frame,
                 ingress,
                 ack,
-            } => {
-                if !self.connected || self.leaving {
-                    if let Some(ack) = ack {
-                        self.answer(ack, Outcome::Unavailable);
-                    }
-                    return;
-                }
-                let mut nodes = std::mem::take(&mut self.destinations);
-                nodes.clear();
-                nodes.extend_from_slice(self.presence.user_nodes(&to));
-                if nodes.is_empty() {
-                    if let Some(ack) = ack {
-                        // "offline" is a promise that no node holds the user: only made once
-                        // presence is complete.
-                        let outcome = if self.settled() {
-                            Outcome::Offline
-                        } else {
-                            Outcome::Unavailable
-                        };
-                        self.answer(ack, outcome);
-                    }
-                } else {
-                    let pending = ack.map(|to| self.pending(to, false, nodes.len()));
-                    self.add(&nodes, RecordKind::Direct, &to, &frame, ingress, pending);
-                }
-                self.destinations = nodes;
-            }
+            } => self.send_to_nodes(RecordKind::Direct, &to, &frame, ingress, ack, Outcome::Offline),
             ToCluster::Publish {
                 room,
                 frame,
                 ingress,
                 ack,
-            } => {
-                if !self.connected || self.leaving {
-                    self.answer(ack, Outcome::Unavailable);
-                    return;
-                }
-                let mut nodes = std::mem::take(&mut self.destinations);
-                nodes.clear();
-                nodes.extend_from_slice(self.presence.room_nodes(&room));
-                if nodes.is_empty() {
-                    let outcome = if self.settled() {
-                        Outcome::Routed
-                    } else {
-                        Outcome::Unavailable
-                    };
-                    self.answer(ack, outcome);
-                } else {
-                    let pending = self.pending(ack, true, nodes.len());
-                    self.add(&nodes, RecordKind::Room, &room, &frame, ingress, Some(pending));
-                }
-                self.destinations = nodes;
-            }
+            } => self.send_to_nodes(RecordKind::Room, &room, &frame, ingress, Some(ack), Outcome::Routed),
         }
+    }
+
+    /// Adds a record for the user or room `name` to the batch of every other node that
+    /// holds it. With `ack`, the sender is answered once those nodes confirmed; when no node
+    /// holds it, at once: `none` if presence is complete, else `unavailable` (as when NATS
+    /// is down).
+    fn send_to_nodes(
+        &mut self,
+        kind: RecordKind,
+        name: &str,
+        frame: &Bytes,
+        ingress: Instant,
+        ack: Option<AckTo>,
+        none: Outcome,
+    ) {
+        if !self.connected || self.leaving {
+            if let Some(ack) = ack {
+                self.answer(ack, Outcome::Unavailable);
+            }
+            return;
+        }
+        // The list lives in `self.destinations` between messages, for its capacity.
+        let mut nodes = std::mem::take(&mut self.destinations);
+        nodes.clear();
+        nodes.extend_from_slice(match kind {
+            RecordKind::Direct => self.presence.user_nodes(name),
+            RecordKind::Room => self.presence.room_nodes(name),
+        });
+        if nodes.is_empty() {
+            if let Some(ack) = ack {
+                let outcome = if self.settled() { none } else { Outcome::Unavailable };
+                self.answer(ack, outcome);
+            }
+        } else {
+            let pending = ack.map(|to| self.pending(to, kind == RecordKind::Room, nodes.len()));
+            self.add(&nodes, kind, name, frame, ingress, pending);
+        }
+        self.destinations = nodes;
     }
 
     /// Is presence complete? Every live node heartbeats each interval, so two intervals

@@ -133,15 +133,14 @@ fn start_cluster(config: &Config, mesh: &Arc<Mesh>, stop: &Arc<Shutdown>) -> Res
         cpu: config.cluster_cpu,
         report_interval: config.report_interval,
     };
-    let thread = crate::cluster::node::spawn(
-        cluster_config,
-        link.clone(),
+    let wiring = crate::cluster::node::Wiring {
+        link: link.clone(),
         rx,
-        mesh.clone(),
-        stop.clone(),
-        config.shards,
-    )
-    .map_err(|source| StartError::Thread {
+        mesh: mesh.clone(),
+        stop: stop.clone(),
+        stop_index: config.shards,
+    };
+    let thread = crate::cluster::node::spawn(cluster_config, wiring).map_err(|source| StartError::Thread {
         what: "cluster",
         source,
     })?;
