@@ -1,7 +1,7 @@
 //! shardgate: a WebSocket chat gateway for Linux on io_uring, one pinned shard per core.
 //!
 //! From the bottom up (each module imports only those listed before it):
-//! - [`sys`]: every system call, and so every `unsafe` block.
+//! - [`sys`]: every system call (and all `unsafe` code but one zero-copy hand-over).
 //! - [`ws`]: the WebSocket protocol, sans IO (bytes in, events out).
 //! - [`mailbox`], [`shutdown`]: channels with a doorbell, for handing work to a shard.
 //! - [`metrics`]: latency histograms and the report line.
