@@ -8,6 +8,7 @@
 //! - *Receipts* (to `<prefix>.node.<sender>.receipts`): which batches arrived, and which
 //!   of their records found no recipient.
 
+use crate::ws::frame::{header_len, parse_header, OpCode};
 use bytes::{Buf, BufMut, Bytes};
 
 /// A node of the cluster, random per process (a restarted node is a new node).
@@ -99,6 +100,7 @@ pub fn read_batch(mut batch: Bytes) -> Result<(NodeId, u64, Vec<Record>), WireEr
             return Err(WireError("truncated record frame"));
         }
         let frame = batch.split_to(frame_len);
+        check_frame(&frame)?;
         records.push(Record {
             kind,
             ingress_ns,
@@ -107,6 +109,23 @@ pub fn read_batch(mut batch: Bytes) -> Result<(NodeId, u64, Vec<Record>), WireEr
         });
     }
     Ok((sender, seq, records))
+}
+
+/// A record's frame goes to recipients' sockets as it is, so it must be exactly one whole
+/// frame a server may send: final, unmasked, no extension bits, text or binary, its length
+/// what its header says. (An empty one made a connection's flush spin.)
+fn check_frame(frame: &[u8]) -> Result<(), WireError> {
+    const BAD: WireError = WireError("record frame is not one whole server text or binary frame");
+    if frame.len() < 2 || frame.len() < header_len(frame[1]) {
+        return Err(BAD);
+    }
+    let h = parse_header(frame).ok_or(BAD)?;
+    let data = matches!(OpCode::try_from(h.opcode), Ok(OpCode::Text | OpCode::Binary));
+    let whole = (h.header_len as u64).checked_add(h.payload_len) == Some(frame.len() as u64);
+    if !h.fin || h.rsv != 0 || h.mask.is_some() || !data || !whole {
+        return Err(BAD);
+    }
+    Ok(())
 }
 
 /// Receipts for batches from one sender, gathered for a few milliseconds: for each batch,
@@ -334,7 +353,7 @@ mod tests {
     fn batches_round_trip_and_share_memory() {
         let mut w = BatchWriter::new(7, 42);
         assert_eq!(w.push(RecordKind::Direct, 123, "bob", b"\x81\x02hi"), 0);
-        assert_eq!(w.push(RecordKind::Room, 456, "lobby", b""), 1);
+        assert_eq!(w.push(RecordKind::Room, 456, "lobby", b"\x82\x00"), 1);
         let bytes = Bytes::from(w.buf);
         let (sender, seq, records) = read_batch(bytes.clone()).unwrap();
         assert_eq!((sender, seq), (7, 42));
@@ -354,10 +373,34 @@ mod tests {
     #[test]
     fn truncated_batches_are_errors() {
         let mut w = BatchWriter::new(1, 1);
-        w.push(RecordKind::Direct, 1, "bob", b"frame");
+        w.push(RecordKind::Direct, 1, "bob", b"\x81\x05frame");
         let bytes = Bytes::from(w.buf);
         for cut in [0, 15, 17, 20, 26, bytes.len() - 1] {
             assert!(read_batch(bytes.slice(..cut)).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn a_record_must_carry_one_whole_server_frame() {
+        let batch = |frame: &[u8]| {
+            let mut w = BatchWriter::new(1, 1);
+            w.push(RecordKind::Direct, 1, "bob", frame);
+            read_batch(Bytes::from(w.buf))
+        };
+        assert!(batch(b"\x81\x02hi").is_ok());
+        assert!(batch(b"\x82\x00").is_ok(), "an empty binary message is a frame");
+        for bad in [
+            &b""[..],                      // no frame at all (made the flush spin)
+            b"\x81",                       // half a header
+            b"\x81\x02hi!",                // more than the frame
+            b"\x81\x03hi",                 // less than the frame
+            b"\x01\x02hi",                 // not final
+            b"\xc1\x02hi",                 // an extension bit
+            b"\x88\x02\x03\xe8",           // a Close
+            b"\x81\x82\x01\x02\x03\x04hi", // masked (a client's frame)
+            b"\x81\x02hi\x81\x02hi",       // two frames
+        ] {
+            assert!(batch(bad).is_err(), "{bad:?} was accepted");
         }
     }
 

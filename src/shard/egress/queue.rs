@@ -173,8 +173,10 @@ impl Outbound {
     fn advance(&self, queue: &mut VecDeque<Queued>, mut sent: usize, latency: &mut LatencyRecorder) {
         self.bytes.set(self.bytes.get() - sent);
         let mut now = None;
-        while sent > 0 {
-            let Some(front) = queue.front() else { break };
+        // Every frame that is wholly sent leaves, an empty one even when nothing was: a
+        // flush (or a write) that sent nothing can then never find the same front again
+        // and spin on it.
+        while let Some(front) = queue.front() {
             let left = front.frame.len() - self.front_sent.get();
             if sent < left {
                 self.front_sent.set(self.front_sent.get() + sent);
@@ -239,6 +241,43 @@ mod tests {
         assert_eq!(&kept[..], b"tail-of-a-frame");
         out.end_write(kept.len(), &mut LatencyRecorder::default());
         assert!(out.is_empty(), "whole frames were dropped");
+    }
+
+    #[test]
+    fn empty_frames_cannot_make_a_flush_spin() {
+        // On a thread of its own, so that a flush that spins fails the test, not hangs it.
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (a, mut b) = UnixStream::pair().unwrap();
+            let out = Outbound::new(1, 0, a.as_raw_fd(), 1 << 20);
+            let mut latency = LatencyRecorder::default();
+            // Nothing but empty frames: a send of 0 bytes is no progress, yet they must go.
+            for _ in 0..3 {
+                out.answer(Bytes::new());
+            }
+            assert!(
+                !out.flush_now(&mut latency).unwrap(),
+                "the queue is empty after one flush"
+            );
+            // Empty frames among real ones: the real ones arrive, in order.
+            out.answer(Bytes::from_static(b"one"));
+            out.answer(Bytes::new());
+            out.answer(Bytes::from_static(b"two"));
+            assert!(!out.flush_now(&mut latency).unwrap());
+            let mut got = [0u8; 6];
+            std::io::Read::read_exact(&mut b, &mut got).unwrap();
+            assert_eq!(&got, b"onetwo");
+            // The task's own write path: an empty front frame is done once "written".
+            out.answer(Bytes::new());
+            let chunk = out.begin_write().expect("queued");
+            assert!(chunk.is_empty());
+            out.end_write(0, &mut latency);
+            assert!(out.is_empty());
+            let _ = done.send(());
+        });
+        finished
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("flushing empty frames finished (it used to spin at 100% CPU)");
     }
 
     #[test]
