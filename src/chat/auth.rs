@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize};
 
 pub const SECRET_ENV: &str = "SHARDGATE_AUTH_SECRET";
 const SECRET_FILE_NAME: &str = "auth-secret";
+/// The shortest HMAC secret accepted: as long as the hash (RFC 7518 §3.2 asks at least
+/// that much key for HS256).
+pub const MIN_SECRET_LEN: usize = 32;
 
 /// A user id: 1–64 characters of `[A-Za-z0-9_.@-]` (so it never needs escaping in JSON).
 pub fn is_valid_user_id(id: &str) -> bool {
@@ -72,10 +75,17 @@ impl Authenticator {
             return Ok(Self::from_secret(&secret, SecretSource::File(path.to_path_buf())));
         }
         if let Some(secret) = env_secret {
-            if secret.trim().is_empty() {
+            let secret = secret.trim();
+            if secret.is_empty() {
                 return Err(AuthError::EmptyEnv);
             }
-            return Ok(Self::from_secret(secret.trim().as_bytes(), SecretSource::Env));
+            if secret.len() < MIN_SECRET_LEN {
+                return Err(AuthError::ShortSecret {
+                    from: format!("${SECRET_ENV}"),
+                    len: secret.len(),
+                });
+            }
+            return Ok(Self::from_secret(secret.as_bytes(), SecretSource::Env));
         }
         let path = data_dir.join(SECRET_FILE_NAME);
         let created = !path.exists();
@@ -113,11 +123,30 @@ impl Authenticator {
     }
 }
 
+/// The secret in `path`, which only its owner may read, of at least `MIN_SECRET_LEN`
+/// bytes (surrounding white space aside).
 fn read_secret(path: &Path) -> Result<Vec<u8>, AuthError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(|e| AuthError::io("cannot read the auth secret", path, e))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(AuthError::SecretNotPrivate {
+            path: path.to_path_buf(),
+            mode: mode & 0o777,
+        });
+    }
     let text = std::fs::read(path).map_err(|e| AuthError::io("cannot read the auth secret", path, e))?;
     let secret = text.trim_ascii().to_vec();
     if secret.is_empty() {
         return Err(AuthError::EmptyFile(path.to_path_buf()));
+    }
+    if secret.len() < MIN_SECRET_LEN {
+        return Err(AuthError::ShortSecret {
+            from: path.display().to_string(),
+            len: secret.len(),
+        });
     }
     Ok(secret)
 }
@@ -148,6 +177,17 @@ pub enum AuthError {
     EmptyEnv,
     #[error("the auth secret {} is empty", .0.display())]
     EmptyFile(PathBuf),
+    #[error(
+        "the auth secret from {from} is {len} bytes; at least {MIN_SECRET_LEN} are needed \
+         (make one with: head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > FILE; chmod 600 FILE)"
+    )]
+    ShortSecret { from: String, len: usize },
+    #[error(
+        "the auth secret {} may be read by group or others (mode {mode:o}): anyone who reads it can mint tokens; run chmod 600 {}",
+        path.display(),
+        path.display()
+    )]
+    SecretNotPrivate { path: PathBuf, mode: u32 },
     #[error("{what} {}: {source}", path.display())]
     Io {
         what: &'static str,
@@ -241,7 +281,8 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         let token = first.mint("u", Duration::from_secs(60)).unwrap();
         let second = Authenticator::load_with(None, None, &dir).unwrap();
-        let env = Authenticator::load_with(None, Some("from-env".into()), &dir).unwrap();
+        let env =
+            Authenticator::load_with(None, Some("a-secret-from-the-environment-of-32+bytes".into()), &dir).unwrap();
         assert_eq!(env.source, SecretSource::Env);
         assert_eq!(
             second.source,
@@ -254,6 +295,43 @@ mod tests {
         let from_file =
             Authenticator::load_with(Some(&path), Some("ignored".into()), Path::new("/nonexistent")).unwrap();
         assert_eq!(from_file.verify(&token).unwrap(), "u");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn short_secrets_and_secrets_others_may_read_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("shardgate-auth-weak-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("secret");
+        let refusal = |file: Option<&Path>, env: Option<&str>| match Authenticator::load_with(
+            file,
+            env.map(String::from),
+            &dir,
+        ) {
+            Ok(_) => panic!("accepted"),
+            Err(e) => e.to_string(),
+        };
+        let write = |text: &str, mode: u32| {
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        let long = "0123456789abcdef0123456789abcdef";
+        write(long, 0o600);
+        assert!(Authenticator::load_with(Some(&path), None, &dir).is_ok());
+        write("short-secret", 0o600);
+        let e = refusal(Some(&path), None);
+        assert!(e.contains("is 12 bytes; at least 32"), "{e}");
+        write(long, 0o644);
+        let e = refusal(Some(&path), None);
+        assert!(e.contains("mode 644") && e.contains("chmod 600"), "{e}");
+        write(long, 0o640);
+        assert!(
+            Authenticator::load_with(Some(&path), None, &dir).is_err(),
+            "group may read it"
+        );
+        let e = refusal(None, Some("too-short"));
+        assert!(e.contains("$SHARDGATE_AUTH_SECRET is 9 bytes"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
