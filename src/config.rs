@@ -205,7 +205,7 @@ config_table! {
         shards: usize = default_shards(), "one per core";
         /// Listen backlog per shard (capped by net.core.somaxconn).
         backlog: u32 = 4096, "4096";
-        /// Largest message in bytes, over all its fragments; larger closes with 1009.
+        /// Largest /echo message in bytes, over all its fragments; larger closes with 1009.
         max_message_size: usize = 16 << 20, "16777216";
         /// Largest HTTP request head in bytes; larger is refused with 431.
         max_request_head: usize = 8 << 10, "8192";
@@ -246,7 +246,7 @@ config_table! {
         allowed_origins: Vec<String> = Vec::new(), "any";
         /// Bytes a chat connection may have queued for sending; past it, it is closed with 1008.
         max_outbound_bytes: usize = 1 << 20, "1048576";
-        /// Largest chat frame in bytes; larger gets a `too_large` error.
+        /// Largest chat message in bytes, over all its fragments; larger closes with 1009.
         max_chat_message: usize = 64 << 10, "65536";
         /// Chat messages per second per connection, 0 for no limit.
         rate_limit: f64 = 100.0, "100";

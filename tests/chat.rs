@@ -226,10 +226,6 @@ fn application_errors_answer_and_keep_the_connection() {
             ),
             (Message::Text(json!({"type":"join"}).to_string()), "bad_field"),
             (Message::Binary(vec![1, 2, 3]), "bad_json"),
-            (
-                Message::Text(json!({"type":"send","to":"bob","body":"x".repeat(300)}).to_string()),
-                "too_large",
-            ),
         ];
         for (msg, code) in cases {
             alice.send(msg.clone()).await.unwrap();

@@ -288,6 +288,35 @@ fn protocol_errors_close_with_the_right_code() {
 }
 
 #[test]
+fn an_oversize_chat_message_closes_with_1009_before_it_is_assembled() {
+    let dir = temp_dir("chat-1009");
+    let gw = Gateway::start(&[
+        "--shards",
+        "1",
+        "--insecure-dev-auth",
+        "--max-chat-message",
+        "200",
+        "--data-dir",
+        dir.to_str().unwrap(),
+    ]);
+    let mut s = raw_upgrade(gw.addr, "/ws?user=alice");
+    // A text frame that announces 1,000 bytes, of which only the first 250 are sent: the
+    // gateway must not wait for the rest (nor hold it) to know it is too large.
+    let mut head = vec![0x81, 0x80 | 126];
+    head.extend_from_slice(&1000u16.to_be_bytes());
+    head.extend_from_slice(&[0, 0, 0, 0]); // a zero mask: the payload goes as it is
+    head.extend_from_slice(&[b'a'; 250]);
+    s.write_all(&head).unwrap();
+    let close = loop {
+        let (op, body) = read_frame(&mut s).expect("frames until the Close");
+        if op == 0x8 {
+            break body;
+        }
+    };
+    assert_eq!(close_code(&close), 1009);
+}
+
+#[test]
 fn subprotocol_is_negotiated_in_server_order() {
     let gw = Gateway::start(&["--shards", "1", "--subprotocol", "chat.v2", "--subprotocol", "chat.v1"]);
     let offer = |protocols: &str| {

@@ -51,8 +51,6 @@ pub enum ErrorCode {
     BadField,
     /// Publishing to a room the user has not joined.
     NotMember,
-    /// Over `--max-chat-message`.
-    TooLarge,
     /// Over `--rate-limit`, or a destination overloaded.
     RateLimited,
     /// In a cluster: the message may not have reached another node.
@@ -66,7 +64,6 @@ impl ErrorCode {
             ErrorCode::UnknownType => "unknown_type",
             ErrorCode::BadField => "bad_field",
             ErrorCode::NotMember => "not_member",
-            ErrorCode::TooLarge => "too_large",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
         }

@@ -172,11 +172,6 @@ impl<O: ConnOutput> ChatConn<O> {
     ) {
         let result = if opcode != OpCode::Text {
             Err(AppError::new(ErrorCode::BadJson, "the chat protocol uses text frames"))
-        } else if payload.len() > config.max_chat_message {
-            Err(AppError::new(
-                ErrorCode::TooLarge,
-                format!("messages are limited to {} bytes", config.max_chat_message),
-            ))
         } else if !self.bucket.take(at.ingress) {
             Err(AppError::new(
                 ErrorCode::RateLimited,

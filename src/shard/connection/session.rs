@@ -271,6 +271,13 @@ fn open<'a>(
     let config = &ctx.config;
     let fd = stream.as_raw_fd();
     let id = apps.hub.next_conn_id();
+    // A chat message over its limit closes the connection with 1009 as soon as the limit
+    // is passed (RFC 6455 §7.4.1), instead of being assembled first: an unauthenticated
+    // peer cannot make the shard hold more than the chat limit per connection.
+    let max_message = match endpoint {
+        Endpoint::Echo => config.max_message_size,
+        Endpoint::Chat(_) => config.max_chat_message,
+    };
     let (app, out, registration) = match endpoint {
         Endpoint::Echo => {
             // An echo answers at most one read plus one assembled message at a time.
@@ -300,7 +307,7 @@ fn open<'a>(
         }
     };
     let session = Session {
-        decoder: Decoder::new(Role::Server, config.max_message_size),
+        decoder: Decoder::new(Role::Server, max_message),
         state: State::Open,
         app,
         ping_sent: None,
