@@ -11,7 +11,7 @@ out=$root/target/autobahn
 mkdir -p "$out"
 
 wstest=$(scripts/autobahn-env.sh) || { echo "autobahn: cannot set up the testsuite (Python 2.7 is required)" >&2; exit 3; }
-start_gateway "$out" --shards 2
+start_gateway "$out" --shards 2 --echo --max-message-size 16777216
 
 rm -rf "$out/report"
 cat >"$out/spec.json" <<JSON

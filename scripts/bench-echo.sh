@@ -10,7 +10,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 runs=${1:-3}
 duration=${DURATION:-4s}
-start_gateway "$root/target/bench-echo" --shards 1
+start_gateway "$root/target/bench-echo" --shards 1 --echo
 out=$root/target/bench-echo
 echo "server: shardgate --shards 1 on cpu 0; client: echo-load on cpu 1; $runs runs of $duration per case, median shown"
 printf '%-24s %10s %9s %9s %9s\n' case msg/s p50_us p99_us p999_us

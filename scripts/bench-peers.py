@@ -47,6 +47,9 @@ class Server:
             cmd = [str(binary), "serve", "--listen", f"127.0.0.1:{self.port}", "--shards", str(shards),
                    "--cpus", ",".join(map(str, cpus[:shards])), "--data-dir", str(out),
                    "--max-connections", "19000", "--report-interval", "1h"]
+            if name == "shardgate" or "--echo" in subprocess.run([str(binary), "serve", "--help"],
+                                                                 capture_output=True, text=True).stdout:
+                cmd.append("--echo")  # builds before --echo served /echo by default
             if shards > 1:
                 # Each client thread is pinned to a CPU, as a NIC queue would be: its
                 # connections go to the shard on that CPU (see kernel-tuning.md).

@@ -12,7 +12,7 @@ n=${1:-15000}
 hold=${HOLD:-20s}
 out=$root/target/idle-memory
 client=
-start_gateway "$out" --shards 2
+start_gateway "$out" --shards 2 --echo
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 before=$(rss_kib "$server")
 

@@ -206,7 +206,7 @@ config_table! {
         /// Listen backlog per shard (capped by net.core.somaxconn).
         backlog: u32 = 4096, "4096";
         /// Largest /echo message in bytes, over all its fragments; larger closes with 1009.
-        max_message_size: usize = 16 << 20, "16777216";
+        max_message_size: usize = 64 << 10, "65536";
         /// Largest HTTP request head in bytes; larger is refused with 431.
         max_request_head: usize = 8 << 10, "8192";
         /// Time a client has to complete the HTTP upgrade; then 408.
@@ -225,9 +225,9 @@ config_table! {
         #[arg(value_parser = parse_duration)]
         #[serde(with = "duration_serde")]
         drain_timeout: Duration = Duration::from_secs(5), "5s";
-        /// Turn the /echo endpoint off.
+        /// Serve the /echo endpoint (for tests and benchmarks: anyone may use it, no token needed).
         #[arg(num_args = 0, default_missing_value = "true")]
-        no_echo: bool = false, "off";
+        echo: bool = false, "off";
         /// A subprotocol the server speaks, in order of preference (repeatable).
         #[arg(long = "subprotocol", value_name = "NAME")]
         subprotocols: Vec<String> = Vec::new(), "none";
@@ -405,7 +405,7 @@ mod tests {
             path.to_str().unwrap(),
             "--shards",
             "2",
-            "--no-echo",
+            "--echo",
         ]);
         let Command::Serve(args) = cli.command else {
             panic!("serve")
@@ -415,8 +415,8 @@ mod tests {
         assert_eq!(c.shards, 2);
         assert_eq!(c.ping_interval, Duration::from_secs(45));
         assert_eq!(c.subprotocols, vec!["chat".to_string()]);
-        assert!(c.no_echo);
-        assert_eq!(c.max_message_size, 16 << 20);
+        assert!(c.echo);
+        assert_eq!(c.max_message_size, 64 << 10);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

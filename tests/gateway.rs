@@ -13,7 +13,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 #[test]
 fn echoes_text_binary_and_large_messages() {
-    let gw = Gateway::start(&["--shards", "2"]);
+    let gw = Gateway::start(&["--shards", "2", "--max-message-size", "4194304"]);
     runtime().block_on(async {
         let (mut ws, _) = tokio_tungstenite::connect_async(gw.url("/echo"))
             .await
@@ -593,8 +593,8 @@ fn too_low_memlock_limit_is_named_in_a_clear_error() {
 }
 
 #[test]
-fn no_echo_turns_the_echo_endpoint_off() {
-    let gw = Gateway::start(&["--shards", "1", "--no-echo"]);
+fn echo_is_off_unless_asked_for() {
+    let gw = Gateway::start_without_echo(&["--shards", "1"]);
     let resp = http_exchange(gw.addr, upgrade_request("/echo", "").as_bytes());
     assert!(resp.starts_with("HTTP/1.1 404 "), "{resp}");
 }

@@ -27,13 +27,23 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Starts `shardgate serve` with `args` on 127.0.0.1:0 and waits until every shard listens.
+    /// Starts `shardgate serve --echo` with `args` on 127.0.0.1:0 and waits until every
+    /// shard listens.
     pub fn start(args: &[&str]) -> Gateway {
         Self::start_with(Command::new(env!("CARGO_BIN_EXE_shardgate")), args)
     }
 
     /// As `start`, with a prepared command (for a wrapper such as `prlimit`).
-    pub fn start_with(mut cmd: Command, args: &[&str]) -> Gateway {
+    pub fn start_with(cmd: Command, args: &[&str]) -> Gateway {
+        Self::launch(cmd, &[&["--echo"], args].concat())
+    }
+
+    /// As `start`, without `--echo`: the gateway as it runs by default.
+    pub fn start_without_echo(args: &[&str]) -> Gateway {
+        Self::launch(Command::new(env!("CARGO_BIN_EXE_shardgate")), args)
+    }
+
+    fn launch(mut cmd: Command, args: &[&str]) -> Gateway {
         cmd.args(["serve", "--listen", "127.0.0.1:0"]).args(args);
         let mut child = cmd
             .stdout(Stdio::piped())

@@ -76,7 +76,7 @@ fn answer(ctx: &ShardContext, apps: &Apps, request: &Request<'_>, out: &mut Vec<
             handshake::write_response(out, 405, "use GET", "Allow: GET\r\n");
             return None;
         }
-        "/echo" if !config.no_echo => Endpoint::Echo,
+        "/echo" if config.echo => Endpoint::Echo,
         "/ws" => Endpoint::Chat(Arc::from("")),
         _ => {
             handshake::write_response(out, 404, "no such endpoint", "");
