@@ -48,6 +48,12 @@ pub struct TokenArgs {
     /// Where `serve` keeps its generated secret [default: ~/.local/share/shardgate].
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// The `aud` the gateway checks (`serve --token-audience`), if any.
+    #[arg(long, value_name = "AUD")]
+    pub token_audience: Option<String>,
+    /// The `iss` the gateway checks (`serve --token-issuer`), if any.
+    #[arg(long, value_name = "ISS")]
+    pub token_issuer: Option<String>,
 }
 
 /// Why the settings cannot be used.
@@ -298,6 +304,16 @@ config_table! {
         nats: String;
         /// Pin the NATS thread to this CPU [default: unpinned, so it never competes with one shard alone for a core].
         cluster_cpu: usize;
+        /// Tokens must carry this `aud` (and `token` mints it) [default: not checked].
+        #[arg(value_name = "AUD")]
+        token_audience: String;
+        /// Tokens must carry this `iss` (and `token` mints it) [default: not checked].
+        #[arg(value_name = "ISS")]
+        token_issuer: String;
+        /// Refuse tokens that are still valid for longer than this (a bare number is seconds) [default: no limit].
+        #[arg(value_parser = parse_duration)]
+        #[serde(with = "duration_serde")]
+        max_token_lifetime: Duration;
     }
 }
 

@@ -1,5 +1,5 @@
 use clap::Parser;
-use shardgate::chat::auth::Authenticator;
+use shardgate::chat::auth::{Authenticator, TokenRules};
 use shardgate::config::{default_data_dir, Cli, Command, Config};
 
 fn main() {
@@ -21,7 +21,12 @@ fn main() {
             .and_then(|config| shardgate::shard::run(config).map_err(Into::into)),
         Command::Token(args) => {
             let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
-            Authenticator::load(args.auth_secret_file.as_deref(), &data_dir)
+            let rules = TokenRules {
+                audience: args.token_audience,
+                issuer: args.token_issuer,
+                max_lifetime: None,
+            };
+            Authenticator::load(args.auth_secret_file.as_deref(), &data_dir, rules)
                 .and_then(|auth| auth.mint(&args.user, args.ttl))
                 .map(|token| println!("{token}"))
                 .map_err(Into::into)

@@ -330,7 +330,7 @@ fn run_process(args: &Args, group: usize) -> Report {
 /// threads start, since the authenticator is not Send; or `user=` for dev auth).
 fn users_and_credentials(args: &Args, offset: usize) -> (Vec<String>, Vec<String>) {
     let auth = args.auth_secret_file.as_ref().map(|f| {
-        Authenticator::load(Some(f), std::path::Path::new(".")).unwrap_or_else(|e| {
+        Authenticator::load(Some(f), std::path::Path::new("."), Default::default()).unwrap_or_else(|e| {
             eprintln!("shardgate-load: {e}");
             std::process::exit(2)
         })

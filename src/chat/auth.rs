@@ -24,10 +24,34 @@ pub fn is_valid_user_id(id: &str) -> bool {
     (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.@-".contains(&b))
 }
 
+/// What a token must say besides who and until when (all optional): the audience and
+/// issuer it was minted for, and how far ahead its expiry may lie.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenRules {
+    pub audience: Option<String>,
+    pub issuer: Option<String>,
+    pub max_lifetime: Option<Duration>,
+}
+
+impl TokenRules {
+    /// From `--token-audience`, `--token-issuer` and `--max-token-lifetime`.
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        TokenRules {
+            audience: config.token_audience.clone(),
+            issuer: config.token_issuer.clone(),
+            max_lifetime: config.max_token_lifetime,
+        }
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct Claims {
     sub: String,
     exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    aud: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    iss: Option<String>,
 }
 
 /// Where the secret came from, for the start-up message.
@@ -47,12 +71,22 @@ pub struct Authenticator {
     encoding: EncodingKey,
     validation: Validation,
     pub source: SecretSource,
+    rules: TokenRules,
 }
 
 impl Authenticator {
-    pub fn from_secret(secret: &[u8], source: SecretSource) -> Self {
+    pub fn from_secret(secret: &[u8], source: SecretSource, rules: TokenRules) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        let mut required = vec!["exp", "sub"];
+        if let Some(aud) = &rules.audience {
+            validation.set_audience(&[aud]);
+            required.push("aud");
+        }
+        if let Some(iss) = &rules.issuer {
+            validation.set_issuer(&[iss]);
+            required.push("iss");
+        }
+        validation.set_required_spec_claims(&required);
         // Tokens are minted by this cluster's own clock: no grace after `exp`.
         validation.leeway = 0;
         Authenticator {
@@ -60,19 +94,29 @@ impl Authenticator {
             encoding: EncodingKey::from_secret(secret),
             validation,
             source,
+            rules,
         }
     }
 
     /// Loads the secret the way `serve` and `token` both do.
-    pub fn load(secret_file: Option<&Path>, data_dir: &Path) -> Result<Self, AuthError> {
-        Self::load_with(secret_file, std::env::var(SECRET_ENV).ok(), data_dir)
+    pub fn load(secret_file: Option<&Path>, data_dir: &Path, rules: TokenRules) -> Result<Self, AuthError> {
+        Self::load_with(secret_file, std::env::var(SECRET_ENV).ok(), data_dir, rules)
     }
 
     /// `load`, with the value of `SHARDGATE_AUTH_SECRET` given.
-    fn load_with(secret_file: Option<&Path>, env_secret: Option<String>, data_dir: &Path) -> Result<Self, AuthError> {
+    fn load_with(
+        secret_file: Option<&Path>,
+        env_secret: Option<String>,
+        data_dir: &Path,
+        rules: TokenRules,
+    ) -> Result<Self, AuthError> {
         if let Some(path) = secret_file {
             let secret = read_secret(path)?;
-            return Ok(Self::from_secret(&secret, SecretSource::File(path.to_path_buf())));
+            return Ok(Self::from_secret(
+                &secret,
+                SecretSource::File(path.to_path_buf()),
+                rules,
+            ));
         }
         if let Some(secret) = env_secret {
             let secret = secret.trim();
@@ -85,7 +129,7 @@ impl Authenticator {
                     len: secret.len(),
                 });
             }
-            return Ok(Self::from_secret(secret.as_bytes(), SecretSource::Env));
+            return Ok(Self::from_secret(secret.as_bytes(), SecretSource::Env, rules));
         }
         let path = data_dir.join(SECRET_FILE_NAME);
         let created = !path.exists();
@@ -93,7 +137,8 @@ impl Authenticator {
             create_secret(&path)?;
         }
         let secret = read_secret(&path)?;
-        Ok(Self::from_secret(&secret, SecretSource::DataDir { path, created }))
+        let source = SecretSource::DataDir { path, created };
+        Ok(Self::from_secret(&secret, source, rules))
     }
 
     /// The user a token names, if it is well formed, correctly signed and not expired.
@@ -101,6 +146,13 @@ impl Authenticator {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)?;
         if !is_valid_user_id(&data.claims.sub) {
             return Err(AuthError::BadSubject);
+        }
+        if let Some(max) = self.rules.max_lifetime {
+            // A token valid for longer than the policy allows was not minted under it.
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+            if data.claims.exp > (now + max).as_secs() {
+                return Err(AuthError::TooLongLived(max));
+            }
         }
         Ok(data.claims.sub)
     }
@@ -110,10 +162,15 @@ impl Authenticator {
         if !is_valid_user_id(user) {
             return Err(AuthError::BadUser(user.to_string()));
         }
+        if let Some(max) = self.rules.max_lifetime.filter(|max| ttl > *max) {
+            return Err(AuthError::TooLongLived(max));
+        }
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         let claims = Claims {
             sub: user.to_string(),
             exp: (now + ttl).as_secs(),
+            aud: self.rules.audience.clone(),
+            iss: self.rules.issuer.clone(),
         };
         Ok(jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
@@ -200,6 +257,8 @@ pub enum AuthError {
     BadUser(String),
     #[error("sub is not a valid user id")]
     BadSubject,
+    #[error("the token is valid for longer than --max-token-lifetime ({0:?})")]
+    TooLongLived(Duration),
     #[error(transparent)]
     Token(#[from] jsonwebtoken::errors::Error),
 }
@@ -219,7 +278,7 @@ mod tests {
     use super::*;
 
     fn auth() -> Authenticator {
-        Authenticator::from_secret(b"test-secret", SecretSource::Env)
+        Authenticator::from_secret(b"test-secret", SecretSource::Env, TokenRules::default())
     }
 
     #[test]
@@ -237,7 +296,7 @@ mod tests {
         let a = auth();
         let token = a.mint("user-a", Duration::from_secs(60)).unwrap();
         assert_eq!(a.verify(&token).unwrap(), "user-a");
-        let other = Authenticator::from_secret(b"another-secret", SecretSource::Env);
+        let other = Authenticator::from_secret(b"another-secret", SecretSource::Env, TokenRules::default());
         assert!(other.verify(&token).is_err(), "bad signature");
         assert!(a.verify("not.a.token").is_err());
         assert!(a.verify("").is_err());
@@ -246,6 +305,8 @@ mod tests {
             &Claims {
                 sub: "user-a".into(),
                 exp: 1_000,
+                aud: None,
+                iss: None,
             },
             &EncodingKey::from_secret(b"test-secret"),
         )
@@ -255,6 +316,8 @@ mod tests {
             &Header::new(Algorithm::HS256),
             &Claims {
                 sub: "no spaces allowed".into(),
+                aud: None,
+                iss: None,
                 exp: u64::MAX / 2,
             },
             &EncodingKey::from_secret(b"test-secret"),
@@ -269,7 +332,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = std::env::temp_dir().join(format!("shardgate-auth-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let first = Authenticator::load_with(None, None, &dir).unwrap();
+        let first = Authenticator::load_with(None, None, &dir, TokenRules::default()).unwrap();
         let path = dir.join(SECRET_FILE_NAME);
         assert_eq!(
             first.source,
@@ -280,9 +343,14 @@ mod tests {
         );
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         let token = first.mint("u", Duration::from_secs(60)).unwrap();
-        let second = Authenticator::load_with(None, None, &dir).unwrap();
-        let env =
-            Authenticator::load_with(None, Some("a-secret-from-the-environment-of-32+bytes".into()), &dir).unwrap();
+        let second = Authenticator::load_with(None, None, &dir, TokenRules::default()).unwrap();
+        let env = Authenticator::load_with(
+            None,
+            Some("a-secret-from-the-environment-of-32+bytes".into()),
+            &dir,
+            TokenRules::default(),
+        )
+        .unwrap();
         assert_eq!(env.source, SecretSource::Env);
         assert_eq!(
             second.source,
@@ -292,10 +360,44 @@ mod tests {
             }
         );
         assert_eq!(second.verify(&token).unwrap(), "u");
-        let from_file =
-            Authenticator::load_with(Some(&path), Some("ignored".into()), Path::new("/nonexistent")).unwrap();
+        let from_file = Authenticator::load_with(
+            Some(&path),
+            Some("ignored".into()),
+            Path::new("/nonexistent"),
+            TokenRules::default(),
+        )
+        .unwrap();
         assert_eq!(from_file.verify(&token).unwrap(), "u");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn audience_issuer_and_lifetime_are_checked_when_set() {
+        let secret = b"0123456789abcdef0123456789abcdef";
+        let with = |audience: Option<&str>, issuer: Option<&str>, max: Option<u64>| {
+            let rules = TokenRules {
+                audience: audience.map(String::from),
+                issuer: issuer.map(String::from),
+                max_lifetime: max.map(Duration::from_secs),
+            };
+            Authenticator::from_secret(secret, SecretSource::Env, rules)
+        };
+        let plain = with(None, None, None);
+        let strict = with(Some("chat"), Some("login.example"), Some(3600));
+        let token = strict.mint("alice", Duration::from_secs(600)).unwrap();
+        assert_eq!(strict.verify(&token).unwrap(), "alice");
+        // A token without them, or for another audience or issuer, is refused.
+        let bare = plain.mint("alice", Duration::from_secs(600)).unwrap();
+        assert!(strict.verify(&bare).is_err(), "no aud and iss");
+        let other_aud = with(Some("admin"), Some("login.example"), None).mint("alice", Duration::from_secs(600));
+        assert!(strict.verify(&other_aud.unwrap()).is_err(), "another audience");
+        let other_iss = with(Some("chat"), Some("elsewhere"), None).mint("alice", Duration::from_secs(600));
+        assert!(strict.verify(&other_iss.unwrap()).is_err(), "another issuer");
+        // One valid for a day is refused by a gateway that allows an hour, and not minted.
+        let long = with(Some("chat"), Some("login.example"), None).mint("alice", Duration::from_secs(86_400));
+        let e = strict.verify(&long.unwrap()).unwrap_err().to_string();
+        assert!(e.contains("max-token-lifetime"), "{e}");
+        assert!(strict.mint("alice", Duration::from_secs(86_400)).is_err());
     }
 
     #[test]
@@ -308,6 +410,7 @@ mod tests {
             file,
             env.map(String::from),
             &dir,
+            TokenRules::default(),
         ) {
             Ok(_) => panic!("accepted"),
             Err(e) => e.to_string(),
@@ -318,7 +421,7 @@ mod tests {
         };
         let long = "0123456789abcdef0123456789abcdef";
         write(long, 0o600);
-        assert!(Authenticator::load_with(Some(&path), None, &dir).is_ok());
+        assert!(Authenticator::load_with(Some(&path), None, &dir, TokenRules::default()).is_ok());
         write("short-secret", 0o600);
         let e = refusal(Some(&path), None);
         assert!(e.contains("is 12 bytes; at least 32"), "{e}");
@@ -327,7 +430,7 @@ mod tests {
         assert!(e.contains("mode 644") && e.contains("chmod 600"), "{e}");
         write(long, 0o640);
         assert!(
-            Authenticator::load_with(Some(&path), None, &dir).is_err(),
+            Authenticator::load_with(Some(&path), None, &dir, TokenRules::default()).is_err(),
             "group may read it"
         );
         let e = refusal(None, Some("too-short"));

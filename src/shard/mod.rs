@@ -62,9 +62,11 @@ struct Shared {
 pub fn run(config: Config) -> Result<(), StartError> {
     let plan = start::Plan::new(&config)?;
     let listeners = start::bind(&config, &plan)?;
+    let rules = crate::chat::auth::TokenRules::from_config(&config);
     let auth = Arc::new(Authenticator::load(
         config.auth_secret_file.as_deref(),
         &config.data_dir,
+        rules,
     )?);
     start::announce(&config, &plan, listeners.bound, &auth);
     let (reporter, reporter_thread) = spawn_reporter(crate::metrics::report::ReporterConfig {
