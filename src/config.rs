@@ -54,6 +54,10 @@ pub struct TokenArgs {
     /// The `iss` the gateway checks (`serve --token-issuer`), if any.
     #[arg(long, value_name = "ISS")]
     pub token_issuer: Option<String>,
+    /// A room the token lets the user join: a name, or a prefix ending in `*` (repeatable;
+    /// without any, the token has no `rooms` claim).
+    #[arg(long = "room", value_name = "ROOM")]
+    pub rooms: Vec<String>,
 }
 
 /// Why the settings cannot be used.
@@ -272,6 +276,9 @@ config_table! {
         /// Hand each new connection to the shard on the CPU that received its SYN, instead of the kernel's hash. For hosts whose NIC spreads flows over every shard's CPU (RSS, one queue per core); needs one CPU per shard (see kernel-tuning.md).
         #[arg(num_args = 0, default_missing_value = "true")]
         steer_by_cpu: bool = false, "off";
+        /// Rooms are closed to users whose token has no `rooms` claim (and to dev-auth users); without this, open to them.
+        #[arg(num_args = 0, default_missing_value = "true")]
+        rooms_closed_by_default: bool = false, "off";
         /// Subject prefix of the cluster: nodes with the same prefix form one.
         nats_prefix: String = "shardgate".into(), "shardgate";
         /// A node not heard from for this long is forgotten with its users.

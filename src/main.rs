@@ -27,7 +27,7 @@ fn main() {
                 max_lifetime: None,
             };
             Authenticator::load(args.auth_secret_file.as_deref(), &data_dir, rules)
-                .and_then(|auth| auth.mint(&args.user, args.ttl))
+                .and_then(|auth| auth.mint(&args.user, args.ttl, (!args.rooms.is_empty()).then_some(args.rooms)))
                 .map(|token| println!("{token}"))
                 .map_err(Into::into)
         }

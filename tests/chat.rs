@@ -287,6 +287,64 @@ fn upgrade_status(addr: std::net::SocketAddr, target: &str, headers: &str) -> St
 }
 
 #[test]
+fn a_token_without_the_room_in_its_claim_gets_forbidden() {
+    let dir = temp_dir("room-claims");
+    let gw = Gateway::start(&[
+        "--shards",
+        "2",
+        "--rooms-closed-by-default",
+        "--insecure-dev-auth",
+        "--data-dir",
+        dir.to_str().unwrap(),
+    ]);
+    let mint = |user: &str, rooms: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_shardgate"));
+        cmd.args(["token", user, "--data-dir", dir.to_str().unwrap()]);
+        for r in rooms {
+            cmd.args(["--room", r]);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let url = |query: String| format!("ws://{}/ws?{query}", gw.addr);
+    runtime().block_on(async {
+        let join = |room: &str| json!({"type":"join","room":room});
+        // A token that grants one room and a prefix.
+        let token = mint("alice", &["lobby", "team-*"]);
+        let mut alice = connect_user(&url(format!("token={token}")), "alice").await;
+        for room in ["lobby", "team-red"] {
+            send(&mut alice, join(room)).await;
+            assert_eq!(recv(&mut alice).await, json!({"type":"joined","room":room}));
+        }
+        send(&mut alice, join("admins")).await;
+        let e = recv(&mut alice).await;
+        assert_eq!(
+            (e["type"].as_str(), e["code"].as_str()),
+            (Some("error"), Some("forbidden")),
+            "{e}"
+        );
+        // A token without the claim, and a dev-auth user: rooms are closed by default here.
+        let plain = mint("bob", &[]);
+        let mut bob = connect_user(&url(format!("token={plain}")), "bob").await;
+        let mut carol = connect_user(&url("user=carol".into()), "carol").await;
+        for ws in [&mut bob, &mut carol] {
+            send(ws, join("lobby")).await;
+            let e = recv(ws).await;
+            assert_eq!(e["code"].as_str(), Some("forbidden"), "{e}");
+            // The connection stays usable.
+            send(ws, json!({"type":"send","to":"alice","id":"still","body":1})).await;
+            let ack = recv(ws).await;
+            assert_eq!(
+                (ack["type"].as_str(), ack["id"].as_str()),
+                (Some("ack"), Some("still")),
+                "{ack}"
+            );
+        }
+    });
+}
+
+#[test]
 fn tokens_are_checked_before_the_upgrade() {
     let dir = temp_dir("tokens");
     let gw = Gateway::start(&["--shards", "1", "--data-dir", dir.to_str().unwrap()]);

@@ -343,7 +343,7 @@ fn users_and_credentials(args: &Args, offset: usize) -> (Vec<String>, Vec<String
         .map(|n| match &auth {
             Some(a) => format!(
                 "token={}",
-                a.mint(n, Duration::from_secs(86_400)).expect("valid user id")
+                a.mint(n, Duration::from_secs(86_400), None).expect("valid user id")
             ),
             None => format!("user={n}"),
         })

@@ -33,6 +33,40 @@ pub struct TokenRules {
     pub max_lifetime: Option<Duration>,
 }
 
+/// Who a verified token names, and the rooms it lets the user join (`None`: the token
+/// has no `rooms` claim).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub user: String,
+    pub rooms: Option<RoomGrants>,
+}
+
+/// The rooms a token grants: exact names, and prefixes (`team-*`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoomGrants {
+    exact: Vec<String>,
+    prefixes: Vec<String>,
+}
+
+impl From<Vec<String>> for RoomGrants {
+    fn from(patterns: Vec<String>) -> Self {
+        let mut grants = RoomGrants::default();
+        for p in patterns {
+            match p.strip_suffix('*') {
+                Some(prefix) => grants.prefixes.push(prefix.to_string()),
+                None => grants.exact.push(p),
+            }
+        }
+        grants
+    }
+}
+
+impl RoomGrants {
+    pub fn allows(&self, room: &str) -> bool {
+        self.exact.iter().any(|r| r == room) || self.prefixes.iter().any(|p| room.starts_with(p.as_str()))
+    }
+}
+
 impl TokenRules {
     /// From `--token-audience`, `--token-issuer` and `--max-token-lifetime`.
     pub fn from_config(config: &crate::config::Config) -> Self {
@@ -52,6 +86,10 @@ struct Claims {
     aud: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     iss: Option<String>,
+    /// The rooms the user may join: exact names, or prefixes ending in `*`. Without the
+    /// claim, `--rooms-default` decides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rooms: Option<Vec<String>>,
 }
 
 /// Where the secret came from, for the start-up message.
@@ -141,8 +179,9 @@ impl Authenticator {
         Ok(Self::from_secret(&secret, source, rules))
     }
 
-    /// The user a token names, if it is well formed, correctly signed and not expired.
-    pub fn verify(&self, token: &str) -> Result<String, AuthError> {
+    /// The user a token names, and the rooms it grants, if it is well formed, correctly
+    /// signed and not expired.
+    pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)?;
         if !is_valid_user_id(&data.claims.sub) {
             return Err(AuthError::BadSubject);
@@ -154,11 +193,14 @@ impl Authenticator {
                 return Err(AuthError::TooLongLived(max));
             }
         }
-        Ok(data.claims.sub)
+        Ok(Identity {
+            user: data.claims.sub,
+            rooms: data.claims.rooms.map(RoomGrants::from),
+        })
     }
 
-    /// A token for `user` that expires after `ttl`.
-    pub fn mint(&self, user: &str, ttl: Duration) -> Result<String, AuthError> {
+    /// A token for `user` that expires after `ttl` (and grants `rooms`, when given).
+    pub fn mint(&self, user: &str, ttl: Duration, rooms: Option<Vec<String>>) -> Result<String, AuthError> {
         if !is_valid_user_id(user) {
             return Err(AuthError::BadUser(user.to_string()));
         }
@@ -171,6 +213,7 @@ impl Authenticator {
             exp: (now + ttl).as_secs(),
             aud: self.rules.audience.clone(),
             iss: self.rules.issuer.clone(),
+            rooms,
         };
         Ok(jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
@@ -294,8 +337,8 @@ mod tests {
     #[test]
     fn minted_tokens_verify_and_others_do_not() {
         let a = auth();
-        let token = a.mint("user-a", Duration::from_secs(60)).unwrap();
-        assert_eq!(a.verify(&token).unwrap(), "user-a");
+        let token = a.mint("user-a", Duration::from_secs(60), None).unwrap();
+        assert_eq!(a.verify(&token).unwrap().user, "user-a");
         let other = Authenticator::from_secret(b"another-secret", SecretSource::Env, TokenRules::default());
         assert!(other.verify(&token).is_err(), "bad signature");
         assert!(a.verify("not.a.token").is_err());
@@ -307,6 +350,7 @@ mod tests {
                 exp: 1_000,
                 aud: None,
                 iss: None,
+                rooms: None,
             },
             &EncodingKey::from_secret(b"test-secret"),
         )
@@ -318,13 +362,14 @@ mod tests {
                 sub: "no spaces allowed".into(),
                 aud: None,
                 iss: None,
+                rooms: None,
                 exp: u64::MAX / 2,
             },
             &EncodingKey::from_secret(b"test-secret"),
         )
         .unwrap();
         assert!(a.verify(&bad_sub).is_err());
-        assert!(a.mint("bad user", Duration::from_secs(1)).is_err());
+        assert!(a.mint("bad user", Duration::from_secs(1), None).is_err());
     }
 
     #[test]
@@ -342,7 +387,7 @@ mod tests {
             }
         );
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        let token = first.mint("u", Duration::from_secs(60)).unwrap();
+        let token = first.mint("u", Duration::from_secs(60), None).unwrap();
         let second = Authenticator::load_with(None, None, &dir, TokenRules::default()).unwrap();
         let env = Authenticator::load_with(
             None,
@@ -359,7 +404,7 @@ mod tests {
                 created: false
             }
         );
-        assert_eq!(second.verify(&token).unwrap(), "u");
+        assert_eq!(second.verify(&token).unwrap().user, "u");
         let from_file = Authenticator::load_with(
             Some(&path),
             Some("ignored".into()),
@@ -367,8 +412,25 @@ mod tests {
             TokenRules::default(),
         )
         .unwrap();
-        assert_eq!(from_file.verify(&token).unwrap(), "u");
+        assert_eq!(from_file.verify(&token).unwrap().user, "u");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_rooms_claim_grants_exact_rooms_and_prefixes() {
+        let a = auth();
+        let token = a
+            .mint(
+                "alice",
+                Duration::from_secs(60),
+                Some(vec!["lobby".into(), "team-*".into()]),
+            )
+            .unwrap();
+        let grants = a.verify(&token).unwrap().rooms.expect("the claim is there");
+        assert!(grants.allows("lobby") && grants.allows("team-a") && grants.allows("team-"));
+        assert!(!grants.allows("lobby2") && !grants.allows("other") && !grants.allows("tea"));
+        let none = a.mint("bob", Duration::from_secs(60), None).unwrap();
+        assert_eq!(a.verify(&none).unwrap().rooms, None);
     }
 
     #[test]
@@ -384,20 +446,20 @@ mod tests {
         };
         let plain = with(None, None, None);
         let strict = with(Some("chat"), Some("login.example"), Some(3600));
-        let token = strict.mint("alice", Duration::from_secs(600)).unwrap();
-        assert_eq!(strict.verify(&token).unwrap(), "alice");
+        let token = strict.mint("alice", Duration::from_secs(600), None).unwrap();
+        assert_eq!(strict.verify(&token).unwrap().user, "alice");
         // A token without them, or for another audience or issuer, is refused.
-        let bare = plain.mint("alice", Duration::from_secs(600)).unwrap();
+        let bare = plain.mint("alice", Duration::from_secs(600), None).unwrap();
         assert!(strict.verify(&bare).is_err(), "no aud and iss");
-        let other_aud = with(Some("admin"), Some("login.example"), None).mint("alice", Duration::from_secs(600));
+        let other_aud = with(Some("admin"), Some("login.example"), None).mint("alice", Duration::from_secs(600), None);
         assert!(strict.verify(&other_aud.unwrap()).is_err(), "another audience");
-        let other_iss = with(Some("chat"), Some("elsewhere"), None).mint("alice", Duration::from_secs(600));
+        let other_iss = with(Some("chat"), Some("elsewhere"), None).mint("alice", Duration::from_secs(600), None);
         assert!(strict.verify(&other_iss.unwrap()).is_err(), "another issuer");
         // One valid for a day is refused by a gateway that allows an hour, and not minted.
-        let long = with(Some("chat"), Some("login.example"), None).mint("alice", Duration::from_secs(86_400));
+        let long = with(Some("chat"), Some("login.example"), None).mint("alice", Duration::from_secs(86_400), None);
         let e = strict.verify(&long.unwrap()).unwrap_err().to_string();
         assert!(e.contains("max-token-lifetime"), "{e}");
-        assert!(strict.mint("alice", Duration::from_secs(86_400)).is_err());
+        assert!(strict.mint("alice", Duration::from_secs(86_400), None).is_err());
     }
 
     #[test]

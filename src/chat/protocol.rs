@@ -51,6 +51,8 @@ pub enum ErrorCode {
     BadField,
     /// Publishing to a room the user has not joined.
     NotMember,
+    /// Joining a room the user's token does not grant.
+    Forbidden,
     /// Over `--rate-limit`, or a destination overloaded.
     RateLimited,
     /// In a cluster: the message may not have reached another node.
@@ -64,6 +66,7 @@ impl ErrorCode {
             ErrorCode::UnknownType => "unknown_type",
             ErrorCode::BadField => "bad_field",
             ErrorCode::NotMember => "not_member",
+            ErrorCode::Forbidden => "forbidden",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
         }

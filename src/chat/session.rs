@@ -9,7 +9,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use serde_json::value::RawValue;
 
-use super::auth::{is_valid_user_id, Authenticator};
+use super::auth::{is_valid_user_id, Authenticator, RoomGrants};
 use super::hub::Hub;
 use super::output::{ConnOutput, Reply};
 use super::protocol::{self, AppError, ClientMessage, ErrorCode};
@@ -72,14 +72,22 @@ impl Arrival {
     }
 }
 
+/// A chat connection's user (interned in the hub's directory), and the rooms its token
+/// grants (`None`: no `rooms` claim, or dev auth).
+#[derive(Debug, Clone)]
+pub struct ChatUser {
+    pub user: Arc<str>,
+    pub rooms: Option<RoomGrants>,
+}
+
 /// Who is opening /ws: the Origin must be allowed, and a valid token (or, in dev mode, a
-/// `user` parameter) must name the user. The id is interned in `hub`'s directory.
+/// `user` parameter) must name the user.
 pub fn authorize<O: ConnOutput>(
     config: &Config,
     auth: &Authenticator,
     hub: &Hub<O>,
     request: &Request<'_>,
-) -> Result<Arc<str>, Rejection> {
+) -> Result<ChatUser, Rejection> {
     const UNAUTHORIZED: &str = "WWW-Authenticate: Bearer\r\n";
     let unauthorized = |message| Rejection {
         status: 401,
@@ -96,12 +104,18 @@ pub fn authorize<O: ConnOutput>(
     let (token, dev_user) = credentials(request);
     match (token, dev_user) {
         (Some(token), _) => match auth.verify(&token) {
-            Ok(user) => Ok(hub.router.borrow().intern(&user)),
+            Ok(id) => Ok(ChatUser {
+                user: hub.router.borrow().intern(&id.user),
+                rooms: id.rooms,
+            }),
             Err(_) => Err(unauthorized("the token is malformed, badly signed or expired")),
         },
         (None, Some(user)) if config.insecure_dev_auth => {
             if is_valid_user_id(&user) {
-                Ok(hub.router.borrow().intern(&user))
+                Ok(ChatUser {
+                    user: hub.router.borrow().intern(&user),
+                    rooms: None,
+                })
             } else {
                 Err(unauthorized("user must be 1-64 of A-Z a-z 0-9 _ . @ -"))
             }
@@ -146,17 +160,24 @@ fn credentials(request: &Request<'_>) -> (Option<String>, Option<String>) {
     (token, dev_user)
 }
 
-/// One chat connection: its user, its outgoing queue and its rate limit.
+/// One chat connection: its user, the rooms it may join, its outgoing queue and its rate
+/// limit.
 pub struct ChatConn<O> {
     pub user: Arc<str>,
+    rooms: Option<RoomGrants>,
     pub out: Rc<O>,
     bucket: TokenBucket,
 }
 
 impl<O: ConnOutput> ChatConn<O> {
-    pub fn new(user: Arc<str>, out: Rc<O>, config: &Config) -> Self {
+    pub fn new(who: ChatUser, out: Rc<O>, config: &Config) -> Self {
         let bucket = TokenBucket::new(config.rate_limit, config.rate_burst.max(1) as f64, Instant::now());
-        ChatConn { user, out, bucket }
+        ChatConn {
+            user: who.user,
+            rooms: who.rooms,
+            out,
+            bucket,
+        }
     }
 
     /// Handles one complete message from the client; `at` is when the read that carried
@@ -178,7 +199,7 @@ impl<O: ConnOutput> ChatConn<O> {
                 format!("more than {} messages per second", config.rate_limit),
             ))
         } else {
-            protocol::parse(payload).and_then(|msg| self.route(hub, msg, at, reply))
+            protocol::parse(payload).and_then(|msg| self.route(hub, config, msg, at, reply))
         };
         if let Err(error) = result {
             hub.with_json(|json| protocol::write_error(json, &error), |json| reply.text(json));
@@ -188,6 +209,7 @@ impl<O: ConnOutput> ChatConn<O> {
     fn route(
         &mut self,
         hub: &Hub<O>,
+        config: &Config,
         msg: ClientMessage<'_>,
         at: Arrival,
         reply: &mut impl Reply,
@@ -202,7 +224,10 @@ impl<O: ConnOutput> ChatConn<O> {
                 self.publish(hub, &room, id, body, at, reply)
                     .map_err(|e| e.with_id_str(id))
             }
-            ClientMessage::Join { room } => self.change_membership(hub, room, true),
+            ClientMessage::Join { room } => {
+                self.check_may_join(&room, config)?;
+                self.change_membership(hub, room, true)
+            }
             ClientMessage::Leave { room } => self.change_membership(hub, room, false),
         }
     }
@@ -346,6 +371,23 @@ impl<O: ConnOutput> ChatConn<O> {
                 };
                 hub.send_to(shard, msg);
             }
+        }
+    }
+
+    /// A token's `rooms` claim decides which rooms the user may join; without one,
+    /// `--rooms-closed-by-default` does.
+    fn check_may_join(&self, room: &str, config: &Config) -> Result<(), AppError> {
+        let allowed = match &self.rooms {
+            Some(grants) => grants.allows(room),
+            None => !config.rooms_closed_by_default,
+        };
+        if allowed {
+            Ok(())
+        } else {
+            Err(AppError::new(
+                ErrorCode::Forbidden,
+                format!("this token does not let {} join {room}", self.user),
+            ))
         }
     }
 

@@ -8,7 +8,6 @@ mod upgrade;
 use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_lite::AsyncWriteExt;
@@ -17,6 +16,7 @@ use glommio::net::TcpStream;
 use super::context::{ConnectionSlot, ReadOutcome, ShardContext};
 use super::egress::Outbound;
 use super::Apps;
+use crate::chat::session::ChatUser;
 use crate::ws::handshake;
 use crate::ws::{write_close, CloseCode};
 
@@ -28,7 +28,7 @@ const LINGER: Duration = Duration::from_secs(1);
 enum Endpoint {
     Echo,
     /// A chat connection of this user.
-    Chat(Arc<str>),
+    Chat(ChatUser),
 }
 
 /// Serves one accepted connection to the end.

@@ -289,7 +289,8 @@ fn open<'a>(
             ));
             (App::Echo, out, None)
         }
-        Endpoint::Chat(user) => {
+        Endpoint::Chat(who) => {
+            let user = who.user.clone();
             let out = Rc::new(Outbound::new(id, slot.key(), fd, config.max_outbound_bytes));
             apps.hub.register(&user, out.clone());
             ctx.end_round(&apps.hub);
@@ -300,7 +301,7 @@ fn open<'a>(
                 id,
             };
             (
-                App::Chat(ChatConn::new(user, out.clone(), config)),
+                App::Chat(ChatConn::new(who, out.clone(), config)),
                 out,
                 Some(registration),
             )

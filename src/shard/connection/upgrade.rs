@@ -1,7 +1,6 @@
 //! The HTTP side of a connection: read the request head, answer it, and say which
 //! endpoint an upgraded connection runs.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use futures_lite::AsyncWriteExt;
@@ -67,7 +66,7 @@ pub(super) async fn upgrade(
 /// answer (health check, refusal) and `None`.
 fn answer(ctx: &ShardContext, apps: &Apps, request: &Request<'_>, out: &mut Vec<u8>) -> Option<Endpoint> {
     let config = &ctx.config;
-    let wanted = match request.path {
+    let chat = match request.path {
         "/healthz" if request.method == "GET" => {
             handshake::write_response(out, 200, "ok", "");
             return None;
@@ -76,17 +75,18 @@ fn answer(ctx: &ShardContext, apps: &Apps, request: &Request<'_>, out: &mut Vec<
             handshake::write_response(out, 405, "use GET", "Allow: GET\r\n");
             return None;
         }
-        "/echo" if config.echo => Endpoint::Echo,
-        "/ws" => Endpoint::Chat(Arc::from("")),
+        "/echo" if config.echo => false,
+        "/ws" => true,
         _ => {
             handshake::write_response(out, 404, "no such endpoint", "");
             return None;
         }
     };
-    let decision = handshake::validate_upgrade(request, &config.subprotocols).and_then(|accept| match wanted {
-        Endpoint::Echo => Ok((accept, Endpoint::Echo)),
-        Endpoint::Chat(_) => {
-            authorize(config, &apps.auth, &apps.hub, request).map(|user| (accept, Endpoint::Chat(user)))
+    let decision = handshake::validate_upgrade(request, &config.subprotocols).and_then(|accept| {
+        if chat {
+            authorize(config, &apps.auth, &apps.hub, request).map(|who| (accept, Endpoint::Chat(who)))
+        } else {
+            Ok((accept, Endpoint::Echo))
         }
     });
     match decision {
