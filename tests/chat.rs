@@ -287,6 +287,53 @@ fn upgrade_status(addr: std::net::SocketAddr, target: &str, headers: &str) -> St
 }
 
 #[test]
+fn a_flood_over_the_rate_limit_gets_one_error_not_one_per_message() {
+    let dir = temp_dir("flood");
+    let gw = Gateway::start(&[
+        "--shards",
+        "1",
+        "--insecure-dev-auth",
+        "--rate-limit",
+        "10",
+        "--rate-burst",
+        "10",
+        "--data-dir",
+        dir.to_str().unwrap(),
+    ]);
+    runtime().block_on(async {
+        let mut alice = connect_user(&format!("ws://{}/ws?user=alice", gw.addr), "alice").await;
+        // 1,000 tiny frames at once: 10 pass (acked), the rest are over the limit.
+        for i in 0..1000 {
+            let msg = json!({"type":"send","to":"alice","id":format!("m{i}"),"body":1}).to_string();
+            alice.feed(Message::Text(msg)).await.unwrap();
+        }
+        alice.feed(Message::Ping(b"end".to_vec())).await.unwrap();
+        alice.flush().await.unwrap();
+        // The gateway answers in order: everything it said about the flood comes before
+        // the Pong.
+        let (mut errors, mut others) = (0, 0);
+        loop {
+            match alice.next().await.unwrap().unwrap() {
+                Message::Pong(p) if p == b"end" => break,
+                Message::Text(t) => {
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    if v["code"].as_str() == Some("rate_limited") {
+                        errors += 1;
+                    } else {
+                        others += 1;
+                    }
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        // The flood takes well under a second to arrive, so one error, two if it
+        // straddles the interval; before the fix, 990.
+        assert!((1..=2).contains(&errors), "{errors} rate_limited errors");
+        assert!(others <= 40, "{others} acks and deliveries for the 10 that passed");
+    });
+}
+
+#[test]
 fn a_token_without_the_room_in_its_claim_gets_forbidden() {
     let dir = temp_dir("room-claims");
     let gw = Gateway::start(&[

@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
@@ -52,6 +52,9 @@ impl TokenBucket {
         }
     }
 }
+
+/// A connection over its message rate hears so at most this often.
+const RATE_ERROR_INTERVAL: Duration = Duration::from_secs(1);
 
 /// When the read that carried a message returned: the monotonic instant (for latency) and
 /// the wall clock in Unix milliseconds (the `ts` clients see).
@@ -167,6 +170,8 @@ pub struct ChatConn<O> {
     rooms: Option<RoomGrants>,
     pub out: Rc<O>,
     bucket: TokenBucket,
+    /// When the last `rate_limited` error went out.
+    rate_error_at: Option<Instant>,
 }
 
 impl<O: ConnOutput> ChatConn<O> {
@@ -177,6 +182,7 @@ impl<O: ConnOutput> ChatConn<O> {
             rooms: who.rooms,
             out,
             bucket,
+            rate_error_at: None,
         }
     }
 
@@ -194,9 +200,21 @@ impl<O: ConnOutput> ChatConn<O> {
         let result = if opcode != OpCode::Text {
             Err(AppError::new(ErrorCode::BadJson, "the chat protocol uses text frames"))
         } else if !self.bucket.take(at.ingress) {
+            // One error per RATE_ERROR_INTERVAL at most: a flood of tiny frames must not be
+            // answered with as many (larger) error frames.
+            if self
+                .rate_error_at
+                .is_some_and(|t| at.ingress.saturating_duration_since(t) < RATE_ERROR_INTERVAL)
+            {
+                return;
+            }
+            self.rate_error_at = Some(at.ingress);
             Err(AppError::new(
                 ErrorCode::RateLimited,
-                format!("more than {} messages per second", config.rate_limit),
+                format!(
+                    "more than {} messages per second; messages over the limit are dropped, with one error a second",
+                    config.rate_limit
+                ),
             ))
         } else {
             protocol::parse(payload).and_then(|msg| self.route(hub, config, msg, at, reply))
@@ -424,7 +442,6 @@ fn unavailable(message: &'static str) -> AppError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn token_bucket_allows_bursts_then_the_rate() {
