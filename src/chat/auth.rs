@@ -87,7 +87,7 @@ struct Claims {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     iss: Option<String>,
     /// The rooms the user may join: exact names, or prefixes ending in `*`. Without the
-    /// claim, `--rooms-default` decides.
+    /// claim, `--rooms-closed-by-default` decides.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     rooms: Option<Vec<String>>,
 }
