@@ -249,20 +249,36 @@ fn application_errors_answer_and_keep_the_connection() {
     });
 }
 
-#[test]
-fn rate_limit_answers_rate_limited() {
-    let dir = temp_dir("rate");
-    let gw = Gateway::start(&[
+/// A one-shard gateway with dev auth and a rate limit of `rate` messages a second.
+fn rate_limited_gateway(name: &str, rate: &str, burst: &str) -> Gateway {
+    let dir = temp_dir(name);
+    Gateway::start(&[
         "--shards",
         "1",
         "--insecure-dev-auth",
         "--rate-limit",
-        "1",
+        rate,
         "--rate-burst",
-        "3",
+        burst,
         "--data-dir",
         dir.to_str().unwrap(),
-    ]);
+    ])
+}
+
+/// A token minted by `shardgate token` with the secret in `dir`, and `args` besides.
+fn mint_token(dir: &std::path::Path, user: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shardgate"))
+        .args(["token", user, "--data-dir", dir.to_str().unwrap()])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[test]
+fn rate_limit_answers_rate_limited() {
+    let gw = rate_limited_gateway("rate", "1", "3");
     runtime().block_on(async {
         let mut alice = connect(gw.addr.port(), "alice").await;
         for i in 0..4 {
@@ -288,20 +304,9 @@ fn upgrade_status(addr: std::net::SocketAddr, target: &str, headers: &str) -> St
 
 #[test]
 fn a_flood_over_the_rate_limit_gets_one_error_not_one_per_message() {
-    let dir = temp_dir("flood");
-    let gw = Gateway::start(&[
-        "--shards",
-        "1",
-        "--insecure-dev-auth",
-        "--rate-limit",
-        "10",
-        "--rate-burst",
-        "10",
-        "--data-dir",
-        dir.to_str().unwrap(),
-    ]);
+    let gw = rate_limited_gateway("flood", "10", "10");
     runtime().block_on(async {
-        let mut alice = connect_user(&format!("ws://{}/ws?user=alice", gw.addr), "alice").await;
+        let mut alice = connect(gw.addr.port(), "alice").await;
         // 1,000 tiny frames at once: 10 pass (acked), the rest are over the limit.
         for i in 0..1000 {
             let msg = json!({"type":"send","to":"alice","id":format!("m{i}"),"body":1}).to_string();
@@ -344,21 +349,11 @@ fn a_token_without_the_room_in_its_claim_gets_forbidden() {
         "--data-dir",
         dir.to_str().unwrap(),
     ]);
-    let mint = |user: &str, rooms: &[&str]| {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_shardgate"));
-        cmd.args(["token", user, "--data-dir", dir.to_str().unwrap()]);
-        for r in rooms {
-            cmd.args(["--room", r]);
-        }
-        let out = cmd.output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    };
     let url = |query: String| format!("ws://{}/ws?{query}", gw.addr);
     runtime().block_on(async {
         let join = |room: &str| json!({"type":"join","room":room});
         // A token that grants one room and a prefix.
-        let token = mint("alice", &["lobby", "team-*"]);
+        let token = mint_token(&dir, "alice", &["--room", "lobby", "--room", "team-*"]);
         let mut alice = connect_user(&url(format!("token={token}")), "alice").await;
         for room in ["lobby", "team-red"] {
             send(&mut alice, join(room)).await;
@@ -372,7 +367,7 @@ fn a_token_without_the_room_in_its_claim_gets_forbidden() {
             "{e}"
         );
         // A token without the claim, and a dev-auth user: rooms are closed by default here.
-        let plain = mint("bob", &[]);
+        let plain = mint_token(&dir, "bob", &[]);
         let mut bob = connect_user(&url(format!("token={plain}")), "bob").await;
         let mut carol = connect_user(&url("user=carol".into()), "carol").await;
         for ws in [&mut bob, &mut carol] {
@@ -395,14 +390,7 @@ fn a_token_without_the_room_in_its_claim_gets_forbidden() {
 fn tokens_are_checked_before_the_upgrade() {
     let dir = temp_dir("tokens");
     let gw = Gateway::start(&["--shards", "1", "--data-dir", dir.to_str().unwrap()]);
-    let mint = |user: &str, ttl: &str| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_shardgate"))
-            .args(["token", user, "--ttl", ttl, "--data-dir", dir.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    };
+    let mint = |user: &str, ttl: &str| mint_token(&dir, user, &["--ttl", ttl]);
     let good = mint("alice", "1h");
     assert_eq!(upgrade_status(gw.addr, &format!("/ws?token={good}"), ""), "101");
     assert_eq!(
