@@ -36,6 +36,8 @@
 #   --nats [URL]              join the gateways through NATS (a local nats-server unless
 #                             a URL is given)
 #   --cross-node F            share of the pairs or rooms that span nodes (default 0.5)
+#   --cluster-key-file FILE   the cluster key (default: a new one in the results directory;
+#                             give the one the other nodes use to join an existing cluster)
 #   -h, --help                this text
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -45,7 +47,7 @@ cd "$root"
 
 connections=100000 duration=60s rate=0.1 ramp=2500 mode=direct tune=0 slo=200ms
 per_process= shards=$(nproc) shards_given=0 results=
-nodes=0 nats=0 nats_url= cross_node=
+nodes=0 nats=0 nats_url= cross_node= cluster_key=
 while [ $# -gt 0 ]; do
   case $1 in
     --profile)
@@ -67,6 +69,7 @@ while [ $# -gt 0 ]; do
     --results) results=$2; shift 2 ;;
     --tune) tune=1; shift ;;
     --nodes) nodes=$2; shift 2 ;;
+    --cluster-key-file) cluster_key=$2; shift 2 ;;
     --nats)
       nats=1
       if [ $# -gt 1 ] && [[ $2 == nats://* ]]; then nats_url=$2; shift; fi
@@ -124,7 +127,11 @@ if [ "$nats" = 1 ]; then
     start_nats "$results"
     echo "== nats-server $nats_url (pid $nats_pid), log $results/nats.log"
   fi
-  cluster=(--nats "$nats_url" --nats-prefix "soak$$")
+  if [ -z "$cluster_key" ]; then
+    cluster_key=$results/cluster-key
+    (umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$cluster_key")
+  fi
+  cluster=(--nats "$nats_url" --nats-prefix "soak$$" --cluster-key-file "$cluster_key")
   echo "== cluster: $gateways node(s) through $nats_url; $cross_node of the groups span nodes"
 fi
 

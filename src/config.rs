@@ -311,6 +311,33 @@ config_table! {
         nats: String;
         /// Pin the NATS thread to this CPU [default: unpinned, so it never competes with one shard alone for a core].
         cluster_cpu: usize;
+        /// File (mode 0600, at least 32 bytes) with the key every node of the cluster seals its messages with; needed with --nats, the same on every node.
+        #[arg(value_name = "FILE")]
+        cluster_key_file: PathBuf;
+        /// NATS user name (with --nats-password-file).
+        #[arg(value_name = "USER")]
+        nats_user: String;
+        /// File (mode 0600) holding the NATS password for --nats-user.
+        #[arg(value_name = "FILE")]
+        nats_password_file: PathBuf;
+        /// File (mode 0600) holding a NATS authentication token.
+        #[arg(value_name = "FILE")]
+        nats_token_file: PathBuf;
+        /// File (mode 0600) holding an NKey seed to authenticate to NATS with.
+        #[arg(value_name = "FILE")]
+        nats_nkey_file: PathBuf;
+        /// NATS credentials file (JWT and NKey seed, mode 0600), as `nsc` makes them.
+        #[arg(value_name = "FILE")]
+        nats_credentials: PathBuf;
+        /// CA certificate (PEM) to verify the NATS server with; given, the connection must use TLS.
+        #[arg(value_name = "FILE")]
+        nats_tls_ca: PathBuf;
+        /// Client certificate (PEM) for NATS servers that verify clients (with --nats-tls-key).
+        #[arg(value_name = "FILE")]
+        nats_tls_cert: PathBuf;
+        /// Private key (PEM) of --nats-tls-cert.
+        #[arg(value_name = "FILE")]
+        nats_tls_key: PathBuf;
         /// Tokens must carry this `aud` (and `token` mints it) [default: not checked].
         #[arg(value_name = "AUD")]
         token_audience: String;

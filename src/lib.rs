@@ -6,7 +6,7 @@
 //! - [`mailbox`], [`shutdown`]: channels with a doorbell, for handing work to a shard.
 //! - [`metrics`]: latency histograms and the report line.
 //! - [`route`]: messages between shards, the directory of who is where.
-//! - [`config`]: flags, the TOML file, defaults, from one table.
+//! - [`config`]: flags, the TOML file, defaults, from one table; [`secret`]: secret files.
 //! - [`cluster`]: many nodes as one, through NATS.
 //! - [`chat`]: the chat application (auth, protocol, sessions, the hub), apart from IO.
 //! - [`shard`]: executors, listeners, buffers and the connection driver.
@@ -17,6 +17,7 @@ pub mod config;
 pub(crate) mod mailbox;
 pub mod metrics;
 pub mod route;
+pub mod secret;
 pub mod shard;
 pub(crate) mod shutdown;
 pub mod sys;

@@ -30,12 +30,25 @@ fn nats() -> (Option<Nats>, String) {
 struct Node {
     gw: Gateway,
     id: String,
+    prefix: String,
+}
+
+/// Writes a cluster key (mode 0600) into `dir`.
+fn cluster_key(dir: &std::path::Path, byte: u8) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("cluster-key");
+    std::fs::write(&path, format!("{byte:02x}").repeat(32)).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
 }
 
 /// Starts a node of cluster `prefix` (one shard, dev auth, no rate limit).
 fn node(name: &str, url: &str, prefix: &str, extra: &[&str]) -> Node {
     let dir = temp_dir(name);
+    let key = cluster_key(&temp_dir(&format!("{prefix}-key")), 0x5a);
     let mut args = vec![
+        "--cluster-key-file",
+        key.to_str().unwrap(),
         "--shards",
         "1",
         "--insecure-dev-auth",
@@ -62,7 +75,11 @@ fn node(name: &str, url: &str, prefix: &str, extra: &[&str]) -> Node {
         .expect("node id")
         .to_string();
     gw.seen_or_wait("cluster: connected to NATS");
-    Node { gw, id }
+    Node {
+        gw,
+        id,
+        prefix: prefix.to_string(),
+    }
 }
 
 /// Starts `n` nodes and waits until each has synced every other's presence.
@@ -510,4 +527,234 @@ fn devices_on_the_senders_node_and_elsewhere_both_receive() {
             assert_eq!(recv(&mut bob_far).await["body"], n);
         }
     });
+}
+
+/// Waits for a `cluster:` line whose `rejected_total` is at least `n`; returns it.
+fn rejected_at_least(gw: &mut Gateway, n: u64) -> u64 {
+    loop {
+        let line = gw.wait_line("rejected_total=");
+        let total: u64 = line
+            .rsplit("rejected_total=")
+            .next()
+            .and_then(|v| v.trim().parse().ok())
+            .expect("rejected_total");
+        if total >= n {
+            return total;
+        }
+    }
+}
+
+/// A delivery batch as the wire format lays it out, with one record for `to`.
+fn raw_batch(sender: u64, seq: u64, to: &str, frame: &[u8]) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(&sender.to_le_bytes());
+    b.extend_from_slice(&seq.to_le_bytes());
+    b.push(1); // a direct message
+    b.extend_from_slice(&0u64.to_le_bytes());
+    b.push(to.len() as u8);
+    b.extend_from_slice(to.as_bytes());
+    b.extend_from_slice(&(frame.len() as u32).to_le_bytes());
+    b.extend_from_slice(frame);
+    b
+}
+
+/// A client of the same NATS without the cluster key tries to write to a user, claims a
+/// user for a node of its own, and replays a real batch it overheard: every attempt is
+/// dropped and counted, and no client sees anything of it.
+#[test]
+fn a_stranger_on_nats_can_neither_write_to_users_nor_claim_them() {
+    let (_nats, url) = nats();
+    let mut nodes = cluster("stranger", &url, 2, &[]);
+    let (prefix, target) = (nodes[1].prefix.clone(), nodes[1].id.clone());
+    runtime().block_on(async {
+        let mut alice = connect(&nodes[0], "alice").await;
+        let mut bob = connect(&nodes[1], "bob").await;
+        until_routed(&mut alice, "bob").await;
+        take_probe(&mut bob).await;
+        let stranger = async_nats::connect(url.as_str()).await.expect("a plain NATS client");
+        let inbox = format!("{prefix}.node.{target}.inbox");
+        let mut tap = stranger.subscribe(inbox.clone()).await.unwrap();
+        stranger.flush().await.unwrap();
+        // A batch for bob: unsealed, then with a seal made with another key.
+        let forged = raw_batch(0xbad, 1, "bob", b"\x81\x06forged");
+        stranger.publish(inbox.clone(), forged.clone().into()).await.unwrap();
+        let mut other_key = forged;
+        other_key.extend_from_slice(&[0x42; 40]);
+        stranger.publish(inbox.clone(), other_key.into()).await.unwrap();
+        // A node of its own that holds carol: a presence delta and a hello.
+        let mut delta = vec![1u8];
+        delta.extend_from_slice(&0xbadu64.to_le_bytes());
+        delta.extend_from_slice(&1u64.to_le_bytes());
+        delta.extend_from_slice(&[1, 5]);
+        delta.extend_from_slice(b"carol");
+        stranger
+            .publish(format!("{prefix}.presence"), delta.into())
+            .await
+            .unwrap();
+        let mut hello = vec![3u8];
+        hello.extend_from_slice(&0xbadu64.to_le_bytes());
+        stranger
+            .publish(format!("{prefix}.presence"), hello.into())
+            .await
+            .unwrap();
+        // A real batch, overheard and sent again.
+        send(&mut alice, json!({"type":"send","to":"bob","id":"real","body":"real"})).await;
+        assert_eq!(recv(&mut alice).await["status"], "routed");
+        assert_eq!(recv(&mut bob).await["id"], "real");
+        let overheard = tokio::time::timeout(Duration::from_secs(10), tap.next())
+            .await
+            .expect("the batch for bob crosses NATS")
+            .expect("subscription open");
+        stranger.publish(inbox.clone(), overheard.payload).await.unwrap();
+        stranger.flush().await.unwrap();
+
+        // Node 1 rejected the two forged batches, the replay and the two presence
+        // messages; node 0 the two presence messages; nothing else.
+        assert_eq!(rejected_at_least(&mut nodes[1].gw, 5), 5);
+        assert_eq!(rejected_at_least(&mut nodes[0].gw, 2), 2);
+        // Bob's next message is the next real one: no forgery and no second copy came.
+        send(
+            &mut alice,
+            json!({"type":"send","to":"bob","id":"after","body":"after"}),
+        )
+        .await;
+        assert_eq!(recv(&mut alice).await["status"], "routed");
+        assert_eq!(recv(&mut bob).await["id"], "after");
+        // And no node believes carol is anywhere.
+        send(&mut alice, json!({"type":"send","to":"carol","id":"c","body":1})).await;
+        assert_eq!(
+            recv(&mut alice).await,
+            json!({"type":"ack","id":"c","status":"offline"})
+        );
+    });
+    nodes[1].gw.seen_or_wait("cluster: rejected a message on");
+}
+
+/// Writes `text` to `dir/name` with mode 0600 (how the gateway wants its secrets).
+fn private_file(dir: &std::path::Path, name: &str, text: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+/// A NATS server that wants TLS and a password: nodes with the CA and the password form
+/// a cluster without ever printing the password; one with a wrong password says so and
+/// stays out.
+#[test]
+fn nodes_join_a_nats_that_wants_tls_and_a_password() {
+    let dir = temp_dir("nats-tls");
+    let ca = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+    let cert = private_file(&dir, "nats-cert.pem", &ca.cert.pem());
+    let key = private_file(&dir, "nats-key.pem", &ca.signing_key.serialize_pem());
+    let password = "correct-horse-battery-staple";
+    let nats = Nats::start_with(&[
+        "--tls",
+        "--tlscert",
+        &cert,
+        "--tlskey",
+        &key,
+        "--user",
+        "gateway",
+        "--pass",
+        password,
+    ]);
+    let url = nats.url();
+    let good = private_file(&dir, "password", password);
+    let access = [
+        "--nats-user",
+        "gateway",
+        "--nats-password-file",
+        &good,
+        "--nats-tls-ca",
+        &cert,
+    ];
+    let mut nodes = cluster("tls", &url, 2, &access);
+    runtime().block_on(async {
+        let mut alice = connect(&nodes[0], "alice").await;
+        let mut bob = connect(&nodes[1], "bob").await;
+        until_routed(&mut alice, "bob").await;
+        take_probe(&mut bob).await;
+    });
+    for node in nodes.iter_mut() {
+        node.gw.wait_line("cluster: nodes=1");
+        assert!(
+            !node.gw.seen.iter().any(|l| l.contains(password)),
+            "the password was printed"
+        );
+    }
+
+    let bad = private_file(&dir, "wrong-password", "not-the-password");
+    let key_file = cluster_key(&dir, 0x5a);
+    let mut outsider = Gateway::start(&[
+        "--shards",
+        "1",
+        "--report-interval",
+        "1s",
+        "--data-dir",
+        dir.to_str().unwrap(),
+        "--nats",
+        &url,
+        "--cluster-key-file",
+        key_file.to_str().unwrap(),
+        "--nats-user",
+        "gateway",
+        "--nats-password-file",
+        &bad,
+        "--nats-tls-ca",
+        &cert,
+    ]);
+    outsider.wait_line("authorization violation");
+    outsider.wait_line("cluster: nodes=0 remote_users=0 connected=false");
+    assert!(!outsider.seen.iter().any(|l| l.contains("cluster: connected to NATS")));
+}
+
+/// Without a cluster key, or with one others may read, a node refuses to start.
+#[test]
+fn a_node_needs_a_private_cluster_key() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = temp_dir("no-key");
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_shardgate"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--nats", "nats://127.0.0.1:1"])
+            .args(["--data-dir", dir.to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    assert!(run(&[]).contains("--nats needs --cluster-key-file"));
+    let key = cluster_key(&dir, 1);
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = run(&["--cluster-key-file", key.to_str().unwrap()]);
+    assert!(e.contains("cluster key") && e.contains("chmod 600"), "{e}");
+    std::fs::write(&key, "short").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let e = run(&["--cluster-key-file", key.to_str().unwrap()]);
+    assert!(e.contains("is 5 bytes; at least 32"), "{e}");
+}
+
+/// A node authenticates with a token, and with an NKey seed, each from a private file.
+#[test]
+fn nodes_authenticate_with_a_token_or_an_nkey() {
+    let dir = temp_dir("nats-nkey");
+    let user = nkeys::KeyPair::new_user();
+    let config = format!("authorization {{ users = [ {{ nkey: {} }} ] }}\n", user.public_key());
+    let config_file = private_file(&dir, "nats.conf", &config);
+    let nkey_nats = Nats::start_with(&["-c", &config_file]);
+    let token_nats = Nats::start_with(&["--auth", "a-token-for-the-gateways"]);
+    let seed = private_file(&dir, "seed", &user.seed().unwrap());
+    let token = private_file(&dir, "token", "a-token-for-the-gateways");
+    for (url, flag, file) in [
+        (nkey_nats.url(), "--nats-nkey-file", &seed),
+        (token_nats.url(), "--nats-token-file", &token),
+    ] {
+        let node = node(&format!("auth{}", flag.len()), &url, "auth", &[flag, file]);
+        assert!(
+            !node.gw.seen.iter().any(|l| l.contains("a-token-for")),
+            "the token was printed"
+        );
+    }
 }

@@ -13,6 +13,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
+use crate::secret::{check_len, read_secret_file, SecretError, SecretKind};
+
 pub const SECRET_ENV: &str = "SHARDGATE_AUTH_SECRET";
 const SECRET_FILE_NAME: &str = "auth-secret";
 /// The shortest HMAC secret accepted: as long as the hash (RFC 7518 §3.2 asks at least
@@ -161,12 +163,7 @@ impl Authenticator {
             if secret.is_empty() {
                 return Err(AuthError::EmptyEnv);
             }
-            if secret.len() < MIN_SECRET_LEN {
-                return Err(AuthError::ShortSecret {
-                    from: format!("${SECRET_ENV}"),
-                    len: secret.len(),
-                });
-            }
+            check_len(secret.as_bytes(), TOKEN_SECRET, || format!("${SECRET_ENV}"))?;
             return Ok(Self::from_secret(secret.as_bytes(), SecretSource::Env, rules));
         }
         let path = data_dir.join(SECRET_FILE_NAME);
@@ -223,32 +220,15 @@ impl Authenticator {
     }
 }
 
-/// The secret in `path`, which only its owner may read, of at least `MIN_SECRET_LEN`
-/// bytes (surrounding white space aside).
+/// The token secret: who can read it can mint tokens.
+const TOKEN_SECRET: SecretKind = SecretKind {
+    what: "auth secret",
+    risk: "can mint tokens",
+    min_len: MIN_SECRET_LEN,
+};
+
 fn read_secret(path: &Path) -> Result<Vec<u8>, AuthError> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(path)
-        .map_err(|e| AuthError::io("cannot read the auth secret", path, e))?
-        .permissions()
-        .mode();
-    if mode & 0o077 != 0 {
-        return Err(AuthError::SecretNotPrivate {
-            path: path.to_path_buf(),
-            mode: mode & 0o777,
-        });
-    }
-    let text = std::fs::read(path).map_err(|e| AuthError::io("cannot read the auth secret", path, e))?;
-    let secret = text.trim_ascii().to_vec();
-    if secret.is_empty() {
-        return Err(AuthError::EmptyFile(path.to_path_buf()));
-    }
-    if secret.len() < MIN_SECRET_LEN {
-        return Err(AuthError::ShortSecret {
-            from: path.display().to_string(),
-            len: secret.len(),
-        });
-    }
-    Ok(secret)
+    Ok(read_secret_file(path, TOKEN_SECRET)?)
 }
 
 /// Writes 32 random bytes (hex) to `path`, readable by the owner only.
@@ -275,19 +255,8 @@ fn create_secret(path: &Path) -> Result<(), AuthError> {
 pub enum AuthError {
     #[error("{SECRET_ENV} is set but empty")]
     EmptyEnv,
-    #[error("the auth secret {} is empty", .0.display())]
-    EmptyFile(PathBuf),
-    #[error(
-        "the auth secret from {from} is {len} bytes; at least {MIN_SECRET_LEN} are needed \
-         (make one with: head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > FILE; chmod 600 FILE)"
-    )]
-    ShortSecret { from: String, len: usize },
-    #[error(
-        "the auth secret {} may be read by group or others (mode {mode:o}): anyone who reads it can mint tokens; run chmod 600 {}",
-        path.display(),
-        path.display()
-    )]
-    SecretNotPrivate { path: PathBuf, mode: u32 },
+    #[error(transparent)]
+    Secret(#[from] SecretError),
     #[error("{what} {}: {source}", path.display())]
     Io {
         what: &'static str,

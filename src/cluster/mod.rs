@@ -8,7 +8,9 @@
 //! - `wire`: the bytes nodes exchange (batches, receipts, presence, snapshots).
 //! - `presence`: which other nodes hold which users and rooms (sans IO).
 //! - `node`: the thread: subjects, batching, receipts, reconnects.
+//! - `access`: the cluster key and the credentials this node gives NATS.
 
+pub mod access;
 pub mod node;
 pub mod presence;
 pub mod wire;

@@ -20,8 +20,9 @@ use bytes::Bytes;
 use crossbeam_channel::Receiver;
 use futures_util::StreamExt;
 
+use super::access::{redact_url, NatsAccess};
 use super::presence::{Action, Presence};
-use super::wire::{self, BatchWriter, NodeId, ReceiptWriter, RecordKind};
+use super::wire::{self, BatchWriter, ClusterKey, NodeId, ReceiptWriter, RecordKind};
 use super::{instant_to_unix_nanos, unix_nanos, unix_nanos_to_instant, ClusterLink, ToCluster};
 use crate::route::inbox::Mesh;
 use crate::route::{AckTo, Outcome};
@@ -34,6 +35,10 @@ pub struct ClusterConfig {
     pub url: String,
     pub prefix: String,
     pub node: NodeId,
+    /// Seals what this node sends, and checks what it receives.
+    pub key: Arc<ClusterKey>,
+    /// The credentials and TLS settings given to NATS.
+    pub access: NatsAccess,
     /// A node not heard from for this long is forgotten with its users.
     pub presence_timeout: Duration,
     pub heartbeat: Duration,
@@ -54,6 +59,8 @@ struct Traffic {
     routed: u64,
     offline: u64,
     unavailable: u64,
+    /// Messages dropped unread: a bad or stale seal, a replayed batch, unreadable bytes.
+    rejected: u64,
 }
 
 /// Shard messages handled per round, before batches are sent.
@@ -163,6 +170,11 @@ struct Node {
     /// When the last `cluster:` traffic line and heartbeat went out.
     last_report: Instant,
     last_heartbeat: Instant,
+    /// The last batch seq taken from each sender: each node numbers its batches upwards
+    /// and NATS keeps one publisher's order, so an older or equal seq is a replay.
+    last_batch: HashMap<NodeId, u64>,
+    /// Rejected messages since start (the traffic line shows them per interval).
+    rejected_total: u64,
 }
 
 /// The NATS client and the two subscriptions, once connected (NATS reconnects by itself
@@ -171,7 +183,14 @@ async fn connect(
     config: &ClusterConfig,
     events: tokio::sync::mpsc::UnboundedSender<Event>,
 ) -> Option<(Client, async_nats::Subscriber, async_nats::Subscriber)> {
-    let connect = ConnectOptions::new()
+    let options = match config.access.apply(ConnectOptions::new()) {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::warn!("cluster: cannot use the NATS credentials: {e}; this node serves local traffic only");
+            return None;
+        }
+    };
+    let connect = options
         .name(format!("shardgate-{:016x}", config.node))
         .retry_on_initial_connect()
         .max_reconnects(None)
@@ -193,7 +212,7 @@ async fn connect(
         Err(e) => {
             tracing::warn!(
                 "cluster: cannot use NATS at {}: {e}; this node serves local traffic only",
-                config.url
+                redact_url(&config.url)
             );
             return None;
         }
@@ -208,7 +227,7 @@ async fn connect(
         Ok((presence, own)) => {
             tracing::info!(
                 "cluster: node {me:016x}, NATS {} (subjects {p}.presence, {p}.node.{me:016x}.>); presence timeout {:?}",
-                config.url,
+                redact_url(&config.url),
                 config.presence_timeout
             );
             Some((client, presence, own))
@@ -305,6 +324,8 @@ impl Node {
             destinations: Vec::new(),
             last_report: Instant::now(),
             last_heartbeat: Instant::now(),
+            last_batch: HashMap::new(),
+            rejected_total: 0,
         }
     }
 
@@ -521,7 +542,7 @@ impl Node {
             let subject = format!("{p}.node.{node:016x}.inbox");
             self.traffic.batches_out += 1;
             self.traffic.records_out += batch.writer.records as u64;
-            let ok = self.publish(subject, Bytes::from(batch.writer.buf)).await;
+            let ok = self.publish(subject, batch.writer.buf).await;
             let sent = SentBatch {
                 at: Instant::now(),
                 acks: batch.acks,
@@ -546,7 +567,7 @@ impl Node {
                     self.publish(format!("{p}.presence"), bytes).await;
                 }
                 Action::AskSnapshot(node) => {
-                    let me = Bytes::copy_from_slice(&self.presence.me.to_le_bytes());
+                    let me = self.presence.me.to_le_bytes().to_vec();
                     self.publish(format!("{p}.node.{node:016x}.resync"), me).await;
                 }
                 Action::SendSnapshot(node, chunks) => {
@@ -559,12 +580,14 @@ impl Node {
         }
     }
 
-    /// Publishes, unless NATS is away; false when the message was not handed to the client.
-    async fn publish(&mut self, subject: String, payload: Bytes) -> bool {
+    /// Seals and publishes, unless NATS is away; false when the message was not handed to
+    /// the client.
+    async fn publish(&mut self, subject: String, body: impl Into<Vec<u8>>) -> bool {
         if !self.connected {
             return false;
         }
-        let publish = self.client.publish(subject, payload);
+        let sealed = self.config.key.seal(&subject, body.into(), unix_nanos());
+        let publish = self.client.publish(subject, sealed);
         matches!(tokio::time::timeout(PUBLISH_WAIT, publish).await, Ok(Ok(())))
     }
 
@@ -575,7 +598,32 @@ impl Node {
         for (node, receipt) in receipts {
             let subject = format!("{}.node.{node:016x}.receipts", self.config.prefix);
             // A receipt lost here times the sender's acks out as `unavailable`: still an answer.
-            self.publish(subject, Bytes::from(receipt.buf)).await;
+            self.publish(subject, receipt.buf).await;
+        }
+    }
+
+    /// The body of a message, if it is sealed with the cluster key and recent; else it
+    /// is counted and dropped.
+    fn open(&mut self, msg: Message) -> Option<(async_nats::Subject, Bytes)> {
+        match self.config.key.open(msg.subject.as_str(), msg.payload, unix_nanos()) {
+            Ok(body) => Some((msg.subject, body)),
+            Err(e) => {
+                self.reject(msg.subject.as_str(), e);
+                None
+            }
+        }
+    }
+
+    /// Counts a message dropped unread; the first of each report interval is also logged
+    /// (an attacker must not be able to flood the log).
+    fn reject(&mut self, subject: &str, why: wire::WireError) {
+        self.traffic.rejected += 1;
+        self.rejected_total += 1;
+        if self.traffic.rejected == 1 {
+            tracing::warn!(
+                "cluster: rejected a message on {subject}: {} (more this interval are only counted)",
+                why.0
+            );
         }
     }
 
@@ -584,27 +632,26 @@ impl Node {
         if self.leaving {
             return;
         }
-        match wire::read_presence(msg.payload) {
+        let Some((subject, body)) = self.open(msg) else { return };
+        match wire::read_presence(body) {
             Ok(m) => self.presence.on_presence(m, Instant::now(), &mut self.actions),
-            Err(e) => tracing::warn!("cluster: unreadable presence message: {}", e.0),
+            Err(e) => self.reject(subject.as_str(), e),
         }
     }
 
     /// A message on one of our own subjects.
     async fn on_own(&mut self, msg: Message) {
         let own = format!("{}.node.{:016x}.", self.config.prefix, self.presence.me);
-        let Some(rest) = msg.subject.as_str().strip_prefix(own.as_str()) else {
+        let Some((subject, body)) = self.open(msg) else { return };
+        let Some(rest) = subject.as_str().strip_prefix(own.as_str()) else {
             return;
         };
         if rest == "inbox" {
-            self.deliver(msg).await;
+            self.deliver(&subject, body).await;
         } else if rest == "receipts" {
-            let receipts = match wire::read_receipts(msg.payload) {
+            let receipts = match wire::read_receipts(body) {
                 Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!("cluster: unreadable receipts: {}", e.0);
-                    return;
-                }
+                Err(e) => return self.reject(&subject, e),
             };
             for (seq, absent) in receipts {
                 let Some(batch) = self.sent.remove(&seq) else {
@@ -620,13 +667,13 @@ impl Node {
                 }
             }
         } else if rest == "snapshot" {
-            match wire::read_snapshot(msg.payload) {
+            match wire::read_snapshot(body) {
                 Ok(chunk) => self.presence.on_snapshot(chunk, Instant::now(), &mut self.actions),
-                Err(e) => tracing::warn!("cluster: unreadable snapshot chunk: {}", e.0),
+                Err(e) => self.reject(&subject, e),
             }
         } else if rest == "resync" {
-            let Ok(bytes) = <[u8; 8]>::try_from(&msg.payload[..]) else {
-                return;
+            let Ok(bytes) = <[u8; 8]>::try_from(&body[..]) else {
+                return self.reject(&subject, wire::WireError("a resync request is a node id"));
             };
             if self.leaving {
                 return;
@@ -640,14 +687,16 @@ impl Node {
 
     /// A batch from another node: hand each record to the shards holding its recipients,
     /// then note its receipt.
-    async fn deliver(&mut self, msg: Message) {
-        let (sender, seq, records) = match wire::read_batch(msg.payload) {
+    async fn deliver(&mut self, subject: &str, body: Bytes) {
+        let (sender, seq, records) = match wire::read_batch(body) {
             Ok(b) => b,
-            Err(e) => {
-                tracing::warn!("cluster: unreadable batch: {}", e.0);
-                return;
-            }
+            Err(e) => return self.reject(subject, e),
         };
+        let last = self.last_batch.entry(sender).or_insert(0);
+        if seq <= *last {
+            return self.reject(subject, wire::WireError("a batch seen before (replayed)"));
+        }
+        *last = seq;
         let (now, now_ns) = (Instant::now(), unix_nanos());
         self.traffic.batches_in += 1;
         self.traffic.records_in += records.len() as u64;
@@ -708,7 +757,7 @@ impl Node {
                 self.connected_at = Some(Instant::now());
                 self.said_settled = None;
                 self.link.set_up(true);
-                tracing::info!("cluster: connected to NATS at {}", self.config.url);
+                tracing::info!("cluster: connected to NATS at {}", redact_url(&self.config.url));
                 if !self.leaving {
                     // New or back: everyone sends us their state, and learns of us.
                     let hello = wire::write_presence(&wire::PresenceMsg::Hello { node: self.presence.me });
@@ -725,12 +774,14 @@ impl Node {
                 self.fail_all();
                 tracing::warn!(
                     "cluster: lost NATS at {}; cross-node sends are answered 'unavailable' until it is back ({waiting} batch(es) unconfirmed)",
-                    self.config.url
+                    redact_url(&self.config.url)
                 );
             }
             Event::SlowConsumer(sid) => {
                 tracing::warn!("cluster: NATS dropped messages for this node (slow consumer, subscription {sid})");
             }
+            // A refused password or certificate shows here, on every attempt.
+            Event::ServerError(_) | Event::ClientError(_) => tracing::warn!("cluster: NATS {event}"),
             other => tracing::info!("cluster: NATS {other}"),
         }
     }
@@ -821,7 +872,7 @@ impl Node {
         let t = std::mem::take(&mut self.traffic);
         let per_batch = |records: u64, batches: u64| records as f64 / batches.max(1) as f64;
         println!(
-            "cluster: nodes={} remote_users={} connected={} out_records_per_s={:.1} out_batches_per_s={:.1} records_per_batch={:.2} in_records_per_s={:.1} in_batches_per_s={:.1} acks_routed={} acks_offline={} acks_unavailable={} awaiting_receipts={}",
+            "cluster: nodes={} remote_users={} connected={} out_records_per_s={:.1} out_batches_per_s={:.1} records_per_batch={:.2} in_records_per_s={:.1} in_batches_per_s={:.1} acks_routed={} acks_offline={} acks_unavailable={} awaiting_receipts={} rejected={} rejected_total={}",
             self.presence.synced_nodes(),
             self.presence.remote_users(),
             self.connected,
@@ -834,6 +885,8 @@ impl Node {
             t.offline,
             t.unavailable,
             self.sent.len(),
+            t.rejected,
+            self.rejected_total,
         );
     }
 

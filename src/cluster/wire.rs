@@ -7,6 +7,10 @@
 //! - A *snapshot chunk* (to `<prefix>.node.<id>.snapshot`): part of a node's whole state.
 //! - *Receipts* (to `<prefix>.node.<sender>.receipts`): which batches arrived, and which
 //!   of their records found no recipient.
+//!
+//! Every message ends in a *seal* (`ClusterKey`): the time it was sealed and an
+//! HMAC-SHA256 tag of its subject, body and that time under the cluster key, so that
+//! what a client of the same NATS without the key publishes is recognised and dropped.
 
 use crate::ws::frame::{header_len, parse_header, OpCode};
 use bytes::{Buf, BufMut, Bytes};
@@ -34,6 +38,70 @@ pub enum RecordKind {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WireError(pub &'static str);
+
+/// The key every node of a cluster shares (`--cluster-key-file`).
+pub struct ClusterKey(ring::hmac::Key);
+
+impl std::fmt::Debug for ClusterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClusterKey(..)")
+    }
+}
+
+/// The seal's length: the time it was sealed (Unix nanoseconds) and the tag.
+pub const SEAL_LEN: usize = 8 + 32;
+/// A sealed message older (or newer: clocks differ) than this is refused, so that a
+/// recorded message cannot be replayed later. Batches are also refused unless their
+/// sequence number is new (`node`).
+pub const MAX_SEAL_AGE_NS: u64 = 30_000_000_000;
+
+impl ClusterKey {
+    pub fn new(secret: &[u8]) -> Self {
+        ClusterKey(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret))
+    }
+
+    fn tag(&self, subject: &str, body: &[u8], sealed_ns: u64) -> ring::hmac::Tag {
+        let mut ctx = ring::hmac::Context::with_key(&self.0);
+        // The subject is covered, so a message cannot be replayed to another subject.
+        ctx.update(&(subject.len() as u32).to_le_bytes());
+        ctx.update(subject.as_bytes());
+        ctx.update(body);
+        ctx.update(&sealed_ns.to_le_bytes());
+        ctx.sign()
+    }
+
+    /// Appends the seal to `body` (published to `subject`).
+    pub fn seal(&self, subject: &str, mut body: Vec<u8>, now_ns: u64) -> Bytes {
+        let tag = self.tag(subject, &body, now_ns);
+        body.reserve(SEAL_LEN);
+        body.put_u64_le(now_ns);
+        body.put_slice(tag.as_ref());
+        Bytes::from(body)
+    }
+
+    /// The body of a message received on `subject`, if its seal is this key's and recent.
+    pub fn open(&self, subject: &str, mut msg: Bytes, now_ns: u64) -> Result<Bytes, WireError> {
+        if msg.len() < SEAL_LEN {
+            return Err(WireError("message without a seal"));
+        }
+        let seal = msg.split_off(msg.len() - SEAL_LEN);
+        let sealed_ns = u64::from_le_bytes(seal[..8].try_into().map_err(|_| WireError("seal"))?);
+        let expected = self.tag(subject, &msg, sealed_ns);
+        // Compared in constant time: how much of a forged tag matched must not show.
+        let diff = expected
+            .as_ref()
+            .iter()
+            .zip(&seal[8..])
+            .fold(0u8, |d, (a, b)| d | (a ^ b));
+        if diff != 0 {
+            return Err(WireError("bad seal (not signed with this cluster's key)"));
+        }
+        if now_ns.abs_diff(sealed_ns) > MAX_SEAL_AGE_NS {
+            return Err(WireError("stale seal (replayed, or the clocks differ by over 30 s)"));
+        }
+        Ok(msg)
+    }
+}
 
 const BATCH_HEADER: usize = 16;
 const RECORD_HEADER: usize = 1 + 8 + 1 + 4;
@@ -462,6 +530,32 @@ mod tests {
         );
         assert!(read_receipts(bytes.slice(..bytes.len() - 1)).is_err());
         assert!(read_receipts(Bytes::from_static(b"abc")).is_err());
+    }
+
+    #[test]
+    fn only_what_the_cluster_key_sealed_for_this_subject_and_recently_opens() {
+        let key = ClusterKey::new(&[7; 32]);
+        let now = 1_000_000_000_000_000_000;
+        let sealed = key.seal("sg.node.1.inbox", b"batch".to_vec(), now);
+        assert_eq!(sealed.len(), 5 + SEAL_LEN);
+        assert_eq!(
+            &key.open("sg.node.1.inbox", sealed.clone(), now + 1).unwrap()[..],
+            b"batch"
+        );
+        // Another key, another subject, a changed byte, no seal, an old or future seal.
+        let other = ClusterKey::new(&[8; 32]);
+        assert!(other.open("sg.node.1.inbox", sealed.clone(), now).is_err());
+        assert!(key.open("sg.node.2.inbox", sealed.clone(), now).is_err());
+        for i in 0..sealed.len() {
+            let mut bad = sealed.to_vec();
+            bad[i] ^= 1;
+            assert!(key.open("sg.node.1.inbox", Bytes::from(bad), now).is_err(), "byte {i}");
+        }
+        assert!(key.open("sg.node.1.inbox", Bytes::from_static(b"batch"), now).is_err());
+        assert!(key
+            .open("sg.node.1.inbox", sealed.clone(), now + MAX_SEAL_AGE_NS + 1)
+            .is_err());
+        assert!(key.open("sg.node.1.inbox", sealed, now - MAX_SEAL_AGE_NS - 1).is_err());
     }
 
     proptest! {

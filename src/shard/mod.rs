@@ -124,11 +124,14 @@ type ClusterThread = (Arc<ClusterLink>, JoinHandle<()>);
 /// With `--nats`, the cluster thread and the shards' link to it.
 fn start_cluster(config: &Config, mesh: &Arc<Mesh>, stop: &Arc<Shutdown>) -> Result<Option<ClusterThread>, StartError> {
     let Some(url) = &config.nats else { return Ok(None) };
+    let (key, access) = crate::cluster::access::load(config)?;
     let (link, rx) = ClusterLink::new();
     let cluster_config = ClusterConfig {
         url: url.clone(),
         prefix: config.nats_prefix.clone(),
         node: rand_node_id()?,
+        key,
+        access,
         presence_timeout: config.presence_timeout,
         heartbeat: Duration::from_secs(1),
         ack_timeout: config.cluster_ack_timeout,

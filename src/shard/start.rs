@@ -44,6 +44,8 @@ pub enum StartError {
     NodeId(getrandom::Error),
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::access::AccessError),
     /// Shards that could not start or ended with an error, each explained.
     #[error("{}", .0.join("\n"))]
     Shards(Vec<String>),

@@ -269,19 +269,33 @@ pub fn response_status(addr: SocketAddr, request: &str) -> String {
 pub struct Nats {
     child: Option<Child>,
     pub port: u16,
+    /// Options beyond the address (authentication, TLS), kept for a restart.
+    args: Vec<String>,
 }
 
 impl Nats {
     /// Starts `nats-server` on a free loopback port (it must be installed: `scripts/test.sh`
     /// installs it; by hand, `apt-get install nats-server`).
     pub fn start() -> Nats {
-        Self::start_on(0)
+        Self::start_with(&[])
     }
 
-    fn start_on(port: u16) -> Nats {
+    /// As `start`, with more options for nats-server (e.g. `--user`, `--tls`).
+    pub fn start_with(args: &[&str]) -> Nats {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let (child, port) = Self::spawn(0, &args);
+        Nats {
+            child: Some(child),
+            port,
+            args,
+        }
+    }
+
+    fn spawn(port: u16, args: &[String]) -> (Child, u16) {
         let port_arg = if port == 0 { "-1".to_string() } else { port.to_string() };
         let mut child = Command::new("nats-server")
             .args(["-a", "127.0.0.1", "-p", &port_arg])
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -307,10 +321,7 @@ impl Nats {
         let port = rx
             .recv_timeout(Duration::from_secs(20))
             .expect("nats-server did not start listening within 20 s");
-        Nats {
-            child: Some(child),
-            port,
-        }
+        (child, port)
     }
 
     pub fn url(&self) -> String {
@@ -326,15 +337,11 @@ impl Nats {
         }
     }
 
-    /// Starts it again on the same port.
+    /// Starts it again on the same port, with the same options.
     pub fn restart(&mut self) {
         self.stop();
-        let again = Self::start_on(self.port);
-        self.child = again.into_child();
-    }
-
-    fn into_child(mut self) -> Option<Child> {
-        self.child.take()
+        let (child, _) = Self::spawn(self.port, &self.args);
+        self.child = Some(child);
     }
 }
 
