@@ -47,9 +47,12 @@ class Server:
             cmd = [str(binary), "serve", "--listen", f"127.0.0.1:{self.port}", "--shards", str(shards),
                    "--cpus", ",".join(map(str, cpus[:shards])), "--data-dir", str(out),
                    "--max-connections", "19000", "--report-interval", "1h"]
-            if name == "shardgate" or "--echo" in subprocess.run([str(binary), "serve", "--help"],
-                                                                 capture_output=True, text=True).stdout:
+            flags = subprocess.run([str(binary), "serve", "--help"], capture_output=True, text=True).stdout
+            if "--echo" in flags:
                 cmd.append("--echo")  # builds before --echo served /echo by default
+            if "--max-connections-per-ip" in flags:
+                # The load comes from one address (loopback).
+                cmd += ["--max-connections-per-ip", "0", "--handshakes-per-ip", "0"]
             if shards > 1:
                 # Each client thread is pinned to a CPU, as a NIC queue would be: its
                 # connections go to the shard on that CPU (see kernel-tuning.md).

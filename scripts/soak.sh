@@ -147,6 +147,7 @@ for k in $(seq 0 $((gateways - 1))); do
   fi
   target/release/shardgate serve --listen "127.0.0.1:$port" "${placement[@]}" --auth-secret-file "$secret" \
     --data-dir "$results" --max-connections "$per_process" --report-interval 5s --slo "$slo" \
+    --max-connections-per-ip 0 --handshakes-per-ip 0 \
     --histogram-out "$results/gateway-$k.hgrm" "${cluster[@]}" >"$results/gateway-$k.log" 2>&1 &
   pids+=($!)
   scripts/wait-listening.sh "$results/gateway-$k.log" "$!"

@@ -254,6 +254,12 @@ config_table! {
         /// An Origin allowed to open /ws from a browser (repeatable); other Origins get 403.
         #[arg(long = "allowed-origin", value_name = "ORIGIN")]
         allowed_origins: Vec<String> = Vec::new(), "any";
+        /// Bytes each shard may hold for clients in messages being assembled and frames queued for slow sockets; past it, a connection that needs more for a message is closed with 1009.
+        shard_memory_budget: usize = 64 << 20, "67108864";
+        /// Connections one client IP address may hold open, 0 for no limit (raise it for load tests, or behind a proxy).
+        max_connections_per_ip: u32 = 1000, "1000";
+        /// WebSocket upgrades one client IP address may start per second, 0 for no limit (raise it for load tests, or behind a proxy).
+        handshakes_per_ip: u32 = 100, "100";
         /// Bytes a chat connection may have queued for sending; past it, it is closed with 1008.
         max_outbound_bytes: usize = 1 << 20, "1048576";
         /// Largest chat message in bytes, over all its fragments; larger closes with 1009.
@@ -394,6 +400,7 @@ impl Config {
         }
         let positive = [
             ("max-outbound-bytes", self.max_outbound_bytes),
+            ("shard-memory-budget", self.shard_memory_budget),
             ("max-chat-message", self.max_chat_message),
             ("shards", self.shards),
             ("max-message-size", self.max_message_size),

@@ -707,3 +707,121 @@ fn an_idle_gateway_sleeps() {
         assert_eq!(read_frame(s).unwrap(), (0x2, b"still there".to_vec()));
     }
 }
+
+/// The server's resident memory in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// Clients that each hold a part-sent 15 MiB message cannot make a shard hold more than
+/// its memory budget: past it, new ones are closed with 1009; the ones within it are
+/// still served whole.
+#[test]
+fn part_sent_large_messages_stay_within_the_shard_memory_budget() {
+    const MIB: usize = 1 << 20;
+    const SIZE: usize = 15 * MIB;
+    const BUDGET: usize = 32 * MIB;
+    let mut gw = Gateway::start(&[
+        "--shards",
+        "1",
+        "--max-message-size",
+        "16777216",
+        "--shard-memory-budget",
+        &BUDGET.to_string(),
+        "--report-interval",
+        "1s",
+    ]);
+    let rss_before = rss_kib(gw.pid());
+    let body: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();
+    let mut frame = Vec::new();
+    shardgate::ws::frame::write_frame(
+        &mut frame,
+        true,
+        shardgate::ws::OpCode::Binary,
+        &body,
+        Some([9, 8, 7, 6]),
+    );
+    let (all_but_last, last) = frame.split_at(frame.len() - 1);
+    let mut kept = Vec::new();
+    let mut refused = 0;
+    for i in 0..6 {
+        let mut client = raw_upgrade(gw.addr, "/echo");
+        let mut writer = client.try_clone().unwrap();
+        let part = all_but_last.to_vec();
+        // The writer may be cut off by the refusal; the reader sees the Close meanwhile.
+        let sending = std::thread::spawn(move || writer.write_all(&part).is_ok());
+        if i < 2 {
+            // 2 × 15 MiB fit in 32 MiB: these are assembled, and wait for their last byte.
+            assert!(sending.join().unwrap(), "client {i} could not send");
+            kept.push(client);
+        } else {
+            let (opcode, payload) = read_frame(&mut client).expect("a Close");
+            assert_eq!(opcode, 8, "client {i}");
+            assert_eq!(close_code(&payload), 1009, "client {i}");
+            let _ = sending.join();
+            refused += 1;
+        }
+    }
+    let grown_mib = (rss_kib(gw.pid()) - rss_before) / 1024;
+    assert!(
+        grown_mib <= (BUDGET / MIB) as u64 + 8,
+        "the server grew by {grown_mib} MiB holding part-sent messages (budget 32 MiB)"
+    );
+    let line = gw.wait_line("refused_budget=4");
+    assert!(line.contains("held_kib="), "{line}");
+    // The messages within the budget lose nothing: each comes back whole.
+    for mut client in kept {
+        client.write_all(last).unwrap();
+        let (opcode, echoed) = read_frame(&mut client).unwrap();
+        assert_eq!(opcode, 2);
+        assert!(echoed == body, "the echo differs");
+    }
+    assert_eq!(refused, 4);
+}
+
+/// One address may hold only so many connections (429 past it, the place comes back when
+/// one closes), and open only so many a second.
+#[test]
+fn per_address_limits_answer_429() {
+    let mut gw = Gateway::start(&[
+        "--shards",
+        "2",
+        "--max-connections-per-ip",
+        "3",
+        "--handshakes-per-ip",
+        "0",
+        "--report-interval",
+        "1s",
+    ]);
+    let mut open: Vec<TcpStream> = (0..3).map(|_| raw_upgrade(gw.addr, "/echo")).collect();
+    let resp = http_exchange(gw.addr, upgrade_request("/echo", "").as_bytes());
+    assert!(resp.starts_with("HTTP/1.1 429 "), "{resp}");
+    assert!(resp.contains("too many connections from this address"), "{resp}");
+    gw.wait_line("refused_per_ip=1");
+    drop(open.pop());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while response_status(gw.addr, &upgrade_request("/echo", "")) != "101" {
+        assert!(std::time::Instant::now() < deadline, "the freed place never came back");
+    }
+
+    let gw = Gateway::start(&[
+        "--shards",
+        "2",
+        "--handshakes-per-ip",
+        "5",
+        "--max-connections-per-ip",
+        "0",
+    ]);
+    // 20 upgrades in a burst touch at most two one-second windows: 5 to 10 get through.
+    let statuses: Vec<String> = (0..20)
+        .map(|_| response_status(gw.addr, &upgrade_request("/echo", "")))
+        .collect();
+    let upgraded = statuses.iter().filter(|s| *s == "101").count();
+    let limited = statuses.iter().filter(|s| *s == "429").count();
+    assert!((5..=10).contains(&upgraded) && upgraded + limited == 20, "{statuses:?}");
+}

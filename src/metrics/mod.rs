@@ -59,21 +59,43 @@ impl LatencyRecorder {
     }
 }
 
+/// What a shard holds at the end of an interval, summed over shards for the report line.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ShardLoad {
+    pub connections: u64,
+    /// Bytes held in messages being assembled and in outbound queues, now.
+    pub held_bytes: u64,
+    /// Messages refused (1009) in the interval because the shard was over its budget.
+    pub refused_budget: u64,
+    /// Connections refused (429) in the interval by the per-IP limits.
+    pub refused_per_ip: u64,
+}
+
+impl std::ops::AddAssign for ShardLoad {
+    fn add_assign(&mut self, o: ShardLoad) {
+        self.connections += o.connections;
+        self.held_bytes += o.held_bytes;
+        self.refused_budget += o.refused_budget;
+        self.refused_per_ip += o.refused_per_ip;
+    }
+}
+
 /// The stdout report line for one interval (documented in the README):
-/// `report: t=… interval_s=… msgs_per_s=… connections=… count=… p50_us=… p90_us=… p99_us=… p999_us=… max_us=… within_slo_pct=… slo_ms=… cross_node=… cross_p50_us=… cross_p99_us=…`
+/// `report: t=… interval_s=… msgs_per_s=… connections=… count=… p50_us=… p90_us=… p99_us=… p999_us=… max_us=… within_slo_pct=… slo_ms=… cross_node=… cross_p50_us=… cross_p99_us=… held_kib=… refused_budget=… refused_per_ip=…`
 /// where the `cross_` fields count the messages that came from other nodes.
 pub fn report_line(
     elapsed: Duration,
     interval: Duration,
-    connections: u64,
+    load: ShardLoad,
     h: &Histogram<u64>,
     cross: &Histogram<u64>,
     slo: Duration,
 ) -> String {
+    let connections = load.connections;
     let count = h.len();
     let within = if count == 0 { 100.0 } else { within_slo(h, slo) * 100.0 };
     format!(
-        "report: t={:.0}s interval_s={:.1} msgs_per_s={:.1} connections={connections} count={count} p50_us={} p90_us={} p99_us={} p999_us={} max_us={} within_slo_pct={within:.3} slo_ms={} cross_node={} cross_p50_us={} cross_p99_us={}",
+        "report: t={:.0}s interval_s={:.1} msgs_per_s={:.1} connections={connections} count={count} p50_us={} p90_us={} p99_us={} p999_us={} max_us={} within_slo_pct={within:.3} slo_ms={} cross_node={} cross_p50_us={} cross_p99_us={} held_kib={} refused_budget={} refused_per_ip={}",
         elapsed.as_secs_f64(),
         interval.as_secs_f64(),
         count as f64 / interval.as_secs_f64().max(1e-9),
@@ -86,6 +108,9 @@ pub fn report_line(
         cross.len(),
         cross.value_at_quantile(0.50),
         cross.value_at_quantile(0.99),
+        load.held_bytes / 1024,
+        load.refused_budget,
+        load.refused_per_ip,
     )
 }
 
@@ -156,7 +181,12 @@ mod tests {
         let line = report_line(
             Duration::from_secs(10),
             Duration::from_secs(10),
-            7,
+            ShardLoad {
+                connections: 7,
+                held_bytes: 4096,
+                refused_budget: 2,
+                refused_per_ip: 3,
+            },
             &h,
             &cross,
             Duration::from_millis(200),
@@ -166,7 +196,9 @@ mod tests {
             "{line}"
         );
         assert!(
-            line.ends_with("within_slo_pct=75.000 slo_ms=200 cross_node=1 cross_p50_us=300 cross_p99_us=300"),
+            line.ends_with(
+                "within_slo_pct=75.000 slo_ms=200 cross_node=1 cross_p50_us=300 cross_p99_us=300 held_kib=4 refused_budget=2 refused_per_ip=3"
+            ),
             "{line}"
         );
     }

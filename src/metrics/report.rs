@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use hdrhistogram::Histogram;
 
-use super::{new_histogram, percentile_distribution, report_line};
+use super::{new_histogram, percentile_distribution, report_line, ShardLoad};
 
 /// What a shard hands the reporter.
 pub enum ShardReport {
@@ -17,7 +17,7 @@ pub enum ShardReport {
         tick: u64,
         histogram: Histogram<u64>,
         cross: Histogram<u64>,
-        connections: u64,
+        load: ShardLoad,
     },
     /// The shard's whole run, sent once when it stops.
     Final {
@@ -58,7 +58,8 @@ pub fn spawn_reporter(config: ReporterConfig) -> std::io::Result<(Reporter, Join
 fn run(config: ReporterConfig, rx: Receiver<ShardReport>) {
     let started = Instant::now();
     // Interval merges waiting for the shards that have not reported that tick yet.
-    let mut ticks: std::collections::BTreeMap<u64, (usize, Histogram<u64>, Histogram<u64>, u64)> = Default::default();
+    let mut ticks: std::collections::BTreeMap<u64, (usize, Histogram<u64>, Histogram<u64>, ShardLoad)> =
+        Default::default();
     let mut total = new_histogram();
     let mut cross_total = new_histogram();
     let mut finals = 0;
@@ -69,20 +70,20 @@ fn run(config: ReporterConfig, rx: Receiver<ShardReport>) {
                 tick,
                 histogram,
                 cross,
-                connections,
+                load,
             } => {
                 let entry = ticks
                     .entry(tick)
-                    .or_insert_with(|| (0, new_histogram(), new_histogram(), 0));
+                    .or_insert_with(|| (0, new_histogram(), new_histogram(), ShardLoad::default()));
                 entry.0 += 1;
                 let _ = entry.1.add(&histogram);
                 let _ = entry.2.add(&cross);
-                entry.3 += connections;
+                entry.3 += load;
                 if entry.0 == config.shards {
-                    if let Some((_, h, cross, conns)) = ticks.remove(&tick) {
+                    if let Some((_, h, cross, load)) = ticks.remove(&tick) {
                         println!(
                             "{}",
-                            report_line(started.elapsed(), config.interval, conns, &h, &cross, config.slo)
+                            report_line(started.elapsed(), config.interval, load, &h, &cross, config.slo)
                         );
                     }
                 }

@@ -5,6 +5,7 @@
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
 use std::io;
+use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
@@ -17,8 +18,10 @@ use futures_lite::AsyncRead;
 use glommio::net::TcpStream;
 use slab::Slab;
 
+use super::budget::MemoryBudget;
 use super::deadlines::Deadlines;
 use super::egress::{Cork, Egress, Finish, Outbound, RX_BUFFER};
+use super::per_ip::{IpTicket, PerIpLimits};
 use super::yield_policy::YieldPolicy;
 use crate::chat::hub::Hub;
 use crate::config::Config;
@@ -71,6 +74,8 @@ pub struct ShardContext {
     pub id: usize,
     pub config: Arc<Config>,
     pub egress: Egress,
+    /// What clients make this shard hold, against `--shard-memory-budget`.
+    pub budget: Rc<MemoryBudget>,
     /// Slots to wake after a round (reused, so a round allocates nothing).
     to_wake: RefCell<Vec<usize>>,
     /// Chat queues that gained frames this round (reused).
@@ -95,6 +100,10 @@ pub struct ShardContext {
     /// Connections open in the whole process (every shard), against `max_connections`.
     open_connections: Arc<AtomicUsize>,
     max_connections: usize,
+    /// Connections and handshakes per client address, shared by every shard.
+    pub per_ip: Arc<PerIpLimits>,
+    /// Connections this shard refused for the per-IP limits since the last report.
+    pub refused_per_ip: Cell<u64>,
     yield_policy: RefCell<YieldPolicy>,
 }
 
@@ -143,11 +152,14 @@ impl ShardContext {
         config: Arc<Config>,
         open_connections: Arc<AtomicUsize>,
         max_connections: usize,
+        per_ip: Arc<PerIpLimits>,
     ) -> io::Result<Self> {
+        let budget = Rc::new(MemoryBudget::new(config.shard_memory_budget));
         Ok(ShardContext {
             id,
             config,
             egress: Egress::new()?,
+            budget,
             to_wake: RefCell::new(Vec::new()),
             dirty: RefCell::new(Vec::new()),
             connections: RefCell::new(Slab::new()),
@@ -162,19 +174,26 @@ impl ShardContext {
             drained: RefCell::new(None),
             open_connections,
             max_connections,
+            per_ip,
+            refused_per_ip: Cell::new(0),
             yield_policy: RefCell::new(YieldPolicy::default()),
         })
     }
 
-    /// Claims a place for a new connection, or `None` when the process is at its cap.
-    pub fn admit(self: &Rc<Self>) -> Option<ConnectionSlot> {
+    /// Claims a place for a new connection (holding its address's `ticket`), or `None`
+    /// when the process is at its cap.
+    pub fn admit(self: &Rc<Self>, ticket: Option<IpTicket>) -> Option<ConnectionSlot> {
         let before = self.open_connections.fetch_add(1, Ordering::Relaxed);
         if before >= self.max_connections {
             self.open_connections.fetch_sub(1, Ordering::Relaxed);
             return None;
         }
         let key = self.connections.borrow_mut().insert(Entry::default());
-        Some(ConnectionSlot { ctx: self.clone(), key })
+        Some(ConnectionSlot {
+            ctx: self.clone(),
+            key,
+            _ip: ticket,
+        })
     }
 
     pub fn live_connections(&self) -> usize {
@@ -382,7 +401,7 @@ impl ShardContext {
 
     /// Accepts the next connection on the listener `index` (see `watch_listener`); the
     /// new socket is close-on-exec. Waits on the epoll set while the queue is empty.
-    pub async fn accept(&self, listener: RawFd, index: usize) -> io::Result<OwnedFd> {
+    pub async fn accept(&self, listener: RawFd, index: usize) -> io::Result<(OwnedFd, IpAddr)> {
         poll_fn(|cx| {
             let mut listeners = self.listeners.borrow_mut();
             let Some(entry) = listeners.get_mut(index) else {
@@ -390,7 +409,7 @@ impl ShardContext {
             };
             if entry.readable {
                 match socket::accept(listener) {
-                    Ok(fd) => return Poll::Ready(Ok(fd)),
+                    Ok(accepted) => return Poll::Ready(Ok(accepted)),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => entry.readable = false,
                     Err(e) => return Poll::Ready(Err(e)),
                 }
@@ -470,6 +489,8 @@ impl ShardContext {
 pub struct ConnectionSlot {
     ctx: Rc<ShardContext>,
     key: usize,
+    /// The connection's place in its address's count, given back with the slot.
+    _ip: Option<IpTicket>,
 }
 
 impl ConnectionSlot {

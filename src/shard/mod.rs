@@ -5,11 +5,13 @@
 //! application only through `Apps` (what a connection may run) and the hub's
 //! end-of-round hand-over of queues to flush.
 
+mod budget;
 mod connection;
 mod context;
 mod deadlines;
 mod egress;
 mod listener;
+mod per_ip;
 mod start;
 mod yield_policy;
 
@@ -29,13 +31,14 @@ use crate::cluster::node::ClusterConfig;
 use crate::cluster::wire::NodeId;
 use crate::cluster::ClusterLink;
 use crate::config::Config;
-use crate::metrics::{spawn_reporter, Reporter, ShardReport};
+use crate::metrics::{spawn_reporter, Reporter, ShardLoad, ShardReport};
 use crate::route::inbox::{Inbox, Mesh};
 use crate::route::ShardMsg;
 use crate::shutdown::Shutdown;
 use crate::sys::{process, socket};
 use context::ShardContext;
 use egress::Outbound;
+use per_ip::PerIpLimits;
 pub use start::StartError;
 
 /// The applications a shard serves, beside its IO: the chat hub and who may use it.
@@ -49,6 +52,7 @@ struct Shared {
     config: Arc<Config>,
     stop: Arc<Shutdown>,
     open: Arc<AtomicUsize>,
+    per_ip: Arc<PerIpLimits>,
     mesh: Arc<Mesh>,
     auth: Arc<Authenticator>,
     reporter: Reporter,
@@ -87,10 +91,12 @@ pub fn run(config: Config) -> Result<(), StartError> {
     // Signals are watched before any shard says it listens: a SIGTERM right after that
     // line drains instead of killing, and the watcher's descriptors are already counted.
     start::spawn_signal_thread(stop.clone())?;
+    let per_ip = PerIpLimits::new(config.max_connections_per_ip, config.handshakes_per_ip);
     let shared = Shared {
         config,
         stop,
         open: Arc::new(AtomicUsize::new(0)),
+        per_ip,
         mesh,
         auth,
         reporter,
@@ -179,6 +185,7 @@ fn spawn_shards(
             config: config.clone(),
             stop: shared.stop.clone(),
             open: shared.open.clone(),
+            per_ip: shared.per_ip.clone(),
             apps: (shared.mesh.clone(), shared.auth.clone(), shared.cluster.clone()),
             reporter: shared.reporter.clone(),
             max_connections: shared.max_connections,
@@ -199,6 +206,7 @@ struct ShardStart {
     config: Arc<Config>,
     stop: Arc<Shutdown>,
     open: Arc<AtomicUsize>,
+    per_ip: Arc<PerIpLimits>,
     apps: (Arc<Mesh>, Arc<Authenticator>, Option<Arc<ClusterLink>>),
     reporter: Reporter,
     max_connections: usize,
@@ -214,6 +222,7 @@ async fn shard_main(start: ShardStart, listener: OwnedFd, own: Option<(OwnedFd, 
         config,
         stop,
         open,
+        per_ip,
         apps,
         reporter,
         max_connections,
@@ -224,7 +233,7 @@ async fn shard_main(start: ShardStart, listener: OwnedFd, own: Option<(OwnedFd, 
         hub: Hub::new(id, mesh, cluster),
         auth,
     });
-    let ctx = match ShardContext::new(id, config, open, max_connections) {
+    let ctx = match ShardContext::new(id, config, open, max_connections, per_ip) {
         Ok(ctx) => Rc::new(ctx),
         Err(e) => {
             tracing::error!("shard {id}: cannot create its epoll set: {e}");
@@ -346,7 +355,12 @@ async fn report_intervals(ctx: Rc<ShardContext>, reporter: Reporter) {
             tick,
             histogram,
             cross,
-            connections: ctx.live_connections() as u64,
+            load: ShardLoad {
+                connections: ctx.live_connections() as u64,
+                held_bytes: ctx.budget.held() as u64,
+                refused_budget: ctx.budget.take_refused(),
+                refused_per_ip: ctx.refused_per_ip.replace(0),
+            },
         });
     }
 }
@@ -369,10 +383,18 @@ async fn accept_loop(ctx: Rc<ShardContext>, apps: Rc<Apps>, listener: OwnedFd) {
     let mut backoff = Duration::ZERO;
     loop {
         match ctx.accept(listener.as_raw_fd(), index).await {
-            Ok(fd) => {
+            Ok((fd, ip)) => {
                 backoff = Duration::ZERO;
                 let stream = socket::glommio_stream(fd);
-                match ctx.admit() {
+                let ticket = match ctx.per_ip.admit(ip) {
+                    Ok(ticket) => ticket,
+                    Err(refusal) => {
+                        ctx.refused_per_ip.set(ctx.refused_per_ip.get() + 1);
+                        glommio::spawn_local(connection::refuse_per_ip(ctx.clone(), stream, refusal)).detach();
+                        continue;
+                    }
+                };
+                match ctx.admit(ticket) {
                     Some(slot) => {
                         glommio::spawn_local(connection::serve(ctx.clone(), apps.clone(), stream, slot)).detach()
                     }

@@ -4,6 +4,7 @@
 
 use std::io;
 use std::mem::MaybeUninit;
+use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 
 /// iovecs handed to one `sendmsg` (the kernel's IOV_MAX is 1024; these live on the stack).
@@ -169,18 +170,46 @@ impl<'a> IoBatch<'a> {
 
 /// Accepts one connection from a non-blocking listener; the new socket is close-on-exec.
 /// `WouldBlock` when none is queued.
-pub fn accept(listener: RawFd) -> io::Result<OwnedFd> {
+pub fn accept(listener: RawFd) -> io::Result<(OwnedFd, IpAddr)> {
     loop {
-        // SAFETY: null address arguments are allowed; the kernel checks `listener`.
-        let fd = unsafe { libc::accept4(listener, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
+        // SAFETY: sockaddr_storage is plain data, valid when zeroed.
+        let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        // SAFETY: `addr` and `len` describe a buffer the kernel may fill; it checks `listener`.
+        let fd = unsafe {
+            libc::accept4(
+                listener,
+                (&mut addr as *mut libc::sockaddr_storage).cast(),
+                &mut len,
+                libc::SOCK_CLOEXEC,
+            )
+        };
         if fd >= 0 {
             // SAFETY: accept4 just handed us this descriptor alone.
-            return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+            let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+            return Ok((socket, peer_ip(&addr)));
         }
         let e = io::Error::last_os_error();
         if e.kind() != io::ErrorKind::Interrupted {
             return Err(e);
         }
+    }
+}
+
+/// The IP address in a socket address the kernel filled (unspecified if not IP).
+fn peer_ip(addr: &libc::sockaddr_storage) -> IpAddr {
+    match addr.ss_family as libc::c_int {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let v4 = unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            IpAddr::from(v4.sin_addr.s_addr.to_ne_bytes())
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let v6 = unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            IpAddr::from(v6.sin6_addr.s6_addr)
+        }
+        _ => IpAddr::from([0u8; 4]),
     }
 }
 

@@ -60,6 +60,13 @@ const fn fail(code: CloseCode, reason: &'static str) -> ProtocolError {
     ProtocolError { code, reason }
 }
 
+impl ProtocolError {
+    /// An error the connection's owner decides on (e.g. a resource limit of its own).
+    pub const fn new(code: CloseCode, reason: &'static str) -> Self {
+        fail(code, reason)
+    }
+}
+
 /// An assembled-message buffer up to this capacity is kept for the next message; a larger
 /// one is released so that one big message does not pin memory on an idle connection.
 const RETAIN_MESSAGE_BUFFER: usize = 512;
@@ -105,6 +112,12 @@ impl Decoder {
             utf8: Utf8Validator::new(),
             finished: false,
         }
+    }
+
+    /// Bytes of memory the decoder holds for messages and control frames spread over
+    /// reads or fragments (0 between messages that arrive whole).
+    pub fn held(&self) -> usize {
+        self.message_buf.capacity() + self.control_buf.capacity()
     }
 
     /// Decodes all of `input` (unmasking it in place), calling `on_event` for each complete
@@ -175,6 +188,12 @@ impl Decoder {
             if whole && frame.fin && frame.opcode != OpCode::Continuation {
                 on_event(Event::Message { opcode, payload: chunk });
             } else {
+                if frame.done == take as u64 {
+                    // A frame's first bytes: room for all of it at once (its length is
+                    // within the limit), so that what a message will hold shows in
+                    // `held` from its start, and the buffer never doubles past it.
+                    self.message_buf.reserve_exact(frame.len as usize);
+                }
                 self.message_buf.extend_from_slice(chunk);
                 if last {
                     on_event(Event::Message {

@@ -45,6 +45,13 @@ impl Gateway {
 
     fn launch(mut cmd: Command, args: &[&str]) -> Gateway {
         cmd.args(["serve", "--listen", "127.0.0.1:0"]).args(args);
+        // Every test client comes from 127.0.0.1: the per-IP limits are off unless a
+        // test sets them.
+        for limit in ["--max-connections-per-ip", "--handshakes-per-ip"] {
+            if !args.contains(&limit) {
+                cmd.args([limit, "0"]);
+            }
+        }
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -15,6 +15,7 @@ use glommio::net::TcpStream;
 
 use super::context::{ConnectionSlot, ReadOutcome, ShardContext};
 use super::egress::Outbound;
+use super::per_ip::Refusal;
 use super::Apps;
 use crate::chat::session::ChatUser;
 use crate::ws::handshake;
@@ -57,6 +58,16 @@ pub async fn refuse_busy(ctx: Rc<ShardContext>, mut stream: TcpStream) {
         "the gateway is at its connection limit",
         "Retry-After: 1\r\n",
     );
+    if stream.write_all(&out).await.is_ok() {
+        linger_close(&ctx, &mut stream, None).await;
+    }
+}
+
+/// Answers a connection its address may not open now (see `per_ip`): 429, the same
+/// lingering close. It holds no connection slot meanwhile.
+pub async fn refuse_per_ip(ctx: Rc<ShardContext>, mut stream: TcpStream, refusal: Refusal) {
+    let mut out = Vec::new();
+    handshake::write_response(&mut out, 429, refusal.reason(), "Retry-After: 1\r\n");
     if stream.write_all(&out).await.is_ok() {
         linger_close(&ctx, &mut stream, None).await;
     }

@@ -16,7 +16,7 @@ use crate::chat::session::{Arrival, ChatConn};
 use crate::shard::context::{ConnectionSlot, ReadOutcome, ShardContext};
 use crate::shard::egress::{Cork, Finish, Outbound, RX_BUFFER};
 use crate::shard::Apps;
-use crate::ws::{write_close, CloseCode, Decoder, Event, OpCode, Role};
+use crate::ws::{write_close, CloseCode, Decoder, Event, OpCode, ProtocolError, Role};
 
 /// Where the connection is in its life after the upgrade.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +46,8 @@ enum App {
 
 struct Session {
     decoder: Decoder,
+    /// What the decoder held after the last read, as counted in the shard's budget.
+    held: usize,
     state: State,
     app: App,
     /// When our keepalive ping went out, while no pong has come back.
@@ -82,6 +84,19 @@ impl Session {
         if pong {
             self.ping_sent = None;
         }
+        let held = self.decoder.held();
+        let fits = ctx.budget.assembly_changed(self.held, held);
+        self.held = held;
+        let result = match result {
+            Ok(()) if !fits => {
+                ctx.budget.refuse();
+                Err(ProtocolError::new(
+                    CloseCode::MESSAGE_TOO_BIG,
+                    "the server has no memory for large messages now; try again later",
+                ))
+            }
+            other => other,
+        };
         if let Err(error) = result {
             if open {
                 out.push_with(|b| write_close(b, error.code(), error.reason(), None));
@@ -291,7 +306,8 @@ fn open<'a>(
         }
         Endpoint::Chat(who) => {
             let user = who.user.clone();
-            let out = Rc::new(Outbound::new(id, slot.key(), fd, config.max_outbound_bytes));
+            let out =
+                Rc::new(Outbound::new(id, slot.key(), fd, config.max_outbound_bytes).counted_in(ctx.budget.clone()));
             apps.hub.register(&user, out.clone());
             ctx.end_round(&apps.hub);
             let registration = Registration {
@@ -309,6 +325,7 @@ fn open<'a>(
     };
     let session = Session {
         decoder: Decoder::new(Role::Server, max_message),
+        held: 0,
         state: State::Open,
         app,
         ping_sent: None,
@@ -320,6 +337,13 @@ fn open<'a>(
         out,
         session,
         registration,
+    }
+}
+
+impl Drop for Conn<'_> {
+    /// The decoder's buffers go with the connection: out of the budget too.
+    fn drop(&mut self) {
+        self.ctx.budget.assembly_changed(self.session.held, 0);
     }
 }
 

@@ -11,6 +11,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::RawFd;
+use std::rc::Rc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -18,6 +19,7 @@ use bytes::Bytes;
 use crate::chat::output::ConnOutput;
 use crate::metrics::LatencyRecorder;
 use crate::route::ConnId;
+use crate::shard::budget::MemoryBudget;
 use crate::sys::socket::{IoBatch, Push, IOV_BATCH};
 
 struct Queued {
@@ -49,6 +51,8 @@ pub struct Outbound {
     /// Bytes for the socket wait in the shard's send batch (see `send_batch`): anything
     /// sent directly must wait until they are out.
     batched: Cell<bool>,
+    /// The shard's budget, which counts what this queue holds.
+    budget: Option<Rc<MemoryBudget>>,
 }
 
 impl Outbound {
@@ -66,6 +70,25 @@ impl Outbound {
             overflowed: Cell::new(false),
             sealed: Cell::new(false),
             batched: Cell::new(false),
+            budget: None,
+        }
+    }
+
+    /// Counts what the queue holds in the shard's memory budget.
+    pub fn counted_in(mut self, budget: Rc<MemoryBudget>) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+
+    /// Sets the queued byte count, keeping the budget's sum in step.
+    fn set_bytes(&self, bytes: usize) {
+        let before = self.bytes.replace(bytes);
+        if let Some(b) = &self.budget {
+            if bytes >= before {
+                b.queued(bytes - before);
+            } else {
+                b.dequeued(before - bytes);
+            }
         }
     }
 
@@ -92,15 +115,14 @@ impl Outbound {
             let mut queue = self.queue.borrow_mut();
             if self.front_sent.get() > 0 || queue.front().is_some_and(|q| q.continues) {
                 queue.truncate(1);
-                self.bytes
-                    .set(queue.front().map_or(0, |q| q.frame.len() - self.front_sent.get()));
+                self.set_bytes(queue.front().map_or(0, |q| q.frame.len() - self.front_sent.get()));
             } else {
                 queue.clear();
-                self.bytes.set(0);
+                self.set_bytes(0);
             }
             return !self.dirty.replace(true);
         }
-        self.bytes.set(bytes);
+        self.set_bytes(bytes);
         self.queue.borrow_mut().push_back(Queued {
             frame,
             ingress,
@@ -171,7 +193,7 @@ impl Outbound {
 
     /// Drops `sent` bytes from the front of the queue.
     fn advance(&self, queue: &mut VecDeque<Queued>, mut sent: usize, latency: &mut LatencyRecorder) {
-        self.bytes.set(self.bytes.get() - sent);
+        self.set_bytes(self.bytes.get() - sent);
         let mut now = None;
         // Every frame that is wholly sent leaves, an empty one even when nothing was: a
         // flush (or a write) that sent nothing can then never find the same front again
@@ -205,6 +227,12 @@ impl Outbound {
         self.writing.set(false);
         let mut queue = self.queue.borrow_mut();
         self.advance(&mut queue, n, latency);
+    }
+}
+
+impl Drop for Outbound {
+    fn drop(&mut self) {
+        self.set_bytes(0);
     }
 }
 
