@@ -264,6 +264,14 @@ config_table! {
         max_outbound_bytes: usize = 1 << 20, "1048576";
         /// Largest chat message in bytes, over all its fragments; larger closes with 1009.
         max_chat_message: usize = 64 << 10, "65536";
+        /// Rooms one user may be in (all its connections on a node together), 0 for no limit.
+        max_rooms_per_user: usize = 128, "128";
+        /// Connections one room may have on one shard (bounds a publish's fan-out work), 0 for no limit.
+        max_room_members: usize = 10_000, "10000";
+        /// Bytes of chat messages per second per connection, 0 for no limit.
+        rate_limit_bytes: u32 = 65_536, "65536";
+        /// Burst of bytes allowed above --rate-limit-bytes (at least one whole --max-chat-message).
+        rate_burst_bytes: u32 = 262_144, "262144";
         /// Chat messages per second per connection, 0 for no limit.
         rate_limit: f64 = 100.0, "100";
         /// Burst allowed above --rate-limit.

@@ -22,6 +22,8 @@ fn gateway(name: &str, extra: &[&str]) -> (Gateway, Vec<u16>) {
         "--insecure-dev-auth",
         "--rate-limit",
         "0",
+        "--rate-limit-bytes",
+        "0",
     ];
     args.extend_from_slice(&["--data-dir", dir.to_str().unwrap()]);
     args.extend_from_slice(extra);
@@ -620,4 +622,252 @@ fn nothing_follows_the_close_at_shutdown() {
     bob.read_to_end(&mut rest).unwrap();
     assert!(rest.is_empty(), "{} bytes after the Close", rest.len());
     assert!(gw.wait_exit().success());
+}
+
+/// A user may be in `--max-rooms-per-user` rooms, counted over all its devices (joins sent
+/// at once from two devices cannot overshoot); a room may have `--max-room-members`
+/// connections on a shard. Past either, a clear error, and nothing changes.
+#[test]
+fn joins_past_the_room_caps_are_refused() {
+    let (_gw, ports) = gateway("caps", &["--max-rooms-per-user", "3", "--max-room-members", "2"]);
+    runtime().block_on(async {
+        let mut phone = connect(ports[0], "alice").await;
+        let mut laptop = connect(ports[1], "alice").await;
+        // Six joins at once, three from each device: three succeed, three are refused.
+        for i in 0..3 {
+            send(&mut phone, json!({"type":"join","room":format!("p{i}")})).await;
+            send(&mut laptop, json!({"type":"join","room":format!("l{i}")})).await;
+        }
+        let mut joined = 0;
+        let mut refused = 0;
+        for ws in [&mut phone, &mut laptop] {
+            for _ in 0..3 {
+                let v = recv(ws).await;
+                match v["type"].as_str() {
+                    Some("joined") => joined += 1,
+                    Some("error") => {
+                        assert_eq!(v["code"], "too_many_rooms", "{v}");
+                        assert!(v["message"].as_str().unwrap().contains("3 rooms"), "{v}");
+                        refused += 1;
+                    }
+                    _ => panic!("{v}"),
+                }
+            }
+        }
+        assert_eq!((joined, refused), (3, 3));
+        // Leaving one makes room for another.
+        send(&mut phone, json!({"type":"leave","room":"p0"})).await;
+        send(&mut phone, json!({"type":"leave","room":"l0"})).await;
+        send(&mut phone, json!({"type":"leave","room":"p1"})).await;
+        for _ in 0..3 {
+            assert_eq!(recv(&mut phone).await["type"], "left");
+        }
+        send(&mut phone, json!({"type":"join","room":"after"})).await;
+        assert_eq!(recv(&mut phone).await, json!({"type":"joined","room":"after"}));
+
+        // Two connections of "big" fit on shard 0; a third is refused there.
+        let mut members = Vec::new();
+        for user in ["m1", "m2", "m3"] {
+            let mut ws = connect(ports[0], user).await;
+            send(&mut ws, json!({"type":"join","room":"big"})).await;
+            members.push((user, recv(&mut ws).await, ws));
+        }
+        assert_eq!(members[0].1, json!({"type":"joined","room":"big"}));
+        assert_eq!(members[1].1, json!({"type":"joined","room":"big"}));
+        assert_eq!(members[2].1["code"], "room_full", "{}", members[2].1);
+        // The refused one is no member: publishing to the room says so.
+        let ws = &mut members[2].2;
+        send(ws, json!({"type":"publish","room":"big","id":"x","body":1})).await;
+        assert_eq!(recv(ws).await["code"], "not_member");
+    });
+}
+
+/// `--rate-limit-bytes` bounds the bytes of chat a connection sends, beside the count.
+#[test]
+fn a_byte_rate_over_the_limit_is_answered_rate_limited() {
+    let dir = temp_dir("byte-rate");
+    let gw = Gateway::start(&[
+        "--shards",
+        "1",
+        "--insecure-dev-auth",
+        "--rate-limit",
+        "0",
+        "--rate-limit-bytes",
+        "1000",
+        "--rate-burst-bytes",
+        "4000",
+        "--max-chat-message",
+        "4000",
+        "--data-dir",
+        dir.to_str().unwrap(),
+    ]);
+    runtime().block_on(async {
+        let mut alice = connect(gw.addr.port(), "alice").await;
+        let body = "z".repeat(1500);
+        // Each frame is over 1,500 bytes: two fit in the 4,000-byte burst, the third not.
+        for i in 0..3 {
+            send(
+                &mut alice,
+                json!({"type":"send","to":"nobody","id":i.to_string(),"body":body}),
+            )
+            .await;
+        }
+        assert_eq!(recv(&mut alice).await["id"], "0");
+        assert_eq!(recv(&mut alice).await["id"], "1");
+        let v = recv(&mut alice).await;
+        assert_eq!(v["code"], "rate_limited", "{v}");
+        assert!(v["message"].as_str().unwrap().contains("1000 bytes per second"), "{v}");
+    });
+}
+
+/// Reads a member's frames as they come, without blocking: counts text frames, notes a Close.
+struct Member {
+    socket: TcpStream,
+    buf: Vec<u8>,
+    texts: usize,
+    close: Option<u16>,
+}
+
+impl Member {
+    /// Reads what is there; false when nothing was.
+    fn poll(&mut self) -> bool {
+        let mut chunk = [0u8; 65536];
+        match self.socket.read(&mut chunk) {
+            Ok(0) => {
+                self.close.get_or_insert(0);
+                false
+            }
+            Ok(n) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                self.parse();
+                true
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+            Err(e) => panic!("a member's connection failed: {e}"),
+        }
+    }
+
+    fn parse(&mut self) {
+        loop {
+            let b = &self.buf;
+            if b.len() < 2 {
+                return;
+            }
+            let (len, head) = match b[1] & 0x7f {
+                126 if b.len() >= 4 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
+                127 if b.len() >= 10 => (u64::from_be_bytes(b[2..10].try_into().unwrap()) as usize, 10),
+                126 | 127 => return,
+                n => (n as usize, 2),
+            };
+            if b.len() < head + len {
+                return;
+            }
+            match b[0] & 0x0f {
+                1 => self.texts += 1,
+                8 => self.close = Some(u16::from_be_bytes([b[head], b[head + 1]])),
+                _ => {}
+            }
+            self.buf.drain(..head + len);
+        }
+    }
+}
+
+/// A publisher flooding a room of 1,000 members is refused (`rate_limited`) instead of
+/// pushing the members past their queue limit: no member is closed, and every member
+/// receives every message the publisher was told was routed.
+#[test]
+fn a_publisher_flooding_a_big_room_does_not_close_its_members() {
+    const MEMBERS: usize = 1000;
+    // Default limits but for the members per room and the connections per address.
+    let dir = temp_dir("flood");
+    let gw = Gateway::start(&[
+        "--shards",
+        "2",
+        "--shard-ports",
+        "--insecure-dev-auth",
+        "--data-dir",
+        dir.to_str().unwrap(),
+    ]);
+    let ports = shard_ports(&gw);
+    let mut members: Vec<Member> = (0..MEMBERS)
+        .map(|i| {
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], ports[i % 2]));
+            let mut socket = raw_upgrade(addr, &format!("/ws?user=m{i}"));
+            assert_eq!(read_frame(&mut socket).unwrap().0, 1, "ready");
+            write_frame(&mut socket, 0x81, br#"{"type":"join","room":"town"}"#);
+            let (_, joined) = read_frame(&mut socket).unwrap();
+            assert_eq!(serde_json::from_slice::<Value>(&joined).unwrap()["type"], "joined");
+            socket.set_nonblocking(true).unwrap();
+            Member {
+                socket,
+                buf: Vec::new(),
+                texts: 0,
+                close: None,
+            }
+        })
+        .collect();
+    let (flooding, flood_done) = std::sync::mpsc::channel::<usize>();
+    let publisher = std::thread::spawn(move || {
+        runtime().block_on(async {
+            let mut ws = connect(ports[0], "herald").await;
+            send(&mut ws, json!({"type":"join","room":"town"})).await;
+            assert_eq!(recv(&mut ws).await["type"], "joined");
+            // 150 messages of 60 KB at once: within the message rate's burst of 200, far
+            // past the byte rate's burst of 256 KiB.
+            let body = "w".repeat(60_000);
+            for i in 0..150 {
+                send(
+                    &mut ws,
+                    json!({"type":"publish","room":"town","id":i.to_string(),"body":body}),
+                )
+                .await;
+            }
+            // The byte bucket refills (64 KiB/s) enough for the marker within a few ms.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            send(&mut ws, json!({"type":"send","to":"nobody","id":"marker","body":0})).await;
+            let (mut routed, mut limited) = (0, 0);
+            loop {
+                let v = recv(&mut ws).await;
+                if v["id"] == "marker" {
+                    break;
+                }
+                match (v["type"].as_str(), v["status"].as_str(), v["code"].as_str()) {
+                    (Some("ack"), Some("routed"), _) => routed += 1,
+                    (Some("error"), _, Some("rate_limited")) => limited += 1,
+                    _ => panic!("{v}"),
+                }
+            }
+            assert!(limited >= 1, "the flood was never refused");
+            flooding.send(routed).unwrap();
+        })
+    });
+    // The members read all along, as live clients do.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut routed = None;
+    loop {
+        let mut any = false;
+        for m in members.iter_mut() {
+            while m.poll() {
+                any = true;
+            }
+            assert_eq!(m.close, None, "a member was closed ({:?})", m.close);
+        }
+        if routed.is_none() {
+            routed = flood_done.try_recv().ok();
+        }
+        if let Some(routed) = routed {
+            if members.iter().all(|m| m.texts == routed) {
+                assert!(routed >= 1);
+                break;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "members did not get every routed message"
+        );
+        if !any {
+            std::thread::yield_now();
+        }
+    }
+    publisher.join().unwrap();
 }

@@ -189,8 +189,12 @@ fn churn(users: u64, shards: usize) {
             let t = Instant::now();
             match phase {
                 "connect" => routers[shard].connect(user, i as u64),
-                "join" => routers[shard].change_membership(user, i as u64, room.clone(), true),
-                "leave" => routers[shard].change_membership(user, i as u64, room.clone(), false),
+                "join" => routers[shard]
+                    .change_membership(user, i as u64, room.clone(), true)
+                    .expect("the bench sets no room limits"),
+                "leave" => routers[shard]
+                    .change_membership(user, i as u64, room.clone(), false)
+                    .expect("a leave is never refused"),
                 _ => routers[shard].disconnect(user, i as u64),
             }
             settle(&mut routers, &mut queues);

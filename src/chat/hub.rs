@@ -13,7 +13,7 @@ use bytes::Bytes;
 use super::output::ConnOutput;
 use super::protocol::{self, AppError, ErrorCode};
 use crate::cluster::{ClusterLink, ToCluster};
-use crate::route::directory::{AckEvent, Router};
+use crate::route::directory::{AckEvent, RoomLimits, Router};
 use crate::route::inbox::Mesh;
 use crate::route::{shards_in, ConnId, Outcome, ShardMask, ShardMsg};
 use crate::ws::frame::text_frame;
@@ -24,6 +24,7 @@ type ConnTable<O> = HashMap<ConnId, (Arc<str>, Rc<O>)>;
 pub struct Hub<O> {
     pub shard: usize,
     pub router: RefCell<Router>,
+    pub limits: RoomLimits,
     pub mesh: Arc<Mesh>,
     /// The cluster thread, when this node is part of one (`--nats`).
     pub cluster: Option<Arc<ClusterLink>>,
@@ -43,10 +44,11 @@ pub struct Hub<O> {
 }
 
 impl<O: ConnOutput> Hub<O> {
-    pub fn new(shard: usize, mesh: Arc<Mesh>, cluster: Option<Arc<ClusterLink>>) -> Self {
+    pub fn new(shard: usize, mesh: Arc<Mesh>, cluster: Option<Arc<ClusterLink>>, limits: RoomLimits) -> Self {
         Hub {
             shard,
-            router: RefCell::new(Router::new(shard, mesh.shards())),
+            router: RefCell::new(Router::new(shard, mesh.shards()).with_limits(limits)),
+            limits,
             mesh,
             cluster,
             ring_cluster: Cell::new(false),
@@ -112,6 +114,15 @@ impl<O: ConnOutput> Hub<O> {
                 }
             }
         }
+    }
+
+    /// Do all of `conns` (but `except`) have room for `len` more bytes?
+    pub fn all_have_room<'a>(&self, conns: impl IntoIterator<Item = &'a ConnId>, len: usize, except: ConnId) -> bool {
+        let map = self.conns.borrow();
+        conns
+            .into_iter()
+            .filter(|id| **id != except)
+            .all(|id| map.get(id).is_none_or(|(_, out)| out.has_room(len)))
     }
 
     /// Queues a frame of ours for a connection (not a routed message).
@@ -271,6 +282,16 @@ impl<O: ConnOutput> Hub<O> {
                 AckEvent::Ready => protocol::write_ready(json, &user),
                 AckEvent::Joined(room) => protocol::write_membership(json, true, room),
                 AckEvent::Left(room) => protocol::write_membership(json, false, room),
+                AckEvent::TooManyRooms(room) => protocol::write_error(
+                    json,
+                    &AppError::new(
+                        ErrorCode::TooManyRooms,
+                        format!(
+                            "not joined to {room}: {user} is in {} rooms, the most allowed; leave one first",
+                            self.limits.rooms_per_user
+                        ),
+                    ),
+                ),
             });
             self.queue_own(&out, frame);
         }

@@ -26,4 +26,8 @@ pub trait ConnOutput {
     /// Queues a frame of our own (an ack that came later, `ready`, `joined`). Returns as
     /// `deliver` does.
     fn answer(&self, frame: Bytes) -> bool;
+
+    /// Would a frame of `len` bytes fit in the queue now (without making the connection
+    /// a slow consumer)?
+    fn has_room(&self, len: usize) -> bool;
 }

@@ -53,8 +53,12 @@ pub enum ErrorCode {
     NotMember,
     /// Joining a room the user's token does not grant.
     Forbidden,
-    /// Over `--rate-limit`, or a destination overloaded.
+    /// Over `--rate-limit` or `--rate-limit-bytes`, or a destination overloaded.
     RateLimited,
+    /// Joining one room more than `--max-rooms-per-user`.
+    TooManyRooms,
+    /// Joining a room that has `--max-room-members` connections on the shard.
+    RoomFull,
     /// In a cluster: the message may not have reached another node.
     Unavailable,
 }
@@ -68,6 +72,8 @@ impl ErrorCode {
             ErrorCode::NotMember => "not_member",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::TooManyRooms => "too_many_rooms",
+            ErrorCode::RoomFull => "room_full",
             ErrorCode::Unavailable => "unavailable",
         }
     }

@@ -15,11 +15,13 @@ use super::output::{ConnOutput, Reply};
 use super::protocol::{self, AppError, ClientMessage, ErrorCode};
 use crate::cluster::ToCluster;
 use crate::config::Config;
+use crate::route::directory::JoinRefused;
 use crate::route::{shards_in, AckTo, ShardMask, ShardMsg};
 use crate::ws::handshake::{Rejection, Request};
 use crate::ws::OpCode;
 
-/// A token bucket: `rate` messages per second, bursts of `burst`. A rate of 0 is no limit.
+/// A token bucket: `rate` tokens (messages, or bytes) per second, bursts of `burst`. A
+/// rate of 0 is no limit.
 pub struct TokenBucket {
     rate: f64,
     burst: f64,
@@ -38,14 +40,19 @@ impl TokenBucket {
     }
 
     pub fn take(&mut self, now: Instant) -> bool {
+        self.take_n(1.0, now)
+    }
+
+    /// Takes `n` tokens if there are that many.
+    pub fn take_n(&mut self, n: f64, now: Instant) -> bool {
         if self.rate <= 0.0 {
             return true;
         }
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        if self.tokens >= n {
+            self.tokens -= n;
             true
         } else {
             false
@@ -170,18 +177,25 @@ pub struct ChatConn<O> {
     rooms: Option<RoomGrants>,
     pub out: Rc<O>,
     bucket: TokenBucket,
+    /// The same for bytes: many large messages cost more than many small ones.
+    byte_bucket: TokenBucket,
     /// When the last `rate_limited` error went out.
     rate_error_at: Option<Instant>,
 }
 
 impl<O: ConnOutput> ChatConn<O> {
     pub fn new(who: ChatUser, out: Rc<O>, config: &Config) -> Self {
-        let bucket = TokenBucket::new(config.rate_limit, config.rate_burst.max(1) as f64, Instant::now());
+        let now = Instant::now();
+        let bucket = TokenBucket::new(config.rate_limit, config.rate_burst.max(1) as f64, now);
+        // A burst always lets one message of the largest size through.
+        let byte_burst = (config.rate_burst_bytes as usize).max(config.max_chat_message);
+        let byte_bucket = TokenBucket::new(config.rate_limit_bytes as f64, byte_burst as f64, now);
         ChatConn {
             user: who.user,
             rooms: who.rooms,
             out,
             bucket,
+            byte_bucket,
             rate_error_at: None,
         }
     }
@@ -199,7 +213,7 @@ impl<O: ConnOutput> ChatConn<O> {
     ) {
         let result = if opcode != OpCode::Text {
             Err(AppError::new(ErrorCode::BadJson, "the chat protocol uses text frames"))
-        } else if !self.bucket.take(at.ingress) {
+        } else if let Some(over) = self.over_rate(payload.len(), at.ingress, config) {
             // One error per RATE_ERROR_INTERVAL at most: a flood of tiny frames must not be
             // answered with as many (larger) error frames.
             if self
@@ -211,10 +225,7 @@ impl<O: ConnOutput> ChatConn<O> {
             self.rate_error_at = Some(at.ingress);
             Err(AppError::new(
                 ErrorCode::RateLimited,
-                format!(
-                    "more than {} messages per second; messages over the limit are dropped, with one error a second",
-                    config.rate_limit
-                ),
+                format!("more than {over}; messages over the limit are dropped, with one error a second"),
             ))
         } else {
             protocol::parse(payload).and_then(|msg| self.route(hub, config, msg, at, reply))
@@ -222,6 +233,17 @@ impl<O: ConnOutput> ChatConn<O> {
         if let Err(error) = result {
             hub.with_json(|json| protocol::write_error(json, &error), |json| reply.text(json));
         }
+    }
+
+    /// Which rate limit a message of `len` bytes is over, if any (it is then dropped).
+    fn over_rate(&mut self, len: usize, now: Instant, config: &Config) -> Option<String> {
+        if !self.bucket.take(now) {
+            return Some(format!("{} messages per second", config.rate_limit));
+        }
+        if !self.byte_bucket.take_n(len as f64, now) {
+            return Some(format!("{} bytes per second", config.rate_limit_bytes));
+        }
+        None
     }
 
     fn route(
@@ -348,6 +370,19 @@ impl<O: ConnOutput> ChatConn<O> {
             ));
         }
         let frame = hub.encode(|json| protocol::write_room_message(json, room, &self.user, id, at.ts_ms, body));
+        // A publish that would overflow members' queues here is refused, not delivered
+        // to close them as slow consumers: the publisher retries, the members keep up.
+        // (Elsewhere `--rate-limit-bytes` bounds what one publisher adds to a queue.)
+        let fits = {
+            let router = hub.router.borrow();
+            hub.all_have_room(router.local_room_connections(room), frame.len(), self.out.conn_id())
+        };
+        if !fits {
+            return Err(AppError::new(
+                ErrorCode::RateLimited,
+                format!("members of {room} are not keeping up with its messages; retry later"),
+            ));
+        }
         let room = hub.router.borrow().intern_room(room);
         self.publish_locally(hub, &room, &frame, at.ingress, mask);
         if let Some(link) = hub.cluster.as_deref() {
@@ -410,11 +445,19 @@ impl<O: ConnOutput> ChatConn<O> {
     }
 
     fn change_membership(&self, hub: &Hub<O>, room: Cow<'_, str>, join: bool) -> Result<(), AppError> {
-        let room = Arc::from(room.as_ref());
+        let name = Arc::from(room.as_ref());
         hub.router
             .borrow_mut()
-            .change_membership(&self.user, self.out.conn_id(), room, join);
-        Ok(())
+            .change_membership(&self.user, self.out.conn_id(), name, join)
+            .map_err(|JoinRefused::RoomFull| {
+                AppError::new(
+                    ErrorCode::RoomFull,
+                    format!(
+                        "not joined to {room}: it has {} members on this server shard, the most allowed",
+                        hub.limits.members_per_shard
+                    ),
+                )
+            })
     }
 
     /// Where the cluster thread's answer for this connection goes.

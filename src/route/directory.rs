@@ -28,6 +28,25 @@ pub enum AckEvent {
     Ready,
     Joined(Arc<str>),
     Left(Arc<str>),
+    /// The user is in `--max-rooms-per-user` rooms already: the join was not made.
+    TooManyRooms(Arc<str>),
+}
+
+/// Bounds on rooms, so that neither a user's joins (each rebroadcasts the user's room
+/// list to every shard) nor a room's fan-out can grow without limit. 0 is no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RoomLimits {
+    /// Rooms one user may be in (all its connections on the node together).
+    pub rooms_per_user: usize,
+    /// Connections of one room on one shard (a publish's fan-out work on that shard).
+    pub members_per_shard: usize,
+}
+
+/// Why a join is refused on the spot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JoinRefused {
+    /// The room has `members_per_shard` connections on this shard.
+    RoomFull,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,6 +88,10 @@ pub struct Router {
     /// Records of the users whose home is this shard.
     homes: HashMap<Arc<str>, HomeRecord>,
     pending: HashMap<u64, Pending>,
+    /// Joins from this shard's connections still in flight, by room (they count against
+    /// the room's members before they take effect).
+    joining: HashMap<Arc<str>, usize>,
+    limits: RoomLimits,
     next_seq: u64,
     effects: Vec<(usize, ShardMsg)>,
     completed: Vec<Acknowledged>,
@@ -85,10 +108,17 @@ impl Router {
             local_rooms: HashMap::new(),
             homes: HashMap::new(),
             pending: HashMap::new(),
+            joining: HashMap::new(),
+            limits: RoomLimits::default(),
             next_seq: 0,
             effects: Vec::new(),
             completed: Vec::new(),
         }
+    }
+
+    pub fn with_limits(mut self, limits: RoomLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// The shard that owns `user`'s record.
@@ -241,8 +271,23 @@ impl Router {
 
     /// Connection `conn` of `user` asks to join or leave `room`; `Acknowledged` comes out of
     /// `take_completed` once the change is in effect on every shard.
-    pub fn change_membership(&mut self, user: &Arc<str>, conn: ConnId, room: Arc<str>, join: bool) {
+    /// A join to a room that has its fill of this shard's connections is refused at once.
+    pub fn change_membership(
+        &mut self,
+        user: &Arc<str>,
+        conn: ConnId,
+        room: Arc<str>,
+        join: bool,
+    ) -> Result<(), JoinRefused> {
         let event = if join {
+            let max = self.limits.members_per_shard;
+            let here = self.local_rooms.get(&room).map_or(0, |c| c.len());
+            let joining = self.joining.get(&room).copied().unwrap_or(0);
+            let already = self.local_rooms.get(&room).is_some_and(|c| c.contains(&conn));
+            if max > 0 && !already && here + joining >= max {
+                return Err(JoinRefused::RoomFull);
+            }
+            *self.joining.entry(room.clone()).or_insert(0) += 1;
             AckEvent::Joined(room.clone())
         } else {
             AckEvent::Left(room.clone())
@@ -257,6 +302,21 @@ impl Router {
                 ticket,
             },
         );
+        Ok(())
+    }
+
+    /// A pending operation is over: its answer goes out, and a join no longer counts as
+    /// in flight.
+    fn complete(&mut self, ack: Acknowledged) {
+        if let AckEvent::Joined(room) | AckEvent::TooManyRooms(room) = &ack.event {
+            if let Some(n) = self.joining.get_mut(room) {
+                *n -= 1;
+                if *n == 0 {
+                    self.joining.remove(room);
+                }
+            }
+        }
+        self.completed.push(ack);
     }
 
     // ---- messages from shards (including this one) ----
@@ -287,20 +347,27 @@ impl Router {
                 ticket,
             } => {
                 // A user with no connection left has no record: nothing to change.
+                let max = self.limits.rooms_per_user;
+                let mut refused = false;
                 if let Some(rec) = self.homes.get_mut(&user) {
                     let present = rec.rooms.iter().position(|r| *r == room);
                     match (join, present) {
+                        // The home alone counts a user's rooms: devices joining at once
+                        // cannot overshoot it.
+                        (true, None) if max > 0 && rec.rooms.len() >= max => refused = true,
                         (true, None) => rec.rooms.push(room),
                         (false, Some(i)) => {
                             rec.rooms.swap_remove(i);
                         }
                         _ => {}
                     }
-                    self.publish_user(user);
+                    if !refused {
+                        self.publish_user(user);
+                    }
                 }
-                self.send(ticket.shard, ShardMsg::Done { ticket });
+                self.send(ticket.shard, ShardMsg::Done { ticket, refused });
             }
-            ShardMsg::Sync { ticket } => self.send(ticket.shard, ShardMsg::Done { ticket }),
+            ShardMsg::Sync { ticket } => self.send(ticket.shard, ShardMsg::Done { ticket, refused: false }),
             ShardMsg::UserState { user, mask, rooms } => self.apply_user_state(user, mask, rooms),
             ShardMsg::RoomShard { room, shard, present } => {
                 if present {
@@ -312,7 +379,16 @@ impl Router {
                     }
                 }
             }
-            ShardMsg::Done { ticket } => self.barrier_round(ticket, 1),
+            ShardMsg::Done { ticket, refused: true } => {
+                // Nothing changed: no barrier needed, the refusal is the answer.
+                if let Some(mut p) = self.pending.remove(&ticket.seq) {
+                    if let AckEvent::Joined(room) = p.ack.event {
+                        p.ack.event = AckEvent::TooManyRooms(room);
+                    }
+                    self.complete(p.ack);
+                }
+            }
+            ShardMsg::Done { ticket, refused: false } => self.barrier_round(ticket, 1),
             ShardMsg::Barrier { ticket, round } => self.send(ticket.shard, ShardMsg::BarrierAck { ticket, round }),
             ShardMsg::BarrierAck { ticket, round } => {
                 let Some(p) = self.pending.get_mut(&ticket.seq) else {
@@ -326,7 +402,7 @@ impl Router {
                     if round == 1 {
                         self.barrier_round(ticket, 2);
                     } else if let Some(p) = self.pending.remove(&ticket.seq) {
-                        self.completed.push(p.ack);
+                        self.complete(p.ack);
                     }
                 }
             }
@@ -344,7 +420,7 @@ impl Router {
         };
         if others.is_empty() {
             if let Some(p) = self.pending.remove(&ticket.seq) {
-                self.completed.push(p.ack);
+                self.complete(p.ack);
             }
             return;
         }
@@ -526,7 +602,9 @@ mod tests {
         for r in &mut c.routers {
             assert!(r.take_completed().iter().all(|a| a.event == AckEvent::Ready));
         }
-        c.routers[0].change_membership(&alice, 1, Arc::from("general"), true);
+        c.routers[0]
+            .change_membership(&alice, 1, Arc::from("general"), true)
+            .unwrap();
         c.settle(&[2, 0, 1]);
         assert_eq!(
             c.routers[0].take_completed(),
@@ -549,7 +627,9 @@ mod tests {
         assert_eq!(c.routers[0].room_shards("general"), 0b111);
         // Leaving removes every device; closing the last connection ends membership too.
         c.routers[1].take_completed();
-        c.routers[1].change_membership(&alice, 2, Arc::from("general"), false);
+        c.routers[1]
+            .change_membership(&alice, 2, Arc::from("general"), false)
+            .unwrap();
         c.settle(&[1, 2, 0]);
         assert_eq!(
             c.routers[1].take_completed(),
@@ -570,7 +650,7 @@ mod tests {
         let alice = Cluster::user("alice");
         c.routers[1].connect(&alice, 1);
         c.settle(&[0, 1]);
-        c.routers[1].change_membership(&alice, 1, Arc::from("r"), true);
+        c.routers[1].change_membership(&alice, 1, Arc::from("r"), true).unwrap();
         c.settle(&[0, 1]);
         c.routers[1].disconnect("alice", 1);
         c.settle(&[1, 0]);
@@ -585,7 +665,7 @@ mod tests {
         let mut c = Cluster::new(1);
         let alice = Cluster::user("alice");
         c.routers[0].connect(&alice, 1);
-        c.routers[0].change_membership(&alice, 1, Arc::from("r"), true);
+        c.routers[0].change_membership(&alice, 1, Arc::from("r"), true).unwrap();
         c.settle(&[0]);
         assert_eq!(c.routers[0].take_completed().len(), 2, "ready, then joined");
         assert_eq!(c.routers[0].local_room_connections("r").collect::<Vec<_>>(), [&1]);

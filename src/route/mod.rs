@@ -104,9 +104,11 @@ pub enum ShardMsg {
         shard: usize,
         present: bool,
     },
-    /// From a home: the membership change of `ticket` is recorded and broadcast.
+    /// From a home: the membership change of `ticket` is recorded and broadcast, or
+    /// (`refused`) was not made: the user is in as many rooms as allowed.
     Done {
         ticket: Ticket,
+        refused: bool,
     },
     /// Barrier round `round` of `ticket`: answer `BarrierAck` to `ticket.shard`.
     Barrier {

@@ -32,6 +32,7 @@ use crate::cluster::wire::NodeId;
 use crate::cluster::ClusterLink;
 use crate::config::Config;
 use crate::metrics::{spawn_reporter, Reporter, ShardLoad, ShardReport};
+use crate::route::directory::RoomLimits;
 use crate::route::inbox::{Inbox, Mesh};
 use crate::route::ShardMsg;
 use crate::shutdown::Shutdown;
@@ -230,7 +231,15 @@ async fn shard_main(start: ShardStart, listener: OwnedFd, own: Option<(OwnedFd, 
     } = start;
     let (mesh, auth, cluster) = apps;
     let apps = Rc::new(Apps {
-        hub: Hub::new(id, mesh, cluster),
+        hub: Hub::new(
+            id,
+            mesh,
+            cluster,
+            RoomLimits {
+                rooms_per_user: config.max_rooms_per_user,
+                members_per_shard: config.max_room_members,
+            },
+        ),
         auth,
     });
     let ctx = match ShardContext::new(id, config, open, max_connections, per_ip) {

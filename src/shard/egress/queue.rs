@@ -248,6 +248,10 @@ impl ConnOutput for Outbound {
     fn answer(&self, frame: Bytes) -> bool {
         self.enqueue(frame, None, false, false)
     }
+
+    fn has_room(&self, len: usize) -> bool {
+        !self.overflowed.get() && !self.sealed.get() && self.bytes.get() + len <= self.limit
+    }
 }
 
 #[cfg(test)]
