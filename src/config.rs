@@ -522,7 +522,11 @@ mod tests {
             let Some(long) = arg.get_long() else { continue };
             let row = readme
                 .lines()
-                .find(|l| l.starts_with(&format!("| `--{long}")))
+                .find(|l| {
+                    // `--rate-limit` must not match the row of `--rate-limit-bytes`.
+                    let rest = l.strip_prefix(&format!("| `--{long}")).unwrap_or("-");
+                    rest.starts_with('`') || rest.starts_with(' ')
+                })
                 .unwrap_or_else(|| panic!("README's configuration table has no row for --{long}"));
             let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
             if let Some(default) = help.split("[default: ").nth(1).and_then(|d| d.split(']').next()) {
