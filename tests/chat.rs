@@ -467,7 +467,8 @@ fn forbidden_origin_is_403() {
 
 #[test]
 fn a_slow_consumer_is_closed_with_1008_while_others_keep_receiving() {
-    let (_gw, ports) = gateway("slow", &["--max-outbound-bytes", "65536"]);
+    // A long pong timeout: the slow consumer's Close waits that long for it to read.
+    let (_gw, ports) = gateway("slow", &["--max-outbound-bytes", "65536", "--pong-timeout", "60s"]);
     // The slow consumer: a raw socket with a small receive buffer that stops reading.
     let slow = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     slow.set_recv_buffer_size(4096).unwrap();
@@ -507,6 +508,24 @@ fn a_slow_consumer_is_closed_with_1008_while_others_keep_receiving() {
         }
         for i in 0..400 {
             assert_eq!(recv(&mut bob).await["body"], i, "bob keeps receiving");
+        }
+        // While its Close waits for it, the slow consumer is out of the directory: sends
+        // to it are answered `offline` (once every shard knows), never `routed`.
+        let mut routed_after = 0;
+        loop {
+            let v = recv(&mut alice).await;
+            if v["id"] == "probe" {
+                if v["status"] == "offline" {
+                    break;
+                }
+                assert_eq!(v["status"], "routed", "{v}");
+                routed_after += 1;
+                assert!(routed_after < 1000, "still routed to a closed slow consumer");
+                send(&mut alice, json!({"type":"send","to":"slow","id":"probe","body":0})).await;
+            } else if v["id"] == "b399" {
+                // Every answer to the flood is in: start probing.
+                send(&mut alice, json!({"type":"send","to":"slow","id":"probe","body":0})).await;
+            }
         }
     });
     // Now read what reached the slow consumer: messages, then Close 1008 naming the reason.
@@ -870,4 +889,74 @@ fn a_publisher_flooding_a_big_room_does_not_close_its_members() {
         }
     }
     publisher.join().unwrap();
+}
+
+/// On the sender's own shard, the send that overflows the recipient's queue, and every
+/// send after it, is not acknowledged `routed`: the sender hears that it was not
+/// delivered (or, once the connection is gone, `offline`).
+#[test]
+fn a_send_that_overflows_the_recipient_is_not_acknowledged_routed() {
+    let dir = temp_dir("overflow-ack");
+    let gw = Gateway::start(&[
+        "--shards",
+        "1",
+        "--insecure-dev-auth",
+        "--rate-limit",
+        "0",
+        "--rate-limit-bytes",
+        "0",
+        "--max-outbound-bytes",
+        "65536",
+        "--pong-timeout",
+        "60s",
+        "--data-dir",
+        dir.to_str().unwrap(),
+    ]);
+    let slow = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    slow.set_recv_buffer_size(4096).unwrap();
+    slow.connect(&gw.addr.into()).unwrap();
+    let mut slow: TcpStream = slow.into();
+    slow.write_all(upgrade_request("/ws?user=slow", "").as_bytes()).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        slow.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    assert_eq!(read_frame(&mut slow).unwrap().0, 1, "ready");
+    runtime().block_on(async {
+        let mut alice = connect(gw.addr.port(), "alice").await;
+        let body = "y".repeat(16_000);
+        for i in 0..400 {
+            send(
+                &mut alice,
+                json!({"type":"send","to":"slow","id":i.to_string(),"body":body}),
+            )
+            .await;
+        }
+        let mut answers = Vec::new();
+        for _ in 0..400 {
+            let v = recv(&mut alice).await;
+            let kind = match (v["status"].as_str(), v["code"].as_str()) {
+                (Some("routed"), _) => "routed",
+                (Some("offline"), _) => "offline",
+                (_, Some("rate_limited")) => "not delivered",
+                _ => panic!("{v}"),
+            };
+            answers.push(kind);
+        }
+        let first_not_routed = answers
+            .iter()
+            .position(|a| *a != "routed")
+            .expect("the queue overflowed");
+        assert_eq!(
+            answers[first_not_routed], "not delivered",
+            "the overflowing send hears so"
+        );
+        assert!(
+            answers[first_not_routed..].iter().all(|a| *a != "routed"),
+            "routed after the overflow: {answers:?}"
+        );
+    });
 }

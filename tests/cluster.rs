@@ -758,3 +758,44 @@ fn nodes_authenticate_with_a_token_or_an_nkey() {
         );
     }
 }
+
+/// A node shutting down takes no more deliveries: once its user saw the Close, sends to
+/// that user from another node are answered `rate_limited` (not taken) or `offline`
+/// (the node said goodbye), never `routed` into a connection that is closing.
+#[test]
+fn a_node_that_drains_is_never_routed_to() {
+    let (_nats, url) = nats();
+    let nodes = cluster("drain", &url, 2, &["--drain-timeout", "20s"]);
+    let bob_port = nodes[1].gw.addr;
+    let mut bob = raw_upgrade(bob_port, "/ws?user=bob");
+    let (op, ready) = read_frame(&mut bob).unwrap();
+    assert_eq!((op, &ready[..9]), (1, &br#"{"type":""#[..]));
+    runtime().block_on(async {
+        let mut alice = connect(&nodes[0], "alice").await;
+        until_routed(&mut alice, "bob").await;
+        let (_, probe) = read_frame(&mut bob).unwrap();
+        assert!(String::from_utf8_lossy(&probe).contains("probe"));
+        nodes[1].gw.signal(libc::SIGTERM);
+        // Bob reads until the Close 1001 (and never answers it: the node keeps draining).
+        loop {
+            let (op, payload) = read_frame(&mut bob).unwrap();
+            if op == 8 {
+                assert_eq!(close_code(&payload), 1001);
+                break;
+            }
+        }
+        for i in 0..50 {
+            send(
+                &mut alice,
+                json!({"type":"send","to":"bob","id":i.to_string(),"body":i}),
+            )
+            .await;
+            let v = recv(&mut alice).await;
+            let answer = (v["status"].as_str(), v["code"].as_str());
+            assert!(
+                matches!(answer, (Some("offline"), _) | (_, Some("rate_limited"))),
+                "a send to a draining node's user was answered {v}"
+            );
+        }
+    });
+}

@@ -116,6 +116,14 @@ impl<O: ConnOutput> Hub<O> {
         }
     }
 
+    /// Does any of `conns` still take frames?
+    pub fn any_open<'a>(&self, conns: impl IntoIterator<Item = &'a ConnId>) -> bool {
+        let map = self.conns.borrow();
+        conns
+            .into_iter()
+            .any(|id| map.get(id).is_some_and(|(_, out)| out.is_open()))
+    }
+
     /// Do all of `conns` (but `except`) have room for `len` more bytes?
     pub fn all_have_room<'a>(&self, conns: impl IntoIterator<Item = &'a ConnId>, len: usize, except: ConnId) -> bool {
         let map = self.conns.borrow();
@@ -194,6 +202,14 @@ impl<O: ConnOutput> Hub<O> {
         let frame = self.encode(|json| match outcome {
             Outcome::Routed => protocol::write_ack(json, id, "routed"),
             Outcome::Offline => protocol::write_ack(json, id, "offline"),
+            Outcome::Refused => protocol::write_error(
+                json,
+                &AppError::new(
+                    ErrorCode::RateLimited,
+                    "the recipient's server could not take the message now (overloaded or shutting down); it was not delivered, retry",
+                )
+                .with_id_str(id),
+            ),
             Outcome::Unavailable => protocol::write_error(
                 json,
                 &AppError::new(ErrorCode::Unavailable,

@@ -30,4 +30,7 @@ pub trait ConnOutput {
     /// Would a frame of `len` bytes fit in the queue now (without making the connection
     /// a slow consumer)?
     fn has_room(&self, len: usize) -> bool;
+
+    /// Does the queue still take frames (not closed as a slow consumer, no Close queued)?
+    fn is_open(&self) -> bool;
 }

@@ -324,6 +324,14 @@ impl<O: ConnOutput> ChatConn<O> {
             }
         }
         let elsewhere = mask == 0 || hub.also_remote.borrow().contains(&to);
+        // Only on this shard, and every connection there just overflowed (or is closing):
+        // the message went nowhere, and the sender hears so rather than `routed`.
+        if mask == 1 << hub.shard && !elsewhere && !hub.any_open(hub.router.borrow().local_connections(&to)) {
+            return Err(AppError::new(
+                ErrorCode::RateLimited,
+                "the recipient is not reading fast enough and its connection is being closed; the message was not delivered",
+            ));
+        }
         if let Some(link) = cluster.filter(|l| l.is_up() && elsewhere) {
             // Not on this node: the cluster thread answers once other nodes did.
             let ack = (mask == 0).then(|| self.ack_to(hub, id));

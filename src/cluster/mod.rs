@@ -9,8 +9,10 @@
 //! - `presence`: which other nodes hold which users and rooms (sans IO).
 //! - `node`: the thread: subjects, batching, receipts, reconnects.
 //! - `access`: the cluster key and the credentials this node gives NATS.
+//! - `inbound`: a batch from another node handed to the shards, and its receipt.
 
 pub mod access;
+pub mod inbound;
 pub mod node;
 pub mod presence;
 pub mod wire;

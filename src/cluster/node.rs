@@ -23,7 +23,7 @@ use futures_util::StreamExt;
 use super::access::{redact_url, NatsAccess};
 use super::presence::{Action, Presence};
 use super::wire::{self, BatchWriter, ClusterKey, NodeId, ReceiptWriter, RecordKind};
-use super::{instant_to_unix_nanos, unix_nanos, unix_nanos_to_instant, ClusterLink, ToCluster};
+use super::{instant_to_unix_nanos, unix_nanos, ClusterLink, ToCluster};
 use crate::route::inbox::Mesh;
 use crate::route::{AckTo, Outcome};
 use crate::route::{ShardMask, ShardMsg};
@@ -59,6 +59,7 @@ struct Traffic {
     routed: u64,
     offline: u64,
     unavailable: u64,
+    refused: u64,
     /// Messages dropped unread: a bad or stale seal, a replayed batch, unreadable bytes.
     rejected: u64,
 }
@@ -117,6 +118,7 @@ struct PendingAck {
     remaining: usize,
     delivered: bool,
     failed: bool,
+    refused: bool,
     answered: bool,
 }
 
@@ -134,14 +136,21 @@ struct OutBatch {
     acks: Vec<(u32, usize)>,
 }
 
-enum Receipt {
+/// What one destination node said of one record.
+enum Answer {
     Delivered,
     Absent,
+    /// It could not take it (overloaded shards, shutting down).
+    Refused,
+    /// No receipt (NATS down, timed out).
     Failed,
 }
 
 struct Node {
     config: ClusterConfig,
+    /// The process is stopping: from that instant deliveries are refused, even before
+    /// this thread's own turn to leave comes.
+    stop: Arc<Shutdown>,
     client: Client,
     link: Arc<ClusterLink>,
     mesh: Arc<Mesh>,
@@ -251,7 +260,7 @@ async fn run(config: ClusterConfig, wiring: Wiring) {
     let Some((client, mut presence_sub, mut own_sub)) = connect(&config, events_tx).await else {
         return;
     };
-    let mut node = Node::new(config, client, link.clone(), mesh);
+    let mut node = Node::new(config, client, link.clone(), mesh, stop.clone());
     let mut batch = Vec::with_capacity(ROUND);
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut last_flush = Instant::now() - FLUSH_INTERVAL;
@@ -300,8 +309,15 @@ async fn sleep_until(due: Option<tokio::time::Instant>) {
 }
 
 impl Node {
-    fn new(config: ClusterConfig, client: Client, link: Arc<ClusterLink>, mesh: Arc<Mesh>) -> Node {
+    fn new(
+        config: ClusterConfig,
+        client: Client,
+        link: Arc<ClusterLink>,
+        mesh: Arc<Mesh>,
+        stop: Arc<Shutdown>,
+    ) -> Node {
         Node {
+            stop,
             presence: Presence::new(config.node, config.presence_timeout),
             config,
             client,
@@ -458,6 +474,7 @@ impl Node {
             remaining,
             delivered: false,
             failed: false,
+            refused: false,
             answered: false,
         })
     }
@@ -551,7 +568,7 @@ impl Node {
                 self.sent.insert(batch.seq, sent);
             } else {
                 for (_, p) in sent.acks {
-                    self.resolve(p, Receipt::Failed);
+                    self.resolve(p, Answer::Failed);
                 }
             }
         }
@@ -653,15 +670,17 @@ impl Node {
                 Ok(r) => r,
                 Err(e) => return self.reject(&subject, e),
             };
-            for (seq, absent) in receipts {
-                let Some(batch) = self.sent.remove(&seq) else {
+            for receipt in receipts {
+                let Some(batch) = self.sent.remove(&receipt.seq) else {
                     continue; // Answered already (timed out).
                 };
                 for (index, p) in batch.acks {
-                    let r = if absent.contains(&index) {
-                        Receipt::Absent
+                    let r = if receipt.absent.contains(&index) {
+                        Answer::Absent
+                    } else if receipt.refused.contains(&index) {
+                        Answer::Refused
                     } else {
-                        Receipt::Delivered
+                        Answer::Delivered
                     };
                     self.resolve(p, r);
                 }
@@ -697,54 +716,13 @@ impl Node {
             return self.reject(subject, wire::WireError("a batch seen before (replayed)"));
         }
         *last = seq;
-        let (now, now_ns) = (Instant::now(), unix_nanos());
         self.traffic.batches_in += 1;
         self.traffic.records_in += records.len() as u64;
-        let mut absent = Vec::new();
-        for (index, record) in records.into_iter().enumerate() {
-            let Ok(name) = std::str::from_utf8(&record.name) else {
-                absent.push(index as u32);
-                continue;
-            };
-            let ingress = unix_nanos_to_instant(record.ingress_ns, now, now_ns);
-            let target = match record.kind {
-                RecordKind::Direct => self.presence.local_user_shards(name),
-                RecordKind::Room => self.presence.local_room_shards(name),
-            };
-            let Some((name, mask)) = target.map(|(n, m)| (n.clone(), m)) else {
-                absent.push(index as u32);
-                continue;
-            };
-            let mut handed = false;
-            for shard in crate::route::shards_in(mask) {
-                if self.mesh.is_full(shard) {
-                    continue;
-                }
-                let frame = record.frame.clone();
-                let msg = match record.kind {
-                    RecordKind::Direct => ShardMsg::Direct {
-                        to: name.clone(),
-                        frame,
-                        ingress,
-                        cross_node: true,
-                    },
-                    RecordKind::Room => ShardMsg::Room {
-                        room: name.clone(),
-                        frame,
-                        ingress,
-                        except: (usize::MAX, 0),
-                        cross_node: true,
-                    },
-                };
-                self.mesh.push(shard, msg);
-                self.to_ring |= 1 << shard;
-                handed = true;
-            }
-            if !handed {
-                absent.push(index as u32);
-            }
-        }
-        self.receipts.entry(sender).or_default().push(seq, &absent);
+        let now = (Instant::now(), unix_nanos());
+        let accepting = !self.leaving && !self.stop.is_requested();
+        let (receipt, rung) = super::inbound::hand_over(seq, records, &self.presence, &self.mesh, accepting, now);
+        self.to_ring |= rung;
+        self.receipts.entry(sender).or_default().push(&receipt);
         if self.receipts_due.is_none() {
             self.receipts_due = Some(tokio::time::Instant::now() + RECEIPT_DELAY);
         }
@@ -798,7 +776,7 @@ impl Node {
         for seq in late {
             if let Some(batch) = self.sent.remove(&seq) {
                 for (_, p) in batch.acks {
-                    self.resolve(p, Receipt::Failed);
+                    self.resolve(p, Answer::Failed);
                 }
             }
         }
@@ -808,21 +786,22 @@ impl Node {
         let sent: Vec<SentBatch> = self.sent.drain().map(|(_, b)| b).collect();
         for batch in sent {
             for (_, p) in batch.acks {
-                self.resolve(p, Receipt::Failed);
+                self.resolve(p, Answer::Failed);
             }
         }
     }
 
     /// One destination node's answer for a pending send.
-    fn resolve(&mut self, key: usize, receipt: Receipt) {
+    fn resolve(&mut self, key: usize, receipt: Answer) {
         let Some(p) = self.acks.get_mut(key) else {
             return;
         };
         p.remaining = p.remaining.saturating_sub(1);
         match receipt {
-            Receipt::Delivered => p.delivered = true,
-            Receipt::Absent => {}
-            Receipt::Failed => p.failed = true,
+            Answer::Delivered => p.delivered = true,
+            Answer::Absent => {}
+            Answer::Failed => p.failed = true,
+            Answer::Refused => p.refused = true,
         }
         // A direct message is routed once any device has it.
         let early = !p.room && p.delivered && !p.answered;
@@ -839,8 +818,12 @@ impl Node {
         if p.answered {
             return;
         }
+        // `offline` only when every node said the recipient is not there; a room is
+        // `routed` only when every node with members took it.
         let outcome = if p.failed {
             Outcome::Unavailable
+        } else if p.refused && (p.room || !p.delivered) {
+            Outcome::Refused
         } else if p.room || p.delivered {
             Outcome::Routed
         } else {
@@ -854,6 +837,7 @@ impl Node {
             Outcome::Routed => self.traffic.routed += 1,
             Outcome::Offline => self.traffic.offline += 1,
             Outcome::Unavailable => self.traffic.unavailable += 1,
+            Outcome::Refused => self.traffic.refused += 1,
         }
         let shard = to.shard;
         self.mesh.push(
@@ -872,7 +856,7 @@ impl Node {
         let t = std::mem::take(&mut self.traffic);
         let per_batch = |records: u64, batches: u64| records as f64 / batches.max(1) as f64;
         println!(
-            "cluster: nodes={} remote_users={} connected={} out_records_per_s={:.1} out_batches_per_s={:.1} records_per_batch={:.2} in_records_per_s={:.1} in_batches_per_s={:.1} acks_routed={} acks_offline={} acks_unavailable={} awaiting_receipts={} rejected={} rejected_total={}",
+            "cluster: nodes={} remote_users={} connected={} out_records_per_s={:.1} out_batches_per_s={:.1} records_per_batch={:.2} in_records_per_s={:.1} in_batches_per_s={:.1} acks_routed={} acks_offline={} acks_unavailable={} acks_refused={} awaiting_receipts={} rejected={} rejected_total={}",
             self.presence.synced_nodes(),
             self.presence.remote_users(),
             self.connected,
@@ -884,6 +868,7 @@ impl Node {
             t.routed,
             t.offline,
             t.unavailable,
+            t.refused,
             self.sent.len(),
             t.rejected,
             self.rejected_total,

@@ -196,36 +196,57 @@ fn check_frame(frame: &[u8]) -> Result<(), WireError> {
     Ok(())
 }
 
-/// Receipts for batches from one sender, gathered for a few milliseconds: for each batch,
-/// its seq and the indices of the records that found no recipient on the node.
+/// What became of a batch's records on the receiving node: every record not listed was
+/// handed to a shard holding its recipient.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    pub seq: u64,
+    /// Records whose recipient has no connection on the node.
+    pub absent: Vec<u32>,
+    /// Records the node could not take: the recipient's shards were overloaded, or the
+    /// node is shutting down. Not delivered, and not a sign the recipient is offline.
+    pub refused: Vec<u32>,
+}
+
+/// Receipts for batches from one sender, gathered for a few milliseconds.
 #[derive(Debug, Default)]
 pub struct ReceiptWriter {
     pub buf: Vec<u8>,
 }
 
 impl ReceiptWriter {
-    pub fn push(&mut self, seq: u64, absent: &[u32]) {
-        self.buf.put_u64_le(seq);
-        self.buf.put_u32_le(absent.len() as u32);
-        for i in absent {
-            self.buf.put_u32_le(*i);
+    pub fn push(&mut self, receipt: &Receipt) {
+        self.buf.put_u64_le(receipt.seq);
+        for list in [&receipt.absent, &receipt.refused] {
+            self.buf.put_u32_le(list.len() as u32);
+            for i in list {
+                self.buf.put_u32_le(*i);
+            }
         }
     }
 }
 
-/// Reads receipts: `(batch seq, absent record indices)`.
-pub fn read_receipts(mut receipts: Bytes) -> Result<Vec<(u64, Vec<u32>)>, WireError> {
+/// Reads receipts.
+pub fn read_receipts(mut receipts: Bytes) -> Result<Vec<Receipt>, WireError> {
     let mut out = Vec::new();
     while receipts.has_remaining() {
-        if receipts.len() < 12 {
+        if receipts.len() < 8 {
             return Err(WireError("truncated receipt"));
         }
         let seq = receipts.get_u64_le();
-        let n = receipts.get_u32_le() as usize;
-        if receipts.len() < n.saturating_mul(4) {
-            return Err(WireError("truncated receipt indices"));
+        let mut lists = [Vec::new(), Vec::new()];
+        for list in lists.iter_mut() {
+            if receipts.len() < 4 {
+                return Err(WireError("truncated receipt"));
+            }
+            let n = receipts.get_u32_le() as usize;
+            if receipts.len() < n.saturating_mul(4) {
+                return Err(WireError("truncated receipt indices"));
+            }
+            *list = (0..n).map(|_| receipts.get_u32_le()).collect();
         }
-        out.push((seq, (0..n).map(|_| receipts.get_u32_le()).collect()));
+        let [absent, refused] = lists;
+        out.push(Receipt { seq, absent, refused });
     }
     Ok(out)
 }
@@ -520,14 +541,23 @@ mod tests {
 
     #[test]
     fn receipts_round_trip() {
+        let receipts = vec![
+            Receipt {
+                seq: 7,
+                absent: vec![0, 5, 9],
+                refused: vec![2],
+            },
+            Receipt {
+                seq: 8,
+                ..Default::default()
+            },
+        ];
         let mut w = ReceiptWriter::default();
-        w.push(7, &[0, 5, 9]);
-        w.push(8, &[]);
+        for r in &receipts {
+            w.push(r);
+        }
         let bytes = Bytes::from(w.buf);
-        assert_eq!(
-            read_receipts(bytes.clone()).unwrap(),
-            vec![(7, vec![0, 5, 9]), (8, vec![])]
-        );
+        assert_eq!(read_receipts(bytes.clone()).unwrap(), receipts);
         assert!(read_receipts(bytes.slice(..bytes.len() - 1)).is_err());
         assert!(read_receipts(Bytes::from_static(b"abc")).is_err());
     }

@@ -17,6 +17,7 @@ pub const INBOX_DELIVERY_LIMIT: usize = 1 << 20;
 /// The sending side of every shard's inbox; shared by all shards.
 pub struct Mesh {
     inboxes: Vec<Arc<Mailbox<ShardMsg>>>,
+    limit: usize,
 }
 
 /// The receiving side of one shard's inbox.
@@ -28,6 +29,11 @@ pub struct Inbox {
 impl Mesh {
     /// Creates the mesh and one inbox per shard.
     pub fn new(shards: usize) -> (Arc<Mesh>, Vec<Inbox>) {
+        Self::with_limit(shards, INBOX_DELIVERY_LIMIT)
+    }
+
+    /// `new`, with another delivery limit per inbox (tests fill one with a few messages).
+    pub fn with_limit(shards: usize, limit: usize) -> (Arc<Mesh>, Vec<Inbox>) {
         let (inboxes, receivers): (Vec<_>, Vec<_>) = (0..shards).map(|_| Mailbox::new()).unzip();
         let ends = inboxes
             .iter()
@@ -37,7 +43,7 @@ impl Mesh {
                 receiver,
             })
             .collect();
-        (Arc::new(Mesh { inboxes }), ends)
+        (Arc::new(Mesh { inboxes, limit }), ends)
     }
 
     pub fn shards(&self) -> usize {
@@ -51,7 +57,7 @@ impl Mesh {
 
     /// Would a delivery to `shard` exceed the inbox limit?
     pub fn is_full(&self, shard: usize) -> bool {
-        self.inboxes[shard].len() >= INBOX_DELIVERY_LIMIT
+        self.inboxes[shard].len() >= self.limit
     }
 
     /// Wakes `shard` if it is parked waiting for messages. Cheap when it is awake.

@@ -38,6 +38,9 @@ pub enum Outcome {
     Offline,
     /// NATS is unreachable, or a node did not answer in time: it may not have arrived.
     Unavailable,
+    /// The nodes holding the recipient could not take it now (overloaded shards, or
+    /// shutting down): it did not arrive; retry.
+    Refused,
 }
 
 /// What one shard sends another.

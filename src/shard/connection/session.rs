@@ -243,6 +243,9 @@ pub(super) async fn run(
     };
     loop {
         if conn.out.overflowed() {
+            // Out of the directory first: while the Close waits for the peer, sends to
+            // this user must not be acknowledged `routed` into a queue no one will read.
+            conn.end_session();
             close_slow_consumer(ctx, stream, slot, &conn.out).await;
             return;
         }
@@ -416,12 +419,18 @@ impl Conn<'_> {
         Some(next)
     }
 
-    /// Leaves the directory before our last frames go out: a client that sees our Close
-    /// and reconnects at once must find its old connection already gone.
+    /// Leaves the directory once the connection is ending or closing (our Close queued,
+    /// e.g. at shutdown): before our last frames go out, so that a client that sees our
+    /// Close and reconnects finds its old connection already gone, and so that nothing
+    /// is acknowledged `routed` into a queue that takes no more frames.
     fn end_session_if(&mut self, next: Next) {
-        if next != Next::Continue {
-            drop(self.registration.take());
+        if next != Next::Continue || self.session.state != State::Open {
+            self.end_session();
         }
+    }
+
+    fn end_session(&mut self) {
+        drop(self.registration.take());
     }
 }
 

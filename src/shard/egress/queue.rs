@@ -249,6 +249,10 @@ impl ConnOutput for Outbound {
         self.enqueue(frame, None, false, false)
     }
 
+    fn is_open(&self) -> bool {
+        !self.overflowed.get() && !self.sealed.get()
+    }
+
     fn has_room(&self, len: usize) -> bool {
         !self.overflowed.get() && !self.sealed.get() && self.bytes.get() + len <= self.limit
     }
