@@ -12,7 +12,7 @@
 //! - [`shard`]: executors, listeners, buffers and the connection driver.
 
 pub mod chat;
-pub(crate) mod cluster;
+pub mod cluster;
 pub mod config;
 pub(crate) mod mailbox;
 pub mod metrics;

@@ -6,5 +6,5 @@
 pub mod auth;
 pub(crate) mod hub;
 pub(crate) mod output;
-pub(crate) mod protocol;
+pub mod protocol;
 pub(crate) mod session;

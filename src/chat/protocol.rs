@@ -180,8 +180,51 @@ pub fn parse(frame: &[u8]) -> Result<ClientMessage<'_>, AppError> {
 }
 
 fn body_of<'a>(env: &Envelope<'a>) -> Result<&'a RawValue, AppError> {
-    env.body
-        .ok_or_else(|| AppError::new(ErrorCode::BadField, "body is missing").with_id(&env.id))
+    let body = env
+        .body
+        .ok_or_else(|| AppError::new(ErrorCode::BadField, "body is missing").with_id(&env.id))?;
+    // The body is forwarded as it came. JSON's grammar lets a string hold half a UTF-16
+    // surrogate pair (`"\ud800"`), which many decoders refuse (RFC 8259 §8.2): one
+    // sender must not be able to send what its recipients cannot read.
+    if has_unpaired_surrogate(body.get()) {
+        return Err(
+            AppError::new(ErrorCode::BadField, "body holds an unpaired UTF-16 surrogate escape").with_id(&env.id),
+        );
+    }
+    Ok(body)
+}
+
+/// Does this (syntactically valid) JSON text escape half a surrogate pair?
+fn has_unpaired_surrogate(json: &str) -> bool {
+    let b = json.as_bytes();
+    let hex = |at: usize| -> Option<u16> {
+        let digits = std::str::from_utf8(b.get(at..at + 4)?).ok()?;
+        u16::from_str_radix(digits, 16).ok()
+    };
+    let mut i = 0;
+    while let Some(off) = b.get(i..).and_then(|rest| rest.iter().position(|&c| c == b'\\')) {
+        i += off;
+        if b.get(i + 1) != Some(&b'u') {
+            i += 2; // `\"`, `\\`, `\n`, ...: skip the escaped character.
+            continue;
+        }
+        let Some(unit) = hex(i + 2) else { return true };
+        i += 6;
+        match unit {
+            0xD800..=0xDBFF => {
+                let low = (b.get(i) == Some(&b'\\') && b.get(i + 1) == Some(&b'u'))
+                    .then(|| hex(i + 2))
+                    .flatten();
+                if !matches!(low, Some(0xDC00..=0xDFFF)) {
+                    return true;
+                }
+                i += 6;
+            }
+            0xDC00..=0xDFFF => return true,
+            _ => {}
+        }
+    }
+    false
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -263,6 +306,30 @@ pub fn write_error(out: &mut Vec<u8>, e: &AppError) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bodies_with_half_a_surrogate_pair_are_refused() {
+        for ok in [
+            r#""plain""#,
+            r#""\ud83d\ude00""#,
+            r#"{"a":"\\ud800"}"#,
+            r#""\u00e9\n\"""#,
+            "1",
+        ] {
+            assert!(!has_unpaired_surrogate(ok), "{ok}");
+        }
+        for bad in [
+            r#""\ud800""#,
+            r#""\ude00""#,
+            r#""\ud83dx""#,
+            r#""\ud83d\u0041""#,
+            r#"["\uDBFF"]"#,
+        ] {
+            assert!(has_unpaired_surrogate(bad), "{bad}");
+        }
+        let frame = br#"{"type":"send","to":"b","body":"\ud800"}"#;
+        assert_eq!(parse(frame).unwrap_err().code, ErrorCode::BadField);
+    }
     use serde_json::Value;
 
     #[test]
