@@ -57,6 +57,22 @@ start_nats() {
   return 1
 }
 
+# restart_nats OUT URL: starts nats-server again on URL's port (after a stop), appending
+# to OUT/nats.log; sets $nats_pid.
+restart_nats() {
+  local out=$1 url=$2
+  local nport=${url##*:}
+  nats-server -a 127.0.0.1 -p "$nport" >>"$out/nats.log" 2>&1 &
+  nats_pid=$!
+  for _ in $(seq 200); do
+    [ "$(grep -c "Server is ready" "$out/nats.log")" -ge 2 ] && return 0
+    kill -0 "$nats_pid" 2>/dev/null || { echo "nats-server did not restart; see $out/nats.log" >&2; return 1; }
+    sleep 0.05
+  done
+  echo "nats-server did not become ready again; see $out/nats.log" >&2
+  return 1
+}
+
 help_if_asked() {
   local script=$1
   shift

@@ -150,14 +150,20 @@ def main():
     def cpu(path):
         d = {}
         for line in (res / path).read_text().split("\n"):
-            if line.strip():
-                name, ticks = line.rsplit(" ", 1)
-                d[name] = int(ticks)
+            # A gateway killed by a fault has no figures.
+            parts = line.rsplit(" ", 1)
+            if len(parts) == 2 and parts[1].isdigit():
+                d[parts[0]] = int(parts[1])
         return d
     start, end = cpu("cpu-start.txt"), cpu("cpu-end.txt")
     shard_cpu = {n: (end[n] - start[n]) / a.clk_tck / a.cpu_seconds * 100 for n in end if n in start and a.cpu_seconds > 0}
 
-    up = int(client.get("connections_up", 0))
+    faults = {}
+    for line in (res / "load.log").read_text().splitlines():
+        if line.startswith("faults: "):
+            faults = dict(kv.split("=", 1) for kv in line[len("faults: "):].split())
+    # With a fault, connections come and go: what counts is everyone connected at the end.
+    up = int(faults["connected_at_end"]) if faults else int(client.get("connections_up", 0))
     rss_growth = (a.peak_rss_kib - a.rss_before_kib) * 1024
     worst = max(servers, key=lambda s: s["p99_ms"]) if servers else None
     passed = a.load_status == 0 and client.get("verdict") == "PASS" and up == a.connections
@@ -196,6 +202,9 @@ def main():
         f"duplicated {summary['duplicates']}, reordered {summary['reordered']}; failed handshakes {summary['failed_handshakes']}, unexpected closes {summary['unexpected_closes']}",
         "client latency (send to receive): " + ", ".join(f"{q} {v:.3f} ms" for q, v in summary["client_latency_ms"].items()) + f"  (SLO {slo_ms:g} ms)",
     ]
+    if faults:
+        summary["faults"] = {k: int(v) for k, v in faults.items()}
+        text.append("faults: " + " ".join(f"{k}={v}" for k, v in faults.items()))
     if "cross_node" in summary:
         c = summary["cross_node"]
         text.append(f"cross-node: {c['messages_delivered']} messages ({c['share_pct']:g}% of delivered) crossed nodes through NATS; client latency "

@@ -38,6 +38,15 @@
 #   --cross-node F            share of the pairs or rooms that span nodes (default 0.5)
 #   --cluster-key-file FILE   the cluster key (default: a new one in the results directory;
 #                             give the one the other nodes use to join an existing cluster)
+#   --fault KIND@T            inject a fault T seconds into the hold; clients then reconnect
+#                             (to the next gateway) and the run is judged on what the answers
+#                             promised. KIND: kill-node (SIGKILL the second gateway),
+#                             nats-restart (stop the local nats-server for --outage seconds),
+#                             drop (--drop-share of the connections reset at once and reconnect;
+#                             T may be a list, drop@10,25: one storm each).
+#                             scripts/faults.sh runs the three and judges them.
+#   --outage S                seconds NATS stays down for nats-restart (default 2)
+#   --drop-share F            share of connections a drop resets (default 0.67)
 #   -h, --help                this text
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -48,6 +57,7 @@ cd "$root"
 connections=100000 duration=60s rate=0.1 ramp=2500 mode=direct tune=0 slo=200ms
 per_process= shards=$(nproc) shards_given=0 results=
 nodes=0 nats=0 nats_url= cross_node= cluster_key=
+fault= fault_at= outage=2 drop_share=0.67
 while [ $# -gt 0 ]; do
   case $1 in
     --profile)
@@ -70,6 +80,9 @@ while [ $# -gt 0 ]; do
     --tune) tune=1; shift ;;
     --nodes) nodes=$2; shift 2 ;;
     --cluster-key-file) cluster_key=$2; shift 2 ;;
+    --fault) fault=${2%@*}; fault_at=${2#*@}; fault_at=${fault_at%s}; shift 2 ;;
+    --outage) outage=$2; shift 2 ;;
+    --drop-share) drop_share=$2; shift 2 ;;
     --nats)
       nats=1
       if [ $# -gt 1 ] && [[ $2 == nats://* ]]; then nats_url=$2; shift; fi
@@ -96,6 +109,13 @@ if [ "$nodes" -gt "$gateways" ]; then gateways=$nodes; fi
 if [ "$nodes" -gt 0 ] && [ "$nodes" -lt "$gateways" ]; then
   echo "soak: --nodes $nodes is too few for $connections connections at $per_process per process; using $gateways" >&2
 fi
+case $fault in
+  '') ;;
+  kill-node) [ "$gateways" -ge 2 ] || { echo "soak: kill-node needs --nodes 2 or more" >&2; exit 2; } ;;
+  nats-restart) [ "$nats" = 1 ] && [ -z "$nats_url" ] || { echo "soak: nats-restart needs --nats (a local nats-server)" >&2; exit 2; } ;;
+  drop) ;;
+  *) echo "soak: unknown fault $fault (kill-node, nats-restart, drop)" >&2; exit 2 ;;
+esac
 if [ "$nats" = 1 ]; then cross_node=${cross_node:-0.5}; else cross_node=${cross_node:-0}; fi
 if [ "$nats" = 0 ] && [ "$cross_node" != 0 ]; then
   echo "soak: --cross-node needs --nats (nodes only reach each other through NATS)" >&2; exit 2
@@ -165,12 +185,20 @@ if [ "$nats" = 1 ]; then
   done
 fi
 gateway_list=$(IFS=,; echo "${addrs[*]}")
-rss_sum() { local s=0 k v u; for p in "${pids[@]}"; do while read -r k v u; do [ "$k" = VmRSS: ] && s=$((s + v)); done <"/proc/$p/status"; done; echo "$s"; }
+# Over the gateways still running (a fault may have killed one).
+rss_sum() { local s=0 k v u; for p in "${pids[@]}"; do [ -r "/proc/$p/status" ] || continue; while read -r k v u; do [ "$k" = VmRSS: ] && s=$((s + v)); done <"/proc/$p/status"; done; echo "$s"; }
+fd_sum() { local s=0 p; for p in "${pids[@]}"; do [ -d "/proc/$p/fd" ] || continue; s=$((s + $(ls "/proc/$p/fd" | wc -l))); done; echo "$s"; }
 rss_before=$(rss_sum)
 
 cpus=$(seq -s, 0 $(( $(nproc) - 1 )))
 echo "== load: ramp $ramp/s, hold $duration at $rate msg/s per connection ($mode)"
-target/release/shardgate-load --gateways "$gateway_list" --connections "$connections" --ramp "$ramp" \
+faults=()
+if [ -n "$fault" ]; then
+  faults=(--reconnect)
+  [ "$fault" = drop ] && faults+=(--drop-at "$(echo "$fault_at" | sed -E 's/([0-9]+)/\1s/g')" --drop-share "$drop_share")
+  echo "== fault: $fault ${fault_at} s into the hold; clients reconnect"
+fi
+target/release/shardgate-load "${faults[@]}" --gateways "$gateway_list" --connections "$connections" --ramp "$ramp" \
   --duration "$duration" --rate "$rate" --mode "$mode" --source-ips "$source_ips" \
   --auth-secret-file "$secret" --cpus "$cpus" --processes "$gateways" --slo "$slo" --cross-node "$cross_node" \
   --report-interval 5s --histogram-out "$results/client.hgrm.b64" >"$results/load.log" 2>"$results/load.err" &
@@ -190,11 +218,40 @@ shard_cpu() { for k in "${!pids[@]}"; do
   grep -o 'shard [0-9]*: .*thread [0-9]*' "$results/gateway-$k.log" | sed -E 's/^shard ([0-9]+):.*thread ([0-9]+)/\1 \2/' |
   while read -r shard tid; do echo "gateway-$k/shard-$shard $(awk '{print $14+$15}' "/proc/${pids[$k]}/task/$tid/stat")"; done; done; }
 cpu_start= cpu_start_time=
+# The fault times (several for drop), in ms into the hold; memory and descriptors are
+# sampled just before each and at the end of the hold.
+read -r -a fault_times <<<"${fault_at//,/ }"
+fault_done=0 samples=() after_fault=
 while kill -0 "$load_pid" 2>/dev/null; do
   sleep 1
   now=$(now_ms)
   rss=$(rss_sum)
   [ "$rss" -gt "$peak_rss" ] && peak_rss=$rss
+  if [ -n "$fault" ]; then
+    into_hold=$(( now - started - ramp_ms ))
+    next=${fault_times[${#samples[@]}]:-}
+    if [ -n "$next" ] && [ "$into_hold" -ge $(( next * 1000 - 1500 )) ]; then
+      samples+=("before@${next}s: rss_kib=$rss fds=$(fd_sum)")
+    fi
+    if [ "$fault_done" = 0 ] && [ "$into_hold" -ge $(( ${fault_times[0]} * 1000 )) ]; then
+      fault_done=1
+      case $fault in
+        kill-node)
+          echo "== fault: SIGKILL gateway 1 (pid ${pids[1]}) at $((into_hold / 1000)) s into the hold"
+          kill -KILL "${pids[1]}" ;;
+        nats-restart)
+          echo "== fault: nats-server stopped at $((into_hold / 1000)) s into the hold, for ${outage} s"
+          kill -TERM "$nats_pid"; wait "$nats_pid" 2>/dev/null || true
+          sleep "$outage"
+          restart_nats "$results" "$nats_url"
+          echo "== fault: nats-server back (pid $nats_pid)" ;;
+        drop) echo "== fault: the load generator resets ${drop_share} of the connections" ;;
+      esac
+    fi
+    if [ -z "$after_fault" ] && [ "$into_hold" -ge $(( hold_ms - 1500 )) ]; then
+      after_fault="rss_kib=$rss fds=$(fd_sum)"
+    fi
+  fi
   if [ -z "$cpu_start" ] && [ $((now - started)) -gt $((ramp_ms + 2000)) ]; then
     cpu_start=$(shard_cpu); cpu_start_time=$now
   fi
@@ -208,6 +265,9 @@ load_pid=
 for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
 for p in "${pids[@]}"; do wait "$p" || true; done
 pids=()
+if [ -n "$fault" ]; then
+  echo "fault: kind=$fault at_s=$fault_at ${samples[*]} end: ${after_fault:-none}" | tee "$results/fault.txt"
+fi
 
 printf '%s\n' "${cpu_start:-}" >"$results/cpu-start.txt"
 printf '%s\n' "${cpu_end:-}" >"$results/cpu-end.txt"

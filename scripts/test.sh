@@ -3,7 +3,9 @@
 # of the workspace (the cluster tests against a real nats-server, started here on a free
 # loopback port and stopped after), the vendored glommio's own executor and reactor tests
 # (scripts/glommio-tests.sh), the Autobahn|Testsuite (cases 1-10) against a real
-# gateway, then the soak (CI profile) and a small soak across a 3-node cluster.
+# gateway, then the soak (CI profile), a small soak across a 3-node cluster, and the
+# fault-injection runs (CI profile: a node killed, NATS restarted, reconnect storms). The
+# fuzz targets (tests/fuzz.rs) run with `cargo test`, 2,000 cases each.
 # Installs what a fresh machine of this kind lacks (nats-server from apt, the Autobahn
 # virtualenv).
 set -euo pipefail
@@ -49,3 +51,6 @@ if s["verdict"] != "PASS" or s["messages_lost"] != 0 or c.get("messages_delivere
     sys.exit("cluster soak summary says: %s" % json.dumps(s))
 print("cluster soak: %d messages delivered, %d across nodes (client p99 %.3f ms), 0 lost" % (s["messages_delivered"], c["messages_delivered"], c["client_latency_ms"]["p99"]))
 PY
+echo "== fault injection, CI profile (a node killed, NATS restarted, reconnect storms)"
+rm -rf target/faults
+scripts/faults.sh --profile ci --results target/faults

@@ -44,6 +44,26 @@ impl Tracker {
     pub fn lost(&self, sent: u64) -> u64 {
         sent.saturating_sub(self.received)
     }
+
+    /// Did `seq` arrive?
+    pub fn has(&self, seq: u64) -> bool {
+        seq < self.next && !self.missing.contains(&seq)
+    }
+}
+
+/// What the gateway answered to one sent message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// Nothing yet (or the connection died first).
+    Pending,
+    Routed,
+    Offline,
+    /// `unavailable`: another node did not confirm.
+    Unavailable,
+    /// `rate_limited`: refused (an overloaded or stopping destination).
+    Limited,
+    /// Any other error.
+    Other,
 }
 
 /// One load process's (or thread's) results; they add up.
@@ -64,6 +84,26 @@ pub struct Report {
     /// Messages whose sender and recipient used different gateways (nodes), and their latency.
     pub cross_received: u64,
     pub cross_latency: Histogram<u64>,
+    /// With faults (`--reconnect`): connections made again after a close or a drop.
+    pub reconnects: u64,
+    /// Answers to sent messages, by kind.
+    pub routed: u64,
+    pub unavailable: u64,
+    pub limited: u64,
+    /// Sent by a connection that never broke, and never answered: a defect.
+    pub unanswered: u64,
+    /// Sent by a connection that then broke, and never answered (no claim was made).
+    pub unanswered_dropped: u64,
+    /// Acknowledged `routed` to a recipient whose connection then broke, never received.
+    pub lost_reconnected: u64,
+    /// Not routed (offline, unavailable, refused) though sender and recipient never lost
+    /// their connections: on one gateway, or on two.
+    pub refused_local: u64,
+    pub refused_cross: u64,
+    /// Users connected when the run ended.
+    pub connected_at_end: u64,
+    /// The longest time from a drop to `ready` again, ms (merged by maximum).
+    pub recovery_ms: u64,
 }
 
 pub fn new_histogram() -> Histogram<u64> {
@@ -86,11 +126,22 @@ impl Default for Report {
             latency: new_histogram(),
             cross_received: 0,
             cross_latency: new_histogram(),
+            reconnects: 0,
+            routed: 0,
+            unavailable: 0,
+            limited: 0,
+            unanswered: 0,
+            unanswered_dropped: 0,
+            lost_reconnected: 0,
+            refused_local: 0,
+            refused_cross: 0,
+            connected_at_end: 0,
+            recovery_ms: 0,
         }
     }
 }
 
-const FIELDS: [&str; 11] = [
+const FIELDS: [&str; 21] = [
     "connections_up",
     "failed_handshakes",
     "unexpected_closes",
@@ -102,10 +153,20 @@ const FIELDS: [&str; 11] = [
     "offline",
     "errors",
     "cross_received",
+    "reconnects",
+    "routed",
+    "unavailable",
+    "limited",
+    "unanswered",
+    "unanswered_dropped",
+    "lost_reconnected",
+    "refused_local",
+    "refused_cross",
+    "connected_at_end",
 ];
 
 impl Report {
-    fn counters(&self) -> [u64; 11] {
+    fn counters(&self) -> [u64; 21] {
         [
             self.connections_up,
             self.failed_handshakes,
@@ -118,10 +179,20 @@ impl Report {
             self.offline,
             self.errors,
             self.cross_received,
+            self.reconnects,
+            self.routed,
+            self.unavailable,
+            self.limited,
+            self.unanswered,
+            self.unanswered_dropped,
+            self.lost_reconnected,
+            self.refused_local,
+            self.refused_cross,
+            self.connected_at_end,
         ]
     }
 
-    fn counters_mut(&mut self) -> [&mut u64; 11] {
+    fn counters_mut(&mut self) -> [&mut u64; 21] {
         [
             &mut self.connections_up,
             &mut self.failed_handshakes,
@@ -134,6 +205,16 @@ impl Report {
             &mut self.offline,
             &mut self.errors,
             &mut self.cross_received,
+            &mut self.reconnects,
+            &mut self.routed,
+            &mut self.unavailable,
+            &mut self.limited,
+            &mut self.unanswered,
+            &mut self.unanswered_dropped,
+            &mut self.lost_reconnected,
+            &mut self.refused_local,
+            &mut self.refused_cross,
+            &mut self.connected_at_end,
         ]
     }
 
@@ -141,6 +222,7 @@ impl Report {
         for (mine, theirs) in self.counters_mut().into_iter().zip(other.counters()) {
             *mine += theirs;
         }
+        self.recovery_ms = self.recovery_ms.max(other.recovery_ms);
         let _ = self.latency.add(&other.latency);
         let _ = self.cross_latency.add(&other.cross_latency);
     }
@@ -157,6 +239,7 @@ impl Report {
             .zip(self.counters())
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
+        line.push(format!("recovery_ms={}", self.recovery_ms));
         line.push(format!("hist={}", encode_histogram(&self.latency)));
         line.push(format!("xhist={}", encode_histogram(&self.cross_latency)));
         line.join(" ")
@@ -170,6 +253,8 @@ impl Report {
                 report.latency = decode_histogram(v)?;
             } else if k == "xhist" {
                 report.cross_latency = decode_histogram(v)?;
+            } else if k == "recovery_ms" {
+                report.recovery_ms = v.parse().map_err(|e| format!("{k}: {e}"))?;
             } else if let Some(i) = FIELDS.iter().position(|f| *f == k) {
                 *report.counters_mut()[i] = v.parse().map_err(|e| format!("{k}: {e}"))?;
             }
@@ -213,6 +298,7 @@ mod tests {
         // 2 came after 3 (reordered), 3 again is a duplicate, 4 never came (lost).
         assert_eq!((t.received, t.duplicates, t.reordered), (5, 1, 1));
         assert_eq!(t.lost(6), 1);
+        assert!(t.has(2) && t.has(5) && !t.has(4) && !t.has(6));
         assert_eq!(t.lost(7), 2, "a 7th message sent and never received is lost too");
     }
 
@@ -236,10 +322,18 @@ mod tests {
         b.latency.record(500).unwrap();
         b.cross_received = 1;
         b.cross_latency.record(500).unwrap();
+        b.recovery_ms = 700;
+        b.refused_cross = 3;
+        a.recovery_ms = 900;
         let b = Report::from_line(&b.to_line()).unwrap();
         a.merge(&b);
         assert_eq!((a.sent, a.received, a.lost, a.connections_up), (15, 14, 1, 6));
         assert_eq!((a.cross_received, a.cross_latency.len()), (1, 1));
+        assert_eq!(
+            (a.recovery_ms, a.refused_cross),
+            (900, 3),
+            "the longest recovery, the sum of counts"
+        );
         assert_eq!(a.latency.len(), 3);
         assert_eq!(a.latency.max(), 500);
         assert!(!a.is_clean());

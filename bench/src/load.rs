@@ -31,7 +31,7 @@ use hdrhistogram::Histogram;
 use serde::Deserialize;
 use shardgate::chat::auth::Authenticator;
 use shardgate::ws::{write_close, write_frame, Decoder, Event, OpCode, Role};
-use shardgate_bench::accounting::{decode_histogram, encode_histogram, new_histogram, Report, Tracker};
+use shardgate_bench::accounting::{decode_histogram, encode_histogram, new_histogram, Answer, Report, Tracker};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Mode {
@@ -73,8 +73,9 @@ struct Args {
     /// Mint tokens with this secret file; without it, use the gateway's --insecure-dev-auth.
     #[arg(long)]
     auth_secret_file: Option<PathBuf>,
-    /// CPUs for the client threads, one thread each.
-    #[arg(long, value_delimiter = ',', default_value = "1")]
+    /// CPUs for the client threads, one thread each. (Set, not appended: a child process
+    /// is given its one CPU after the parent's list, and must run one thread.)
+    #[arg(long, value_delimiter = ',', default_value = "1", action = clap::ArgAction::Set)]
     cpus: Vec<usize>,
     /// The latency objective: the run fails if p99 is above it.
     #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
@@ -101,6 +102,19 @@ struct Args {
     /// User ids are PREFIX-<n>.
     #[arg(long, default_value = "load")]
     prefix: String,
+    /// Faults are expected: a connection the gateway closes (or that breaks) connects
+    /// again, to the next gateway in the list, and the run is judged on what the
+    /// answers promised (see the README's fault-injection runs) rather than on a clean run.
+    #[arg(long)]
+    reconnect: bool,
+    /// With --drop-at: the share of connections (0 to 1) that break at once, with a reset,
+    /// and reconnect at once (a reconnect storm).
+    #[arg(long, default_value_t = 0.0)]
+    drop_share: f64,
+    /// When, after the hold starts, the --drop-share connections break (a list: one storm
+    /// each).
+    #[arg(long, value_delimiter = ',', value_parser = humantime::parse_duration)]
+    drop_at: Vec<Duration>,
     /// (internal) first connection index of this child, and its count of all connections.
     #[arg(long, hide = true)]
     child_offset: Option<usize>,
@@ -168,11 +182,24 @@ fn main() {
 /// Every connection up and none closed on us, every message delivered once and in order,
 /// p99 within the SLO.
 fn passed(args: &Args, r: &Report) -> bool {
+    let p99_ok = r.latency.value_at_quantile(0.99) <= args.slo.as_micros() as u64;
+    if args.reconnect {
+        // With faults: nothing acknowledged `routed` to a connection that held is lost,
+        // every send of a connection that held is answered, everyone is back at the end.
+        // Which refusals are acceptable depends on the fault (scripts/faults.sh judges).
+        return r.lost == 0
+            && r.duplicates == 0
+            && r.reordered == 0
+            && r.unanswered == 0
+            && r.errors == 0
+            && r.connected_at_end == args.connections as u64
+            && p99_ok;
+    }
     r.is_clean()
         && r.connections_up == args.connections as u64
         && r.failed_handshakes == 0
         && r.unexpected_closes == 0
-        && r.latency.value_at_quantile(0.99) <= args.slo.as_micros() as u64
+        && p99_ok
 }
 
 fn print_final(args: &Args, r: &Report) {
@@ -186,6 +213,13 @@ fn print_final(args: &Args, r: &Report) {
         r.cross_received, x.value_at_quantile(0.5), x.value_at_quantile(0.9), x.value_at_quantile(0.99), x.value_at_quantile(0.999), x.max(),
         if passed(args, r) { "PASS" } else { "FAIL" },
     );
+    if args.reconnect {
+        println!(
+            "faults: reconnects={} routed={} offline={} unavailable={} limited={} unanswered={} unanswered_dropped={} lost_reconnected={} refused_local={} refused_cross={} connected_at_end={} recovery_ms={}",
+            r.reconnects, r.routed, r.offline, r.unavailable, r.limited, r.unanswered, r.unanswered_dropped,
+            r.lost_reconnected, r.refused_local, r.refused_cross, r.connected_at_end, r.recovery_ms,
+        );
+    }
     print!("{}", shardgate::metrics::percentile_distribution(h));
     if let Some(path) = &args.histogram_out {
         if let Err(e) = std::fs::write(path, encode_histogram(h)) {
@@ -397,6 +431,8 @@ fn collect_events(args: &Args, threads: usize, rx: crossbeam_channel::Receiver<T
 /// One simulated user on a client thread.
 struct User {
     name: String,
+    /// Its index over all processes (names and gateways derive from it).
+    global: usize,
     /// Can receive from its group: connected (direct mode), or joined its room (room mode).
     ready: Cell<bool>,
     /// Messages this user sent (to its partner, or to its room).
@@ -404,6 +440,14 @@ struct User {
     /// Messages from each member of its group, by position in the group.
     trackers: RefCell<Vec<Tracker>>,
     finished: Cell<bool>,
+    /// The answer to each message it sent, by sequence number.
+    answers: RefCell<Vec<Answer>>,
+    /// Its connection broke (closed by the gateway, reset, dropped) at least once.
+    broke: Cell<bool>,
+    /// The `--drop-at` storms it has been through.
+    drops: Cell<usize>,
+    /// The gateway it is connected to (or tries next), by index in --gateways.
+    gateway: Cell<usize>,
 }
 
 struct Thread {
@@ -418,6 +462,8 @@ struct Thread {
     interval_sent: Cell<u64>,
     interval_received: Cell<u64>,
     epoch: Instant,
+    /// Connections up now.
+    live: Cell<u64>,
 }
 
 impl Thread {
@@ -439,12 +485,17 @@ async fn run_thread(
     let hold_end = epoch + ramp_time + args.settle + args.duration;
     let users = members
         .iter()
-        .map(|(_, name, _)| User {
+        .map(|(global, name, _)| User {
             name: name.clone(),
+            global: offset + global,
             ready: Cell::new(false),
             sent: Cell::new(0),
             trackers: RefCell::new(vec![Tracker::default(); group]),
             finished: Cell::new(false),
+            answers: RefCell::new(Vec::new()),
+            broke: Cell::new(false),
+            drops: Cell::new(0),
+            gateway: Cell::new(gateway_of(&args, group, offset + global)),
         })
         .collect();
     let th = Rc::new(Thread {
@@ -458,6 +509,7 @@ async fn run_thread(
         interval_sent: Cell::new(0),
         interval_received: Cell::new(0),
         epoch,
+        live: Cell::new(0),
     });
     let ticker = glommio::spawn_local(report_ticks(th.clone(), tx.clone()));
     let tasks: Vec<_> = members
@@ -482,7 +534,7 @@ async fn report_ticks(th: Rc<Thread>, tx: Sender<ThreadEvent>) {
         let due = th.epoch + th.args.report_interval * tick as u32;
         glommio::timer::sleep(due.saturating_duration_since(Instant::now())).await;
         let latency = std::mem::replace(&mut *th.interval.borrow_mut(), new_histogram());
-        let up = th.report.borrow().connections_up;
+        let up = th.live.get();
         let _ = tx.send(ThreadEvent::Tick {
             tick,
             up,
@@ -494,7 +546,8 @@ async fn report_ticks(th: Rc<Thread>, tx: Sender<ThreadEvent>) {
 }
 
 /// The thread's report, with the loss: what each sender sent to each recipient and the
-/// recipient never got.
+/// recipient never got. With --reconnect, judged by the answers: only what was
+/// acknowledged `routed` must arrive, and only at a recipient whose connection held.
 fn count_losses(th: &Thread) -> Report {
     let mut report = std::mem::take(&mut *th.report.borrow_mut());
     for (u, user) in th.users.iter().enumerate() {
@@ -504,13 +557,62 @@ fn count_losses(th: &Thread) -> Report {
                 continue;
             }
             let sender = &th.users[base + pos];
-            report.lost += tracker.lost(sender.sent.get());
+            if !th.args.reconnect {
+                report.lost += tracker.lost(sender.sent.get());
+            }
             report.received += tracker.received;
             report.duplicates += tracker.duplicates;
             report.reordered += tracker.reordered;
         }
     }
+    if th.args.reconnect {
+        count_answers(th, &mut report);
+    }
     report
+}
+
+/// Classifies every message by its answer (with --reconnect).
+fn count_answers(th: &Thread, report: &mut Report) {
+    for (u, sender) in th.users.iter().enumerate() {
+        let base = u - u % th.group;
+        let recipients: Vec<usize> = (base..base + th.group).filter(|&r| r != u).collect();
+        let held = |r: usize| !th.users[r].broke.get();
+        let all_held = !sender.broke.get() && recipients.iter().all(|&r| held(r));
+        let gateway = |i: usize| gateway_of(&th.args, th.group, th.users[i].global);
+        let one_gateway = recipients.iter().all(|&r| gateway(r) == gateway(u));
+        for (seq, answer) in sender.answers.borrow().iter().enumerate() {
+            match answer {
+                Answer::Routed => {
+                    report.routed += 1;
+                    for &r in &recipients {
+                        let pos = u - base;
+                        if !th.users[r].trackers.borrow()[pos].has(seq as u64) {
+                            if held(r) {
+                                report.lost += 1;
+                            } else {
+                                report.lost_reconnected += 1;
+                            }
+                        }
+                    }
+                }
+                Answer::Pending if sender.broke.get() => report.unanswered_dropped += 1,
+                Answer::Pending => report.unanswered += 1,
+                Answer::Offline | Answer::Unavailable | Answer::Limited => {
+                    match answer {
+                        Answer::Unavailable => report.unavailable += 1,
+                        Answer::Limited => report.limited += 1,
+                        _ => {} // counted as the ack came
+                    }
+                    if all_held && one_gateway {
+                        report.refused_local += 1;
+                    } else if all_held {
+                        report.refused_cross += 1;
+                    }
+                }
+                Answer::Other => {}
+            }
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -522,6 +624,10 @@ struct Incoming<'a> {
     #[serde(default)]
     status: Option<&'a str>,
     #[serde(default)]
+    id: Option<&'a str>,
+    #[serde(default)]
+    code: Option<&'a str>,
+    #[serde(default)]
     body: Option<Body>,
 }
 
@@ -531,7 +637,8 @@ struct Received {
     seq: Option<u64>,
     sent_at: Option<u64>,
     from: Option<String>,
-    offline: bool,
+    /// For acks and errors: what it says of the message `id`.
+    answer: Option<(u64, Answer)>,
 }
 
 #[derive(Deserialize)]
@@ -555,8 +662,8 @@ fn gateway_of(args: &Args, group: usize, global: usize) -> usize {
 }
 
 /// Connects, upgrades and waits for `ready`; `None` counts as a failed handshake.
-async fn connect(th: &Thread, global: usize, cred: &str) -> Option<(TcpStream, Decoder, Vec<u8>)> {
-    let gateway = th.args.gateways[gateway_of(&th.args, th.group, th.offset + global)];
+async fn connect(th: &Thread, gateway: usize, global: usize, cred: &str) -> Option<(TcpStream, Decoder, Vec<u8>)> {
+    let gateway = th.args.gateways[gateway];
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(gateway),
         socket2::Type::STREAM.nonblocking(),
@@ -614,14 +721,64 @@ enum Wake {
     Send,
 }
 
+/// How a connection's session ended.
+enum SessionEnd {
+    /// The run is over (and the connection still up).
+    Finished,
+    /// The gateway closed it, or it broke.
+    Broke,
+    /// This run dropped it on purpose (`--drop-at`).
+    Dropped,
+}
+
 async fn run_user(th: Rc<Thread>, local: usize, global: usize, cred: String, start: Instant, hold_end: Instant) {
     glommio::timer::sleep(start.saturating_duration_since(Instant::now())).await;
-    let Some((mut stream, decoder, pending)) = connect(&th, global, &cred).await else {
-        th.report.borrow_mut().failed_handshakes += 1;
-        return;
-    };
-    let mut u = UserConn::new(&th, local, global, hold_end, decoder, pending);
+    let drain_end = hold_end + th.args.drain;
+    let user = &th.users[local];
+    // When the connection last broke (or was dropped): `ready` again measures recovery.
+    let mut broke_at: Option<Instant> = None;
+    let mut pause = Duration::from_millis(100);
     loop {
+        let gateway = user.gateway.get();
+        let Some((stream, decoder, pending)) = connect(&th, gateway, global, &cred).await else {
+            th.report.borrow_mut().failed_handshakes += 1;
+            if !th.args.reconnect || Instant::now() >= drain_end {
+                return;
+            }
+            // That gateway may be gone: try the next, after a pause that grows to 1 s.
+            user.gateway.set((gateway + 1) % th.args.gateways.len());
+            glommio::timer::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+            continue;
+        };
+        pause = Duration::from_millis(100);
+        let u = UserConn::new(&th, local, global, hold_end, decoder, pending, broke_at);
+        let end = session(&th, u, stream).await;
+        match end {
+            SessionEnd::Finished => {
+                th.report.borrow_mut().connected_at_end += 1;
+                return;
+            }
+            SessionEnd::Broke => {
+                th.report.borrow_mut().unexpected_closes += 1;
+                if !th.args.reconnect {
+                    return;
+                }
+                // Elsewhere: the gateway that closed it may be going away.
+                user.gateway.set((gateway + 1) % th.args.gateways.len());
+            }
+            SessionEnd::Dropped => {}
+        }
+        user.broke.set(true);
+        broke_at = Some(Instant::now());
+        th.report.borrow_mut().reconnects += 1;
+    }
+}
+
+/// One connection's life: decode, answer, send on schedule, until the run ends or the
+/// connection does.
+async fn session(th: &Thread, mut u: UserConn<'_>, mut stream: TcpStream) -> SessionEnd {
+    let end = loop {
         // Decode what arrived (the bytes after the 101 first), then answer it.
         let (events, closed, bad) = u.decode();
         u.on_received(events);
@@ -629,42 +786,51 @@ async fn run_user(th: Rc<Thread>, local: usize, global: usize, cred: String, sta
             th.report.borrow_mut().errors += 1;
         }
         if closed {
-            th.report.borrow_mut().unexpected_closes += 1;
-            return;
+            break SessionEnd::Broke;
         }
         if !u.out.is_empty() {
             if stream.write_all(&u.out).await.is_err() {
-                th.report.borrow_mut().unexpected_closes += 1;
-                return;
+                break SessionEnd::Broke;
             }
             u.out.clear();
         }
         let now = Instant::now();
-        if now >= hold_end {
+        if u.drop_due(now) {
+            let user = &th.users[u.local];
+            user.drops.set(user.drops.get() + 1);
+            // A reset, as a network fault would break it: no Close, no FIN.
+            let _ = shardgate::sys::socket::reset_on_close(&stream);
+            break SessionEnd::Dropped;
+        }
+        if now >= u.hold_end {
             u.user().finished.set(true);
-            if now >= u.drain_end || all_received(&th, local, u.base) {
-                break;
+            let answered = !u.user().answers.borrow().contains(&Answer::Pending);
+            if now >= u.drain_end || (answered && all_received(th, u.local, u.base)) {
+                break SessionEnd::Finished;
             }
         }
         // Wait for data or the next send.
         let deadline = u.next_wake(now);
-        let wake = futures_lite::future::or(async { Wake::Read(read_shared(&th, &mut stream).await) }, async {
+        let wake = futures_lite::future::or(async { Wake::Read(read_shared(th, &mut stream).await) }, async {
             glommio::timer::sleep(deadline.saturating_duration_since(Instant::now())).await;
             Wake::Send
         })
         .await;
         match wake {
-            Wake::Read(Ok(0)) | Wake::Read(Err(_)) => {
-                th.report.borrow_mut().unexpected_closes += 1;
-                return;
-            }
+            Wake::Read(Ok(0)) | Wake::Read(Err(_)) => break SessionEnd::Broke,
             Wake::Read(Ok(n)) => u.last_read = n,
             Wake::Send => u.send_due(),
         }
+    };
+    if u.ready {
+        th.live.set(th.live.get() - 1);
     }
-    let mut close = Vec::new();
-    write_close(&mut close, shardgate::ws::CloseCode::NORMAL, "", Some(u.mask));
-    let _ = stream.write_all(&close).await;
+    if let SessionEnd::Finished = end {
+        let mut close = Vec::new();
+        write_close(&mut close, shardgate::ws::CloseCode::NORMAL, "", Some(u.mask));
+        let _ = stream.write_all(&close).await;
+    }
+    end
 }
 
 /// One simulated user's connection, between its reads and sends.
@@ -687,17 +853,40 @@ struct UserConn<'a> {
     pending: Vec<u8>,
     /// Bytes of the shared buffer filled by the last read (decoded next).
     last_read: usize,
+    /// When the previous connection broke, if this one replaces it.
+    broke_at: Option<Instant>,
+    /// When this user's connection is to be dropped (`--drop-at`), if it is.
+    drop_at: Option<Instant>,
     /// Frames to send (pongs, joins, messages).
     out: Vec<u8>,
 }
 
 impl<'a> UserConn<'a> {
-    fn new(th: &'a Thread, local: usize, global: usize, hold_end: Instant, decoder: Decoder, pending: Vec<u8>) -> Self {
+    fn new(
+        th: &'a Thread,
+        local: usize,
+        global: usize,
+        hold_end: Instant,
+        decoder: Decoder,
+        pending: Vec<u8>,
+        broke_at: Option<Instant>,
+    ) -> Self {
         let interval = Duration::from_secs_f64(1.0 / th.args.rate.max(1e-6));
         // Messages flow during the hold only (the ramp is for connecting), and the first
         // sends are spread over one interval so the load starts smooth.
         let hold_start = hold_end - th.args.duration;
+        // The dropped share is picked by a low-discrepancy sequence: an even spread over
+        // threads, gateways and groups. Each is dropped once per storm.
+        let picked = ((th.offset + global) as f64 * 0.754_877_666_246_692_7).fract() < th.args.drop_share;
+        let drop_at = th
+            .args
+            .drop_at
+            .get(th.users[local].drops.get())
+            .filter(|_| picked)
+            .map(|d| hold_start + *d);
         UserConn {
+            broke_at,
+            drop_at,
             th,
             local,
             global,
@@ -744,7 +933,16 @@ impl<'a> UserConn<'a> {
                     seq: m.body.as_ref().map(|b| b.s),
                     sent_at: m.body.as_ref().map(|b| b.t),
                     from: m.from.map(str::to_string),
-                    offline: m.status == Some("offline"),
+                    answer: m.id.and_then(|id| id.parse().ok()).map(|id| {
+                        let answer = match (m.kind, m.status, m.code) {
+                            ("ack", Some("routed"), _) => Answer::Routed,
+                            ("ack", Some("offline"), _) => Answer::Offline,
+                            (_, _, Some("unavailable")) => Answer::Unavailable,
+                            (_, _, Some("rate_limited")) => Answer::Limited,
+                            _ => Answer::Other,
+                        };
+                        (id, answer)
+                    }),
                 }),
                 Err(_) => bad = true,
             },
@@ -766,6 +964,12 @@ impl<'a> UserConn<'a> {
             match r.kind.as_str() {
                 "ready" => {
                     self.ready = true;
+                    th.live.set(th.live.get() + 1);
+                    if let Some(at) = self.broke_at.take() {
+                        let ms = at.elapsed().as_millis() as u64;
+                        let mut report = th.report.borrow_mut();
+                        report.recovery_ms = report.recovery_ms.max(ms);
+                    }
                     self.user().ready.set(th.args.mode == Mode::Direct);
                     th.report.borrow_mut().connections_up += 1;
                     if th.args.mode == Mode::Room {
@@ -778,9 +982,22 @@ impl<'a> UserConn<'a> {
                     self.user().ready.set(true);
                 }
                 "message" | "room_message" => self.on_message(r, now_us),
-                "ack" => {
-                    if r.offline {
+                "ack" | "error" => {
+                    let Some((id, answer)) = r.answer else {
+                        th.report.borrow_mut().errors += 1;
+                        continue;
+                    };
+                    if answer == Answer::Offline {
                         th.report.borrow_mut().offline += 1;
+                    }
+                    // Errors other than the refusals a fault explains are defects.
+                    let expected = matches!(answer, Answer::Routed | Answer::Offline)
+                        || (th.args.reconnect && matches!(answer, Answer::Unavailable | Answer::Limited));
+                    if !expected {
+                        th.report.borrow_mut().errors += 1;
+                    }
+                    if let Some(slot) = self.user().answers.borrow_mut().get_mut(id as usize) {
+                        *slot = answer;
                     }
                 }
                 _ => th.report.borrow_mut().errors += 1,
@@ -816,6 +1033,10 @@ impl<'a> UserConn<'a> {
         th.interval_received.set(th.interval_received.get() + 1);
     }
 
+    fn drop_due(&self, now: Instant) -> bool {
+        self.drop_at.is_some_and(|at| now >= at)
+    }
+
     fn sending(&self, now: Instant) -> bool {
         now < self.hold_end && self.ready && self.joined
     }
@@ -823,13 +1044,14 @@ impl<'a> UserConn<'a> {
     /// Until when to wait for input: the next send while sending, else the end of the
     /// hold, then the drain in steps of 100 ms.
     fn next_wake(&self, now: Instant) -> Instant {
-        if self.sending(now) {
+        let wake = if self.sending(now) {
             self.next_send
         } else if now < self.hold_end {
             self.hold_end
         } else {
             self.drain_end.min(now + Duration::from_millis(100))
-        }
+        };
+        self.drop_at.map_or(wake, |at| wake.min(at))
     }
 
     /// Sends the next message if it is due and the whole group is ready for it.
@@ -848,16 +1070,17 @@ impl<'a> UserConn<'a> {
         let t = th.micros();
         let msg = match th.args.mode {
             Mode::Direct => format!(
-                r#"{{"type":"send","to":"{}","body":{{"s":{seq},"t":{t}}}}}"#,
+                r#"{{"type":"send","to":"{}","id":"{seq}","body":{{"s":{seq},"t":{t}}}}}"#,
                 th.users[self.local ^ 1].name
             ),
             Mode::Room => format!(
-                r#"{{"type":"publish","room":"{}","body":{{"s":{seq},"t":{t}}}}}"#,
+                r#"{{"type":"publish","room":"{}","id":"{seq}","body":{{"s":{seq},"t":{t}}}}}"#,
                 self.room
             ),
         };
         send_json(&mut self.out, self.mask, &msg);
         user.sent.set(seq + 1);
+        user.answers.borrow_mut().push(Answer::Pending);
         th.report.borrow_mut().sent += 1;
         th.interval_sent.set(th.interval_sent.get() + 1);
     }

@@ -237,6 +237,16 @@ pub fn set_defer_accept(socket: &impl AsRawFd, secs: libc::c_int) -> io::Result<
     setsockopt(socket.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT, &secs)
 }
 
+/// `SO_LINGER` of zero: closing the socket then resets the connection at once (a load
+/// generator's way to break connections as a network fault would).
+pub fn reset_on_close(socket: &impl AsRawFd) -> io::Result<()> {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    setsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_LINGER, &linger)
+}
+
 /// Attaches a classic BPF program to the listener's `SO_REUSEPORT` group: it returns the
 /// index of the listener (in the order they joined the port) that gets a new connection.
 pub fn attach_reuseport_program(listener: &impl AsRawFd, program: &[libc::sock_filter]) -> io::Result<()> {
