@@ -253,18 +253,45 @@ fn application_errors_answer_and_keep_the_connection() {
 
 /// A one-shard gateway with dev auth and a rate limit of `rate` messages a second.
 fn rate_limited_gateway(name: &str, rate: &str, burst: &str) -> Gateway {
+    one_shard_gateway(name, &["--rate-limit", rate, "--rate-burst", burst])
+}
+
+/// A one-shard gateway with dev auth and `extra` settings.
+fn one_shard_gateway(name: &str, extra: &[&str]) -> Gateway {
     let dir = temp_dir(name);
-    Gateway::start(&[
+    let mut args = vec![
         "--shards",
         "1",
         "--insecure-dev-auth",
-        "--rate-limit",
-        rate,
-        "--rate-burst",
-        burst,
         "--data-dir",
         dir.to_str().unwrap(),
-    ])
+    ];
+    args.extend_from_slice(extra);
+    Gateway::start(&args)
+}
+
+/// A chat client that will stop reading: a raw socket with a 4 KiB receive buffer,
+/// upgraded as `user`, its `ready` read.
+fn slow_reader(addr: std::net::SocketAddr, user: &str) -> TcpStream {
+    let slow = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    slow.set_recv_buffer_size(4096).unwrap();
+    slow.connect(&addr.into()).unwrap();
+    let mut slow: TcpStream = slow.into();
+    slow.write_all(upgrade_request(&format!("/ws?user={user}"), "").as_bytes())
+        .unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        slow.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let (op, ready) = read_frame(&mut slow).unwrap();
+    assert_eq!(
+        (op, serde_json::from_slice::<Value>(&ready).unwrap()["type"].as_str()),
+        (1, Some("ready"))
+    );
+    slow
 }
 
 /// A token minted by `shardgate token` with the secret in `dir`, and `args` besides.
@@ -469,25 +496,7 @@ fn forbidden_origin_is_403() {
 fn a_slow_consumer_is_closed_with_1008_while_others_keep_receiving() {
     // A long pong timeout: the slow consumer's Close waits that long for it to read.
     let (_gw, ports) = gateway("slow", &["--max-outbound-bytes", "65536", "--pong-timeout", "60s"]);
-    // The slow consumer: a raw socket with a small receive buffer that stops reading.
-    let slow = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    slow.set_recv_buffer_size(4096).unwrap();
-    slow.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], ports[1])).into())
-        .unwrap();
-    let mut slow: TcpStream = slow.into();
-    slow.write_all(upgrade_request("/ws?user=slow", "").as_bytes()).unwrap();
-    slow.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        slow.read_exact(&mut byte).unwrap();
-        head.push(byte[0]);
-    }
-    let (op, ready) = read_frame(&mut slow).unwrap();
-    assert_eq!(
-        (op, serde_json::from_slice::<Value>(&ready).unwrap()["type"].as_str()),
-        (1, Some("ready"))
-    );
+    let mut slow = slow_reader(std::net::SocketAddr::from(([127, 0, 0, 1], ports[1])), "slow");
     runtime().block_on(async {
         let mut alice = connect(ports[0], "alice").await;
         let mut bob = connect(ports[1], "bob").await;
@@ -704,11 +713,7 @@ fn joins_past_the_room_caps_are_refused() {
 /// `--rate-limit-bytes` bounds the bytes of chat a connection sends, beside the count.
 #[test]
 fn a_byte_rate_over_the_limit_is_answered_rate_limited() {
-    let dir = temp_dir("byte-rate");
-    let gw = Gateway::start(&[
-        "--shards",
-        "1",
-        "--insecure-dev-auth",
+    let extra = [
         "--rate-limit",
         "0",
         "--rate-limit-bytes",
@@ -717,9 +722,8 @@ fn a_byte_rate_over_the_limit_is_answered_rate_limited() {
         "4000",
         "--max-chat-message",
         "4000",
-        "--data-dir",
-        dir.to_str().unwrap(),
-    ]);
+    ];
+    let gw = one_shard_gateway("byte-rate", &extra);
     runtime().block_on(async {
         let mut alice = connect(gw.addr.port(), "alice").await;
         let body = "z".repeat(1500);
@@ -896,11 +900,7 @@ fn a_publisher_flooding_a_big_room_does_not_close_its_members() {
 /// delivered (or, once the connection is gone, `offline`).
 #[test]
 fn a_send_that_overflows_the_recipient_is_not_acknowledged_routed() {
-    let dir = temp_dir("overflow-ack");
-    let gw = Gateway::start(&[
-        "--shards",
-        "1",
-        "--insecure-dev-auth",
+    let extra = [
         "--rate-limit",
         "0",
         "--rate-limit-bytes",
@@ -909,22 +909,9 @@ fn a_send_that_overflows_the_recipient_is_not_acknowledged_routed() {
         "65536",
         "--pong-timeout",
         "60s",
-        "--data-dir",
-        dir.to_str().unwrap(),
-    ]);
-    let slow = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    slow.set_recv_buffer_size(4096).unwrap();
-    slow.connect(&gw.addr.into()).unwrap();
-    let mut slow: TcpStream = slow.into();
-    slow.write_all(upgrade_request("/ws?user=slow", "").as_bytes()).unwrap();
-    slow.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        slow.read_exact(&mut byte).unwrap();
-        head.push(byte[0]);
-    }
-    assert_eq!(read_frame(&mut slow).unwrap().0, 1, "ready");
+    ];
+    let gw = one_shard_gateway("overflow-ack", &extra);
+    let _slow = slow_reader(gw.addr, "slow");
     runtime().block_on(async {
         let mut alice = connect(gw.addr.port(), "alice").await;
         let body = "y".repeat(16_000);

@@ -12,6 +12,7 @@ use bytes::Bytes;
 
 use super::output::ConnOutput;
 use super::protocol::{self, AppError, ErrorCode};
+use super::session::RateLimits;
 use crate::cluster::{ClusterLink, ToCluster};
 use crate::route::directory::{AckEvent, RoomLimits, Router};
 use crate::route::inbox::Mesh;
@@ -25,6 +26,8 @@ pub struct Hub<O> {
     pub shard: usize,
     pub router: RefCell<Router>,
     pub limits: RoomLimits,
+    /// Every chat connection's rate limits.
+    pub rate_limits: RateLimits,
     pub mesh: Arc<Mesh>,
     /// The cluster thread, when this node is part of one (`--nats`).
     pub cluster: Option<Arc<ClusterLink>>,
@@ -44,9 +47,16 @@ pub struct Hub<O> {
 }
 
 impl<O: ConnOutput> Hub<O> {
-    pub fn new(shard: usize, mesh: Arc<Mesh>, cluster: Option<Arc<ClusterLink>>, limits: RoomLimits) -> Self {
+    pub fn new(
+        shard: usize,
+        mesh: Arc<Mesh>,
+        cluster: Option<Arc<ClusterLink>>,
+        limits: RoomLimits,
+        rate_limits: RateLimits,
+    ) -> Self {
         Hub {
             shard,
+            rate_limits,
             router: RefCell::new(Router::new(shard, mesh.shards()).with_limits(limits)),
             limits,
             mesh,

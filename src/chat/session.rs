@@ -20,42 +20,71 @@ use crate::route::{shards_in, AckTo, ShardMask, ShardMsg};
 use crate::ws::handshake::{Rejection, Request};
 use crate::ws::OpCode;
 
-/// A token bucket: `rate` tokens (messages, or bytes) per second, bursts of `burst`. A
-/// rate of 0 is no limit.
-pub struct TokenBucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
+/// The rate limits of chat input (`--rate-limit`, `--rate-burst`, `--rate-limit-bytes`,
+/// `--rate-burst-bytes`): the same for every connection, so kept once per shard.
+#[derive(Debug, Clone, Copy)]
+pub struct RateLimits {
+    messages_per_s: f64,
+    message_burst: f64,
+    bytes_per_s: f64,
+    byte_burst: f64,
+}
+
+impl RateLimits {
+    pub fn from_config(config: &Config) -> Self {
+        RateLimits {
+            messages_per_s: config.rate_limit,
+            message_burst: config.rate_burst.max(1) as f64,
+            bytes_per_s: config.rate_limit_bytes as f64,
+            // A burst always lets one message of the largest size through.
+            byte_burst: (config.rate_burst_bytes as usize).max(config.max_chat_message) as f64,
+        }
+    }
+}
+
+/// Which limit a message was over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverRate {
+    Messages,
+    Bytes,
+}
+
+/// A connection's two token buckets, for messages and for bytes, filled from one clock.
+/// Only what is left is kept here (the limits are the shard's): 24 bytes per connection.
+#[derive(Debug, Clone, Copy)]
+pub struct RateLimit {
+    messages: f32,
+    bytes: f32,
     last: Instant,
 }
 
-impl TokenBucket {
-    pub fn new(rate: f64, burst: f64, now: Instant) -> Self {
-        TokenBucket {
-            rate,
-            burst,
-            tokens: burst,
+impl RateLimit {
+    /// Full buckets.
+    pub fn new(limits: &RateLimits, now: Instant) -> Self {
+        RateLimit {
+            messages: limits.message_burst as f32,
+            bytes: limits.byte_burst as f32,
             last: now,
         }
     }
 
-    pub fn take(&mut self, now: Instant) -> bool {
-        self.take_n(1.0, now)
-    }
-
-    /// Takes `n` tokens if there are that many.
-    pub fn take_n(&mut self, n: f64, now: Instant) -> bool {
-        if self.rate <= 0.0 {
-            return true;
-        }
+    /// Takes one message of `len` bytes, or says which limit it is over (a rate of 0 is
+    /// no limit). A message over either limit takes nothing.
+    pub fn take(&mut self, limits: &RateLimits, len: usize, now: Instant) -> Result<(), OverRate> {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        if self.tokens >= n {
-            self.tokens -= n;
-            true
-        } else {
-            false
+        let refill = |left: f32, rate: f64, burst: f64| (left as f64 + elapsed * rate).min(burst);
+        let messages = refill(self.messages, limits.messages_per_s, limits.message_burst);
+        let bytes = refill(self.bytes, limits.bytes_per_s, limits.byte_burst);
+        let message_ok = limits.messages_per_s <= 0.0 || messages >= 1.0;
+        let bytes_ok = limits.bytes_per_s <= 0.0 || bytes >= len as f64;
+        let take = message_ok && bytes_ok;
+        self.messages = (messages - if take { 1.0 } else { 0.0 }) as f32;
+        self.bytes = (bytes - if take { len as f64 } else { 0.0 }) as f32;
+        match (message_ok, bytes_ok) {
+            (false, _) => Err(OverRate::Messages),
+            (true, false) => Err(OverRate::Bytes),
+            (true, true) => Ok(()),
         }
     }
 }
@@ -176,26 +205,18 @@ pub struct ChatConn<O> {
     pub user: Arc<str>,
     rooms: Option<RoomGrants>,
     pub out: Rc<O>,
-    bucket: TokenBucket,
-    /// The same for bytes: many large messages cost more than many small ones.
-    byte_bucket: TokenBucket,
+    rate: RateLimit,
     /// When the last `rate_limited` error went out.
     rate_error_at: Option<Instant>,
 }
 
 impl<O: ConnOutput> ChatConn<O> {
-    pub fn new(who: ChatUser, out: Rc<O>, config: &Config) -> Self {
-        let now = Instant::now();
-        let bucket = TokenBucket::new(config.rate_limit, config.rate_burst.max(1) as f64, now);
-        // A burst always lets one message of the largest size through.
-        let byte_burst = (config.rate_burst_bytes as usize).max(config.max_chat_message);
-        let byte_bucket = TokenBucket::new(config.rate_limit_bytes as f64, byte_burst as f64, now);
+    pub fn new(who: ChatUser, out: Rc<O>, limits: &RateLimits) -> Self {
         ChatConn {
             user: who.user,
             rooms: who.rooms,
             out,
-            bucket,
-            byte_bucket,
+            rate: RateLimit::new(limits, Instant::now()),
             rate_error_at: None,
         }
     }
@@ -213,7 +234,7 @@ impl<O: ConnOutput> ChatConn<O> {
     ) {
         let result = if opcode != OpCode::Text {
             Err(AppError::new(ErrorCode::BadJson, "the chat protocol uses text frames"))
-        } else if let Some(over) = self.over_rate(payload.len(), at.ingress, config) {
+        } else if let Err(over) = self.rate.take(&hub.rate_limits, payload.len(), at.ingress) {
             // One error per RATE_ERROR_INTERVAL at most: a flood of tiny frames must not be
             // answered with as many (larger) error frames.
             if self
@@ -225,7 +246,13 @@ impl<O: ConnOutput> ChatConn<O> {
             self.rate_error_at = Some(at.ingress);
             Err(AppError::new(
                 ErrorCode::RateLimited,
-                format!("more than {over}; messages over the limit are dropped, with one error a second"),
+                format!(
+                    "more than {}; messages over the limit are dropped, with one error a second",
+                    match over {
+                        OverRate::Messages => format!("{} messages per second", config.rate_limit),
+                        OverRate::Bytes => format!("{} bytes per second", config.rate_limit_bytes),
+                    }
+                ),
             ))
         } else {
             protocol::parse(payload).and_then(|msg| self.route(hub, config, msg, at, reply))
@@ -233,17 +260,6 @@ impl<O: ConnOutput> ChatConn<O> {
         if let Err(error) = result {
             hub.with_json(|json| protocol::write_error(json, &error), |json| reply.text(json));
         }
-    }
-
-    /// Which rate limit a message of `len` bytes is over, if any (it is then dropped).
-    fn over_rate(&mut self, len: usize, now: Instant, config: &Config) -> Option<String> {
-        if !self.bucket.take(now) {
-            return Some(format!("{} messages per second", config.rate_limit));
-        }
-        if !self.byte_bucket.take_n(len as f64, now) {
-            return Some(format!("{} bytes per second", config.rate_limit_bytes));
-        }
-        None
     }
 
     fn route(
@@ -494,15 +510,45 @@ fn unavailable(message: &'static str) -> AppError {
 mod tests {
     use super::*;
 
+    fn limits(messages_per_s: f64, message_burst: f64, bytes_per_s: f64, byte_burst: f64) -> RateLimits {
+        RateLimits {
+            messages_per_s,
+            message_burst,
+            bytes_per_s,
+            byte_burst,
+        }
+    }
+
     #[test]
-    fn token_bucket_allows_bursts_then_the_rate() {
+    fn rate_limits_allow_bursts_then_the_rate() {
         let t0 = Instant::now();
-        let mut b = TokenBucket::new(10.0, 3.0, t0);
-        assert!(b.take(t0) && b.take(t0) && b.take(t0));
-        assert!(!b.take(t0));
-        assert!(b.take(t0 + Duration::from_millis(100)));
-        assert!(!b.take(t0 + Duration::from_millis(100)));
-        let mut unlimited = TokenBucket::new(0.0, 1.0, t0);
-        assert!((0..10_000).all(|_| unlimited.take(t0)));
+        let l = limits(10.0, 3.0, 0.0, 0.0);
+        let mut r = RateLimit::new(&l, t0);
+        assert!((0..3).all(|_| r.take(&l, 100, t0).is_ok()));
+        assert_eq!(r.take(&l, 100, t0), Err(OverRate::Messages));
+        let later = t0 + Duration::from_millis(100);
+        assert!(r.take(&l, 100, later).is_ok());
+        assert_eq!(r.take(&l, 100, later), Err(OverRate::Messages));
+        let none = limits(0.0, 1.0, 0.0, 1.0);
+        let mut unlimited = RateLimit::new(&none, t0);
+        assert!((0..10_000).all(|_| unlimited.take(&none, 1 << 20, t0).is_ok()));
+    }
+
+    #[test]
+    fn bytes_are_limited_beside_messages_and_a_refused_message_takes_nothing() {
+        let t0 = Instant::now();
+        let l = limits(0.0, 1.0, 1000.0, 4000.0);
+        let mut r = RateLimit::new(&l, t0);
+        assert!(r.take(&l, 1500, t0).is_ok() && r.take(&l, 1500, t0).is_ok());
+        assert_eq!(r.take(&l, 1500, t0), Err(OverRate::Bytes));
+        // 1,000 bytes are left: a small message still fits.
+        assert!(r.take(&l, 900, t0).is_ok());
+        // Half a second refills 500 bytes.
+        assert!(r.take(&l, 550, t0 + Duration::from_millis(500)).is_ok());
+    }
+
+    #[test]
+    fn a_connection_keeps_only_what_is_left() {
+        assert!(std::mem::size_of::<RateLimit>() <= 24);
     }
 }

@@ -191,8 +191,9 @@ impl ShardContext {
         let key = self.connections.borrow_mut().insert(Entry::default());
         Some(ConnectionSlot {
             ctx: self.clone(),
-            key,
-            _ip: ticket,
+            // A shard holds far fewer than 2^32 connections (one descriptor each).
+            key: key as u32,
+            ip: ticket,
         })
     }
 
@@ -294,14 +295,14 @@ impl ShardContext {
         out: Option<&Outbound>,
         timeout: Option<Duration>,
     ) -> io::Result<ReadOutcome> {
-        let watched = slot.filter(|s| self.connections.borrow().get(s.key).is_some_and(|e| e.watched));
+        let watched = slot.filter(|s| self.connections.borrow().get(s.key()).is_some_and(|e| e.watched));
         let Some(slot) = watched else {
             // Not in the epoll set (a connection refused for lack of room): glommio's own
             // readiness and timer.
             stream.set_read_timeout(timeout)?;
             return self.read_unwatched(stream, interruptible).await;
         };
-        let key = slot.key;
+        let key = slot.key();
         if let Some(entry) = self.connections.borrow_mut().get_mut(key) {
             entry.timed_out = false;
             entry.deadline = None;
@@ -488,20 +489,20 @@ impl ShardContext {
 /// A connection's place in its shard; dropping it frees the place.
 pub struct ConnectionSlot {
     ctx: Rc<ShardContext>,
-    key: usize,
+    key: u32,
     /// The connection's place in its address's count, given back with the slot.
-    _ip: Option<IpTicket>,
+    ip: Option<IpTicket>,
 }
 
 impl ConnectionSlot {
     pub fn key(&self) -> usize {
-        self.key
+        self.key as usize
     }
 
     /// Puts the connection's socket in the shard's epoll set, so that its reads use it.
     pub fn watch(&self, socket: RawFd) -> io::Result<()> {
         self.ctx.poller.add(socket, self.key as u64)?;
-        if let Some(entry) = self.ctx.connections.borrow_mut().get_mut(self.key) {
+        if let Some(entry) = self.ctx.connections.borrow_mut().get_mut(self.key()) {
             entry.watched = true;
             // Input may have arrived before the socket joined the set.
             entry.readable = true;
@@ -516,7 +517,10 @@ impl Drop for ConnectionSlot {
         // The socket leaves the epoll set when it is closed, right after this; an event
         // already taken for this key finds no entry, or marks a successor readable, which
         // costs it one empty read.
-        ctx.connections.borrow_mut().remove(self.key);
+        ctx.connections.borrow_mut().remove(self.key());
+        if let Some(ticket) = self.ip {
+            ctx.per_ip.release(ticket);
+        }
         ctx.open_connections.fetch_sub(1, Ordering::Relaxed);
         if ctx.stopping.get() && ctx.connections.borrow().is_empty() {
             if let Some(w) = ctx.drained.borrow_mut().take() {

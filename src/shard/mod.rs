@@ -27,6 +27,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::chat::auth::Authenticator;
 use crate::chat::hub::Hub;
+use crate::chat::session::RateLimits;
 use crate::cluster::node::ClusterConfig;
 use crate::cluster::wire::NodeId;
 use crate::cluster::ClusterLink;
@@ -239,6 +240,7 @@ async fn shard_main(start: ShardStart, listener: OwnedFd, own: Option<(OwnedFd, 
                 rooms_per_user: config.max_rooms_per_user,
                 members_per_shard: config.max_room_members,
             },
+            RateLimits::from_config(&config),
         ),
         auth,
     });

@@ -8,6 +8,7 @@
 
 use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -42,17 +43,10 @@ pub struct PerIpLimits {
     handshakes: Box<[AtomicU64]>,
 }
 
-/// A connection's place in its address's count, given back when it is dropped.
-pub struct IpTicket {
-    limits: Arc<PerIpLimits>,
-    slot: usize,
-}
-
-impl Drop for IpTicket {
-    fn drop(&mut self) {
-        self.limits.open[self.slot].fetch_sub(1, Ordering::Relaxed);
-    }
-}
+/// A connection's place in its address's count (a slot of the table, plus one), to
+/// `release` when it closes. Four bytes, even as an `Option`, in the connection's slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpTicket(NonZeroU32);
 
 impl PerIpLimits {
     /// Limits of 0 are off.
@@ -70,12 +64,12 @@ impl PerIpLimits {
 
     /// Admits a new connection from `ip`, or says why not. `Ok(None)`: no connection
     /// limit to hold a place in.
-    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Option<IpTicket>, Refusal> {
+    pub fn admit(&self, ip: IpAddr) -> Result<Option<IpTicket>, Refusal> {
         self.admit_at(ip, self.start.elapsed().as_secs())
     }
 
     /// `admit`, `second` seconds after the limits were made.
-    fn admit_at(self: &Arc<Self>, ip: IpAddr, second: u64) -> Result<Option<IpTicket>, Refusal> {
+    fn admit_at(&self, ip: IpAddr, second: u64) -> Result<Option<IpTicket>, Refusal> {
         let slot = self.key.hash_one(ip.to_canonical()) as usize & (SLOTS - 1);
         if self.handshakes_per_sec > 0 && !self.take_handshake(slot, second) {
             return Err(Refusal::TooManyHandshakes);
@@ -88,10 +82,12 @@ impl PerIpLimits {
             self.open[slot].fetch_sub(1, Ordering::Relaxed);
             return Err(Refusal::TooManyConnections);
         }
-        Ok(Some(IpTicket {
-            limits: self.clone(),
-            slot,
-        }))
+        Ok(NonZeroU32::new(slot as u32 + 1).map(IpTicket))
+    }
+
+    /// A connection admitted with `ticket` closed.
+    pub fn release(&self, ticket: IpTicket) {
+        self.open[ticket.0.get() as usize - 1].fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Counts a handshake in the slot's current second; false past the rate.
@@ -125,7 +121,7 @@ mod tests {
         let limits = PerIpLimits::new(2, 0);
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
-        let first = limits.admit(a).unwrap();
+        let first = limits.admit(a).unwrap().unwrap();
         let _second = limits.admit(a).unwrap();
         assert_eq!(limits.admit(a).err(), Some(Refusal::TooManyConnections));
         // The same address over IPv6 (mapped) is the same client.
@@ -134,7 +130,7 @@ mod tests {
             Some(Refusal::TooManyConnections)
         );
         assert!(limits.admit(b).is_ok(), "another address has its own count");
-        drop(first);
+        limits.release(first);
         assert!(limits.admit(a).is_ok(), "a closed connection gives its place back");
     }
 

@@ -47,7 +47,7 @@ enum App {
 struct Session {
     decoder: Decoder,
     /// What the decoder held after the last read, as counted in the shard's budget.
-    held: usize,
+    held: u32,
     state: State,
     app: App,
     /// When our keepalive ping went out, while no pong has come back.
@@ -84,8 +84,9 @@ impl Session {
         if pong {
             self.ping_sent = None;
         }
-        let held = self.decoder.held();
-        let fits = ctx.budget.assembly_changed(self.held, held);
+        // At most one message (its limit is far below 4 GiB) and a control frame.
+        let held = self.decoder.held() as u32;
+        let fits = ctx.budget.assembly_changed(self.held as usize, held as usize);
         self.held = held;
         let result = match result {
             Ok(()) if !fits => {
@@ -320,7 +321,7 @@ fn open<'a>(
                 id,
             };
             (
-                App::Chat(ChatConn::new(who, out.clone(), config)),
+                App::Chat(ChatConn::new(who, out.clone(), &apps.hub.rate_limits)),
                 out,
                 Some(registration),
             )
@@ -346,7 +347,7 @@ fn open<'a>(
 impl Drop for Conn<'_> {
     /// The decoder's buffers go with the connection: out of the budget too.
     fn drop(&mut self) {
-        self.ctx.budget.assembly_changed(self.session.held, 0);
+        self.ctx.budget.assembly_changed(self.session.held as usize, 0);
     }
 }
 
