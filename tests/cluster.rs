@@ -799,3 +799,78 @@ fn a_node_that_drains_is_never_routed_to() {
         }
     });
 }
+
+/// A NATS JWT (`header.claims.signature`, signed with the issuer's NKey).
+fn nats_jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: Value) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use base64::Engine;
+    let header = B64.encode(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let iat = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = json!({
+        "jti": format!("{name}{iat}").to_uppercase(),
+        "iat": iat,
+        "iss": issuer.public_key(),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    let body = format!("{header}.{}", B64.encode(claims.to_string()));
+    let signature = issuer.sign(body.as_bytes()).unwrap();
+    format!("{body}.{}", B64.encode(signature))
+}
+
+/// A NATS server in operator mode (JWT accounts and users, as `nsc` sets them up): a
+/// node joins with a credentials file, and the file's secret never shows in its output.
+#[test]
+fn nodes_join_an_operator_mode_nats_with_a_credentials_file() {
+    let dir = temp_dir("nats-creds");
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let user = nkeys::KeyPair::new_user();
+    let operator_jwt = nats_jwt(
+        &operator,
+        &operator.public_key(),
+        "op",
+        json!({"type": "operator", "version": 2}),
+    );
+    let unlimited = json!({"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+                           "wildcards": true, "conn": -1, "leaf": -1});
+    let account_jwt = nats_jwt(
+        &operator,
+        &account.public_key(),
+        "chat",
+        json!({"limits": unlimited, "default_permissions": {"pub": {}, "sub": {}}, "type": "account", "version": 2}),
+    );
+    let user_jwt = nats_jwt(
+        &account,
+        &user.public_key(),
+        "gateway",
+        json!({"pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1, "type": "user", "version": 2}),
+    );
+    let config = format!(
+        "operator: {operator_jwt}\nresolver: MEMORY\nresolver_preload: {{\n  {}: {account_jwt}\n}}\n",
+        account.public_key()
+    );
+    let config_file = private_file(&dir, "nats.conf", &config);
+    let nats = Nats::start_with(&["-c", &config_file]);
+    let seed = user.seed().unwrap();
+    let creds = format!(
+        "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+         -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+    );
+    let creds_file = private_file(&dir, "gateway.creds", &creds);
+    let mut nodes = cluster("creds", &nats.url(), 2, &["--nats-credentials", &creds_file]);
+    runtime().block_on(async {
+        let mut alice = connect(&nodes[0], "alice").await;
+        let mut bob = connect(&nodes[1], "bob").await;
+        until_routed(&mut alice, "bob").await;
+        take_probe(&mut bob).await;
+    });
+    for node in nodes.iter_mut() {
+        node.gw.wait_line("cluster: nodes=1");
+        assert!(!node.gw.seen.iter().any(|l| l.contains(&seed)), "the seed was printed");
+    }
+}

@@ -103,10 +103,11 @@ pub fn load(config: &Config) -> Result<(Arc<ClusterKey>, NatsAccess), AccessErro
             .as_ref()
             .map(|p| text(p, "the NKey seed"))
             .transpose()?,
+        // The format ends every marker line with a newline; the read trimmed the last.
         credentials: config
             .nats_credentials
             .as_ref()
-            .map(|p| text(p, "the credentials file"))
+            .map(|p| text(p, "the credentials file").map(|creds| creds + "\n"))
             .transpose()?,
         tls_ca: config.nats_tls_ca.clone(),
         tls_client,
@@ -180,6 +181,29 @@ mod tests {
         assert_eq!(
             redact_url("nats://a:b@h1:4222,nats://c:d@h2:4222"),
             "nats://a:***@h1:4222,nats://c:***@h2:4222"
+        );
+    }
+
+    #[test]
+    fn a_credentials_file_reaches_the_nats_client_whole() {
+        // The JWT is the server's to check; the seed must be a real NKey seed.
+        let seed = nkeys::KeyPair::new_user().seed().unwrap();
+        let creds = format!(
+            "-----BEGIN NATS USER JWT-----\neyJhbGciOiJlZDI1NTE5LW5rZXkifQ.e30.c2ln\n------END NATS USER JWT------\n\n\
+             -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+        );
+        let access = NatsAccess {
+            credentials: Some(creds),
+            ..Default::default()
+        };
+        assert!(access.apply(ConnectOptions::new()).is_ok());
+        let broken = NatsAccess {
+            credentials: Some("-----BEGIN NATS USER JWT-----\nx\n------END NATS USER JWT------\n".into()),
+            ..Default::default()
+        };
+        assert!(
+            broken.apply(ConnectOptions::new()).is_err(),
+            "a file without a seed is refused at start"
         );
     }
 
