@@ -256,6 +256,13 @@ fn rate_limited_gateway(name: &str, rate: &str, burst: &str) -> Gateway {
     one_shard_gateway(name, &["--rate-limit", rate, "--rate-burst", burst])
 }
 
+/// Sends `n` direct messages to `to`, with ids "0", "1", … and `body`.
+async fn send_numbered(ws: &mut Ws, to: &str, n: usize, body: &str) {
+    for i in 0..n {
+        send(ws, json!({"type":"send","to":to,"id":i.to_string(),"body":body})).await;
+    }
+}
+
 /// A one-shard gateway with dev auth and `extra` settings.
 fn one_shard_gateway(name: &str, extra: &[&str]) -> Gateway {
     let dir = temp_dir(name);
@@ -728,13 +735,7 @@ fn a_byte_rate_over_the_limit_is_answered_rate_limited() {
         let mut alice = connect(gw.addr.port(), "alice").await;
         let body = "z".repeat(1500);
         // Each frame is over 1,500 bytes: two fit in the 4,000-byte burst, the third not.
-        for i in 0..3 {
-            send(
-                &mut alice,
-                json!({"type":"send","to":"nobody","id":i.to_string(),"body":body}),
-            )
-            .await;
-        }
+        send_numbered(&mut alice, "nobody", 3, &body).await;
         assert_eq!(recv(&mut alice).await["id"], "0");
         assert_eq!(recv(&mut alice).await["id"], "1");
         let v = recv(&mut alice).await;
@@ -915,13 +916,7 @@ fn a_send_that_overflows_the_recipient_is_not_acknowledged_routed() {
     runtime().block_on(async {
         let mut alice = connect(gw.addr.port(), "alice").await;
         let body = "y".repeat(16_000);
-        for i in 0..400 {
-            send(
-                &mut alice,
-                json!({"type":"send","to":"slow","id":i.to_string(),"body":body}),
-            )
-            .await;
-        }
+        send_numbered(&mut alice, "slow", 400, &body).await;
         let mut answers = Vec::new();
         for _ in 0..400 {
             let v = recv(&mut alice).await;

@@ -639,6 +639,24 @@ fn private_file(dir: &std::path::Path, name: &str, text: &str) -> String {
     path.to_str().unwrap().to_string()
 }
 
+/// Alice on node 0 reaches Bob on node 1, both nodes count the other, and neither printed
+/// `secret` (the credential they joined with).
+fn routes_across_without_printing(nodes: &mut [Node], secret: &str) {
+    runtime().block_on(async {
+        let mut alice = connect(&nodes[0], "alice").await;
+        let mut bob = connect(&nodes[1], "bob").await;
+        until_routed(&mut alice, "bob").await;
+        take_probe(&mut bob).await;
+    });
+    for node in nodes.iter_mut() {
+        node.gw.wait_line("cluster: nodes=1");
+        assert!(
+            !node.gw.seen.iter().any(|l| l.contains(secret)),
+            "a credential was printed"
+        );
+    }
+}
+
 /// A NATS server that wants TLS and a password: nodes with the CA and the password form
 /// a cluster without ever printing the password; one with a wrong password says so and
 /// stays out.
@@ -671,19 +689,7 @@ fn nodes_join_a_nats_that_wants_tls_and_a_password() {
         &cert,
     ];
     let mut nodes = cluster("tls", &url, 2, &access);
-    runtime().block_on(async {
-        let mut alice = connect(&nodes[0], "alice").await;
-        let mut bob = connect(&nodes[1], "bob").await;
-        until_routed(&mut alice, "bob").await;
-        take_probe(&mut bob).await;
-    });
-    for node in nodes.iter_mut() {
-        node.gw.wait_line("cluster: nodes=1");
-        assert!(
-            !node.gw.seen.iter().any(|l| l.contains(password)),
-            "the password was printed"
-        );
-    }
+    routes_across_without_printing(&mut nodes, password);
 
     let bad = private_file(&dir, "wrong-password", "not-the-password");
     let key_file = cluster_key(&dir, 0x5a);
@@ -863,14 +869,5 @@ fn nodes_join_an_operator_mode_nats_with_a_credentials_file() {
     );
     let creds_file = private_file(&dir, "gateway.creds", &creds);
     let mut nodes = cluster("creds", &nats.url(), 2, &["--nats-credentials", &creds_file]);
-    runtime().block_on(async {
-        let mut alice = connect(&nodes[0], "alice").await;
-        let mut bob = connect(&nodes[1], "bob").await;
-        until_routed(&mut alice, "bob").await;
-        take_probe(&mut bob).await;
-    });
-    for node in nodes.iter_mut() {
-        node.gw.wait_line("cluster: nodes=1");
-        assert!(!node.gw.seen.iter().any(|l| l.contains(&seed)), "the seed was printed");
-    }
+    routes_across_without_printing(&mut nodes, &seed);
 }
