@@ -740,6 +740,23 @@ fn a_node_needs_a_private_cluster_key() {
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
     let e = run(&["--cluster-key-file", key.to_str().unwrap()]);
     assert!(e.contains("is 5 bytes; at least 32"), "{e}");
+    // A client certificate's key that others may read is refused the same way.
+    let good_key = cluster_key(&dir, 2);
+    let tls_key = dir.join("client-key.pem");
+    std::fs::write(&tls_key, "-----BEGIN PRIVATE KEY-----\n").unwrap();
+    std::fs::set_permissions(&tls_key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = run(&[
+        "--cluster-key-file",
+        good_key.to_str().unwrap(),
+        "--nats-tls-cert",
+        "/dev/null",
+        "--nats-tls-key",
+        tls_key.to_str().unwrap(),
+    ]);
+    assert!(
+        e.contains("NATS client certificate key") && e.contains("chmod 600"),
+        "{e}"
+    );
 }
 
 /// A node authenticates with a token, and with an NKey seed, each from a private file.

@@ -28,6 +28,13 @@ const NATS_SECRET: SecretKind = SecretKind {
     min_len: 1,
 };
 
+/// The private key of the client certificate given to NATS.
+const TLS_KEY: SecretKind = SecretKind {
+    what: "NATS client certificate key",
+    risk: "can pass for this node at the NATS server",
+    min_len: 1,
+};
+
 /// How this node authenticates to NATS; secrets already read from their files.
 #[derive(Clone, Default)]
 pub struct NatsAccess {
@@ -87,7 +94,11 @@ pub fn load(config: &Config) -> Result<(Arc<ClusterKey>, NatsAccess), AccessErro
         _ => return Err(AccessError::HalfUserPassword),
     };
     let tls_client = match (&config.nats_tls_cert, &config.nats_tls_key) {
-        (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+        (Some(cert), Some(key)) => {
+            // The NATS client reads the key itself; it must be as private as the rest.
+            read_secret_file(key, TLS_KEY)?;
+            Some((cert.clone(), key.clone()))
+        }
         (None, None) => None,
         _ => return Err(AccessError::HalfClientCert),
     };

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// Slots per table: 65,536 (768 KiB for both tables); at 100,000 client addresses a
-/// slot holds one or two of them.
+/// slot holds 1.5 of them on average.
 const SLOTS: usize = 1 << 16;
 
 /// Why a new connection is refused.
