@@ -7,6 +7,7 @@
 //! - [`metrics`]: latency histograms and the report line.
 //! - [`route`]: messages between shards, the directory of who is where.
 //! - [`config`]: flags, the TOML file, defaults, from one table; [`secret`]: secret files.
+//! - [`store`]: durable conversations (sequence numbers, the embedded message store).
 //! - [`cluster`]: many nodes as one, through NATS.
 //! - [`chat`]: the chat application (auth, protocol, sessions, the hub), apart from IO.
 //! - [`shard`]: executors, listeners, buffers and the connection driver.
@@ -20,5 +21,6 @@ pub mod route;
 pub mod secret;
 pub mod shard;
 pub(crate) mod shutdown;
+pub mod store;
 pub mod sys;
 pub mod ws;
