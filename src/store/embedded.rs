@@ -69,8 +69,8 @@ impl EmbeddedStore {
 
 impl MessageStore for EmbeddedStore {
     fn append(&mut self, group: &[NewMessage]) -> Result<Vec<u64>, StoreError> {
-        // Heads move in a map of their own until the batch is durable: a failed commit
-        // uses up no seq.
+        // Heads move in a map of their own until the batch is committed: a batch that
+        // fails to commit uses up no seq.
         let mut heads: HashMap<ConvId, u64> = HashMap::new();
         let mut seqs = Vec::with_capacity(group.len());
         let mut batch = self.db.batch();
@@ -90,8 +90,9 @@ impl MessageStore for EmbeddedStore {
             batch.insert(&self.heads, conv.as_str(), seq.to_be_bytes());
         }
         batch.commit().map_err(engine)?;
-        self.db.persist(PersistMode::SyncAll).map_err(engine)?;
+        // Committed: the seqs are taken, durable or not, so that none is ever reused.
         self.head_cache.extend(heads);
+        self.db.persist(PersistMode::SyncAll).map_err(engine)?;
         Ok(seqs)
     }
 

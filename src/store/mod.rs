@@ -56,8 +56,9 @@ pub enum StoreError {
 /// What the store thread does with its engine.
 pub trait MessageStore {
     /// Appends `group` in order, each message at its conversation's next `seq`, and makes
-    /// all of it durable; returns the seqs. On an error nothing of the group is stored,
-    /// and no seq is used up.
+    /// all of it durable; returns the seqs. On an error none of it may be acknowledged
+    /// `stored`: it may or may not be on disk (a sync that failed after the write), but
+    /// no seq it took is ever given to another message.
     fn append(&mut self, group: &[NewMessage]) -> Result<Vec<u64>, StoreError>;
 
     /// Up to `limit` messages of `conv` after `seq` (exclusive), in order.
