@@ -474,16 +474,7 @@ fn tokens_are_checked_before_the_upgrade() {
 
 #[test]
 fn forbidden_origin_is_403() {
-    let dir = temp_dir("origin");
-    let gw = Gateway::start(&[
-        "--shards",
-        "1",
-        "--insecure-dev-auth",
-        "--allowed-origin",
-        "https://chat.example",
-        "--data-dir",
-        dir.to_str().unwrap(),
-    ]);
+    let gw = one_shard_gateway("origin", &["--allowed-origin", "https://chat.example"]);
     assert_eq!(
         upgrade_status(gw.addr, "/ws?user=a", "Origin: https://evil.example\r\n"),
         "403"

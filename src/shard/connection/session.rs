@@ -84,8 +84,9 @@ impl Session {
         if pong {
             self.ping_sent = None;
         }
-        // At most one message (its limit is far below 4 GiB) and a control frame.
-        let held = self.decoder.held() as u32;
+        // At most one message and a control frame; kept in 4 bytes (a limit set past
+        // 4 GiB is counted as 4 GiB, consistently in and out of the budget).
+        let held = u32::try_from(self.decoder.held()).unwrap_or(u32::MAX);
         let fits = ctx.budget.assembly_changed(self.held as usize, held as usize);
         self.held = held;
         let result = match result {
