@@ -303,6 +303,22 @@ config_table! {
         #[arg(value_parser = parse_duration)]
         #[serde(with = "duration_serde")]
         cluster_ack_timeout: Duration = Duration::from_secs(2), "2s";
+        /// Stored messages older than this are trimmed, 0 to keep them by age.
+        #[arg(value_parser = parse_duration)]
+        #[serde(with = "duration_serde")]
+        retention_max_age: Duration = Duration::from_secs(30 * 24 * 3600), "30d";
+        /// Messages kept per conversation (the oldest are trimmed), 0 for no limit.
+        retention_max_messages: u64 = 10_000, "10000";
+        /// A send retried with the same `id` by the same user within this is not stored twice.
+        #[arg(value_parser = parse_duration)]
+        #[serde(with = "duration_serde")]
+        dedupe_window: Duration = Duration::from_secs(300), "5m";
+        /// Recent conversations (with their latest seq) listed in `ready`.
+        ready_conversations: usize = 100, "100";
+        /// Bytes of a message body a push carries as its preview, 0 for none.
+        push_preview_bytes: usize = 0, "0";
+        /// Push events waiting for the webhook beyond which new ones are dropped (and counted).
+        push_queue: usize = 10_000, "10000";
     }
     optional {
         /// CPUs the shards are pinned to, in order (shard i on the i-th, round robin) [default: every core].
@@ -358,11 +374,29 @@ config_table! {
         /// Tokens must carry this `iss` (and `token` mints it) [default: not checked].
         #[arg(value_name = "ISS")]
         token_issuer: String;
+        /// Where messages are stored: `embedded` (in --data-dir) or `none` (relay only: acks say `routed`/`offline`, nothing is kept) [default: embedded; none with --nats].
+        #[arg(value_name = "KIND")]
+        store: String;
+        /// POST a signed batch to this URL for messages stored for users with no connection (needs --push-secret-file).
+        #[arg(value_name = "URL")]
+        push_webhook: String;
+        /// File (mode 0600, at least 32 bytes) with the key push requests are signed with.
+        #[arg(value_name = "FILE")]
+        push_secret_file: PathBuf;
         /// Refuse tokens that are still valid for longer than this (a bare number is seconds) [default: no limit].
         #[arg(value_parser = parse_duration)]
         #[serde(with = "duration_serde")]
         max_token_lifetime: Duration;
     }
+}
+
+/// Where messages are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    /// In the data directory (the default of a single node).
+    Embedded,
+    /// Nowhere: relay only.
+    None,
 }
 
 impl Default for Config {
@@ -391,8 +425,18 @@ impl Config {
         // An empty list or URL (from a file that blanks a setting) means "not set".
         config.cpus = config.cpus.filter(|c| !c.is_empty());
         config.nats = config.nats.filter(|u| !u.is_empty());
+        config.push_webhook = config.push_webhook.filter(|u| !u.is_empty());
         config.validate().map_err(ConfigError::Invalid)?;
         Ok(config)
+    }
+
+    /// The store this gateway runs with: `--store`, else embedded, but none in a cluster
+    /// (nodes must not number one conversation each on its own).
+    pub fn store_kind(&self) -> StoreKind {
+        match (self.store.as_deref(), &self.nats) {
+            (Some("embedded"), _) | (None, None) => StoreKind::Embedded,
+            _ => StoreKind::None,
+        }
     }
 
     /// The first setting out of its range, in words.
@@ -441,6 +485,21 @@ impl Config {
                 .all(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'));
         if !prefix_ok {
             return Err("nats-prefix must be dot-separated tokens of A-Z a-z 0-9 _ -".into());
+        }
+        match (self.store.as_deref(), &self.nats) {
+            (None | Some("none"), _) | (Some("embedded"), None) => {}
+            (Some("embedded"), Some(_)) => {
+                return Err("--store embedded cannot run with --nats: each node would number the same conversations on its own. Run the cluster with --store none (relay: nothing stored) until the nodes share a store".into())
+            }
+            (Some(other), _) => return Err(format!("store must be embedded or none, not {other:?}")),
+        }
+        if self.push_webhook.is_some() {
+            if self.store_kind() == StoreKind::None {
+                return Err("--push-webhook needs the message store (pushes are for stored messages)".into());
+            }
+            if self.push_secret_file.is_none() {
+                return Err("--push-webhook needs --push-secret-file (requests are signed)".into());
+            }
         }
         if self.presence_timeout < Duration::from_secs(2) {
             return Err("presence-timeout must be at least 2s (nodes send a heartbeat every second)".into());

@@ -25,7 +25,8 @@ fn gateway(name: &str, extra: &[&str]) -> (Gateway, Vec<u16>) {
         "--rate-limit-bytes",
         "0",
     ];
-    args.extend_from_slice(&["--data-dir", dir.to_str().unwrap()]);
+    // Relay: what these tests check is routing (the store's tests are in tests/store.rs).
+    args.extend_from_slice(&["--data-dir", dir.to_str().unwrap(), "--store", "none"]);
     args.extend_from_slice(extra);
     let gw = Gateway::start(&args);
     let ports = shard_ports(&gw);
@@ -272,6 +273,8 @@ fn one_shard_gateway(name: &str, extra: &[&str]) -> Gateway {
         "--insecure-dev-auth",
         "--data-dir",
         dir.to_str().unwrap(),
+        "--store",
+        "none",
     ];
     args.extend_from_slice(extra);
     Gateway::start(&args)
@@ -384,6 +387,8 @@ fn a_token_without_the_room_in_its_claim_gets_forbidden() {
         "--insecure-dev-auth",
         "--data-dir",
         dir.to_str().unwrap(),
+        "--store",
+        "none",
     ]);
     let url = |query: String| format!("ws://{}/ws?{query}", gw.addr);
     runtime().block_on(async {
@@ -802,6 +807,8 @@ fn a_publisher_flooding_a_big_room_does_not_close_its_members() {
         "--insecure-dev-auth",
         "--data-dir",
         dir.to_str().unwrap(),
+        "--store",
+        "none",
     ]);
     let ports = shard_ports(&gw);
     let mut members: Vec<Member> = (0..MEMBERS)

@@ -219,6 +219,9 @@ fn fuzz_the_chat_protocol() {
         r#"{"type":"join","room":"general"}"#,
         r#"{"type":"leave","room":"team-7"}"#,
         r#"{"type":"send","to":"b","body":"\u00e9\ud83d\ude00"}"#,
+        r#"{"type":"history","conv":"dm:alice:bob","since":17,"limit":50,"id":"h-1"}"#,
+        r#"{"type":"history","conv":"room:general","before":100}"#,
+        r#"{"type":"join","room":"general","since":3}"#,
     ]
     .iter()
     .map(|s| s.as_bytes().to_vec())
@@ -235,8 +238,18 @@ fn fuzz_the_chat_protocol() {
                 prop_assert!(protocol::is_valid_room(&room));
                 prop_assert!(serde_json::from_str::<serde_json::Value>(body.get()).is_ok());
             }
-            Ok(ClientMessage::Join { room } | ClientMessage::Leave { room }) => {
+            Ok(ClientMessage::Join { room, .. } | ClientMessage::Leave { room }) => {
                 prop_assert!(protocol::is_valid_room(&room));
+            }
+            Ok(ClientMessage::History { conv, limit, .. }) => {
+                // A conversation id a client may name is one the store could have made.
+                let same = match (conv.direct_users(), conv.room_name()) {
+                    (Some((a, b)), _) => shardgate::store::ConvId::direct(b, a) == conv,
+                    (None, Some(room)) => protocol::is_valid_room(room),
+                    (None, None) => false,
+                };
+                prop_assert!(same, "{conv}");
+                prop_assert!((1..=protocol::HISTORY_MAX_LIMIT).contains(&limit));
             }
             Err(e) => {
                 // The error frame the client gets is JSON too.

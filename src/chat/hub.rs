@@ -16,7 +16,8 @@ use super::session::RateLimits;
 use crate::cluster::{ClusterLink, ToCluster};
 use crate::route::directory::{AckEvent, RoomLimits, Router};
 use crate::route::inbox::Mesh;
-use crate::route::{shards_in, ConnId, Outcome, ShardMask, ShardMsg};
+use crate::route::{shards_in, AckTo, Audience, ConnId, Outcome, Placement, ShardMask, ShardMsg};
+use crate::store::thread::{StoreLink, ToStore};
 use crate::ws::frame::text_frame;
 
 /// Each chat connection of the shard: its user and its outgoing queue.
@@ -31,6 +32,17 @@ pub struct Hub<O> {
     pub mesh: Arc<Mesh>,
     /// The cluster thread, when this node is part of one (`--nats`).
     pub cluster: Option<Arc<ClusterLink>>,
+    /// The store thread, unless the gateway only relays (`--store none`).
+    pub store: Option<Arc<StoreLink>>,
+    /// Joins that asked for the room's messages after a seq, until they are in effect.
+    recover_since: RefCell<HashMap<(ConnId, Arc<str>), u64>>,
+    /// With the store: connections whose `ready` has not been written yet. Stored
+    /// messages skip them: the store thread committed those before it listed the
+    /// conversations for `ready`, whose heads include them.
+    awaiting_ready: RefCell<HashSet<ConnId>>,
+    /// Connections registered this round, for which the store is asked for `ready` once
+    /// the store thread knows where they are.
+    new_conns: RefCell<Vec<(ConnId, Arc<str>)>>,
     /// Messages were queued for the cluster thread since its doorbell last rang.
     ring_cluster: Cell<bool>,
     /// Users of this node connected to other nodes too: a send to them also goes to the
@@ -50,10 +62,11 @@ impl<O: ConnOutput> Hub<O> {
     pub fn new(
         shard: usize,
         mesh: Arc<Mesh>,
-        cluster: Option<Arc<ClusterLink>>,
+        threads: (Option<Arc<ClusterLink>>, Option<Arc<StoreLink>>),
         limits: RoomLimits,
         rate_limits: RateLimits,
     ) -> Self {
+        let (cluster, store) = threads;
         Hub {
             shard,
             rate_limits,
@@ -61,6 +74,10 @@ impl<O: ConnOutput> Hub<O> {
             limits,
             mesh,
             cluster,
+            store,
+            recover_since: RefCell::new(HashMap::new()),
+            awaiting_ready: RefCell::new(HashSet::new()),
+            new_conns: RefCell::new(Vec::new()),
             ring_cluster: Cell::new(false),
             also_remote: RefCell::new(HashSet::new()),
             conns: RefCell::new(HashMap::new()),
@@ -95,12 +112,23 @@ impl<O: ConnOutput> Hub<O> {
         let id = out.conn_id();
         self.conns.borrow_mut().insert(id, (user.clone(), out));
         self.router.borrow_mut().connect(user, id);
+        if self.store.is_some() {
+            self.awaiting_ready.borrow_mut().insert(id);
+            self.new_conns.borrow_mut().push((id, user.clone()));
+        }
     }
 
     /// A chat connection of `user` is gone.
     pub fn unregister(&self, user: &str, id: ConnId) {
         self.conns.borrow_mut().remove(&id);
         self.router.borrow_mut().disconnect(user, id);
+        self.awaiting_ready.borrow_mut().remove(&id);
+    }
+
+    /// Once connection `conn`'s join of `room` is in effect, it is sent the room's
+    /// messages after `since`.
+    pub fn recover_after_join(&self, conn: ConnId, room: Arc<str>, since: u64) {
+        self.recover_since.borrow_mut().insert((conn, room), since);
     }
 
     /// Queues `frame` for each of `conns` (except `except`).
@@ -191,6 +219,37 @@ impl<O: ConnOutput> Hub<O> {
                     cross_node,
                 );
             }
+            ShardMsg::Stored {
+                audience,
+                frame,
+                ingress,
+                except,
+            } => {
+                let router = self.router.borrow();
+                let except = (except.0 == self.shard).then_some(except.1);
+                let waiting = self.awaiting_ready.borrow();
+                let ready = |id: &&ConnId| waiting.is_empty() || !waiting.contains(*id);
+                match &audience {
+                    Audience::Users(a, b) => {
+                        let both = router.local_connections(a).iter();
+                        let both = both.chain(if a == b { &[][..] } else { router.local_connections(b) });
+                        self.deliver_local(both.filter(ready), &frame, ingress, except, false);
+                    }
+                    Audience::Room(room) => {
+                        let members = router.local_room_connections(room);
+                        self.deliver_local(members.filter(ready), &frame, ingress, except, false);
+                    }
+                }
+            }
+            ShardMsg::Reply { conn, frame, ready } => {
+                if ready {
+                    self.awaiting_ready.borrow_mut().remove(&conn);
+                }
+                let out = self.conns.borrow().get(&conn).map(|(_, out)| out.clone());
+                if let Some(out) = out {
+                    self.queue_own(&out, frame);
+                }
+            }
             ShardMsg::ClusterAck { conn, id, outcome } => self.answer_cluster(conn, id.as_deref(), outcome),
             ShardMsg::AlsoRemote { user, remote } => {
                 let mut set = self.also_remote.borrow_mut();
@@ -231,31 +290,30 @@ impl<O: ConnOutput> Hub<O> {
         self.queue_own(&out, frame);
     }
 
-    /// Tells the cluster thread which users and rooms this shard now holds (or no longer
-    /// does), from the router's messages to other shards.
-    fn tell_cluster(&self, link: &ClusterLink, dest: usize, msg: &ShardMsg) {
-        let msg = match msg {
-            ShardMsg::Attach { user, shard } => ToCluster::UserShard {
+    /// Which users and rooms this shard now holds (or no longer does), from the router's
+    /// messages to other shards: what the cluster and store threads keep.
+    fn placement(&self, dest: usize, msg: &ShardMsg) -> Option<Placement> {
+        match msg {
+            ShardMsg::Attach { user, shard } => Some(Placement::User {
                 user: user.clone(),
                 shard: *shard,
                 present: true,
-            },
-            ShardMsg::Detach { user, shard } => ToCluster::UserShard {
+            }),
+            ShardMsg::Detach { user, shard } => Some(Placement::User {
                 user: user.clone(),
                 shard: *shard,
                 present: false,
-            },
+            }),
             // Broadcast to every shard: passed on once, from the copy addressed to us.
             ShardMsg::RoomShard { room, shard, present } if dest == self.shard && *shard == self.shard => {
-                ToCluster::RoomShard {
+                Some(Placement::Room {
                     room: room.clone(),
                     shard: *shard,
                     present: *present,
-                }
+                })
             }
-            _ => return,
-        };
-        self.to_cluster(link, msg);
+            _ => None,
+        }
     }
 
     /// The end of a round (a read, an inbox batch): router messages go out, completed
@@ -263,6 +321,7 @@ impl<O: ConnOutput> Hub<O> {
     /// are moved into `dirty`, for the shard to flush.
     pub fn end_round(&self, dirty: &mut Vec<Rc<O>>) {
         self.send_router_effects();
+        self.ask_ready();
         self.acknowledge_completed();
         dirty.append(&mut self.dirty.borrow_mut());
         let ring = self.to_ring.replace(0);
@@ -285,8 +344,13 @@ impl<O: ConnOutput> Hub<O> {
                 return;
             }
             for (dest, msg) in effects {
-                if let Some(link) = &self.cluster {
-                    self.tell_cluster(link, dest, &msg);
+                if let Some(placement) = self.placement(dest, &msg) {
+                    if let Some(store) = &self.store {
+                        store.push(ToStore::Placement(placement.clone()));
+                    }
+                    if let Some(link) = &self.cluster {
+                        self.to_cluster(link, ToCluster::Placement(placement));
+                    }
                 }
                 if dest == self.shard {
                     self.router.borrow_mut().handle(msg);
@@ -297,13 +361,52 @@ impl<O: ConnOutput> Hub<O> {
         }
     }
 
+    /// With the store, `ready` comes from the store thread, asked after it was told where
+    /// the new connections are (through the same channel, so in that order): every
+    /// message it commits after answering reaches them live.
+    fn ask_ready(&self) {
+        let Some(store) = &self.store else { return };
+        for (conn, user) in self.new_conns.borrow_mut().drain(..) {
+            let reply = AckTo {
+                shard: self.shard,
+                conn,
+                id: None,
+            };
+            store.push(ToStore::Ready { user, reply });
+        }
+    }
+
     /// Answers `ready`, `joined` and `left` for the changes now in effect everywhere.
     fn acknowledge_completed(&self) {
         let completed = self.router.borrow_mut().take_completed();
         for ack in completed {
+            let since = match &ack.event {
+                AckEvent::Joined(room) | AckEvent::TooManyRooms(room) => {
+                    self.recover_since.borrow_mut().remove(&(ack.conn, room.clone()))
+                }
+                _ => None,
+            };
             let Some((user, out)) = self.conns.borrow().get(&ack.conn).cloned() else {
                 continue;
             };
+            if let Some(store) = &self.store {
+                let reply = AckTo {
+                    shard: self.shard,
+                    conn: ack.conn,
+                    id: None,
+                };
+                match &ack.event {
+                    // `ready` comes from the store thread (see `ask_ready`).
+                    AckEvent::Ready => continue,
+                    AckEvent::Joined(room) => store.push(ToStore::Joined {
+                        user: user.clone(),
+                        room: room.clone(),
+                        since,
+                        reply,
+                    }),
+                    _ => {}
+                }
+            }
             let frame = self.encode(|json| match &ack.event {
                 AckEvent::Ready => protocol::write_ready(json, &user),
                 AckEvent::Joined(room) => protocol::write_membership(json, true, room),

@@ -10,9 +10,13 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::auth::is_valid_user_id;
+use crate::store::ConvId;
 
 /// The longest client-chosen message id.
 pub const MAX_ID_LEN: usize = 128;
+/// Messages one `history` answer holds by default, and at most.
+pub const HISTORY_DEFAULT_LIMIT: usize = 100;
+pub const HISTORY_MAX_LIMIT: usize = 1000;
 
 /// Room names follow the user id rules.
 pub fn is_valid_room(room: &str) -> bool {
@@ -29,6 +33,8 @@ pub enum ClientMessage<'a> {
     },
     Join {
         room: Cow<'a, str>,
+        /// Also send the room's messages after this seq (recovering what was missed).
+        since: Option<u64>,
     },
     Leave {
         room: Cow<'a, str>,
@@ -38,6 +44,22 @@ pub enum ClientMessage<'a> {
         id: Option<Cow<'a, str>>,
         body: &'a RawValue,
     },
+    /// Part of a stored conversation.
+    History {
+        conv: ConvId,
+        range: HistoryRange,
+        limit: usize,
+        id: Option<Cow<'a, str>>,
+    },
+}
+
+/// What a `history` request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryRange {
+    /// The oldest messages after `since` (catching up).
+    Since(u64),
+    /// The newest messages before `before`, or the newest of all (scrolling back).
+    Before(Option<u64>),
 }
 
 /// The `code` of an error frame: what went wrong, for a program to act on.
@@ -59,8 +81,11 @@ pub enum ErrorCode {
     TooManyRooms,
     /// Joining a room that has `--max-room-members` connections on the shard.
     RoomFull,
-    /// In a cluster: the message may not have reached another node.
+    /// In a cluster: the message may not have reached another node. With the store: it
+    /// could not be written (it is not stored), or this gateway keeps no history.
     Unavailable,
+    /// A conversation with nothing stored.
+    NotFound,
 }
 
 impl ErrorCode {
@@ -75,6 +100,7 @@ impl ErrorCode {
             ErrorCode::TooManyRooms => "too_many_rooms",
             ErrorCode::RoomFull => "room_full",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::NotFound => "not_found",
         }
     }
 }
@@ -120,6 +146,11 @@ struct Envelope<'a> {
     room: Option<Cow<'a, str>>,
     #[serde(borrow)]
     body: Option<&'a RawValue>,
+    #[serde(borrow)]
+    conv: Option<Cow<'a, str>>,
+    since: Option<u64>,
+    before: Option<u64>,
+    limit: Option<u64>,
 }
 
 /// Parses one client text frame.
@@ -157,11 +188,12 @@ pub fn parse(frame: &[u8]) -> Result<ClientMessage<'_>, AppError> {
             room(&env)?;
             let room = env.room.unwrap_or_default();
             Ok(if kind == "join" {
-                ClientMessage::Join { room }
+                ClientMessage::Join { room, since: env.since }
             } else {
                 ClientMessage::Leave { room }
             })
         }
+        "history" => history(env),
         "publish" => {
             room(&env)?;
             let body = body_of(&env)?;
@@ -177,6 +209,41 @@ pub fn parse(frame: &[u8]) -> Result<ClientMessage<'_>, AppError> {
         )
         .with_id(&env.id)),
     }
+}
+
+fn history(env: Envelope<'_>) -> Result<ClientMessage<'_>, AppError> {
+    let bad = |message: &'static str| Err(AppError::new(ErrorCode::BadField, message).with_id(&env.id));
+    let conv = match env.conv.as_deref().and_then(conversation_of_client) {
+        Some(conv) => conv,
+        None => return bad("conv must be dm:<user>:<user> (the two ids in byte order) or room:<room>"),
+    };
+    let range = match (env.since, env.before) {
+        (Some(_), Some(_)) => return bad("give since or before, not both"),
+        (Some(since), None) => HistoryRange::Since(since),
+        (None, before) => HistoryRange::Before(before),
+    };
+    let limit = match env.limit {
+        None => HISTORY_DEFAULT_LIMIT,
+        Some(n) if (1..=HISTORY_MAX_LIMIT as u64).contains(&n) => n as usize,
+        Some(_) => return bad("limit must be 1-1000"),
+    };
+    Ok(ClientMessage::History {
+        conv,
+        range,
+        limit,
+        id: env.id,
+    })
+}
+
+/// A conversation id from a client: its users or room checked as where they enter.
+fn conversation_of_client(id: &str) -> Option<ConvId> {
+    let conv = ConvId::from_stored(id)?;
+    let valid = match (conv.direct_users(), conv.room_name()) {
+        (Some((a, b)), _) => is_valid_user_id(a) && is_valid_user_id(b),
+        (None, Some(room)) => is_valid_room(room),
+        (None, None) => false,
+    };
+    valid.then_some(conv)
 }
 
 fn body_of<'a>(env: &Envelope<'a>) -> Result<&'a RawValue, AppError> {
@@ -270,6 +337,95 @@ fn write_id_ts_body(out: &mut Vec<u8>, id: Option<&str>, ts_ms: u64, body: &RawV
     out.push(b'}');
 }
 
+/// A stored message as its recipients see it, live or in a history page:
+/// `{"type":"message","conv":…,"seq":…,"from":…,"to":…,"id":…,"ts":…,"body":…}` in a
+/// direct conversation, `{"type":"room_message","conv":…,"seq":…,"room":…,"from":…,…}`
+/// in a room.
+pub fn write_stored_message(
+    out: &mut Vec<u8>,
+    conv: &ConvId,
+    seq: u64,
+    from: &str,
+    id: Option<&str>,
+    ts_ms: u64,
+    body: &[u8],
+) {
+    let (kind, field, value) = match (conv.direct_users(), conv.room_name()) {
+        (Some((a, b)), _) => ("message", "to", if from == a { b } else { a }),
+        (None, room) => ("room_message", "room", room.unwrap_or_default()),
+    };
+    let _ = write!(
+        out,
+        "{{\"type\":\"{kind}\",\"conv\":\"{conv}\",\"seq\":{seq},\"from\":\"{from}\",\"{field}\":\"{value}\""
+    );
+    if let Some(id) = id {
+        out.extend_from_slice(b",\"id\":");
+        write_json_str(out, id);
+    }
+    let _ = write!(out, ",\"ts\":{ts_ms},\"body\":");
+    out.extend_from_slice(body);
+    out.push(b'}');
+}
+
+/// `{"type":"ack","id":…,"status":"stored","conv":…,"seq":…}`: durable at that position.
+pub fn write_ack_stored(out: &mut Vec<u8>, id: Option<&str>, conv: &ConvId, seq: u64) {
+    out.extend_from_slice(b"{\"type\":\"ack\"");
+    if let Some(id) = id {
+        out.extend_from_slice(b",\"id\":");
+        write_json_str(out, id);
+    }
+    let _ = write!(out, ",\"status\":\"stored\",\"conv\":\"{conv}\",\"seq\":{seq}}}");
+}
+
+/// `{"type":"ready","user":…,"convs":[{"conv":…,"seq":…},…]}`: with the store, where the
+/// user's most recent conversations stand.
+pub fn write_ready_with_conversations(out: &mut Vec<u8>, user: &str, convs: &[(ConvId, u64)]) {
+    let _ = write!(out, "{{\"type\":\"ready\",\"user\":\"{user}\",\"convs\":[");
+    for (i, (conv, seq)) in convs.iter().enumerate() {
+        let comma = if i == 0 { "" } else { "," };
+        let _ = write!(out, "{comma}{{\"conv\":\"{conv}\",\"seq\":{seq}}}");
+    }
+    out.extend_from_slice(b"]}");
+}
+
+/// The start of a history page, up to its messages:
+/// `{"type":"history","id":…,"conv":…,"messages":[`. `write_history_end` closes it.
+pub fn write_history_start(out: &mut Vec<u8>, id: Option<&str>, conv: &ConvId) {
+    out.extend_from_slice(b"{\"type\":\"history\"");
+    if let Some(id) = id {
+        out.extend_from_slice(b",\"id\":");
+        write_json_str(out, id);
+    }
+    let _ = write!(out, ",\"conv\":\"{conv}\",\"messages\":[");
+}
+
+/// Where a history page stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryEnd {
+    /// The conversation's latest seq.
+    pub head: u64,
+    /// The first seq still held.
+    pub first: u64,
+    /// More messages in the asked direction than this page holds.
+    pub more: bool,
+    /// Nothing asked for was trimmed by retention.
+    pub recovered: bool,
+}
+
+/// `],"head":…,"first":…,"more":…,"recovered":…}`
+pub fn write_history_end(out: &mut Vec<u8>, end: HistoryEnd) {
+    let HistoryEnd {
+        head,
+        first,
+        more,
+        recovered,
+    } = end;
+    let _ = write!(
+        out,
+        "],\"head\":{head},\"first\":{first},\"more\":{more},\"recovered\":{recovered}}}"
+    );
+}
+
 /// `{"type":"ack","id":…,"status":"routed"|"offline"}`
 pub fn write_ack(out: &mut Vec<u8>, id: Option<&str>, status: &str) {
     out.extend_from_slice(b"{\"type\":\"ack\"");
@@ -343,7 +499,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(
-            matches!(parse(br#"{"type":"join","room":"general"}"#).unwrap(), ClientMessage::Join { room } if room == "general")
+            matches!(parse(br#"{"type":"join","room":"general"}"#).unwrap(), ClientMessage::Join { room, since: None } if room == "general")
         );
         assert!(
             matches!(parse(br#"{"type":"leave","room":"general"}"#).unwrap(), ClientMessage::Leave { room } if room == "general")

@@ -12,11 +12,13 @@ use serde_json::value::RawValue;
 use super::auth::{is_valid_user_id, Authenticator, RoomGrants};
 use super::hub::Hub;
 use super::output::{ConnOutput, Reply};
-use super::protocol::{self, AppError, ClientMessage, ErrorCode};
+use super::protocol::{self, AppError, ClientMessage, ErrorCode, HistoryRange};
 use crate::cluster::ToCluster;
 use crate::config::Config;
 use crate::route::directory::JoinRefused;
-use crate::route::{shards_in, AckTo, ShardMask, ShardMsg};
+use crate::route::{shards_in, AckTo, Audience, ShardMask, ShardMsg};
+use crate::store::thread::{AppendRequest, StoreLink, ToStore};
+use crate::store::{ConvId, NewMessage, Range};
 use crate::ws::handshake::{Rejection, Request};
 use crate::ws::OpCode;
 
@@ -280,11 +282,19 @@ impl<O: ConnOutput> ChatConn<O> {
                 self.publish(hub, &room, id, body, at, reply)
                     .map_err(|e| e.with_id_str(id))
             }
-            ClientMessage::Join { room } => {
+            ClientMessage::Join { room, since } => {
                 self.check_may_join(&room, config)?;
-                self.change_membership(hub, room, true)
+                if since.is_some() && hub.store.is_none() {
+                    return Err(no_history());
+                }
+                self.change_membership(hub, room, true, since)
             }
-            ClientMessage::Leave { room } => self.change_membership(hub, room, false),
+            ClientMessage::History { conv, range, limit, id } => {
+                let id = id.as_deref();
+                self.history(hub, config, conv, range, limit, id)
+                    .map_err(|e| e.with_id_str(id))
+            }
+            ClientMessage::Leave { room } => self.change_membership(hub, room, false, None),
         }
     }
 
@@ -299,6 +309,14 @@ impl<O: ConnOutput> ChatConn<O> {
         at: Arrival,
         reply: &mut impl Reply,
     ) -> Result<(), AppError> {
+        if let Some(store) = hub.store.as_deref() {
+            let to = hub.router.borrow().intern(to);
+            let mask = hub.router.borrow().user_shards(&to) | hub.router.borrow().user_shards(&self.user);
+            check_shards_have_room(hub, mask, "the recipient's shard is overloaded; retry")?;
+            let conv = ConvId::direct(&self.user, &to);
+            let audience = Audience::Users(self.user.clone(), to);
+            return self.store(hub, store, conv, audience, id, body, at);
+        }
         let mask = hub.router.borrow().user_shards(to);
         let cluster = hub.cluster.as_deref();
         if let Some(link) = cluster {
@@ -387,6 +405,24 @@ impl<O: ConnOutput> ChatConn<O> {
         }
         let mask = hub.router.borrow().room_shards(room);
         check_shards_have_room(hub, mask, "a member's shard is overloaded; retry")?;
+        if let Some(store) = hub.store.as_deref() {
+            // The frame is made by the store thread (it holds the seq): this is its size
+            // near enough, for the members' queues.
+            let len = body.get().len() + room.len() * 2 + self.user.len() + id.map_or(0, str::len) + 128;
+            let fits = {
+                let router = hub.router.borrow();
+                hub.all_have_room(router.local_room_connections(room), len, self.out.conn_id())
+            };
+            if !fits {
+                return Err(AppError::new(
+                    ErrorCode::RateLimited,
+                    format!("members of {room} are not keeping up with its messages; retry later"),
+                ));
+            }
+            let room = hub.router.borrow().intern_room(room);
+            let conv = ConvId::room(&room);
+            return self.store(hub, store, conv, Audience::Room(room), id, body, at);
+        }
         if hub.cluster.as_ref().is_some_and(|l| l.is_up() && l.is_full()) {
             return Err(AppError::new(
                 ErrorCode::RateLimited,
@@ -431,6 +467,83 @@ impl<O: ConnOutput> ChatConn<O> {
         Ok(())
     }
 
+    /// Hands a message to the store thread, which sequences, stores, delivers and acks it.
+    #[allow(clippy::too_many_arguments)]
+    fn store(
+        &self,
+        hub: &Hub<O>,
+        store: &StoreLink,
+        conv: ConvId,
+        audience: Audience,
+        id: Option<&str>,
+        body: &RawValue,
+        at: Arrival,
+    ) -> Result<(), AppError> {
+        if store.is_full() {
+            return Err(AppError::new(
+                ErrorCode::RateLimited,
+                "the message store is behind; the message was not stored, retry",
+            ));
+        }
+        let message = NewMessage {
+            conv,
+            from: self.user.to_string(),
+            client_id: id.map(str::to_string),
+            ts_ms: at.ts_ms,
+            body: body.get().as_bytes().to_vec(),
+        };
+        store.push(ToStore::Append(Box::new(AppendRequest {
+            message,
+            audience,
+            ingress: at.ingress,
+            shard: hub.shard,
+            conn: self.out.conn_id(),
+        })));
+        Ok(())
+    }
+
+    /// A page of a conversation the user is part of: its own direct conversations, and
+    /// the rooms it may join.
+    fn history(
+        &self,
+        hub: &Hub<O>,
+        config: &Config,
+        conv: ConvId,
+        range: HistoryRange,
+        limit: usize,
+        id: Option<&str>,
+    ) -> Result<(), AppError> {
+        let Some(store) = hub.store.as_deref() else {
+            return Err(no_history());
+        };
+        let allowed = match (conv.direct_users(), conv.room_name()) {
+            (Some((a, b)), _) => *self.user == *a || *self.user == *b,
+            (None, Some(room)) => self.check_may_join(room, config).is_ok(),
+            (None, None) => false,
+        };
+        if !allowed {
+            return Err(AppError::new(
+                ErrorCode::Forbidden,
+                format!("{} may not read {conv}", self.user),
+            ));
+        }
+        let range = match range {
+            HistoryRange::Since(since) => Range::After(since),
+            HistoryRange::Before(before) => Range::Before(before.unwrap_or(u64::MAX)),
+        };
+        store.push(ToStore::Read {
+            conv,
+            range,
+            limit,
+            reply: AckTo {
+                shard: hub.shard,
+                conn: self.out.conn_id(),
+                id: id.map(Box::from),
+            },
+        });
+        Ok(())
+    }
+
     /// Delivers a room's frame on every shard of this node in `mask`.
     fn publish_locally(&self, hub: &Hub<O>, room: &Arc<str>, frame: &Bytes, ingress: Instant, mask: ShardMask) {
         for shard in shards_in(mask) {
@@ -468,8 +581,17 @@ impl<O: ConnOutput> ChatConn<O> {
         }
     }
 
-    fn change_membership(&self, hub: &Hub<O>, room: Cow<'_, str>, join: bool) -> Result<(), AppError> {
-        let name = Arc::from(room.as_ref());
+    fn change_membership(
+        &self,
+        hub: &Hub<O>,
+        room: Cow<'_, str>,
+        join: bool,
+        since: Option<u64>,
+    ) -> Result<(), AppError> {
+        let name: Arc<str> = Arc::from(room.as_ref());
+        if let Some(since) = since {
+            hub.recover_after_join(self.out.conn_id(), name.clone(), since);
+        }
         hub.router
             .borrow_mut()
             .change_membership(&self.user, self.out.conn_id(), name, join)
@@ -500,6 +622,13 @@ fn check_shards_have_room<O: ConnOutput>(hub: &Hub<O>, mask: ShardMask, message:
         return Err(AppError::new(ErrorCode::RateLimited, message));
     }
     Ok(())
+}
+
+fn no_history() -> AppError {
+    AppError::new(
+        ErrorCode::Unavailable,
+        "this gateway keeps no history (it runs with --store none)",
+    )
 }
 
 fn unavailable(message: &'static str) -> AppError {

@@ -25,7 +25,7 @@ use bytes::Bytes;
 use crossbeam_channel::Receiver;
 
 use crate::mailbox::Mailbox;
-use crate::route::AckTo;
+use crate::route::{AckTo, Placement};
 
 /// Messages waiting for the cluster thread beyond which shards refuse cross-node sends
 /// (answered `rate_limited`), so a stalled NATS link cannot grow memory without bound.
@@ -49,18 +49,8 @@ pub enum ToCluster {
         ingress: Instant,
         ack: AckTo,
     },
-    /// Shard `shard` holds connections of `user` (or no longer does).
-    UserShard {
-        user: Arc<str>,
-        shard: usize,
-        present: bool,
-    },
-    /// Shard `shard` holds connections of members of `room` (or no longer does).
-    RoomShard {
-        room: Arc<str>,
-        shard: usize,
-        present: bool,
-    },
+    /// A shard's holding of users and rooms changed.
+    Placement(Placement),
 }
 
 /// The shards' side of the cluster thread: its mailbox, and whether NATS is up.

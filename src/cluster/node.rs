@@ -25,7 +25,7 @@ use super::presence::{Action, Presence};
 use super::wire::{self, BatchWriter, ClusterKey, NodeId, ReceiptWriter, RecordKind};
 use super::{instant_to_unix_nanos, unix_nanos, ClusterLink, ToCluster};
 use crate::route::inbox::Mesh;
-use crate::route::{AckTo, Outcome};
+use crate::route::{AckTo, Outcome, Placement};
 use crate::route::{ShardMask, ShardMsg};
 use crate::shutdown::Shutdown;
 
@@ -401,8 +401,12 @@ impl Node {
     /// One message from a shard.
     fn on_shard_msg(&mut self, msg: ToCluster) {
         match msg {
-            ToCluster::UserShard { user, shard, present } => self.presence.local_user(user, shard, present),
-            ToCluster::RoomShard { room, shard, present } => self.presence.local_room(room, shard, present),
+            ToCluster::Placement(Placement::User { user, shard, present }) => {
+                self.presence.local_user(user, shard, present)
+            }
+            ToCluster::Placement(Placement::Room { room, shard, present }) => {
+                self.presence.local_room(room, shard, present)
+            }
             // "offline" is a promise that no node holds the user: only made once presence
             // is complete.
             ToCluster::Direct {

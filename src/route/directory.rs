@@ -408,6 +408,8 @@ impl Router {
             }
             ShardMsg::Direct { .. }
             | ShardMsg::Room { .. }
+            | ShardMsg::Stored { .. }
+            | ShardMsg::Reply { .. }
             | ShardMsg::ClusterAck { .. }
             | ShardMsg::AlsoRemote { .. } => {}
         }

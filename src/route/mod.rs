@@ -43,6 +43,30 @@ pub enum Outcome {
     Refused,
 }
 
+/// A shard began or stopped holding connections of a user, or of a room's members: what
+/// the process-wide threads (cluster, store) keep of where everyone is.
+#[derive(Debug, Clone)]
+pub enum Placement {
+    User {
+        user: Arc<str>,
+        shard: usize,
+        present: bool,
+    },
+    Room {
+        room: Arc<str>,
+        shard: usize,
+        present: bool,
+    },
+}
+
+/// Who receives a stored message: both users of a direct conversation (the recipient,
+/// and the sender's other devices), or a room's members.
+#[derive(Debug, Clone)]
+pub enum Audience {
+    Users(Arc<str>, Arc<str>),
+    Room(Arc<str>),
+}
+
 /// What one shard sends another.
 #[derive(Debug, Clone)]
 pub enum ShardMsg {
@@ -62,6 +86,22 @@ pub enum ShardMsg {
         ingress: Instant,
         except: (usize, ConnId),
         cross_node: bool,
+    },
+    /// From the store thread: a stored message for the local connections of `audience`,
+    /// except the one that sent it `(shard, conn)`. Each shard receives a conversation's
+    /// messages from that one thread, in `seq` order.
+    Stored {
+        audience: Audience,
+        frame: Bytes,
+        ingress: Instant,
+        except: (usize, ConnId),
+    },
+    /// From the store thread: a frame for one connection (an ack, a history page, or,
+    /// `ready`, the connection's `ready`).
+    Reply {
+        conn: ConnId,
+        frame: Bytes,
+        ready: bool,
     },
     /// From the cluster thread, to every shard: `user`, connected to this node, also is (or
     /// no longer is) connected to other nodes.

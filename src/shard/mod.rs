@@ -31,12 +31,16 @@ use crate::chat::session::RateLimits;
 use crate::cluster::node::ClusterConfig;
 use crate::cluster::wire::NodeId;
 use crate::cluster::ClusterLink;
-use crate::config::Config;
+use crate::config::{Config, StoreKind};
 use crate::metrics::{spawn_reporter, Reporter, ShardLoad, ShardReport};
 use crate::route::directory::RoomLimits;
 use crate::route::inbox::{Inbox, Mesh};
 use crate::route::ShardMsg;
 use crate::shutdown::Shutdown;
+use crate::store::embedded::EmbeddedStore;
+use crate::store::push::PushConfig;
+use crate::store::thread::{StoreLink, StoreThreadConfig};
+use crate::store::Retention;
 use crate::sys::{process, socket};
 use context::ShardContext;
 use egress::Outbound;
@@ -59,6 +63,7 @@ struct Shared {
     auth: Arc<Authenticator>,
     reporter: Reporter,
     cluster: Option<Arc<ClusterLink>>,
+    store: Option<Arc<StoreLink>>,
     max_connections: usize,
     bound: std::net::SocketAddr,
 }
@@ -90,6 +95,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
     // One doorbell per shard, and one for the cluster thread.
     let stop = Arc::new(Shutdown::new(config.shards + 1));
     let cluster = start_cluster(&config, &mesh, &stop)?;
+    let store = start_store(&config, &mesh)?;
     // Signals are watched before any shard says it listens: a SIGTERM right after that
     // line drains instead of killing, and the watcher's descriptors are already counted.
     start::spawn_signal_thread(stop.clone())?;
@@ -103,6 +109,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
         auth,
         reporter,
         cluster: cluster.as_ref().map(|(link, _)| link.clone()),
+        store: store.as_ref().map(|s| s.link.clone()),
         max_connections: plan.max_connections,
         bound: listeners.bound,
     };
@@ -117,6 +124,14 @@ pub fn run(config: Config) -> Result<(), StartError> {
     if let Some((link, thread)) = cluster {
         link.close();
         let _ = thread.join();
+    }
+    if let Some(store) = store {
+        // The shards are gone: the store thread commits what they handed it, then ends.
+        drop(store.link);
+        let _ = store.thread.join();
+        if let Some(push) = store.push {
+            let _ = push.join();
+        }
     }
     if !failures.is_empty() {
         return Err(StartError::Shards(failures));
@@ -160,6 +175,80 @@ fn start_cluster(config: &Config, mesh: &Arc<Mesh>, stop: &Arc<Shutdown>) -> Res
     Ok(Some((link, thread)))
 }
 
+/// The store thread (and the push thread), and the shards' link to it.
+struct StoreThreads {
+    link: Arc<StoreLink>,
+    thread: JoinHandle<()>,
+    push: Option<JoinHandle<()>>,
+}
+
+/// Unless the gateway only relays: opens the message store in the data directory and
+/// starts its thread (and the push webhook's).
+fn start_store(config: &Config, mesh: &Arc<Mesh>) -> Result<Option<StoreThreads>, StartError> {
+    if config.store_kind() == StoreKind::None {
+        let why = if config.nats.is_some() {
+            " (a cluster: each node would number conversations on its own)"
+        } else {
+            ""
+        };
+        tracing::info!("store: none{why}: messages are relayed, not stored; acks say routed or offline");
+        return Ok(None);
+    }
+    let dir = config.data_dir.join("messages");
+    let retention = Retention {
+        max_age: config.retention_max_age,
+        max_messages: config.retention_max_messages,
+    };
+    let store = EmbeddedStore::open(&dir, retention, config.dedupe_window)?;
+    tracing::info!(
+        "store: embedded in {}; retention {} per conversation, {}",
+        dir.display(),
+        match config.retention_max_messages {
+            0 => "every message".to_string(),
+            n => format!("{n} messages"),
+        },
+        match config.retention_max_age {
+            d if d.is_zero() => "kept however old".to_string(),
+            d => format!("up to {} old", humantime::format_duration(d)),
+        }
+    );
+    let (push_queue, push) = match (&config.push_webhook, &config.push_secret_file) {
+        (Some(url), Some(secret_file)) => {
+            let secret = crate::secret::read_secret_file(secret_file, PUSH_SECRET)?;
+            let push_config = PushConfig {
+                url: url.clone(),
+                secret,
+                capacity: config.push_queue,
+                attempts: 5,
+                first_backoff: Duration::from_millis(200),
+            };
+            let (queue, thread) =
+                crate::store::push::spawn(push_config).map_err(|source| StartError::Thread { what: "push", source })?;
+            tracing::info!("push: messages for users with no connection go to {url}");
+            (Some(queue), Some(thread))
+        }
+        _ => (None, None),
+    };
+    let (link, rx) = StoreLink::new();
+    let thread_config = StoreThreadConfig {
+        report_interval: config.report_interval,
+        sweep_interval: Duration::from_secs(60),
+        ready_conversations: config.ready_conversations,
+        max_page_bytes: config.max_outbound_bytes / 2,
+        push_preview_bytes: config.push_preview_bytes,
+    };
+    let thread = crate::store::thread::spawn(store, thread_config, rx, mesh.clone(), push_queue)
+        .map_err(|source| StartError::Thread { what: "store", source })?;
+    Ok(Some(StoreThreads { link, thread, push }))
+}
+
+/// The push webhook's signing key.
+const PUSH_SECRET: crate::secret::SecretKind = crate::secret::SecretKind {
+    what: "push webhook secret",
+    risk: "can forge push requests",
+    min_len: 32,
+};
+
 /// Starts one pinned executor per shard, each with its listeners and inbox.
 fn spawn_shards(
     shared: &Shared,
@@ -188,7 +277,12 @@ fn spawn_shards(
             stop: shared.stop.clone(),
             open: shared.open.clone(),
             per_ip: shared.per_ip.clone(),
-            apps: (shared.mesh.clone(), shared.auth.clone(), shared.cluster.clone()),
+            apps: (
+                shared.mesh.clone(),
+                shared.auth.clone(),
+                shared.cluster.clone(),
+                shared.store.clone(),
+            ),
             reporter: shared.reporter.clone(),
             max_connections: shared.max_connections,
             bound: shared.bound,
@@ -201,6 +295,14 @@ fn spawn_shards(
     Ok(handles)
 }
 
+/// The mesh, the authenticator, and the cluster and store threads' links.
+type ShardApps = (
+    Arc<Mesh>,
+    Arc<Authenticator>,
+    Option<Arc<ClusterLink>>,
+    Option<Arc<StoreLink>>,
+);
+
 /// What one shard thread is handed.
 struct ShardStart {
     id: usize,
@@ -209,7 +311,7 @@ struct ShardStart {
     stop: Arc<Shutdown>,
     open: Arc<AtomicUsize>,
     per_ip: Arc<PerIpLimits>,
-    apps: (Arc<Mesh>, Arc<Authenticator>, Option<Arc<ClusterLink>>),
+    apps: ShardApps,
     reporter: Reporter,
     max_connections: usize,
     bound: std::net::SocketAddr,
@@ -230,12 +332,12 @@ async fn shard_main(start: ShardStart, listener: OwnedFd, own: Option<(OwnedFd, 
         max_connections,
         bound,
     } = start;
-    let (mesh, auth, cluster) = apps;
+    let (mesh, auth, cluster, store) = apps;
     let apps = Rc::new(Apps {
         hub: Hub::new(
             id,
             mesh,
-            cluster,
+            (cluster, store),
             RoomLimits {
                 rooms_per_user: config.max_rooms_per_user,
                 members_per_shard: config.max_room_members,

@@ -46,6 +46,10 @@ pub enum StartError {
     Auth(#[from] AuthError),
     #[error(transparent)]
     Cluster(#[from] crate::cluster::access::AccessError),
+    #[error(transparent)]
+    Store(#[from] crate::store::embedded::OpenError),
+    #[error(transparent)]
+    Secret(#[from] crate::secret::SecretError),
     /// Shards that could not start or ended with an error, each explained.
     #[error("{}", .0.join("\n"))]
     Shards(Vec<String>),

@@ -35,6 +35,16 @@ impl ConvId {
         ok.then(|| ConvId(id.into()))
     }
 
+    /// The two users of a direct conversation (`None` for a room).
+    pub fn direct_users(&self) -> Option<(&str, &str)> {
+        self.0.strip_prefix("dm:")?.split_once(':')
+    }
+
+    /// The room of a room conversation.
+    pub fn room_name(&self) -> Option<&str> {
+        self.0.strip_prefix("room:")
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

@@ -1,21 +1,71 @@
 //! The store in the data directory, on fjall (an LSM tree: appends are journal writes,
-//! and a conversation's messages are one key range). Keys are the conversation id, a NUL
-//! and the seq (u64 big-endian), so that a range scan reads a conversation in order; a
-//! second keyspace holds each conversation's latest seq, written in the same atomic batch.
+//! and a conversation's messages are one key range). Keyspaces:
+//! - `messages`: conversation id, NUL, seq (u64 big-endian) → record, so that a range
+//!   scan reads a conversation in order;
+//! - `heads`: conversation → latest seq, written in the same atomic batch;
+//! - `floors`: conversation → first seq still held, once retention trimmed it;
+//! - `user_convs`: user, NUL, conversation → when the user last took part (u64 BE ms);
+//! - `client_ids`: time (u64 BE ms), hash of (sender, client id) → seq and conversation,
+//!   the dedupe window's record, time-ordered so that it is trimmed from the front.
 
-use std::collections::HashMap;
-use std::path::Path;
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch, PersistMode};
 
-use super::{record, ConvId, MessageStore, NewMessage, Page, StoreError};
+use super::{record, Appended, ConvId, MessageStore, NewMessage, Page, Range, Retention, StoreError, TrimStep};
+
+/// The file that marks a directory as a shardgate message store, and its format.
+const MARKER: &str = "SHARDGATE-STORE";
+const MARKER_TEXT: &str = "shardgate message store, format 1\n";
+/// Caches of heads and floors are dropped past this many conversations (fjall's block
+/// cache still holds the hot ones): memory stays bounded however many conversations exist.
+const CACHE_MAX: usize = 1 << 20;
+
+/// Why a data directory cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("{}: not a shardgate message store (it holds other files and no {MARKER}); give --data-dir an empty or shardgate directory", .0.display())]
+    Foreign(PathBuf),
+    #[error("{}: the message store was written by another format ({found:?}); this build reads {MARKER_TEXT:?}", path.display())]
+    OtherFormat { path: PathBuf, found: String },
+    #[error("{}: another shardgate process holds this message store (one store per process: give each its own --data-dir)", .0.display())]
+    Locked(PathBuf),
+    #[error("{}: cannot open the message store: {reason}", path.display())]
+    Engine { path: PathBuf, reason: String },
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// A message stored recently with a client id: where it went.
+#[derive(Debug, Clone)]
+struct RecentId {
+    conv: ConvId,
+    seq: u64,
+    ts_ms: u64,
+}
 
 pub struct EmbeddedStore {
     db: Database,
     messages: Keyspace,
     heads: Keyspace,
-    /// Latest seq per conversation, as far as read or written since start.
+    floors: Keyspace,
+    user_convs: Keyspace,
+    client_ids: Keyspace,
+    retention: Retention,
+    dedupe_window_ms: u64,
+    /// Latest seq and first held seq per conversation, as far as read or written since start.
     head_cache: HashMap<ConvId, u64>,
+    floor_cache: HashMap<ConvId, u64>,
+    /// Client ids used within the dedupe window, by hash of (sender, id), and their order.
+    recent: HashMap<u64, RecentId>,
+    recent_order: VecDeque<(u64, u64)>,
+    /// Where the retention sweep goes on from (a conversation id), and whether it is
+    /// in the middle of a round.
+    sweep_cursor: Option<String>,
     /// Reused for encoding records.
     scratch: Vec<u8>,
 }
@@ -33,21 +83,115 @@ fn message_key(conv: &ConvId, seq: u64) -> Vec<u8> {
     key
 }
 
+fn user_conv_key(user: &str, conv: &ConvId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(user.len() + conv.as_str().len() + 1);
+    key.extend_from_slice(user.as_bytes());
+    key.push(0);
+    key.extend_from_slice(conv.as_str().as_bytes());
+    key
+}
+
+fn client_id_hash(from: &str, id: &str) -> u64 {
+    // SipHash with fixed keys: the same on every run, so that hashes written before a
+    // restart are found after it.
+    let mut h = DefaultHasher::new();
+    (from, id).hash(&mut h);
+    h.finish()
+}
+
+fn u64_at(bytes: &[u8], at: usize, what: &'static str) -> Result<u64, StoreError> {
+    let b: [u8; 8] = bytes
+        .get(at..at + 8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or(StoreError::Corrupt(what))?;
+    Ok(u64::from_be_bytes(b))
+}
+
 impl EmbeddedStore {
-    /// Opens (or creates) the store in `dir`.
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = Database::builder(dir).open().map_err(engine)?;
-        let messages = db
-            .keyspace("messages", KeyspaceCreateOptions::default)
-            .map_err(engine)?;
-        let heads = db.keyspace("heads", KeyspaceCreateOptions::default).map_err(engine)?;
-        Ok(EmbeddedStore {
+    /// Opens (or creates) the store in `dir`. A directory with other files and no marker,
+    /// or another format's marker, is refused, as is one another process holds.
+    pub fn open(dir: &Path, retention: Retention, dedupe_window: Duration) -> Result<Self, OpenError> {
+        Self::open_at(dir, retention, dedupe_window, crate::cluster::unix_nanos() / 1_000_000)
+    }
+
+    /// `open`, as if the clock said `now_ms` (the dedupe window is loaded from then).
+    pub fn open_at(dir: &Path, retention: Retention, dedupe_window: Duration, now_ms: u64) -> Result<Self, OpenError> {
+        let io = |source| OpenError::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let marker = dir.join(MARKER);
+        match std::fs::read_to_string(&marker) {
+            Ok(text) if text == MARKER_TEXT => {}
+            Ok(found) => {
+                return Err(OpenError::OtherFormat {
+                    path: dir.to_path_buf(),
+                    found,
+                })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let empty = match std::fs::read_dir(dir) {
+                    Ok(mut entries) => entries.next().is_none(),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+                    Err(e) => return Err(io(e)),
+                };
+                if !empty {
+                    return Err(OpenError::Foreign(dir.to_path_buf()));
+                }
+                std::fs::create_dir_all(dir).map_err(io)?;
+                std::fs::write(&marker, MARKER_TEXT).map_err(io)?;
+            }
+            Err(e) => return Err(io(e)),
+        }
+        let fail = |e: fjall::Error| match e {
+            fjall::Error::Locked => OpenError::Locked(dir.to_path_buf()),
+            other => OpenError::Engine {
+                path: dir.to_path_buf(),
+                reason: other.to_string(),
+            },
+        };
+        let db = Database::builder(dir).open().map_err(fail)?;
+        let keyspace = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default).map_err(fail);
+        let mut store = EmbeddedStore {
+            messages: keyspace("messages")?,
+            heads: keyspace("heads")?,
+            floors: keyspace("floors")?,
+            user_convs: keyspace("user_convs")?,
+            client_ids: keyspace("client_ids")?,
             db,
-            messages,
-            heads,
+            retention,
+            dedupe_window_ms: dedupe_window.as_millis() as u64,
             head_cache: HashMap::new(),
+            floor_cache: HashMap::new(),
+            recent: HashMap::new(),
+            recent_order: VecDeque::new(),
+            sweep_cursor: None,
             scratch: Vec::new(),
-        })
+        };
+        store.load_recent_ids(now_ms).map_err(|e| OpenError::Engine {
+            path: dir.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        Ok(store)
+    }
+
+    /// The client ids of the dedupe window, from disk (a retry after a restart is still
+    /// recognised).
+    fn load_recent_ids(&mut self, now_ms: u64) -> Result<(), StoreError> {
+        let from = now_ms.saturating_sub(self.dedupe_window_ms).to_be_bytes();
+        for item in self.client_ids.range(from.as_slice()..) {
+            let (key, value) = item.into_inner().map_err(engine)?;
+            let ts_ms = u64_at(&key, 0, "a client id key is too short")?;
+            let hash = u64_at(&key, 8, "a client id key is too short")?;
+            let seq = u64_at(&value, 0, "a client id record is too short")?;
+            let conv = std::str::from_utf8(&value[8..])
+                .ok()
+                .and_then(ConvId::from_stored)
+                .ok_or(StoreError::Corrupt("a client id record names no conversation"))?;
+            self.recent.insert(hash, RecentId { conv, seq, ts_ms });
+            self.recent_order.push_back((ts_ms, hash));
+        }
+        Ok(())
     }
 
     /// The latest seq of `conv` (0 when it has none).
@@ -57,61 +201,284 @@ impl EmbeddedStore {
         }
         match self.heads.get(conv.as_str()).map_err(engine)? {
             None => Ok(0),
-            Some(bytes) => {
-                let bytes: [u8; 8] = bytes[..]
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt("a conversation head is not 8 bytes"))?;
-                Ok(u64::from_be_bytes(bytes))
+            Some(bytes) => u64_at(&bytes, 0, "a conversation head is not 8 bytes"),
+        }
+    }
+
+    /// The first seq of `conv` retention has not trimmed (1 when nothing was trimmed).
+    fn floor(&self, conv: &ConvId) -> Result<u64, StoreError> {
+        if let Some(floor) = self.floor_cache.get(conv) {
+            return Ok(*floor);
+        }
+        match self.floors.get(conv.as_str()).map_err(engine)? {
+            None => Ok(1),
+            Some(bytes) => u64_at(&bytes, 0, "a conversation floor is not 8 bytes"),
+        }
+    }
+
+    fn forget_expired_ids(&mut self, now_ms: u64) {
+        let oldest = now_ms.saturating_sub(self.dedupe_window_ms);
+        while let Some(&(ts, hash)) = self.recent_order.front() {
+            if ts >= oldest {
+                break;
+            }
+            self.recent_order.pop_front();
+            if self.recent.get(&hash).is_some_and(|r| r.ts_ms == ts) {
+                self.recent.remove(&hash);
             }
         }
+    }
+
+    /// Is this message a retry of one stored within the window? A hash match is checked
+    /// against the stored record, so that two different ids never pass for one.
+    fn earlier_copy(&self, hash: u64, m: &NewMessage, client_id: &str) -> Result<Option<(ConvId, u64)>, StoreError> {
+        let Some(seen) = self.recent.get(&hash) else {
+            return Ok(None);
+        };
+        let Some(value) = self.messages.get(message_key(&seen.conv, seen.seq)).map_err(engine)? else {
+            // Trimmed since: the hash alone has to do.
+            return Ok(Some((seen.conv.clone(), seen.seq)));
+        };
+        let stored = record::decode(seen.seq, &value)?;
+        let same = stored.from == m.from && stored.client_id.as_deref() == Some(client_id);
+        Ok(same.then(|| (seen.conv.clone(), seen.seq)))
+    }
+
+    /// Removes the messages of `conv` below `new_floor` (from `floor`) in `batch`.
+    fn trim_below(&self, batch: &mut OwnedWriteBatch, conv: &ConvId, floor: u64, new_floor: u64) {
+        for seq in floor..new_floor {
+            batch.remove(&self.messages, message_key(conv, seq));
+        }
+        batch.insert(&self.floors, conv.as_str(), new_floor.to_be_bytes());
+    }
+
+    fn remember_head(&mut self, conv: ConvId, head: u64) {
+        if self.head_cache.len() >= CACHE_MAX {
+            self.head_cache.clear();
+        }
+        self.head_cache.insert(conv, head);
+    }
+
+    fn remember_floor(&mut self, conv: ConvId, floor: u64) {
+        if self.floor_cache.len() >= CACHE_MAX {
+            self.floor_cache.clear();
+        }
+        self.floor_cache.insert(conv, floor);
+    }
+
+    /// Where the age sweep may stop in `conv` from `floor`: the first seq newer than the
+    /// cutoff, or `head + 1`.
+    fn first_young(&self, conv: &ConvId, floor: u64, head: u64, cutoff_ms: u64) -> Result<u64, StoreError> {
+        if floor > head {
+            return Ok(floor);
+        }
+        let range = message_key(conv, floor)..=message_key(conv, head);
+        for item in self.messages.range(range) {
+            let (key, value) = item.into_inner().map_err(engine)?;
+            let seq = u64_at(&key, key.len().saturating_sub(8), "a message key is too short")?;
+            if record::decode(seq, &value)?.ts_ms >= cutoff_ms {
+                return Ok(seq);
+            }
+        }
+        Ok(head + 1)
     }
 }
 
 impl MessageStore for EmbeddedStore {
-    fn append(&mut self, group: &[NewMessage]) -> Result<Vec<u64>, StoreError> {
-        // Heads move in a map of their own until the batch is committed: a batch that
-        // fails to commit uses up no seq.
+    fn append(&mut self, group: &[NewMessage], now_ms: u64) -> Result<Vec<Appended>, StoreError> {
+        self.forget_expired_ids(now_ms);
+        // Heads, floors and ids change in maps of their own until the batch is committed:
+        // a batch that fails to commit uses up no seq.
         let mut heads: HashMap<ConvId, u64> = HashMap::new();
-        let mut seqs = Vec::with_capacity(group.len());
+        let mut floors: HashMap<ConvId, u64> = HashMap::new();
+        let mut ids: HashMap<u64, RecentId> = HashMap::new();
+        let mut results = Vec::with_capacity(group.len());
         let mut batch = self.db.batch();
         for m in group {
+            let hash = m.client_id.as_deref().map(|id| client_id_hash(&m.from, id));
+            if let (Some(hash), Some(id)) = (hash, m.client_id.as_deref()) {
+                let in_group = ids.get(&hash).map(|r| (r.conv.clone(), r.seq));
+                if let Some((conv, seq)) = in_group.map_or_else(|| self.earlier_copy(hash, m, id), |c| Ok(Some(c)))? {
+                    results.push(Appended::Duplicate { conv, seq });
+                    continue;
+                }
+            }
             let head = match heads.get(&m.conv) {
                 Some(h) => *h,
                 None => self.head(&m.conv)?,
             };
             let seq = head + 1;
             heads.insert(m.conv.clone(), seq);
-            seqs.push(seq);
+            results.push(Appended::New(seq));
             self.scratch.clear();
             record::encode(&mut self.scratch, m.ts_ms, &m.from, m.client_id.as_deref(), &m.body);
             batch.insert(&self.messages, message_key(&m.conv, seq), self.scratch.as_slice());
+            let max = self.retention.max_messages;
+            if max > 0 && seq > max {
+                // Count-based retention as it goes: each append past the limit trims one.
+                let floor = match floors.get(&m.conv) {
+                    Some(f) => *f,
+                    None => self.floor(&m.conv)?,
+                };
+                let new_floor = seq - max + 1;
+                if new_floor > floor {
+                    self.trim_below(&mut batch, &m.conv, floor, new_floor);
+                    floors.insert(m.conv.clone(), new_floor);
+                }
+            }
+            let ts = m.ts_ms.to_be_bytes();
+            match m.conv.direct_users() {
+                Some((a, b)) => {
+                    batch.insert(&self.user_convs, user_conv_key(a, &m.conv), ts);
+                    batch.insert(&self.user_convs, user_conv_key(b, &m.conv), ts);
+                }
+                None => batch.insert(&self.user_convs, user_conv_key(&m.from, &m.conv), ts),
+            }
+            if let Some(hash) = hash {
+                let mut key = now_ms.to_be_bytes().to_vec();
+                key.extend_from_slice(&hash.to_be_bytes());
+                let mut value = seq.to_be_bytes().to_vec();
+                value.extend_from_slice(m.conv.as_str().as_bytes());
+                batch.insert(&self.client_ids, key, value);
+                ids.insert(
+                    hash,
+                    RecentId {
+                        conv: m.conv.clone(),
+                        seq,
+                        ts_ms: now_ms,
+                    },
+                );
+            }
         }
         for (conv, seq) in &heads {
             batch.insert(&self.heads, conv.as_str(), seq.to_be_bytes());
         }
         batch.commit().map_err(engine)?;
         // Committed: the seqs are taken, durable or not, so that none is ever reused.
-        self.head_cache.extend(heads);
+        for (conv, head) in heads {
+            self.remember_head(conv, head);
+        }
+        for (conv, floor) in floors {
+            self.remember_floor(conv, floor);
+        }
+        for (hash, id) in ids {
+            self.recent_order.push_back((id.ts_ms, hash));
+            self.recent.insert(hash, id);
+        }
         self.db.persist(PersistMode::SyncAll).map_err(engine)?;
-        Ok(seqs)
+        Ok(results)
     }
 
-    fn read_after(&self, conv: &ConvId, seq: u64, limit: usize) -> Result<Page, StoreError> {
+    fn read(&self, conv: &ConvId, range: Range, limit: usize) -> Result<Page, StoreError> {
         let head = self.head(conv)?;
+        let first = self.floor(conv)?.min(head + 1);
+        let (from, to) = match range {
+            Range::After(seq) => (seq.saturating_add(1).max(first), head),
+            Range::Before(seq) => (first, seq.saturating_sub(1).min(head)),
+        };
         let mut messages = Vec::new();
-        if seq < head {
-            let range = message_key(conv, seq + 1)..=message_key(conv, head);
-            for item in self.messages.range(range).take(limit) {
+        if from <= to && limit > 0 {
+            let keys = self.messages.range(message_key(conv, from)..=message_key(conv, to));
+            let mut take = |item: fjall::Guard| -> Result<(), StoreError> {
                 let (key, value) = item.into_inner().map_err(engine)?;
-                let at = key
-                    .len()
-                    .checked_sub(8)
-                    .ok_or(StoreError::Corrupt("a message key is too short"))?;
-                let seq = u64::from_be_bytes(key[at..].try_into().map_err(|_| StoreError::Corrupt("key"))?);
+                let seq = u64_at(&key, key.len().saturating_sub(8), "a message key is too short")?;
                 messages.push(record::decode(seq, &value)?);
+                Ok(())
+            };
+            match range {
+                Range::After(_) => keys.take(limit).try_for_each(&mut take)?,
+                Range::Before(_) => {
+                    keys.rev().take(limit).try_for_each(&mut take)?;
+                    messages.reverse();
+                }
             }
         }
-        Ok(Page { messages, head })
+        Ok(Page { messages, head, first })
+    }
+
+    fn conversations(&self, user: &str, max: usize) -> Result<Vec<(ConvId, u64)>, StoreError> {
+        let mut prefix = user.as_bytes().to_vec();
+        prefix.push(0);
+        let mut recent: Vec<(u64, ConvId)> = Vec::new();
+        for item in self.user_convs.prefix(&prefix) {
+            let (key, value) = item.into_inner().map_err(engine)?;
+            let conv = std::str::from_utf8(&key[prefix.len()..])
+                .ok()
+                .and_then(ConvId::from_stored)
+                .ok_or(StoreError::Corrupt("a user's conversation key names no conversation"))?;
+            recent.push((u64_at(&value, 0, "a user's conversation time is not 8 bytes")?, conv));
+        }
+        recent.sort_unstable_by(|a, b| b.cmp(a));
+        recent.truncate(max);
+        recent
+            .into_iter()
+            .map(|(_, conv)| self.head(&conv).map(|head| (conv, head)))
+            .collect()
+    }
+
+    fn note_member(&mut self, user: &str, conv: &ConvId, ts_ms: u64) -> Result<(), StoreError> {
+        // Not synced on its own: it is an index, and the next append's sync carries it.
+        self.user_convs
+            .insert(user_conv_key(user, conv), ts_ms.to_be_bytes())
+            .map_err(engine)
+    }
+
+    fn trim_step(&mut self, now_ms: u64, budget: usize) -> Result<TrimStep, StoreError> {
+        let mut step = TrimStep::default();
+        // The dedupe window's records older than the window.
+        let oldest = now_ms.saturating_sub(self.dedupe_window_ms).to_be_bytes();
+        let mut batch = self.db.batch();
+        for item in self.client_ids.range(..oldest.as_slice()).take(budget) {
+            batch.remove(&self.client_ids, item.key().map_err(engine)?);
+        }
+        let cutoff_ms = match self.retention.max_age {
+            d if d.is_zero() => 0,
+            d => now_ms.saturating_sub(d.as_millis() as u64),
+        };
+        let start = self.sweep_cursor.take().unwrap_or_default();
+        let mut looked = 0;
+        let mut last = None;
+        let mut floors = Vec::new();
+        for item in self.heads.range(start.as_bytes()..) {
+            if looked == budget {
+                break;
+            }
+            looked += 1;
+            let (key, value) = item.into_inner().map_err(engine)?;
+            let conv = std::str::from_utf8(&key)
+                .ok()
+                .and_then(ConvId::from_stored)
+                .ok_or(StoreError::Corrupt("a conversation head names no conversation"))?;
+            let head = u64_at(&value, 0, "a conversation head is not 8 bytes")?;
+            let floor = self.floor(&conv)?;
+            let max = self.retention.max_messages;
+            let mut new_floor = if max > 0 {
+                floor.max(head.saturating_sub(max) + 1)
+            } else {
+                floor
+            };
+            if cutoff_ms > 0 {
+                new_floor = self.first_young(&conv, new_floor, head, cutoff_ms)?;
+            }
+            if new_floor > floor {
+                self.trim_below(&mut batch, &conv, floor, new_floor);
+                step.removed += new_floor - floor;
+                floors.push((conv.clone(), new_floor));
+            }
+            last = Some(conv);
+        }
+        match (looked == budget, last) {
+            // More may follow: go on after the last one looked at.
+            (true, Some(conv)) => self.sweep_cursor = Some(format!("{}\0", conv.as_str())),
+            _ => step.swept_all = true,
+        }
+        if !batch.is_empty() {
+            batch.commit().map_err(engine)?;
+            for (conv, floor) in floors {
+                self.remember_floor(conv, floor);
+            }
+        }
+        Ok(step)
     }
 }
 
@@ -121,10 +488,20 @@ mod tests {
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 
+    const NOW: u64 = 1_700_000_000_000;
+    const KEEP_ALL: Retention = Retention {
+        max_age: Duration::ZERO,
+        max_messages: 0,
+    };
+
     fn temp(name: &str) -> std::path::PathBuf {
         let dir = std::env::temp_dir().join(format!("shardgate-store-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         dir
+    }
+
+    fn open(dir: &Path, retention: Retention) -> EmbeddedStore {
+        EmbeddedStore::open_at(dir, retention, Duration::from_secs(300), NOW).unwrap()
     }
 
     fn msg(conv: &ConvId, from: &str, n: u64) -> NewMessage {
@@ -132,9 +509,19 @@ mod tests {
             conv: conv.clone(),
             from: from.into(),
             client_id: Some(format!("c-{n}")),
-            ts_ms: 1_700_000_000_000 + n,
+            ts_ms: NOW + n,
             body: format!("{{\"n\":{n}}}").into_bytes(),
         }
+    }
+
+    fn seqs(results: Vec<Appended>) -> Vec<u64> {
+        results
+            .into_iter()
+            .map(|a| match a {
+                Appended::New(seq) => seq,
+                other => panic!("{other:?}"),
+            })
+            .collect()
     }
 
     #[test]
@@ -143,54 +530,178 @@ mod tests {
         let dm = ConvId::direct("bob", "alice");
         let room = ConvId::room("lobby");
         {
-            let mut store = EmbeddedStore::open(&dir).unwrap();
+            let mut store = open(&dir, KEEP_ALL);
             let group = [msg(&dm, "alice", 1), msg(&room, "bob", 2), msg(&dm, "bob", 3)];
-            assert_eq!(store.append(&group).unwrap(), vec![1, 1, 2]);
+            assert_eq!(seqs(store.append(&group, NOW).unwrap()), vec![1, 1, 2]);
         }
-        let mut store = EmbeddedStore::open(&dir).unwrap();
-        assert_eq!(store.append(&[msg(&dm, "alice", 4)]).unwrap(), vec![3]);
-        let page = store.read_after(&dm, 0, 10).unwrap();
-        assert_eq!(page.head, 3);
+        let mut store = open(&dir, KEEP_ALL);
+        assert_eq!(seqs(store.append(&[msg(&dm, "alice", 4)], NOW).unwrap()), vec![3]);
+        let page = store.read(&dm, Range::After(0), 10).unwrap();
+        assert_eq!((page.head, page.first), (3, 1));
         let seen: Vec<(u64, &str)> = page.messages.iter().map(|m| (m.seq, m.from.as_str())).collect();
         assert_eq!(seen, vec![(1, "alice"), (2, "bob"), (3, "alice")]);
         assert_eq!(page.messages[1].body, b"{\"n\":3}");
+        let back = store.read(&dm, Range::Before(3), 1).unwrap();
+        assert_eq!(back.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![2]);
+        assert!(store.read(&room, Range::After(1), 10).unwrap().messages.is_empty());
+        // Both parties of a direct conversation, and a room's sender, have it listed.
+        let convs = store.conversations("alice", 10).unwrap();
+        assert_eq!(convs, vec![(dm.clone(), 3)]);
+        let convs = store.conversations("bob", 10).unwrap();
+        assert_eq!(convs, vec![(dm.clone(), 3), (room.clone(), 1)]);
+        drop(store);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_retry_within_the_window_is_not_stored_twice_even_after_a_restart() {
+        let dir = temp("dedupe");
+        let dm = ConvId::direct("alice", "bob");
+        {
+            let mut store = open(&dir, KEEP_ALL);
+            let first = msg(&dm, "alice", 1);
+            let results = store.append(&[first.clone(), first.clone()], NOW).unwrap();
+            assert_eq!(
+                results,
+                vec![
+                    Appended::New(1),
+                    Appended::Duplicate {
+                        conv: dm.clone(),
+                        seq: 1
+                    }
+                ]
+            );
+        }
+        let mut store = open(&dir, KEEP_ALL);
+        let retry = msg(&dm, "alice", 1);
+        let other_sender = NewMessage {
+            from: "bob".into(),
+            ..retry.clone()
+        };
+        let results = store.append(&[retry.clone(), other_sender], NOW + 1000).unwrap();
         assert_eq!(
-            store.read_after(&room, 1, 10).unwrap(),
-            Page {
-                messages: vec![],
-                head: 1
-            }
+            results,
+            vec![
+                Appended::Duplicate {
+                    conv: dm.clone(),
+                    seq: 1
+                },
+                Appended::New(2)
+            ]
         );
+        // Past the window, the same id is a new message.
+        let later = NOW + 301_000;
+        assert_eq!(store.append(&[retry], later).unwrap(), vec![Appended::New(3)]);
+        let step = store.trim_step(later, 100).unwrap();
+        assert!(step.swept_all);
+        assert_eq!(
+            store.client_ids.iter().count(),
+            2,
+            "the expired id is trimmed from disk"
+        );
+        drop(store);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn retention_trims_by_count_as_it_goes_and_by_age_in_sweeps() {
+        let dir = temp("retention");
+        let dm = ConvId::direct("alice", "bob");
+        let room = ConvId::room("lobby");
+        let mut store = open(
+            &dir,
+            Retention {
+                max_age: Duration::from_secs(60),
+                max_messages: 3,
+            },
+        );
+        let group: Vec<NewMessage> = (1..=5).map(|n| msg(&dm, "alice", n)).collect();
+        store.append(&group, NOW).unwrap();
+        let page = store.read(&dm, Range::After(0), 10).unwrap();
+        assert_eq!((page.first, page.head), (3, 5));
+        assert_eq!(page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![3, 4, 5]);
+        // Two old room messages, one young: a sweep a minute later keeps the young one.
+        let mut old = msg(&room, "bob", 10);
+        old.ts_ms = NOW - 120_000;
+        let mut young = msg(&room, "bob", 11);
+        young.ts_ms = NOW + 30_000;
+        store.append(&[old.clone(), old, young], NOW).unwrap();
+        let mut removed = 0;
+        loop {
+            let step = store.trim_step(NOW + 40_000, 1).unwrap();
+            removed += step.removed;
+            if step.swept_all {
+                break;
+            }
+        }
+        // The second old one had the same client id: a retry, never stored.
+        assert_eq!(removed, 1);
+        let page = store.read(&room, Range::After(0), 10).unwrap();
+        assert_eq!((page.first, page.head), (2, 2));
+        drop(store);
+        let store = open(
+            &dir,
+            Retention {
+                max_age: Duration::ZERO,
+                max_messages: 3,
+            },
+        );
+        assert_eq!(
+            store.read(&room, Range::After(0), 10).unwrap().first,
+            2,
+            "floors are kept"
+        );
+        drop(store);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_foreign_directory_is_refused() {
+        let dir = temp("foreign");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("notes.txt"), "mine").unwrap();
+        let e = EmbeddedStore::open(&dir, KEEP_ALL, Duration::ZERO).err().unwrap();
+        assert!(matches!(e, OpenError::Foreign(_)), "{e}");
+        assert!(e.to_string().contains(dir.to_str().unwrap()));
+        std::fs::write(dir.join(MARKER), "something else\n").unwrap();
+        let e = EmbeddedStore::open(&dir, KEEP_ALL, Duration::ZERO).err().unwrap();
+        assert!(matches!(e, OpenError::OtherFormat { .. }), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]
         /// Against a model: each conversation's messages get 1, 2, 3, … in append order,
-        /// and any page reads back exactly the model's slice.
+        /// and any page (either direction) reads back exactly the model's slice.
         #[test]
         fn seqs_and_pages_match_a_model(groups in proptest::collection::vec(
                 proptest::collection::vec((0usize..4, 0usize..3), 1..20), 1..12),
-            reads in proptest::collection::vec((0usize..4, 0u64..30, 1usize..10), 1..10)) {
+            reads in proptest::collection::vec((0usize..4, 0u64..30, 1usize..10, any::<bool>()), 1..10)) {
             let convs = [ConvId::direct("a", "b"), ConvId::direct("b", "c"), ConvId::room("r1"), ConvId::room("r2")];
             let users = ["a", "b", "c"];
             let dir = temp("model");
-            let mut store = EmbeddedStore::open(&dir).unwrap();
+            let mut store = open(&dir, KEEP_ALL);
             let mut model: BTreeMap<usize, Vec<(u64, String)>> = BTreeMap::new();
             let mut n = 0;
             for group in groups {
                 let messages: Vec<NewMessage> = group.iter().map(|&(c, u)| { n += 1; msg(&convs[c], users[u], n) }).collect();
-                let seqs = store.append(&messages).unwrap();
-                for ((c, u), seq) in group.iter().zip(seqs) {
+                let results = store.append(&messages, NOW).unwrap();
+                for ((c, u), result) in group.iter().zip(results) {
                     let entry = model.entry(*c).or_default();
-                    prop_assert_eq!(seq, entry.len() as u64 + 1);
-                    entry.push((seq, users[*u].to_string()));
+                    prop_assert_eq!(result, Appended::New(entry.len() as u64 + 1));
+                    entry.push((entry.len() as u64 + 1, users[*u].to_string()));
                 }
             }
-            for (c, after, limit) in reads {
-                let page = store.read_after(&convs[c], after, limit).unwrap();
+            for (c, at, limit, after) in reads {
+                let range = if after { Range::After(at) } else { Range::Before(at) };
+                let page = store.read(&convs[c], range, limit).unwrap();
                 let all = model.get(&c).cloned().unwrap_or_default();
-                let want: Vec<(u64, String)> = all.iter().filter(|(s, _)| *s > after).take(limit).cloned().collect();
+                let want: Vec<(u64, String)> = if after {
+                    all.iter().filter(|(s, _)| *s > at).take(limit).cloned().collect()
+                } else {
+                    let older: Vec<_> = all.iter().filter(|(s, _)| *s < at).cloned().collect();
+                    older[older.len().saturating_sub(limit)..].to_vec()
+                };
                 let got: Vec<(u64, String)> = page.messages.iter().map(|m| (m.seq, m.from.clone())).collect();
                 prop_assert_eq!(got, want);
                 prop_assert_eq!(page.head, all.len() as u64);

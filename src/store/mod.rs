@@ -6,10 +6,16 @@
 //! - `conv`: conversation ids (`dm:<a>:<b>`, `room:<name>`).
 //! - `record`: the bytes of one stored message.
 //! - `embedded`: the store in the data directory, on fjall (docs/perf/17 says why).
+//! - `thread`: the store thread: group commit, sequencing, delivery to the shards.
+//! - `push`: the push webhook for users with no connection.
 
 pub mod conv;
 pub mod embedded;
+pub mod push;
 pub mod record;
+pub mod thread;
+
+use std::time::Duration;
 
 pub use conv::ConvId;
 
@@ -26,6 +32,16 @@ pub struct NewMessage {
     pub body: Vec<u8>,
 }
 
+/// What became of one message of a group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Appended {
+    /// Stored at this seq of its conversation.
+    New(u64),
+    /// The sender stored a message with the same client id within the window: this is a
+    /// retry, stored before at `conv`/`seq`, and not stored again.
+    Duplicate { conv: ConvId, seq: u64 },
+}
+
 /// A stored message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stored {
@@ -36,12 +52,30 @@ pub struct Stored {
     pub body: Vec<u8>,
 }
 
+/// Which part of a conversation to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Range {
+    /// The oldest messages after this seq (exclusive): catching up.
+    After(u64),
+    /// The newest messages before this seq (exclusive): scrolling back.
+    Before(u64),
+}
+
 /// Part of a conversation, in `seq` order, and where the conversation stands.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Page {
     pub messages: Vec<Stored>,
     /// The conversation's latest `seq` (0: nothing stored yet).
     pub head: u64,
+    /// The first `seq` still held (retention trims older ones); `head + 1` when none is.
+    pub first: u64,
+}
+
+/// How long messages are kept. Zero is no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub max_age: Duration,
+    pub max_messages: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,12 +89,31 @@ pub enum StoreError {
 
 /// What the store thread does with its engine.
 pub trait MessageStore {
-    /// Appends `group` in order, each message at its conversation's next `seq`, and makes
-    /// all of it durable; returns the seqs. On an error none of it may be acknowledged
-    /// `stored`: it may or may not be on disk (a sync that failed after the write), but
-    /// no seq it took is ever given to another message.
-    fn append(&mut self, group: &[NewMessage]) -> Result<Vec<u64>, StoreError>;
+    /// Appends `group` in order, each new message at its conversation's next `seq`, and
+    /// makes all of it durable. A message whose sender used its client id within the
+    /// dedupe window is a retry and is answered with the original position instead. On an
+    /// error none of it may be acknowledged `stored`: it may or may not be on disk (a sync
+    /// that failed after the write), but no seq it took is ever given to another message.
+    fn append(&mut self, group: &[NewMessage], now_ms: u64) -> Result<Vec<Appended>, StoreError>;
 
-    /// Up to `limit` messages of `conv` after `seq` (exclusive), in order.
-    fn read_after(&self, conv: &ConvId, seq: u64, limit: usize) -> Result<Page, StoreError>;
+    /// Up to `limit` messages of `conv` in `range`, in `seq` order.
+    fn read(&self, conv: &ConvId, range: Range, limit: usize) -> Result<Page, StoreError>;
+
+    /// The conversations `user` took part in most recently (at most `max`), newest first,
+    /// each with its latest `seq`.
+    fn conversations(&self, user: &str, max: usize) -> Result<Vec<(ConvId, u64)>, StoreError>;
+
+    /// `user` joined the room of `conv` at `ts_ms`: it is one of their conversations.
+    fn note_member(&mut self, user: &str, conv: &ConvId, ts_ms: u64) -> Result<(), StoreError>;
+
+    /// Trims what retention no longer keeps, a slice at a time: looks at up to `budget`
+    /// conversations and returns how many messages it removed, and whether it went round
+    /// every conversation since the sweep began.
+    fn trim_step(&mut self, now_ms: u64, budget: usize) -> Result<TrimStep, StoreError>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TrimStep {
+    pub removed: u64,
+    pub swept_all: bool,
 }

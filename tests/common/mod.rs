@@ -52,6 +52,11 @@ impl Gateway {
                 cmd.args([limit, "0"]);
             }
         }
+        // A store needs a data directory of its own: tests that give none only relay
+        // (else they would share the user's default directory, one process at a time).
+        if !args.contains(&"--store") && !args.contains(&"--data-dir") {
+            cmd.args(["--store", "none"]);
+        }
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -376,6 +381,19 @@ pub async fn connect_user(url: &str, user: &str) -> Ws {
     let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("upgrade");
     assert_eq!(recv(&mut ws).await, serde_json::json!({"type": "ready", "user": user}));
     ws
+}
+
+/// Connects to a gateway with the store and returns the connection and its `ready`.
+pub async fn connect_stored(url: &str, user: &str) -> (Ws, serde_json::Value) {
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("upgrade");
+    let ready = recv(&mut ws).await;
+    assert_eq!(
+        (ready["type"].as_str(), ready["user"].as_str()),
+        (Some("ready"), Some(user)),
+        "{ready}"
+    );
+    assert!(ready["convs"].is_array(), "{ready}");
+    (ws, ready)
 }
 
 pub async fn send(ws: &mut Ws, v: serde_json::Value) {

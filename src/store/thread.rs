@@ -1,0 +1,578 @@
+//! The store thread: the one sequencer of a process's conversations. Shards hand it
+//! messages through a crossbeam channel and a doorbell-free blocking receive (it is a
+//! plain thread); it takes whatever has queued up as one group, appends the group with
+//! one sync (the time a sync takes is what gathers the next group), then for each message
+//! encodes the frame once and hands it to every shard holding a connection of its
+//! audience, acks the sender `stored`, and queues a push for a recipient with no
+//! connection. Reads (history, the conversations in `ready`) are answered between groups,
+//! from what is committed.
+//!
+//! Ordering: one thread pushes every stored message into the shards' FIFO inboxes, so a
+//! conversation's messages reach each connection in `seq` order. The thread learns where
+//! users and rooms are from the same shards that later ask it for history, through the
+//! same FIFO channel: a connection that asked is in the audience of every later group.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use hdrhistogram::Histogram;
+
+use super::push::{PushEvent, PushQueue};
+use super::{Appended, ConvId, MessageStore, NewMessage, Page, Range};
+use crate::chat::protocol::{self, AppError, ErrorCode, HistoryEnd};
+use crate::mailbox::Mailbox;
+use crate::route::inbox::Mesh;
+use crate::route::{shards_in, AckTo, Audience, ConnId, Placement, ShardMask, ShardMsg};
+use crate::ws::frame::text_frame;
+
+/// Requests waiting for the store thread beyond which shards refuse sends (answered
+/// `rate_limited`): a stalled disk cannot grow memory without bound.
+pub const STORE_QUEUE_LIMIT: usize = 1 << 18;
+/// The most messages committed with one sync.
+const MAX_GROUP: usize = 4096;
+/// Conversations the retention sweep looks at between two groups.
+const SWEEP_BUDGET: usize = 64;
+
+/// What a shard asks of the store thread.
+#[derive(Debug)]
+pub enum ToStore {
+    Append(Box<AppendRequest>),
+    /// A history page for the connection `reply`.
+    Read {
+        conv: ConvId,
+        range: Range,
+        limit: usize,
+        reply: AckTo,
+    },
+    /// The connection `reply` of `user` is reachable: answer `ready`, with where the user's
+    /// recent conversations stand.
+    Ready {
+        user: Arc<str>,
+        reply: AckTo,
+    },
+    /// `user` joined `room` (it is one of their conversations now); with `since`, send the
+    /// room's messages after it.
+    Joined {
+        user: Arc<str>,
+        room: Arc<str>,
+        since: Option<u64>,
+        reply: AckTo,
+    },
+    Placement(Placement),
+}
+
+/// A message to store, and where it goes once stored.
+#[derive(Debug)]
+pub struct AppendRequest {
+    pub message: NewMessage,
+    pub audience: Audience,
+    pub ingress: Instant,
+    /// The sending connection: it gets the ack, and not the message.
+    pub shard: usize,
+    pub conn: ConnId,
+}
+
+/// The shards' side of the store thread.
+pub struct StoreLink {
+    mailbox: Arc<Mailbox<ToStore>>,
+}
+
+impl StoreLink {
+    pub fn new() -> (Arc<StoreLink>, Receiver<ToStore>) {
+        let (mailbox, rx) = Mailbox::new();
+        (Arc::new(StoreLink { mailbox }), rx)
+    }
+
+    /// Never blocks; the store thread wakes on the channel itself.
+    pub fn push(&self, msg: ToStore) {
+        self.mailbox.push(msg);
+    }
+
+    /// Would one more request exceed the queue limit?
+    pub fn is_full(&self) -> bool {
+        self.mailbox.len() >= STORE_QUEUE_LIMIT
+    }
+}
+
+pub struct StoreThreadConfig {
+    pub report_interval: Duration,
+    /// How often retention sweeps every conversation.
+    pub sweep_interval: Duration,
+    /// Conversations listed in `ready`.
+    pub ready_conversations: usize,
+    /// A history page stops short of this many bytes (a connection's queue must hold it).
+    pub max_page_bytes: usize,
+    /// Bytes of a message body a push carries (0: none).
+    pub push_preview_bytes: usize,
+}
+
+/// Starts the store thread. It ends once every `StoreLink` is dropped and the queue is
+/// drained (every shard has stopped).
+pub fn spawn<S: MessageStore + Send + 'static>(
+    store: S,
+    config: StoreThreadConfig,
+    rx: Receiver<ToStore>,
+    mesh: Arc<Mesh>,
+    push: Option<PushQueue>,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new().name("store".into()).spawn(move || {
+        let mut thread = StoreThread {
+            store,
+            mesh,
+            config,
+            push,
+            users: HashMap::new(),
+            rooms: HashMap::new(),
+            to_ring: 0,
+            json: Vec::with_capacity(64 << 10),
+            stats: Stats::default(),
+            failing: false,
+        };
+        thread.run(rx);
+    })
+}
+
+#[derive(Debug)]
+struct Stats {
+    appended: u64,
+    groups: u64,
+    duplicates: u64,
+    unavailable: u64,
+    reads: u64,
+    trimmed: u64,
+    /// Microseconds from a group's start to its sync's end.
+    commit_us: Histogram<u64>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            appended: 0,
+            groups: 0,
+            duplicates: 0,
+            unavailable: 0,
+            reads: 0,
+            trimmed: 0,
+            commit_us: Histogram::new_with_bounds(1, 60_000_000, 2).expect("static histogram bounds"),
+        }
+    }
+}
+
+struct StoreThread<S> {
+    store: S,
+    mesh: Arc<Mesh>,
+    config: StoreThreadConfig,
+    push: Option<PushQueue>,
+    /// Shards holding connections of each user, and of each room's members.
+    users: HashMap<Arc<str>, ShardMask>,
+    rooms: HashMap<Arc<str>, ShardMask>,
+    /// Shards sent to since their doorbells last rang.
+    to_ring: ShardMask,
+    json: Vec<u8>,
+    stats: Stats,
+    /// The last group could not be written (said once, until one can).
+    failing: bool,
+}
+
+fn now_ms() -> u64 {
+    crate::cluster::unix_nanos() / 1_000_000
+}
+
+impl<S: MessageStore> StoreThread<S> {
+    fn run(&mut self, rx: Receiver<ToStore>) {
+        let mut batch: Vec<ToStore> = Vec::with_capacity(MAX_GROUP);
+        let mut next_report = Instant::now() + self.config.report_interval;
+        let mut next_sweep = Instant::now();
+        let mut sweeping = false;
+        loop {
+            let now = Instant::now();
+            if !sweeping && now >= next_sweep {
+                sweeping = true;
+                next_sweep = now + self.config.sweep_interval;
+            }
+            // While a sweep is under way it goes on between groups; else sleep until work.
+            let wait = if sweeping {
+                Duration::ZERO
+            } else {
+                next_report.min(next_sweep).saturating_duration_since(now)
+            };
+            match rx.recv_timeout(wait) {
+                Ok(msg) => batch.push(msg),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            batch.extend(rx.try_iter().take(MAX_GROUP - batch.len()));
+            if !batch.is_empty() {
+                self.handle(&mut batch);
+            }
+            if sweeping {
+                sweeping = !self.sweep_step();
+            }
+            if Instant::now() >= next_report {
+                self.report();
+                next_report += self.config.report_interval;
+            }
+        }
+    }
+
+    /// One batch from the shards: placements and reads in order, the appends as one group
+    /// at the end (reads see what was committed before it).
+    fn handle(&mut self, batch: &mut Vec<ToStore>) {
+        let mut messages = Vec::new();
+        let mut routes = Vec::new();
+        for msg in batch.drain(..) {
+            match msg {
+                ToStore::Append(request) => {
+                    let AppendRequest {
+                        message,
+                        audience,
+                        ingress,
+                        shard,
+                        conn,
+                    } = *request;
+                    messages.push(message);
+                    routes.push((audience, ingress, shard, conn));
+                }
+                ToStore::Placement(change) => self.place(change),
+                ToStore::Read {
+                    conv,
+                    range,
+                    limit,
+                    reply,
+                } => self.answer_read(&conv, range, limit, &reply, true),
+                ToStore::Ready { user, reply } => self.answer_ready(&user, &reply),
+                ToStore::Joined {
+                    user,
+                    room,
+                    since,
+                    reply,
+                } => {
+                    let conv = ConvId::room(&room);
+                    if let Err(e) = self.store.note_member(&user, &conv, now_ms()) {
+                        tracing::warn!("store: cannot note that {user} joined {room}: {e}");
+                    }
+                    if let Some(since) = since {
+                        let limit = protocol::HISTORY_DEFAULT_LIMIT;
+                        self.answer_read(&conv, Range::After(since), limit, &reply, false);
+                    }
+                }
+            }
+        }
+        if !messages.is_empty() {
+            self.commit(&messages, routes);
+        }
+        for shard in shards_in(std::mem::take(&mut self.to_ring)) {
+            self.mesh.ring(shard);
+        }
+    }
+
+    fn place(&mut self, change: Placement) {
+        let (map, key, shard, present) = match change {
+            Placement::User { user, shard, present } => (&mut self.users, user, shard, present),
+            Placement::Room { room, shard, present } => (&mut self.rooms, room, shard, present),
+        };
+        let mask = map.entry(key.clone()).or_insert(0);
+        if present {
+            *mask |= 1 << shard;
+        } else {
+            *mask &= !(1 << shard);
+            if *mask == 0 {
+                map.remove(&key);
+            }
+        }
+    }
+
+    fn send(&mut self, shard: usize, msg: ShardMsg) {
+        self.mesh.push(shard, msg);
+        self.to_ring |= 1 << shard;
+    }
+
+    /// Encodes the JSON `write` produces as a text frame.
+    fn encode(&mut self, write: impl FnOnce(&mut Vec<u8>)) -> Bytes {
+        self.json.clear();
+        write(&mut self.json);
+        text_frame(&self.json)
+    }
+
+    fn reply(&mut self, shard: usize, conn: ConnId, write: impl FnOnce(&mut Vec<u8>)) {
+        let frame = self.encode(write);
+        self.send(
+            shard,
+            ShardMsg::Reply {
+                conn,
+                frame,
+                ready: false,
+            },
+        );
+    }
+
+    fn reply_ready(&mut self, to: &AckTo, user: &str, convs: &[(ConvId, u64)]) {
+        let frame = self.encode(|json| protocol::write_ready_with_conversations(json, user, convs));
+        let (conn, ready) = (to.conn, true);
+        self.send(to.shard, ShardMsg::Reply { conn, frame, ready });
+    }
+
+    fn reply_error(&mut self, to: &AckTo, code: ErrorCode, message: String) {
+        let error = AppError::new(code, message).with_id_str(to.id.as_deref());
+        self.reply(to.shard, to.conn, |json| protocol::write_error(json, &error));
+    }
+
+    /// Appends a group with one sync, then delivers, acks and pushes each message.
+    fn commit(&mut self, messages: &[NewMessage], routes: Vec<(Audience, Instant, usize, ConnId)>) {
+        let started = Instant::now();
+        let result = self.store.append(messages, now_ms());
+        let _ = self
+            .stats
+            .commit_us
+            .record((started.elapsed().as_micros() as u64).max(1));
+        self.stats.groups += 1;
+        let results = match result {
+            Ok(results) => results,
+            Err(e) => {
+                if !self.failing {
+                    tracing::warn!("store: cannot write messages: {e}; sends are answered 'unavailable' until it can");
+                    self.failing = true;
+                }
+                self.stats.unavailable += messages.len() as u64;
+                for (m, (_, _, shard, conn)) in messages.iter().zip(routes) {
+                    let to = AckTo {
+                        shard,
+                        conn,
+                        id: m.client_id.as_deref().map(Box::from),
+                    };
+                    self.reply_error(
+                        &to,
+                        ErrorCode::Unavailable,
+                        "the message store cannot write now; the message was not stored or delivered, retry".into(),
+                    );
+                }
+                return;
+            }
+        };
+        if self.failing {
+            tracing::info!("store: writing messages again");
+            self.failing = false;
+        }
+        for ((m, (audience, ingress, shard, conn)), result) in messages.iter().zip(routes).zip(results) {
+            let id = m.client_id.as_deref();
+            match result {
+                Appended::New(seq) => {
+                    self.stats.appended += 1;
+                    let frame = self.encode(|json| {
+                        protocol::write_stored_message(json, &m.conv, seq, &m.from, id, m.ts_ms, &m.body)
+                    });
+                    self.deliver(audience, frame, ingress, (shard, conn), m, seq);
+                    self.reply(shard, conn, |json| protocol::write_ack_stored(json, id, &m.conv, seq));
+                }
+                Appended::Duplicate { conv, seq } => {
+                    self.stats.duplicates += 1;
+                    self.reply(shard, conn, |json| protocol::write_ack_stored(json, id, &conv, seq));
+                }
+            }
+        }
+    }
+
+    /// Hands a stored message to every shard holding its audience; a direct message to a
+    /// user with no connection becomes a push.
+    fn deliver(
+        &mut self,
+        audience: Audience,
+        frame: Bytes,
+        ingress: Instant,
+        except: (usize, ConnId),
+        m: &NewMessage,
+        seq: u64,
+    ) {
+        let mask = match &audience {
+            Audience::Users(a, b) => {
+                let to = self.users.get(b).copied().unwrap_or(0);
+                if to == 0 && a != b {
+                    self.queue_push(b, m, seq);
+                }
+                to | self.users.get(a).copied().unwrap_or(0)
+            }
+            Audience::Room(room) => self.rooms.get(room).copied().unwrap_or(0),
+        };
+        for shard in shards_in(mask) {
+            let msg = ShardMsg::Stored {
+                audience: audience.clone(),
+                frame: frame.clone(),
+                ingress,
+                except,
+            };
+            self.send(shard, msg);
+        }
+    }
+
+    fn queue_push(&mut self, user: &Arc<str>, m: &NewMessage, seq: u64) {
+        let Some(push) = &self.push else { return };
+        let preview = (self.config.push_preview_bytes > 0).then(|| preview_of(&m.body, self.config.push_preview_bytes));
+        push.offer(PushEvent {
+            user: user.to_string(),
+            conv: m.conv.as_str().to_string(),
+            seq,
+            from: m.from.clone(),
+            ts_ms: m.ts_ms,
+            preview,
+        });
+    }
+
+    /// A history page, cut short of `max_page_bytes`. `missing_is_error`: a conversation
+    /// with nothing stored is answered `not_found` (a `history` request) rather than with
+    /// an empty page (a join with `since`).
+    fn answer_read(&mut self, conv: &ConvId, range: Range, limit: usize, reply: &AckTo, missing_is_error: bool) {
+        self.stats.reads += 1;
+        let page = match self.store.read(conv, range, limit) {
+            Ok(page) => page,
+            Err(e) => {
+                tracing::warn!("store: cannot read {conv}: {e}");
+                let message = "the message store cannot be read now; retry".to_string();
+                return self.reply_error(reply, ErrorCode::Unavailable, message);
+            }
+        };
+        if page.head == 0 && missing_is_error {
+            let message = format!("nothing is stored in {conv}");
+            return self.reply_error(reply, ErrorCode::NotFound, message);
+        }
+        if let Range::After(since) = range {
+            if since > page.head {
+                let message = format!(
+                    "since {since} is past the end of {conv} (its latest seq is {})",
+                    page.head
+                );
+                return self.reply_error(reply, ErrorCode::BadField, message);
+            }
+        }
+        let max = self.config.max_page_bytes;
+        let frame = self.encode(|json| write_page(json, conv, range, &page, reply.id.as_deref(), max));
+        let (conn, ready) = (reply.conn, false);
+        self.send(reply.shard, ShardMsg::Reply { conn, frame, ready });
+    }
+
+    fn answer_ready(&mut self, user: &str, reply: &AckTo) {
+        match self.store.conversations(user, self.config.ready_conversations) {
+            Ok(convs) => self.reply_ready(reply, user, &convs),
+            Err(e) => {
+                tracing::warn!("store: cannot list {user}'s conversations: {e}");
+                self.reply_ready(reply, user, &[]);
+                let message = "your conversations cannot be listed now; ask each one's history".to_string();
+                self.reply_error(reply, ErrorCode::Unavailable, message);
+            }
+        }
+    }
+
+    /// One slice of the retention sweep; true once it went round every conversation.
+    fn sweep_step(&mut self) -> bool {
+        match self.store.trim_step(now_ms(), SWEEP_BUDGET) {
+            Ok(step) => {
+                self.stats.trimmed += step.removed;
+                step.swept_all
+            }
+            Err(e) => {
+                tracing::warn!("store: retention sweep stopped: {e}; it starts again at the next interval");
+                true
+            }
+        }
+    }
+
+    fn report(&mut self) {
+        let secs = self.config.report_interval.as_secs_f64();
+        let s = &mut self.stats;
+        let (sent, failed, dropped) = self.push.as_ref().map_or((0, 0, 0), PushQueue::take_counts);
+        println!(
+            "store: appended_per_s={:.1} groups_per_s={:.1} per_group={:.1} commit_p50_us={} commit_p99_us={} commit_max_us={} duplicates={} unavailable={} reads={} trimmed={} push_sent={sent} push_failed={failed} push_dropped={dropped}",
+            s.appended as f64 / secs,
+            s.groups as f64 / secs,
+            if s.groups == 0 { 0.0 } else { s.appended as f64 / s.groups as f64 },
+            s.commit_us.value_at_quantile(0.5),
+            s.commit_us.value_at_quantile(0.99),
+            s.commit_us.max(),
+            s.duplicates,
+            s.unavailable,
+            s.reads,
+            s.trimmed,
+        );
+        let mut commit_us = std::mem::replace(&mut s.commit_us, Histogram::new(2).expect("static histogram bounds"));
+        commit_us.reset();
+        *s = Stats {
+            commit_us,
+            ..Stats::default()
+        };
+    }
+}
+
+/// A history frame's JSON: the page's messages that fit in `max_bytes`, the newest of them
+/// when scrolling back, the oldest when catching up.
+fn write_page(json: &mut Vec<u8>, conv: &ConvId, range: Range, page: &Page, id: Option<&str>, max_bytes: usize) {
+    // What each message adds, near enough: its body, sender and id, and the fixed fields.
+    let cost = |m: &super::Stored| m.body.len() + m.from.len() + m.client_id.as_ref().map_or(0, String::len) + 160;
+    let mut budget = max_bytes.saturating_sub(256 + conv.as_str().len());
+    let fits = |m: &super::Stored, budget: &mut usize| {
+        let c = cost(m);
+        let ok = c <= *budget;
+        *budget = budget.saturating_sub(c);
+        ok
+    };
+    let messages = &page.messages;
+    let kept = match range {
+        Range::After(_) => {
+            let n = messages
+                .iter()
+                .take_while(|m| fits(m, &mut budget))
+                .count()
+                .max(1.min(messages.len()));
+            &messages[..n]
+        }
+        Range::Before(_) => {
+            let n = messages
+                .iter()
+                .rev()
+                .take_while(|m| fits(m, &mut budget))
+                .count()
+                .max(1.min(messages.len()));
+            &messages[messages.len() - n..]
+        }
+    };
+    protocol::write_history_start(json, id, conv);
+    for (i, m) in kept.iter().enumerate() {
+        if i > 0 {
+            json.push(b',');
+        }
+        protocol::write_stored_message(json, conv, m.seq, &m.from, m.client_id.as_deref(), m.ts_ms, &m.body);
+    }
+    let more = match range {
+        Range::After(_) => kept.last().is_some_and(|m| m.seq < page.head),
+        Range::Before(_) => kept.first().is_some_and(|m| m.seq > page.first),
+    };
+    let recovered = match range {
+        Range::After(since) => since.saturating_add(1) >= page.first,
+        Range::Before(_) => true,
+    };
+    protocol::write_history_end(
+        json,
+        HistoryEnd {
+            head: page.head,
+            first: page.first,
+            more,
+            recovered,
+        },
+    );
+}
+
+/// The start of a body for a push: a JSON string's text, else the JSON itself, cut at a
+/// character boundary.
+fn preview_of(body: &[u8], max: usize) -> String {
+    let text = match serde_json::from_slice::<String>(body) {
+        Ok(s) => s,
+        Err(_) => String::from_utf8_lossy(body).into_owned(),
+    };
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
+}

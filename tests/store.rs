@@ -1,0 +1,619 @@
+//! Durable conversations as clients see them: a real gateway process with its message
+//! store on disk, real WebSocket clients, a real HTTP server for the push webhook, and
+//! `kill -9` for the crash.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+/// A gateway with the store (the default) in a data directory of its own: two shards,
+/// dev auth, a port per shard.
+fn gateway_in(dir: &Path, extra: &[&str]) -> (Gateway, Vec<u16>) {
+    let mut args = vec![
+        "--shards",
+        "2",
+        "--shard-ports",
+        "--insecure-dev-auth",
+        "--rate-limit",
+        "0",
+        "--rate-limit-bytes",
+        "0",
+        "--data-dir",
+        dir.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let gw = Gateway::start(&args);
+    let ports = shard_ports(&gw);
+    assert_eq!(ports.len(), 2, "{:?}", gw.seen);
+    (gw, ports)
+}
+
+async fn connect(port: u16, user: &str) -> (Ws, Value) {
+    connect_stored(&format!("ws://127.0.0.1:{port}/ws?user={user}"), user).await
+}
+
+/// Sends and returns the ack (or error) that answers it.
+async fn send_acked(ws: &mut Ws, v: Value) -> Value {
+    send(ws, v).await;
+    recv(ws).await
+}
+
+fn seq(v: &Value) -> u64 {
+    v["seq"].as_u64().unwrap_or_else(|| panic!("no seq in {v}"))
+}
+
+async fn history(ws: &mut Ws, request: Value) -> Value {
+    send(ws, request).await;
+    let page = recv(ws).await;
+    assert_eq!(page["type"], "history", "{page}");
+    page
+}
+
+fn seqs_of(page: &Value) -> Vec<u64> {
+    page["messages"].as_array().unwrap().iter().map(seq).collect()
+}
+
+#[test]
+fn a_message_to_an_offline_user_is_stored_and_fetched_when_they_connect() {
+    let dir = temp_dir("store-offline");
+    let (_gw, ports) = gateway_in(&dir, &[]);
+    runtime().block_on(async {
+        let (mut alice, ready) = connect(ports[0], "alice").await;
+        assert_eq!(ready["convs"], json!([]));
+        for n in 1..=3 {
+            let ack = send_acked(
+                &mut alice,
+                json!({"type":"send","to":"bob","id":format!("m{n}"),"body":{"n":n}}),
+            )
+            .await;
+            assert_eq!(
+                ack,
+                json!({"type":"ack","id":format!("m{n}"),"status":"stored","conv":"dm:alice:bob","seq":n})
+            );
+        }
+        let (mut bob, ready) = connect(ports[1], "bob").await;
+        assert_eq!(ready["convs"], json!([{"conv":"dm:alice:bob","seq":3}]));
+        let page = history(
+            &mut bob,
+            json!({"type":"history","conv":"dm:alice:bob","since":0,"id":"h"}),
+        )
+        .await;
+        assert_eq!(seqs_of(&page), vec![1, 2, 3]);
+        assert_eq!(
+            (
+                &page["id"],
+                &page["head"],
+                &page["first"],
+                &page["more"],
+                &page["recovered"]
+            ),
+            (&json!("h"), &json!(3), &json!(1), &json!(false), &json!(true))
+        );
+        let m = &page["messages"][0];
+        assert_eq!(
+            (&m["type"], &m["conv"], &m["from"], &m["to"], &m["id"], &m["body"]),
+            (
+                &json!("message"),
+                &json!("dm:alice:bob"),
+                &json!("alice"),
+                &json!("bob"),
+                &json!("m1"),
+                &json!({"n":1})
+            )
+        );
+        // Scrolling back: the newest two before 3.
+        let page = history(
+            &mut bob,
+            json!({"type":"history","conv":"dm:alice:bob","before":3,"limit":2}),
+        )
+        .await;
+        assert_eq!((seqs_of(&page), &page["more"]), (vec![1, 2], &json!(false)));
+        let page = history(&mut bob, json!({"type":"history","conv":"dm:alice:bob","limit":1})).await;
+        assert_eq!((seqs_of(&page), &page["more"]), (vec![3], &json!(true)));
+        // Live now: bob answers, alice and bob's other device see it with the next seq.
+        let (mut bob_phone, _) = connect(ports[0], "bob").await;
+        let ack = send_acked(&mut bob, json!({"type":"send","to":"alice","id":"r","body":"back"})).await;
+        assert_eq!(seq(&ack), 4);
+        for ws in [&mut alice, &mut bob_phone] {
+            let m = recv(ws).await;
+            assert_eq!(
+                (&m["conv"], seq(&m), &m["from"], &m["body"]),
+                (&json!("dm:alice:bob"), 4, &json!("bob"), &json!("back"))
+            );
+        }
+    });
+}
+
+#[test]
+fn two_senders_into_one_conversation_get_one_order_everywhere() {
+    let dir = temp_dir("store-order");
+    let (_gw, ports) = gateway_in(&dir, &[]);
+    const EACH: u64 = 60;
+    runtime().block_on(async {
+        let (mut alice, _) = connect(ports[0], "alice").await;
+        let (mut bob, _) = connect(ports[1], "bob").await;
+        let (mut carol, _) = connect(ports[0], "carol").await;
+        let (mut dave, _) = connect(ports[1], "dave").await;
+        for ws in [&mut alice, &mut bob, &mut carol, &mut dave] {
+            send(ws, json!({"type":"join","room":"team"})).await;
+            assert_eq!(recv(ws).await, json!({"type":"joined","room":"team"}));
+        }
+        // Alice and Bob publish at once, without waiting for acks.
+        tokio::join!(burst(&mut alice, "a", EACH), burst(&mut bob, "b", EACH));
+        // Every member sees the messages it receives in seq order; the watchers see all.
+        for ws in [&mut carol, &mut dave] {
+            let mut seqs = Vec::new();
+            for _ in 0..2 * EACH {
+                let m = recv(ws).await;
+                assert_eq!(m["conv"], "room:team", "{m}");
+                seqs.push(seq(&m));
+            }
+            assert_eq!(seqs, (1..=2 * EACH).collect::<Vec<_>>());
+        }
+        // A sender gets its acks and the other's messages, each in seq order, and the
+        // two acked sets share nothing.
+        let mut acked = Vec::new();
+        for ws in [&mut alice, &mut bob] {
+            let (mut acks, mut others) = (Vec::new(), Vec::new());
+            for _ in 0..2 * EACH {
+                let f = recv(ws).await;
+                match f["type"].as_str() {
+                    Some("ack") => acks.push(seq(&f)),
+                    Some("room_message") => others.push(seq(&f)),
+                    _ => panic!("{f}"),
+                }
+            }
+            assert!(acks.windows(2).all(|w| w[0] < w[1]) && others.windows(2).all(|w| w[0] < w[1]));
+            assert_eq!(acks.len() as u64, EACH);
+            acked.extend(acks);
+        }
+        acked.sort();
+        assert_eq!(acked, (1..=2 * EACH).collect::<Vec<_>>());
+    });
+}
+
+/// Publishes `n` messages to `team` without waiting for acks.
+async fn burst(ws: &mut Ws, who: &str, n: u64) {
+    for i in 0..n {
+        send(
+            ws,
+            json!({"type":"publish","room":"team","id":format!("{who}-{i}"),"body":i}),
+        )
+        .await;
+    }
+}
+
+#[test]
+fn a_dropped_connection_resumes_with_nothing_missed() {
+    let dir = temp_dir("store-resume");
+    let (_gw, ports) = gateway_in(&dir, &[]);
+    runtime().block_on(async {
+        let (mut alice, _) = connect(ports[0], "alice").await;
+        let (mut bob, _) = connect(ports[1], "bob").await;
+        let mut next = 0u64;
+        let say = |n: u64| json!({"type":"send","to":"bob","id":format!("m{n}"),"body":n});
+        for _ in 0..5 {
+            next += 1;
+            send(&mut alice, say(next)).await;
+        }
+        let mut seen = BTreeMap::new();
+        let mut last_seen = 0;
+        for _ in 0..5 {
+            let m = recv(&mut bob).await;
+            last_seen = seq(&m);
+            seen.insert(last_seen, m["body"].as_u64().unwrap());
+        }
+        drop(bob);
+        // While bob is away, and while he reconnects, alice keeps sending.
+        for _ in 0..5 {
+            next += 1;
+            send(&mut alice, say(next)).await;
+        }
+        let reconnect = async { connect(ports[1], "bob").await };
+        let keep_sending = async {
+            for _ in 0..20 {
+                next += 1;
+                send(&mut alice, say(next)).await;
+                tokio::task::yield_now().await;
+            }
+        };
+        let ((mut bob, ready), ()) = tokio::join!(reconnect, keep_sending);
+        let head = ready["convs"][0]["seq"].as_u64().unwrap();
+        assert!(head >= last_seen, "{ready}");
+        // Fetch from what bob had; live frames may come before and after the page.
+        send(
+            &mut bob,
+            json!({"type":"history","conv":"dm:alice:bob","since":last_seen}),
+        )
+        .await;
+        let mut page_seen = false;
+        while seen.len() < 30 || !page_seen {
+            let f = match tokio::time::timeout(Duration::from_secs(5), recv(&mut bob)).await {
+                Ok(f) => f,
+                Err(_) => panic!("after {} frames: {seen:?} (page {page_seen})", seen.len()),
+            };
+            match f["type"].as_str() {
+                Some("history") => {
+                    page_seen = true;
+                    for m in f["messages"].as_array().unwrap() {
+                        seen.insert(seq(m), m["body"].as_u64().unwrap());
+                    }
+                }
+                Some("message") => {
+                    seen.insert(seq(&f), f["body"].as_u64().unwrap());
+                }
+                _ => panic!("{f}"),
+            }
+        }
+        // Seqs 1..=30 and bodies 1..=30: the same numbering, nothing missing, each once.
+        assert_eq!(seen, (1..=30).map(|n| (n, n)).collect::<BTreeMap<_, _>>());
+    });
+}
+
+#[test]
+fn joining_a_room_with_since_recovers_what_was_missed() {
+    let dir = temp_dir("store-join-since");
+    let (_gw, ports) = gateway_in(&dir, &[]);
+    runtime().block_on(async {
+        let (mut alice, _) = connect(ports[0], "alice").await;
+        send(&mut alice, json!({"type":"join","room":"news"})).await;
+        recv(&mut alice).await;
+        for n in 1..=4 {
+            let ack = send_acked(
+                &mut alice,
+                json!({"type":"publish","room":"news","id":format!("p{n}"),"body":n}),
+            )
+            .await;
+            assert_eq!(
+                (&ack["status"], &ack["conv"], seq(&ack)),
+                (&json!("stored"), &json!("room:news"), n)
+            );
+        }
+        let (mut carol, _) = connect(ports[1], "carol").await;
+        send(&mut carol, json!({"type":"join","room":"news","since":1})).await;
+        assert_eq!(recv(&mut carol).await, json!({"type":"joined","room":"news"}));
+        let page = recv(&mut carol).await;
+        assert_eq!((&page["type"], seqs_of(&page)), (&json!("history"), vec![2, 3, 4]));
+        assert_eq!(page["messages"][0]["room"], "news");
+        // And live from there on.
+        send_acked(&mut alice, json!({"type":"publish","room":"news","body":5})).await;
+        assert_eq!(seq(&recv(&mut carol).await), 5);
+        // The room is now one of carol's conversations.
+        let (_c2, ready) = connect(ports[0], "carol").await;
+        assert_eq!(ready["convs"], json!([{"conv":"room:news","seq":5}]));
+    });
+}
+
+#[test]
+fn a_retried_send_is_stored_once_and_acked_with_the_original_position() {
+    let dir = temp_dir("store-retry");
+    let (_gw, ports) = gateway_in(&dir, &[]);
+    runtime().block_on(async {
+        let (mut alice, _) = connect(ports[0], "alice").await;
+        let (mut bob, _) = connect(ports[1], "bob").await;
+        let first = send_acked(&mut alice, json!({"type":"send","to":"bob","id":"once","body":"x"})).await;
+        assert_eq!(seq(&recv(&mut bob).await), 1);
+        let retry = send_acked(&mut alice, json!({"type":"send","to":"bob","id":"once","body":"x"})).await;
+        assert_eq!(first, retry);
+        // Another user may use the same id.
+        let bobs = send_acked(&mut bob, json!({"type":"send","to":"alice","id":"once","body":"y"})).await;
+        assert_eq!(seq(&bobs), 2);
+        let page = history(&mut bob, json!({"type":"history","conv":"dm:alice:bob","since":0})).await;
+        assert_eq!(seqs_of(&page), vec![1, 2]);
+        assert_eq!(page["messages"][0]["from"], "alice");
+    });
+}
+
+#[test]
+fn trimmed_history_is_answered_not_recovered() {
+    let dir = temp_dir("store-retention");
+    let (_gw, ports) = gateway_in(&dir, &["--retention-max-messages", "3"]);
+    runtime().block_on(async {
+        let (mut alice, _) = connect(ports[0], "alice").await;
+        for n in 1..=5 {
+            send_acked(&mut alice, json!({"type":"send","to":"bob","body":n})).await;
+        }
+        let page = history(&mut alice, json!({"type":"history","conv":"dm:alice:bob","since":0})).await;
+        assert_eq!(seqs_of(&page), vec![3, 4, 5]);
+        assert_eq!(
+            (&page["recovered"], &page["first"], &page["head"]),
+            (&json!(false), &json!(3), &json!(5))
+        );
+        let page = history(&mut alice, json!({"type":"history","conv":"dm:alice:bob","since":2})).await;
+        assert_eq!((seqs_of(&page), &page["recovered"]), (vec![3, 4, 5], &json!(true)));
+    });
+}
+
+#[test]
+fn bad_history_requests_get_clear_errors_and_keep_the_connection() {
+    let dir = temp_dir("store-bad");
+    let (_gw, ports) = gateway_in(&dir, &["--rooms-closed-by-default"]);
+    runtime().block_on(async {
+        let (mut alice, _) = connect(ports[0], "alice").await;
+        send_acked(&mut alice, json!({"type":"send","to":"bob","body":1})).await;
+        let (mut carol, _) = connect(ports[1], "carol").await;
+        let cases = [
+            (json!({"type":"history","conv":"dm:alice:bob","id":"1"}), "forbidden"),
+            (json!({"type":"history","conv":"room:secret","id":"2"}), "forbidden"),
+            (
+                json!({"type":"history","conv":"dm:carol:zed","since":0,"id":"3"}),
+                "not_found",
+            ),
+            (json!({"type":"history","conv":"dm:zed:carol","id":"4"}), "bad_field"),
+            (json!({"type":"history","conv":"chat:x","id":"5"}), "bad_field"),
+            (
+                json!({"type":"history","conv":"dm:carol:zed","limit":5000,"id":"6"}),
+                "bad_field",
+            ),
+            (
+                json!({"type":"history","conv":"dm:carol:zed","since":1,"before":3,"id":"7"}),
+                "bad_field",
+            ),
+        ];
+        for (request, code) in cases {
+            let e = send_acked(&mut carol, request.clone()).await;
+            assert_eq!(
+                (&e["type"], &e["code"], &e["id"]),
+                (&json!("error"), &json!(code), &request["id"]),
+                "{request}: {e}"
+            );
+        }
+        let e = send_acked(
+            &mut alice,
+            json!({"type":"history","conv":"dm:alice:bob","since":9,"id":"8"}),
+        )
+        .await;
+        assert_eq!(e["code"], "bad_field", "{e}");
+        assert!(e["message"].as_str().unwrap().contains("past the end"), "{e}");
+        // Still connected and served.
+        let ack = send_acked(&mut carol, json!({"type":"send","to":"alice","body":"still here"})).await;
+        assert_eq!(ack["status"], "stored");
+    });
+}
+
+#[test]
+fn relay_mode_keeps_no_history_and_a_cluster_refuses_the_embedded_store() {
+    let dir = temp_dir("store-none");
+    let (_gw, ports) = gateway_in(&dir, &["--store", "none"]);
+    runtime().block_on(async {
+        let mut alice = connect_user(&format!("ws://127.0.0.1:{}/ws?user=alice", ports[0]), "alice").await;
+        let ack = send_acked(&mut alice, json!({"type":"send","to":"bob","id":"r","body":1})).await;
+        assert_eq!(ack, json!({"type":"ack","id":"r","status":"offline"}));
+        let e = send_acked(&mut alice, json!({"type":"history","conv":"dm:alice:bob"})).await;
+        assert_eq!(e["code"], "unavailable");
+    });
+    assert!(!dir.join("messages").exists(), "relay mode writes no store");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shardgate"))
+        .args([
+            "serve",
+            "--store",
+            "embedded",
+            "--nats",
+            "nats://127.0.0.1:1",
+            "--data-dir",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--store embedded cannot run with --nats"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_foreign_data_directory_is_refused_with_its_path() {
+    let dir = temp_dir("store-foreign");
+    let messages = dir.join("messages");
+    std::fs::create_dir_all(&messages).unwrap();
+    std::fs::write(messages.join("thesis.tex"), "not a store").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shardgate"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(messages.to_str().unwrap()) && err.contains("not a shardgate message store"),
+        "{err}"
+    );
+}
+
+/// A one-request-per-connection HTTP server that answers with `statuses` in turn (then
+/// 200) and hands over each request's headers and body.
+/// A request as the webhook server saw it: its headers (names in lower case) and body.
+type Request = (BTreeMap<String, String>, Vec<u8>);
+
+fn webhook_server(statuses: Vec<u16>) -> (u16, mpsc::Receiver<Request>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut statuses = statuses.into_iter();
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut headers = BTreeMap::new();
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            loop {
+                line.clear();
+                reader.read_line(&mut line).unwrap();
+                match line.trim_end().split_once(": ") {
+                    Some((k, v)) => {
+                        headers.insert(k.to_ascii_lowercase(), v.to_string());
+                    }
+                    None => break,
+                }
+            }
+            let len: usize = headers.get("content-length").and_then(|l| l.parse().ok()).unwrap_or(0);
+            let mut body = vec![0; len];
+            reader.read_exact(&mut body).unwrap();
+            let status = statuses.next().unwrap_or(200);
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            if tx.send((headers, body)).is_err() {
+                return;
+            }
+        }
+    });
+    (port, rx)
+}
+
+#[test]
+fn the_push_webhook_gets_signed_batches_and_retries_after_a_500() {
+    let dir = temp_dir("store-push");
+    let secret_file = dir.join("push.key");
+    let secret = "0123456789abcdef0123456789abcdef-push";
+    std::fs::write(&secret_file, secret).unwrap();
+    std::fs::set_permissions(&secret_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let (port, requests) = webhook_server(vec![500]);
+    let url = format!("http://127.0.0.1:{port}/push");
+    let (_gw, ports) = gateway_in(
+        &dir,
+        &[
+            "--push-webhook",
+            &url,
+            "--push-secret-file",
+            secret_file.to_str().unwrap(),
+            "--push-preview-bytes",
+            "5",
+        ],
+    );
+    runtime().block_on(async {
+        let (mut alice, _) = connect(ports[0], "alice").await;
+        let (mut carol, _) = connect(ports[1], "carol").await;
+        // Carol is connected: no push for her. Bob is not.
+        send_acked(&mut alice, json!({"type":"send","to":"carol","body":"hello carol"})).await;
+        let ack = send_acked(&mut alice, json!({"type":"send","to":"bob","body":"hello bob"})).await;
+        assert_eq!(ack["status"], "stored");
+        recv(&mut carol).await;
+    });
+    let wait = Duration::from_secs(10);
+    let (first_headers, first_body) = requests.recv_timeout(wait).expect("a push request");
+    let (headers, body) = requests.recv_timeout(wait).expect("the retry after the 500");
+    assert_eq!(first_body, body, "the retry carries the same batch");
+    assert_eq!(first_headers["content-type"], "application/json");
+    let timestamp = &headers["x-shardgate-timestamp"];
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let mut signed = format!("{timestamp}.").into_bytes();
+    signed.extend_from_slice(&body);
+    let hex: String = ring::hmac::sign(&key, &signed)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(headers["x-shardgate-signature"], format!("sha256={hex}"));
+    let events: Value = serde_json::from_slice(&body).unwrap();
+    let event = &events["events"][0];
+    assert_eq!(events["events"].as_array().unwrap().len(), 1, "{events}");
+    assert_eq!(
+        (
+            &event["user"],
+            &event["conv"],
+            &event["seq"],
+            &event["from"],
+            &event["preview"]
+        ),
+        (
+            &json!("bob"),
+            &json!("dm:alice:bob"),
+            &json!(1),
+            &json!("alice"),
+            &json!("hello")
+        )
+    );
+    assert!(
+        requests.recv_timeout(Duration::from_millis(500)).is_err(),
+        "one delivery, one retry"
+    );
+}
+
+/// Sends as fast as acks come back, `kill -9`s the gateway mid-stream, restarts it on the
+/// same directory: every message acked `stored` is there, once, in order, and the
+/// sequence goes on.
+#[test]
+fn every_message_acked_stored_survives_kill_9() {
+    let dir = temp_dir("store-crash");
+    let (mut gw, ports) = gateway_in(&dir, &[]);
+    let acked: Vec<(u64, String)> = runtime().block_on(async {
+        let (mut alice, _) = connect(ports[0], "alice").await;
+        let mut acked = Vec::new();
+        let window = 64;
+        let mut sent = 0u64;
+        // Keep `window` sends in flight; kill once 2,000 are acked.
+        while sent < window {
+            sent += 1;
+            send(
+                &mut alice,
+                json!({"type":"send","to":"bob","id":format!("k{sent}"),"body":sent}),
+            )
+            .await;
+        }
+        loop {
+            let ack = recv(&mut alice).await;
+            assert_eq!(ack["status"], "stored", "{ack}");
+            acked.push((seq(&ack), ack["id"].as_str().unwrap().to_string()));
+            if acked.len() == 2000 {
+                gw.signal(libc::SIGKILL);
+                break;
+            }
+            sent += 1;
+            send(
+                &mut alice,
+                json!({"type":"send","to":"bob","id":format!("k{sent}"),"body":sent}),
+            )
+            .await;
+        }
+        acked
+    });
+    assert!(!gw.wait_exit().success());
+    let (_gw, ports) = gateway_in(&dir, &[]);
+    runtime().block_on(async {
+        let (mut bob, ready) = connect(ports[1], "bob").await;
+        let head = ready["convs"][0]["seq"].as_u64().unwrap();
+        assert!(head >= 2000, "{ready}");
+        let mut stored = Vec::new();
+        let mut since = 0;
+        loop {
+            let page = history(
+                &mut bob,
+                json!({"type":"history","conv":"dm:alice:bob","since":since,"limit":1000}),
+            )
+            .await;
+            for m in page["messages"].as_array().unwrap() {
+                stored.push((seq(m), m["id"].as_str().unwrap().to_string()));
+            }
+            since = stored.last().map_or(since, |s| s.0);
+            if page["more"] == json!(false) {
+                break;
+            }
+        }
+        // 1..=head with no gap, each client id once, and every acked one at its acked seq.
+        assert_eq!(
+            stored.iter().map(|s| s.0).collect::<Vec<_>>(),
+            (1..=head).collect::<Vec<_>>()
+        );
+        let stored: BTreeMap<u64, String> = stored.into_iter().collect();
+        let ids: std::collections::HashSet<&String> = stored.values().collect();
+        assert_eq!(ids.len(), stored.len(), "a message stored twice");
+        for (seq, id) in &acked {
+            assert_eq!(stored.get(seq), Some(id), "acked {id} at {seq}");
+        }
+        let (mut alice, _) = connect(ports[0], "alice").await;
+        let ack = send_acked(&mut alice, json!({"type":"send","to":"bob","body":"after"})).await;
+        assert_eq!(seq(&ack), head + 1);
+    });
+}
