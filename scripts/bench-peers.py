@@ -50,6 +50,8 @@ class Server:
             flags = subprocess.run([str(binary), "serve", "--help"], capture_output=True, text=True).stdout
             if "--echo" in flags:
                 cmd.append("--echo")  # builds before --echo served /echo by default
+            if "--store" in flags:
+                cmd += ["--store", "none"]  # echo needs no message store
             if "--max-connections-per-ip" in flags:
                 # The load comes from one address (loopback).
                 cmd += ["--max-connections-per-ip", "0", "--handshakes-per-ip", "0"]

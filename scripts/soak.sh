@@ -32,6 +32,8 @@
 #   --slo D                   the latency objective (default 200ms)
 #   --results DIR             where the results go (default results/soak-<time>)
 #   --tune                    apply scripts/tune-host.sh first
+#   --store embedded|none     the gateways' message store (default: embedded, each gateway
+#                             in a directory of its own under the results; none with --nats)
 #   --nodes N                 gateway processes (default: as the open-file limit needs)
 #   --nats [URL]              join the gateways through NATS (a local nats-server unless
 #                             a URL is given)
@@ -57,7 +59,7 @@ cd "$root"
 connections=100000 duration=60s rate=0.1 ramp=2500 mode=direct tune=0 slo=200ms
 per_process= shards=$(nproc) shards_given=0 results=
 nodes=0 nats=0 nats_url= cross_node= cluster_key=
-fault= fault_at= outage=2 drop_share=0.67
+fault= fault_at= outage=2 drop_share=0.67 store=
 while [ $# -gt 0 ]; do
   case $1 in
     --profile)
@@ -79,6 +81,7 @@ while [ $# -gt 0 ]; do
     --results) results=$2; shift 2 ;;
     --tune) tune=1; shift ;;
     --nodes) nodes=$2; shift 2 ;;
+    --store) store=$2; shift 2 ;;
     --cluster-key-file) cluster_key=$2; shift 2 ;;
     --fault) fault=${2%@*}; fault_at=${2#*@}; fault_at=${fault_at%s}; shift 2 ;;
     --outage) outage=$2; shift 2 ;;
@@ -117,6 +120,7 @@ case $fault in
   *) echo "soak: unknown fault $fault (kill-node, nats-restart, drop)" >&2; exit 2 ;;
 esac
 if [ "$nats" = 1 ]; then cross_node=${cross_node:-0.5}; else cross_node=${cross_node:-0}; fi
+if [ "$nats" = 1 ]; then store=${store:-none}; else store=${store:-embedded}; fi
 if [ "$nats" = 0 ] && [ "$cross_node" != 0 ]; then
   echo "soak: --cross-node needs --nats (nodes only reach each other through NATS)" >&2; exit 2
 fi
@@ -124,7 +128,7 @@ fi
 addresses=$(( connections / 20000 + 1 ))
 source_ips=$(seq -s, -f "127.0.0.%g" 2 $((addresses + 1)))
 if [ "$gateways" -ge "$(nproc)" ] && [ "$shards_given" = 0 ]; then shards_note="1 shard each, spread over the cores"; else shards_note="$shards shard(s) each"; fi
-echo "== plan: $connections connections over $gateways gateway process(es), $shards_note (open-file limit $nofile), $gateways load process(es), client addresses $source_ips"
+echo "== plan: $connections connections over $gateways gateway process(es), $shards_note (open-file limit $nofile), $gateways load process(es), client addresses $source_ips; store $store"
 
 cargo build --release --quiet -p shardgate -p shardgate-bench
 secret=$results/auth-secret
@@ -166,7 +170,7 @@ for k in $(seq 0 $((gateways - 1))); do
     placement=(--shards "$shards")
   fi
   target/release/shardgate serve --listen "127.0.0.1:$port" "${placement[@]}" --auth-secret-file "$secret" \
-    --data-dir "$results" --max-connections "$per_process" --report-interval 5s --slo "$slo" \
+    --store "$store" --data-dir "$results/gateway-$k" --max-connections "$per_process" --report-interval 5s --slo "$slo" \
     --max-connections-per-ip 0 --handshakes-per-ip 0 \
     --histogram-out "$results/gateway-$k.hgrm" "${cluster[@]}" >"$results/gateway-$k.log" 2>&1 &
   pids+=($!)

@@ -64,7 +64,7 @@ fn seqs_of(page: &Value) -> Vec<u64> {
 #[test]
 fn a_message_to_an_offline_user_is_stored_and_fetched_when_they_connect() {
     let dir = temp_dir("store-offline");
-    let (_gw, ports) = gateway_in(&dir, &[]);
+    let (mut gw, ports) = gateway_in(&dir, &[]);
     runtime().block_on(async {
         let (mut alice, ready) = connect(ports[0], "alice").await;
         assert_eq!(ready["convs"], json!([]));
@@ -616,4 +616,72 @@ fn every_message_acked_stored_survives_kill_9() {
         let ack = send_acked(&mut alice, json!({"type":"send","to":"bob","body":"after"})).await;
         assert_eq!(seq(&ack), head + 1);
     });
+}
+
+/// A data directory on a 4 MiB tmpfs (root mounts it): once the disk is full, sends are
+/// answered `unavailable`, what was acked `stored` stays readable, the gateway says so and
+/// keeps serving.
+#[test]
+fn a_full_disk_answers_unavailable_and_loses_nothing_acked() {
+    let dir = temp_dir("store-full");
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&dir)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(mounted, "this test mounts a tmpfs, which needs root (CI runs as root)");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(dir.clone());
+    let (mut gw, ports) = gateway_in(&dir, &["--max-chat-message", "65536", "--retention-max-messages", "0"]);
+    // Bodies that do not compress (the store compresses its blocks).
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut noise = move || {
+        (0..60_000)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                char::from(b'a' + (state % 26) as u8)
+            })
+            .collect::<String>()
+    };
+    let stored = runtime().block_on(async {
+        let (mut alice, _) = connect(ports[0], "alice").await;
+        let mut stored = 0u64;
+        let mut refused = None;
+        for n in 0..400 {
+            let a = send_acked(
+                &mut alice,
+                json!({"type":"send","to":"bob","id":format!("f{n}"),"body":noise()}),
+            )
+            .await;
+            match a["type"].as_str() {
+                Some("ack") => stored = seq(&a),
+                _ => {
+                    refused = Some(a);
+                    break;
+                }
+            }
+        }
+        let e = refused.expect("a 4 MiB disk fills before 400 messages of 60 kB");
+        assert_eq!(e["code"], "unavailable", "{e}");
+        // Still serving: reads of what was stored work, and so does a connection.
+        let page = history(
+            &mut alice,
+            json!({"type":"history","conv":"dm:alice:bob","since":stored - 1}),
+        )
+        .await;
+        assert_eq!(seqs_of(&page), vec![stored]);
+        let (_bob, ready) = connect(ports[1], "bob").await;
+        assert_eq!(ready["convs"][0]["seq"].as_u64(), Some(stored));
+        stored
+    });
+    gw.wait_line("store: cannot write messages");
+    assert!(stored > 0);
 }

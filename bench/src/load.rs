@@ -935,7 +935,9 @@ impl<'a> UserConn<'a> {
                     from: m.from.map(str::to_string),
                     answer: m.id.and_then(|id| id.parse().ok()).map(|id| {
                         let answer = match (m.kind, m.status, m.code) {
-                            ("ack", Some("routed"), _) => Answer::Routed,
+                            // `stored` (the gateway's message store) promises what `routed`
+                            // does, and durability besides.
+                            ("ack", Some("routed" | "stored"), _) => Answer::Routed,
                             ("ack", Some("offline"), _) => Answer::Offline,
                             (_, _, Some("unavailable")) => Answer::Unavailable,
                             (_, _, Some("rate_limited")) => Answer::Limited,

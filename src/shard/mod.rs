@@ -127,7 +127,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
     }
     if let Some(store) = store {
         // The shards are gone: the store thread commits what they handed it, then ends.
-        drop(store.link);
+        store.link.stop();
         let _ = store.thread.join();
         if let Some(push) = store.push {
             let _ = push.join();

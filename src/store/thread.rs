@@ -63,6 +63,8 @@ pub enum ToStore {
         reply: AckTo,
     },
     Placement(Placement),
+    /// Every shard has stopped: commit what is queued and end.
+    Stop,
 }
 
 /// A message to store, and where it goes once stored.
@@ -96,6 +98,13 @@ impl StoreLink {
     pub fn is_full(&self) -> bool {
         self.mailbox.len() >= STORE_QUEUE_LIMIT
     }
+
+    /// Tells the store thread to end once it has handled what is queued. (The shards'
+    /// tasks may outlive their executors without dropping their links, so the thread
+    /// cannot wait for the channel to disconnect.)
+    pub fn stop(&self) {
+        self.mailbox.push(ToStore::Stop);
+    }
 }
 
 pub struct StoreThreadConfig {
@@ -110,8 +119,8 @@ pub struct StoreThreadConfig {
     pub push_preview_bytes: usize,
 }
 
-/// Starts the store thread. It ends once every `StoreLink` is dropped and the queue is
-/// drained (every shard has stopped).
+/// Starts the store thread. It ends at `StoreLink::stop`, once what was queued before is
+/// handled.
 pub fn spawn<S: MessageStore + Send + 'static>(
     store: S,
     config: StoreThreadConfig,
@@ -206,8 +215,12 @@ impl<S: MessageStore> StoreThread<S> {
                 Err(RecvTimeoutError::Disconnected) => break,
             }
             batch.extend(rx.try_iter().take(MAX_GROUP - batch.len()));
+            let stop = batch.iter().any(|m| matches!(m, ToStore::Stop));
             if !batch.is_empty() {
                 self.handle(&mut batch);
+            }
+            if stop {
+                break;
             }
             if sweeping {
                 sweeping = !self.sweep_step();
@@ -238,6 +251,7 @@ impl<S: MessageStore> StoreThread<S> {
                     routes.push((audience, ingress, shard, conn));
                 }
                 ToStore::Placement(change) => self.place(change),
+                ToStore::Stop => {}
                 ToStore::Read {
                     conv,
                     range,
