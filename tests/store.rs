@@ -130,6 +130,9 @@ fn a_message_to_an_offline_user_is_stored_and_fetched_when_they_connect() {
             );
         }
     });
+    // SIGTERM: the store thread commits what is queued and the process ends.
+    gw.signal(libc::SIGTERM);
+    assert!(gw.wait_exit().success(), "{:?}", gw.seen);
 }
 
 #[test]

@@ -562,4 +562,91 @@ mod tests {
         write_membership(&mut out, true, "general");
         assert_eq!(serde_json::from_slice::<Value>(&out).unwrap()["type"], "joined");
     }
+
+    #[test]
+    fn stored_frames_are_valid_json_with_conv_and_seq() {
+        let dm = ConvId::direct("bob", "alice");
+        let mut out = Vec::new();
+        write_history_start(&mut out, Some("h\"1"), &dm);
+        write_stored_message(&mut out, &dm, 7, "bob", Some("c\n"), 5, br#"{"t":"hi"}"#);
+        out.push(b',');
+        write_stored_message(&mut out, &ConvId::room("lobby"), 3, "alice", None, 6, b"1");
+        let end = HistoryEnd {
+            head: 9,
+            first: 2,
+            more: true,
+            recovered: false,
+        };
+        write_history_end(&mut out, end);
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            (&v["type"], &v["id"], &v["head"], &v["more"]),
+            (&"history".into(), &"h\"1".into(), &9.into(), &true.into())
+        );
+        let (m, r) = (&v["messages"][0], &v["messages"][1]);
+        assert_eq!(
+            (&m["type"], &m["conv"], &m["seq"], &m["to"], &m["id"]),
+            (
+                &"message".into(),
+                &"dm:alice:bob".into(),
+                &7.into(),
+                &"alice".into(),
+                &"c\n".into()
+            )
+        );
+        assert_eq!(
+            (&r["type"], &r["room"], r.get("id")),
+            (&"room_message".into(), &"lobby".into(), None)
+        );
+        out.clear();
+        write_ack_stored(&mut out, None, &dm, 7);
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            (&v["status"], &v["conv"], &v["seq"]),
+            (&"stored".into(), &"dm:alice:bob".into(), &7.into())
+        );
+        out.clear();
+        write_ready_with_conversations(&mut out, "alice", &[(dm.clone(), 7), (ConvId::room("lobby"), 3)]);
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["convs"][1]["conv"], "room:lobby");
+    }
+
+    #[test]
+    fn history_requests_are_checked() {
+        let parsed = parse(br#"{"type":"history","conv":"dm:a:b","since":4,"limit":10,"id":"x"}"#).unwrap();
+        assert!(matches!(
+            parsed,
+            ClientMessage::History {
+                range: HistoryRange::Since(4),
+                limit: 10,
+                ..
+            }
+        ));
+        let parsed = parse(br#"{"type":"history","conv":"room:r"}"#).unwrap();
+        assert!(matches!(
+            parsed,
+            ClientMessage::History {
+                range: HistoryRange::Before(None),
+                limit: HISTORY_DEFAULT_LIMIT,
+                ..
+            }
+        ));
+        for bad in [
+            r#"{"type":"history","conv":"dm:b:a"}"#,
+            r#"{"type":"history","conv":"dm:a:b c"}"#,
+            r#"{"type":"history","conv":"room:"}"#,
+            r#"{"type":"history","conv":"dm:a:b","limit":0}"#,
+            r#"{"type":"history","conv":"dm:a:b","limit":1001}"#,
+            r#"{"type":"history","conv":"dm:a:b","since":1,"before":2}"#,
+            r#"{"type":"history"}"#,
+        ] {
+            assert_eq!(parse(bad.as_bytes()).unwrap_err().code, ErrorCode::BadField, "{bad}");
+        }
+        assert_eq!(
+            parse(br#"{"type":"history","conv":"dm:a:b","since":-1}"#)
+                .unwrap_err()
+                .code,
+            ErrorCode::BadJson
+        );
+    }
 }
