@@ -131,7 +131,7 @@ fn main() {
     let body = body(args.payload);
     match args.case {
         Case::Append => {
-            println!("batch  messages  msg_per_s  syncs_per_s  commit_p50_us  commit_p99_us  disk_bytes_per_msg");
+            println!("batch  messages  msg_per_s  syncs_per_s  commit_p50_us  commit_p99_us  commit_p999_us  commit_max_us  disk_bytes_per_msg");
             for &batch in &args.batches {
                 let mut store = fresh(&args.dir);
                 let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
@@ -149,11 +149,13 @@ fn main() {
                 let secs = start.elapsed().as_secs_f64();
                 drop(store);
                 println!(
-                    "{batch:>5}  {n:>8}  {:>9.0}  {:>11.0}  {:>13}  {:>13}  {:>18.0}",
+                    "{batch:>5}  {n:>8}  {:>9.0}  {:>11.0}  {:>13}  {:>13}  {:>14}  {:>13}  {:>18.0}",
                     n as f64 / secs,
                     syncs as f64 / secs,
                     hist.value_at_quantile(0.5),
                     hist.value_at_quantile(0.99),
+                    hist.value_at_quantile(0.999),
+                    hist.max(),
                     dir_bytes(&args.dir) as f64 / n as f64
                 );
             }

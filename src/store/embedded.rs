@@ -5,11 +5,14 @@
 //! - `heads`: conversation → latest seq, written in the same atomic batch;
 //! - `floors`: conversation → first seq still held, once retention trimmed it;
 //! - `user_convs`: user, NUL, conversation → when the user last took part (u64 BE ms);
-//! - `client_ids`: time (u64 BE ms), hash of (sender, client id) → seq and conversation,
-//!   the dedupe window's record, time-ordered so that it is trimmed from the front.
+//! - `client_ids`: hash of (sender, client id) (u64 BE) → when it was used, seq and
+//!   conversation: the dedupe window, looked up per message with an id (a miss costs a
+//!   bloom filter, and the window's size is on disk, not in memory);
+//! - `client_id_times`: time, hash → nothing: the same ids in time order, so that the
+//!   expired ones are trimmed from the front.
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -21,6 +24,19 @@ use super::{record, Appended, ConvId, MessageStore, NewMessage, Page, Range, Ret
 /// The file that marks a directory as a shardgate message store, and its format.
 const MARKER: &str = "SHARDGATE-STORE";
 const MARKER_TEXT: &str = "shardgate message store, format 1\n";
+/// What the store may hold in memory: the block cache and each keyspace's memtable (the
+/// messages' larger: it takes every write); and the journal kept on disk before memtables
+/// are flushed. fjall's defaults
+/// (32 MiB cache, 64 MiB per memtable) are for a database that owns its host; a gateway
+/// holds connections first.
+const CACHE_BYTES: u64 = 16 << 20;
+const MESSAGES_MEMTABLE_BYTES: u64 = 8 << 20;
+const INDEX_MEMTABLE_BYTES: u64 = 2 << 20;
+/// Journal kept before memtables must be flushed (fjall's default is 512 MiB).
+const JOURNAL_BYTES: u64 = 64 << 20;
+/// Background flush and compaction threads: the store's write rate (a chat host's
+/// messages) needs one, and every thread competes with the shards for the cores.
+const WORKER_THREADS: usize = 1;
 /// Caches of heads and floors are dropped past this many conversations (fjall's block
 /// cache still holds the hot ones): memory stays bounded however many conversations exist.
 const CACHE_MAX: usize = 1 << 20;
@@ -40,14 +56,6 @@ pub enum OpenError {
     Io { path: PathBuf, source: std::io::Error },
 }
 
-/// A message stored recently with a client id: where it went.
-#[derive(Debug, Clone)]
-struct RecentId {
-    conv: ConvId,
-    seq: u64,
-    ts_ms: u64,
-}
-
 pub struct EmbeddedStore {
     db: Database,
     messages: Keyspace,
@@ -55,14 +63,12 @@ pub struct EmbeddedStore {
     floors: Keyspace,
     user_convs: Keyspace,
     client_ids: Keyspace,
+    client_id_times: Keyspace,
     retention: Retention,
     dedupe_window_ms: u64,
     /// Latest seq and first held seq per conversation, as far as read or written since start.
     head_cache: HashMap<ConvId, u64>,
     floor_cache: HashMap<ConvId, u64>,
-    /// Client ids used within the dedupe window, by hash of (sender, id), and their order.
-    recent: HashMap<u64, RecentId>,
-    recent_order: VecDeque<(u64, u64)>,
     /// Where the retention sweep goes on from (a conversation id), and whether it is
     /// in the middle of a round.
     sweep_cursor: Option<String>,
@@ -111,11 +117,6 @@ impl EmbeddedStore {
     /// Opens (or creates) the store in `dir`. A directory with other files and no marker,
     /// or another format's marker, is refused, as is one another process holds.
     pub fn open(dir: &Path, retention: Retention, dedupe_window: Duration) -> Result<Self, OpenError> {
-        Self::open_at(dir, retention, dedupe_window, crate::cluster::unix_nanos() / 1_000_000)
-    }
-
-    /// `open`, as if the clock said `now_ms` (the dedupe window is loaded from then).
-    pub fn open_at(dir: &Path, retention: Retention, dedupe_window: Duration, now_ms: u64) -> Result<Self, OpenError> {
         let io = |source| OpenError::Io {
             path: dir.to_path_buf(),
             source,
@@ -150,48 +151,31 @@ impl EmbeddedStore {
                 reason: other.to_string(),
             },
         };
-        let db = Database::builder(dir).open().map_err(fail)?;
-        let keyspace = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default).map_err(fail);
-        let mut store = EmbeddedStore {
-            messages: keyspace("messages")?,
-            heads: keyspace("heads")?,
-            floors: keyspace("floors")?,
-            user_convs: keyspace("user_convs")?,
-            client_ids: keyspace("client_ids")?,
+        let db = Database::builder(dir)
+            .cache_size(CACHE_BYTES)
+            .max_journaling_size(JOURNAL_BYTES)
+            .worker_threads(WORKER_THREADS)
+            .open()
+            .map_err(fail)?;
+        let keyspace = |name: &str, memtable: u64| {
+            db.keyspace(name, || KeyspaceCreateOptions::default().max_memtable_size(memtable))
+                .map_err(fail)
+        };
+        Ok(EmbeddedStore {
+            messages: keyspace("messages", MESSAGES_MEMTABLE_BYTES)?,
+            heads: keyspace("heads", INDEX_MEMTABLE_BYTES)?,
+            floors: keyspace("floors", INDEX_MEMTABLE_BYTES)?,
+            user_convs: keyspace("user_convs", INDEX_MEMTABLE_BYTES)?,
+            client_ids: keyspace("client_ids", INDEX_MEMTABLE_BYTES)?,
+            client_id_times: keyspace("client_id_times", INDEX_MEMTABLE_BYTES)?,
             db,
             retention,
             dedupe_window_ms: dedupe_window.as_millis() as u64,
             head_cache: HashMap::new(),
             floor_cache: HashMap::new(),
-            recent: HashMap::new(),
-            recent_order: VecDeque::new(),
             sweep_cursor: None,
             scratch: Vec::new(),
-        };
-        store.load_recent_ids(now_ms).map_err(|e| OpenError::Engine {
-            path: dir.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-        Ok(store)
-    }
-
-    /// The client ids of the dedupe window, from disk (a retry after a restart is still
-    /// recognised).
-    fn load_recent_ids(&mut self, now_ms: u64) -> Result<(), StoreError> {
-        let from = now_ms.saturating_sub(self.dedupe_window_ms).to_be_bytes();
-        for item in self.client_ids.range(from.as_slice()..) {
-            let (key, value) = item.into_inner().map_err(engine)?;
-            let ts_ms = u64_at(&key, 0, "a client id key is too short")?;
-            let hash = u64_at(&key, 8, "a client id key is too short")?;
-            let seq = u64_at(&value, 0, "a client id record is too short")?;
-            let conv = std::str::from_utf8(&value[8..])
-                .ok()
-                .and_then(ConvId::from_stored)
-                .ok_or(StoreError::Corrupt("a client id record names no conversation"))?;
-            self.recent.insert(hash, RecentId { conv, seq, ts_ms });
-            self.recent_order.push_back((ts_ms, hash));
-        }
-        Ok(())
+        })
     }
 
     /// The latest seq of `conv` (0 when it has none).
@@ -216,32 +200,34 @@ impl EmbeddedStore {
         }
     }
 
-    fn forget_expired_ids(&mut self, now_ms: u64) {
-        let oldest = now_ms.saturating_sub(self.dedupe_window_ms);
-        while let Some(&(ts, hash)) = self.recent_order.front() {
-            if ts >= oldest {
-                break;
-            }
-            self.recent_order.pop_front();
-            if self.recent.get(&hash).is_some_and(|r| r.ts_ms == ts) {
-                self.recent.remove(&hash);
-            }
-        }
-    }
-
     /// Is this message a retry of one stored within the window? A hash match is checked
     /// against the stored record, so that two different ids never pass for one.
-    fn earlier_copy(&self, hash: u64, m: &NewMessage, client_id: &str) -> Result<Option<(ConvId, u64)>, StoreError> {
-        let Some(seen) = self.recent.get(&hash) else {
+    fn earlier_copy(
+        &self,
+        hash: u64,
+        m: &NewMessage,
+        client_id: &str,
+        now_ms: u64,
+    ) -> Result<Option<(ConvId, u64)>, StoreError> {
+        let Some(value) = self.client_ids.get(hash.to_be_bytes()).map_err(engine)? else {
             return Ok(None);
         };
-        let Some(value) = self.messages.get(message_key(&seen.conv, seen.seq)).map_err(engine)? else {
+        let used_ms = u64_at(&value, 0, "a client id record is too short")?;
+        if used_ms < now_ms.saturating_sub(self.dedupe_window_ms) {
+            return Ok(None);
+        }
+        let seq = u64_at(&value, 8, "a client id record is too short")?;
+        let conv = std::str::from_utf8(&value[16..])
+            .ok()
+            .and_then(ConvId::from_stored)
+            .ok_or(StoreError::Corrupt("a client id record names no conversation"))?;
+        let Some(record) = self.messages.get(message_key(&conv, seq)).map_err(engine)? else {
             // Trimmed since: the hash alone has to do.
-            return Ok(Some((seen.conv.clone(), seen.seq)));
+            return Ok(Some((conv, seq)));
         };
-        let stored = record::decode(seen.seq, &value)?;
+        let stored = record::decode(seq, &record)?;
         let same = stored.from == m.from && stored.client_id.as_deref() == Some(client_id);
-        Ok(same.then(|| (seen.conv.clone(), seen.seq)))
+        Ok(same.then_some((conv, seq)))
     }
 
     /// Removes the messages of `conv` below `new_floor` (from `floor`) in `batch`.
@@ -286,19 +272,21 @@ impl EmbeddedStore {
 
 impl MessageStore for EmbeddedStore {
     fn append(&mut self, group: &[NewMessage], now_ms: u64) -> Result<Vec<Appended>, StoreError> {
-        self.forget_expired_ids(now_ms);
-        // Heads, floors and ids change in maps of their own until the batch is committed:
-        // a batch that fails to commit uses up no seq.
+        // Heads and floors change in maps of their own until the batch is committed: a
+        // batch that fails to commit uses up no seq.
         let mut heads: HashMap<ConvId, u64> = HashMap::new();
         let mut floors: HashMap<ConvId, u64> = HashMap::new();
-        let mut ids: HashMap<u64, RecentId> = HashMap::new();
+        // Client ids used in this group (a retry may come in the same group).
+        let mut ids: HashMap<u64, (ConvId, u64)> = HashMap::new();
         let mut results = Vec::with_capacity(group.len());
         let mut batch = self.db.batch();
         for m in group {
             let hash = m.client_id.as_deref().map(|id| client_id_hash(&m.from, id));
             if let (Some(hash), Some(id)) = (hash, m.client_id.as_deref()) {
-                let in_group = ids.get(&hash).map(|r| (r.conv.clone(), r.seq));
-                if let Some((conv, seq)) = in_group.map_or_else(|| self.earlier_copy(hash, m, id), |c| Ok(Some(c)))? {
+                let in_group = ids.get(&hash).cloned();
+                if let Some((conv, seq)) =
+                    in_group.map_or_else(|| self.earlier_copy(hash, m, id, now_ms), |c| Ok(Some(c)))?
+                {
                     results.push(Appended::Duplicate { conv, seq });
                     continue;
                 }
@@ -335,19 +323,14 @@ impl MessageStore for EmbeddedStore {
                 None => batch.insert(&self.user_convs, user_conv_key(&m.from, &m.conv), ts),
             }
             if let Some(hash) = hash {
-                let mut key = now_ms.to_be_bytes().to_vec();
-                key.extend_from_slice(&hash.to_be_bytes());
-                let mut value = seq.to_be_bytes().to_vec();
+                let mut value = now_ms.to_be_bytes().to_vec();
+                value.extend_from_slice(&seq.to_be_bytes());
                 value.extend_from_slice(m.conv.as_str().as_bytes());
-                batch.insert(&self.client_ids, key, value);
-                ids.insert(
-                    hash,
-                    RecentId {
-                        conv: m.conv.clone(),
-                        seq,
-                        ts_ms: now_ms,
-                    },
-                );
+                batch.insert(&self.client_ids, hash.to_be_bytes(), value);
+                let mut time_key = now_ms.to_be_bytes().to_vec();
+                time_key.extend_from_slice(&hash.to_be_bytes());
+                batch.insert(&self.client_id_times, time_key, []);
+                ids.insert(hash, (m.conv.clone(), seq));
             }
         }
         for (conv, seq) in &heads {
@@ -361,11 +344,8 @@ impl MessageStore for EmbeddedStore {
         for (conv, floor) in floors {
             self.remember_floor(conv, floor);
         }
-        for (hash, id) in ids {
-            self.recent_order.push_back((id.ts_ms, hash));
-            self.recent.insert(hash, id);
-        }
-        self.db.persist(PersistMode::SyncAll).map_err(engine)?;
+        // fdatasync: the journal's data and its length, which is all a replay needs.
+        self.db.persist(PersistMode::SyncData).map_err(engine)?;
         Ok(results)
     }
 
@@ -425,11 +405,19 @@ impl MessageStore for EmbeddedStore {
 
     fn trim_step(&mut self, now_ms: u64, budget: usize) -> Result<TrimStep, StoreError> {
         let mut step = TrimStep::default();
-        // The dedupe window's records older than the window.
+        // The dedupe window's records older than the window (an id used again since
+        // keeps its newer record).
         let oldest = now_ms.saturating_sub(self.dedupe_window_ms).to_be_bytes();
         let mut batch = self.db.batch();
-        for item in self.client_ids.range(..oldest.as_slice()).take(budget) {
-            batch.remove(&self.client_ids, item.key().map_err(engine)?);
+        for item in self.client_id_times.range(..oldest.as_slice()).take(budget) {
+            let key = item.key().map_err(engine)?;
+            let used_ms = u64_at(&key, 0, "a client id time key is too short")?;
+            let hash = u64_at(&key, 8, "a client id time key is too short")?.to_be_bytes();
+            let current = self.client_ids.get(hash).map_err(engine)?;
+            if current.is_some_and(|v| v.get(..8) == Some(&used_ms.to_be_bytes()[..])) {
+                batch.remove(&self.client_ids, hash);
+            }
+            batch.remove(&self.client_id_times, key);
         }
         let cutoff_ms = match self.retention.max_age {
             d if d.is_zero() => 0,
@@ -501,7 +489,7 @@ mod tests {
     }
 
     fn open(dir: &Path, retention: Retention) -> EmbeddedStore {
-        EmbeddedStore::open_at(dir, retention, Duration::from_secs(300), NOW).unwrap()
+        EmbeddedStore::open(dir, retention, Duration::from_secs(300)).unwrap()
     }
 
     fn msg(conv: &ConvId, from: &str, n: u64) -> NewMessage {
@@ -595,9 +583,14 @@ mod tests {
         let step = store.trim_step(later, 100).unwrap();
         assert!(step.swept_all);
         assert_eq!(
-            store.client_ids.iter().count(),
+            store.client_id_times.iter().count(),
             2,
             "the expired id is trimmed from disk"
+        );
+        assert_eq!(
+            store.client_ids.iter().count(),
+            2,
+            "alice's id, used again, keeps its record"
         );
         drop(store);
         std::fs::remove_dir_all(dir).unwrap();

@@ -155,6 +155,8 @@ struct Stats {
     trimmed: u64,
     /// Microseconds from a group's start to its sync's end.
     commit_us: Histogram<u64>,
+    /// Microseconds from a message's read to its sync's end (the queue included).
+    durable_us: Histogram<u64>,
 }
 
 impl Default for Stats {
@@ -167,6 +169,7 @@ impl Default for Stats {
             reads: 0,
             trimmed: 0,
             commit_us: Histogram::new_with_bounds(1, 60_000_000, 2).expect("static histogram bounds"),
+            durable_us: Histogram::new_with_bounds(1, 60_000_000, 2).expect("static histogram bounds"),
         }
     }
 }
@@ -371,6 +374,11 @@ impl<S: MessageStore> StoreThread<S> {
             tracing::info!("store: writing messages again");
             self.failing = false;
         }
+        let durable = Instant::now();
+        for (_, ingress, _, _) in &routes {
+            let us = durable.saturating_duration_since(*ingress).as_micros() as u64;
+            let _ = self.stats.durable_us.record(us.max(1));
+        }
         for ((m, (audience, ingress, shard, conn)), result) in messages.iter().zip(routes).zip(results) {
             let id = m.client_id.as_deref();
             match result {
@@ -498,24 +506,22 @@ impl<S: MessageStore> StoreThread<S> {
         let s = &mut self.stats;
         let (sent, failed, dropped) = self.push.as_ref().map_or((0, 0, 0), PushQueue::take_counts);
         println!(
-            "store: appended_per_s={:.1} groups_per_s={:.1} per_group={:.1} commit_p50_us={} commit_p99_us={} commit_max_us={} duplicates={} unavailable={} reads={} trimmed={} push_sent={sent} push_failed={failed} push_dropped={dropped}",
+            "store: appended_per_s={:.1} groups_per_s={:.1} per_group={:.1} commit_p50_us={} commit_p99_us={} commit_max_us={} durable_p50_us={} durable_p99_us={} durable_max_us={} duplicates={} unavailable={} reads={} trimmed={} push_sent={sent} push_failed={failed} push_dropped={dropped}",
             s.appended as f64 / secs,
             s.groups as f64 / secs,
             if s.groups == 0 { 0.0 } else { s.appended as f64 / s.groups as f64 },
             s.commit_us.value_at_quantile(0.5),
             s.commit_us.value_at_quantile(0.99),
             s.commit_us.max(),
+            s.durable_us.value_at_quantile(0.5),
+            s.durable_us.value_at_quantile(0.99),
+            s.durable_us.max(),
             s.duplicates,
             s.unavailable,
             s.reads,
             s.trimmed,
         );
-        let mut commit_us = std::mem::replace(&mut s.commit_us, Histogram::new(2).expect("static histogram bounds"));
-        commit_us.reset();
-        *s = Stats {
-            commit_us,
-            ..Stats::default()
-        };
+        *s = Stats::default();
     }
 }
 
