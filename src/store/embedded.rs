@@ -26,12 +26,12 @@ const MARKER: &str = "SHARDGATE-STORE";
 const MARKER_TEXT: &str = "shardgate message store, format 1\n";
 /// What the store may hold in memory: the block cache and each keyspace's memtable (the
 /// messages' larger: it takes every write); and the journal kept on disk before memtables
-/// are flushed. fjall's defaults
-/// (32 MiB cache, 64 MiB per memtable) are for a database that owns its host; a gateway
-/// holds connections first.
+/// are flushed. fjall's defaults (32 MiB cache, 64 MiB memtables) are for a database that
+/// owns its host; a gateway holds connections first, and small memtables also keep each
+/// flush, which every sync then waits behind, short (docs/perf/18).
 const CACHE_BYTES: u64 = 16 << 20;
-const MESSAGES_MEMTABLE_BYTES: u64 = 8 << 20;
-const INDEX_MEMTABLE_BYTES: u64 = 2 << 20;
+const MESSAGES_MEMTABLE_BYTES: u64 = 4 << 20;
+const INDEX_MEMTABLE_BYTES: u64 = 1 << 20;
 /// Journal kept before memtables must be flushed (fjall's default is 512 MiB).
 const JOURNAL_BYTES: u64 = 64 << 20;
 /// Background flush and compaction threads: the store's write rate (a chat host's
