@@ -589,12 +589,15 @@ impl<O: ConnOutput> ChatConn<O> {
         since: Option<u64>,
     ) -> Result<(), AppError> {
         let name: Arc<str> = Arc::from(room.as_ref());
-        if let Some(since) = since {
-            hub.recover_after_join(self.out.conn_id(), name.clone(), since);
-        }
         hub.router
             .borrow_mut()
-            .change_membership(&self.user, self.out.conn_id(), name, join)
+            .change_membership(&self.user, self.out.conn_id(), name.clone(), join)
+            .map(|()| {
+                // Kept until the join completes (a refused join leaves nothing behind).
+                if let Some(since) = since {
+                    hub.recover_after_join(self.out.conn_id(), name, since);
+                }
+            })
             .map_err(|JoinRefused::RoomFull| {
                 AppError::new(
                     ErrorCode::RoomFull,
