@@ -12,7 +12,7 @@
 //! users and rooms are from the same shards that later ask it for history, through the
 //! same FIFO channel: a connection that asked is in the audience of every later group.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -36,6 +36,8 @@ pub const STORE_QUEUE_LIMIT: usize = 1 << 18;
 const MAX_GROUP: usize = 4096;
 /// Conversations the retention sweep looks at between two groups.
 const SWEEP_BUDGET: usize = 64;
+/// Reads (`ready`, history pages) answered between two groups.
+const READS_PER_GROUP: usize = 32;
 
 /// What a shard asks of the store thread.
 #[derive(Debug)]
@@ -140,6 +142,7 @@ pub fn spawn<S: MessageStore + Send + 'static>(
             json: Vec::with_capacity(64 << 10),
             stats: Stats::default(),
             failing: false,
+            reads: VecDeque::new(),
         };
         thread.run(rx);
     })
@@ -188,6 +191,8 @@ struct StoreThread<S> {
     stats: Stats,
     /// The last group could not be written (said once, until one can).
     failing: bool,
+    /// Reads waiting for their turn between groups, in the order they came.
+    reads: VecDeque<ToStore>,
 }
 
 fn now_ms() -> u64 {
@@ -206,8 +211,9 @@ impl<S: MessageStore> StoreThread<S> {
                 sweeping = true;
                 next_sweep = now + self.config.sweep_interval;
             }
-            // While a sweep is under way it goes on between groups; else sleep until work.
-            let wait = if sweeping {
+            // While reads wait or a sweep is under way, they go on between groups; else
+            // sleep until work.
+            let wait = if sweeping || !self.reads.is_empty() {
                 Duration::ZERO
             } else {
                 next_report.min(next_sweep).saturating_duration_since(now)
@@ -219,10 +225,13 @@ impl<S: MessageStore> StoreThread<S> {
             }
             batch.extend(rx.try_iter().take(MAX_GROUP - batch.len()));
             let stop = batch.iter().any(|m| matches!(m, ToStore::Stop));
-            if !batch.is_empty() {
+            if !batch.is_empty() || !self.reads.is_empty() {
                 self.handle(&mut batch);
             }
             if stop {
+                while let Some(read) = self.reads.pop_front() {
+                    self.answer(read);
+                }
                 break;
             }
             if sweeping {
@@ -255,35 +264,50 @@ impl<S: MessageStore> StoreThread<S> {
                 }
                 ToStore::Placement(change) => self.place(change),
                 ToStore::Stop => {}
-                ToStore::Read {
-                    conv,
-                    range,
-                    limit,
-                    reply,
-                } => self.answer_read(&conv, range, limit, &reply, true),
-                ToStore::Ready { user, reply } => self.answer_ready(&user, &reply),
-                ToStore::Joined {
-                    user,
-                    room,
-                    since,
-                    reply,
-                } => {
-                    let conv = ConvId::room(&room);
-                    if let Err(e) = self.store.note_member(&user, &conv, now_ms()) {
-                        tracing::warn!("store: cannot note that {user} joined {room}: {e}");
-                    }
-                    if let Some(since) = since {
-                        let limit = protocol::HISTORY_DEFAULT_LIMIT;
-                        self.answer_read(&conv, Range::After(since), limit, &reply, false);
-                    }
-                }
+                read => self.reads.push_back(read),
             }
         }
         if !messages.is_empty() {
             self.commit(&messages, routes);
         }
+        // Reads after the group, and a bounded number per group: a reconnect storm's
+        // thousands of `ready`s must not hold the messages behind them. (A read answered
+        // after later groups sees them; a `ready`'s connection skips the stored messages
+        // that reach it first, which its heads include.)
+        for _ in 0..READS_PER_GROUP {
+            let Some(read) = self.reads.pop_front() else { break };
+            self.answer(read);
+        }
         for shard in shards_in(std::mem::take(&mut self.to_ring)) {
             self.mesh.ring(shard);
+        }
+    }
+
+    fn answer(&mut self, read: ToStore) {
+        match read {
+            ToStore::Read {
+                conv,
+                range,
+                limit,
+                reply,
+            } => self.answer_read(&conv, range, limit, &reply, true),
+            ToStore::Ready { user, reply } => self.answer_ready(&user, &reply),
+            ToStore::Joined {
+                user,
+                room,
+                since,
+                reply,
+            } => {
+                let conv = ConvId::room(&room);
+                if let Err(e) = self.store.note_member(&user, &conv, now_ms()) {
+                    tracing::warn!("store: cannot note that {user} joined {room}: {e}");
+                }
+                if let Some(since) = since {
+                    let limit = protocol::HISTORY_DEFAULT_LIMIT;
+                    self.answer_read(&conv, Range::After(since), limit, &reply, false);
+                }
+            }
+            ToStore::Append(_) | ToStore::Placement(_) | ToStore::Stop => {}
         }
     }
 
