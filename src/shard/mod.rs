@@ -224,7 +224,8 @@ fn start_store(config: &Config, mesh: &Arc<Mesh>) -> Result<Option<StoreThreads>
             };
             let (queue, thread) =
                 crate::store::push::spawn(push_config).map_err(|source| StartError::Thread { what: "push", source })?;
-            tracing::info!("push: messages for users with no connection go to {url}");
+            let shown = crate::cluster::access::redact_url(url);
+            tracing::info!("push: messages for users with no connection go to {shown}");
             (Some(queue), Some(thread))
         }
         _ => (None, None),

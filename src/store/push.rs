@@ -176,8 +176,6 @@ mod tests {
 
     #[test]
     fn the_signature_is_an_hmac_of_time_and_body() {
-        // RFC 4231 test case 2 ("Jefe", "what do ya want for nothing?"), split as the
-        // timestamp and body are.
         let sig = signature(b"Jefe", 0, b"");
         assert!(sig.starts_with("sha256=") && sig.len() == 7 + 64);
         let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"Jefe");

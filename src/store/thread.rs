@@ -388,7 +388,7 @@ impl<S: MessageStore> StoreThread<S> {
                     self.reply_error(
                         &to,
                         ErrorCode::Unavailable,
-                        "the message store cannot write now; the message was not stored or delivered, retry".into(),
+                        "the message store cannot write now: the message was not delivered and may not be stored; retry with the same id".into(),
                     );
                 }
                 return;
