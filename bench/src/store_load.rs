@@ -9,6 +9,8 @@
 //!   wall time and the thread's CPU time.
 //! - `restart`: `--messages` stored, the store closed and opened again: time to open and
 //!   to the first append.
+//! - `fill`: only stores `--messages` (for a gateway to serve them: `--dir` is then the
+//!   gateway's `--data-dir` followed by `/messages`; `scripts/bench-catch-up.sh`).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -23,6 +25,7 @@ enum Case {
     Append,
     CatchUp,
     Restart,
+    Fill,
 }
 
 #[derive(Debug, Parser)]
@@ -190,6 +193,17 @@ fn main() {
                 wall.as_secs_f64() * 1e3,
                 cpu.as_secs_f64() * 1e3,
                 fetched as f64 / wall.as_secs_f64()
+            );
+        }
+        Case::Fill => {
+            let mut store = fresh(&args.dir);
+            let t = Instant::now();
+            fill(&mut store, args.messages, args.conversations, &body);
+            println!(
+                "fill: {} messages in {} conversations of user 'reader' in {:.1} s",
+                args.messages,
+                args.conversations,
+                t.elapsed().as_secs_f64()
             );
         }
         Case::Restart => {
