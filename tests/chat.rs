@@ -12,26 +12,11 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
-/// A two-shard gateway with dev auth and a port per shard.
+/// A two-shard gateway with dev auth and a port per shard, relaying: what these tests
+/// check is routing (the store's tests are in tests/store.rs).
 fn gateway(name: &str, extra: &[&str]) -> (Gateway, Vec<u16>) {
-    let dir = temp_dir(name);
-    let mut args = vec![
-        "--shards",
-        "2",
-        "--shard-ports",
-        "--insecure-dev-auth",
-        "--rate-limit",
-        "0",
-        "--rate-limit-bytes",
-        "0",
-    ];
-    // Relay: what these tests check is routing (the store's tests are in tests/store.rs).
-    args.extend_from_slice(&["--data-dir", dir.to_str().unwrap(), "--store", "none"]);
-    args.extend_from_slice(extra);
-    let gw = Gateway::start(&args);
-    let ports = shard_ports(&gw);
-    assert_eq!(ports.len(), 2, "{:?}", gw.seen);
-    (gw, ports)
+    let args = [&["--store", "none"], extra].concat();
+    two_shard_dev_gateway(&temp_dir(name), &args)
 }
 
 /// Connects `user` to the shard listening on `port` and waits for `ready`.

@@ -14,26 +14,9 @@ use std::time::Duration;
 use common::*;
 use serde_json::{json, Value};
 
-/// A gateway with the store (the default) in a data directory of its own: two shards,
-/// dev auth, a port per shard.
+/// A gateway with the store (the default) in a data directory of its own.
 fn gateway_in(dir: &Path, extra: &[&str]) -> (Gateway, Vec<u16>) {
-    let mut args = vec![
-        "--shards",
-        "2",
-        "--shard-ports",
-        "--insecure-dev-auth",
-        "--rate-limit",
-        "0",
-        "--rate-limit-bytes",
-        "0",
-        "--data-dir",
-        dir.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let gw = Gateway::start(&args);
-    let ports = shard_ports(&gw);
-    assert_eq!(ports.len(), 2, "{:?}", gw.seen);
-    (gw, ports)
+    two_shard_dev_gateway(dir, extra)
 }
 
 async fn connect(port: u16, user: &str) -> (Ws, Value) {

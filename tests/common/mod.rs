@@ -259,6 +259,28 @@ pub fn shard_ports(gw: &Gateway) -> Vec<u16> {
     ports.into_iter().map(|(_, p)| p).collect()
 }
 
+/// A two-shard gateway with dev auth, no rate limits and a port per shard, keeping its
+/// data (secret, message store) in `dir`; returns it and the shards' ports.
+pub fn two_shard_dev_gateway(dir: &std::path::Path, extra: &[&str]) -> (Gateway, Vec<u16>) {
+    let mut args = vec![
+        "--shards",
+        "2",
+        "--shard-ports",
+        "--insecure-dev-auth",
+        "--rate-limit",
+        "0",
+        "--rate-limit-bytes",
+        "0",
+        "--data-dir",
+        dir.to_str().expect("a UTF-8 path"),
+    ];
+    args.extend_from_slice(extra);
+    let gw = Gateway::start(&args);
+    let ports = shard_ports(&gw);
+    assert_eq!(ports.len(), 2, "{:?}", gw.seen);
+    (gw, ports)
+}
+
 /// A fresh directory for a test's data (the generated auth secret lives there).
 pub fn temp_dir(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("shardgate-test-{name}-{}", std::process::id()));
