@@ -4,12 +4,17 @@
 //!   scan reads a conversation in order;
 //! - `heads`: conversation → latest seq, written in the same atomic batch;
 //! - `floors`: conversation → first seq still held, once retention trimmed it;
-//! - `user_convs`: user, NUL, conversation → when the user last took part (u64 BE ms);
-//! - `client_ids`: hash of (sender, client id) (u64 BE) → when it was used, seq and
-//!   conversation: the dedupe window, looked up per message with an id (a miss costs a
-//!   bloom filter, and the window's size is on disk, not in memory);
-//! - `client_id_times`: time, hash → nothing: the same ids in time order, so that the
-//!   expired ones are trimmed from the front.
+//! - `user_convs`: user, NUL, conversation → when the user last took part (u64 BE ms),
+//!   rewritten at most once a minute per conversation (it only orders `ready`'s list);
+//! - `client_ids`: the dedupe window's period (u64 BE, time / window), hash of (sender,
+//!   client id) (u64 BE) → when it was used, seq and conversation. Looked up per message
+//!   with an id in the current and the previous period (a miss costs a bloom filter, and
+//!   the window's size is on disk, not in memory); periods older than those are trimmed
+//!   from the front.
+//!
+//! Every key written per message is a flush, and every flush or compaction briefly holds
+//! the writes of its keyspace (fjall installs the new tables under a lock), so the indexes
+//! take as few writes as they can (docs/perf/18).
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
@@ -23,7 +28,7 @@ use super::{record, Appended, ConvId, MessageStore, NewMessage, Page, Range, Ret
 
 /// The file that marks a directory as a shardgate message store, and its format.
 const MARKER: &str = "SHARDGATE-STORE";
-const MARKER_TEXT: &str = "shardgate message store, format 1\n";
+const MARKER_TEXT: &str = "shardgate message store, format 2\n";
 /// What the store may hold in memory: the block cache and each keyspace's memtable (the
 /// messages' larger: it takes every write); and the journal kept on disk before memtables
 /// are flushed. fjall's defaults (32 MiB cache, 64 MiB memtables) are for a database that
@@ -40,6 +45,11 @@ const WORKER_THREADS: usize = 1;
 /// Caches of heads and floors are dropped past this many conversations (fjall's block
 /// cache still holds the hot ones): memory stays bounded however many conversations exist.
 const CACHE_MAX: usize = 1 << 20;
+/// How stale a user's conversation time may be: `ready` lists conversations by it.
+const USER_CONV_REFRESH_MS: u64 = 60_000;
+/// The dedupe window's periods are at least this long (a window of 0 still dedupes a
+/// retry in the same second).
+const MIN_DEDUPE_PERIOD_MS: u64 = 1_000;
 
 /// Why a data directory cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -63,12 +73,14 @@ pub struct EmbeddedStore {
     floors: Keyspace,
     user_convs: Keyspace,
     client_ids: Keyspace,
-    client_id_times: Keyspace,
     retention: Retention,
     dedupe_window_ms: u64,
     /// Latest seq and first held seq per conversation, as far as read or written since start.
     head_cache: HashMap<ConvId, u64>,
     floor_cache: HashMap<ConvId, u64>,
+    /// `user_convs` keys and the time last written, to skip rewrites within
+    /// `USER_CONV_REFRESH_MS`.
+    user_convs_written: HashMap<Vec<u8>, u64>,
     /// Where the retention sweep goes on from (a conversation id), and whether it is
     /// in the middle of a round.
     sweep_cursor: Option<String>,
@@ -94,6 +106,14 @@ fn user_conv_key(user: &str, conv: &ConvId) -> Vec<u8> {
     key.extend_from_slice(user.as_bytes());
     key.push(0);
     key.extend_from_slice(conv.as_str().as_bytes());
+    key
+}
+
+/// The `client_ids` key of `hash` in `period`.
+fn client_id_key(period: u64, hash: u64) -> [u8; 16] {
+    let mut key = [0; 16];
+    key[..8].copy_from_slice(&period.to_be_bytes());
+    key[8..].copy_from_slice(&hash.to_be_bytes());
     key
 }
 
@@ -167,12 +187,12 @@ impl EmbeddedStore {
             floors: keyspace("floors", INDEX_MEMTABLE_BYTES)?,
             user_convs: keyspace("user_convs", INDEX_MEMTABLE_BYTES)?,
             client_ids: keyspace("client_ids", INDEX_MEMTABLE_BYTES)?,
-            client_id_times: keyspace("client_id_times", INDEX_MEMTABLE_BYTES)?,
             db,
             retention,
             dedupe_window_ms: dedupe_window.as_millis() as u64,
             head_cache: HashMap::new(),
             floor_cache: HashMap::new(),
+            user_convs_written: HashMap::new(),
             sweep_cursor: None,
             scratch: Vec::new(),
         })
@@ -209,7 +229,15 @@ impl EmbeddedStore {
         client_id: &str,
         now_ms: u64,
     ) -> Result<Option<(ConvId, u64)>, StoreError> {
-        let Some(value) = self.client_ids.get(hash.to_be_bytes()).map_err(engine)? else {
+        let period = self.dedupe_period(now_ms);
+        let mut found = None;
+        for p in [period, period.saturating_sub(1)] {
+            found = self.client_ids.get(client_id_key(p, hash)).map_err(engine)?;
+            if found.is_some() {
+                break;
+            }
+        }
+        let Some(value) = found else {
             return Ok(None);
         };
         let used_ms = u64_at(&value, 0, "a client id record is too short")?;
@@ -228,6 +256,34 @@ impl EmbeddedStore {
         let stored = record::decode(seq, &record)?;
         let same = stored.from == m.from && stored.client_id.as_deref() == Some(client_id);
         Ok(same.then_some((conv, seq)))
+    }
+
+    /// The dedupe window's period at `now_ms`: a retry's record is in this one or the one
+    /// before.
+    fn dedupe_period(&self, now_ms: u64) -> u64 {
+        now_ms / self.dedupe_window_ms.max(MIN_DEDUPE_PERIOD_MS)
+    }
+
+    /// Notes in `batch` that `user` took part in `conv` at `ts_ms`, unless that was written
+    /// less than `USER_CONV_REFRESH_MS` ago; the keys written go to `written` (remembered
+    /// once the batch is committed).
+    fn touch_user_conv(
+        &self,
+        batch: &mut OwnedWriteBatch,
+        written: &mut Vec<(Vec<u8>, u64)>,
+        user: &str,
+        conv: &ConvId,
+        ts_ms: u64,
+    ) {
+        let key = user_conv_key(user, conv);
+        let fresh = |at: u64| at.saturating_add(USER_CONV_REFRESH_MS) > ts_ms;
+        if self.user_convs_written.get(&key).is_some_and(|&at| fresh(at))
+            || written.iter().any(|(k, at)| *k == key && fresh(*at))
+        {
+            return;
+        }
+        batch.insert(&self.user_convs, key.as_slice(), ts_ms.to_be_bytes());
+        written.push((key, ts_ms));
     }
 
     /// Removes the messages of `conv` below `new_floor` (from `floor`) in `batch`.
@@ -279,6 +335,8 @@ impl MessageStore for EmbeddedStore {
         // Client ids used in this group (a retry may come in the same group).
         let mut ids: HashMap<u64, (ConvId, u64)> = HashMap::new();
         let mut results = Vec::with_capacity(group.len());
+        let mut user_convs_written = Vec::new();
+        let period = self.dedupe_period(now_ms);
         let mut batch = self.db.batch();
         for m in group {
             let hash = m.client_id.as_deref().map(|id| client_id_hash(&m.from, id));
@@ -314,22 +372,19 @@ impl MessageStore for EmbeddedStore {
                     floors.insert(m.conv.clone(), new_floor);
                 }
             }
-            let ts = m.ts_ms.to_be_bytes();
+            let written = &mut user_convs_written;
             match m.conv.direct_users() {
                 Some((a, b)) => {
-                    batch.insert(&self.user_convs, user_conv_key(a, &m.conv), ts);
-                    batch.insert(&self.user_convs, user_conv_key(b, &m.conv), ts);
+                    self.touch_user_conv(&mut batch, written, a, &m.conv, m.ts_ms);
+                    self.touch_user_conv(&mut batch, written, b, &m.conv, m.ts_ms);
                 }
-                None => batch.insert(&self.user_convs, user_conv_key(&m.from, &m.conv), ts),
+                None => self.touch_user_conv(&mut batch, written, &m.from, &m.conv, m.ts_ms),
             }
             if let Some(hash) = hash {
                 let mut value = now_ms.to_be_bytes().to_vec();
                 value.extend_from_slice(&seq.to_be_bytes());
                 value.extend_from_slice(m.conv.as_str().as_bytes());
-                batch.insert(&self.client_ids, hash.to_be_bytes(), value);
-                let mut time_key = now_ms.to_be_bytes().to_vec();
-                time_key.extend_from_slice(&hash.to_be_bytes());
-                batch.insert(&self.client_id_times, time_key, []);
+                batch.insert(&self.client_ids, client_id_key(period, hash), value);
                 ids.insert(hash, (m.conv.clone(), seq));
             }
         }
@@ -344,6 +399,10 @@ impl MessageStore for EmbeddedStore {
         for (conv, floor) in floors {
             self.remember_floor(conv, floor);
         }
+        if self.user_convs_written.len() + user_convs_written.len() > CACHE_MAX {
+            self.user_convs_written.clear();
+        }
+        self.user_convs_written.extend(user_convs_written);
         // fdatasync: the journal's data and its length, which is all a replay needs.
         self.db.persist(PersistMode::SyncData).map_err(engine)?;
         Ok(results)
@@ -405,19 +464,11 @@ impl MessageStore for EmbeddedStore {
 
     fn trim_step(&mut self, now_ms: u64, budget: usize) -> Result<TrimStep, StoreError> {
         let mut step = TrimStep::default();
-        // The dedupe window's records older than the window (an id used again since
-        // keeps its newer record).
-        let oldest = now_ms.saturating_sub(self.dedupe_window_ms).to_be_bytes();
+        // The dedupe window's periods before the two a lookup reads.
+        let oldest_read = self.dedupe_period(now_ms).saturating_sub(1).to_be_bytes();
         let mut batch = self.db.batch();
-        for item in self.client_id_times.range(..oldest.as_slice()).take(budget) {
-            let key = item.key().map_err(engine)?;
-            let used_ms = u64_at(&key, 0, "a client id time key is too short")?;
-            let hash = u64_at(&key, 8, "a client id time key is too short")?.to_be_bytes();
-            let current = self.client_ids.get(hash).map_err(engine)?;
-            if current.is_some_and(|v| v.get(..8) == Some(&used_ms.to_be_bytes()[..])) {
-                batch.remove(&self.client_ids, hash);
-            }
-            batch.remove(&self.client_id_times, key);
+        for item in self.client_ids.range(..oldest_read.as_slice()).take(budget) {
+            batch.remove(&self.client_ids, item.key().map_err(engine)?);
         }
         let cutoff_ms = match self.retention.max_age {
             d if d.is_zero() => 0,
@@ -542,6 +593,34 @@ mod tests {
     }
 
     #[test]
+    fn ready_lists_conversations_by_their_last_minute_of_activity() {
+        let dir = temp("recent");
+        let with_bob = ConvId::direct("alice", "bob");
+        let with_carol = ConvId::direct("alice", "carol");
+        let mut store = open(&dir, KEEP_ALL);
+        let order = |store: &EmbeddedStore| -> Vec<ConvId> {
+            store
+                .conversations("alice", 10)
+                .unwrap()
+                .into_iter()
+                .map(|(c, _)| c)
+                .collect()
+        };
+        store.append(&[msg(&with_bob, "alice", 0)], NOW).unwrap();
+        store.append(&[msg(&with_carol, "alice", 1_000)], NOW).unwrap();
+        assert_eq!(order(&store), vec![with_carol.clone(), with_bob.clone()]);
+        // Within a minute of its last index write a conversation keeps its place (the
+        // index is not rewritten per message) ...
+        store.append(&[msg(&with_bob, "alice", 2_000)], NOW).unwrap();
+        assert_eq!(order(&store), vec![with_carol.clone(), with_bob.clone()]);
+        // ... and moves up once that minute has passed.
+        store.append(&[msg(&with_bob, "alice", 61_000)], NOW).unwrap();
+        assert_eq!(order(&store), vec![with_bob.clone(), with_carol.clone()]);
+        drop(store);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn a_retry_within_the_window_is_not_stored_twice_even_after_a_restart() {
         let dir = temp("dedupe");
         let dm = ConvId::direct("alice", "bob");
@@ -577,20 +656,26 @@ mod tests {
                 Appended::New(2)
             ]
         );
+        // Still within the window, though in the window's next period.
+        assert_eq!(
+            store.append(std::slice::from_ref(&retry), NOW + 299_000).unwrap(),
+            vec![Appended::Duplicate {
+                conv: dm.clone(),
+                seq: 1
+            }]
+        );
         // Past the window, the same id is a new message.
         let later = NOW + 301_000;
         assert_eq!(store.append(&[retry], later).unwrap(), vec![Appended::New(3)]);
-        let step = store.trim_step(later, 100).unwrap();
-        assert!(step.swept_all);
-        assert_eq!(
-            store.client_id_times.iter().count(),
-            2,
-            "the expired id is trimmed from disk"
-        );
+        // Records stay while a lookup may read their period (this one and the one before),
+        // and are trimmed from disk after.
+        assert!(store.trim_step(later, 100).unwrap().swept_all);
+        assert_eq!(store.client_ids.iter().count(), 3);
+        assert!(store.trim_step(later + 300_000, 100).unwrap().swept_all);
         assert_eq!(
             store.client_ids.iter().count(),
-            2,
-            "alice's id, used again, keeps its record"
+            1,
+            "the first window's ids are trimmed, alice's new use is kept"
         );
         drop(store);
         std::fs::remove_dir_all(dir).unwrap();
