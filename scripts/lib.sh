@@ -37,6 +37,17 @@ ensure_nats_server() {
   fi
 }
 
+# ensure_redis_server: installs redis-server (and redis-cli) from the distribution if it
+# is missing; the store tests start their own on free loopback ports.
+ensure_redis_server() {
+  if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+    echo "redis-server is missing; installing it (apt-get install redis-server)"
+    if [ "$(id -u)" = 0 ]; then sudo=; else sudo=sudo; fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null
+  fi
+}
+
 # start_nats OUT: starts nats-server on a free loopback port (log in OUT/nats.log), waits
 # until it accepts clients, sets $nats_url and $nats_pid. The caller stops it by PID.
 start_nats() {

@@ -6,8 +6,8 @@
 # gateway, then the soak (CI profile), a small soak across a 3-node cluster, and the
 # fault-injection runs (CI profile: a node killed, NATS restarted, reconnect storms). The
 # fuzz targets (tests/fuzz.rs) run with `cargo test`, 2,000 cases each.
-# Installs what a fresh machine of this kind lacks (nats-server from apt, the Autobahn
-# virtualenv).
+# Installs what a fresh machine of this kind lacks (nats-server and redis-server from apt,
+# the Autobahn virtualenv). The store tests on Redis start their own redis-server each.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 help_if_asked "$0" "$@"
@@ -17,6 +17,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "== redis-server for the store tests (each test starts its own)"
+ensure_redis_server
 echo "== nats-server for the cluster tests"
 start_nats target/test-nats
 trap 'kill -TERM "$nats_pid" 2>/dev/null; wait "$nats_pid" 2>/dev/null || true' EXIT

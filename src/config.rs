@@ -374,7 +374,7 @@ config_table! {
         /// Tokens must carry this `iss` (and `token` mints it) [default: not checked].
         #[arg(value_name = "ISS")]
         token_issuer: String;
-        /// Where messages are stored: `embedded` (in --data-dir) or `none` (relay only: acks say `routed`/`offline`, nothing is kept) [default: embedded; none with --nats].
+        /// Where messages are stored: `embedded` (in --data-dir), `redis://HOST:PORT[/DB]` (a Redis shared by gateways) or `none` (relay only: acks say `routed`/`offline`, nothing is kept) [default: embedded; none with --nats].
         #[arg(value_name = "KIND")]
         store: String;
         /// POST a signed batch to this URL for messages stored for users with no connection (needs --push-secret-file).
@@ -390,11 +390,18 @@ config_table! {
     }
 }
 
+/// `--store` names a Redis.
+fn is_redis_url(store: &str) -> bool {
+    store.starts_with("redis://") || store.starts_with("rediss://") || store.starts_with("redis+unix://")
+}
+
 /// Where messages are kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreKind {
     /// In the data directory (the default of a single node).
     Embedded,
+    /// On the Redis at the URL `--store` gives.
+    Redis,
     /// Nowhere: relay only.
     None,
 }
@@ -435,6 +442,7 @@ impl Config {
     pub fn store_kind(&self) -> StoreKind {
         match (self.store.as_deref(), &self.nats) {
             (Some("embedded"), _) | (None, None) => StoreKind::Embedded,
+            (Some(url), _) if is_redis_url(url) => StoreKind::Redis,
             _ => StoreKind::None,
         }
     }
@@ -491,7 +499,13 @@ impl Config {
             (Some("embedded"), Some(_)) => {
                 return Err("--store embedded cannot run with --nats: each node would number the same conversations on its own. Run the cluster with --store none (relay: nothing stored) until the nodes share a store".into())
             }
-            (Some(other), _) => return Err(format!("store must be embedded or none, not {other:?}")),
+            (Some(url), None) if is_redis_url(url) => {}
+            (Some(url), Some(_)) if is_redis_url(url) => {
+                return Err("--store redis with --nats: stored messages are not delivered across nodes yet; run the cluster with --store none (relay) for now".into())
+            }
+            (Some(other), _) => {
+                return Err(format!("store must be embedded, redis://HOST:PORT[/DB] or none, not {other:?}"))
+            }
         }
         if self.push_webhook.is_some() {
             if self.store_kind() == StoreKind::None {
@@ -511,6 +525,37 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn serve(flags: &[&str]) -> Result<Config, ConfigError> {
+        let cli = Cli::parse_from([&["shardgate", "serve"], flags].concat());
+        let Command::Serve(args) = cli.command else {
+            panic!("serve")
+        };
+        Config::from_args(args)
+    }
+
+    #[test]
+    fn the_store_is_embedded_alone_none_in_a_cluster_and_redis_when_named() {
+        let kind = |flags: &[&str]| serve(flags).map(|c| c.store_kind()).map_err(|e| e.to_string());
+        let nats = ["--nats", "nats://127.0.0.1:4222"];
+        assert_eq!(kind(&[]), Ok(StoreKind::Embedded));
+        assert_eq!(kind(&nats), Ok(StoreKind::None));
+        assert_eq!(kind(&["--store", "redis://127.0.0.1:6379/2"]), Ok(StoreKind::Redis));
+        assert_eq!(kind(&["--store", "none"]), Ok(StoreKind::None));
+        let refused = |flags: &[&str], words: &str| {
+            let e = kind(flags).unwrap_err();
+            assert!(e.contains(words), "{flags:?}: {e}");
+        };
+        refused(
+            &[&nats[..], &["--store", "embedded"]].concat(),
+            "cannot run with --nats",
+        );
+        refused(
+            &[&nats[..], &["--store", "redis://h:1"]].concat(),
+            "not delivered across nodes yet",
+        );
+        refused(&["--store", "postgres://h"], "redis://HOST:PORT[/DB]");
+    }
 
     #[test]
     fn flags_override_file_and_file_overrides_defaults() {

@@ -19,6 +19,55 @@ fn gateway_in(dir: &Path, extra: &[&str]) -> (Gateway, Vec<u16>) {
     two_shard_dev_gateway(dir, extra)
 }
 
+/// A gateway on `store` (no flags: the embedded store; else `--store redis://…`), with a
+/// data directory of its own named after the test and the store.
+fn gateway_on(name: &str, store: &[&str], extra: &[&str]) -> (Gateway, Vec<u16>) {
+    let kind = store_kind(store);
+    let dir = temp_dir(&format!("{name}-{kind}"));
+    let (gw, ports) = gateway_in(&dir, &[store, extra].concat());
+    let said = format!("store: {kind} ");
+    assert!(gw.seen.iter().any(|l| l.contains(&said)), "{:?}", gw.seen);
+    (gw, ports)
+}
+
+fn store_kind(store: &[&str]) -> &'static str {
+    if store.is_empty() {
+        "embedded"
+    } else {
+        "redis"
+    }
+}
+
+/// Each test named here runs twice: on the embedded store (`<name>::embedded`) and on a
+/// Redis of its own (`<name>::redis`), the same assertions on both.
+macro_rules! on_each_store {
+    ($($name:ident),* $(,)?) => {
+        $(mod $name {
+            #[test]
+            fn embedded() {
+                super::$name(&[]);
+            }
+
+            #[test]
+            fn redis() {
+                let redis = super::Redis::start(stringify!($name));
+                super::$name(&["--store", &redis.url(0)]);
+            }
+        })*
+    };
+}
+
+on_each_store!(
+    a_message_to_an_offline_user_is_stored_and_fetched_when_they_connect,
+    two_senders_into_one_conversation_get_one_order_everywhere,
+    a_dropped_connection_resumes_with_nothing_missed,
+    joining_a_room_with_since_recovers_what_was_missed,
+    a_retried_send_is_stored_once_and_acked_with_the_original_position,
+    trimmed_history_is_answered_not_recovered,
+    bad_history_requests_get_clear_errors_and_keep_the_connection,
+    every_message_acked_stored_survives_kill_9,
+);
+
 async fn connect(port: u16, user: &str) -> (Ws, Value) {
     connect_stored(&format!("ws://127.0.0.1:{port}/ws?user={user}"), user).await
 }
@@ -44,10 +93,8 @@ fn seqs_of(page: &Value) -> Vec<u64> {
     page["messages"].as_array().unwrap().iter().map(seq).collect()
 }
 
-#[test]
-fn a_message_to_an_offline_user_is_stored_and_fetched_when_they_connect() {
-    let dir = temp_dir("store-offline");
-    let (mut gw, ports) = gateway_in(&dir, &[]);
+fn a_message_to_an_offline_user_is_stored_and_fetched_when_they_connect(store: &[&str]) {
+    let (mut gw, ports) = gateway_on("store-offline", store, &[]);
     runtime().block_on(async {
         let (mut alice, ready) = connect(ports[0], "alice").await;
         assert_eq!(ready["convs"], json!([]));
@@ -118,10 +165,8 @@ fn a_message_to_an_offline_user_is_stored_and_fetched_when_they_connect() {
     assert!(gw.wait_exit().success(), "{:?}", gw.seen);
 }
 
-#[test]
-fn two_senders_into_one_conversation_get_one_order_everywhere() {
-    let dir = temp_dir("store-order");
-    let (_gw, ports) = gateway_in(&dir, &[]);
+fn two_senders_into_one_conversation_get_one_order_everywhere(store: &[&str]) {
+    let (_gw, ports) = gateway_on("store-order", store, &[]);
     const EACH: u64 = 60;
     runtime().block_on(async {
         let (mut alice, _) = connect(ports[0], "alice").await;
@@ -177,10 +222,8 @@ async fn burst(ws: &mut Ws, who: &str, n: u64) {
     }
 }
 
-#[test]
-fn a_dropped_connection_resumes_with_nothing_missed() {
-    let dir = temp_dir("store-resume");
-    let (_gw, ports) = gateway_in(&dir, &[]);
+fn a_dropped_connection_resumes_with_nothing_missed(store: &[&str]) {
+    let (_gw, ports) = gateway_on("store-resume", store, &[]);
     runtime().block_on(async {
         let (mut alice, _) = connect(ports[0], "alice").await;
         let (mut bob, _) = connect(ports[1], "bob").await;
@@ -244,10 +287,8 @@ fn a_dropped_connection_resumes_with_nothing_missed() {
     });
 }
 
-#[test]
-fn joining_a_room_with_since_recovers_what_was_missed() {
-    let dir = temp_dir("store-join-since");
-    let (_gw, ports) = gateway_in(&dir, &[]);
+fn joining_a_room_with_since_recovers_what_was_missed(store: &[&str]) {
+    let (_gw, ports) = gateway_on("store-join-since", store, &[]);
     runtime().block_on(async {
         let (mut alice, _) = connect(ports[0], "alice").await;
         send(&mut alice, json!({"type":"join","room":"news"})).await;
@@ -278,10 +319,8 @@ fn joining_a_room_with_since_recovers_what_was_missed() {
     });
 }
 
-#[test]
-fn a_retried_send_is_stored_once_and_acked_with_the_original_position() {
-    let dir = temp_dir("store-retry");
-    let (_gw, ports) = gateway_in(&dir, &[]);
+fn a_retried_send_is_stored_once_and_acked_with_the_original_position(store: &[&str]) {
+    let (_gw, ports) = gateway_on("store-retry", store, &[]);
     runtime().block_on(async {
         let (mut alice, _) = connect(ports[0], "alice").await;
         let (mut bob, _) = connect(ports[1], "bob").await;
@@ -298,10 +337,8 @@ fn a_retried_send_is_stored_once_and_acked_with_the_original_position() {
     });
 }
 
-#[test]
-fn trimmed_history_is_answered_not_recovered() {
-    let dir = temp_dir("store-retention");
-    let (_gw, ports) = gateway_in(&dir, &["--retention-max-messages", "3"]);
+fn trimmed_history_is_answered_not_recovered(store: &[&str]) {
+    let (_gw, ports) = gateway_on("store-retention", store, &["--retention-max-messages", "3"]);
     runtime().block_on(async {
         let (mut alice, _) = connect(ports[0], "alice").await;
         for n in 1..=5 {
@@ -318,10 +355,8 @@ fn trimmed_history_is_answered_not_recovered() {
     });
 }
 
-#[test]
-fn bad_history_requests_get_clear_errors_and_keep_the_connection() {
-    let dir = temp_dir("store-bad");
-    let (_gw, ports) = gateway_in(&dir, &["--rooms-closed-by-default"]);
+fn bad_history_requests_get_clear_errors_and_keep_the_connection(store: &[&str]) {
+    let (_gw, ports) = gateway_on("store-bad", store, &["--rooms-closed-by-default"]);
     runtime().block_on(async {
         let (mut alice, _) = connect(ports[0], "alice").await;
         send_acked(&mut alice, json!({"type":"send","to":"bob","body":1})).await;
@@ -530,10 +565,9 @@ fn the_push_webhook_gets_signed_batches_and_retries_after_a_500() {
 /// Sends as fast as acks come back, `kill -9`s the gateway mid-stream, restarts it on the
 /// same directory: every message acked `stored` is there, once, in order, and the
 /// sequence goes on.
-#[test]
-fn every_message_acked_stored_survives_kill_9() {
-    let dir = temp_dir("store-crash");
-    let (mut gw, ports) = gateway_in(&dir, &[]);
+fn every_message_acked_stored_survives_kill_9(store: &[&str]) {
+    let dir = temp_dir(&format!("store-crash-{}", store_kind(store)));
+    let (mut gw, ports) = gateway_in(&dir, store);
     let acked: Vec<(u64, String)> = runtime().block_on(async {
         let (mut alice, _) = connect(ports[0], "alice").await;
         let mut acked = Vec::new();
@@ -566,7 +600,7 @@ fn every_message_acked_stored_survives_kill_9() {
         acked
     });
     assert!(!gw.wait_exit().success());
-    let (_gw, ports) = gateway_in(&dir, &[]);
+    let (_gw, ports) = gateway_in(&dir, store);
     runtime().block_on(async {
         let (mut bob, ready) = connect(ports[1], "bob").await;
         let head = ready["convs"][0]["seq"].as_u64().unwrap();
@@ -670,4 +704,51 @@ fn a_full_disk_answers_unavailable_and_loses_nothing_acked() {
     });
     gw.wait_line("store: cannot write messages");
     assert!(stored > 0);
+}
+
+/// Redis killed under a running gateway: sends are answered `unavailable` at once and the
+/// connection stays; once Redis is back (its append-only file synced before each reply)
+/// the gateway connects again by itself and says so, every message acked `stored` before
+/// the crash is there, and the sequence goes on from it.
+#[test]
+fn redis_down_answers_unavailable_and_loses_nothing_acked() {
+    let mut redis = Redis::start("down");
+    let url = redis.url(3);
+    let (mut gw, ports) = gateway_on("store-redis-down", &["--store", &url], &[]);
+    runtime().block_on(async {
+        let (mut alice, _) = connect(ports[0], "alice").await;
+        for n in 1..=20 {
+            let ack = send_acked(&mut alice, json!({"type":"send","to":"bob","body":n})).await;
+            assert_eq!((&ack["status"], seq(&ack)), (&json!("stored"), n), "{ack}");
+        }
+        redis.kill();
+        for attempt in ["during-1", "during-2"] {
+            let started = std::time::Instant::now();
+            let e = send_acked(&mut alice, json!({"type":"send","to":"bob","id":attempt,"body":"x"})).await;
+            assert_eq!(
+                (&e["type"], &e["code"], &e["id"]),
+                (&json!("error"), &json!("unavailable"), &json!(attempt)),
+                "{e}"
+            );
+            assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+        }
+        redis.restart();
+        let ack = send_acked(&mut alice, json!({"type":"send","to":"bob","id":"during-2","body":"x"})).await;
+        assert_eq!((&ack["status"], seq(&ack)), (&json!("stored"), 21), "{ack}");
+        let page = history(&mut alice, json!({"type":"history","conv":"dm:alice:bob","since":0})).await;
+        assert_eq!(seqs_of(&page), (1..=21).collect::<Vec<_>>());
+    });
+    gw.seen_or_wait("cannot write messages");
+    gw.seen_or_wait("writing messages again");
+}
+
+/// A Redis that acknowledges writes before syncing them is said at start, with the
+/// settings that make `stored` hold.
+#[test]
+fn a_redis_that_may_lose_acked_writes_is_said_at_start() {
+    let redis = Redis::start_with("everysec", &["--appendfsync", "everysec"]);
+    let url = redis.url(0);
+    let (mut gw, _) = gateway_on("store-redis-everysec", &["--store", &url], &[]);
+    let line = gw.seen_or_wait("appendfsync=everysec");
+    assert!(line.contains("set appendonly yes and appendfsync always"), "{line}");
 }

@@ -9,6 +9,8 @@
 //!   wall time and the thread's CPU time.
 //! - `restart`: `--messages` stored, the store closed and opened again: time to open and
 //!   to the first append.
+//!   With `--redis URL`, the same on the Redis store (one pipeline per group: the syncs
+//!   column is then round trips, and the last Redis's memory per message).
 //! - `fill`: only stores `--messages` (for a gateway to serve them: `--dir` is then the
 //!   gateway's `--data-dir` followed by `/messages`; `scripts/bench-catch-up.sh`).
 
@@ -18,6 +20,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
 use shardgate::store::embedded::EmbeddedStore;
+use shardgate::store::redis::RedisStore;
 use shardgate::store::{ConvId, MessageStore, NewMessage, Range, Retention};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -49,6 +52,10 @@ struct Args {
     /// Where the store goes (emptied first).
     #[arg(long, default_value = "target/store-load")]
     dir: PathBuf,
+    /// `append` on the Redis store at this URL instead (its database is flushed first;
+    /// the last column is then Redis's memory per message).
+    #[arg(long, value_name = "URL")]
+    redis: Option<String>,
 }
 
 const KEEP_ALL: Retention = Retention {
@@ -129,6 +136,47 @@ fn dir_bytes(dir: &Path) -> u64 {
     total
 }
 
+/// `redis-cli` on `url`, its answer.
+fn redis_cli(url: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-u", url])
+        .args(args)
+        .output()
+        .expect("redis-cli (apt-get install redis-server)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Redis's `used_memory`, in bytes.
+fn redis_memory(url: &str) -> u64 {
+    redis_cli(url, &["info", "memory"])
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("used_memory in INFO memory")
+}
+
+/// Appends groups of `batch` for `duration`: messages, seconds, groups, commit times.
+fn append_for<S: MessageStore>(
+    store: &mut S,
+    batch: usize,
+    args: &Args,
+    body: &[u8],
+) -> (u64, f64, u64, Histogram<u64>) {
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+    let (start, mut n, mut groups) = (Instant::now(), 0u64, 0u64);
+    while start.elapsed() < args.duration {
+        let group: Vec<NewMessage> = (n..n + batch as u64)
+            .map(|i| message(i, args.conversations, body))
+            .collect();
+        let t = Instant::now();
+        store.append(&group, now_ms()).expect("append");
+        hist.record(t.elapsed().as_micros().max(1) as u64).expect("record");
+        n += batch as u64;
+        groups += 1;
+    }
+    (n, start.elapsed().as_secs_f64(), groups, hist)
+}
+
 fn main() {
     let args = Args::parse();
     let body = body(args.payload);
@@ -136,30 +184,30 @@ fn main() {
         Case::Append => {
             println!("batch  messages  msg_per_s  syncs_per_s  commit_p50_us  commit_p99_us  commit_p999_us  commit_max_us  disk_bytes_per_msg");
             for &batch in &args.batches {
-                let mut store = fresh(&args.dir);
-                let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
-                let (start, mut n, mut syncs) = (Instant::now(), 0u64, 0u64);
-                while start.elapsed() < args.duration {
-                    let group: Vec<NewMessage> = (n..n + batch as u64)
-                        .map(|i| message(i, args.conversations, &body))
-                        .collect();
-                    let t = Instant::now();
-                    store.append(&group, now_ms()).expect("append");
-                    hist.record(t.elapsed().as_micros().max(1) as u64).expect("record");
-                    n += batch as u64;
-                    syncs += 1;
-                }
-                let secs = start.elapsed().as_secs_f64();
-                drop(store);
+                let (n, secs, groups, hist, bytes) = match &args.redis {
+                    Some(url) => {
+                        redis_cli(url, &["flushdb"]);
+                        let before = redis_memory(url);
+                        let mut store = RedisStore::open(url, KEEP_ALL, Duration::from_secs(300)).expect("redis");
+                        let (n, secs, groups, hist) = append_for(&mut store, batch, &args, &body);
+                        (n, secs, groups, hist, redis_memory(url).saturating_sub(before))
+                    }
+                    None => {
+                        let mut store = fresh(&args.dir);
+                        let (n, secs, groups, hist) = append_for(&mut store, batch, &args, &body);
+                        drop(store);
+                        (n, secs, groups, hist, dir_bytes(&args.dir))
+                    }
+                };
                 println!(
                     "{batch:>5}  {n:>8}  {:>9.0}  {:>11.0}  {:>13}  {:>13}  {:>14}  {:>13}  {:>18.0}",
                     n as f64 / secs,
-                    syncs as f64 / secs,
+                    groups as f64 / secs,
                     hist.value_at_quantile(0.5),
                     hist.value_at_quantile(0.99),
                     hist.value_at_quantile(0.999),
                     hist.max(),
-                    dir_bytes(&args.dir) as f64 / n as f64
+                    bytes as f64 / n as f64
                 );
             }
         }
@@ -167,7 +215,7 @@ fn main() {
             let mut store = fresh(&args.dir);
             fill(&mut store, args.messages, args.conversations, &body);
             drop(store);
-            let store = open(&args.dir);
+            let mut store = open(&args.dir);
             let (wall, cpu) = (Instant::now(), thread_cpu());
             let convs = store
                 .conversations("reader", args.conversations as usize)

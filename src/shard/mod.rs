@@ -39,6 +39,7 @@ use crate::route::ShardMsg;
 use crate::shutdown::Shutdown;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::push::PushConfig;
+use crate::store::redis::RedisStore;
 use crate::store::thread::{StoreLink, StoreThreadConfig};
 use crate::store::Retention;
 use crate::sys::{process, socket};
@@ -194,15 +195,12 @@ fn start_store(config: &Config, mesh: &Arc<Mesh>) -> Result<Option<StoreThreads>
         tracing::info!("store: none{why}: messages are relayed, not stored; acks say routed or offline");
         return Ok(None);
     }
-    let dir = config.data_dir.join("messages");
     let retention = Retention {
         max_age: config.retention_max_age,
         max_messages: config.retention_max_messages,
     };
-    let store = EmbeddedStore::open(&dir, retention, config.dedupe_window)?;
-    tracing::info!(
-        "store: embedded in {}; retention {} per conversation, {}",
-        dir.display(),
+    let kept = format!(
+        "retention {} per conversation, {}",
         match config.retention_max_messages {
             0 => "every message".to_string(),
             n => format!("{n} messages"),
@@ -212,6 +210,23 @@ fn start_store(config: &Config, mesh: &Arc<Mesh>) -> Result<Option<StoreThreads>
             d => format!("up to {} old", humantime::format_duration(d)),
         }
     );
+    enum Opened {
+        Embedded(EmbeddedStore),
+        Redis(RedisStore),
+    }
+    let store = match (config.store_kind(), config.store.as_deref()) {
+        (StoreKind::Redis, Some(url)) => {
+            let store = RedisStore::open(url, retention, config.dedupe_window)?;
+            tracing::info!("store: redis at {}; {kept}", crate::cluster::access::redact_url(url));
+            Opened::Redis(store)
+        }
+        _ => {
+            let dir = config.data_dir.join("messages");
+            let store = EmbeddedStore::open(&dir, retention, config.dedupe_window)?;
+            tracing::info!("store: embedded in {}; {kept}", dir.display());
+            Opened::Embedded(store)
+        }
+    };
     let (push_queue, push) = match (&config.push_webhook, &config.push_secret_file) {
         (Some(url), Some(secret_file)) => {
             let secret = crate::secret::read_secret_file(secret_file, PUSH_SECRET)?;
@@ -238,8 +253,11 @@ fn start_store(config: &Config, mesh: &Arc<Mesh>) -> Result<Option<StoreThreads>
         max_page_bytes: config.max_outbound_bytes / 2,
         push_preview_bytes: config.push_preview_bytes,
     };
-    let thread = crate::store::thread::spawn(store, thread_config, rx, mesh.clone(), push_queue)
-        .map_err(|source| StartError::Thread { what: "store", source })?;
+    let thread = match store {
+        Opened::Embedded(store) => crate::store::thread::spawn(store, thread_config, rx, mesh.clone(), push_queue),
+        Opened::Redis(store) => crate::store::thread::spawn(store, thread_config, rx, mesh.clone(), push_queue),
+    }
+    .map_err(|source| StartError::Thread { what: "store", source })?;
     Ok(Some(StoreThreads { link, thread, push }))
 }
 

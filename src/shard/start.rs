@@ -49,6 +49,8 @@ pub enum StartError {
     #[error(transparent)]
     Store(#[from] crate::store::embedded::OpenError),
     #[error(transparent)]
+    RedisStore(#[from] crate::store::redis::OpenError),
+    #[error(transparent)]
     Secret(#[from] crate::secret::SecretError),
     /// Shards that could not start or ended with an error, each explained.
     #[error("{}", .0.join("\n"))]

@@ -24,7 +24,9 @@ use std::time::Duration;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch, PersistMode};
 
-use super::{record, Appended, ConvId, MessageStore, NewMessage, Page, Range, Retention, StoreError, TrimStep};
+use super::{
+    record, Appended, ConvId, MessageStore, NewMessage, Page, Range, RecentWrites, Retention, StoreError, TrimStep,
+};
 
 /// The file that marks a directory as a shardgate message store, and its format.
 const MARKER: &str = "SHARDGATE-STORE";
@@ -45,8 +47,6 @@ const WORKER_THREADS: usize = 1;
 /// Caches of heads and floors are dropped past this many conversations (fjall's block
 /// cache still holds the hot ones): memory stays bounded however many conversations exist.
 const CACHE_MAX: usize = 1 << 20;
-/// How stale a user's conversation time may be: `ready` lists conversations by it.
-const USER_CONV_REFRESH_MS: u64 = 60_000;
 /// The dedupe window's periods are at least this long (a window of 0 still dedupes a
 /// retry in the same second).
 const MIN_DEDUPE_PERIOD_MS: u64 = 1_000;
@@ -78,9 +78,8 @@ pub struct EmbeddedStore {
     /// Latest seq and first held seq per conversation, as far as read or written since start.
     head_cache: HashMap<ConvId, u64>,
     floor_cache: HashMap<ConvId, u64>,
-    /// `user_convs` keys and the time last written, to skip rewrites within
-    /// `USER_CONV_REFRESH_MS`.
-    user_convs_written: HashMap<Vec<u8>, u64>,
+    /// `user_convs` keys written within the last minute.
+    user_convs_written: RecentWrites,
     /// Where the retention sweep goes on from (a conversation id), and whether it is
     /// in the middle of a round.
     sweep_cursor: Option<String>,
@@ -192,7 +191,7 @@ impl EmbeddedStore {
             dedupe_window_ms: dedupe_window.as_millis() as u64,
             head_cache: HashMap::new(),
             floor_cache: HashMap::new(),
-            user_convs_written: HashMap::new(),
+            user_convs_written: RecentWrites::default(),
             sweep_cursor: None,
             scratch: Vec::new(),
         })
@@ -265,25 +264,12 @@ impl EmbeddedStore {
     }
 
     /// Notes in `batch` that `user` took part in `conv` at `ts_ms`, unless that was written
-    /// less than `USER_CONV_REFRESH_MS` ago; the keys written go to `written` (remembered
-    /// once the batch is committed).
-    fn touch_user_conv(
-        &self,
-        batch: &mut OwnedWriteBatch,
-        written: &mut Vec<(Vec<u8>, u64)>,
-        user: &str,
-        conv: &ConvId,
-        ts_ms: u64,
-    ) {
+    /// within the last minute.
+    fn touch_user_conv(&mut self, batch: &mut OwnedWriteBatch, user: &str, conv: &ConvId, ts_ms: u64) {
         let key = user_conv_key(user, conv);
-        let fresh = |at: u64| at.saturating_add(USER_CONV_REFRESH_MS) > ts_ms;
-        if self.user_convs_written.get(&key).is_some_and(|&at| fresh(at))
-            || written.iter().any(|(k, at)| *k == key && fresh(*at))
-        {
-            return;
+        if self.user_convs_written.due(key.clone(), ts_ms) {
+            batch.insert(&self.user_convs, key, ts_ms.to_be_bytes());
         }
-        batch.insert(&self.user_convs, key.as_slice(), ts_ms.to_be_bytes());
-        written.push((key, ts_ms));
     }
 
     /// Removes the messages of `conv` below `new_floor` (from `floor`) in `batch`.
@@ -335,7 +321,7 @@ impl MessageStore for EmbeddedStore {
         // Client ids used in this group (a retry may come in the same group).
         let mut ids: HashMap<u64, (ConvId, u64)> = HashMap::new();
         let mut results = Vec::with_capacity(group.len());
-        let mut user_convs_written = Vec::new();
+        self.user_convs_written.discard();
         let period = self.dedupe_period(now_ms);
         let mut batch = self.db.batch();
         for m in group {
@@ -372,13 +358,12 @@ impl MessageStore for EmbeddedStore {
                     floors.insert(m.conv.clone(), new_floor);
                 }
             }
-            let written = &mut user_convs_written;
             match m.conv.direct_users() {
                 Some((a, b)) => {
-                    self.touch_user_conv(&mut batch, written, a, &m.conv, m.ts_ms);
-                    self.touch_user_conv(&mut batch, written, b, &m.conv, m.ts_ms);
+                    self.touch_user_conv(&mut batch, a, &m.conv, m.ts_ms);
+                    self.touch_user_conv(&mut batch, b, &m.conv, m.ts_ms);
                 }
-                None => self.touch_user_conv(&mut batch, written, &m.from, &m.conv, m.ts_ms),
+                None => self.touch_user_conv(&mut batch, &m.from, &m.conv, m.ts_ms),
             }
             if let Some(hash) = hash {
                 let mut value = now_ms.to_be_bytes().to_vec();
@@ -399,16 +384,13 @@ impl MessageStore for EmbeddedStore {
         for (conv, floor) in floors {
             self.remember_floor(conv, floor);
         }
-        if self.user_convs_written.len() + user_convs_written.len() > CACHE_MAX {
-            self.user_convs_written.clear();
-        }
-        self.user_convs_written.extend(user_convs_written);
+        self.user_convs_written.committed();
         // fdatasync: the journal's data and its length, which is all a replay needs.
         self.db.persist(PersistMode::SyncData).map_err(engine)?;
         Ok(results)
     }
 
-    fn read(&self, conv: &ConvId, range: Range, limit: usize) -> Result<Page, StoreError> {
+    fn read(&mut self, conv: &ConvId, range: Range, limit: usize) -> Result<Page, StoreError> {
         let head = self.head(conv)?;
         let first = self.floor(conv)?.min(head + 1);
         let (from, to) = match range {
@@ -435,7 +417,7 @@ impl MessageStore for EmbeddedStore {
         Ok(Page { messages, head, first })
     }
 
-    fn conversations(&self, user: &str, max: usize) -> Result<Vec<(ConvId, u64)>, StoreError> {
+    fn conversations(&mut self, user: &str, max: usize) -> Result<Vec<(ConvId, u64)>, StoreError> {
         let mut prefix = user.as_bytes().to_vec();
         prefix.push(0);
         let mut recent: Vec<(u64, ConvId)> = Vec::new();
@@ -598,7 +580,7 @@ mod tests {
         let with_bob = ConvId::direct("alice", "bob");
         let with_carol = ConvId::direct("alice", "carol");
         let mut store = open(&dir, KEEP_ALL);
-        let order = |store: &EmbeddedStore| -> Vec<ConvId> {
+        let order = |store: &mut EmbeddedStore| -> Vec<ConvId> {
             store
                 .conversations("alice", 10)
                 .unwrap()
@@ -608,14 +590,14 @@ mod tests {
         };
         store.append(&[msg(&with_bob, "alice", 0)], NOW).unwrap();
         store.append(&[msg(&with_carol, "alice", 1_000)], NOW).unwrap();
-        assert_eq!(order(&store), vec![with_carol.clone(), with_bob.clone()]);
+        assert_eq!(order(&mut store), vec![with_carol.clone(), with_bob.clone()]);
         // Within a minute of its last index write a conversation keeps its place (the
         // index is not rewritten per message) ...
         store.append(&[msg(&with_bob, "alice", 2_000)], NOW).unwrap();
-        assert_eq!(order(&store), vec![with_carol.clone(), with_bob.clone()]);
+        assert_eq!(order(&mut store), vec![with_carol.clone(), with_bob.clone()]);
         // ... and moves up once that minute has passed.
         store.append(&[msg(&with_bob, "alice", 61_000)], NOW).unwrap();
-        assert_eq!(order(&store), vec![with_bob.clone(), with_carol.clone()]);
+        assert_eq!(order(&mut store), vec![with_bob.clone(), with_carol.clone()]);
         drop(store);
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -717,7 +699,7 @@ mod tests {
         let page = store.read(&room, Range::After(0), 10).unwrap();
         assert_eq!((page.first, page.head), (2, 2));
         drop(store);
-        let store = open(
+        let mut store = open(
             &dir,
             Retention {
                 max_age: Duration::ZERO,

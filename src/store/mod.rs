@@ -6,6 +6,7 @@
 //! - `conv`: conversation ids (`dm:<a>:<b>`, `room:<name>`).
 //! - `record`: the bytes of one stored message.
 //! - `embedded`: the store in the data directory, on fjall (docs/perf/17 says why).
+//! - `redis`: the store on Redis, shared by gateways.
 //! - `thread`: the store thread: group commit, sequencing, delivery to the shards.
 //! - `push`: the push webhook for users with no connection.
 
@@ -13,8 +14,10 @@ pub mod conv;
 pub mod embedded;
 pub mod push;
 pub mod record;
+pub mod redis;
 pub mod thread;
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 pub use conv::ConvId;
@@ -97,11 +100,11 @@ pub trait MessageStore {
     fn append(&mut self, group: &[NewMessage], now_ms: u64) -> Result<Vec<Appended>, StoreError>;
 
     /// Up to `limit` messages of `conv` in `range`, in `seq` order.
-    fn read(&self, conv: &ConvId, range: Range, limit: usize) -> Result<Page, StoreError>;
+    fn read(&mut self, conv: &ConvId, range: Range, limit: usize) -> Result<Page, StoreError>;
 
     /// The conversations `user` took part in most recently (at most `max`), newest first,
     /// each with its latest `seq`.
-    fn conversations(&self, user: &str, max: usize) -> Result<Vec<(ConvId, u64)>, StoreError>;
+    fn conversations(&mut self, user: &str, max: usize) -> Result<Vec<(ConvId, u64)>, StoreError>;
 
     /// `user` joined the room of `conv` at `ts_ms`: it is one of their conversations.
     fn note_member(&mut self, user: &str, conv: &ConvId, ts_ms: u64) -> Result<(), StoreError>;
@@ -116,4 +119,46 @@ pub trait MessageStore {
 pub struct TrimStep {
     pub removed: u64,
     pub swept_all: bool,
+}
+
+/// Index writes that need not be repeated within a minute (a user's conversation time:
+/// it only orders `ready`'s list). Every key written per message costs the engine, so the
+/// stores skip a rewrite of one they wrote less than a minute ago. `due` collects the
+/// writes of a group; they count as written once the group is `committed`.
+#[derive(Debug, Default)]
+pub struct RecentWrites {
+    written: HashMap<Vec<u8>, u64>,
+    pending: Vec<(Vec<u8>, u64)>,
+}
+
+impl RecentWrites {
+    /// How stale an index time may be.
+    pub const REFRESH_MS: u64 = 60_000;
+    /// Forgotten past this many keys (a forgotten key is only written again).
+    const MAX_KEYS: usize = 1 << 20;
+
+    /// Whether `key` is to be written for an event at `ts_ms`; if so it joins the group.
+    pub fn due(&mut self, key: Vec<u8>, ts_ms: u64) -> bool {
+        let fresh = |at: u64| at.saturating_add(Self::REFRESH_MS) > ts_ms;
+        if self.written.get(&key).is_some_and(|&at| fresh(at))
+            || self.pending.iter().any(|(k, at)| *k == key && fresh(*at))
+        {
+            return false;
+        }
+        self.pending.push((key, ts_ms));
+        true
+    }
+
+    /// The group's writes are done.
+    pub fn committed(&mut self) {
+        if self.written.len() + self.pending.len() > Self::MAX_KEYS {
+            self.written.clear();
+        }
+        self.written.extend(self.pending.drain(..));
+    }
+
+    /// The group's writes failed (or a new group begins): none of them counts.
+    pub fn discard(&mut self) {
+        self.pending.clear();
+    }
 }

@@ -388,6 +388,102 @@ impl Drop for Nats {
     }
 }
 
+/// A real redis-server on a loopback port of its own, with its append-only file synced
+/// before every reply (`appendfsync always`), in a directory of its own; stopped by PID
+/// when dropped.
+pub struct Redis {
+    child: Option<Child>,
+    pub port: u16,
+    dir: std::path::PathBuf,
+    /// Options after the defaults (a later one wins).
+    args: Vec<String>,
+}
+
+impl Redis {
+    /// Starts `redis-server` (it must be installed: `scripts/test.sh` installs it; by
+    /// hand, `apt-get install redis-server`).
+    pub fn start(name: &str) -> Redis {
+        Self::start_with(name, &[])
+    }
+
+    /// As `start`, with more options for redis-server (e.g. `--appendfsync everysec`).
+    pub fn start_with(name: &str, args: &[&str]) -> Redis {
+        let dir = temp_dir(&format!("redis-{name}"));
+        // A free port: the kernel's pick for a listener closed at once (redis-server
+        // cannot report a port it picked itself).
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let args = args.iter().map(|a| a.to_string()).collect();
+        let mut redis = Redis {
+            child: None,
+            port,
+            dir,
+            args,
+        };
+        redis.spawn();
+        redis
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string(), "--save", ""])
+            .args(["--appendonly", "yes", "--appendfsync", "always", "--databases", "16"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is not installed: run scripts/test.sh, or apt-get install redis-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.answers_ping() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer PING within 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn answers_ping(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut reply = [0u8; 7];
+        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
+    }
+
+    /// The URL of database `db` (each test of a server may take its own).
+    pub fn url(&self, db: u8) -> String {
+        format!("redis://127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Ends the server at once (SIGKILL: no shutdown save), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port and directory (its append-only file).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// A chat client connection (tokio-tungstenite).
 pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
