@@ -13,19 +13,11 @@ cd "$root"
 rounds=${1:-3}
 out=$root/target/bench-store
 rm -rf "$out"
-mkdir -p "$out/redis"
-ensure_redis_server
+mkdir -p "$out"
 cargo build --release --quiet -p shardgate-bench
-rport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-redis-server --bind 127.0.0.1 --port "$rport" --save "" --appendonly yes --appendfsync always \
-  --dir "$out/redis" >"$out/redis.log" 2>&1 &
-redis_pid=$!
+start_redis "$out"
 trap 'kill -TERM "$redis_pid" 2>/dev/null; wait "$redis_pid" 2>/dev/null || true' EXIT
-for _ in $(seq 200); do
-  [ "$(redis-cli -p "$rport" ping 2>/dev/null)" = PONG ] && break
-  sleep 0.05
-done
-url="redis://127.0.0.1:$rport/0"
+url="redis://127.0.0.1:$redis_port/0"
 for round in $(seq "$rounds"); do
   echo "== round $round: embedded"
   target/release/store-load append --duration 3s --dir "$out/embedded"

@@ -48,6 +48,27 @@ ensure_redis_server() {
   fi
 }
 
+# start_redis OUT: starts redis-server on a free loopback port, its append-only file synced
+# before every reply (`appendfsync always`: what `stored` needs) in OUT/redis (log in
+# OUT/redis.log), waits until it answers PING; sets $redis_port and $redis_pid. The caller
+# stops it by PID.
+start_redis() {
+  local out=$1
+  mkdir -p "$out/redis"
+  ensure_redis_server
+  redis_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  redis-server --bind 127.0.0.1 --port "$redis_port" --save "" --appendonly yes --appendfsync always --databases 64 \
+    --dir "$out/redis" >"$out/redis.log" 2>&1 &
+  redis_pid=$!
+  for _ in $(seq 200); do
+    [ "$(redis-cli -p "$redis_port" ping 2>/dev/null)" = PONG ] && return 0
+    kill -0 "$redis_pid" 2>/dev/null || { cat "$out/redis.log" >&2; echo "redis-server exited" >&2; return 1; }
+    sleep 0.05
+  done
+  echo "redis-server did not answer PING; see $out/redis.log" >&2
+  return 1
+}
+
 # start_nats OUT: starts nats-server on a free loopback port (log in OUT/nats.log), waits
 # until it accepts clients, sets $nats_url and $nats_pid. The caller stops it by PID.
 start_nats() {

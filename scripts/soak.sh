@@ -32,8 +32,11 @@
 #   --slo D                   the latency objective (default 200ms)
 #   --results DIR             where the results go (default results/soak-<time>)
 #   --tune                    apply scripts/tune-host.sh first
-#   --store embedded|none     the gateways' message store (default: embedded, each gateway
-#                             in a directory of its own under the results; none with --nats)
+#   --store embedded|redis|none|URL
+#                             the gateways' message store (default: embedded, each gateway
+#                             in a directory of its own under the results; none with --nats).
+#                             redis: a local redis-server (appendfsync always) started for
+#                             the run, gateway k on its database k; redis://…: that Redis
 #   --nodes N                 gateway processes (default: as the open-file limit needs)
 #   --nats [URL]              join the gateways through NATS (a local nats-server unless
 #                             a URL is given)
@@ -136,14 +139,20 @@ head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$secret"
 chmod 600 "$secret"
 
 pids=()
-load_pid= nats_pid=
+load_pid= nats_pid= redis_pid=
 cleanup() {
   [ -n "$load_pid" ] && kill -TERM "$load_pid" 2>/dev/null
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
   [ -n "$nats_pid" ] && kill -TERM "$nats_pid" 2>/dev/null
+  [ -n "$redis_pid" ] && kill -TERM "$redis_pid" 2>/dev/null
   wait 2>/dev/null || true
 }
 trap cleanup EXIT
+
+if [ "$store" = redis ]; then
+  start_redis "$results"
+  echo "== redis-server on port $redis_port (pid $redis_pid), appendfsync always, log $results/redis.log"
+fi
 
 cluster=()
 if [ "$nats" = 1 ]; then
@@ -169,8 +178,12 @@ for k in $(seq 0 $((gateways - 1))); do
   else
     placement=(--shards "$shards")
   fi
+  case $store in
+    redis) gateway_store=redis://127.0.0.1:$redis_port/$k ;;
+    *) gateway_store=$store ;;
+  esac
   target/release/shardgate serve --listen "127.0.0.1:$port" "${placement[@]}" --auth-secret-file "$secret" \
-    --store "$store" --data-dir "$results/gateway-$k" --max-connections "$per_process" --report-interval 5s --slo "$slo" \
+    --store "$gateway_store" --data-dir "$results/gateway-$k" --max-connections "$per_process" --report-interval 5s --slo "$slo" \
     --max-connections-per-ip 0 --handshakes-per-ip 0 \
     --histogram-out "$results/gateway-$k.hgrm" "${cluster[@]}" >"$results/gateway-$k.log" 2>&1 &
   pids+=($!)
