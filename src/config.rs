@@ -374,7 +374,7 @@ config_table! {
         /// Tokens must carry this `iss` (and `token` mints it) [default: not checked].
         #[arg(value_name = "ISS")]
         token_issuer: String;
-        /// Where messages are stored: `embedded` (in --data-dir), `redis://HOST:PORT[/DB]` (a Redis shared by gateways) or `none` (relay only: acks say `routed`/`offline`, nothing is kept) [default: embedded; none with --nats].
+        /// Where messages are stored: `embedded` (in --data-dir), `redis://HOST:PORT[/DB]` or `redis+cluster://HOST:PORT,HOST:PORT,…` (a Redis or Redis Cluster) or `none` (relay only: acks say `routed`/`offline`, nothing is kept) [default: embedded; none with --nats].
         #[arg(value_name = "KIND")]
         store: String;
         /// POST a signed batch to this URL for messages stored for users with no connection (needs --push-secret-file).
@@ -392,7 +392,9 @@ config_table! {
 
 /// `--store` names a Redis.
 fn is_redis_url(store: &str) -> bool {
-    store.starts_with("redis://") || store.starts_with("rediss://") || store.starts_with("redis+unix://")
+    ["redis://", "rediss://", "redis+unix://", "redis+cluster://"]
+        .iter()
+        .any(|scheme| store.starts_with(scheme))
 }
 
 /// Where messages are kept.
@@ -541,6 +543,10 @@ mod tests {
         assert_eq!(kind(&[]), Ok(StoreKind::Embedded));
         assert_eq!(kind(&nats), Ok(StoreKind::None));
         assert_eq!(kind(&["--store", "redis://127.0.0.1:6379/2"]), Ok(StoreKind::Redis));
+        assert_eq!(
+            kind(&["--store", "redis+cluster://10.0.0.1:7000,10.0.0.2:7000"]),
+            Ok(StoreKind::Redis)
+        );
         assert_eq!(kind(&["--store", "none"]), Ok(StoreKind::None));
         let refused = |flags: &[&str], words: &str| {
             let e = kind(flags).unwrap_err();

@@ -25,21 +25,22 @@ fn gateway_on(name: &str, store: &[&str], extra: &[&str]) -> (Gateway, Vec<u16>)
     let kind = store_kind(store);
     let dir = temp_dir(&format!("{name}-{kind}"));
     let (gw, ports) = gateway_in(&dir, &[store, extra].concat());
-    let said = format!("store: {kind} ");
+    let said = format!("store: {} ", kind.trim_end_matches("-cluster"));
     assert!(gw.seen.iter().any(|l| l.contains(&said)), "{:?}", gw.seen);
     (gw, ports)
 }
 
 fn store_kind(store: &[&str]) -> &'static str {
-    if store.is_empty() {
-        "embedded"
-    } else {
-        "redis"
+    match store.get(1) {
+        None => "embedded",
+        Some(url) if url.starts_with("redis+cluster://") => "redis-cluster",
+        Some(_) => "redis",
     }
 }
 
-/// Each test named here runs twice: on the embedded store (`<name>::embedded`) and on a
-/// Redis of its own (`<name>::redis`), the same assertions on both.
+/// Each test named here runs on the embedded store (`<name>::embedded`), on a Redis of its
+/// own (`<name>::redis`) and on a Redis Cluster of three primaries of its own
+/// (`<name>::redis_cluster`), the same assertions on each.
 macro_rules! on_each_store {
     ($($name:ident),* $(,)?) => {
         $(mod $name {
@@ -52,6 +53,12 @@ macro_rules! on_each_store {
             fn redis() {
                 let redis = super::Redis::start(stringify!($name));
                 super::$name(&["--store", &redis.url(0)]);
+            }
+
+            #[test]
+            fn redis_cluster() {
+                let cluster = super::RedisCluster::start(stringify!($name));
+                super::$name(&["--store", &cluster.url()]);
             }
         })*
     };

@@ -10,6 +10,16 @@ use shardgate::store::redis::RedisStore;
 use shardgate::store::{Appended, ConvId, MessageStore, NewMessage, Range, Retention};
 
 const T0: u64 = 1_700_000_000_000;
+const KEEP_ALL: Retention = Retention {
+    max_age: Duration::ZERO,
+    max_messages: 0,
+};
+const FIVE_MINUTES: Duration = Duration::from_secs(300);
+
+/// A store on database `db` of `redis`.
+fn open(redis: &Redis, db: u8, retention: Retention, dedupe_window: Duration) -> RedisStore {
+    RedisStore::open(&redis.url(db), retention, dedupe_window).unwrap()
+}
 
 fn msg(conv: &ConvId, from: &str, id: Option<&str>, ts_ms: u64) -> NewMessage {
     NewMessage {
@@ -34,7 +44,7 @@ fn retention_trims_by_age_and_count_and_never_reuses_a_seq() {
         max_age: minute,
         max_messages: 4,
     };
-    let mut store = RedisStore::open(&redis.url(1), retention, Duration::from_secs(300)).unwrap();
+    let mut store = open(&redis, 1, retention, FIVE_MINUTES);
     let dm = ConvId::direct("alice", "bob");
     // Six messages a second apart: the count keeps the last four.
     for i in 0..6 {
@@ -59,11 +69,7 @@ fn retention_trims_by_age_and_count_and_never_reuses_a_seq() {
 #[test]
 fn a_client_id_is_a_retry_within_the_window_and_new_after_it() {
     let redis = Redis::start("engine-dedupe");
-    let keep_all = Retention {
-        max_age: Duration::ZERO,
-        max_messages: 0,
-    };
-    let mut store = RedisStore::open(&redis.url(2), keep_all, Duration::from_millis(300)).unwrap();
+    let mut store = open(&redis, 2, KEEP_ALL, Duration::from_millis(300));
     let room = ConvId::room("lobby");
     let first = msg(&room, "alice", Some("m1"), T0);
     let by_bob = msg(&room, "bob", Some("m1"), T0);
@@ -101,11 +107,7 @@ fn a_client_id_is_a_retry_within_the_window_and_new_after_it() {
 #[test]
 fn reads_page_both_ways_and_say_where_the_conversation_stands() {
     let redis = Redis::start("engine-reads");
-    let keep_all = Retention {
-        max_age: Duration::ZERO,
-        max_messages: 0,
-    };
-    let mut store = RedisStore::open(&redis.url(0), keep_all, Duration::from_secs(300)).unwrap();
+    let mut store = open(&redis, 0, KEEP_ALL, FIVE_MINUTES);
     let dm = ConvId::direct("bob", "alice");
     let group: Vec<NewMessage> = (0..10)
         .map(|i| msg(&dm, "bob", Some(&format!("b{i}")), T0 + i))
@@ -119,7 +121,30 @@ fn reads_page_both_ways_and_say_where_the_conversation_stands() {
     assert_eq!(page.messages[0].body, format!("{{\"at\":{}}}", T0 + 7).into_bytes());
     let page = store.read(&dm, Range::Before(4), 10).unwrap();
     assert_eq!(page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+    for before in [0, 1] {
+        assert!(store.read(&dm, Range::Before(before), 10).unwrap().messages.is_empty());
+    }
     let none = ConvId::direct("x", "y");
     let page = store.read(&none, Range::After(0), 10).unwrap();
     assert_eq!((page.messages.len(), page.head, page.first), (0, 0, 1));
+}
+
+#[test]
+fn functions_flushed_from_a_live_redis_are_loaded_again() {
+    let redis = Redis::start("engine-functions");
+    let mut store = open(&redis, 0, KEEP_ALL, FIVE_MINUTES);
+    let dm = ConvId::direct("alice", "bob");
+    assert_eq!(
+        store.append(&[msg(&dm, "alice", None, T0)], T0).unwrap(),
+        vec![Appended::New(1)]
+    );
+    let flushed = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "FUNCTION", "FLUSH"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&flushed.stdout).trim(), "OK");
+    assert_eq!(
+        store.append(&[msg(&dm, "alice", None, T0)], T0).unwrap(),
+        vec![Appended::New(2)]
+    );
 }

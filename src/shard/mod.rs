@@ -211,20 +211,20 @@ fn start_store(config: &Config, mesh: &Arc<Mesh>) -> Result<Option<StoreThreads>
         }
     );
     enum Opened {
-        Embedded(EmbeddedStore),
-        Redis(RedisStore),
+        Embedded(Box<EmbeddedStore>),
+        Redis(Box<RedisStore>),
     }
     let store = match (config.store_kind(), config.store.as_deref()) {
         (StoreKind::Redis, Some(url)) => {
             let store = RedisStore::open(url, retention, config.dedupe_window)?;
             tracing::info!("store: redis at {}; {kept}", crate::cluster::access::redact_url(url));
-            Opened::Redis(store)
+            Opened::Redis(Box::new(store))
         }
         _ => {
             let dir = config.data_dir.join("messages");
             let store = EmbeddedStore::open(&dir, retention, config.dedupe_window)?;
             tracing::info!("store: embedded in {}; {kept}", dir.display());
-            Opened::Embedded(store)
+            Opened::Embedded(Box::new(store))
         }
     };
     let (push_queue, push) = match (&config.push_webhook, &config.push_secret_file) {
@@ -254,8 +254,8 @@ fn start_store(config: &Config, mesh: &Arc<Mesh>) -> Result<Option<StoreThreads>
         push_preview_bytes: config.push_preview_bytes,
     };
     let thread = match store {
-        Opened::Embedded(store) => crate::store::thread::spawn(store, thread_config, rx, mesh.clone(), push_queue),
-        Opened::Redis(store) => crate::store::thread::spawn(store, thread_config, rx, mesh.clone(), push_queue),
+        Opened::Embedded(store) => crate::store::thread::spawn(*store, thread_config, rx, mesh.clone(), push_queue),
+        Opened::Redis(store) => crate::store::thread::spawn(*store, thread_config, rx, mesh.clone(), push_queue),
     }
     .map_err(|source| StartError::Thread { what: "store", source })?;
     Ok(Some(StoreThreads { link, thread, push }))

@@ -1,5 +1,6 @@
-//! The store on Redis (`--store redis://HOST:PORT[/DB]`), for gateways that share one
-//! (Centrifugo keeps its history the same way). Every key of a conversation carries the
+//! The store on Redis (`--store redis://HOST:PORT[/DB]`), or on a Redis Cluster through
+//! its seed nodes (`--store redis+cluster://HOST:PORT,HOST:PORT,…`), for gateways that
+//! share one (Centrifugo keeps its history the same way). Every key of a conversation carries the
 //! conversation in a hash tag (`sg:{dm:alice:bob}:…`), so that one Redis Function call
 //! touches one slot and the same function runs on Redis Cluster unchanged:
 //! - `sg:{<conv>}:head`: the conversation's latest seq (a counter; never expires, so a
@@ -20,7 +21,8 @@
 
 use std::time::Duration;
 
-use redis::{Connection, RedisError};
+use redis::cluster::{ClusterClient, ClusterConnection};
+use redis::{Cmd, Connection, ConnectionLike, FromRedisValue, RedisError, RedisResult};
 
 use super::{
     record, Appended, ConvId, MessageStore, NewMessage, Page, Range, RecentWrites, Retention, StoreError, TrimStep,
@@ -72,11 +74,57 @@ redis.register_function('sg_append_1', append)
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How `--store` names the Redis: one server, or a cluster's seed nodes.
+const CLUSTER_SCHEME: &str = "redis+cluster://";
+
+enum Client {
+    Single(redis::Client),
+    Cluster(ClusterClient),
+}
+
+enum Conn {
+    Single(Connection),
+    Cluster(Box<ClusterConnection>),
+}
+
+/// A command of a pipeline, and whether its answer is left out of the pipeline's.
+type Piped = (Cmd, bool);
+
+impl Conn {
+    fn like(&mut self) -> &mut dyn ConnectionLike {
+        match self {
+            Conn::Single(c) => c,
+            Conn::Cluster(c) => c.as_mut(),
+        }
+    }
+
+    /// Sends `commands` as one pipeline (per node, on a cluster) and parses the answers
+    /// of those not ignored.
+    fn pipeline<T: FromRedisValue>(&mut self, commands: &[Piped]) -> RedisResult<T> {
+        macro_rules! fill {
+            ($pipe:expr) => {{
+                let mut pipe = $pipe;
+                for (cmd, ignore) in commands {
+                    pipe.add_command(cmd.clone());
+                    if *ignore {
+                        pipe.ignore();
+                    }
+                }
+                pipe
+            }};
+        }
+        match self {
+            Conn::Single(c) => fill!(redis::pipe()).query(c),
+            Conn::Cluster(c) => fill!(redis::cluster::cluster_pipe()).query(c.as_mut()),
+        }
+    }
+}
+
 pub struct RedisStore {
-    client: redis::Client,
+    client: Client,
     /// The URL without its password, for what the gateway says.
     shown: String,
-    conn: Option<Connection>,
+    conn: Option<Conn>,
     retention: Retention,
     dedupe_window_ms: u64,
     user_convs_written: RecentWrites,
@@ -138,7 +186,23 @@ impl RedisStore {
     /// Redis that is not up yet is said and retried on the first request.
     pub fn open(url: &str, retention: Retention, dedupe_window: Duration) -> Result<Self, OpenError> {
         let shown = crate::cluster::access::redact_url(url);
-        let client = redis::Client::open(url).map_err(|e| OpenError {
+        let client = match url.strip_prefix(CLUSTER_SCHEME) {
+            // `[user:password@]seed,seed,…`: each seed a `redis://` URL with the same login.
+            Some(rest) => {
+                let (login, seeds) = match rest.rsplit_once('@') {
+                    Some((login, seeds)) => (format!("{login}@"), seeds),
+                    None => (String::new(), rest),
+                };
+                let seeds: Vec<String> = seeds.split(',').map(|seed| format!("redis://{login}{seed}")).collect();
+                ClusterClient::builder(seeds)
+                    .connection_timeout(CONNECT_TIMEOUT)
+                    .response_timeout(IO_TIMEOUT)
+                    .build()
+                    .map(Client::Cluster)
+            }
+            None => redis::Client::open(url).map(Client::Single),
+        }
+        .map_err(|e| OpenError {
             shown: shown.clone(),
             reason: e.to_string(),
         })?;
@@ -157,17 +221,22 @@ impl RedisStore {
     }
 
     /// The connection, connecting (and loading the functions) when there is none.
-    fn connection(&mut self) -> Result<&mut Connection, StoreError> {
+    fn connection(&mut self) -> Result<&mut Conn, StoreError> {
         if self.conn.is_none() {
             let unreachable = |e: RedisError| StoreError::Engine(format!("redis at {} unreachable: {e}", self.shown));
-            let mut conn = self
-                .client
-                .get_connection_with_timeout(CONNECT_TIMEOUT)
-                .map_err(unreachable)?;
-            conn.set_read_timeout(Some(IO_TIMEOUT)).map_err(unreachable)?;
-            conn.set_write_timeout(Some(IO_TIMEOUT)).map_err(unreachable)?;
-            load_library(&mut conn).map_err(engine)?;
-            say_durability(&mut conn, &self.shown);
+            let mut conn = match &self.client {
+                Client::Single(client) => {
+                    let conn = client
+                        .get_connection_with_timeout(CONNECT_TIMEOUT)
+                        .map_err(unreachable)?;
+                    conn.set_read_timeout(Some(IO_TIMEOUT)).map_err(unreachable)?;
+                    conn.set_write_timeout(Some(IO_TIMEOUT)).map_err(unreachable)?;
+                    Conn::Single(conn)
+                }
+                Client::Cluster(client) => Conn::Cluster(Box::new(client.get_connection().map_err(unreachable)?)),
+            };
+            load_library(conn.like()).map_err(engine)?;
+            say_durability(conn.like(), &self.shown);
             tracing::info!("store: redis at {} connected", self.shown);
             self.conn = Some(conn);
         }
@@ -179,12 +248,12 @@ impl RedisStore {
     /// Runs `request` on the connection; a dropped connection is forgotten (the next
     /// request connects again), and a Redis that lost the functions (restarted without
     /// persistence, or flushed) gets them again for one more try.
-    fn run<T>(&mut self, request: impl Fn(&mut Connection) -> redis::RedisResult<T>) -> Result<T, StoreError> {
+    fn run<T>(&mut self, request: impl Fn(&mut Conn) -> RedisResult<T>) -> Result<T, StoreError> {
         let conn = self.connection()?;
         let mut result = request(conn);
         if let Err(e) = &result {
-            if e.code() == Some("ERR") && e.to_string().contains("Function not found") {
-                result = load_library(conn).and_then(|_| request(conn));
+            if e.to_string().contains("Function not found") {
+                result = load_library(conn.like()).and_then(|_| request(conn));
             }
         }
         result.map_err(|e| {
@@ -196,7 +265,8 @@ impl RedisStore {
     }
 }
 
-fn load_library(conn: &mut Connection) -> redis::RedisResult<()> {
+/// Loads the functions (on every primary of a cluster).
+fn load_library(conn: &mut dyn ConnectionLike) -> RedisResult<()> {
     redis::cmd("FUNCTION")
         .arg("LOAD")
         .arg("REPLACE")
@@ -206,8 +276,8 @@ fn load_library(conn: &mut Connection) -> redis::RedisResult<()> {
 
 /// Says when Redis acknowledges writes before they are on its disk (`CONFIG` may be
 /// renamed away: then nothing is said).
-fn say_durability(conn: &mut Connection, shown: &str) {
-    let get = |conn: &mut Connection, name: &str| -> Option<String> {
+fn say_durability(conn: &mut dyn ConnectionLike, shown: &str) {
+    let get = |conn: &mut dyn ConnectionLike, name: &str| -> Option<String> {
         let pair: Vec<String> = redis::cmd("CONFIG").arg("GET").arg(name).query(conn).ok()?;
         pair.get(1).cloned()
     };
@@ -224,7 +294,7 @@ fn say_durability(conn: &mut Connection, shown: &str) {
 
 impl MessageStore for RedisStore {
     fn append(&mut self, group: &[NewMessage], now_ms: u64) -> Result<Vec<Appended>, StoreError> {
-        let mut pipe = redis::pipe();
+        let mut pipe: Vec<Piped> = Vec::with_capacity(group.len() * 2);
         let mut record = Vec::new();
         self.user_convs_written.discard();
         for m in group {
@@ -235,7 +305,8 @@ impl MessageStore for RedisStore {
                 .as_deref()
                 .filter(|_| self.dedupe_window_ms > 0)
                 .map(|id| client_id_key(&m.conv, &m.from, id));
-            let call = pipe.cmd("FCALL").arg("sg_append_1").arg(2 + id_key.is_some() as u8);
+            let mut call = redis::cmd("FCALL");
+            call.arg("sg_append_1").arg(2 + id_key.is_some() as u8);
             call.arg(head_key(&m.conv)).arg(stream_key(&m.conv));
             if let Some(key) = id_key {
                 call.arg(key);
@@ -246,6 +317,7 @@ impl MessageStore for RedisStore {
                 .arg(self.retention.max_age.as_millis() as u64)
                 .arg(now_ms)
                 .arg(self.dedupe_window_ms);
+            pipe.push((call, false));
             let users = match m.conv.direct_users() {
                 Some((a, b)) => vec![a, b],
                 None => vec![m.from.as_str()],
@@ -254,20 +326,20 @@ impl MessageStore for RedisStore {
                 let key = user_key(user);
                 let written = format!("{key}\0{}", m.conv);
                 if self.user_convs_written.due(written.into_bytes(), m.ts_ms) {
-                    pipe.cmd("ZADD").arg(&key).arg(m.ts_ms).arg(m.conv.as_str()).ignore();
+                    let mut zadd = redis::cmd("ZADD");
+                    zadd.arg(&key).arg(m.ts_ms).arg(m.conv.as_str());
+                    pipe.push((zadd, true));
                     if !self.retention.max_age.is_zero() {
                         // Conversations silent for longer than retention keeps messages.
                         let cutoff = now_ms.saturating_sub(self.retention.max_age.as_millis() as u64);
-                        pipe.cmd("ZREMRANGEBYSCORE")
-                            .arg(&key)
-                            .arg("-inf")
-                            .arg(format!("({cutoff}"))
-                            .ignore();
+                        let mut trim = redis::cmd("ZREMRANGEBYSCORE");
+                        trim.arg(&key).arg("-inf").arg(format!("({cutoff}"));
+                        pipe.push((trim, true));
                     }
                 }
             }
         }
-        let replies: Vec<(i64, u64)> = self.run(|conn| pipe.query(conn))?;
+        let replies: Vec<(i64, u64)> = self.run(|conn| conn.pipeline(&pipe))?;
         if replies.len() != group.len() {
             return Err(StoreError::Engine(format!(
                 "redis answered {} of {} appends",
@@ -291,30 +363,35 @@ impl MessageStore for RedisStore {
 
     fn read(&mut self, conv: &ConvId, range: Range, limit: usize) -> Result<Page, StoreError> {
         let stream = stream_key(conv);
-        let mut pipe = redis::pipe();
-        pipe.get(head_key(conv));
-        pipe.cmd("XRANGE").arg(&stream).arg("-").arg("+").arg("COUNT").arg(1);
+        let mut head = redis::cmd("GET");
+        head.arg(head_key(conv));
+        let mut oldest = redis::cmd("XRANGE");
+        oldest.arg(&stream).arg("-").arg("+").arg("COUNT").arg(1);
         let count = limit.max(1);
-        match range {
+        let page = match range {
             Range::After(seq) => {
-                pipe.cmd("XRANGE")
-                    .arg(&stream)
+                let mut page = redis::cmd("XRANGE");
+                page.arg(&stream)
                     .arg(format!("{}-0", seq.saturating_add(1)))
                     .arg("+")
                     .arg("COUNT")
                     .arg(count);
+                page
             }
             Range::Before(seq) => {
-                pipe.cmd("XREVRANGE")
-                    .arg(&stream)
-                    .arg(format!("({seq}-0"))
-                    .arg("-")
-                    .arg("COUNT")
-                    .arg(count);
+                // Before 1 nothing is: `(1-0` would ask below the first id, which Redis refuses.
+                let end = match seq {
+                    0 | 1 => "0-0".to_string(),
+                    _ => format!("({seq}-0"),
+                };
+                let mut page = redis::cmd("XREVRANGE");
+                page.arg(&stream).arg(end).arg("-").arg("COUNT").arg(count);
+                page
             }
-        }
+        };
+        let pipe = [(head, false), (oldest, false), (page, false)];
         type Entries = Vec<(String, Vec<Vec<u8>>)>;
-        let (head, oldest, page): (Option<u64>, Entries, Entries) = self.run(|conn| pipe.query(conn))?;
+        let (head, oldest, page): (Option<u64>, Entries, Entries) = self.run(|conn| conn.pipeline(&pipe))?;
         let head = head.unwrap_or(0);
         let first = match entries(oldest)?.first() {
             Some(m) => m.seq,
@@ -336,7 +413,8 @@ impl MessageStore for RedisStore {
             return Ok(Vec::new());
         }
         let key = user_key(user);
-        let names: Vec<String> = self.run(|conn| redis::cmd("ZREVRANGE").arg(&key).arg(0).arg(max - 1).query(conn))?;
+        let names: Vec<String> =
+            self.run(|conn| redis::cmd("ZREVRANGE").arg(&key).arg(0).arg(max - 1).query(conn.like()))?;
         let convs = names
             .iter()
             .map(|name| {
@@ -346,11 +424,15 @@ impl MessageStore for RedisStore {
         if convs.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for conv in &convs {
-            pipe.get(head_key(conv));
-        }
-        let heads: Vec<Option<u64>> = self.run(|conn| pipe.query(conn))?;
+        let pipe: Vec<Piped> = convs
+            .iter()
+            .map(|conv| {
+                let mut get = redis::cmd("GET");
+                get.arg(head_key(conv));
+                (get, false)
+            })
+            .collect();
+        let heads: Vec<Option<u64>> = self.run(|conn| conn.pipeline(&pipe))?;
         Ok(convs
             .into_iter()
             .zip(heads.into_iter().map(|h| h.unwrap_or(0)))
@@ -359,7 +441,13 @@ impl MessageStore for RedisStore {
 
     fn note_member(&mut self, user: &str, conv: &ConvId, ts_ms: u64) -> Result<(), StoreError> {
         let key = user_key(user);
-        self.run(|conn| redis::cmd("ZADD").arg(&key).arg(ts_ms).arg(conv.as_str()).exec(conn))
+        self.run(|conn| {
+            redis::cmd("ZADD")
+                .arg(&key)
+                .arg(ts_ms)
+                .arg(conv.as_str())
+                .exec(conn.like())
+        })
     }
 
     fn trim_step(&mut self, _now_ms: u64, _budget: usize) -> Result<TrimStep, StoreError> {

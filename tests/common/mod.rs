@@ -484,6 +484,51 @@ impl Drop for Redis {
     }
 }
 
+/// A real Redis Cluster of three primaries on loopback ports of their own (`redis-server
+/// --cluster-enabled yes` ×3, joined by `redis-cli --cluster create`), stopped by PID when
+/// dropped.
+pub struct RedisCluster {
+    nodes: Vec<Redis>,
+}
+
+impl RedisCluster {
+    pub fn start(name: &str) -> RedisCluster {
+        let nodes: Vec<Redis> = (0..3)
+            .map(|i| Redis::start_with(&format!("{name}-{i}"), &["--cluster-enabled", "yes"]))
+            .collect();
+        let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli is not installed: run scripts/test.sh, or apt-get install redis-server");
+        assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stdout));
+        // Every node must agree that the slots are served before a client may rely on it.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for node in &nodes {
+            loop {
+                let info = Command::new("redis-cli")
+                    .args(["-p", &node.port.to_string(), "cluster", "info"])
+                    .output()
+                    .expect("redis-cli");
+                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "the cluster did not become ok within 20 s");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        RedisCluster { nodes }
+    }
+
+    /// The `--store` URL: the three as seeds.
+    pub fn url(&self) -> String {
+        let seeds: Vec<String> = self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        format!("redis+cluster://{}", seeds.join(","))
+    }
+}
+
 /// A chat client connection (tokio-tungstenite).
 pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
