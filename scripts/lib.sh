@@ -48,25 +48,72 @@ ensure_redis_server() {
   fi
 }
 
-# start_redis OUT: starts redis-server on a free loopback port, its append-only file synced
-# before every reply (`appendfsync always`: what `stored` needs) in OUT/redis (log in
-# OUT/redis.log), waits until it answers PING; sets $redis_port and $redis_pid. The caller
-# stops it by PID.
+# start_redis OUT [OPTION...]: starts redis-server on a free loopback port, its append-only
+# file synced before every reply (`appendfsync always`: what `stored` needs) in OUT/redis
+# (log in OUT/redis.log), with the further options given; waits until it answers PING;
+# sets $redis_port and $redis_pid. The caller stops it by PID.
 start_redis() {
   local out=$1
+  shift
   mkdir -p "$out/redis"
   ensure_redis_server
-  redis_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  # Below 55536, with the port 10,000 above it free too: a cluster node's bus port.
+  redis_port=$(python3 -c '
+import random, socket
+while True:
+    p = random.randrange(20000, 55536)
+    try:
+        for q in (p, p + 10000):
+            s = socket.socket(); s.bind(("127.0.0.1", q)); s.close()
+        print(p); break
+    except OSError:
+        pass
+')
   redis-server --bind 127.0.0.1 --port "$redis_port" --save "" --appendonly yes --appendfsync always --databases 64 \
-    --dir "$out/redis" >"$out/redis.log" 2>&1 &
+    --dir "$out/redis" "$@" >"$out/redis.log" 2>&1 &
   redis_pid=$!
+  wait_until "$redis_pid" "$out/redis.log" redis-server redis_answers "$redis_port" PONG ping
+}
+
+# redis_answers PORT ANSWER COMMAND...: does the redis-server on PORT answer COMMAND with a
+# line holding ANSWER?
+redis_answers() {
+  local port=$1 answer=$2
+  shift 2
+  redis-cli -p "$port" "$@" 2>/dev/null | grep -q "$answer"
+}
+
+# wait_until PID LOG WHAT CHECK...: runs CHECK every 50 ms until it succeeds (10 s at
+# most); fails, showing LOG, if the process PID (WHAT) ends first.
+wait_until() {
+  local pid=$1 log=$2 what=$3
+  shift 3
   for _ in $(seq 200); do
-    [ "$(redis-cli -p "$redis_port" ping 2>/dev/null)" = PONG ] && return 0
-    kill -0 "$redis_pid" 2>/dev/null || { cat "$out/redis.log" >&2; echo "redis-server exited" >&2; return 1; }
+    "$@" && return 0
+    kill -0 "$pid" 2>/dev/null || { cat "$log" >&2; echo "$what exited" >&2; return 1; }
     sleep 0.05
   done
-  echo "redis-server did not answer PING; see $out/redis.log" >&2
+  echo "$what did not become ready; see $log" >&2
   return 1
+}
+
+# start_redis_cluster OUT: three redis-servers as in start_redis (OUT/node-0..2) joined
+# into a Redis Cluster of three primaries; sets $redis_cluster_seeds (host:port,...) and
+# $redis_cluster_pids. The caller stops them by PID.
+start_redis_cluster() {
+  local out=$1 addrs=() i
+  redis_cluster_pids=()
+  for i in 0 1 2; do
+    start_redis "$out/node-$i" --cluster-enabled yes
+    redis_cluster_pids+=("$redis_pid")
+    addrs+=("127.0.0.1:$redis_port")
+  done
+  redis-cli --cluster create "${addrs[@]}" --cluster-replicas 0 --cluster-yes >"$out/cluster-create.log" 2>&1
+  for i in 0 1 2; do
+    wait_until "${redis_cluster_pids[$i]}" "$out/cluster-create.log" "redis cluster node $i" \
+      redis_answers "${addrs[$i]##*:}" cluster_state:ok cluster info
+  done
+  redis_cluster_seeds=$(IFS=,; echo "${addrs[*]}")
 }
 
 # start_nats OUT: starts nats-server on a free loopback port (log in OUT/nats.log), waits
@@ -80,13 +127,7 @@ start_nats() {
   nats-server -a 127.0.0.1 -p "$nport" >"$out/nats.log" 2>&1 &
   nats_pid=$!
   nats_url="nats://127.0.0.1:$nport"
-  for _ in $(seq 200); do
-    grep -q "Server is ready" "$out/nats.log" && return 0
-    kill -0 "$nats_pid" 2>/dev/null || { cat "$out/nats.log" >&2; echo "nats-server exited" >&2; return 1; }
-    sleep 0.05
-  done
-  echo "nats-server did not become ready; see $out/nats.log" >&2
-  return 1
+  wait_until "$nats_pid" "$out/nats.log" nats-server grep -q "Server is ready" "$out/nats.log"
 }
 
 # restart_nats OUT URL: starts nats-server again on URL's port (after a stop), appending

@@ -506,7 +506,9 @@ impl Config {
                 return Err("--store redis with --nats: stored messages are not delivered across nodes yet; run the cluster with --store none (relay) for now".into())
             }
             (Some(other), _) => {
-                return Err(format!("store must be embedded, redis://HOST:PORT[/DB] or none, not {other:?}"))
+                return Err(format!(
+                    "store must be embedded, redis://HOST:PORT[/DB], redis+cluster://HOST:PORT,… or none, not {other:?}"
+                ))
             }
         }
         if self.push_webhook.is_some() {

@@ -52,8 +52,9 @@ struct Args {
     /// Where the store goes (emptied first).
     #[arg(long, default_value = "target/store-load")]
     dir: PathBuf,
-    /// `append` on the Redis store at this URL instead (its database is flushed first;
-    /// the last column is then Redis's memory per message).
+    /// `append` on the Redis store at this URL (`redis://…` or `redis+cluster://seed,…`)
+    /// instead: its servers are flushed first, and the last column is then their memory
+    /// per message.
     #[arg(long, value_name = "URL")]
     redis: Option<String>,
 }
@@ -153,23 +154,40 @@ fn dir_bytes(dir: &Path) -> u64 {
     total
 }
 
-/// `redis-cli` on `url`, its answer.
-fn redis_cli(url: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new("redis-cli")
-        .args(["-u", url])
-        .args(args)
-        .output()
-        .expect("redis-cli (apt-get install redis-server)");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// The servers behind a `--redis` URL: itself, or a cluster's seeds (all its primaries).
+fn redis_servers(url: &str) -> Vec<String> {
+    match url.strip_prefix("redis+cluster://") {
+        Some(seeds) => seeds.split(',').map(|seed| format!("redis://{seed}")).collect(),
+        None => vec![url.to_string()],
+    }
 }
 
-/// Redis's `used_memory`, in bytes.
+/// `redis-cli` on each server of `url`, their answers.
+fn redis_cli(url: &str, args: &[&str]) -> Vec<String> {
+    redis_servers(url)
+        .iter()
+        .map(|server| {
+            let out = std::process::Command::new("redis-cli")
+                .args(["-u", server])
+                .args(args)
+                .output()
+                .expect("redis-cli (apt-get install redis-server)");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+        .collect()
+}
+
+/// The servers' `used_memory`, in bytes, summed.
 fn redis_memory(url: &str) -> u64 {
     redis_cli(url, &["info", "memory"])
-        .lines()
-        .find_map(|l| l.strip_prefix("used_memory:"))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("used_memory in INFO memory")
+        .iter()
+        .map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("used_memory:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .expect("used_memory in INFO memory")
+        })
+        .sum()
 }
 
 /// Appends groups of `batch` for `duration`: messages, seconds, groups, commit times.
@@ -203,7 +221,7 @@ fn main() {
             for &batch in &args.batches {
                 let (n, secs, groups, hist, bytes) = match &args.redis {
                     Some(url) => {
-                        redis_cli(url, &["flushdb"]);
+                        redis_cli(url, &["flushall"]);
                         let before = redis_memory(url);
                         let mut store = RedisStore::open(url, KEEP_ALL, Duration::from_secs(300)).expect("redis");
                         let (n, secs, groups, hist) = append_for(&mut store, batch, &args, &body);

@@ -12,9 +12,9 @@
 //!   the window's size is on disk, not in memory); periods older than those are trimmed
 //!   from the front.
 //!
-//! Every key written per message is a flush, and every flush or compaction briefly holds
-//! the writes of its keyspace (fjall installs the new tables under a lock), so the indexes
-//! take as few writes as they can (docs/perf/18).
+//! Every key written per message brings a flush closer, and every flush or compaction
+//! briefly holds the writes of its keyspace (fjall installs the new tables under a lock),
+//! so the indexes take as few writes as they can (docs/perf/18).
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;

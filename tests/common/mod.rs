@@ -409,12 +409,7 @@ impl Redis {
     /// As `start`, with more options for redis-server (e.g. `--appendfsync everysec`).
     pub fn start_with(name: &str, args: &[&str]) -> Redis {
         let dir = temp_dir(&format!("redis-{name}"));
-        // A free port: the kernel's pick for a listener closed at once (redis-server
-        // cannot report a port it picked itself).
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = free_redis_port();
         let args = args.iter().map(|a| a.to_string()).collect();
         let mut redis = Redis {
             child: None,
@@ -475,6 +470,22 @@ impl Redis {
         self.kill();
         self.spawn();
     }
+}
+
+/// A free loopback port for redis-server (which cannot report one it picked itself): below
+/// 55536, with the port 10,000 above it free too, for a cluster node's bus.
+fn free_redis_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut random = std::collections::hash_map::RandomState::new().build_hasher();
+    for attempt in 0u32..1000 {
+        random.write_u32(attempt);
+        let port = 20_000 + (random.finish() % 35_536) as u16;
+        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if free(port) && free(port + 10_000) {
+            return port;
+        }
+    }
+    panic!("no free port pair for redis-server below 55536");
 }
 
 impl Drop for Redis {
