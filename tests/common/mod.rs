@@ -473,13 +473,18 @@ impl Redis {
 }
 
 /// A free loopback port for redis-server (which cannot report one it picked itself): below
-/// 55536, with the port 10,000 above it free too, for a cluster node's bus.
+/// 55536, with the port 10,000 above it free too, for a cluster node's bus. Ports are
+/// handed out in turn from a random start, so that two servers of one test process never
+/// get the same one (a server that failed to bind would leave its test talking to the
+/// other's).
 fn free_redis_port() -> u16 {
     use std::hash::{BuildHasher, Hasher};
-    let mut random = std::collections::hash_map::RandomState::new().build_hasher();
-    for attempt in 0u32..1000 {
-        random.write_u32(attempt);
-        let port = 20_000 + (random.finish() % 35_536) as u16;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::collections::hash_map::RandomState::new().build_hasher().finish() as u32 % 30_000;
+    let _ = NEXT.compare_exchange(0, start + 1, Ordering::Relaxed, Ordering::Relaxed);
+    for _ in 0..1000 {
+        let port = 20_000 + (NEXT.fetch_add(1, Ordering::Relaxed) % 35_536) as u16;
         let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
         if free(port) && free(port + 10_000) {
             return port;
