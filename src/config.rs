@@ -303,6 +303,11 @@ config_table! {
         #[arg(value_parser = parse_duration)]
         #[serde(with = "duration_serde")]
         cluster_ack_timeout: Duration = Duration::from_secs(2), "2s";
+        /// In a cluster with a shared store: how long a stored message that arrived before
+        /// one it follows waits for it, before the gap is read from the store.
+        #[arg(value_parser = parse_duration)]
+        #[serde(with = "duration_serde")]
+        reorder_hold: Duration = Duration::from_millis(50), "50ms";
         /// Stored messages older than this are trimmed, 0 to keep them by age.
         #[arg(value_parser = parse_duration)]
         #[serde(with = "duration_serde")]
@@ -483,6 +488,7 @@ impl Config {
             ("slo", self.slo),
             ("presence-timeout", self.presence_timeout),
             ("cluster-ack-timeout", self.cluster_ack_timeout),
+            ("reorder-hold", self.reorder_hold),
         ] {
             if d.is_zero() {
                 return Err(format!("{name} must be longer than zero"));
@@ -499,12 +505,9 @@ impl Config {
         match (self.store.as_deref(), &self.nats) {
             (None | Some("none"), _) | (Some("embedded"), None) => {}
             (Some("embedded"), Some(_)) => {
-                return Err("--store embedded cannot run with --nats: each node would number the same conversations on its own. Run the cluster with --store none (relay: nothing stored) until the nodes share a store".into())
+                return Err("--store embedded cannot run with --nats: each node would number the same conversations on its own. Share one with --store redis://HOST:PORT (or run the cluster with --store none: relay only, nothing stored)".into())
             }
-            (Some(url), None) if is_redis_url(url) => {}
-            (Some(url), Some(_)) if is_redis_url(url) => {
-                return Err("--store redis with --nats: stored messages are not delivered across nodes yet; run the cluster with --store none (relay) for now".into())
-            }
+            (Some(url), _) if is_redis_url(url) => {}
             (Some(other), _) => {
                 return Err(format!(
                     "store must be embedded, redis://HOST:PORT[/DB], redis+cluster://HOST:PORT,… or none, not {other:?}"
@@ -539,7 +542,7 @@ mod tests {
     }
 
     #[test]
-    fn the_store_is_embedded_alone_none_in_a_cluster_and_redis_when_named() {
+    fn the_store_is_embedded_alone_none_in_a_cluster_unless_shared_and_redis_when_named() {
         let kind = |flags: &[&str]| serve(flags).map(|c| c.store_kind()).map_err(|e| e.to_string());
         let nats = ["--nats", "nats://127.0.0.1:4222"];
         assert_eq!(kind(&[]), Ok(StoreKind::Embedded));
@@ -558,9 +561,9 @@ mod tests {
             &[&nats[..], &["--store", "embedded"]].concat(),
             "cannot run with --nats",
         );
-        refused(
-            &[&nats[..], &["--store", "redis://h:1"]].concat(),
-            "not delivered across nodes yet",
+        assert_eq!(
+            kind(&[&nats[..], &["--store", "redis://h:1"]].concat()),
+            Ok(StoreKind::Redis)
         );
         refused(&["--store", "postgres://h"], "redis://HOST:PORT[/DB]");
     }

@@ -888,3 +888,319 @@ fn nodes_join_an_operator_mode_nats_with_a_credentials_file() {
     let mut nodes = cluster("creds", &nats.url(), 2, &["--nats-credentials", &creds_file]);
     routes_across_without_printing(&mut nodes, &seed);
 }
+
+// ---- A cluster on a shared store (Redis) ----
+
+/// Nodes of a cluster sharing the store at `store` (a Redis URL).
+fn stored_cluster(name: &str, url: &str, store: &str, n: usize, extra: &[&str]) -> Vec<Node> {
+    let args = [&["--store", store][..], extra].concat();
+    cluster(name, url, n, &args)
+}
+
+async fn connect_to_store(node: &Node, user: &str) -> (Ws, Value) {
+    connect_stored(&node.gw.url(&format!("/ws?user={user}")), user).await
+}
+
+/// Waits for `node`'s next `cluster:` line saying it knows `n` users on other nodes.
+fn wait_remote_users(node: &mut Node, n: usize) {
+    node.gw.wait_line(&format!("remote_users={n} "));
+}
+
+fn seq_of(v: &Value) -> u64 {
+    v["seq"].as_u64().unwrap_or_else(|| panic!("no seq in {v}"))
+}
+
+/// What one device saw of a conversation: the seqs of its acks and of the messages it got.
+#[derive(Default)]
+struct Seen {
+    acked: Vec<u64>,
+    got: Vec<u64>,
+    /// Bodies `{"from":…,"i":…}` of the messages got, in arrival order.
+    bodies: Vec<(String, u64)>,
+}
+
+/// Sends `count` messages to `to` at once (not waiting for acks), then reads until it has
+/// `count` acks and `expect` messages. Ids are unique per `round`.
+async fn stream_and_read(ws: &mut Ws, (me, to): (&str, &str), round: usize, count: u64, expect: usize) -> Seen {
+    for i in 0..count {
+        let id = format!("{me}-{round}-{i}");
+        send(ws, json!({"type":"send","to":to,"id":id,"body":{"from":me,"i":i}})).await;
+    }
+    read_until(ws, count as usize, expect).await
+}
+
+async fn read_until(ws: &mut Ws, acks: usize, messages: usize) -> Seen {
+    let mut seen = Seen::default();
+    while seen.acked.len() < acks || seen.got.len() < messages {
+        let v = match tokio::time::timeout(Duration::from_secs(8), recv(ws)).await {
+            Ok(v) => v,
+            Err(_) => panic!(
+                "waiting for {acks} acks and {messages} messages, got acks {:?} and messages {:?}",
+                seen.acked, seen.got
+            ),
+        };
+        match v["type"].as_str() {
+            Some("ack") => {
+                assert_eq!(v["status"], "stored", "{v}");
+                seen.acked.push(seq_of(&v));
+            }
+            Some("message") => {
+                seen.got.push(seq_of(&v));
+                let from = v["body"]["from"].as_str().unwrap_or_default().to_string();
+                seen.bodies.push((from, v["body"]["i"].as_u64().unwrap_or(u64::MAX)));
+            }
+            _ => panic!("unexpected {v}"),
+        }
+    }
+    seen
+}
+
+/// A small deterministic generator (xorshift), for burst sizes that differ per run.
+fn sizes(seed: u64, rounds: usize) -> Vec<(u64, u64)> {
+    let mut x = seed | 1;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    (0..rounds).map(|_| (20 + next() % 200, 20 + next() % 200)).collect()
+}
+
+#[test]
+fn two_nodes_appending_to_one_conversation_give_every_device_one_gapless_order() {
+    let (_nats, url) = nats();
+    let redis = Redis::start("cluster-order");
+    let mut nodes = stored_cluster("sorder", &url, &redis.url(0), 2, &[]);
+    let seed = std::process::id() as u64 * 0x9e37_79b9;
+    runtime().block_on(async {
+        // Alice and Bob on different nodes, and each one's second device on the other's.
+        let (mut alice, _) = connect_to_store(&nodes[0], "alice").await;
+        let (mut bob, _) = connect_to_store(&nodes[1], "bob").await;
+        let (mut alice2, _) = connect_to_store(&nodes[1], "alice").await;
+        let (mut bob2, _) = connect_to_store(&nodes[0], "bob").await;
+        for node in nodes.iter_mut() {
+            wait_remote_users(node, 2);
+        }
+        let mut head = 0;
+        for (round, (from_alice, from_bob)) in sizes(seed, 3).into_iter().enumerate() {
+            let total = (from_alice + from_bob) as usize;
+            // Both write at the same instant, from two nodes, into one conversation.
+            let (a, b, a2, b2) = tokio::join!(
+                stream_and_read(&mut alice, ("alice", "bob"), round, from_alice, from_bob as usize),
+                stream_and_read(&mut bob, ("bob", "alice"), round, from_bob, from_alice as usize),
+                read_until(&mut alice2, 0, total),
+                read_until(&mut bob2, 0, total),
+            );
+            let all: Vec<u64> = (head + 1..=head + total as u64).collect();
+            // The second devices saw every message once, in seq order, with no gap.
+            for (who, seen) in [("alice2", &a2), ("bob2", &b2)] {
+                assert_eq!(
+                    seen.got, all,
+                    "round {round} ({from_alice}+{from_bob}, seed {seed}): {who}"
+                );
+            }
+            // Each sender's device: its own acks and the other's messages are the same
+            // seqs, disjoint; what it got came in order.
+            for (who, seen) in [("alice", &a), ("bob", &b)] {
+                let mut union: Vec<u64> = seen.acked.iter().chain(&seen.got).copied().collect();
+                union.sort_unstable();
+                assert_eq!(union, all, "round {round}: {who}'s acks and messages");
+                assert!(
+                    seen.got.windows(2).all(|w| w[0] < w[1]),
+                    "round {round}: {who} got {:?}",
+                    seen.got
+                );
+            }
+            // One sender's messages keep the order it sent them in.
+            for sender in ["alice", "bob"] {
+                let order: Vec<u64> = a2.bodies.iter().filter(|(f, _)| f == sender).map(|(_, i)| *i).collect();
+                let sent = if sender == "alice" { from_alice } else { from_bob };
+                assert_eq!(order, (0..sent).collect::<Vec<_>>(), "round {round}: {sender}'s order");
+            }
+            head += total as u64;
+        }
+    });
+}
+
+#[test]
+fn a_user_offline_everywhere_is_pushed_once_and_catches_up_on_any_node() {
+    let (_nats, url) = nats();
+    let redis = Redis::start("cluster-offline");
+    let (hook_port, requests) = webhook_server(vec![]);
+    let hook = format!("http://127.0.0.1:{hook_port}/push");
+    let secret = temp_dir("cluster-offline-secret").join("push-secret");
+    std::fs::write(&secret, "s".repeat(32)).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let extra = ["--push-webhook", &hook, "--push-secret-file", secret.to_str().unwrap()];
+    let mut nodes = stored_cluster("soffline", &url, &redis.url(0), 2, &extra);
+    runtime().block_on(async {
+        let (mut alice, _) = connect_to_store(&nodes[0], "alice").await;
+        // Carol has no connection anywhere: stored, acked, pushed (by the node that stored it).
+        for n in 1..=3 {
+            send(
+                &mut alice,
+                json!({"type":"send","to":"carol","id":format!("c{n}"),"body":n}),
+            )
+            .await;
+            let ack = recv(&mut alice).await;
+            assert_eq!(
+                ack,
+                json!({"type":"ack","id":format!("c{n}"),"status":"stored","conv":"dm:alice:carol","seq":n})
+            );
+        }
+        // She connects to the other node: it knows where the conversation stands.
+        let (mut carol, ready) = connect_to_store(&nodes[1], "carol").await;
+        assert_eq!(ready["convs"], json!([{"conv":"dm:alice:carol","seq":3}]));
+        send(&mut carol, json!({"type":"history","conv":"dm:alice:carol","since":0})).await;
+        let page = recv(&mut carol).await;
+        let got: Vec<(u64, Value)> = page["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| (seq_of(m), m["body"].clone()))
+            .collect();
+        assert_eq!(got, vec![(1, json!(1)), (2, json!(2)), (3, json!(3))], "{page}");
+        // Once alice's node knows carol is on the other node, she gets the next one live,
+        // and no push goes out for it.
+        wait_remote_users(&mut nodes[0], 1);
+        send(&mut alice, json!({"type":"send","to":"carol","id":"c4","body":4})).await;
+        assert_eq!(seq_of(&recv(&mut alice).await), 4);
+        let live = recv(&mut carol).await;
+        assert_eq!(
+            (seq_of(&live), &live["from"], &live["body"]),
+            (4, &json!("alice"), &json!(4))
+        );
+        // A marker: dave is offline everywhere, so his push follows carol's in the queue.
+        send(&mut alice, json!({"type":"send","to":"dave","id":"d1","body":"marker"})).await;
+        assert_eq!(seq_of(&recv(&mut alice).await), 1);
+    });
+    let mut events = Vec::new();
+    while !events.iter().any(|e: &Value| e["user"] == "dave") {
+        let (_, body) = requests
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the push webhook was called");
+        let batch: Value = serde_json::from_slice(&body).unwrap();
+        events.extend(batch["events"].as_array().unwrap().iter().cloned());
+    }
+    let pushed: Vec<(String, u64)> = events
+        .iter()
+        .map(|e| (e["user"].as_str().unwrap().to_string(), e["seq"].as_u64().unwrap()))
+        .collect();
+    let expected = [("carol", 1), ("carol", 2), ("carol", 3), ("dave", 1)];
+    let expected: Vec<(String, u64)> = expected.iter().map(|(u, s)| (u.to_string(), *s)).collect();
+    assert_eq!(
+        pushed, expected,
+        "one push per message for a user offline everywhere, none for one online elsewhere"
+    );
+}
+
+#[test]
+fn a_message_another_node_stored_but_never_published_is_filled_from_the_store() {
+    let (_nats, url) = nats();
+    let redis = Redis::start("cluster-gap");
+    let store = redis.url(0);
+    let mut nodes = stored_cluster("sgap", &url, &store, 2, &[]);
+    // A third gateway on the same store but outside the cluster: what it stores reaches
+    // no other node, as if it had died between storing and publishing.
+    let outside_dir = temp_dir("cluster-gap-outside");
+    let (outside, outside_ports) = two_shard_dev_gateway(&outside_dir, &["--store", &store]);
+    runtime().block_on(async {
+        let (mut alice, _) = connect_to_store(&nodes[0], "alice").await;
+        let (mut bob, _) = connect_to_store(&nodes[1], "bob").await;
+        wait_remote_users(&mut nodes[0], 1);
+        send(&mut alice, json!({"type":"send","to":"bob","id":"1","body":"one"})).await;
+        assert_eq!(seq_of(&recv(&mut alice).await), 1);
+        let outside_url = format!("ws://127.0.0.1:{}/ws?user=alice", outside_ports[0]);
+        let (mut alice_outside, _) = connect_stored(&outside_url, "alice").await;
+        send(
+            &mut alice_outside,
+            json!({"type":"send","to":"bob","id":"2","body":"two"}),
+        )
+        .await;
+        assert_eq!(seq_of(&recv(&mut alice_outside).await), 2);
+        send(&mut alice, json!({"type":"send","to":"bob","id":"3","body":"three"})).await;
+        assert_eq!(seq_of(&recv(&mut alice).await), 3);
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            let m = recv(&mut bob).await;
+            got.push((seq_of(&m), m["body"].as_str().unwrap().to_string()));
+        }
+        let expected: Vec<(u64, String)> = [(1, "one"), (2, "two"), (3, "three")]
+            .iter()
+            .map(|(s, b)| (*s, b.to_string()))
+            .collect();
+        assert_eq!(got, expected, "seq 3 waited for 2, which was read from the store");
+    });
+    nodes[1].gw.seen_or_wait("gap_filled=1 ");
+    let held = nodes[1].gw.seen.iter().filter(|l| l.contains(" held=1 ")).count();
+    assert_eq!(held, 1, "seq 3 was held once: {:?}", nodes[1].gw.seen);
+    drop(outside);
+}
+
+#[test]
+fn a_node_killed_mid_stream_loses_nothing_and_its_users_catch_up_on_another() {
+    let (_nats, url) = nats();
+    let redis = Redis::start("cluster-kill");
+    let mut nodes = stored_cluster("skill", &url, &redis.url(0), 2, &[]);
+    const COUNT: u64 = 300;
+    runtime().block_on(async {
+        let (mut alice, _) = connect_to_store(&nodes[0], "alice").await;
+        let (mut bob, _) = connect_to_store(&nodes[1], "bob").await;
+        wait_remote_users(&mut nodes[0], 1);
+        for i in 0..COUNT {
+            send(
+                &mut alice,
+                json!({"type":"send","to":"bob","id":format!("m{i}"),"body":i}),
+            )
+            .await;
+        }
+        // Node A dies with part of the stream acked.
+        let mut acked = std::collections::HashMap::new();
+        while acked.len() < 100 {
+            let ack = recv(&mut alice).await;
+            acked.insert(ack["id"].as_str().unwrap().to_string(), seq_of(&ack));
+        }
+        nodes[0].gw.signal(libc::SIGKILL);
+        let _ = nodes[0].gw.wait_exit();
+        // Alice reconnects to node B and sends everything again with the same ids: what
+        // was stored is acked with its first seq, the rest is stored now; then one more.
+        let (mut alice, ready) = connect_to_store(&nodes[1], "alice").await;
+        let head = ready["convs"][0]["seq"].as_u64().unwrap_or(0);
+        assert!(head >= 100, "{ready}");
+        let mut ids = std::collections::HashMap::new();
+        for i in 0..=COUNT {
+            let id = format!("m{i}");
+            send(&mut alice, json!({"type":"send","to":"bob","id":id,"body":i})).await;
+            // Her own messages reach her new device too (those node A stored and never
+            // published come once a gap shows them): only the ack matters here.
+            let ack = loop {
+                let v = recv(&mut alice).await;
+                if v["type"] != "message" {
+                    break v;
+                }
+            };
+            assert_eq!(ack["status"], "stored", "{ack}");
+            if let Some(first) = acked.get(&id) {
+                assert_eq!(seq_of(&ack), *first, "{id} was acked at {first} before the crash");
+            }
+            ids.insert(id, seq_of(&ack));
+        }
+        let mut seqs: Vec<u64> = ids.values().copied().collect();
+        seqs.sort_unstable();
+        assert_eq!(
+            seqs,
+            (1..=COUNT + 1).collect::<Vec<_>>(),
+            "each message stored once, no gap"
+        );
+        // Bob saw every message once, in order: what node A published before dying, what it
+        // stored but never published (filled from the store), and the rest.
+        let mut got = Vec::new();
+        while got.len() < (COUNT + 1) as usize {
+            let m = recv(&mut bob).await;
+            got.push(seq_of(&m));
+        }
+        assert_eq!(got, (1..=COUNT + 1).collect::<Vec<_>>());
+    });
+}

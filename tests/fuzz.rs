@@ -267,8 +267,8 @@ fn fuzz_the_cluster_wire() {
     let key = wire::ClusterKey::new(&[0x5a; 32]);
     let now = 1_800_000_000_000_000_000u64;
     let mut batch = wire::BatchWriter::new(7, 42);
-    batch.push(wire::RecordKind::Direct, 123, "bob", b"\x81\x02hi");
-    batch.push(wire::RecordKind::Room, 456, "lobby", b"\x82\x00");
+    batch.push(wire::RecordKind::Direct, 123, "bob", None, b"\x81\x02hi");
+    batch.push(wire::RecordKind::Room, 456, "lobby", None, b"\x82\x00");
     let presence = wire::write_presence(&wire::PresenceMsg::Delta {
         node: 1,
         seq: 2,

@@ -5,10 +5,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
 use std::path::Path;
-use std::sync::mpsc;
 use std::time::Duration;
 
 use common::*;
@@ -455,49 +452,6 @@ fn a_foreign_data_directory_is_refused_with_its_path() {
         err.contains(messages.to_str().unwrap()) && err.contains("not a shardgate message store"),
         "{err}"
     );
-}
-
-/// A one-request-per-connection HTTP server that answers with `statuses` in turn (then
-/// 200) and hands over each request's headers and body.
-/// A request as the webhook server saw it: its headers (names in lower case) and body.
-type Request = (BTreeMap<String, String>, Vec<u8>);
-
-fn webhook_server(statuses: Vec<u16>) -> (u16, mpsc::Receiver<Request>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut statuses = statuses.into_iter();
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { return };
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut headers = BTreeMap::new();
-            let mut line = String::new();
-            reader.read_line(&mut line).unwrap();
-            loop {
-                line.clear();
-                reader.read_line(&mut line).unwrap();
-                match line.trim_end().split_once(": ") {
-                    Some((k, v)) => {
-                        headers.insert(k.to_ascii_lowercase(), v.to_string());
-                    }
-                    None => break,
-                }
-            }
-            let len: usize = headers.get("content-length").and_then(|l| l.parse().ok()).unwrap_or(0);
-            let mut body = vec![0; len];
-            reader.read_exact(&mut body).unwrap();
-            let status = statuses.next().unwrap_or(200);
-            let _ = write!(
-                stream,
-                "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-            );
-            if tx.send((headers, body)).is_err() {
-                return;
-            }
-        }
-    });
-    (port, rx)
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! A batch from another node, handed to this node's shards (sans IO, apart from the
-//! shards' inboxes): each record goes to every shard holding its recipient, and the
-//! receipt says truthfully what became of it.
+//! shards' and store thread's inboxes): each record goes to every shard holding its
+//! recipient (a stored message to the store thread, which puts its conversation in order
+//! first), and the receipt says truthfully what became of it.
 
 use std::time::Instant;
 
@@ -9,6 +10,8 @@ use super::unix_nanos_to_instant;
 use super::wire::{Receipt, Record, RecordKind};
 use crate::route::inbox::Mesh;
 use crate::route::{shards_in, ShardMask, ShardMsg};
+use crate::store::thread::{StoreLink, ToStore};
+use crate::store::ConvId;
 
 /// Hands `records` (of batch `seq`) to the shards holding their recipients. Returns the
 /// receipt and the shards handed to (to ring). `accepting` is false while the node shuts
@@ -18,7 +21,7 @@ pub fn hand_over(
     seq: u64,
     records: Vec<Record>,
     presence: &Presence,
-    mesh: &Mesh,
+    (mesh, store): (&Mesh, Option<&StoreLink>),
     accepting: bool,
     (now, now_ns): (Instant, u64),
 ) -> (Receipt, ShardMask) {
@@ -40,6 +43,15 @@ pub fn hand_over(
         let target = match record.kind {
             RecordKind::Direct => presence.local_user_shards(name),
             RecordKind::Room => presence.local_room_shards(name),
+            RecordKind::Stored => {
+                let outcome = hand_stored(&record, name, presence, store, (now, now_ns));
+                match outcome {
+                    Handed::Yes => {}
+                    Handed::Absent => receipt.absent.push(index),
+                    Handed::Refused => receipt.refused.push(index),
+                }
+                continue;
+            }
         };
         let Some((name, mask)) = target else {
             receipt.absent.push(index);
@@ -67,6 +79,7 @@ pub fn hand_over(
                     except: (usize::MAX, 0),
                     cross_node: true,
                 },
+                RecordKind::Stored => continue,
             };
             mesh.push(shard, msg);
             rung |= 1 << shard;
@@ -77,6 +90,50 @@ pub fn hand_over(
         }
     }
     (receipt, rung)
+}
+
+enum Handed {
+    Yes,
+    Absent,
+    Refused,
+}
+
+/// A stored message goes to the store thread (when some of its audience is here): it
+/// delivers the conversation's messages in `seq` order, whichever node they came from.
+fn hand_stored(
+    record: &Record,
+    conv: &str,
+    presence: &Presence,
+    store: Option<&StoreLink>,
+    (now, now_ns): (Instant, u64),
+) -> Handed {
+    let Some(conv) = ConvId::from_stored(conv) else {
+        return Handed::Absent;
+    };
+    let here = match (conv.direct_users(), conv.room_name()) {
+        (Some((a, b)), _) => presence.local_user_shards(a).is_some() || presence.local_user_shards(b).is_some(),
+        (None, Some(room)) => presence.local_room_shards(room).is_some(),
+        (None, None) => false,
+    };
+    // A node without a store cannot order stored messages: to it they are absent (the
+    // nodes of one cluster run with the same store).
+    let Some(store) = store.filter(|_| here) else {
+        return Handed::Absent;
+    };
+    if store.is_full() {
+        return Handed::Refused;
+    }
+    let Some(at) = record.stored else {
+        return Handed::Absent;
+    };
+    store.push(ToStore::Remote {
+        conv,
+        seq: at.seq,
+        after_previous: at.after_previous,
+        frame: record.frame.clone(),
+        ingress: unix_nanos_to_instant(record.ingress_ns, now, now_ns),
+    });
+    Handed::Yes
 }
 
 #[cfg(test)]
@@ -91,6 +148,7 @@ mod tests {
             kind: RecordKind::Direct,
             ingress_ns: 0,
             name: Bytes::copy_from_slice(to.as_bytes()),
+            stored: None,
             frame: Bytes::from_static(b"\x81\x02hi"),
         }
     }
@@ -120,7 +178,7 @@ mod tests {
             9,
             vec![record("bob"), record("carol"), record("dave")],
             &presence,
-            &mesh,
+            (&mesh, None),
             true,
             now,
         );
@@ -138,7 +196,7 @@ mod tests {
             1,
             vec![record("bob"), record("dave")],
             &presence,
-            &mesh,
+            (&mesh, None),
             false,
             (Instant::now(), 0),
         );

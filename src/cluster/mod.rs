@@ -19,13 +19,15 @@ pub mod wire;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_channel::Receiver;
 
 use crate::mailbox::Mailbox;
 use crate::route::{AckTo, Placement};
+use crate::store::push::PushEvent;
+use crate::store::ConvId;
 
 /// Messages waiting for the cluster thread beyond which shards refuse cross-node sends
 /// (answered `rate_limited`), so a stalled NATS link cannot grow memory without bound.
@@ -48,6 +50,18 @@ pub enum ToCluster {
         frame: Bytes,
         ingress: Instant,
         ack: AckTo,
+    },
+    /// From the store thread: a stored message, for its conversation's audience on other
+    /// nodes (no ack: the sender was acked `stored`). With `push`, the recipient has no
+    /// connection on this node: the push goes out unless another node holds one.
+    Stored {
+        conv: ConvId,
+        seq: u64,
+        /// How long after the message before it the store stored it.
+        after_previous: Option<Duration>,
+        frame: Bytes,
+        ingress: Instant,
+        push: Option<PushEvent>,
     },
     /// A shard's holding of users and rooms changed.
     Placement(Placement),

@@ -22,12 +22,15 @@ use futures_util::StreamExt;
 
 use super::access::{redact_url, NatsAccess};
 use super::presence::{Action, Presence};
-use super::wire::{self, BatchWriter, ClusterKey, NodeId, ReceiptWriter, RecordKind};
+use super::wire::{self, BatchWriter, ClusterKey, NodeId, ReceiptWriter, RecordKind, StoredAt};
 use super::{instant_to_unix_nanos, unix_nanos, ClusterLink, ToCluster};
 use crate::route::inbox::Mesh;
 use crate::route::{AckTo, Outcome, Placement};
 use crate::route::{ShardMask, ShardMsg};
 use crate::shutdown::Shutdown;
+use crate::store::push::{PushEvent, PushQueue};
+use crate::store::thread::StoreLink;
+use crate::store::ConvId;
 
 /// How the node joins the cluster.
 #[derive(Debug, Clone)]
@@ -60,6 +63,8 @@ struct Traffic {
     offline: u64,
     unavailable: u64,
     refused: u64,
+    /// Stored messages sent to other nodes (each once, however many nodes it went to).
+    stored_out: u64,
     /// Messages dropped unread: a bad or stale seal, a replayed batch, unreadable bytes.
     rejected: u64,
 }
@@ -90,6 +95,10 @@ pub struct Wiring {
     /// Says when to leave the cluster; `stop_index` is this thread's doorbell in it.
     pub stop: Arc<Shutdown>,
     pub stop_index: usize,
+    /// With a shared store: the store thread (stored messages from other nodes go to it
+    /// to be put in order), and the push webhook's queue.
+    pub store: Option<Arc<StoreLink>>,
+    pub push: Option<PushQueue>,
 }
 
 /// Starts the cluster thread.
@@ -110,6 +119,10 @@ pub fn spawn(config: ClusterConfig, wiring: Wiring) -> std::io::Result<std::thre
         runtime.block_on(run(config, wiring));
     })
 }
+
+/// The cluster thread's links: its own mailbox, the shards', the store thread's and the
+/// push queue.
+type Links = (Arc<ClusterLink>, Arc<Mesh>, Option<Arc<StoreLink>>, Option<PushQueue>);
 
 /// A cross-node send waiting for receipts.
 struct PendingAck {
@@ -154,6 +167,8 @@ struct Node {
     client: Client,
     link: Arc<ClusterLink>,
     mesh: Arc<Mesh>,
+    store: Option<Arc<StoreLink>>,
+    push: Option<PushQueue>,
     presence: Presence,
     connected: bool,
     /// When the current NATS connection came up.
@@ -255,12 +270,14 @@ async fn run(config: ClusterConfig, wiring: Wiring) {
         mesh,
         stop,
         stop_index,
+        store,
+        push,
     } = wiring;
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
     let Some((client, mut presence_sub, mut own_sub)) = connect(&config, events_tx).await else {
         return;
     };
-    let mut node = Node::new(config, client, link.clone(), mesh, stop.clone());
+    let mut node = Node::new(config, client, (link.clone(), mesh, store, push), stop.clone());
     let mut batch = Vec::with_capacity(ROUND);
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut last_flush = Instant::now() - FLUSH_INTERVAL;
@@ -309,15 +326,12 @@ async fn sleep_until(due: Option<tokio::time::Instant>) {
 }
 
 impl Node {
-    fn new(
-        config: ClusterConfig,
-        client: Client,
-        link: Arc<ClusterLink>,
-        mesh: Arc<Mesh>,
-        stop: Arc<Shutdown>,
-    ) -> Node {
+    fn new(config: ClusterConfig, client: Client, links: Links, stop: Arc<Shutdown>) -> Node {
+        let (link, mesh, store, push) = links;
         Node {
             stop,
+            store,
+            push,
             presence: Presence::new(config.node, config.presence_timeout),
             config,
             client,
@@ -421,7 +435,58 @@ impl Node {
                 ingress,
                 ack,
             } => self.send_to_nodes(RecordKind::Room, &room, &frame, ingress, Some(ack), Outcome::Routed),
+            ToCluster::Stored {
+                conv,
+                seq,
+                after_previous,
+                frame,
+                ingress,
+                push,
+            } => {
+                let at = StoredAt { seq, after_previous };
+                self.send_stored(&conv, at, &frame, ingress, push)
+            }
         }
+    }
+
+    /// A stored message goes to every other node holding some of its conversation's
+    /// audience. Its push (the recipient has no connection on the sending node) goes out
+    /// only if no other node holds the recipient either: one push per message, from the
+    /// node that stored it. While NATS is away nothing is known of other nodes, and the
+    /// push goes out (a notification too many rather than one missed).
+    fn send_stored(&mut self, conv: &ConvId, at: StoredAt, frame: &Bytes, ingress: Instant, push: Option<PushEvent>) {
+        let mut nodes = std::mem::take(&mut self.destinations);
+        nodes.clear();
+        match (conv.direct_users(), conv.room_name()) {
+            (Some((a, b)), _) => {
+                nodes.extend_from_slice(self.presence.user_nodes(a));
+                for node in self.presence.user_nodes(b) {
+                    if !nodes.contains(node) {
+                        nodes.push(*node);
+                    }
+                }
+            }
+            (None, Some(room)) => nodes.extend_from_slice(self.presence.room_nodes(room)),
+            (None, None) => {}
+        }
+        if let (Some(event), Some(queue)) = (push, &self.push) {
+            if self.presence.user_nodes(&event.user).is_empty() {
+                queue.offer(event);
+            }
+        }
+        if self.connected && !self.leaving && !nodes.is_empty() {
+            self.traffic.stored_out += 1;
+            self.add(
+                &nodes,
+                RecordKind::Stored,
+                conv.as_str(),
+                Some(at),
+                frame,
+                ingress,
+                None,
+            );
+        }
+        self.destinations = nodes;
     }
 
     /// Adds a record for the user or room `name` to the batch of every other node that
@@ -449,6 +514,7 @@ impl Node {
         nodes.extend_from_slice(match kind {
             RecordKind::Direct => self.presence.user_nodes(name),
             RecordKind::Room => self.presence.room_nodes(name),
+            RecordKind::Stored => &[], // See `send_stored`.
         });
         if nodes.is_empty() {
             if let Some(ack) = ack {
@@ -457,7 +523,7 @@ impl Node {
             }
         } else {
             let pending = ack.map(|to| self.pending(to, kind == RecordKind::Room, nodes.len()));
-            self.add(&nodes, kind, name, frame, ingress, pending);
+            self.add(&nodes, kind, name, None, frame, ingress, pending);
         }
         self.destinations = nodes;
     }
@@ -483,12 +549,15 @@ impl Node {
         })
     }
 
-    /// Adds one record to the batch of each node in `nodes`.
+    /// Adds one record to the batch of each node in `nodes` (`stored`: a stored message's
+    /// position).
+    #[allow(clippy::too_many_arguments)]
     fn add(
         &mut self,
         nodes: &[NodeId],
         kind: RecordKind,
         name: &str,
+        stored: Option<StoredAt>,
         frame: &Bytes,
         ingress: Instant,
         pending: Option<usize>,
@@ -515,7 +584,7 @@ impl Node {
                     acks: Vec::new(),
                 }
             });
-            let index = batch.writer.push(kind, ingress_ns, name, frame);
+            let index = batch.writer.push(kind, ingress_ns, name, stored, frame);
             if let Some(p) = pending {
                 batch.acks.push((index, p));
             }
@@ -724,7 +793,8 @@ impl Node {
         self.traffic.records_in += records.len() as u64;
         let now = (Instant::now(), unix_nanos());
         let accepting = !self.leaving && !self.stop.is_requested();
-        let (receipt, rung) = super::inbound::hand_over(seq, records, &self.presence, &self.mesh, accepting, now);
+        let to = (&*self.mesh, self.store.as_deref());
+        let (receipt, rung) = super::inbound::hand_over(seq, records, &self.presence, to, accepting, now);
         self.to_ring |= rung;
         self.receipts.entry(sender).or_default().push(&receipt);
         if self.receipts_due.is_none() {
@@ -860,7 +930,7 @@ impl Node {
         let t = std::mem::take(&mut self.traffic);
         let per_batch = |records: u64, batches: u64| records as f64 / batches.max(1) as f64;
         println!(
-            "cluster: nodes={} remote_users={} connected={} out_records_per_s={:.1} out_batches_per_s={:.1} records_per_batch={:.2} in_records_per_s={:.1} in_batches_per_s={:.1} acks_routed={} acks_offline={} acks_unavailable={} acks_refused={} awaiting_receipts={} rejected={} rejected_total={}",
+            "cluster: nodes={} remote_users={} connected={} out_records_per_s={:.1} out_batches_per_s={:.1} records_per_batch={:.2} in_records_per_s={:.1} in_batches_per_s={:.1} acks_routed={} acks_offline={} acks_unavailable={} acks_refused={} stored_out_per_s={:.1} awaiting_receipts={} rejected={} rejected_total={}",
             self.presence.synced_nodes(),
             self.presence.remote_users(),
             self.connected,
@@ -873,6 +943,7 @@ impl Node {
             t.offline,
             t.unavailable,
             t.refused,
+            t.stored_out as f64 / secs,
             self.sent.len(),
             t.rejected,
             self.rejected_total,

@@ -24,16 +24,30 @@ pub struct Record {
     pub kind: RecordKind,
     /// Wall-clock time the message entered its first gateway, in Unix nanoseconds.
     pub ingress_ns: u64,
-    /// The recipient user or room.
+    /// The recipient user or room; for a stored message, its conversation id.
     pub name: Bytes,
+    /// Where a stored message is in its conversation (`Stored` records only).
+    pub stored: Option<StoredAt>,
     /// The encoded WebSocket frame (a slice of the batch: no copy).
     pub frame: Bytes,
+}
+
+/// A stored message's `seq`, and how long after the message before it the store stored it
+/// (`None`: not shortly before; carried in microseconds, up to about an hour).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredAt {
+    pub seq: u64,
+    pub after_previous: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RecordKind {
     Direct = 1,
     Room = 2,
+    /// A stored message, for the connections of its conversation's audience (the two users
+    /// of a direct conversation, or a room's members). Carries its `seq`: the receiving
+    /// node puts its conversation back in order.
+    Stored = 3,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,6 +119,8 @@ impl ClusterKey {
 
 const BATCH_HEADER: usize = 16;
 const RECORD_HEADER: usize = 1 + 8 + 1 + 4;
+/// A stored record's seq and microseconds after the one before.
+const STORED_AT: usize = 8 + 4;
 
 /// Encodes a batch: records are appended until it is sent.
 pub struct BatchWriter {
@@ -120,19 +136,36 @@ impl BatchWriter {
         BatchWriter { buf, records: 0 }
     }
 
-    /// The size the batch would have with one more record of these sizes.
+    /// The size the batch would have with one more record of these sizes (a stored one
+    /// has 12 bytes more, where it is stored).
     pub fn len_with(&self, name: usize, frame: usize) -> usize {
-        self.buf.len() + RECORD_HEADER + name + frame
+        self.buf.len() + RECORD_HEADER + STORED_AT + name + frame
     }
 
     /// Appends a record; returns its index in the batch. Names are at most 255 bytes
-    /// (user ids and rooms are at most 64).
-    pub fn push(&mut self, kind: RecordKind, ingress_ns: u64, name: &str, frame: &[u8]) -> u32 {
+    /// (user ids and rooms are at most 64, conversation ids at most 134); `stored` goes
+    /// with, and only with, a `Stored` record.
+    pub fn push(
+        &mut self,
+        kind: RecordKind,
+        ingress_ns: u64,
+        name: &str,
+        stored: Option<StoredAt>,
+        frame: &[u8],
+    ) -> u32 {
         debug_assert!(name.len() <= u8::MAX as usize);
+        debug_assert_eq!(kind == RecordKind::Stored, stored.is_some());
         self.buf.put_u8(kind as u8);
         self.buf.put_u64_le(ingress_ns);
         self.buf.put_u8(name.len() as u8);
         self.buf.put_slice(name.as_bytes());
+        if let Some(at) = stored {
+            self.buf.put_u64_le(at.seq);
+            let us = at
+                .after_previous
+                .map_or(u32::MAX, |d| d.as_micros().min(u32::MAX as u128 - 1) as u32);
+            self.buf.put_u32_le(us);
+        }
         self.buf.put_u32_le(frame.len() as u32);
         self.buf.put_slice(frame);
         self.records += 1;
@@ -155,6 +188,7 @@ pub fn read_batch(mut batch: Bytes) -> Result<(NodeId, u64, Vec<Record>), WireEr
         let kind = match batch.get_u8() {
             1 => RecordKind::Direct,
             2 => RecordKind::Room,
+            3 => RecordKind::Stored,
             _ => return Err(WireError("unknown record kind")),
         };
         let ingress_ns = batch.get_u64_le();
@@ -163,6 +197,17 @@ pub fn read_batch(mut batch: Bytes) -> Result<(NodeId, u64, Vec<Record>), WireEr
             return Err(WireError("truncated record name"));
         }
         let name = batch.split_to(name_len);
+        let stored = if kind == RecordKind::Stored {
+            if batch.len() < STORED_AT + 4 {
+                return Err(WireError("truncated stored record"));
+            }
+            let seq = batch.get_u64_le();
+            let us = batch.get_u32_le();
+            let after_previous = (us != u32::MAX).then(|| std::time::Duration::from_micros(us.into()));
+            Some(StoredAt { seq, after_previous })
+        } else {
+            None
+        };
         let frame_len = batch.get_u32_le() as usize;
         if batch.len() < frame_len {
             return Err(WireError("truncated record frame"));
@@ -173,6 +218,7 @@ pub fn read_batch(mut batch: Bytes) -> Result<(NodeId, u64, Vec<Record>), WireEr
             kind,
             ingress_ns,
             name,
+            stored,
             frame,
         });
     }
@@ -441,18 +487,29 @@ mod tests {
     #[test]
     fn batches_round_trip_and_share_memory() {
         let mut w = BatchWriter::new(7, 42);
-        assert_eq!(w.push(RecordKind::Direct, 123, "bob", b"\x81\x02hi"), 0);
-        assert_eq!(w.push(RecordKind::Room, 456, "lobby", b"\x82\x00"), 1);
+        assert_eq!(w.push(RecordKind::Direct, 123, "bob", None, b"\x81\x02hi"), 0);
+        assert_eq!(w.push(RecordKind::Room, 456, "lobby", None, b"\x82\x00"), 1);
+        let at = StoredAt {
+            seq: 41,
+            after_previous: Some(std::time::Duration::from_micros(1500)),
+        };
+        assert_eq!(
+            w.push(RecordKind::Stored, 789, "dm:alice:bob", Some(at), b"\x81\x01x"),
+            2
+        );
         let bytes = Bytes::from(w.buf);
         let (sender, seq, records) = read_batch(bytes.clone()).unwrap();
         assert_eq!((sender, seq), (7, 42));
-        assert_eq!(records.len(), 2);
         assert_eq!(records[0].kind, RecordKind::Direct);
         assert_eq!(records[0].ingress_ns, 123);
         assert_eq!(&records[0].name[..], b"bob");
         assert_eq!(&records[0].frame[..], b"\x81\x02hi");
         assert_eq!(records[1].kind, RecordKind::Room);
         assert_eq!(&records[1].name[..], b"lobby");
+        assert_eq!(records.len(), 3);
+        assert_eq!((records[2].kind, records[2].stored), (RecordKind::Stored, Some(at)));
+        assert_eq!(&records[2].name[..], b"dm:alice:bob");
+        assert_eq!(&records[2].frame[..], b"\x81\x01x");
         // The frame is a view into the batch, not a copy.
         let start = bytes.as_ptr() as usize;
         let frame = records[0].frame.as_ptr() as usize;
@@ -462,7 +519,7 @@ mod tests {
     #[test]
     fn truncated_batches_are_errors() {
         let mut w = BatchWriter::new(1, 1);
-        w.push(RecordKind::Direct, 1, "bob", b"\x81\x05frame");
+        w.push(RecordKind::Direct, 1, "bob", None, b"\x81\x05frame");
         let bytes = Bytes::from(w.buf);
         for cut in [0, 15, 17, 20, 26, bytes.len() - 1] {
             assert!(read_batch(bytes.slice(..cut)).is_err(), "cut at {cut}");
@@ -473,7 +530,7 @@ mod tests {
     fn a_record_must_carry_one_whole_server_frame() {
         let batch = |frame: &[u8]| {
             let mut w = BatchWriter::new(1, 1);
-            w.push(RecordKind::Direct, 1, "bob", frame);
+            w.push(RecordKind::Direct, 1, "bob", None, frame);
             read_batch(Bytes::from(w.buf))
         };
         assert!(batch(b"\x81\x02hi").is_ok());

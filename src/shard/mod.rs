@@ -30,7 +30,7 @@ use crate::chat::hub::Hub;
 use crate::chat::session::RateLimits;
 use crate::cluster::node::ClusterConfig;
 use crate::cluster::wire::NodeId;
-use crate::cluster::ClusterLink;
+use crate::cluster::{ClusterLink, ToCluster};
 use crate::config::{Config, StoreKind};
 use crate::metrics::{spawn_reporter, Reporter, ShardLoad, ShardReport};
 use crate::route::directory::RoomLimits;
@@ -38,12 +38,13 @@ use crate::route::inbox::{Inbox, Mesh};
 use crate::route::ShardMsg;
 use crate::shutdown::Shutdown;
 use crate::store::embedded::EmbeddedStore;
-use crate::store::push::PushConfig;
+use crate::store::push::{PushConfig, PushQueue};
 use crate::store::redis::RedisStore;
-use crate::store::thread::{StoreLink, StoreThreadConfig};
+use crate::store::thread::{StoreLink, StoreOutputs, StoreThreadConfig};
 use crate::store::Retention;
 use crate::sys::{process, socket};
 use context::ShardContext;
+use crossbeam_channel::Receiver;
 use egress::Outbound;
 use per_ip::PerIpLimits;
 pub use start::StartError;
@@ -95,8 +96,13 @@ pub fn run(config: Config) -> Result<(), StartError> {
     let config = Arc::new(config);
     // One doorbell per shard, and one for the cluster thread.
     let stop = Arc::new(Shutdown::new(config.shards + 1));
-    let cluster = start_cluster(&config, &mesh, &stop)?;
-    let store = start_store(&config, &mesh)?;
+    // The store and cluster threads hand each other stored messages: both links first.
+    let cluster_link = config.nats.is_some().then(ClusterLink::new);
+    let store = start_store(&config, &mesh, cluster_link.as_ref().map(|(link, _)| link.clone()))?;
+    let cluster = match cluster_link {
+        Some(link) => Some(start_cluster(&config, &mesh, &stop, link, store.as_ref())?),
+        None => None,
+    };
     // Signals are watched before any shard says it listens: a SIGTERM right after that
     // line drains instead of killing, and the watcher's descriptors are already counted.
     start::spawn_signal_thread(stop.clone())?;
@@ -122,17 +128,21 @@ pub fn run(config: Config) -> Result<(), StartError> {
             failures.push(start::explain_start_error(id, &e.to_string()));
         }
     }
+    let mut push = None;
+    if let Some(store) = store {
+        // The shards are gone: the store thread commits what they handed it (and hands
+        // the cluster thread what other nodes should get of it), then ends.
+        store.link.stop();
+        let _ = store.thread.join();
+        push = store.push;
+    }
     if let Some((link, thread)) = cluster {
         link.close();
         let _ = thread.join();
     }
-    if let Some(store) = store {
-        // The shards are gone: the store thread commits what they handed it, then ends.
-        store.link.stop();
-        let _ = store.thread.join();
-        if let Some(push) = store.push {
-            let _ = push.join();
-        }
+    // Its queue is gone with the store and cluster threads: it sends what is queued, then ends.
+    if let Some(push) = push {
+        let _ = push.join();
     }
     if !failures.is_empty() {
         return Err(StartError::Shards(failures));
@@ -145,13 +155,18 @@ pub fn run(config: Config) -> Result<(), StartError> {
 /// The shards' link to the cluster thread, and the thread.
 type ClusterThread = (Arc<ClusterLink>, JoinHandle<()>);
 
-/// With `--nats`, the cluster thread and the shards' link to it.
-fn start_cluster(config: &Config, mesh: &Arc<Mesh>, stop: &Arc<Shutdown>) -> Result<Option<ClusterThread>, StartError> {
-    let Some(url) = &config.nats else { return Ok(None) };
+/// With `--nats`, the cluster thread (on the link made for it) and the shards' link to it.
+fn start_cluster(
+    config: &Config,
+    mesh: &Arc<Mesh>,
+    stop: &Arc<Shutdown>,
+    (link, rx): (Arc<ClusterLink>, Receiver<ToCluster>),
+    store: Option<&StoreThreads>,
+) -> Result<ClusterThread, StartError> {
+    let url = config.nats.clone().unwrap_or_default();
     let (key, access) = crate::cluster::access::load(config)?;
-    let (link, rx) = ClusterLink::new();
     let cluster_config = ClusterConfig {
-        url: url.clone(),
+        url,
         prefix: config.nats_prefix.clone(),
         node: rand_node_id()?,
         key,
@@ -168,12 +183,14 @@ fn start_cluster(config: &Config, mesh: &Arc<Mesh>, stop: &Arc<Shutdown>) -> Res
         mesh: mesh.clone(),
         stop: stop.clone(),
         stop_index: config.shards,
+        store: store.map(|s| s.link.clone()),
+        push: store.and_then(|s| s.push_queue.clone()),
     };
     let thread = crate::cluster::node::spawn(cluster_config, wiring).map_err(|source| StartError::Thread {
         what: "cluster",
         source,
     })?;
-    Ok(Some((link, thread)))
+    Ok((link, thread))
 }
 
 /// The store thread (and the push thread), and the shards' link to it.
@@ -181,14 +198,21 @@ struct StoreThreads {
     link: Arc<StoreLink>,
     thread: JoinHandle<()>,
     push: Option<JoinHandle<()>>,
+    /// The push thread's queue (the cluster thread sends pushes too); it ends once every
+    /// copy is dropped.
+    push_queue: Option<PushQueue>,
 }
 
 /// Unless the gateway only relays: opens the message store in the data directory and
 /// starts its thread (and the push webhook's).
-fn start_store(config: &Config, mesh: &Arc<Mesh>) -> Result<Option<StoreThreads>, StartError> {
+fn start_store(
+    config: &Config,
+    mesh: &Arc<Mesh>,
+    cluster: Option<Arc<ClusterLink>>,
+) -> Result<Option<StoreThreads>, StartError> {
     if config.store_kind() == StoreKind::None {
         let why = if config.nats.is_some() {
-            " (a cluster: each node would number conversations on its own)"
+            " (a cluster with no shared store: --store redis://HOST:PORT gives it one)"
         } else {
             ""
         };
@@ -252,13 +276,24 @@ fn start_store(config: &Config, mesh: &Arc<Mesh>) -> Result<Option<StoreThreads>
         ready_conversations: config.ready_conversations,
         max_page_bytes: config.max_outbound_bytes / 2,
         push_preview_bytes: config.push_preview_bytes,
+        reorder_hold: config.reorder_hold,
+    };
+    let outputs = StoreOutputs {
+        mesh: mesh.clone(),
+        push: push_queue.clone(),
+        cluster,
     };
     let thread = match store {
-        Opened::Embedded(store) => crate::store::thread::spawn(*store, thread_config, rx, mesh.clone(), push_queue),
-        Opened::Redis(store) => crate::store::thread::spawn(*store, thread_config, rx, mesh.clone(), push_queue),
+        Opened::Embedded(store) => crate::store::thread::spawn(*store, thread_config, rx, outputs),
+        Opened::Redis(store) => crate::store::thread::spawn(*store, thread_config, rx, outputs),
     }
     .map_err(|source| StartError::Thread { what: "store", source })?;
-    Ok(Some(StoreThreads { link, thread, push }))
+    Ok(Some(StoreThreads {
+        link,
+        thread,
+        push,
+        push_queue,
+    }))
 }
 
 /// The push webhook's signing key.

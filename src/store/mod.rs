@@ -8,6 +8,7 @@
 //! - `embedded`: the store in the data directory, on fjall (docs/perf/17 says why).
 //! - `redis`: the store on Redis, shared by gateways.
 //! - `thread`: the store thread: group commit, sequencing, delivery to the shards.
+//! - `sequencer`: one order per conversation when messages arrive from several nodes.
 //! - `push`: the push webhook for users with no connection.
 
 pub mod conv;
@@ -15,6 +16,7 @@ pub mod embedded;
 pub mod push;
 pub mod record;
 pub mod redis;
+pub mod sequencer;
 pub mod thread;
 
 use std::collections::HashMap;
@@ -98,6 +100,19 @@ pub trait MessageStore {
     /// error none of it may be acknowledged `stored`: it may or may not be on disk (a sync
     /// that failed after the write), but no seq it took is ever given to another message.
     fn append(&mut self, group: &[NewMessage], now_ms: u64) -> Result<Vec<Appended>, StoreError>;
+
+    /// As `append`, with, for each message, how long after the message before it in its
+    /// conversation it was stored, by the one clock of a store that several gateways share
+    /// (`None`: no message shortly before it, or the store cannot say). A cluster's node
+    /// holds a message back only while the one before it may still be on its way
+    /// (`sequencer`).
+    fn append_timed(
+        &mut self,
+        group: &[NewMessage],
+        now_ms: u64,
+    ) -> Result<Vec<(Appended, Option<Duration>)>, StoreError> {
+        Ok(self.append(group, now_ms)?.into_iter().map(|a| (a, None)).collect())
+    }
 
     /// Up to `limit` messages of `conv` in `range`, in `seq` order.
     fn read(&mut self, conv: &ConvId, range: Range, limit: usize) -> Result<Page, StoreError>;

@@ -62,6 +62,7 @@ struct Counts {
 }
 
 /// The store thread's end of the webhook.
+#[derive(Clone)]
 pub struct PushQueue {
     tx: Sender<PushEvent>,
     counts: Arc<Counts>,

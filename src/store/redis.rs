@@ -13,7 +13,7 @@
 //! - `sg:user:{<user>}:convs`: a sorted set of the user's conversations by last activity,
 //!   rewritten at most once a minute per conversation.
 //!
-//! One `sg_append_1` call assigns the seq, stores, trims and remembers the client id in
+//! One `sg_append_2` call assigns the seq, stores, trims and remembers the client id in
 //! one atomic step; a group of appends is one pipeline, so one round trip. What is acked
 //! `stored` is as durable as Redis makes a write before its reply: with `appendonly yes`
 //! and `appendfsync always` it is on Redis's disk (the gateway says at connect when Redis
@@ -30,19 +30,30 @@ use super::{
 
 /// The function library, loaded (and replaced) at every connect: versioned by name so
 /// that gateways of different builds sharing a Redis each find their own.
-const LIBRARY: &str = r#"#!lua name=shardgate_1
+const LIBRARY: &str = r#"#!lua name=shardgate_2
 
 -- One message at its conversation's next seq, once per client id.
--- KEYS: 1 the head counter, 2 the stream, 3 (when the message has a client id) its key.
+-- KEYS: 1 the head counter, 2 the stream, 3 when the latest message was stored (Redis's
+--       clock, "seconds:microseconds", kept a minute), 4 (when the message has a client
+--       id) its key.
 -- ARGV: 1 the record, 2 its time (ms), 3 messages kept (0: no limit), 4 age kept in ms
 --       (0: no limit), 5 now (ms), 6 the dedupe window (ms).
--- Returns {1, seq} when stored, {0, seq} when it is a retry of seq.
+-- Returns {1, seq, us} when stored (us: microseconds since the message before it was
+-- stored, -1 if not within the minute), {0, seq, -1} when it is a retry of seq.
 local function append(keys, args)
-  if keys[3] then
-    local prior = redis.call('GET', keys[3])
-    if prior then return {0, tonumber(prior)} end
+  if keys[4] then
+    local prior = redis.call('GET', keys[4])
+    if prior then return {0, tonumber(prior), -1} end
   end
   local seq = redis.call('INCR', keys[1])
+  local now = redis.call('TIME')
+  local previous = redis.call('GET', keys[3])
+  local after = -1
+  if previous then
+    local s, us = string.match(previous, '^(%d+):(%d+)$')
+    if s then after = (tonumber(now[1]) - tonumber(s)) * 1000000 + tonumber(now[2]) - tonumber(us) end
+  end
+  redis.call('SET', keys[3], now[1] .. ':' .. now[2], 'PX', 60000)
   local id = seq .. '-0'
   local max = tonumber(args[3])
   if max > 0 then
@@ -60,13 +71,13 @@ local function append(keys, args)
     end
     redis.call('PEXPIRE', keys[2], max_age)
   end
-  if keys[3] then
-    redis.call('SET', keys[3], seq, 'PX', args[6])
+  if keys[4] then
+    redis.call('SET', keys[4], seq, 'PX', args[6])
   end
-  return {1, seq}
+  return {1, seq, after}
 end
 
-redis.register_function('sg_append_1', append)
+redis.register_function('sg_append_2', append)
 "#;
 
 /// How long a connect, and then each request, may take before the store answers
@@ -141,6 +152,11 @@ pub struct OpenError {
 
 fn head_key(conv: &ConvId) -> String {
     format!("sg:{{{conv}}}:head")
+}
+
+/// When the conversation's latest message was stored, by Redis's clock.
+fn stored_at_key(conv: &ConvId) -> String {
+    format!("sg:{{{conv}}}:at")
 }
 
 fn stream_key(conv: &ConvId) -> String {
@@ -294,6 +310,14 @@ fn say_durability(conn: &mut dyn ConnectionLike, shown: &str) {
 
 impl MessageStore for RedisStore {
     fn append(&mut self, group: &[NewMessage], now_ms: u64) -> Result<Vec<Appended>, StoreError> {
+        Ok(self.append_timed(group, now_ms)?.into_iter().map(|(a, _)| a).collect())
+    }
+
+    fn append_timed(
+        &mut self,
+        group: &[NewMessage],
+        now_ms: u64,
+    ) -> Result<Vec<(Appended, Option<Duration>)>, StoreError> {
         let mut pipe: Vec<Piped> = Vec::with_capacity(group.len() * 2);
         let mut record = Vec::new();
         self.user_convs_written.discard();
@@ -306,8 +330,10 @@ impl MessageStore for RedisStore {
                 .filter(|_| self.dedupe_window_ms > 0)
                 .map(|id| client_id_key(&m.conv, &m.from, id));
             let mut call = redis::cmd("FCALL");
-            call.arg("sg_append_1").arg(2 + id_key.is_some() as u8);
-            call.arg(head_key(&m.conv)).arg(stream_key(&m.conv));
+            call.arg("sg_append_2").arg(3 + id_key.is_some() as u8);
+            call.arg(head_key(&m.conv))
+                .arg(stream_key(&m.conv))
+                .arg(stored_at_key(&m.conv));
             if let Some(key) = id_key {
                 call.arg(key);
             }
@@ -339,7 +365,7 @@ impl MessageStore for RedisStore {
                 }
             }
         }
-        let replies: Vec<(i64, u64)> = self.run(|conn| conn.pipeline(&pipe))?;
+        let replies: Vec<(i64, u64, i64)> = self.run(|conn| conn.pipeline(&pipe))?;
         if replies.len() != group.len() {
             return Err(StoreError::Engine(format!(
                 "redis answered {} of {} appends",
@@ -351,12 +377,15 @@ impl MessageStore for RedisStore {
         Ok(group
             .iter()
             .zip(replies)
-            .map(|(m, (stored, seq))| match stored {
-                1 => Appended::New(seq),
-                _ => Appended::Duplicate {
-                    conv: m.conv.clone(),
-                    seq,
-                },
+            .map(|(m, (stored, seq, after_us))| match stored {
+                1 => (
+                    Appended::New(seq),
+                    u64::try_from(after_us).ok().map(Duration::from_micros),
+                ),
+                _ => {
+                    let conv = m.conv.clone();
+                    (Appended::Duplicate { conv, seq }, None)
+                }
             })
             .collect())
     }

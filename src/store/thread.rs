@@ -11,6 +11,12 @@
 //! conversation's messages reach each connection in `seq` order. The thread learns where
 //! users and rooms are from the same shards that later ask it for history, through the
 //! same FIFO channel: a connection that asked is in the audience of every later group.
+//!
+//! In a cluster (a shared store and `--nats`), other nodes append to the same
+//! conversations: the thread hands each message it stored to the cluster thread for the
+//! audience on other nodes, receives theirs from it, and passes both through one
+//! `Sequencer`, which restores `seq` order and fills from the store the gaps that stay
+//! open (a node that died between storing and publishing).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -22,8 +28,10 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use hdrhistogram::Histogram;
 
 use super::push::{PushEvent, PushQueue};
+use super::sequencer::{Arrival, Sequencer};
 use super::{Appended, ConvId, MessageStore, NewMessage, Page, Range};
 use crate::chat::protocol::{self, AppError, ErrorCode, HistoryEnd};
+use crate::cluster::{ClusterLink, ToCluster};
 use crate::mailbox::Mailbox;
 use crate::route::inbox::Mesh;
 use crate::route::{shards_in, AckTo, Audience, ConnId, Placement, ShardMask, ShardMsg};
@@ -38,6 +46,11 @@ const MAX_GROUP: usize = 4096;
 const SWEEP_BUDGET: usize = 64;
 /// Reads (`ready`, history pages) answered between two groups.
 const READS_PER_GROUP: usize = 32;
+/// The most messages of one gap read back from the store; beyond, they are skipped (the
+/// clients catch up with `history`).
+const MAX_GAP_FILL: u64 = 1000;
+/// A conversation with no message for this long is forgotten by the sequencer.
+const SEQUENCER_IDLE: Duration = Duration::from_secs(600);
 
 /// What a shard asks of the store thread.
 #[derive(Debug)]
@@ -65,6 +78,16 @@ pub enum ToStore {
         reply: AckTo,
     },
     Placement(Placement),
+    /// From the cluster thread: a message another node stored, for this node's share of
+    /// its conversation's audience.
+    Remote {
+        conv: ConvId,
+        seq: u64,
+        /// How long after the message before it the store stored it (see `append_timed`).
+        after_previous: Option<Duration>,
+        frame: Bytes,
+        ingress: Instant,
+    },
     /// Every shard has stopped: commit what is queued and end.
     Stop,
 }
@@ -119,6 +142,16 @@ pub struct StoreThreadConfig {
     pub max_page_bytes: usize,
     /// Bytes of a message body a push carries (0: none).
     pub push_preview_bytes: usize,
+    /// In a cluster, how long a message that arrived before the ones it follows waits for
+    /// them before the gap is read from the store.
+    pub reorder_hold: Duration,
+}
+
+/// Where the store thread's work goes: the shards, the push webhook, the cluster thread.
+pub struct StoreOutputs {
+    pub mesh: Arc<Mesh>,
+    pub push: Option<PushQueue>,
+    pub cluster: Option<Arc<ClusterLink>>,
 }
 
 /// Starts the store thread. It ends at `StoreLink::stop`, once what was queued before is
@@ -127,13 +160,18 @@ pub fn spawn<S: MessageStore + Send + 'static>(
     store: S,
     config: StoreThreadConfig,
     rx: Receiver<ToStore>,
-    mesh: Arc<Mesh>,
-    push: Option<PushQueue>,
+    outputs: StoreOutputs,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new().name("store".into()).spawn(move || {
+        let StoreOutputs { mesh, push, cluster } = outputs;
+        let sequencer = cluster.as_ref().map(|_| Sequencer::new(config.reorder_hold));
         let mut thread = StoreThread {
             store,
             mesh,
+            cluster,
+            sequencer,
+            ring_cluster: false,
+            passing: Vec::new(),
             config,
             push,
             users: HashMap::new(),
@@ -156,6 +194,15 @@ struct Stats {
     unavailable: u64,
     reads: u64,
     trimmed: u64,
+    /// Messages other nodes stored, received for this node's connections.
+    from_nodes: u64,
+    /// Messages that arrived before one they follow (held), or after where their
+    /// conversation started on this node (passed on out of order).
+    held: u64,
+    late: u64,
+    /// Messages read back from the store to fill a gap, and seqs no one could supply.
+    gap_filled: u64,
+    gap_skipped: u64,
     /// Microseconds from a group's start to its sync's end.
     commit_us: Histogram<u64>,
     /// Microseconds from a message's read to its sync's end (the queue included).
@@ -171,15 +218,36 @@ impl Default for Stats {
             unavailable: 0,
             reads: 0,
             trimmed: 0,
+            from_nodes: 0,
+            held: 0,
+            late: 0,
+            gap_filled: 0,
+            gap_skipped: 0,
             commit_us: Histogram::new_with_bounds(1, 60_000_000, 2).expect("static histogram bounds"),
             durable_us: Histogram::new_with_bounds(1, 60_000_000, 2).expect("static histogram bounds"),
         }
     }
 }
 
+/// A stored message on its way to this node's connections of its audience.
+struct Delivery {
+    audience: Audience,
+    frame: Bytes,
+    ingress: Instant,
+    /// The connection that sent it (it gets the ack instead); none for another node's.
+    except: (usize, ConnId),
+}
+
 struct StoreThread<S> {
     store: S,
     mesh: Arc<Mesh>,
+    /// In a cluster: the cluster thread, and the order of conversations that several
+    /// nodes append to.
+    cluster: Option<Arc<ClusterLink>>,
+    sequencer: Option<Sequencer<Delivery>>,
+    ring_cluster: bool,
+    /// What the sequencer lets through, reused.
+    passing: Vec<(u64, Delivery)>,
     config: StoreThreadConfig,
     push: Option<PushQueue>,
     /// Shards holding connections of each user, and of each room's members.
@@ -216,7 +284,9 @@ impl<S: MessageStore> StoreThread<S> {
             let wait = if sweeping || !self.reads.is_empty() {
                 Duration::ZERO
             } else {
-                next_report.min(next_sweep).saturating_duration_since(now)
+                let gap_due = self.sequencer.as_ref().and_then(Sequencer::next_due);
+                let next = next_report.min(next_sweep);
+                gap_due.map_or(next, |due| next.min(due)).saturating_duration_since(now)
             };
             match rx.recv_timeout(wait) {
                 Ok(msg) => batch.push(msg),
@@ -237,9 +307,14 @@ impl<S: MessageStore> StoreThread<S> {
             if sweeping {
                 sweeping = !self.sweep_step();
             }
+            self.fill_gaps();
+            self.ring();
             if Instant::now() >= next_report {
                 self.report();
                 next_report += self.config.report_interval;
+                if let Some(sequencer) = &mut self.sequencer {
+                    sequencer.forget_idle(Instant::now(), SEQUENCER_IDLE);
+                }
             }
         }
     }
@@ -263,6 +338,28 @@ impl<S: MessageStore> StoreThread<S> {
                     routes.push((audience, ingress, shard, conn));
                 }
                 ToStore::Placement(change) => self.place(change),
+                ToStore::Remote {
+                    conv,
+                    seq,
+                    after_previous,
+                    frame,
+                    ingress,
+                } => {
+                    self.stats.from_nodes += 1;
+                    let audience = audience_of(&conv);
+                    let except = (usize::MAX, 0);
+                    self.pass_on(
+                        &conv,
+                        seq,
+                        after_previous,
+                        Delivery {
+                            audience,
+                            frame,
+                            ingress,
+                            except,
+                        },
+                    );
+                }
                 ToStore::Stop => {}
                 read => self.reads.push_back(read),
             }
@@ -278,8 +375,18 @@ impl<S: MessageStore> StoreThread<S> {
             let Some(read) = self.reads.pop_front() else { break };
             self.answer(read);
         }
+        self.ring();
+    }
+
+    /// Rings the doorbells of the shards (and the cluster thread) sent to.
+    fn ring(&mut self) {
         for shard in shards_in(std::mem::take(&mut self.to_ring)) {
             self.mesh.ring(shard);
+        }
+        if std::mem::take(&mut self.ring_cluster) {
+            if let Some(cluster) = &self.cluster {
+                cluster.ring();
+            }
         }
     }
 
@@ -307,7 +414,7 @@ impl<S: MessageStore> StoreThread<S> {
                     self.answer_read(&conv, Range::After(since), limit, &reply, false);
                 }
             }
-            ToStore::Append(_) | ToStore::Placement(_) | ToStore::Stop => {}
+            ToStore::Append(_) | ToStore::Placement(_) | ToStore::Remote { .. } | ToStore::Stop => {}
         }
     }
 
@@ -365,7 +472,7 @@ impl<S: MessageStore> StoreThread<S> {
     /// Appends a group with one sync, then delivers, acks and pushes each message.
     fn commit(&mut self, messages: &[NewMessage], routes: Vec<(Audience, Instant, usize, ConnId)>) {
         let started = Instant::now();
-        let result = self.store.append(messages, now_ms());
+        let result = self.store.append_timed(messages, now_ms());
         let _ = self
             .stats
             .commit_us
@@ -406,15 +513,42 @@ impl<S: MessageStore> StoreThread<S> {
         for ((m, (audience, ingress, shard, conn)), result) in messages.iter().zip(routes).zip(results) {
             let id = m.client_id.as_deref();
             match result {
-                Appended::New(seq) => {
+                (Appended::New(seq), after_previous) => {
                     self.stats.appended += 1;
                     let frame = self.encode(|json| {
                         protocol::write_stored_message(json, &m.conv, seq, &m.from, id, m.ts_ms, &m.body)
                     });
-                    self.deliver(audience, frame, ingress, (shard, conn), m, seq);
+                    let push = self.push_for(&audience, m, seq);
+                    match &self.cluster {
+                        Some(cluster) => {
+                            let (conv, frame) = (m.conv.clone(), frame.clone());
+                            cluster.push(ToCluster::Stored {
+                                conv,
+                                seq,
+                                after_previous,
+                                frame,
+                                ingress,
+                                push,
+                            });
+                            self.ring_cluster = true;
+                        }
+                        None => {
+                            if let (Some(event), Some(queue)) = (push, &self.push) {
+                                queue.offer(event);
+                            }
+                        }
+                    }
+                    let except = (shard, conn);
+                    let delivery = Delivery {
+                        audience,
+                        frame,
+                        ingress,
+                        except,
+                    };
+                    self.pass_on(&m.conv, seq, after_previous, delivery);
                     self.reply(shard, conn, |json| protocol::write_ack_stored(json, id, &m.conv, seq));
                 }
-                Appended::Duplicate { conv, seq } => {
+                (Appended::Duplicate { conv, seq }, _) => {
                     self.stats.duplicates += 1;
                     self.reply(shard, conn, |json| protocol::write_ack_stored(json, id, &conv, seq));
                 }
@@ -422,25 +556,94 @@ impl<S: MessageStore> StoreThread<S> {
         }
     }
 
-    /// Hands a stored message to every shard holding its audience; a direct message to a
-    /// user with no connection becomes a push.
-    fn deliver(
-        &mut self,
-        audience: Audience,
-        frame: Bytes,
-        ingress: Instant,
-        except: (usize, ConnId),
-        m: &NewMessage,
-        seq: u64,
-    ) {
-        let mask = match &audience {
-            Audience::Users(a, b) => {
-                let to = self.users.get(b).copied().unwrap_or(0);
-                if to == 0 && a != b {
-                    self.queue_push(b, m, seq);
+    /// Passes a stored message on to this node's connections: through the sequencer in a
+    /// cluster (it may hold it for the ones before it), at once otherwise (this thread
+    /// numbered it: nothing before it is missing).
+    fn pass_on(&mut self, conv: &ConvId, seq: u64, after_previous: Option<Duration>, delivery: Delivery) {
+        let Some(sequencer) = &mut self.sequencer else {
+            return self.deliver(delivery);
+        };
+        let mut passing = std::mem::take(&mut self.passing);
+        let follows_closely = after_previous.is_some_and(|d| d < self.config.reorder_hold);
+        match sequencer.offer(conv, seq, follows_closely, delivery, Instant::now(), &mut passing) {
+            Arrival::Held => self.stats.held += 1,
+            Arrival::Late => self.stats.late += 1,
+            Arrival::InOrder | Arrival::Duplicate => {}
+        }
+        for (_, delivery) in passing.drain(..) {
+            self.deliver(delivery);
+        }
+        self.passing = passing;
+    }
+
+    /// Reads the gaps that stayed open for the reorder hold from the store, and passes on
+    /// what they held back.
+    fn fill_gaps(&mut self) {
+        let Some(sequencer) = &self.sequencer else { return };
+        let now = Instant::now();
+        if sequencer.next_due().is_none_or(|due| due > now) {
+            return;
+        }
+        for gap in sequencer.overdue(now) {
+            let limit = (gap.through - gap.after).min(MAX_GAP_FILL) as usize;
+            let found = match self.store.read(&gap.conv, Range::After(gap.after), limit) {
+                Ok(page) => page.messages,
+                Err(e) => {
+                    tracing::warn!(
+                        "store: cannot read {} to fill a gap: {e}; its clients catch up with history",
+                        gap.conv
+                    );
+                    Vec::new()
                 }
-                to | self.users.get(a).copied().unwrap_or(0)
+            };
+            let (now_i, now_ns) = (Instant::now(), crate::cluster::unix_nanos());
+            let mut deliveries = Vec::with_capacity(found.len());
+            for m in found.into_iter().filter(|m| m.seq <= gap.through) {
+                let frame = self.encode(|json| {
+                    protocol::write_stored_message(
+                        json,
+                        &gap.conv,
+                        m.seq,
+                        &m.from,
+                        m.client_id.as_deref(),
+                        m.ts_ms,
+                        &m.body,
+                    )
+                });
+                let ingress = crate::cluster::unix_nanos_to_instant(m.ts_ms.saturating_mul(1_000_000), now_i, now_ns);
+                let audience = audience_of(&gap.conv);
+                deliveries.push((
+                    m.seq,
+                    Delivery {
+                        audience,
+                        frame,
+                        ingress,
+                        except: (usize::MAX, 0),
+                    },
+                ));
             }
+            let mut passing = std::mem::take(&mut self.passing);
+            let Some(sequencer) = &mut self.sequencer else { return };
+            let filled = sequencer.fill(&gap.conv, gap.through, deliveries, now, &mut passing);
+            self.stats.gap_filled += filled.from_store;
+            self.stats.gap_skipped += filled.skipped;
+            for (_, delivery) in passing.drain(..) {
+                self.deliver(delivery);
+            }
+            self.passing = passing;
+        }
+    }
+
+    /// Hands a stored message to every shard holding some of its audience.
+    fn deliver(&mut self, delivery: Delivery) {
+        let Delivery {
+            audience,
+            frame,
+            ingress,
+            except,
+        } = delivery;
+        let mask = match &audience {
+            Audience::Users(a, b) => self.users.get(a).copied().unwrap_or(0) | self.users.get(b).copied().unwrap_or(0),
             Audience::Room(room) => self.rooms.get(room).copied().unwrap_or(0),
         };
         for shard in shards_in(mask) {
@@ -454,17 +657,23 @@ impl<S: MessageStore> StoreThread<S> {
         }
     }
 
-    fn queue_push(&mut self, user: &Arc<str>, m: &NewMessage, seq: u64) {
-        let Some(push) = &self.push else { return };
-        let preview = (self.config.push_preview_bytes > 0).then(|| preview_of(&m.body, self.config.push_preview_bytes));
-        push.offer(PushEvent {
-            user: user.to_string(),
+    /// The push for a direct message whose recipient has no connection on this node (in a
+    /// cluster, the cluster thread sends it only if no other node has one either).
+    fn push_for(&self, audience: &Audience, m: &NewMessage, seq: u64) -> Option<PushEvent> {
+        self.push.as_ref()?;
+        let Audience::Users(a, b) = audience else { return None };
+        if a == b || self.users.contains_key(b) {
+            return None;
+        }
+        let max = self.config.push_preview_bytes;
+        Some(PushEvent {
+            user: b.to_string(),
             conv: m.conv.as_str().to_string(),
             seq,
             from: m.from.clone(),
             ts_ms: m.ts_ms,
-            preview,
-        });
+            preview: (max > 0).then(|| preview_of(&m.body, max)),
+        })
     }
 
     /// A history page, cut short of `max_page_bytes`. `missing_is_error`: a conversation
@@ -530,7 +739,7 @@ impl<S: MessageStore> StoreThread<S> {
         let s = &mut self.stats;
         let (sent, failed, dropped) = self.push.as_ref().map_or((0, 0, 0), PushQueue::take_counts);
         println!(
-            "store: appended_per_s={:.1} groups_per_s={:.1} per_group={:.1} commit_p50_us={} commit_p99_us={} commit_max_us={} durable_p50_us={} durable_p99_us={} durable_max_us={} duplicates={} unavailable={} reads={} trimmed={} push_sent={sent} push_failed={failed} push_dropped={dropped}",
+            "store: appended_per_s={:.1} groups_per_s={:.1} per_group={:.1} commit_p50_us={} commit_p99_us={} commit_max_us={} durable_p50_us={} durable_p99_us={} durable_max_us={} duplicates={} unavailable={} reads={} trimmed={} push_sent={sent} push_failed={failed} push_dropped={dropped}{}",
             s.appended as f64 / secs,
             s.groups as f64 / secs,
             if s.groups == 0 { 0.0 } else { s.appended as f64 / s.groups as f64 },
@@ -544,8 +753,28 @@ impl<S: MessageStore> StoreThread<S> {
             s.unavailable,
             s.reads,
             s.trimmed,
+            match &self.sequencer {
+                Some(q) => format!(
+                    " from_nodes_per_s={:.1} held={} late={} gap_filled={} gap_skipped={} ordering={}",
+                    s.from_nodes as f64 / secs,
+                    s.held,
+                    s.late,
+                    s.gap_filled,
+                    s.gap_skipped,
+                    q.conversations()
+                ),
+                None => String::new(),
+            },
         );
         *s = Stats::default();
+    }
+}
+
+/// Who receives a conversation's messages.
+fn audience_of(conv: &ConvId) -> Audience {
+    match conv.direct_users() {
+        Some((a, b)) => Audience::Users(a.into(), b.into()),
+        None => Audience::Room(conv.room_name().unwrap_or_default().into()),
     }
 }
 

@@ -594,3 +594,46 @@ pub async fn recv(ws: &mut Ws) -> serde_json::Value {
         }
     }
 }
+
+/// A request as the webhook server saw it: its headers (names in lower case) and body.
+pub type Request = (std::collections::BTreeMap<String, String>, Vec<u8>);
+
+/// A one-request-per-connection HTTP server that answers with `statuses` in turn (then
+/// 200) and hands over each request's headers and body.
+pub fn webhook_server(statuses: Vec<u16>) -> (u16, std::sync::mpsc::Receiver<Request>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut statuses = statuses.into_iter();
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+            let mut headers = std::collections::BTreeMap::new();
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            loop {
+                line.clear();
+                reader.read_line(&mut line).unwrap();
+                match line.trim_end().split_once(": ") {
+                    Some((k, v)) => {
+                        headers.insert(k.to_ascii_lowercase(), v.to_string());
+                    }
+                    None => break,
+                }
+            }
+            let len: usize = headers.get("content-length").and_then(|l| l.parse().ok()).unwrap_or(0);
+            let mut body = vec![0; len];
+            reader.read_exact(&mut body).unwrap();
+            let status = statuses.next().unwrap_or(200);
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            if tx.send((headers, body)).is_err() {
+                return;
+            }
+        }
+    });
+    (port, rx)
+}
