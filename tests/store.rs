@@ -694,13 +694,76 @@ fn redis_down_answers_unavailable_and_loses_nothing_acked() {
             assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
         }
         redis.restart();
-        let ack = send_acked(&mut alice, json!({"type":"send","to":"bob","id":"during-2","body":"x"})).await;
+        // The gateway tries Redis again after a growing wait (at most 2 s): a client
+        // retries with the same id, as the error says, until it is stored.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let ack = loop {
+            let v = send_acked(&mut alice, json!({"type":"send","to":"bob","id":"during-2","body":"x"})).await;
+            if v["code"] != "unavailable" || std::time::Instant::now() > deadline {
+                break v;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
         assert_eq!((&ack["status"], seq(&ack)), (&json!("stored"), 21), "{ack}");
         let page = history(&mut alice, json!({"type":"history","conv":"dm:alice:bob","since":0})).await;
         assert_eq!(seqs_of(&page), (1..=21).collect::<Vec<_>>());
     });
     gw.seen_or_wait("cannot write messages");
     gw.seen_or_wait("writing messages again");
+}
+
+/// A Redis that stops answering (hung, not gone): sends are answered `unavailable` after a
+/// bounded wait, the shards go on serving (a new connection upgrades, pings are answered),
+/// and once Redis answers again sends are stored, with nothing acked before it lost.
+#[test]
+fn a_hung_redis_answers_unavailable_in_bounded_time_and_never_blocks_a_shard() {
+    let redis = Redis::start("hung");
+    let url = redis.url(0);
+    let (_gw, ports) = gateway_on("store-redis-hung", &["--store", &url], &[]);
+    runtime().block_on(async {
+        let (mut alice, _) = connect(ports[0], "alice").await;
+        let ack = send_acked(&mut alice, json!({"type":"send","to":"bob","id":"before","body":1})).await;
+        assert_eq!((&ack["status"], seq(&ack)), (&json!("stored"), 1), "{ack}");
+        redis.freeze(true);
+        let started = std::time::Instant::now();
+        send(&mut alice, json!({"type":"send","to":"bob","id":"hung","body":2})).await;
+        // Meanwhile the shard upgrades a new connection and answers its ping.
+        let (mut other, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{}/ws?user=carol", ports[0]))
+            .await
+            .expect("upgrade while Redis hangs");
+        {
+            use futures_util::{SinkExt, StreamExt};
+            use tokio_tungstenite::tungstenite::Message;
+            other.send(Message::Ping(b"still there".to_vec())).await.unwrap();
+            let pong = tokio::time::timeout(Duration::from_secs(1), async {
+                loop {
+                    match other.next().await {
+                        Some(Ok(Message::Pong(p))) => return p,
+                        Some(Ok(_)) => continue,
+                        other => panic!("{other:?}"),
+                    }
+                }
+            })
+            .await
+            .expect("the shard answers a ping while Redis hangs");
+            assert_eq!(pong, b"still there");
+        }
+        let e = recv(&mut alice).await;
+        assert_eq!((&e["code"], &e["id"]), (&json!("unavailable"), &json!("hung")), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+        redis.freeze(false);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let ack = loop {
+            let v = send_acked(&mut alice, json!({"type":"send","to":"bob","id":"hung","body":2})).await;
+            if v["code"] != "unavailable" || std::time::Instant::now() > deadline {
+                break v;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        // The hung attempt may have been written before Redis froze: then the retry is
+        // answered with its seq, 2, either way.
+        assert_eq!((&ack["status"], seq(&ack)), (&json!("stored"), 2), "{ack}");
+    });
 }
 
 /// A Redis that acknowledges writes before syncing them is said at start, with the

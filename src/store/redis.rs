@@ -19,7 +19,7 @@
 //! and `appendfsync always` it is on Redis's disk (the gateway says at connect when Redis
 //! runs otherwise).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::cluster::{ClusterClient, ClusterConnection};
 use redis::{Cmd, Connection, ConnectionLike, FromRedisValue, RedisError, RedisResult};
@@ -84,6 +84,10 @@ redis.register_function('sg_append_2', append)
 /// `unavailable` (the store thread waits, never a shard).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// After a failed connect, the next is tried this much later, the wait doubling up to
+/// `RETRY_MAX`.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// How `--store` names the Redis: one server, or a cluster's seed nodes.
 const CLUSTER_SCHEME: &str = "redis+cluster://";
@@ -136,6 +140,9 @@ pub struct RedisStore {
     /// The URL without its password, for what the gateway says.
     shown: String,
     conn: Option<Conn>,
+    /// After a failed connect: when the next attempt may be made (requests meanwhile fail
+    /// at once instead of each waiting for a connect timeout), and the wait after that.
+    retry: Option<(Instant, Duration)>,
     retention: Retention,
     dedupe_window_ms: u64,
     user_convs_written: RecentWrites,
@@ -226,6 +233,7 @@ impl RedisStore {
             client,
             shown,
             conn: None,
+            retry: None,
             retention,
             dedupe_window_ms: dedupe_window.as_millis() as u64,
             user_convs_written: RecentWrites::default(),
@@ -239,26 +247,45 @@ impl RedisStore {
     /// The connection, connecting (and loading the functions) when there is none.
     fn connection(&mut self) -> Result<&mut Conn, StoreError> {
         if self.conn.is_none() {
-            let unreachable = |e: RedisError| StoreError::Engine(format!("redis at {} unreachable: {e}", self.shown));
-            let mut conn = match &self.client {
-                Client::Single(client) => {
-                    let conn = client
-                        .get_connection_with_timeout(CONNECT_TIMEOUT)
-                        .map_err(unreachable)?;
-                    conn.set_read_timeout(Some(IO_TIMEOUT)).map_err(unreachable)?;
-                    conn.set_write_timeout(Some(IO_TIMEOUT)).map_err(unreachable)?;
-                    Conn::Single(conn)
+            if let Some((at, _)) = self.retry.filter(|(at, _)| Instant::now() < *at) {
+                let left = at.saturating_duration_since(Instant::now()).as_millis();
+                let why = format!("redis at {} unreachable (next attempt in {left} ms)", self.shown);
+                return Err(StoreError::Engine(why));
+            }
+            let connected = self.connect();
+            self.retry = match &connected {
+                Ok(()) => None,
+                Err(_) => {
+                    let wait = self.retry.map_or(RETRY_FIRST, |(_, wait)| wait);
+                    Some((Instant::now() + wait, (wait * 2).min(RETRY_MAX)))
                 }
-                Client::Cluster(client) => Conn::Cluster(Box::new(client.get_connection().map_err(unreachable)?)),
             };
-            load_library(conn.like()).map_err(engine)?;
-            say_durability(conn.like(), &self.shown);
-            tracing::info!("store: redis at {} connected", self.shown);
-            self.conn = Some(conn);
+            connected?;
         }
         self.conn
             .as_mut()
             .ok_or_else(|| StoreError::Engine("no redis connection".into()))
+    }
+
+    /// Connects, and loads the functions.
+    fn connect(&mut self) -> Result<(), StoreError> {
+        let unreachable = |e: RedisError| StoreError::Engine(format!("redis at {} unreachable: {e}", self.shown));
+        let mut conn = match &self.client {
+            Client::Single(client) => {
+                let conn = client
+                    .get_connection_with_timeout(CONNECT_TIMEOUT)
+                    .map_err(unreachable)?;
+                conn.set_read_timeout(Some(IO_TIMEOUT)).map_err(unreachable)?;
+                conn.set_write_timeout(Some(IO_TIMEOUT)).map_err(unreachable)?;
+                Conn::Single(conn)
+            }
+            Client::Cluster(client) => Conn::Cluster(Box::new(client.get_connection().map_err(unreachable)?)),
+        };
+        load_library(conn.like()).map_err(engine)?;
+        say_durability(conn.like(), &self.shown);
+        tracing::info!("store: redis at {} connected", self.shown);
+        self.conn = Some(conn);
+        Ok(())
     }
 
     /// Runs `request` on the connection; a dropped connection is forgotten (the next

@@ -470,6 +470,16 @@ impl Redis {
         self.kill();
         self.spawn();
     }
+
+    /// Stops (SIGSTOP) or resumes (SIGCONT) the server: a Redis that accepts nothing and
+    /// answers nothing, as a hung one would.
+    pub fn freeze(&self, frozen: bool) {
+        let signal = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        if let Some(child) = &self.child {
+            // SAFETY: kill(2) on the PID of the child we started.
+            unsafe { libc::kill(child.id() as i32, signal) };
+        }
+    }
 }
 
 /// A free loopback port for redis-server (which cannot report one it picked itself): below
