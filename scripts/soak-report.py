@@ -110,6 +110,8 @@ def main():
     ap.add_argument("--clk-tck", type=int, required=True)
     ap.add_argument("--load-status", type=int, required=True)
     ap.add_argument("--slo", required=True)
+    ap.add_argument("--redis-cpu-ticks", type=int, default=0)
+    ap.add_argument("--redis-processes", type=int, default=0)
     a = ap.parse_args()
     res = pathlib.Path(a.results)
     slo_ms = float(re.sub(r"ms$", "", a.slo)) if a.slo.endswith("ms") else float(a.slo.rstrip("s")) * 1000
@@ -125,9 +127,18 @@ def main():
     client_rows = distribution(load_lines[load_lines.index(summary_line) + 1:] if summary_line else [])
 
     servers, server_series = [], {}
+    # The store lines of every gateway, summed over the whole run (the ramp's appends too).
+    store = {"appended_per_s": 0.0, "groups_per_s": 0.0, "from_nodes_per_s": 0.0, "held": 0, "late": 0,
+             "gap_filled": 0, "gap_skipped": 0, "unavailable": 0, "lines": 0}
     for k in range(a.gateways):
         lines = (res / f"gateway-{k}.log").read_text().splitlines()
         for line in lines:
+            if line.startswith("store:"):
+                d = kv(line)
+                store["lines"] += 1
+                for key in store:
+                    if key in d:
+                        store[key] += float(d[key]) if key.endswith("_per_s") else int(d[key])
             if line.startswith("report:"):
                 d = kv(line)
                 if int(d["count"]) > 0:
@@ -202,6 +213,19 @@ def main():
         f"duplicated {summary['duplicates']}, reordered {summary['reordered']}; failed handshakes {summary['failed_handshakes']}, unexpected closes {summary['unexpected_closes']}",
         "client latency (send to receive): " + ", ".join(f"{q} {v:.3f} ms" for q, v in summary["client_latency_ms"].items()) + f"  (SLO {slo_ms:g} ms)",
     ]
+    if store["lines"] and store["appended_per_s"] > 0:
+        # Rates are summed over 5 s report lines: messages = rate x 5 s per line.
+        s = {k: v for k, v in store.items() if k != "lines"}
+        s["round_trips_per_message"] = round(store["groups_per_s"] / store["appended_per_s"], 4)
+        summary["store"] = s
+        text.append(f"store: {store['appended_per_s'] * 5:.0f} messages appended in {store['groups_per_s'] * 5:.0f} groups "
+                    f"({s['round_trips_per_message']:.3f} store round trips per message); from other nodes {store['from_nodes_per_s'] * 5:.0f}, "
+                    f"held for order {store['held']}, late {store['late']}, gaps filled {store['gap_filled']}, skipped {store['gap_skipped']}, "
+                    f"unavailable {store['unavailable']}")
+    if a.redis_processes and a.cpu_seconds > 0:
+        redis_pct = a.redis_cpu_ticks / a.clk_tck / a.cpu_seconds * 100
+        summary["redis_cpu_percent"] = round(redis_pct, 1)
+        text.append(f"redis: {redis_pct:.0f}% of a core during the hold ({a.redis_processes} server process(es))")
     if faults:
         summary["faults"] = {k: int(v) for k, v in faults.items()}
         text.append("faults: " + " ".join(f"{k}={v}" for k, v in faults.items()))

@@ -32,11 +32,14 @@
 #   --slo D                   the latency objective (default 200ms)
 #   --results DIR             where the results go (default results/soak-<time>)
 #   --tune                    apply scripts/tune-host.sh first
-#   --store embedded|redis|none|URL
+#   --store embedded|redis|redis-cluster|none|URL
 #                             the gateways' message store (default: embedded, each gateway
 #                             in a directory of its own under the results; none with --nats).
 #                             redis: a local redis-server (appendfsync always) started for
-#                             the run, gateway k on its database k; redis://…: that Redis
+#                             the run: with --nats one database for the cluster, else
+#                             gateway k on its database k; redis-cluster: a local Redis
+#                             Cluster of three primaries; redis://…: that Redis. The
+#                             summary shows the local Redis's CPU and round trips per message
 #   --nodes N                 gateway processes (default: as the open-file limit needs)
 #   --nats [URL]              join the gateways through NATS (a local nats-server unless
 #                             a URL is given)
@@ -139,20 +142,28 @@ head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$secret"
 chmod 600 "$secret"
 
 pids=()
-load_pid= nats_pid= redis_pid=
+load_pid= nats_pid= redis_pids=()
 cleanup() {
   [ -n "$load_pid" ] && kill -TERM "$load_pid" 2>/dev/null
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
   [ -n "$nats_pid" ] && kill -TERM "$nats_pid" 2>/dev/null
-  [ -n "$redis_pid" ] && kill -TERM "$redis_pid" 2>/dev/null
+  for p in "${redis_pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
 }
 trap cleanup EXIT
 
-if [ "$store" = redis ]; then
-  start_redis "$results"
-  echo "== redis-server on port $redis_port (pid $redis_pid), appendfsync always, log $results/redis.log"
-fi
+case $store in
+  redis)
+    start_redis "$results"
+    redis_pids=("$redis_pid")
+    echo "== redis-server on port $redis_port (pid $redis_pid), appendfsync always, log $results/redis.log" ;;
+  redis-cluster)
+    start_redis_cluster "$results/redis-cluster"
+    redis_pids=("${redis_cluster_pids[@]}")
+    echo "== redis cluster of three primaries at $redis_cluster_seeds (pids ${redis_pids[*]}), appendfsync always" ;;
+esac
+# The local Redis's CPU time (user + system, clock ticks), to set beside the gateways'.
+redis_cpu() { local t=0 p; for p in "${redis_pids[@]}"; do t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat"))); done; echo "$t"; }
 
 cluster=()
 if [ "$nats" = 1 ]; then
@@ -179,7 +190,9 @@ for k in $(seq 0 $((gateways - 1))); do
     placement=(--shards "$shards")
   fi
   case $store in
-    redis) gateway_store=redis://127.0.0.1:$redis_port/$k ;;
+    # A cluster shares one store; separate gateways keep apart on a database each.
+    redis) gateway_store=redis://127.0.0.1:$redis_port/$(( nats ? 0 : k )) ;;
+    redis-cluster) gateway_store=redis+cluster://$redis_cluster_seeds ;;
     *) gateway_store=$store ;;
   esac
   target/release/shardgate serve --listen "127.0.0.1:$port" "${placement[@]}" --auth-secret-file "$secret" \
@@ -270,10 +283,10 @@ while kill -0 "$load_pid" 2>/dev/null; do
     fi
   fi
   if [ -z "$cpu_start" ] && [ $((now - started)) -gt $((ramp_ms + 2000)) ]; then
-    cpu_start=$(shard_cpu); cpu_start_time=$now
+    cpu_start=$(shard_cpu); cpu_start_time=$now; redis_cpu_start=$(redis_cpu)
   fi
   if [ -n "$cpu_start" ] && [ -z "${cpu_end:-}" ] && [ $((now - started)) -gt $((ramp_ms + hold_ms - 1000)) ]; then
-    cpu_end=$(shard_cpu); cpu_end_time=$now
+    cpu_end=$(shard_cpu); cpu_end_time=$now; redis_cpu_end=$(redis_cpu)
   fi
 done
 load_status=0
@@ -291,4 +304,5 @@ printf '%s\n' "${cpu_end:-}" >"$results/cpu-end.txt"
 python3 scripts/soak-report.py "$results" \
   --connections "$connections" --gateways "$gateways" --rss-before-kib "$rss_before" --peak-rss-kib "$peak_rss" \
   --cpu-seconds "$(python3 -c "print((${cpu_end_time:-0} - ${cpu_start_time:-0}) / 1000)")" --clk-tck "$(getconf CLK_TCK)" \
-  --load-status "$load_status" --slo "$slo"
+  --load-status "$load_status" --slo "$slo" \
+  --redis-cpu-ticks "$(( ${redis_cpu_end:-0} - ${redis_cpu_start:-0} ))" --redis-processes "${#redis_pids[@]}"

@@ -224,6 +224,7 @@ impl<O: ConnOutput> Hub<O> {
                 frame,
                 ingress,
                 except,
+                cross_node,
             } => {
                 let router = self.router.borrow();
                 let except = (except.0 == self.shard).then_some(except.1);
@@ -233,11 +234,11 @@ impl<O: ConnOutput> Hub<O> {
                     Audience::Users(a, b) => {
                         let both = router.local_connections(a).iter();
                         let both = both.chain(if a == b { &[][..] } else { router.local_connections(b) });
-                        self.deliver_local(both.filter(ready), &frame, ingress, except, false);
+                        self.deliver_local(both.filter(ready), &frame, ingress, except, cross_node);
                     }
                     Audience::Room(room) => {
                         let members = router.local_room_connections(room);
-                        self.deliver_local(members.filter(ready), &frame, ingress, except, false);
+                        self.deliver_local(members.filter(ready), &frame, ingress, except, cross_node);
                     }
                 }
             }

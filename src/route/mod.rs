@@ -95,6 +95,8 @@ pub enum ShardMsg {
         frame: Bytes,
         ingress: Instant,
         except: (usize, ConnId),
+        /// Another node stored it (counted and recorded apart).
+        cross_node: bool,
     },
     /// From the store thread: a frame for one connection (an ack, a history page, or,
     /// `ready`, the connection's `ready`).

@@ -236,6 +236,8 @@ struct Delivery {
     ingress: Instant,
     /// The connection that sent it (it gets the ack instead); none for another node's.
     except: (usize, ConnId),
+    /// Another node stored it.
+    cross_node: bool,
 }
 
 struct StoreThread<S> {
@@ -357,6 +359,7 @@ impl<S: MessageStore> StoreThread<S> {
                             frame,
                             ingress,
                             except,
+                            cross_node: true,
                         },
                     );
                 }
@@ -544,6 +547,7 @@ impl<S: MessageStore> StoreThread<S> {
                         frame,
                         ingress,
                         except,
+                        cross_node: false,
                     };
                     self.pass_on(&m.conv, seq, after_previous, delivery);
                     self.reply(shard, conn, |json| protocol::write_ack_stored(json, id, &m.conv, seq));
@@ -619,6 +623,8 @@ impl<S: MessageStore> StoreThread<S> {
                         frame,
                         ingress,
                         except: (usize::MAX, 0),
+                        // Read back for a gap: another node stored it.
+                        cross_node: true,
                     },
                 ));
             }
@@ -641,6 +647,7 @@ impl<S: MessageStore> StoreThread<S> {
             frame,
             ingress,
             except,
+            cross_node,
         } = delivery;
         let mask = match &audience {
             Audience::Users(a, b) => self.users.get(a).copied().unwrap_or(0) | self.users.get(b).copied().unwrap_or(0),
@@ -652,6 +659,7 @@ impl<S: MessageStore> StoreThread<S> {
                 frame: frame.clone(),
                 ingress,
                 except,
+                cross_node,
             };
             self.send(shard, msg);
         }
