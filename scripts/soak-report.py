@@ -112,6 +112,7 @@ def main():
     ap.add_argument("--slo", required=True)
     ap.add_argument("--redis-cpu-ticks", type=int, default=0)
     ap.add_argument("--redis-processes", type=int, default=0)
+    ap.add_argument("--load-cpu-ticks", type=int, default=0)
     a = ap.parse_args()
     res = pathlib.Path(a.results)
     slo_ms = float(re.sub(r"ms$", "", a.slo)) if a.slo.endswith("ms") else float(a.slo.rstrip("s")) * 1000
@@ -226,6 +227,10 @@ def main():
         redis_pct = a.redis_cpu_ticks / a.clk_tck / a.cpu_seconds * 100
         summary["redis_cpu_percent"] = round(redis_pct, 1)
         text.append(f"redis: {redis_pct:.0f}% of a core during the hold ({a.redis_processes} server process(es))")
+    if a.load_cpu_ticks and a.cpu_seconds > 0:
+        load_pct = a.load_cpu_ticks / a.clk_tck / a.cpu_seconds * 100
+        summary["load_cpu_percent"] = round(load_pct, 1)
+        text.append(f"load generator: {load_pct:.0f}% of a core during the hold (it shares the machine's cores)")
     if faults:
         summary["faults"] = {k: int(v) for k, v in faults.items()}
         text.append("faults: " + " ".join(f"{k}={v}" for k, v in faults.items()))

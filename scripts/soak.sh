@@ -162,8 +162,12 @@ case $store in
     redis_pids=("${redis_cluster_pids[@]}")
     echo "== redis cluster of three primaries at $redis_cluster_seeds (pids ${redis_pids[*]}), appendfsync always" ;;
 esac
-# The local Redis's CPU time (user + system, clock ticks), to set beside the gateways'.
-redis_cpu() { local t=0 p; for p in "${redis_pids[@]}"; do t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat"))); done; echo "$t"; }
+# CPU time (user + system, clock ticks) of processes, to set beside the gateways': the
+# local Redis's, and the load generator's (it shares the cores: a run where it is near
+# its share is client-bound).
+cpu_ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat" 2>/dev/null || echo 0))); done; echo "$t"; }
+redis_cpu() { cpu_ticks "${redis_pids[@]}"; }
+load_cpu() { cpu_ticks "$load_pid" $(ps -o pid= --ppid "$load_pid"); }
 
 cluster=()
 if [ "$nats" = 1 ]; then
@@ -283,10 +287,10 @@ while kill -0 "$load_pid" 2>/dev/null; do
     fi
   fi
   if [ -z "$cpu_start" ] && [ $((now - started)) -gt $((ramp_ms + 2000)) ]; then
-    cpu_start=$(shard_cpu); cpu_start_time=$now; redis_cpu_start=$(redis_cpu)
+    cpu_start=$(shard_cpu); cpu_start_time=$now; redis_cpu_start=$(redis_cpu); load_cpu_start=$(load_cpu)
   fi
   if [ -n "$cpu_start" ] && [ -z "${cpu_end:-}" ] && [ $((now - started)) -gt $((ramp_ms + hold_ms - 1000)) ]; then
-    cpu_end=$(shard_cpu); cpu_end_time=$now; redis_cpu_end=$(redis_cpu)
+    cpu_end=$(shard_cpu); cpu_end_time=$now; redis_cpu_end=$(redis_cpu); load_cpu_end=$(load_cpu)
   fi
 done
 load_status=0
@@ -305,4 +309,5 @@ python3 scripts/soak-report.py "$results" \
   --connections "$connections" --gateways "$gateways" --rss-before-kib "$rss_before" --peak-rss-kib "$peak_rss" \
   --cpu-seconds "$(python3 -c "print((${cpu_end_time:-0} - ${cpu_start_time:-0}) / 1000)")" --clk-tck "$(getconf CLK_TCK)" \
   --load-status "$load_status" --slo "$slo" \
-  --redis-cpu-ticks "$(( ${redis_cpu_end:-0} - ${redis_cpu_start:-0} ))" --redis-processes "${#redis_pids[@]}"
+  --redis-cpu-ticks "$(( ${redis_cpu_end:-0} - ${redis_cpu_start:-0} ))" --redis-processes "${#redis_pids[@]}" \
+  --load-cpu-ticks "$(( ${load_cpu_end:-0} - ${load_cpu_start:-0} ))"
