@@ -712,7 +712,7 @@ fn nodes_join_a_nats_that_wants_tls_and_a_password() {
         &cert,
     ]);
     outsider.wait_line("authorization violation");
-    outsider.wait_line("cluster: nodes=0 remote_users=0 connected=false");
+    outsider.wait_line("cluster: nodes=0 remote_users=0 remote_rooms=0 connected=false");
     assert!(!outsider.seen.iter().any(|l| l.contains("cluster: connected to NATS")));
 }
 
@@ -944,7 +944,7 @@ async fn read_until(ws: &mut Ws, acks: usize, messages: usize) -> Seen {
                 assert_eq!(v["status"], "stored", "{v}");
                 seen.acked.push(seq_of(&v));
             }
-            Some("message") => {
+            Some("message" | "room_message") => {
                 seen.got.push(seq_of(&v));
                 let from = v["body"]["from"].as_str().unwrap_or_default().to_string();
                 seen.bodies.push((from, v["body"]["i"].as_u64().unwrap_or(u64::MAX)));
@@ -1202,5 +1202,57 @@ fn a_node_killed_mid_stream_loses_nothing_and_its_users_catch_up_on_another() {
             got.push(seq_of(&m));
         }
         assert_eq!(got, (1..=COUNT + 1).collect::<Vec<_>>());
+    });
+}
+
+#[test]
+fn a_room_across_nodes_on_a_redis_cluster_has_one_order_and_join_since_recovers_it() {
+    let (_nats, url) = nats();
+    let redis = RedisCluster::start("cluster-room");
+    let mut nodes = stored_cluster("sroom", &url, &redis.url(), 2, &[]);
+    const EACH: u64 = 50;
+    runtime().block_on(async {
+        let (mut alice, _) = connect_to_store(&nodes[0], "alice").await;
+        let (mut bob, _) = connect_to_store(&nodes[1], "bob").await;
+        for ws in [&mut alice, &mut bob] {
+            send(ws, json!({"type":"join","room":"news"})).await;
+            assert_eq!(recv(ws).await, json!({"type":"joined","room":"news"}));
+        }
+        for node in nodes.iter_mut() {
+            node.gw.wait_line("remote_rooms=1 ");
+        }
+        // Both publish at once, from two nodes: each sees the other's in one seq order.
+        let publish = |ws: &'static str| {
+            (0..EACH)
+                .map(move |i| json!({"type":"publish","room":"news","id":format!("{ws}-{i}"),"body":{"from":ws,"i":i}}))
+        };
+        let (a, b) = tokio::join!(
+            async {
+                for p in publish("alice") {
+                    send(&mut alice, p).await;
+                }
+                read_until(&mut alice, EACH as usize, EACH as usize).await
+            },
+            async {
+                for p in publish("bob") {
+                    send(&mut bob, p).await;
+                }
+                read_until(&mut bob, EACH as usize, EACH as usize).await
+            },
+        );
+        for (who, seen) in [("alice", &a), ("bob", &b)] {
+            let mut union: Vec<u64> = seen.acked.iter().chain(&seen.got).copied().collect();
+            union.sort_unstable();
+            assert_eq!(union, (1..=2 * EACH).collect::<Vec<_>>(), "{who}");
+            assert!(seen.got.windows(2).all(|w| w[0] < w[1]), "{who} got {:?}", seen.got);
+        }
+        // Carol joins on node B with since=0: the whole room, in order, from the cluster.
+        let (mut carol, _) = connect_to_store(&nodes[1], "carol").await;
+        send(&mut carol, json!({"type":"join","room":"news","since":0,"id":"j"})).await;
+        assert_eq!(recv(&mut carol).await, json!({"type":"joined","room":"news"}));
+        let page = recv(&mut carol).await;
+        let seqs: Vec<u64> = page["messages"].as_array().unwrap().iter().map(seq_of).collect();
+        assert_eq!(seqs, (1..=2 * EACH).collect::<Vec<_>>(), "{page}");
+        assert_eq!((&page["head"], &page["more"]), (&json!(2 * EACH), &json!(false)));
     });
 }

@@ -930,9 +930,10 @@ impl Node {
         let t = std::mem::take(&mut self.traffic);
         let per_batch = |records: u64, batches: u64| records as f64 / batches.max(1) as f64;
         println!(
-            "cluster: nodes={} remote_users={} connected={} out_records_per_s={:.1} out_batches_per_s={:.1} records_per_batch={:.2} in_records_per_s={:.1} in_batches_per_s={:.1} acks_routed={} acks_offline={} acks_unavailable={} acks_refused={} stored_out_per_s={:.1} awaiting_receipts={} rejected={} rejected_total={}",
+            "cluster: nodes={} remote_users={} remote_rooms={} connected={} out_records_per_s={:.1} out_batches_per_s={:.1} records_per_batch={:.2} in_records_per_s={:.1} in_batches_per_s={:.1} acks_routed={} acks_offline={} acks_unavailable={} acks_refused={} stored_out_per_s={:.1} awaiting_receipts={} rejected={} rejected_total={}",
             self.presence.synced_nodes(),
             self.presence.remote_users(),
+            self.presence.remote_rooms(),
             self.connected,
             t.records_out as f64 / secs,
             t.batches_out as f64 / secs,

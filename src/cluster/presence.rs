@@ -180,6 +180,11 @@ impl Presence {
         self.users.len()
     }
 
+    /// Rooms with members on other nodes.
+    pub fn remote_rooms(&self) -> usize {
+        self.rooms.len()
+    }
+
     /// Handles a message from the presence subject.
     pub fn on_presence(&mut self, msg: PresenceMsg, now: Instant, out: &mut Vec<Action>) {
         match msg {
