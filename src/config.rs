@@ -379,9 +379,12 @@ config_table! {
         /// Tokens must carry this `iss` (and `token` mints it) [default: not checked].
         #[arg(value_name = "ISS")]
         token_issuer: String;
-        /// Where messages are stored: `embedded` (in --data-dir), `redis://HOST:PORT[/DB]` or `redis+cluster://HOST:PORT,HOST:PORT,…` (a Redis or Redis Cluster) or `none` (relay only: acks say `routed`/`offline`, nothing is kept) [default: embedded; none with --nats].
+        /// Where messages are stored: `embedded` (in --data-dir), `redis://HOST:PORT[/DB]` or `redis+cluster://HOST:PORT,HOST:PORT,…` (a Redis or Redis Cluster; `rediss://`, `rediss+cluster://` over TLS) or `none` (relay only: acks say `routed`/`offline`, nothing is kept) [default: embedded; none with --nats].
         #[arg(value_name = "KIND")]
         store: String;
+        /// CA certificates (PEM) to trust for a `rediss://` store instead of the system's.
+        #[arg(value_name = "FILE")]
+        store_tls_ca: PathBuf;
         /// POST a signed batch to this URL for messages stored for users with no connection (needs --push-secret-file).
         #[arg(value_name = "URL")]
         push_webhook: String;
@@ -397,9 +400,15 @@ config_table! {
 
 /// `--store` names a Redis.
 fn is_redis_url(store: &str) -> bool {
-    ["redis://", "rediss://", "redis+unix://", "redis+cluster://"]
-        .iter()
-        .any(|scheme| store.starts_with(scheme))
+    [
+        "redis://",
+        "rediss://",
+        "redis+unix://",
+        "redis+cluster://",
+        "rediss+cluster://",
+    ]
+    .iter()
+    .any(|scheme| store.starts_with(scheme))
 }
 
 /// Where messages are kept.
@@ -514,6 +523,10 @@ impl Config {
                 ))
             }
         }
+        let tls_store = self.store.as_deref().is_some_and(|s| s.starts_with("rediss"));
+        if self.store_tls_ca.is_some() && !tls_store {
+            return Err("--store-tls-ca is for a store over TLS (--store rediss://… or rediss+cluster://…)".into());
+        }
         if self.push_webhook.is_some() {
             if self.store_kind() == StoreKind::None {
                 return Err("--push-webhook needs the message store (pushes are for stored messages)".into());
@@ -566,6 +579,14 @@ mod tests {
             Ok(StoreKind::Redis)
         );
         refused(&["--store", "postgres://h"], "redis://HOST:PORT[/DB]");
+        refused(
+            &["--store", "redis://h:1", "--store-tls-ca", "ca.pem"],
+            "a store over TLS",
+        );
+        assert_eq!(
+            kind(&["--store", "rediss+cluster://h:1,h:2", "--store-tls-ca", "ca.pem"]),
+            Ok(StoreKind::Redis)
+        );
     }
 
     #[test]

@@ -766,6 +766,74 @@ fn a_hung_redis_answers_unavailable_in_bounded_time_and_never_blocks_a_shard() {
     });
 }
 
+/// `rediss://` with a password: the gateway checks Redis's certificate against
+/// `--store-tls-ca` and stores over TLS; without that CA (a certificate no system root
+/// signed) it cannot connect, and says so, and sends are answered `unavailable`.
+#[test]
+fn a_redis_over_tls_with_a_password_is_used_when_its_ca_is_trusted() {
+    let dir = temp_dir("store-redis-tls-files");
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let (cert_pem, key_pem) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_pem, cert.cert.pem()).unwrap();
+    std::fs::write(&key_pem, cert.signing_key.serialize_pem()).unwrap();
+    let tls_port = free_redis_port();
+    let (port, cert_arg, key_arg) = (
+        tls_port.to_string(),
+        cert_pem.to_str().unwrap(),
+        key_pem.to_str().unwrap(),
+    );
+    let redis = Redis::start_with(
+        "tls",
+        &[
+            "--tls-port",
+            &port,
+            "--tls-cert-file",
+            cert_arg,
+            "--tls-key-file",
+            key_arg,
+            "--tls-ca-cert-file",
+            cert_arg,
+            "--tls-auth-clients",
+            "no",
+            "--requirepass",
+            "s3cret-pass",
+        ],
+    );
+    let url = format!("rediss://:s3cret-pass@127.0.0.1:{tls_port}/0");
+    let (mut gw, ports) = gateway_on("store-redis-tls", &["--store", &url, "--store-tls-ca", cert_arg], &[]);
+    let line = gw.seen_or_wait("store: redis at rediss://:***@127.0.0.1");
+    assert!(line.ends_with("connected"), "{line}");
+    runtime().block_on(async {
+        let (mut alice, _) = connect(ports[0], "alice").await;
+        let ack = send_acked(
+            &mut alice,
+            json!({"type":"send","to":"bob","id":"t1","body":"over tls"}),
+        )
+        .await;
+        assert_eq!((&ack["status"], seq(&ack)), (&json!("stored"), 1), "{ack}");
+    });
+    // The password never shows, and the plain port holds what came over TLS.
+    assert!(gw.seen.iter().all(|l| !l.contains("s3cret-pass")), "{:?}", gw.seen);
+    let head = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "-a", "s3cret-pass", "--no-auth-warning"])
+        .args(["GET", "sg:{dm:alice:bob}:head"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&head.stdout).trim(), "1");
+    drop(gw);
+    // Without the CA: the certificate is not trusted, nothing is stored.
+    let (mut untrusting, ports) = gateway_on("store-redis-tls-untrusted", &["--store", &url], &[]);
+    untrusting.seen_or_wait("unreachable");
+    runtime().block_on(async {
+        let (mut alice, ready) = connect(ports[0], "alice").await;
+        assert_eq!(ready["convs"], json!([]));
+        let e = recv(&mut alice).await;
+        assert_eq!(e["code"], "unavailable", "ready could not list the conversations: {e}");
+        let e = send_acked(&mut alice, json!({"type":"send","to":"bob","id":"t2","body":"x"})).await;
+        assert_eq!((&e["code"], &e["id"]), (&json!("unavailable"), &json!("t2")), "{e}");
+    });
+}
+
 /// A Redis that acknowledges writes before syncing them is said at start, with the
 /// settings that make `stored` hold.
 #[test]

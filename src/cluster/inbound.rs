@@ -107,7 +107,7 @@ fn hand_stored(
     store: Option<&StoreLink>,
     (now, now_ns): (Instant, u64),
 ) -> Handed {
-    let Some(conv) = ConvId::from_stored(conv) else {
+    let (Some(conv), Some(at)) = (ConvId::from_stored(conv), record.stored) else {
         return Handed::Absent;
     };
     let here = match (conv.direct_users(), conv.room_name()) {
@@ -123,9 +123,6 @@ fn hand_stored(
     if store.is_full() {
         return Handed::Refused;
     }
-    let Some(at) = record.stored else {
-        return Handed::Absent;
-    };
     store.push(ToStore::Remote {
         conv,
         seq: at.seq,

@@ -524,6 +524,19 @@ mod tests {
         for cut in [0, 15, 17, 20, 26, bytes.len() - 1] {
             assert!(read_batch(bytes.slice(..cut)).is_err(), "cut at {cut}");
         }
+        // A stored record cut inside its seq or its time.
+        let mut w = BatchWriter::new(1, 1);
+        let at = StoredAt {
+            seq: 7,
+            after_previous: None,
+        };
+        w.push(RecordKind::Stored, 1, "room:r", Some(at), b"\x81\x01x");
+        let bytes = Bytes::from(w.buf);
+        let name_end = BATCH_HEADER + 1 + 8 + 1 + "room:r".len();
+        for cut in [name_end + 4, name_end + 10, name_end + STORED_AT + 2] {
+            assert!(read_batch(bytes.slice(..cut)).is_err(), "cut at {cut}");
+        }
+        assert_eq!(read_batch(bytes).unwrap().2[0].stored, Some(at));
     }
 
     #[test]

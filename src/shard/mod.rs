@@ -240,7 +240,15 @@ fn start_store(
     }
     let store = match (config.store_kind(), config.store.as_deref()) {
         (StoreKind::Redis, Some(url)) => {
-            let store = RedisStore::open(url, retention, config.dedupe_window)?;
+            let tls_ca = match &config.store_tls_ca {
+                Some(path) => Some(std::fs::read(path).map_err(|source| StartError::Read {
+                    what: "--store-tls-ca",
+                    path: path.clone(),
+                    source,
+                })?),
+                None => None,
+            };
+            let store = RedisStore::open_with_ca(url, tls_ca, retention, config.dedupe_window)?;
             tracing::info!("store: redis at {}; {kept}", crate::cluster::access::redact_url(url));
             Opened::Redis(Box::new(store))
         }

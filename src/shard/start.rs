@@ -40,6 +40,12 @@ pub enum StartError {
     Thread { what: &'static str, source: io::Error },
     #[error("cannot watch signals: {0}")]
     Signals(io::Error),
+    #[error("cannot read {what} {}: {source}", path.display())]
+    Read {
+        what: &'static str,
+        path: std::path::PathBuf,
+        source: io::Error,
+    },
     #[error("cannot draw a node id: {0}")]
     NodeId(getrandom::Error),
     #[error(transparent)]

@@ -22,7 +22,7 @@
 use std::time::{Duration, Instant};
 
 use redis::cluster::{ClusterClient, ClusterConnection};
-use redis::{Cmd, Connection, ConnectionLike, FromRedisValue, RedisError, RedisResult};
+use redis::{Cmd, Connection, ConnectionLike, FromRedisValue, RedisError, RedisResult, TlsCertificates};
 
 use super::{
     record, Appended, ConvId, MessageStore, NewMessage, Page, Range, RecentWrites, Retention, StoreError, TrimStep,
@@ -89,8 +89,9 @@ const IO_TIMEOUT: Duration = Duration::from_secs(2);
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 
-/// How `--store` names the Redis: one server, or a cluster's seed nodes.
-const CLUSTER_SCHEME: &str = "redis+cluster://";
+/// How `--store` names a Redis Cluster by its seed nodes (plain, and over TLS), and the
+/// scheme each seed gets.
+const CLUSTER_SCHEMES: [(&str, &str); 2] = [("redis+cluster://", "redis://"), ("rediss+cluster://", "rediss://")];
 
 enum Client {
     Single(redis::Client),
@@ -208,22 +209,50 @@ impl RedisStore {
     /// A store on the Redis at `url`. Connects once to say how durable its writes are; a
     /// Redis that is not up yet is said and retried on the first request.
     pub fn open(url: &str, retention: Retention, dedupe_window: Duration) -> Result<Self, OpenError> {
+        Self::open_with_ca(url, None, retention, dedupe_window)
+    }
+
+    /// As `open`; a `rediss://` server's certificate is checked against the CA
+    /// certificates (PEM) in `tls_ca` when given, else against the system's.
+    pub fn open_with_ca(
+        url: &str,
+        tls_ca: Option<Vec<u8>>,
+        retention: Retention,
+        dedupe_window: Duration,
+    ) -> Result<Self, OpenError> {
         let shown = crate::cluster::access::redact_url(url);
-        let client = match url.strip_prefix(CLUSTER_SCHEME) {
-            // `[user:password@]seed,seed,…`: each seed a `redis://` URL with the same login.
-            Some(rest) => {
+        let certs = tls_ca.map(|root| TlsCertificates {
+            client_tls: None,
+            root_cert: Some(root),
+        });
+        let cluster = CLUSTER_SCHEMES
+            .iter()
+            .find_map(|(scheme, seed_scheme)| Some((url.strip_prefix(scheme)?, seed_scheme)));
+        let client = match cluster {
+            // `[user:password@]seed,seed,…`: each seed a `redis://` (`rediss://`) URL with
+            // the same login.
+            Some((rest, seed_scheme)) => {
                 let (login, seeds) = match rest.rsplit_once('@') {
                     Some((login, seeds)) => (format!("{login}@"), seeds),
                     None => (String::new(), rest),
                 };
-                let seeds: Vec<String> = seeds.split(',').map(|seed| format!("redis://{login}{seed}")).collect();
-                ClusterClient::builder(seeds)
+                let seeds: Vec<String> = seeds
+                    .split(',')
+                    .map(|seed| format!("{seed_scheme}{login}{seed}"))
+                    .collect();
+                let mut builder = ClusterClient::builder(seeds)
                     .connection_timeout(CONNECT_TIMEOUT)
-                    .response_timeout(IO_TIMEOUT)
-                    .build()
-                    .map(Client::Cluster)
+                    .response_timeout(IO_TIMEOUT);
+                if let Some(certs) = certs {
+                    builder = builder.certs(certs);
+                }
+                builder.build().map(Client::Cluster)
             }
-            None => redis::Client::open(url).map(Client::Single),
+            None => match certs {
+                Some(certs) => redis::Client::build_with_tls(url, certs),
+                None => redis::Client::open(url),
+            }
+            .map(Client::Single),
         }
         .map_err(|e| OpenError {
             shown: shown.clone(),

@@ -443,13 +443,16 @@ impl Redis {
         }
     }
 
+    /// Does it answer (`+PONG`, or `-NOAUTH` when it wants a password)?
     fn answers_ping(&self) -> bool {
         let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
             return false;
         };
         let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
         let mut reply = [0u8; 7];
-        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
+        s.write_all(b"PING\r\n").is_ok()
+            && s.read_exact(&mut reply).is_ok()
+            && (&reply == b"+PONG\r\n" || reply.starts_with(b"-NOAUTH"))
     }
 
     /// The URL of database `db` (each test of a server may take its own).
@@ -487,7 +490,7 @@ impl Redis {
 /// handed out in turn from a random start, so that two servers of one test process never
 /// get the same one (a server that failed to bind would leave its test talking to the
 /// other's).
-fn free_redis_port() -> u16 {
+pub fn free_redis_port() -> u16 {
     use std::hash::{BuildHasher, Hasher};
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
