@@ -10,7 +10,8 @@
 #   relay-3      three gateways, no store (relay only): what the store costs
 # Every Redis runs appendfsync always. Prints, per set-up, the medians over the rounds of
 # the figures each soak summary gives (lost, client and server p99, Redis and load CPU,
-# store round trips per message); each run's folder is under target/bench-cluster-store.
+# store groups per message: one pipeline each, on the Redis Cluster one per primary the
+# group touches); each run's folder is under target/bench-cluster-store.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 help_if_asked "$0" "$@"
@@ -35,13 +36,13 @@ for round in $(seq "$rounds"); do
     # shellcheck disable=SC2086 # the set-up's flags are words
     scripts/soak.sh "${common[@]}" ${setup[$name]} --results "$out/$name-$round" >"$out/$name-$round.txt" 2>&1 ||
       echo "   (the soak did not pass: $out/$name-$round.txt)"
-    grep -E "^(soak|messages|client latency|store|redis|load generator):" "$out/$name-$round.txt" | sed 's/^/   /'
+    grep -E "^(soak |messages:|client latency|store:|redis:|load generator:)" "$out/$name-$round.txt" | sed 's/^/   /'
   done
 done
 python3 - "$out" "${order[@]}" <<'PY'
 import json, pathlib, statistics, sys
 out, names = pathlib.Path(sys.argv[1]), sys.argv[2:]
-print(f"{'set-up':<12} {'runs':>4} {'lost':>5} {'client p99 ms':>13} {'server p99 ms':>13} {'shard CPU %':>11} {'redis CPU %':>11} {'load CPU %':>10} {'trips/msg':>9}")
+print(f"{'set-up':<12} {'runs':>4} {'lost':>5} {'client p99 ms':>13} {'server p99 ms':>13} {'shard CPU %':>11} {'redis CPU %':>11} {'load CPU %':>10} {'groups/msg':>10}")
 for name in names:
     runs = [json.loads(p.read_text()) for p in sorted(out.glob(f"{name}-*/summary.json"))]
     if not runs:
@@ -54,5 +55,5 @@ for name in names:
     redis = med(lambda r: r.get("redis_cpu_percent", 0))
     load = med(lambda r: r.get("load_cpu_percent", 0))
     trips = med(lambda r: r.get("store", {}).get("round_trips_per_message", 0))
-    print(f"{name:<12} {len(runs):>4} {lost:>5} {client:>13.2f} {server:>13.2f} {shard:>11.1f} {redis:>11.1f} {load:>10.1f} {trips:>9.3f}")
+    print(f"{name:<12} {len(runs):>4} {lost:>5} {client:>13.2f} {server:>13.2f} {shard:>11.1f} {redis:>11.1f} {load:>10.1f} {trips:>10.3f}")
 PY
