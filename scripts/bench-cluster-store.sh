@@ -54,6 +54,6 @@ for name in names:
     shard = med(lambda r: sum(r["cpu_percent_per_shard"].values()) / max(len(r["cpu_percent_per_shard"]), 1))
     redis = med(lambda r: r.get("redis_cpu_percent", 0))
     load = med(lambda r: r.get("load_cpu_percent", 0))
-    trips = med(lambda r: r.get("store", {}).get("round_trips_per_message", 0))
+    trips = med(lambda r: r.get("store", {}).get("groups_per_message", 0))
     print(f"{name:<12} {len(runs):>4} {lost:>5} {client:>13.2f} {server:>13.2f} {shard:>11.1f} {redis:>11.1f} {load:>10.1f} {trips:>10.3f}")
 PY

@@ -215,12 +215,14 @@ def main():
         "client latency (send to receive): " + ", ".join(f"{q} {v:.3f} ms" for q, v in summary["client_latency_ms"].items()) + f"  (SLO {slo_ms:g} ms)",
     ]
     if store["lines"] and store["appended_per_s"] > 0:
-        # Rates are summed over 5 s report lines: messages = rate x 5 s per line.
+        # Rates are summed over the soak's 5 s report lines: messages = rate x 5 s per line.
+        # A group is one sync (embedded) or one pipeline: one round trip to one Redis, one
+        # per primary it touches on a Redis Cluster.
         s = {k: v for k, v in store.items() if k != "lines"}
-        s["round_trips_per_message"] = round(store["groups_per_s"] / store["appended_per_s"], 4)
+        s["groups_per_message"] = round(store["groups_per_s"] / store["appended_per_s"], 4)
         summary["store"] = s
         text.append(f"store: {store['appended_per_s'] * 5:.0f} messages appended in {store['groups_per_s'] * 5:.0f} groups "
-                    f"({s['round_trips_per_message']:.3f} store round trips per message); from other nodes {store['from_nodes_per_s'] * 5:.0f}, "
+                    f"({s['groups_per_message']:.3f} groups per message); from other nodes {store['from_nodes_per_s'] * 5:.0f}, "
                     f"held for order {store['held']}, late {store['late']}, gaps filled {store['gap_filled']}, skipped {store['gap_skipped']}, "
                     f"unavailable {store['unavailable']}")
     if a.redis_processes and a.cpu_seconds > 0:

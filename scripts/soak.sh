@@ -39,7 +39,7 @@
 #                             the run: with --nats one database for the cluster, else
 #                             gateway k on its database k; redis-cluster: a local Redis
 #                             Cluster of three primaries; redis://…: that Redis. The
-#                             summary shows the local Redis's CPU and round trips per message
+#                             summary shows the local Redis's CPU and groups per message
 #   --nodes N                 gateway processes (default: as the open-file limit needs)
 #   --nats [URL]              join the gateways through NATS (a local nats-server unless
 #                             a URL is given)
