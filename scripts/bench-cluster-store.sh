@@ -9,9 +9,10 @@
 #   cluster-3    three gateways on a Redis Cluster of three primaries
 #   relay-3      three gateways, no store (relay only): what the store costs
 # Every Redis runs appendfsync always. Prints, per set-up, the medians over the rounds of
-# the figures each soak summary gives (lost, client and server p99, Redis and load CPU,
-# store groups per message: one pipeline each, on the Redis Cluster one per primary the
-# group touches); each run's folder is under target/bench-cluster-store.
+# the figures each soak summary gives: lost, client and server p99, the CPU of a shard and
+# of a node's store and NATS threads (averages over the nodes), of Redis and of the load
+# generator, and store groups per message (one pipeline each; on the Redis Cluster one
+# per primary the group touches). Each run's folder is under target/bench-cluster-store.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 help_if_asked "$0" "$@"
@@ -42,7 +43,7 @@ done
 python3 - "$out" "${order[@]}" <<'PY'
 import json, pathlib, statistics, sys
 out, names = pathlib.Path(sys.argv[1]), sys.argv[2:]
-print(f"{'set-up':<12} {'runs':>4} {'lost':>5} {'client p99 ms':>13} {'server p99 ms':>13} {'shard CPU %':>11} {'redis CPU %':>11} {'load CPU %':>10} {'groups/msg':>10}")
+print(f"{'set-up':<12} {'runs':>4} {'lost':>5} {'client p99 ms':>13} {'server p99 ms':>13} {'shard CPU %':>11} {'store thr %':>11} {'NATS thr %':>10} {'redis CPU %':>11} {'load CPU %':>10} {'groups/msg':>10}")
 for name in names:
     runs = [json.loads(p.read_text()) for p in sorted(out.glob(f"{name}-*/summary.json"))]
     if not runs:
@@ -52,8 +53,13 @@ for name in names:
     client = med(lambda r: r["client_latency_ms"]["p99"])
     server = med(lambda r: max(s["p99_ms"] for s in r["server_latency_ms"]))
     shard = med(lambda r: sum(r["cpu_percent_per_shard"].values()) / max(len(r["cpu_percent_per_shard"]), 1))
+    def per_node(r, kind):
+        v = [c for n, c in r.get("cpu_percent_store_and_cluster_threads", {}).items() if n.endswith("/" + kind)]
+        return sum(v) / len(v) if v else 0.0
+    store_thread = med(lambda r: per_node(r, "store"))
+    nats_thread = med(lambda r: per_node(r, "cluster"))
     redis = med(lambda r: r.get("redis_cpu_percent", 0))
     load = med(lambda r: r.get("load_cpu_percent", 0))
     trips = med(lambda r: r.get("store", {}).get("groups_per_message", 0))
-    print(f"{name:<12} {len(runs):>4} {lost:>5} {client:>13.2f} {server:>13.2f} {shard:>11.1f} {redis:>11.1f} {load:>10.1f} {trips:>10.3f}")
+    print(f"{name:<12} {len(runs):>4} {lost:>5} {client:>13.2f} {server:>13.2f} {shard:>11.1f} {store_thread:>11.1f} {nats_thread:>10.1f} {redis:>11.1f} {load:>10.1f} {trips:>10.3f}")
 PY

@@ -168,7 +168,10 @@ def main():
                 d[parts[0]] = int(parts[1])
         return d
     start, end = cpu("cpu-start.txt"), cpu("cpu-end.txt")
-    shard_cpu = {n: (end[n] - start[n]) / a.clk_tck / a.cpu_seconds * 100 for n in end if n in start and a.cpu_seconds > 0}
+    thread_cpu = {n: (end[n] - start[n]) / a.clk_tck / a.cpu_seconds * 100 for n in end if n in start and a.cpu_seconds > 0}
+    # The shards, and apart from them the store and cluster threads ("gateway-k/store").
+    shard_cpu = {n: v for n, v in thread_cpu.items() if "/shard-" in n}
+    helper_cpu = {n: v for n, v in thread_cpu.items() if "/shard-" not in n}
 
     faults = {}
     for line in (res / "load.log").read_text().splitlines():
@@ -187,6 +190,7 @@ def main():
         "server_peak_rss_kib": a.peak_rss_kib,
         "server_bytes_per_connection": round(rss_growth / max(up, 1)),
         "cpu_percent_per_shard": {k: round(v, 1) for k, v in sorted(shard_cpu.items())},
+        "cpu_percent_store_and_cluster_threads": {k: round(v, 1) for k, v in sorted(helper_cpu.items())},
         "messages_sent": int(client.get("sent", 0)),
         "messages_delivered": int(client.get("received", 0)),
         "messages_lost": int(client.get("lost", 0)),
@@ -214,6 +218,8 @@ def main():
         f"duplicated {summary['duplicates']}, reordered {summary['reordered']}; failed handshakes {summary['failed_handshakes']}, unexpected closes {summary['unexpected_closes']}",
         "client latency (send to receive): " + ", ".join(f"{q} {v:.3f} ms" for q, v in summary["client_latency_ms"].items()) + f"  (SLO {slo_ms:g} ms)",
     ]
+    if helper_cpu:
+        text.append("CPU of the store and cluster threads: " + ", ".join(f"{k} {v:.0f}%" for k, v in sorted(helper_cpu.items())))
     if store["lines"] and store["appended_per_s"] > 0:
         # Rates are summed over the soak's 5 s report lines: messages = rate x 5 s per line.
         # A group is one sync (embedded) or one pipeline: one round trip to one Redis, one
