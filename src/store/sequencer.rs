@@ -231,10 +231,26 @@ impl<T> Sequencer<T> {
         filled
     }
 
-    /// Forgets conversations with nothing held that saw no message for `idle`.
-    pub fn forget_idle(&mut self, now: Instant, idle: Duration) {
+    /// Forgets conversations with nothing held that saw no message for `idle`, and beyond
+    /// `max` conversations the least recently active of the rest too (a forgotten one
+    /// starts again at its next message, as one not seen before).
+    pub fn forget_idle(&mut self, now: Instant, idle: Duration, max: usize) {
         self.convs
             .retain(|_, c| !c.held.is_empty() || now.saturating_duration_since(c.touched) < idle);
+        if self.convs.len() <= max {
+            return;
+        }
+        let mut quiet: Vec<(Instant, ConvId)> = self
+            .convs
+            .iter()
+            .filter(|(_, c)| c.held.is_empty())
+            .map(|(id, c)| (c.touched, id.clone()))
+            .collect();
+        quiet.sort_unstable_by_key(|(touched, _)| *touched);
+        let excess = self.convs.len() - max;
+        for (_, id) in quiet.into_iter().take(excess) {
+            self.convs.remove(&id);
+        }
     }
 
     pub fn conversations(&self) -> usize {
@@ -378,8 +394,21 @@ mod tests {
         assert_eq!(seqs(&out), [7, 6]);
         s.offer(&ConvId::room("lobby"), 3, false, 3, now, &mut out);
         s.offer(&ConvId::room("lobby"), 5, true, 5, now, &mut out);
-        s.forget_idle(now + Duration::from_secs(60), Duration::from_secs(30));
+        s.forget_idle(now + Duration::from_secs(60), Duration::from_secs(30), 100);
         assert_eq!(s.conversations(), 1, "the room holds a message behind a gap: kept");
+        // Over the cap, the least recently active go first; one holding a message stays.
+        for (i, name) in ["a", "b", "c"].into_iter().enumerate() {
+            let at = now + Duration::from_secs(61 + i as u64);
+            s.offer(&ConvId::room(name), 1, false, 1, at, &mut out);
+        }
+        s.forget_idle(now + Duration::from_secs(70), Duration::from_secs(600), 2);
+        assert_eq!(s.conversations(), 2);
+        s.offer(&ConvId::room("c"), 2, false, 2, now, &mut out);
+        assert_eq!(
+            s.offer(&ConvId::room("a"), 2, true, 2, now, &mut out),
+            Arrival::Held,
+            "a was forgotten"
+        );
     }
 
     proptest! {

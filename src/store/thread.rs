@@ -49,8 +49,10 @@ const READS_PER_GROUP: usize = 32;
 /// The most messages of one gap read back from the store; beyond, they are skipped (the
 /// clients catch up with `history`).
 const MAX_GAP_FILL: u64 = 1000;
-/// A conversation with no message for this long is forgotten by the sequencer.
+/// A conversation with no message for this long is forgotten by the sequencer, and past
+/// this many the least recently active are (about 200 bytes each).
 const SEQUENCER_IDLE: Duration = Duration::from_secs(600);
+const SEQUENCER_MAX: usize = 1 << 20;
 
 /// What a shard asks of the store thread.
 #[derive(Debug)]
@@ -315,7 +317,7 @@ impl<S: MessageStore> StoreThread<S> {
                 self.report();
                 next_report += self.config.report_interval;
                 if let Some(sequencer) = &mut self.sequencer {
-                    sequencer.forget_idle(Instant::now(), SEQUENCER_IDLE);
+                    sequencer.forget_idle(Instant::now(), SEQUENCER_IDLE, SEQUENCER_MAX);
                 }
             }
         }
