@@ -107,7 +107,8 @@ fn hand_stored(
     store: Option<&StoreLink>,
     (now, now_ns): (Instant, u64),
 ) -> Handed {
-    let (Some(conv), Some(at)) = (ConvId::from_stored(conv), record.stored) else {
+    // Seqs start at 1: a record saying 0 is not one a node of this cluster sent.
+    let (Some(conv), Some(at)) = (ConvId::from_stored(conv), record.stored.filter(|at| at.seq > 0)) else {
         return Handed::Absent;
     };
     let here = match (conv.direct_users(), conv.room_name()) {

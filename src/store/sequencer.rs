@@ -84,9 +84,10 @@ impl<T> Sequencer<T> {
         }
     }
 
-    /// Message `seq` of `conv` arrived; `follows_closely`: the store says it was stored
-    /// less than `hold` after the message before it (or cannot say). What can be passed on
-    /// now goes to `out`, in order.
+    /// Message `seq` (from 1) of `conv` arrived; `follows_closely`: the store says it was
+    /// stored less than `hold` after the message before it (false when the store cannot
+    /// say: its clock kept no recent append). What can be passed on now goes to `out`, in
+    /// order.
     pub fn offer(
         &mut self,
         conv: &ConvId,
@@ -120,7 +121,7 @@ impl<T> Sequencer<T> {
             }
             state.anchored = true;
             state.start = seq;
-            state.passed = seq - 1;
+            state.passed = seq.saturating_sub(1);
         }
         if seq < state.start {
             if !state.late.insert(seq) {
@@ -135,7 +136,7 @@ impl<T> Sequencer<T> {
         if seq <= state.passed || state.held.contains_key(&seq) {
             return Arrival::Duplicate;
         }
-        if seq > state.passed + 1 {
+        if seq > state.passed.saturating_add(1) {
             state.held.insert(seq, item);
             state.waiting_since.get_or_insert(now);
             self.gapped.insert(conv.clone());
@@ -207,22 +208,37 @@ impl<T> Sequencer<T> {
             };
             state.anchored = true;
             state.passed = lowest.saturating_sub(2).min(through);
-            state.start = state.passed + 1;
+            state.start = state.passed.saturating_add(1);
         }
-        let mut found = found.into_iter().peekable();
-        while state.passed < through {
-            let next = state.passed + 1;
-            while found.next_if(|(s, _)| *s < next).is_some() {}
-            if let Some(item) = state.held.remove(&next) {
-                out.push((next, item));
-            } else if let Some(item) = found.next_if(|(s, _)| *s == next) {
+        // Held and found messages in seq order, stepping over what neither has (by count,
+        // not one by one: a seq far ahead must not make this loop long).
+        let passed = state.passed;
+        let mut found = found
+            .into_iter()
+            .filter(|(s, _)| *s > passed && *s <= through)
+            .peekable();
+        loop {
+            let held = state.held.keys().next().copied().filter(|&k| k <= through);
+            let next = match (held, found.peek().map(|(s, _)| *s)) {
+                (None, None) => break,
+                (Some(h), Some(f)) => h.min(f),
+                (Some(h), None) => h,
+                (None, Some(f)) => f,
+            };
+            filled.skipped += next - state.passed - 1;
+            if held == Some(next) {
+                let _ = found.next_if(|(s, _)| *s == next);
+                if let Some(item) = state.held.remove(&next) {
+                    out.push((next, item));
+                }
+            } else if let Some(item) = found.next() {
                 out.push(item);
                 filled.from_store += 1;
-            } else {
-                filled.skipped += 1;
             }
             state.passed = next;
         }
+        filled.skipped += through.saturating_sub(state.passed);
+        state.passed = state.passed.max(through);
         state.waiting_since = None;
         release(state, now, out);
         if state.held.is_empty() {
@@ -261,7 +277,7 @@ impl<T> Sequencer<T> {
 /// Passes on the held messages that follow `passed`; if some are still held behind a
 /// gap, that gap is waited for from now.
 fn release<T>(state: &mut Conv<T>, now: Instant, out: &mut Vec<(u64, T)>) {
-    while let Some(item) = state.held.remove(&(state.passed + 1)) {
+    while let Some(item) = state.held.remove(&state.passed.saturating_add(1)) {
         state.passed += 1;
         out.push((state.passed, item));
     }
@@ -384,6 +400,20 @@ mod tests {
         assert_eq!(s.fill(&conv(), 13, [], now, &mut out).skipped, 2);
         assert_eq!(seqs(&out), [13]);
         assert_eq!(s.next_due(), None);
+    }
+
+    #[test]
+    fn a_seq_far_ahead_is_skipped_to_by_count() {
+        let (mut s, now, mut out) = (Sequencer::new(HOLD), Instant::now(), Vec::new());
+        offer(&mut s, 3, false, now, &mut out);
+        offer(&mut s, u64::MAX - 1, true, now, &mut out);
+        let gaps = s.overdue(now + HOLD);
+        assert_eq!(gaps[0].through, u64::MAX - 1);
+        let filled = s.fill(&conv(), u64::MAX - 1, [(4, 40), (u64::MAX - 1, 0)], now, &mut out);
+        assert_eq!(filled.from_store, 1);
+        assert_eq!(filled.skipped, u64::MAX - 1 - 3 - 2);
+        assert_eq!(out, [(3, 3), (4, 40), (u64::MAX - 1, u64::MAX - 1)]);
+        assert_eq!(offer(&mut s, u64::MAX, true, now, &mut out), Arrival::InOrder);
     }
 
     #[test]
