@@ -1256,3 +1256,51 @@ fn a_room_across_nodes_on_a_redis_cluster_has_one_order_and_join_since_recovers_
         assert_eq!((&page["head"], &page["more"]), (&json!(2 * EACH), &json!(false)));
     });
 }
+
+#[test]
+fn with_nats_away_sends_are_still_stored_and_reach_the_other_node_with_the_next_message() {
+    let mut nats = Nats::start();
+    let url = nats.url();
+    let redis = Redis::start("cluster-nats-away");
+    let mut nodes = stored_cluster("snats", &url, &redis.url(0), 2, &[]);
+    runtime().block_on(async {
+        let (mut alice, _) = connect_to_store(&nodes[0], "alice").await;
+        let (mut bob, _) = connect_to_store(&nodes[1], "bob").await;
+        wait_remote_users(&mut nodes[0], 1);
+        send(
+            &mut alice,
+            json!({"type":"send","to":"bob","id":"before","body":"before"}),
+        )
+        .await;
+        assert_eq!(seq_of(&recv(&mut alice).await), 1);
+        assert_eq!(seq_of(&recv(&mut bob).await), 1);
+        // NATS goes away: the send is stored and acked all the same.
+        nats.stop();
+        nodes[0].gw.wait_line("cluster: lost NATS");
+        send(
+            &mut alice,
+            json!({"type":"send","to":"bob","id":"during","body":"during"}),
+        )
+        .await;
+        let ack = recv(&mut alice).await;
+        assert_eq!((&ack["status"], seq_of(&ack)), (&json!("stored"), 2), "{ack}");
+        // Back: once node A knows again where Bob is, the next message brings the one he
+        // missed (read from Redis for the gap), in order.
+        nats.restart();
+        nodes[0].gw.wait_line("cluster: connected to NATS");
+        wait_remote_users(&mut nodes[0], 1);
+        send(
+            &mut alice,
+            json!({"type":"send","to":"bob","id":"after","body":"after"}),
+        )
+        .await;
+        assert_eq!(seq_of(&recv(&mut alice).await), 3);
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            let m = recv(&mut bob).await;
+            got.push((seq_of(&m), m["body"].as_str().unwrap_or_default().to_string()));
+        }
+        assert_eq!(got, vec![(2, "during".to_string()), (3, "after".to_string())]);
+    });
+    nodes[1].gw.seen_or_wait("gap_filled=1 ");
+}
