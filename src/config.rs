@@ -241,6 +241,13 @@ config_table! {
         /// A subprotocol the server speaks, in order of preference (repeatable).
         #[arg(long = "subprotocol", value_name = "NAME")]
         subprotocols: Vec<String> = Vec::new(), "none";
+        /// Accept permessage-deflate (RFC 7692) from clients that offer it, always without context takeover: no compression state per connection.
+        #[arg(num_args = 0, default_missing_value = "true")]
+        deflate: bool = false, "off";
+        /// With --deflate: messages shorter than this many bytes are sent uncompressed.
+        deflate_min_size: usize = 512, "512";
+        /// With --deflate: zlib level, 1 (fastest) to 9 (smallest).
+        deflate_level: u32 = 1, "1";
         /// Bytes of io_uring buffer memory each shard pins (counts against RLIMIT_MEMLOCK for non-root).
         io_memory: usize = 1 << 20, "1048576";
         /// io_uring queue depth per ring. The kernel sizes a ring's poll-cancel hash from its CQ size: 4096 gives the most buckets (256; the default 128 gives 8, and every cancel then scans thousands of armed polls).

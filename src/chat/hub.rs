@@ -18,6 +18,7 @@ use crate::route::directory::{AckEvent, RoomLimits, Router};
 use crate::route::inbox::Mesh;
 use crate::route::{shards_in, AckTo, Audience, ConnId, Outcome, Placement, ShardMask, ShardMsg};
 use crate::store::thread::{StoreLink, ToStore};
+use crate::ws::deflate::{deflate_frame, DeflateStats, Deflater};
 use crate::ws::frame::text_frame;
 
 /// Each chat connection of the shard: its user and its outgoing queue.
@@ -56,7 +57,30 @@ pub struct Hub<O> {
     to_ring: Cell<ShardMask>,
     /// Scratch space for encoding JSON, reused by every message.
     scratch: RefCell<Vec<u8>>,
+    /// With `--deflate`: compresses frames for the connections that agreed to it.
+    deflate: Option<FrameDeflate>,
 }
+
+/// Compresses routed frames, once per message (per window size) however many of the
+/// shard's connections get it: no connection keeps compression state (`ws::deflate`).
+pub struct FrameDeflate {
+    deflater: RefCell<Deflater>,
+    min_size: usize,
+}
+
+impl FrameDeflate {
+    pub fn new(level: u32, min_size: usize) -> Self {
+        FrameDeflate {
+            deflater: RefCell::new(Deflater::new(level)),
+            min_size,
+        }
+    }
+}
+
+/// The compressed twins of one frame made so far, by window size (8 to 15 bits): `Some(None)`
+/// when it was tried and did not pay.
+#[derive(Default)]
+struct Twins([Option<Option<Bytes>>; 8]);
 
 impl<O: ConnOutput> Hub<O> {
     pub fn new(
@@ -65,6 +89,7 @@ impl<O: ConnOutput> Hub<O> {
         threads: (Option<Arc<ClusterLink>>, Option<Arc<StoreLink>>),
         limits: RoomLimits,
         rate_limits: RateLimits,
+        deflate: Option<FrameDeflate>,
     ) -> Self {
         let (cluster, store) = threads;
         Hub {
@@ -85,7 +110,33 @@ impl<O: ConnOutput> Hub<O> {
             dirty: RefCell::new(Vec::new()),
             to_ring: Cell::new(0),
             scratch: RefCell::new(Vec::with_capacity(4096)),
+            deflate,
         }
+    }
+
+    /// `frame`, or its compressed twin for a connection that agreed to deflate (made on
+    /// first need and kept in `twins` for the other recipients of the same frame).
+    fn frame_for(&self, out: &O, frame: &Bytes, twins: &mut Twins) -> Bytes {
+        let (Some(window), Some(deflate)) = (out.deflate_window(), &self.deflate) else {
+            return frame.clone();
+        };
+        if frame.len() < deflate.min_size {
+            return frame.clone();
+        }
+        let twin = &mut twins.0[usize::from(window.clamp(8, 15) - 8)];
+        twin.get_or_insert_with(|| {
+            deflate_frame(&mut deflate.deflater.borrow_mut(), frame, window, deflate.min_size).map(Bytes::from)
+        })
+        .clone()
+        .unwrap_or_else(|| frame.clone())
+    }
+
+    /// What the chat deflater did since the last call (for the report).
+    pub fn take_deflate_stats(&self) -> DeflateStats {
+        self.deflate
+            .as_ref()
+            .map(|d| d.deflater.borrow_mut().take_stats())
+            .unwrap_or_default()
     }
 
     pub fn next_conn_id(&self) -> ConnId {
@@ -142,12 +193,13 @@ impl<O: ConnOutput> Hub<O> {
     ) {
         let map = self.conns.borrow();
         let mut dirty = self.dirty.borrow_mut();
+        let mut twins = Twins::default();
         for id in conns {
             if Some(*id) == except {
                 continue;
             }
             if let Some((_, out)) = map.get(id) {
-                if out.deliver(frame.clone(), ingress, cross_node) {
+                if out.deliver(self.frame_for(out, frame, &mut twins), ingress, cross_node) {
                     dirty.push(out.clone());
                 }
             }
@@ -173,6 +225,7 @@ impl<O: ConnOutput> Hub<O> {
 
     /// Queues a frame of ours for a connection (not a routed message).
     fn queue_own(&self, out: &Rc<O>, frame: Bytes) {
+        let frame = self.frame_for(out, &frame, &mut Twins::default());
         if out.answer(frame) {
             self.dirty.borrow_mut().push(out.clone());
         }

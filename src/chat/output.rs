@@ -33,4 +33,8 @@ pub trait ConnOutput {
 
     /// Does the queue still take frames (not closed as a slow consumer, no Close queued)?
     fn is_open(&self) -> bool;
+
+    /// The peer agreed to permessage-deflate with this window (bits): it may be sent
+    /// compressed frames.
+    fn deflate_window(&self) -> Option<u8>;
 }

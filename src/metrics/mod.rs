@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
+use crate::ws::deflate::DeflateStats;
+
 /// 1 µs to 60 s at 3 significant digits, as every histogram here.
 pub fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
@@ -69,6 +71,8 @@ pub struct ShardLoad {
     pub refused_budget: u64,
     /// Connections refused (429) in the interval by the per-IP limits.
     pub refused_per_ip: u64,
+    /// Messages compressed (permessage-deflate) in the interval, and their sizes.
+    pub deflated: DeflateStats,
 }
 
 impl std::ops::AddAssign for ShardLoad {
@@ -77,12 +81,15 @@ impl std::ops::AddAssign for ShardLoad {
         self.held_bytes += o.held_bytes;
         self.refused_budget += o.refused_budget;
         self.refused_per_ip += o.refused_per_ip;
+        self.deflated += o.deflated;
     }
 }
 
 /// The stdout report line for one interval (documented in the README):
-/// `report: t=… interval_s=… msgs_per_s=… connections=… count=… p50_us=… p90_us=… p99_us=… p999_us=… max_us=… within_slo_pct=… slo_ms=… cross_node=… cross_p50_us=… cross_p99_us=… held_kib=… refused_budget=… refused_per_ip=…`
-/// where the `cross_` fields count the messages that came from other nodes.
+/// `report: t=… interval_s=… msgs_per_s=… connections=… count=… p50_us=… p90_us=… p99_us=… p999_us=… max_us=… within_slo_pct=… slo_ms=… cross_node=… cross_p50_us=… cross_p99_us=… held_kib=… refused_budget=… refused_per_ip=… deflated=… deflated_pct=…`
+/// where the `cross_` fields count the messages that came from other nodes, `deflated`
+/// the messages compressed (once per message and shard, however many recipients) and
+/// `deflated_pct` their compressed size in percent of their size.
 pub fn report_line(
     elapsed: Duration,
     interval: Duration,
@@ -95,7 +102,7 @@ pub fn report_line(
     let count = h.len();
     let within = if count == 0 { 100.0 } else { within_slo(h, slo) * 100.0 };
     format!(
-        "report: t={:.0}s interval_s={:.1} msgs_per_s={:.1} connections={connections} count={count} p50_us={} p90_us={} p99_us={} p999_us={} max_us={} within_slo_pct={within:.3} slo_ms={} cross_node={} cross_p50_us={} cross_p99_us={} held_kib={} refused_budget={} refused_per_ip={}",
+        "report: t={:.0}s interval_s={:.1} msgs_per_s={:.1} connections={connections} count={count} p50_us={} p90_us={} p99_us={} p999_us={} max_us={} within_slo_pct={within:.3} slo_ms={} cross_node={} cross_p50_us={} cross_p99_us={} held_kib={} refused_budget={} refused_per_ip={} deflated={} deflated_pct={:.1}",
         elapsed.as_secs_f64(),
         interval.as_secs_f64(),
         count as f64 / interval.as_secs_f64().max(1e-9),
@@ -111,6 +118,8 @@ pub fn report_line(
         load.held_bytes / 1024,
         load.refused_budget,
         load.refused_per_ip,
+        load.deflated.messages,
+        load.deflated.bytes_out as f64 * 100.0 / load.deflated.bytes_in.max(1) as f64,
     )
 }
 
@@ -186,6 +195,11 @@ mod tests {
                 held_bytes: 4096,
                 refused_budget: 2,
                 refused_per_ip: 3,
+                deflated: DeflateStats {
+                    messages: 2,
+                    bytes_in: 4000,
+                    bytes_out: 1000,
+                },
             },
             &h,
             &cross,
@@ -197,7 +211,7 @@ mod tests {
         );
         assert!(
             line.ends_with(
-                "within_slo_pct=75.000 slo_ms=200 cross_node=1 cross_p50_us=300 cross_p99_us=300 held_kib=4 refused_budget=2 refused_per_ip=3"
+                "within_slo_pct=75.000 slo_ms=200 cross_node=1 cross_p50_us=300 cross_p99_us=300 held_kib=4 refused_budget=2 refused_per_ip=3 deflated=2 deflated_pct=25.0"
             ),
             "{line}"
         );

@@ -27,6 +27,7 @@ use crate::chat::hub::Hub;
 use crate::config::Config;
 use crate::sys::epoll::{event_buffer, Poller};
 use crate::sys::{process, socket};
+use crate::ws::deflate::{Deflater, Inflater};
 
 /// Keys at and above this mark wake-up descriptors, not sockets (slab keys stay far below).
 const WAKE_KEY: u64 = u64::MAX - 64;
@@ -76,6 +77,9 @@ pub struct ShardContext {
     pub egress: Egress,
     /// What clients make this shard hold, against `--shard-memory-budget`.
     pub budget: Rc<MemoryBudget>,
+    /// permessage-deflate's state for every connection of the shard: no connection keeps
+    /// any (see `ws::deflate`).
+    pub deflate: ShardDeflate,
     /// Slots to wake after a round (reused, so a round allocates nothing).
     to_wake: RefCell<Vec<usize>>,
     /// Chat queues that gained frames this round (reused).
@@ -105,6 +109,32 @@ pub struct ShardContext {
     /// Connections this shard refused for the per-IP limits since the last report.
     pub refused_per_ip: Cell<u64>,
     yield_policy: RefCell<YieldPolicy>,
+}
+
+/// The shard's one inflater (client messages, echo and chat) and the deflater of its
+/// echo answers; the chat hub deflates routed frames with its own.
+pub struct ShardDeflate {
+    pub inflater: RefCell<Inflater>,
+    pub deflater: RefCell<Deflater>,
+}
+
+/// Output buffer bytes the inflater and deflater keep after a message; a bigger one (after
+/// a large message) is released.
+const DEFLATE_RETAIN: usize = 256 * 1024;
+
+impl ShardDeflate {
+    fn new(level: u32) -> Self {
+        ShardDeflate {
+            inflater: RefCell::new(Inflater::new()),
+            deflater: RefCell::new(Deflater::new(level)),
+        }
+    }
+
+    /// Releases what one large message made the buffers grow to.
+    pub fn trim(&self) {
+        self.inflater.borrow_mut().trim(DEFLATE_RETAIN);
+        self.deflater.borrow_mut().trim(DEFLATE_RETAIN);
+    }
 }
 
 impl glommio::ExternalPoller for ShardContext {
@@ -155,11 +185,13 @@ impl ShardContext {
         per_ip: Arc<PerIpLimits>,
     ) -> io::Result<Self> {
         let budget = Rc::new(MemoryBudget::new(config.shard_memory_budget));
+        let deflate_level = config.deflate_level;
         Ok(ShardContext {
             id,
             config,
             egress: Egress::new()?,
             budget,
+            deflate: ShardDeflate::new(deflate_level),
             to_wake: RefCell::new(Vec::new()),
             dirty: RefCell::new(Vec::new()),
             connections: RefCell::new(Slab::new()),

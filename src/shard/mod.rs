@@ -26,7 +26,7 @@ use futures_lite::future;
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::chat::auth::Authenticator;
-use crate::chat::hub::Hub;
+use crate::chat::hub::{FrameDeflate, Hub};
 use crate::chat::session::RateLimits;
 use crate::cluster::node::ClusterConfig;
 use crate::cluster::wire::NodeId;
@@ -405,6 +405,9 @@ async fn shard_main(start: ShardStart, listener: OwnedFd, own: Option<(OwnedFd, 
                 members_per_shard: config.max_room_members,
             },
             RateLimits::from_config(&config),
+            config
+                .deflate
+                .then(|| FrameDeflate::new(config.deflate_level, config.deflate_min_size)),
         ),
         auth,
     });
@@ -468,7 +471,7 @@ fn start_tasks(ctx: &Rc<ShardContext>, apps: &Rc<Apps>, inbox: Inbox, reporter: 
             return false;
         }
     };
-    glommio::spawn_local(report_intervals(ctx.clone(), reporter.clone())).detach();
+    glommio::spawn_local(report_intervals(ctx.clone(), apps.clone(), reporter.clone())).detach();
     if let Err(e) = ctx.drive_executor() {
         tracing::error!("shard {}: cannot watch the executor's rings: {e}", ctx.id);
         return false;
@@ -518,7 +521,7 @@ async fn pump(ctx: Rc<ShardContext>, apps: Rc<Apps>, inbox: Inbox) {
 }
 
 /// Hands the reporter this shard's interval histogram every `--report-interval`.
-async fn report_intervals(ctx: Rc<ShardContext>, reporter: Reporter) {
+async fn report_intervals(ctx: Rc<ShardContext>, apps: Rc<Apps>, reporter: Reporter) {
     let interval = ctx.config.report_interval;
     let start = std::time::Instant::now();
     for tick in 1u64.. {
@@ -526,6 +529,8 @@ async fn report_intervals(ctx: Rc<ShardContext>, reporter: Reporter) {
         let due = start + interval * tick as u32;
         glommio::timer::sleep(due.saturating_duration_since(std::time::Instant::now())).await;
         let (histogram, cross) = ctx.egress.latency.borrow_mut().take_interval();
+        let mut deflated = apps.hub.take_deflate_stats();
+        deflated += ctx.deflate.deflater.borrow_mut().take_stats();
         reporter.send(ShardReport::Interval {
             tick,
             histogram,
@@ -535,6 +540,7 @@ async fn report_intervals(ctx: Rc<ShardContext>, reporter: Reporter) {
                 held_bytes: ctx.budget.held() as u64,
                 refused_budget: ctx.budget.take_refused(),
                 refused_per_ip: ctx.refused_per_ip.replace(0),
+                deflated,
             },
         });
     }

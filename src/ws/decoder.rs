@@ -7,6 +7,7 @@
 //! connection's own, which is released afterwards, so an idle connection holds none.
 
 use super::close::{parse_close_payload, BadClose, CloseCode};
+use super::deflate::{InflateError, Inflater};
 use super::frame::{header_len, parse_header, OpCode, RawHeader, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN};
 use super::mask::apply_mask;
 use super::utf8::Utf8Validator;
@@ -67,6 +68,32 @@ impl ProtocolError {
     }
 }
 
+/// RSV1 as `RawHeader::rsv` holds it (the three bits, RSV1 first).
+const RSV1_BIT: u8 = 0b100;
+
+const INVALID_UTF8: ProtocolError = fail(CloseCode::INVALID_PAYLOAD, "invalid UTF-8 in text message");
+
+/// Inflates a whole compressed message (the limit applies to what it inflates to) and
+/// checks a text message's UTF-8.
+fn inflate<'i>(
+    inflater: Option<&'i mut Inflater>,
+    deflated: &[u8],
+    opcode: OpCode,
+    max_message: u64,
+) -> Result<&'i [u8], ProtocolError> {
+    // `enable_deflate` without `feed_inflating` is the caller's bug; the peer gets 1011.
+    let inflater = inflater.ok_or(fail(CloseCode::INTERNAL_ERROR, "compressed message not expected"))?;
+    let limit = usize::try_from(max_message).unwrap_or(usize::MAX);
+    let payload = inflater.inflate(deflated, limit).map_err(|e| match e {
+        InflateError::TooBig => fail(CloseCode::MESSAGE_TOO_BIG, "message exceeds the size limit"),
+        InflateError::Corrupt => fail(CloseCode::INVALID_PAYLOAD, "invalid compressed data"),
+    })?;
+    if opcode == OpCode::Text && simdutf8::basic::from_utf8(payload).is_err() {
+        return Err(INVALID_UTF8);
+    }
+    Ok(payload)
+}
+
 /// An assembled-message buffer up to this capacity is kept for the next message; a larger
 /// one is released so that one big message does not pin memory on an idle connection.
 const RETAIN_MESSAGE_BUFFER: usize = 512;
@@ -93,6 +120,10 @@ pub struct Decoder {
     message_buf: Vec<u8>,
     control_buf: Vec<u8>,
     utf8: Utf8Validator,
+    /// permessage-deflate was agreed: a data message may arrive compressed (RSV1).
+    deflate: bool,
+    /// The data message in progress is compressed: it is inflated once it is whole.
+    compressed: bool,
     /// Set after a Close frame or a protocol error: later input is ignored.
     finished: bool,
 }
@@ -110,8 +141,16 @@ impl Decoder {
             message_buf: Vec::new(),
             control_buf: Vec::new(),
             utf8: Utf8Validator::new(),
+            deflate: false,
+            compressed: false,
             finished: false,
         }
+    }
+
+    /// permessage-deflate was agreed for this connection (RFC 7692): messages with RSV1
+    /// set are accepted, and inflated by the `Inflater` given to `feed_inflating`.
+    pub fn enable_deflate(&mut self) {
+        self.deflate = true;
     }
 
     /// Bytes of memory the decoder holds for messages and control frames spread over
@@ -126,14 +165,46 @@ impl Decoder {
     where
         F: FnMut(Event<'_>),
     {
-        let result = self.feed_inner(input, on_event);
+        self.feed_with(input, None, on_event)
+    }
+
+    /// As `feed`, for a connection that agreed to permessage-deflate: compressed messages
+    /// are inflated with `inflater` (whose output the message events borrow), never past
+    /// the message limit.
+    pub fn feed_inflating<F>(
+        &mut self,
+        input: &mut [u8],
+        inflater: &mut Inflater,
+        on_event: &mut F,
+    ) -> Result<(), ProtocolError>
+    where
+        F: FnMut(Event<'_>),
+    {
+        self.feed_with(input, Some(inflater), on_event)
+    }
+
+    fn feed_with<F>(
+        &mut self,
+        input: &mut [u8],
+        inflater: Option<&mut Inflater>,
+        on_event: &mut F,
+    ) -> Result<(), ProtocolError>
+    where
+        F: FnMut(Event<'_>),
+    {
+        let result = self.feed_inner(input, inflater, on_event);
         if result.is_err() {
             self.finished = true;
         }
         result
     }
 
-    fn feed_inner<F>(&mut self, input: &mut [u8], on_event: &mut F) -> Result<(), ProtocolError>
+    fn feed_inner<F>(
+        &mut self,
+        input: &mut [u8],
+        mut inflater: Option<&mut Inflater>,
+        on_event: &mut F,
+    ) -> Result<(), ProtocolError>
     where
         F: FnMut(Event<'_>),
     {
@@ -182,11 +253,17 @@ impl Decoder {
 
             let opcode = self.message.unwrap_or(OpCode::Binary);
             let last = frame_done && frame.fin;
-            if opcode == OpCode::Text && self.utf8.feed(chunk, last).is_err() {
-                return Err(fail(CloseCode::INVALID_PAYLOAD, "invalid UTF-8 in text message"));
+            // A compressed text message is validated once inflated.
+            if opcode == OpCode::Text && !self.compressed && self.utf8.feed(chunk, last).is_err() {
+                return Err(INVALID_UTF8);
             }
             if whole && frame.fin && frame.opcode != OpCode::Continuation {
-                on_event(Event::Message { opcode, payload: chunk });
+                if self.compressed {
+                    let payload = inflate(inflater.as_deref_mut(), chunk, opcode, self.max_message)?;
+                    on_event(Event::Message { opcode, payload });
+                } else {
+                    on_event(Event::Message { opcode, payload: chunk });
+                }
             } else {
                 if frame.done == take as u64 {
                     // A frame's first bytes: room for all of it at once (its length is
@@ -195,7 +272,10 @@ impl Decoder {
                     self.message_buf.reserve_exact(frame.len as usize);
                 }
                 self.message_buf.extend_from_slice(chunk);
-                if last {
+                if last && self.compressed {
+                    let payload = inflate(inflater.as_deref_mut(), &self.message_buf, opcode, self.max_message)?;
+                    on_event(Event::Message { opcode, payload });
+                } else if last {
                     on_event(Event::Message {
                         opcode,
                         payload: &self.message_buf,
@@ -243,13 +323,17 @@ impl Decoder {
     }
 
     fn begin_frame(&mut self, h: RawHeader) -> Result<Frame, ProtocolError> {
-        if h.rsv != 0 {
+        let opcode = OpCode::try_from(h.opcode).map_err(|_| fail(CloseCode::PROTOCOL_ERROR, "unknown opcode"))?;
+        // RSV1 marks a compressed message: only with permessage-deflate agreed, and only
+        // on a message's first frame, never on a control frame (RFC 7692 §6.1).
+        let rsv1 = h.rsv == RSV1_BIT;
+        let starts_message = matches!(opcode, OpCode::Text | OpCode::Binary);
+        if h.rsv != 0 && !(rsv1 && self.deflate && starts_message) {
             return Err(fail(
                 CloseCode::PROTOCOL_ERROR,
                 "reserved bits set without an extension",
             ));
         }
-        let opcode = OpCode::try_from(h.opcode).map_err(|_| fail(CloseCode::PROTOCOL_ERROR, "unknown opcode"))?;
         match (self.role, h.mask.is_some()) {
             (Role::Server, false) => return Err(fail(CloseCode::PROTOCOL_ERROR, "client frames must be masked")),
             (Role::Client, true) => return Err(fail(CloseCode::PROTOCOL_ERROR, "server frames must not be masked")),
@@ -273,7 +357,10 @@ impl Decoder {
                         "new message inside a fragmented message",
                     ))
                 }
-                (OpCode::Text | OpCode::Binary, None) => self.message = Some(opcode),
+                (OpCode::Text | OpCode::Binary, None) => {
+                    self.message = Some(opcode);
+                    self.compressed = rsv1;
+                }
                 _ => {}
             }
             self.message_len += h.payload_len;
@@ -311,6 +398,7 @@ impl Decoder {
 
     fn end_message(&mut self) {
         self.message = None;
+        self.compressed = false;
         self.message_len = 0;
         self.utf8.reset();
         if self.message_buf.capacity() > RETAIN_MESSAGE_BUFFER {
@@ -339,7 +427,16 @@ mod tests {
 
     /// Feeds `wire` in pieces cut at `cuts`, collecting events until the first error.
     fn decode_split(wire: &[u8], cuts: &[usize], max: usize) -> (Vec<Owned>, Option<ProtocolError>) {
+        decode_with(wire, cuts, max, false)
+    }
+
+    /// `decode_split`, with permessage-deflate agreed when `deflate` is set.
+    fn decode_with(wire: &[u8], cuts: &[usize], max: usize, deflate: bool) -> (Vec<Owned>, Option<ProtocolError>) {
         let mut d = Decoder::new(Role::Server, max);
+        let mut inflater = Inflater::new();
+        if deflate {
+            d.enable_deflate();
+        }
         let mut wire = wire.to_vec();
         let mut events = Vec::new();
         let mut start = 0;
@@ -348,7 +445,7 @@ mod tests {
         bounds.push(wire.len());
         for end in bounds {
             let end = end.max(start);
-            let res = d.feed(&mut wire[start..end], &mut |e| {
+            let res = d.feed_inflating(&mut wire[start..end], &mut inflater, &mut |e| {
                 events.push(match e {
                     Event::Message { opcode, payload } => Owned::Msg(opcode, payload.to_vec()),
                     Event::Ping(p) => Owned::Ping(p.to_vec()),
@@ -546,6 +643,83 @@ mod tests {
         assert_eq!(seen, 0);
     }
 
+    /// A message deflated and cut into `pieces` frames, RSV1 on the first (client-masked).
+    fn write_deflated(wire: &mut Vec<u8>, opcode: OpCode, message: &[u8], pieces: usize) {
+        let mut deflater = crate::ws::deflate::Deflater::new(6);
+        let deflated = deflater.deflate(message, 15).expect("compressible").to_vec();
+        let step = deflated.len() / pieces + 1;
+        let parts: Vec<&[u8]> = deflated.chunks(step).collect();
+        for (i, part) in parts.iter().enumerate() {
+            let op = if i == 0 { opcode } else { OpCode::Continuation };
+            let at = wire.len();
+            write_frame(wire, i + 1 == parts.len(), op, part, MASK);
+            if i == 0 {
+                wire[at] |= 0x40;
+            }
+        }
+    }
+
+    #[test]
+    fn compressed_messages_inflate_whole_or_in_fragments() {
+        let text = "héllo wörld, ".repeat(50);
+        let mut wire = Vec::new();
+        write_deflated(&mut wire, OpCode::Text, text.as_bytes(), 1);
+        write_frame(&mut wire, true, OpCode::Binary, b"plain", MASK);
+        write_deflated(&mut wire, OpCode::Binary, text.as_bytes(), 3);
+        let expected = vec![
+            Owned::Msg(OpCode::Text, text.clone().into_bytes()),
+            Owned::Msg(OpCode::Binary, b"plain".to_vec()),
+            Owned::Msg(OpCode::Binary, text.clone().into_bytes()),
+        ];
+        for cut in 0..wire.len() {
+            assert_eq!(
+                decode_with(&wire, &[cut], 1 << 20, true),
+                (expected.clone(), None),
+                "cut {cut}"
+            );
+        }
+        // Without the extension agreed, RSV1 is a protocol error.
+        assert_eq!(decode(&wire).1.map(|e| u16::from(e.code)), Some(1002));
+    }
+
+    #[test]
+    fn rsv1_only_on_the_first_frame_of_a_data_message() {
+        let mut on_continuation = Vec::new();
+        write_frame(&mut on_continuation, false, OpCode::Text, b"a", MASK);
+        let at = on_continuation.len();
+        write_frame(&mut on_continuation, true, OpCode::Continuation, b"b", MASK);
+        on_continuation[at] |= 0x40;
+        let mut on_ping = Vec::new();
+        write_frame(&mut on_ping, true, OpCode::Ping, b"", MASK);
+        on_ping[0] |= 0x40;
+        let mut rsv2 = Vec::new();
+        write_deflated(&mut rsv2, OpCode::Text, &b"x".repeat(100), 1);
+        rsv2[0] |= 0x20;
+        for wire in [on_continuation, on_ping, rsv2] {
+            let code = decode_with(&wire, &[], 1 << 20, true).1.map(|e| u16::from(e.code));
+            assert_eq!(code, Some(1002));
+        }
+    }
+
+    #[test]
+    fn compressed_messages_that_break_the_rules_close_with_the_right_code() {
+        let code = |wire: &[u8], max: usize| decode_with(wire, &[], max, true).1.map(|e| u16::from(e.code));
+        // Inflates past the limit: 1009, though the wire bytes are well under it.
+        let mut bomb = Vec::new();
+        write_deflated(&mut bomb, OpCode::Binary, &vec![0u8; 1 << 20], 1);
+        assert!(bomb.len() < 4096);
+        assert_eq!(code(&bomb, 64 * 1024), Some(1009));
+        // Not deflate data: 1007.
+        let mut garbage = Vec::new();
+        write_frame(&mut garbage, true, OpCode::Binary, &[0xff; 20], MASK);
+        garbage[0] |= 0x40;
+        assert_eq!(code(&garbage, 1 << 20), Some(1007));
+        // Text that inflates to invalid UTF-8: 1007.
+        let mut bad_text = Vec::new();
+        write_deflated(&mut bad_text, OpCode::Text, &[0xC0u8; 300], 2);
+        assert_eq!(code(&bad_text, 1 << 20), Some(1007));
+    }
+
     fn arb_message() -> impl Strategy<Value = (bool, Vec<u8>, usize)> {
         (any::<bool>(), proptest::collection::vec(any::<u8>(), 0..400), 1usize..4)
     }
@@ -555,6 +729,19 @@ mod tests {
         fn random_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..512),
                                     cuts in proptest::collection::vec(0usize..512, 0..6)) {
             let _ = decode_split(&data, &cuts, 256);
+        }
+
+        #[test]
+        fn random_compressed_frames_never_panic(data in proptest::collection::vec(any::<u8>(), 0..2048),
+                                                len in 0usize..600, mask in any::<[u8; 4]>()) {
+            // A frame with RSV1 and random bytes as its "deflate data".
+            let mut wire = Vec::new();
+            write_frame(&mut wire, true, OpCode::Binary, &data[..len.min(data.len())], Some(mask));
+            wire[0] |= 0x40;
+            let (_, error) = decode_with(&wire, &[], 1 << 16, true);
+            if let Some(e) = error {
+                prop_assert!(matches!(u16::from(e.code), 1007 | 1009), "{e:?}");
+            }
         }
 
         #[test]
@@ -578,6 +765,27 @@ mod tests {
                 expected.push(Owned::Msg(opcode, payload));
             }
             prop_assert_eq!(decode_split(&wire, &cuts, 1 << 20), (expected, None));
+        }
+
+        #[test]
+        fn deflated_messages_round_trip_in_any_fragmentation(
+            msgs in proptest::collection::vec((any::<bool>(), 1usize..3000, any::<u8>(), 1usize..5, any::<bool>()), 1..5),
+            cuts in proptest::collection::vec(0usize..8000, 0..8),
+        ) {
+            let mut wire = Vec::new();
+            let mut expected = Vec::new();
+            for (is_text, len, seed, pieces, compress) in msgs {
+                // Compressible, and valid UTF-8 either way.
+                let message: Vec<u8> = (0..len).map(|i| b'a' + ((i / (usize::from(seed % 7) + 1)) % 26) as u8).collect();
+                let opcode = if is_text { OpCode::Text } else { OpCode::Binary };
+                if compress && len > 40 {
+                    write_deflated(&mut wire, opcode, &message, pieces);
+                } else {
+                    write_frame(&mut wire, true, opcode, &message, MASK);
+                }
+                expected.push(Owned::Msg(opcode, message));
+            }
+            prop_assert_eq!(decode_with(&wire, &cuts, 1 << 20, true), (expected, None));
         }
     }
 }

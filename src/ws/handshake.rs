@@ -5,6 +5,8 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use sha1::{Digest, Sha1};
 
+use super::deflate::{self, Agreed};
+
 const WS_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 /// Headers a request may carry before it is refused with 431.
 const MAX_HEADERS: usize = 64;
@@ -103,11 +105,14 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Result<Option<Request<'_>>,
 pub struct Accept {
     pub accept_key: String,
     pub protocol: Option<String>,
+    /// permessage-deflate, when the client offered it and the server allows it.
+    pub deflate: Option<Agreed>,
 }
 
 /// Checks `req` against §4.2.1 and picks a subprotocol: the first of `supported` (the
-/// server's order of preference) that the client offered.
-pub fn validate_upgrade(req: &Request<'_>, supported: &[String]) -> Result<Accept, Rejection> {
+/// server's order of preference) that the client offered. With `deflate`, an acceptable
+/// permessage-deflate offer is taken (an unacceptable one is declined, not refused).
+pub fn validate_upgrade(req: &Request<'_>, supported: &[String], deflate: bool) -> Result<Accept, Rejection> {
     if req.method != "GET" {
         return Err(Rejection {
             status: 405,
@@ -149,9 +154,15 @@ pub fn validate_upgrade(req: &Request<'_>, supported: &[String]) -> Result<Accep
         .iter()
         .find(|p| req.header_has_token("sec-websocket-protocol", p))
         .cloned();
+    let deflate = if deflate {
+        deflate::negotiate(req.header_values("sec-websocket-extensions"))
+    } else {
+        None
+    };
     Ok(Accept {
         accept_key: accept_key(key),
         protocol,
+        deflate,
     })
 }
 
@@ -172,6 +183,10 @@ pub fn write_accept(out: &mut Vec<u8>, accept: &Accept) {
     if let Some(p) = &accept.protocol {
         out.extend_from_slice(b"\r\nSec-WebSocket-Protocol: ");
         out.extend_from_slice(p.as_bytes());
+    }
+    if let Some(agreed) = &accept.deflate {
+        out.extend_from_slice(b"\r\nSec-WebSocket-Extensions: ");
+        out.extend_from_slice(agreed.response().as_bytes());
     }
     out.extend_from_slice(b"\r\n\r\n");
 }
@@ -218,7 +233,7 @@ mod tests {
     fn check(req: &str, protocols: &[&str]) -> Result<Accept, Rejection> {
         let supported: Vec<String> = protocols.iter().map(|s| s.to_string()).collect();
         let parsed = parse_request(req.as_bytes(), 8192)?.expect("complete request");
-        validate_upgrade(&parsed, &supported)
+        validate_upgrade(&parsed, &supported, false)
     }
 
     fn status(req: &str) -> u16 {
@@ -297,6 +312,29 @@ mod tests {
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("Sec-WebSocket-Protocol: chat.v1\r\n"));
         assert!(text.ends_with("\r\n\r\n"));
+    }
+
+    #[test]
+    fn deflate_is_agreed_only_when_allowed_and_offered() {
+        let offered = GOOD.replace(
+            "\r\n\r\n",
+            "\r\nSec-WebSocket-Extensions: x-custom, permessage-deflate; client_max_window_bits\r\n\r\n",
+        );
+        let parsed = parse_request(offered.as_bytes(), 8192).unwrap().unwrap();
+        let accept = validate_upgrade(&parsed, &[], true).unwrap();
+        assert_eq!(accept.deflate, Some(Agreed::DEFAULT));
+        let mut out = Vec::new();
+        write_accept(&mut out, &accept);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains(
+            "\r\nSec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; client_no_context_takeover\r\n"
+        ));
+        assert_eq!(validate_upgrade(&parsed, &[], false).unwrap().deflate, None);
+        let plain = parse_request(GOOD.as_bytes(), 8192).unwrap().unwrap();
+        assert_eq!(validate_upgrade(&plain, &[], true).unwrap().deflate, None);
+        let mut out = Vec::new();
+        write_accept(&mut out, &validate_upgrade(&plain, &[], true).unwrap());
+        assert!(!String::from_utf8(out).unwrap().contains("Extensions"));
     }
 
     #[test]

@@ -3,10 +3,12 @@
 //! - `handshake`: the HTTP upgrade, request head in, decision and response out.
 //! - `frame`: frame headers, encoding.
 //! - `decoder`: bytes in, events out (messages, pings, close).
+//! - `deflate`: permessage-deflate (RFC 7692): the offer, and messages deflated and inflated.
 //! - `mask`, `utf8`, `close`: the pieces the decoder is built from.
 
 pub mod close;
 pub mod decoder;
+pub mod deflate;
 pub mod frame;
 pub mod handshake;
 pub mod mask;

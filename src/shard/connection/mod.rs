@@ -42,8 +42,8 @@ pub async fn serve(ctx: Rc<ShardContext>, apps: Rc<Apps>, mut stream: TcpStream,
         );
         return;
     }
-    if let Some((leftover, endpoint)) = upgrade::upgrade(&ctx, &apps, &mut stream, &slot).await {
-        session::run(&ctx, &apps, &mut stream, &slot, leftover, endpoint).await;
+    if let Some(upgraded) = upgrade::upgrade(&ctx, &apps, &mut stream, &slot).await {
+        session::run(&ctx, &apps, &mut stream, &slot, upgraded).await;
     }
 }
 

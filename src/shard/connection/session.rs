@@ -11,11 +11,13 @@ use std::time::{Duration, Instant};
 
 use glommio::net::TcpStream;
 
+use super::upgrade::Upgraded;
 use super::{close_slow_consumer, linger_close, Endpoint, LINGER};
 use crate::chat::session::{Arrival, ChatConn};
 use crate::shard::context::{ConnectionSlot, ReadOutcome, ShardContext};
 use crate::shard::egress::{Cork, Finish, Outbound, RX_BUFFER};
 use crate::shard::Apps;
+use crate::ws::deflate::{write_compressed_frame, Agreed};
 use crate::ws::{write_close, CloseCode, Decoder, Event, OpCode, ProtocolError, Role};
 
 /// Where the connection is in its life after the upgrade.
@@ -46,6 +48,9 @@ enum App {
 
 struct Session {
     decoder: Decoder,
+    /// permessage-deflate, when agreed: messages in may be compressed, and echo answers
+    /// are compressed when it pays.
+    deflate: Option<Agreed>,
     /// What the decoder held after the last read, as counted in the shard's budget.
     held: u32,
     state: State,
@@ -66,10 +71,17 @@ impl Session {
             App::Echo => None,
         };
         out.begin(input);
-        let Session { decoder, app, .. } = self;
-        let result = decoder.feed(input, &mut |event| match event {
+        let Session {
+            decoder, app, deflate, ..
+        } = self;
+        let deflate = *deflate;
+        let min_size = ctx.config.deflate_min_size;
+        let mut on_event = |event: Event<'_>| match event {
             Event::Message { opcode, payload } if open => match (&mut *app, arrival) {
-                (App::Echo, _) => out.frame(opcode, payload),
+                (App::Echo, _) => match deflate.filter(|_| payload.len() >= min_size) {
+                    Some(agreed) => echo_deflated(ctx, out, opcode, payload, agreed.window_bits),
+                    None => out.frame(opcode, payload),
+                },
                 (App::Chat(chat), Some(arrival)) => {
                     chat.on_message(&apps.hub, &ctx.config, opcode, payload, arrival, out)
                 }
@@ -80,7 +92,15 @@ impl Session {
             Event::Ping(_) => {}
             Event::Pong(_) => pong = true,
             Event::Close { code, .. } => peer_close = Some(code),
-        });
+        };
+        let result = match deflate {
+            Some(_) => {
+                let result = decoder.feed_inflating(input, &mut ctx.deflate.inflater.borrow_mut(), &mut on_event);
+                ctx.deflate.trim();
+                result
+            }
+            None => decoder.feed(input, &mut on_event),
+        };
         if pong {
             self.ping_sent = None;
         }
@@ -169,6 +189,15 @@ impl Session {
     }
 }
 
+/// Echoes a message compressed (or plain, when deflate does not shrink it).
+fn echo_deflated(ctx: &ShardContext, out: &mut Cork, opcode: OpCode, payload: &[u8], window_bits: u8) {
+    let mut deflater = ctx.deflate.deflater.borrow_mut();
+    match deflater.deflate(payload, window_bits) {
+        Some(deflated) => out.push_with(|b| write_compressed_frame(b, opcode, deflated)),
+        None => out.frame(opcode, payload),
+    }
+}
+
 /// Unregisters a chat connection from its shard however the connection ends.
 struct Registration<'a> {
     ctx: &'a ShardContext,
@@ -216,9 +245,13 @@ pub(super) async fn run(
     apps: &Apps,
     stream: &mut TcpStream,
     slot: &ConnectionSlot,
-    leftover: Vec<u8>,
-    endpoint: Endpoint,
+    upgraded: Upgraded,
 ) {
+    let Upgraded {
+        leftover,
+        endpoint,
+        deflate,
+    } = upgraded;
     let config = &ctx.config;
     // A peer that takes nothing for this long is gone.
     if stream
@@ -227,7 +260,7 @@ pub(super) async fn run(
     {
         return;
     }
-    let mut conn = open(ctx, apps, slot, stream, endpoint);
+    let mut conn = open(ctx, apps, slot, stream, endpoint, deflate);
     // The request head's buffer is freed here, not held for the connection's life: an
     // idle connection keeps no buffer (about 170 bytes each at 15,000 connections).
     let mut next = if leftover.is_empty() {
@@ -286,6 +319,7 @@ fn open<'a>(
     slot: &'a ConnectionSlot,
     stream: &TcpStream,
     endpoint: Endpoint,
+    deflate: Option<Agreed>,
 ) -> Conn<'a> {
     use std::os::fd::AsRawFd;
     let config = &ctx.config;
@@ -311,8 +345,11 @@ fn open<'a>(
         }
         Endpoint::Chat(who) => {
             let user = who.user.clone();
-            let out =
-                Rc::new(Outbound::new(id, slot.key(), fd, config.max_outbound_bytes).counted_in(ctx.budget.clone()));
+            let out = Rc::new(
+                Outbound::new(id, slot.key(), fd, config.max_outbound_bytes)
+                    .counted_in(ctx.budget.clone())
+                    .with_deflate(deflate.map(|a| a.window_bits)),
+            );
             apps.hub.register(&user, out.clone());
             ctx.end_round(&apps.hub);
             let registration = Registration {
@@ -328,8 +365,13 @@ fn open<'a>(
             )
         }
     };
+    let mut decoder = Decoder::new(Role::Server, max_message);
+    if deflate.is_some() {
+        decoder.enable_deflate();
+    }
     let session = Session {
-        decoder: Decoder::new(Role::Server, max_message),
+        decoder,
+        deflate,
         held: 0,
         state: State::Open,
         app,

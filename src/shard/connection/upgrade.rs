@@ -10,16 +10,26 @@ use super::{linger_close, Endpoint};
 use crate::chat::session::authorize;
 use crate::shard::context::{ConnectionSlot, ReadOutcome, ShardContext};
 use crate::shard::Apps;
+use crate::ws::deflate::Agreed;
 use crate::ws::handshake::{self, Rejection, Request};
 
-/// Reads the request head and answers it. Returns the bytes that followed the head and
-/// the endpoint when the connection was upgraded, `None` when it is done.
+/// An upgraded connection, as the upgrade leaves it.
+pub(super) struct Upgraded {
+    /// What followed the request head in its reads.
+    pub leftover: Vec<u8>,
+    pub endpoint: Endpoint,
+    /// permessage-deflate, when agreed.
+    pub deflate: Option<Agreed>,
+}
+
+/// Reads the request head and answers it. Returns the upgraded connection, or `None`
+/// when it is done.
 pub(super) async fn upgrade(
     ctx: &ShardContext,
     apps: &Apps,
     stream: &mut TcpStream,
     slot: &ConnectionSlot,
-) -> Option<(Vec<u8>, Endpoint)> {
+) -> Option<Upgraded> {
     let deadline = Instant::now() + ctx.config.handshake_timeout;
     let mut head: Vec<u8> = Vec::new();
     let request = loop {
@@ -47,11 +57,15 @@ pub(super) async fn upgrade(
     };
     let mut out = Vec::new();
     match answer(ctx, apps, &request, &mut out) {
-        Some(endpoint) => {
+        Some((endpoint, deflate)) => {
             let head_len = request.head_len;
             stream.write_all(&out).await.ok()?;
             head.drain(..head_len);
-            Some((head, endpoint))
+            Some(Upgraded {
+                leftover: head,
+                endpoint,
+                deflate,
+            })
         }
         None => {
             if stream.write_all(&out).await.is_ok() {
@@ -62,9 +76,14 @@ pub(super) async fn upgrade(
     }
 }
 
-/// Writes the answer to `request` into `out`: a 101 and the endpoint to run, or a plain
-/// answer (health check, refusal) and `None`.
-fn answer(ctx: &ShardContext, apps: &Apps, request: &Request<'_>, out: &mut Vec<u8>) -> Option<Endpoint> {
+/// Writes the answer to `request` into `out`: a 101 and the endpoint to run (with the
+/// deflate agreement, if any), or a plain answer (health check, refusal) and `None`.
+fn answer(
+    ctx: &ShardContext,
+    apps: &Apps,
+    request: &Request<'_>,
+    out: &mut Vec<u8>,
+) -> Option<(Endpoint, Option<Agreed>)> {
     let config = &ctx.config;
     let chat = match request.path {
         "/healthz" if request.method == "GET" => {
@@ -82,7 +101,7 @@ fn answer(ctx: &ShardContext, apps: &Apps, request: &Request<'_>, out: &mut Vec<
             return None;
         }
     };
-    let decision = handshake::validate_upgrade(request, &config.subprotocols).and_then(|accept| {
+    let decision = handshake::validate_upgrade(request, &config.subprotocols, config.deflate).and_then(|accept| {
         if chat {
             authorize(config, &apps.auth, &apps.hub, request).map(|who| (accept, Endpoint::Chat(who)))
         } else {
@@ -92,7 +111,7 @@ fn answer(ctx: &ShardContext, apps: &Apps, request: &Request<'_>, out: &mut Vec<
     match decision {
         Ok((accept, endpoint)) => {
             handshake::write_accept(out, &accept);
-            Some(endpoint)
+            Some((endpoint, accept.deflate))
         }
         Err(rejection) => {
             handshake::write_rejection(out, &rejection);

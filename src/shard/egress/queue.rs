@@ -53,6 +53,8 @@ pub struct Outbound {
     batched: Cell<bool>,
     /// The shard's budget, which counts what this queue holds.
     budget: Option<Rc<MemoryBudget>>,
+    /// The deflate window the peer agreed to (permessage-deflate), if it did.
+    deflate_window: Option<u8>,
 }
 
 impl Outbound {
@@ -71,7 +73,14 @@ impl Outbound {
             sealed: Cell::new(false),
             batched: Cell::new(false),
             budget: None,
+            deflate_window: None,
         }
+    }
+
+    /// The peer agreed to permessage-deflate with this window (bits).
+    pub fn with_deflate(mut self, window_bits: Option<u8>) -> Self {
+        self.deflate_window = window_bits;
+        self
     }
 
     /// Counts what the queue holds in the shard's memory budget.
@@ -255,6 +264,10 @@ impl ConnOutput for Outbound {
 
     fn has_room(&self, len: usize) -> bool {
         !self.overflowed.get() && !self.sealed.get() && self.bytes.get() + len <= self.limit
+    }
+
+    fn deflate_window(&self) -> Option<u8> {
+        self.deflate_window
     }
 }
 
