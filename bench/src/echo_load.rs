@@ -23,6 +23,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 use hdrhistogram::Histogram;
 use shardgate::sys::epoll::{event_buffer, Poller};
 use shardgate::sys::socket::{self, IoBatch, Push, IOV_BATCH};
+use shardgate::ws::deflate::{accepted_by_server, Deflater, Inflater, EXTENSION, RSV1};
 use shardgate::ws::{write_frame, Decoder, Event, OpCode, Role};
 
 #[derive(Debug, Clone, Parser)]
@@ -61,12 +62,80 @@ struct Args {
     /// Measure handshakes: each of --connections loops connect, upgrade, one echo, close.
     #[arg(long, conflicts_with = "idle")]
     handshakes: bool,
+    /// Offer permessage-deflate (the server must accept it, with no context takeover) and
+    /// send every message compressed; echoes are inflated.
+    #[arg(long)]
+    deflate: bool,
+    /// The payload: `letters` (a-z repeated) or `json` (chat-like JSON text, which
+    /// compresses about as real chat traffic does).
+    #[arg(long, value_enum, default_value_t = Payload::Letters)]
+    payload: Payload,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Payload {
+    Letters,
+    Json,
+}
+
+/// `size` bytes of the chosen payload; `json` is text (chat messages in a JSON array).
+fn make_payload(kind: Payload, size: usize) -> Vec<u8> {
+    match kind {
+        Payload::Letters => (0..size).map(|i| b'a' + (i % 26) as u8).collect(),
+        Payload::Json => {
+            const WORDS: [&str; 16] = [
+                "hello", "see", "you", "at", "the", "meeting", "tomorrow", "thanks", "ok", "sure", "lunch", "noon",
+                "sounds", "good", "running", "late",
+            ];
+            let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+            let mut next = move || {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x
+            };
+            let mut out = String::from("[");
+            while out.len() < size {
+                let words: Vec<&str> = (0..3 + next() % 10).map(|_| WORDS[(next() % 16) as usize]).collect();
+                out.push_str(&format!(
+                    r#"{{"type":"msg","conv":"dm:user-{}:user-{}","seq":{},"from":"user-{}","id":"{:x}","body":{{"text":"{}"}}}},"#,
+                    next() % 100_000,
+                    next() % 100_000,
+                    next() % 1_000_000,
+                    next() % 100_000,
+                    next() as u32,
+                    words.join(" ")
+                ));
+            }
+            let mut bytes = out.into_bytes();
+            bytes.truncate(size);
+            bytes
+        }
+    }
+}
+
+/// One masked message frame: compressed (RSV1) with `deflate`.
+fn encode_message(opcode: OpCode, payload: &[u8], mask: [u8; 4], deflate: bool) -> Vec<u8> {
+    let mut frame = Vec::new();
+    let deflated = deflate
+        .then(|| Deflater::new(1).deflate(payload, 15).map(<[u8]>::to_vec))
+        .flatten();
+    match deflated {
+        Some(d) => {
+            write_frame(&mut frame, true, opcode, &d, Some(mask));
+            frame[0] |= RSV1;
+        }
+        None => write_frame(&mut frame, true, opcode, payload, Some(mask)),
+    }
+    frame
 }
 
 #[derive(Default)]
 struct Stats {
     messages: u64,
     failed: u64,
+    /// Bytes received in the measured window (echo frames, headers included).
+    rx_bytes: u64,
 }
 
 fn main() {
@@ -102,6 +171,7 @@ fn main() {
                 hist.add(&part).expect("histograms share their bounds");
                 total.messages += stats.messages;
                 total.failed += stats.failed;
+                total.rx_bytes += stats.rx_bytes;
             }
             Err(e) => {
                 eprintln!("echo-load: a client thread failed: {e}");
@@ -131,8 +201,13 @@ fn print_summary(args: &Args, total: &Stats, hist: &Histogram<u64>) {
         format!("mode=handshakes concurrency={} size={}", args.connections, args.size)
     } else {
         format!(
-            "connections={} size={} window={}",
-            args.connections, args.size, args.window
+            "connections={} size={} window={} payload={:?} deflate={} echo_bytes_per_msg={:.0}",
+            args.connections,
+            args.size,
+            args.window,
+            args.payload,
+            args.deflate,
+            total.rx_bytes as f64 / total.messages.max(1) as f64
         )
     };
     let (count, rate) = if args.handshakes {
@@ -161,6 +236,7 @@ async fn run_thread(args: Args, connections: usize) -> (Histogram<u64>, Stats) {
     let args = Rc::new(args);
     let hist = Rc::new(RefCell::new(new_histogram()));
     let messages = Rc::new(Cell::new(0u64));
+    let mut rx_bytes = 0;
     let failed = if args.handshakes {
         let (measure_from, deadline) = measured_window(&args);
         let tasks: Vec<_> = (0..connections)
@@ -202,11 +278,19 @@ async fn run_thread(args: Args, connections: usize) -> (Histogram<u64>, Stats) {
         if args.idle {
             println!("echo-load: {} connections up", streams.len());
             glommio::timer::sleep(args.duration).await;
-            return (new_histogram(), Stats { messages: 0, failed });
+            return (
+                new_histogram(),
+                Stats {
+                    messages: 0,
+                    failed,
+                    rx_bytes: 0,
+                },
+            );
         }
         let (measure_from, deadline) = measured_window(&args);
-        let (count, lost) = drive_all(&args, &streams, measure_from, deadline, &mut hist.borrow_mut());
+        let (count, lost, received) = drive_all(&args, &streams, measure_from, deadline, &mut hist.borrow_mut());
         messages.set(count);
+        rx_bytes = received;
         failed += lost;
         // The closing handshake is not waited for: the measured window is over.
         let mut close = Vec::new();
@@ -223,6 +307,7 @@ async fn run_thread(args: Args, connections: usize) -> (Histogram<u64>, Stats) {
         Stats {
             messages: messages.get(),
             failed,
+            rx_bytes,
         },
     )
 }
@@ -236,8 +321,13 @@ fn measured_window(args: &Args) -> (Instant, Instant) {
 async fn connect(args: Rc<Args>) -> std::io::Result<TcpStream> {
     let mut stream = TcpStream::connect(args.addr).await?;
     stream.set_nodelay(true)?;
+    let offer = if args.deflate {
+        format!("Sec-WebSocket-Extensions: {EXTENSION}; client_no_context_takeover\r\n")
+    } else {
+        String::new()
+    };
     let request = format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n",
         args.path, args.addr
     );
     stream.write_all(request.as_bytes()).await?;
@@ -256,7 +346,33 @@ async fn connect(args: Rc<Args>) -> std::io::Result<TcpStream> {
             String::from_utf8_lossy(&head[..head.len().min(80)])
         )));
     }
+    if args.deflate && !agreed_deflate(&head) {
+        return Err(std::io::Error::other(
+            "the server did not accept permessage-deflate without context takeover (is it run with --deflate?)",
+        ));
+    }
     Ok(stream)
+}
+
+/// Does the 101 response `head` agree to permessage-deflate as our clients run it?
+fn agreed_deflate(head: &[u8]) -> bool {
+    head.split(|&b| b == b'\n').any(|line| {
+        let line = line.trim_ascii();
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            return false;
+        };
+        line[..colon].eq_ignore_ascii_case(b"sec-websocket-extensions")
+            && accepted_by_server(&line[colon + 1..]).is_some()
+    })
+}
+
+/// A decoder for the client's side, inflating when `deflate` was agreed.
+fn client_decoder(deflate: bool) -> Decoder {
+    let mut decoder = Decoder::new(Role::Client, usize::MAX);
+    if deflate {
+        decoder.enable_deflate();
+    }
+    decoder
 }
 
 /// Connects, upgrades, echoes one message and closes, again and again until `deadline`;
@@ -269,10 +385,10 @@ async fn handshake_loop(
     hist: Rc<RefCell<Histogram<u64>>>,
     done: Rc<Cell<u64>>,
 ) -> u64 {
-    let payload: Vec<u8> = (0..args.size).map(|i| b'a' + (i % 26) as u8).collect();
+    let payload = make_payload(args.payload, args.size);
     let mask = (seed.wrapping_mul(2_654_435_761) | 1).to_be_bytes();
-    let mut frame = Vec::new();
-    write_frame(&mut frame, true, OpCode::Binary, &payload, Some(mask));
+    let frame = encode_message(OpCode::Binary, &payload, mask, args.deflate);
+    let mut inflater = Inflater::new();
     let mut close = Vec::new();
     shardgate::ws::write_close(&mut close, shardgate::ws::CloseCode::NORMAL, "", Some(mask));
     let mut buf = vec![0u8; 64 * 1024];
@@ -283,7 +399,7 @@ async fn handshake_loop(
             let mut stream = connect(args.clone()).await?;
             // One echo, then the closing handshake: our Close, the server's answer.
             stream.write_all(&frame).await?;
-            let mut decoder = Decoder::new(Role::Client, usize::MAX);
+            let mut decoder = client_decoder(args.deflate);
             let (mut echoed, mut closed) = (false, false);
             while !closed {
                 let n = stream.read(&mut buf).await?;
@@ -291,7 +407,7 @@ async fn handshake_loop(
                     break;
                 }
                 let was_echoed = echoed;
-                let result = decoder.feed(&mut buf[..n], &mut |event| match event {
+                let result = decoder.feed_inflating(&mut buf[..n], &mut inflater, &mut |event| match event {
                     Event::Message { payload: p, .. } if p.len() == args.size => echoed = true,
                     Event::Close { .. } => closed = true,
                     _ => {}
@@ -347,30 +463,36 @@ struct Conn {
 /// per client thread, non-blocking `recv` and `send`. This runs outside glommio's reactor
 /// on purpose: its one-shot io_uring poll per read made the client the bottleneck at
 /// window 1 (99% of its CPU for every server). Returns the messages echoed in the
-/// measured window and the connections that failed.
+/// measured window, the connections that failed and the bytes received in the window.
 fn drive_all(
     args: &Args,
     streams: &[TcpStream],
     measure_from: Instant,
     deadline: Instant,
     hist: &mut Histogram<u64>,
-) -> (u64, u64) {
-    let payload: Vec<u8> = (0..args.size).map(|i| b'a' + (i % 26) as u8).collect();
-    let opcode = if args.text { OpCode::Text } else { OpCode::Binary };
+) -> (u64, u64, u64) {
+    let payload = make_payload(args.payload, args.size);
+    let opcode = if args.text || args.payload == Payload::Json {
+        OpCode::Text
+    } else {
+        OpCode::Binary
+    };
     let poller = match Poller::new() {
         Ok(p) => p,
         Err(e) => {
             eprintln!("echo-load: epoll_create1: {e}");
-            return (0, streams.len() as u64);
+            return (0, streams.len() as u64, 0);
         }
     };
     // One masked frame, encoded once and sent again and again on every connection: the
     // client spends its time on system calls, not on encoding, and the kernel copies
     // every send from the same cache-hot bytes (200 frames of 16 KiB, one per connection,
-    // would not fit in the cache).
-    let mut frame = Vec::new();
-    write_frame(&mut frame, true, opcode, &payload, Some(0x9e37_79b1u32.to_be_bytes()));
+    // would not fit in the cache). Compressed, it is deflated once too: with no context
+    // taken over, every copy is a valid message.
+    let frame = encode_message(opcode, &payload, 0x9e37_79b1u32.to_be_bytes(), args.deflate);
     let frame = &frame[..];
+    let mut inflater = Inflater::new();
+    let mut received = 0u64;
     let (mut conns, mut failed) = start_conns(args, streams, frame, &poller);
     let mut buf = vec![0u8; 64 * 1024];
     let mut events = event_buffer();
@@ -392,7 +514,15 @@ fn drive_all(
             let writable = event.events & libc::EPOLLOUT as u32 != 0;
             let mut result = if writable { flush(c) } else { Ok(()) };
             if result.is_ok() && event.events != libc::EPOLLOUT as u32 {
-                result = read_echoes(args, c, frame, &mut buf, measure_from, deadline, hist, &mut messages);
+                let mut reader = Reader {
+                    args,
+                    frame,
+                    buf: &mut buf,
+                    inflater: &mut inflater,
+                    measure_from,
+                    deadline,
+                };
+                result = reader.read_echoes(c, hist, &mut messages, &mut received);
             }
             if let Err(e) = result {
                 c.dead = true;
@@ -403,7 +533,7 @@ fn drive_all(
             }
         }
     }
-    (messages, failed)
+    (messages, failed, received)
 }
 
 /// Every stream as a `Conn` in the epoll set, its first window of messages on the wire.
@@ -415,7 +545,7 @@ fn start_conns(args: &Args, streams: &[TcpStream], frame: &[u8], poller: &Poller
         .map(|s| Conn {
             fd: s.as_raw_fd(),
             pending: frame.repeat(args.window),
-            decoder: Decoder::new(Role::Client, usize::MAX),
+            decoder: client_decoder(args.deflate),
             in_flight: std::iter::repeat_n(start, args.window).collect(),
             sent: 0,
             dead: false,
@@ -432,52 +562,64 @@ fn start_conns(args: &Args, streams: &[TcpStream], frame: &[u8], poller: &Poller
     (conns, failed)
 }
 
-/// Reads what the socket has (until a short read), counts the echoes and sends as many
-/// new messages as came back.
-#[allow(clippy::too_many_arguments)]
-fn read_echoes(
-    args: &Args,
-    c: &mut Conn,
-    frame: &[u8],
-    buf: &mut [u8],
+/// What reading echoes needs besides the connection.
+struct Reader<'a> {
+    args: &'a Args,
+    frame: &'a [u8],
+    buf: &'a mut [u8],
+    inflater: &'a mut Inflater,
     measure_from: Instant,
     deadline: Instant,
-    hist: &mut Histogram<u64>,
-    messages: &mut u64,
-) -> std::io::Result<()> {
-    loop {
-        let n = match socket::recv(c.fd, buf) {
-            Ok(0) => return Err(std::io::Error::other("server closed the connection")),
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
-            Err(e) => return Err(e),
-        };
-        let now = Instant::now();
-        let mut echoed = 0usize;
-        let mut bad = false;
-        let result = c.decoder.feed(&mut buf[..n], &mut |event| match event {
-            Event::Message { payload: p, .. } if p.len() == args.size => echoed += 1,
-            _ => bad = true,
-        });
-        if result.is_err() || bad || echoed > c.in_flight.len() {
-            return Err(std::io::Error::other("unexpected frame from the server"));
-        }
-        if now >= measure_from && now < deadline {
-            for sent in c.in_flight.iter().take(echoed) {
-                let _ = hist.record(now.duration_since(*sent).as_micros().max(1) as u64);
+}
+
+impl Reader<'_> {
+    /// Reads what the socket has (until a short read), counts the echoes and sends as many
+    /// new messages as came back.
+    fn read_echoes(
+        &mut self,
+        c: &mut Conn,
+        hist: &mut Histogram<u64>,
+        messages: &mut u64,
+        received: &mut u64,
+    ) -> std::io::Result<()> {
+        let size = self.args.size;
+        loop {
+            let n = match socket::recv(c.fd, self.buf) {
+                Ok(0) => return Err(std::io::Error::other("server closed the connection")),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            let now = Instant::now();
+            let mut echoed = 0usize;
+            let mut bad = false;
+            let result = c
+                .decoder
+                .feed_inflating(&mut self.buf[..n], self.inflater, &mut |event| match event {
+                    Event::Message { payload: p, .. } if p.len() == size => echoed += 1,
+                    _ => bad = true,
+                });
+            if result.is_err() || bad || echoed > c.in_flight.len() {
+                return Err(std::io::Error::other("unexpected frame from the server"));
             }
-            *messages += echoed as u64;
-        }
-        c.in_flight.drain(..echoed);
-        if echoed > 0 && now < deadline {
-            for _ in 0..echoed {
-                c.in_flight.push_back(now);
+            if now >= self.measure_from && now < self.deadline {
+                for sent in c.in_flight.iter().take(echoed) {
+                    let _ = hist.record(now.duration_since(*sent).as_micros().max(1) as u64);
+                }
+                *messages += echoed as u64;
+                *received += n as u64;
             }
-            send_frames(c, frame, echoed)?;
-        }
-        if n < buf.len() {
-            // A short read drained the socket: the next arrival is a new edge.
-            return Ok(());
+            c.in_flight.drain(..echoed);
+            if echoed > 0 && now < self.deadline {
+                for _ in 0..echoed {
+                    c.in_flight.push_back(now);
+                }
+                send_frames(c, self.frame, echoed)?;
+            }
+            if n < self.buf.len() {
+                // A short read drained the socket: the next arrival is a new edge.
+                return Ok(());
+            }
         }
     }
 }

@@ -30,6 +30,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 use hdrhistogram::Histogram;
 use serde::Deserialize;
 use shardgate::chat::auth::Authenticator;
+use shardgate::ws::deflate::{accepted_by_server, Deflater, Inflater, EXTENSION, RSV1};
 use shardgate::ws::{write_close, write_frame, Decoder, Event, OpCode, Role};
 use shardgate_bench::accounting::{decode_histogram, encode_histogram, new_histogram, Answer, Report, Tracker};
 
@@ -115,6 +116,17 @@ struct Args {
     /// each).
     #[arg(long, value_delimiter = ',', value_parser = humantime::parse_duration)]
     drop_at: Vec<Duration>,
+    /// Offer permessage-deflate (the gateway must accept it: run it with --deflate); sends
+    /// at least --deflate-min-size long go compressed, and compressed frames are inflated.
+    #[arg(long)]
+    deflate: bool,
+    /// Messages shorter than this are sent uncompressed (as the gateway's own default).
+    #[arg(long, default_value_t = 512)]
+    deflate_min_size: usize,
+    /// Pad each message's body with this many bytes of chat-like text (a `text` field), to
+    /// load the gateway with messages of a realistic size.
+    #[arg(long, default_value_t = 0)]
+    body_bytes: usize,
     /// (internal) first connection index of this child, and its count of all connections.
     #[arg(long, hide = true)]
     child_offset: Option<usize>,
@@ -464,6 +476,11 @@ struct Thread {
     epoch: Instant,
     /// Connections up now.
     live: Cell<u64>,
+    /// With --deflate: compresses sends, inflates what arrives (no context kept).
+    deflater: RefCell<Deflater>,
+    inflater: RefCell<Inflater>,
+    /// With --body-bytes: `,"text":"…"` to put in every message body.
+    padding: String,
 }
 
 impl Thread {
@@ -510,6 +527,9 @@ async fn run_thread(
         interval_received: Cell::new(0),
         epoch,
         live: Cell::new(0),
+        deflater: RefCell::new(Deflater::new(1)),
+        inflater: RefCell::new(Inflater::new()),
+        padding: padding(args.body_bytes),
     });
     let ticker = glommio::spawn_local(report_ticks(th.clone(), tx.clone()));
     let tasks: Vec<_> = members
@@ -685,8 +705,13 @@ async fn connect(th: &Thread, gateway: usize, global: usize, cred: &str) -> Opti
         Err(_) => return None,
     }
     let mut stream = shardgate::sys::socket::glommio_stream(socket.into());
+    let offer = if th.args.deflate {
+        format!("Sec-WebSocket-Extensions: {EXTENSION}; client_no_context_takeover\r\n")
+    } else {
+        String::new()
+    };
     let request = format!(
-        "GET /ws?{cred} HTTP/1.1\r\nHost: {gateway}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        "GET /ws?{cred} HTTP/1.1\r\nHost: {gateway}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n"
     );
     // The first write waits until the connection is established.
     stream.write_all(request.as_bytes()).await.ok()?;
@@ -704,8 +729,48 @@ async fn connect(th: &Thread, gateway: usize, global: usize, cred: &str) -> Opti
     if !head.starts_with(b"HTTP/1.1 101 ") {
         return None;
     }
+    let mut decoder = Decoder::new(Role::Client, 1 << 20);
+    if th.args.deflate {
+        // A gateway that did not agree (run without --deflate) fails the handshake here:
+        // the run would not measure what it says.
+        if !agreed_deflate(&head[..pos]) {
+            return None;
+        }
+        decoder.enable_deflate();
+    }
     head.drain(..pos);
-    Some((stream, Decoder::new(Role::Client, 1 << 20), head))
+    Some((stream, decoder, head))
+}
+
+/// Does the 101 response `head` agree to permessage-deflate with no context kept?
+fn agreed_deflate(head: &[u8]) -> bool {
+    head.split(|&b| b == b'\n').any(|line| {
+        let line = line.trim_ascii();
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            return false;
+        };
+        line[..colon].eq_ignore_ascii_case(b"sec-websocket-extensions")
+            && accepted_by_server(&line[colon + 1..]).is_some()
+    })
+}
+
+/// `,"text":"…"` of about `bytes` bytes of chat-like words (empty for 0).
+fn padding(bytes: usize) -> String {
+    const WORDS: [&str; 12] = [
+        "hello", "see", "you", "at", "the", "meeting", "tomorrow", "thanks", "sounds", "good", "running", "late",
+    ];
+    if bytes == 0 {
+        return String::new();
+    }
+    let mut text = String::new();
+    let mut i = 0usize;
+    while text.len() < bytes {
+        text.push_str(WORDS[(i * 7 + i / 5) % WORDS.len()]);
+        text.push(' ');
+        i += 1;
+    }
+    text.truncate(bytes);
+    format!(r#","text":"{text}""#)
 }
 
 async fn read_shared(th: &Thread, stream: &mut TcpStream) -> std::io::Result<usize> {
@@ -923,7 +988,8 @@ impl<'a> UserConn<'a> {
             &mut rx_guard[..self.last_read]
         };
         let (out, mask) = (&mut self.out, self.mask);
-        let result = self.decoder.feed(input, &mut |e| match e {
+        let mut inflater = self.th.inflater.borrow_mut();
+        let result = self.decoder.feed_inflating(input, &mut inflater, &mut |e| match e {
             Event::Message {
                 opcode: OpCode::Text,
                 payload,
@@ -1070,17 +1136,22 @@ impl<'a> UserConn<'a> {
         let user = self.user();
         let seq = user.sent.get();
         let t = th.micros();
+        let pad = &th.padding;
         let msg = match th.args.mode {
             Mode::Direct => format!(
-                r#"{{"type":"send","to":"{}","id":"{seq}","body":{{"s":{seq},"t":{t}}}}}"#,
+                r#"{{"type":"send","to":"{}","id":"{seq}","body":{{"s":{seq},"t":{t}{pad}}}}}"#,
                 th.users[self.local ^ 1].name
             ),
             Mode::Room => format!(
-                r#"{{"type":"publish","room":"{}","id":"{seq}","body":{{"s":{seq},"t":{t}}}}}"#,
+                r#"{{"type":"publish","room":"{}","id":"{seq}","body":{{"s":{seq},"t":{t}{pad}}}}}"#,
                 self.room
             ),
         };
-        send_json(&mut self.out, self.mask, &msg);
+        if th.args.deflate && msg.len() >= th.args.deflate_min_size {
+            send_deflated(&mut self.out, self.mask, &msg, &mut th.deflater.borrow_mut());
+        } else {
+            send_json(&mut self.out, self.mask, &msg);
+        }
         user.sent.set(seq + 1);
         user.answers.borrow_mut().push(Answer::Pending);
         th.report.borrow_mut().sent += 1;
@@ -1090,6 +1161,18 @@ impl<'a> UserConn<'a> {
 
 fn send_json(out: &mut Vec<u8>, mask: [u8; 4], json: &str) {
     write_frame(out, true, OpCode::Text, json.as_bytes(), Some(mask));
+}
+
+/// A text frame compressed (RSV1), or plain when deflate does not shrink it.
+fn send_deflated(out: &mut Vec<u8>, mask: [u8; 4], json: &str, deflater: &mut Deflater) {
+    match deflater.deflate(json.as_bytes(), 15) {
+        Some(deflated) => {
+            let at = out.len();
+            write_frame(out, true, OpCode::Text, deflated, Some(mask));
+            out[at] |= RSV1;
+        }
+        None => send_json(out, mask, json),
+    }
 }
 
 /// Has `local` received everything its group sent it?
