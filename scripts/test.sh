@@ -2,8 +2,8 @@
 # The whole test suite, as CI runs it: formatting, lints, unit/property/integration tests
 # of the workspace (the cluster tests against a real nats-server, started here on a free
 # loopback port and stopped after), the vendored glommio's own executor and reactor tests
-# (scripts/glommio-tests.sh), the Autobahn|Testsuite (cases 1-10) against a real
-# gateway, then the soak (CI profile), a small soak across a 3-node cluster, and the
+# (scripts/glommio-tests.sh), the whole Autobahn|Testsuite (517 cases, 1-13 with
+# permessage-deflate) against a real gateway, then the soak (CI profile), a small soak across a 3-node cluster, and the
 # fault-injection runs (CI profile: a node killed, NATS restarted, reconnect storms). The
 # fuzz targets (tests/fuzz.rs) run with `cargo test`, 2,000 cases each.
 # Installs what a fresh machine of this kind lacks (nats-server and redis-server from apt,
