@@ -2,22 +2,32 @@
 # Runs the Autobahn|Testsuite fuzzingclient (all 517 cases, 1.* to 13.*, with
 # permessage-deflate allowed for 12.* and 13.*) against shardgate's /echo and exits non-zero
 # unless every case passes. The reports land in target/autobahn/report*.
+#
+#   scripts/autobahn.sh                     # all 517 cases, the gateway's default deflate
+#   scripts/autobahn.sh --context-takeover  # the 216 compression cases (12.*, 13.*) with
+#                                           # --deflate-context-takeover
+#
 # For a quicker inner loop, name some cases: AUTOBAHN_CASES='12.*,13.1.*' scripts/autobahn.sh
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 help_if_asked "$0" "$@"
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-out=$root/target/autobahn
+takeover=
+[ "${1:-}" = --context-takeover ] && takeover=--deflate-context-takeover
+out=$root/target/autobahn${takeover:+-takeover}
 mkdir -p "$out"
 
 wstest=$(scripts/autobahn-env.sh) || { echo "autobahn: cannot set up the testsuite (Python 2.7 is required)" >&2; exit 3; }
-start_gateway "$out" --shards 2 --echo --max-message-size 16777216 --deflate
+start_gateway "$out" --shards 2 --echo --max-message-size 16777216 --deflate $takeover
 # The testsuite's client (Python 2.7, one core) is the slow side: the cases run in two
 # clients at once, 13.* (126 compression cases) in one and everything else in the other.
 if [ -n "${AUTOBAHN_CASES:-}" ]; then
   parts=("$AUTOBAHN_CASES")
   expect=0
+elif [ -n "$takeover" ]; then
+  parts=("12.*" "13.*")
+  expect=216
 else
   parts=("1.*,2.*,3.*,4.*,5.*,6.*,7.*,8.*,9.*,10.*,12.*" "13.*")
   expect=517

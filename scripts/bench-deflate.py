@@ -8,7 +8,9 @@ two sides of a pair see the same machine; the table shows medians over the round
 the paired ratio (compressed / plain, per round, median). Server CPU per message comes
 from /proc/PID/stat over the run; the client's own CPU is shown, and a case where it was
 over 90% busy is marked client-bound. Then idle memory: 15,000 upgraded connections with
-and without the extension, each on a fresh gateway.
+and without the extension, each on a fresh gateway; and what context takeover holds:
+2,000 connections that each echoed one compressed message, with and without
+--deflate-context-takeover.
 """
 import argparse
 import os
@@ -17,8 +19,10 @@ import resource
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import time
+import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,12 +41,13 @@ def free_port():
 
 
 class Gateway:
-    def __init__(self, out, name):
+    def __init__(self, out, name, extra=()):
         self.port = free_port()
         self.log = open(out / f"{name}.log", "w")
         cmd = [str(SHARDGATE), "serve", "--listen", f"127.0.0.1:{self.port}", "--shards", "1", "--cpus", "0",
                "--echo", "--deflate", "--store", "none", "--data-dir", str(out), "--report-interval", "1h",
-               "--max-connections-per-ip", "0", "--handshakes-per-ip", "0", "--max-connections", "19000"]
+               "--max-connections-per-ip", "0", "--handshakes-per-ip", "0", "--max-connections", "19000",
+               *extra]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 30
         while time.time() < deadline:
@@ -125,6 +130,47 @@ def idle_bytes(out, n, deflate, name):
         gw.stop()
 
 
+def one_compressed_echo(port, message):
+    """Upgrades offering permessage-deflate with context kept on both sides (what
+    browsers offer), echoes one compressed message, and returns the open socket."""
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+              b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(4096)
+    assert head.startswith(b"HTTP/1.1 101") and b"permessage-deflate" in head, head
+    c = zlib.compressobj(1, zlib.DEFLATED, -15)
+    deflated = (c.compress(message) + c.flush(zlib.Z_SYNC_FLUSH))[:-4]
+    mask = b"\x01\x02\x03\x04"
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(deflated))
+    s.sendall(bytes([0xC1, 0x80 | 126]) + struct.pack(">H", len(deflated)) + mask + masked)
+    rest = head.split(b"\r\n\r\n", 1)[1]
+    while len(rest) < 4:
+        rest += s.recv(4096)
+    length = rest[1] & 0x7F
+    need = 2 + (2 if length == 126 else 0) + (struct.unpack(">H", rest[2:4])[0] if length == 126 else length)
+    while len(rest) < need:
+        rest += s.recv(65536)
+    return s
+
+
+def takeover_bytes(out, n, takeover, name):
+    extra = ["--deflate-context-takeover"] if takeover else []
+    gw = Gateway(out, name, extra)
+    message = ('{"type":"msg","body":{"text":"' + "see you at the meeting tomorrow " * 60 + '"}}').encode()
+    try:
+        before = gw.rss_kib()
+        socks = [one_compressed_echo(gw.port, message) for _ in range(n)]
+        held = gw.rss_kib()
+        for s in socks:
+            s.close()
+        return (held - before) * 1024 / n
+    finally:
+        gw.stop()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=3)
@@ -165,6 +211,15 @@ def main():
     packed = [idle_bytes(out, n, True, f"idle-deflate-{i}") for i in range(a.rounds)]
     print(f"without the extension: {statistics.median(plain):.0f} B/conn (rounds: {', '.join(f'{x:.0f}' for x in plain)})")
     print(f"with it negotiated:    {statistics.median(packed):.0f} B/conn (rounds: {', '.join(f'{x:.0f}' for x in packed)})")
+
+    m = 2000
+    print(f"\ncontext takeover: {m} connections that each echoed one compressed 2 KiB message, RSS growth / connections")
+    without = [takeover_bytes(out, m, False, f"takeover-off-{i}") for i in range(a.rounds)]
+    with_ = [takeover_bytes(out, m, True, f"takeover-on-{i}") for i in range(a.rounds)]
+    print(f"no context kept (default):     {statistics.median(without):.0f} B/conn "
+          f"(rounds: {', '.join(f'{x:.0f}' for x in without)})")
+    print(f"--deflate-context-takeover:    {statistics.median(with_):.0f} B/conn "
+          f"(rounds: {', '.join(f'{x:.0f}' for x in with_)})")
 
     print("\nroom fan-out, the compression step (target/release/deflate-fanout):")
     r = subprocess.run([str(FANOUT)], capture_output=True, text=True, timeout=300)

@@ -3,7 +3,7 @@
 # of the workspace (the cluster tests against a real nats-server, started here on a free
 # loopback port and stopped after), the vendored glommio's own executor and reactor tests
 # (scripts/glommio-tests.sh), the whole Autobahn|Testsuite (517 cases, 1-13 with
-# permessage-deflate) against a real gateway, then the soak (CI profile), a small soak across a 3-node cluster, and the
+# permessage-deflate; 12-13 again with context takeover) against a real gateway, then the soak (CI profile), a small soak across a 3-node cluster, and the
 # fault-injection runs (CI profile: a node killed, NATS restarted, reconnect storms). The
 # fuzz targets (tests/fuzz.rs) run with `cargo test`, 2,000 cases each.
 # Installs what a fresh machine of this kind lacks (nats-server and redis-server from apt,
@@ -30,6 +30,8 @@ echo "== the glommio fork's own executor, timer and reactor tests"
 scripts/glommio-tests.sh
 echo "== autobahn testsuite"
 scripts/autobahn.sh
+echo "== autobahn testsuite, compression cases with context takeover"
+scripts/autobahn.sh --context-takeover
 echo "== soak, CI profile (20,000 connections, 60 s)"
 rm -rf target/soak-ci
 scripts/soak.sh --profile ci --results target/soak-ci

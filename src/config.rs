@@ -248,6 +248,9 @@ config_table! {
         deflate_min_size: usize = 512, "512";
         /// With --deflate: zlib level, 1 (fastest) to 9 (smallest).
         deflate_level: u32 = 1, "1";
+        /// With --deflate: keep compression context between messages where the client's offer allows it (better ratios, about 300 KiB per connection that has used it).
+        #[arg(num_args = 0, default_missing_value = "true")]
+        deflate_context_takeover: bool = false, "off";
         /// Bytes of io_uring buffer memory each shard pins (counts against RLIMIT_MEMLOCK for non-root).
         io_memory: usize = 1 << 20, "1048576";
         /// io_uring queue depth per ring. The kernel sizes a ring's poll-cancel hash from its CQ size: 4096 gives the most buckets (256; the default 128 gives 8, and every cancel then scans thousands of armed polls).
@@ -436,6 +439,16 @@ impl Default for Config {
 }
 
 impl Config {
+    /// What permessage-deflate the gateway accepts.
+    pub fn deflate_policy(&self) -> crate::ws::deflate::Policy {
+        use crate::ws::deflate::Policy;
+        match (self.deflate, self.deflate_context_takeover) {
+            (false, _) => Policy::Off,
+            (true, false) => Policy::NoContext,
+            (true, true) => Policy::Takeover,
+        }
+    }
+
     /// Resolves flags over the file named by `--config` (if any) over the defaults.
     pub fn from_args(args: ServeArgs) -> Result<Config, ConfigError> {
         let file = match &args.config {

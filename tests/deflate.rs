@@ -384,3 +384,63 @@ fn a_compressed_message_that_inflates_past_the_limit_closes_with_1009() {
     let (msg, _) = expect_type(&mut bob, "message");
     assert_eq!(msg["from"], "carol");
 }
+
+#[test]
+fn with_context_takeover_messages_refer_back_to_earlier_ones() {
+    let gw = dev_gateway(&["--deflate", "--deflate-context-takeover"]);
+    // The answer keeps context wherever the offer does not refuse it.
+    let (_, agreed) = upgrade(gw.addr, "/echo", Some("permessage-deflate"));
+    assert_eq!(agreed.as_deref(), Some("permessage-deflate"));
+    let (_, agreed) = upgrade(gw.addr, "/echo", Some("permessage-deflate; client_no_context_takeover"));
+    assert_eq!(
+        agreed.as_deref(),
+        Some("permessage-deflate; client_no_context_takeover")
+    );
+
+    let mut alice = chat_user(gw.addr, "alice", true);
+    let mut bob = chat_user(gw.addr, "bob", true);
+    // Both sides keep context: one compressor for all of alice's messages, one
+    // decompressor for all of bob's.
+    let mut alice_deflate = Compress::new(Compression::new(6), false);
+    let mut bob_inflate = Decompress::new(false);
+    let mut sizes = Vec::new();
+    for i in 0..3 {
+        // Letters compress only so far alone; the same letters again, very far.
+        let text = format!("{} #{i}", letters(1500));
+        let send = serde_json::json!({"type":"send","to":"bob","id":format!("t{i}"),"body":{"text":text}}).to_string();
+        let mut deflated = Vec::with_capacity(send.len() + 64);
+        alice_deflate
+            .compress_vec(send.as_bytes(), &mut deflated, FlushCompress::Sync)
+            .unwrap();
+        deflated.truncate(deflated.len() - 4);
+        let mut frame = Vec::new();
+        shardgate::ws::frame::write_frame(
+            &mut frame,
+            true,
+            shardgate::ws::OpCode::Text,
+            &deflated,
+            Some([3, 1, 4, 1]),
+        );
+        frame[0] |= RSV1;
+        alice.write_all(&frame).unwrap();
+        assert_eq!(expect_type(&mut alice, "ack").0["status"], "routed");
+        let message = loop {
+            let (first, payload) = read_frame(&mut bob);
+            assert_ne!(first & RSV1, 0, "a 1.5 KiB message goes compressed");
+            sizes.push(payload.len());
+            let mut input = payload;
+            input.extend_from_slice(&[0, 0, 0xff, 0xff]);
+            let mut out = Vec::with_capacity(1 << 16);
+            bob_inflate
+                .decompress_vec(&input, &mut out, FlushDecompress::Sync)
+                .expect("inflates with the context of the earlier messages");
+            let v = json(&out);
+            if v["type"] == "message" {
+                break v;
+            }
+        };
+        assert_eq!(message["body"]["text"], text);
+    }
+    // The second and third messages refer back to the first: far smaller.
+    assert!(sizes[1] * 3 < sizes[0] && sizes[2] * 3 < sizes[0], "{sizes:?}");
+}

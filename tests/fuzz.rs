@@ -126,7 +126,9 @@ fn fuzz_the_upgrade_request() {
         match handshake::parse_request(&buf, 8192) {
             Ok(Some(req)) => {
                 prop_assert!(req.head_len <= buf.len());
-                if let Ok(accept) = handshake::validate_upgrade(&req, &supported, true) {
+                if let Ok(accept) =
+                    handshake::validate_upgrade(&req, &supported, shardgate::ws::deflate::Policy::Takeover)
+                {
                     // An accepted upgrade had the one key the accept is derived from.
                     let key = req.header("sec-websocket-key").unwrap_or_default().trim_ascii();
                     prop_assert_eq!(&accept.accept_key, &handshake::accept_key(key));

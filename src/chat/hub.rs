@@ -62,17 +62,24 @@ pub struct Hub<O> {
 }
 
 /// Compresses routed frames, once per message (per window size) however many of the
-/// shard's connections get it: no connection keeps compression state (`ws::deflate`).
+/// shard's connections get it, for the connections that keep no compression state
+/// (`ws::deflate`); a connection with context takeover compresses with its own deflater.
 pub struct FrameDeflate {
     deflater: RefCell<Deflater>,
     min_size: usize,
+    /// What the connections' own deflaters (context takeover) did since the last report.
+    own_stats: Cell<DeflateStats>,
 }
+
+/// Output buffer bytes a connection's own deflater keeps between messages.
+const OWN_DEFLATER_RETAIN: usize = 4096;
 
 impl FrameDeflate {
     pub fn new(level: u32, min_size: usize) -> Self {
         FrameDeflate {
             deflater: RefCell::new(Deflater::new(level)),
             min_size,
+            own_stats: Cell::new(DeflateStats::default()),
         }
     }
 }
@@ -115,13 +122,23 @@ impl<O: ConnOutput> Hub<O> {
     }
 
     /// `frame`, or its compressed twin for a connection that agreed to deflate (made on
-    /// first need and kept in `twins` for the other recipients of the same frame).
+    /// first need and kept in `twins` for the other recipients of the same frame; with
+    /// the connection's own deflater when it keeps context).
     fn frame_for(&self, out: &O, frame: &Bytes, twins: &mut Twins) -> Bytes {
         let (Some(window), Some(deflate)) = (out.deflate_window(), &self.deflate) else {
             return frame.clone();
         };
         if frame.len() < deflate.min_size {
             return frame.clone();
+        }
+        if let Some(own) = out.own_deflater() {
+            let mut own = own.borrow_mut();
+            let deflated = deflate_frame(&mut own, frame, window, deflate.min_size);
+            let mut stats = deflate.own_stats.get();
+            stats += own.take_stats();
+            deflate.own_stats.set(stats);
+            own.trim(OWN_DEFLATER_RETAIN);
+            return deflated.map_or_else(|| frame.clone(), Bytes::from);
         }
         let twin = &mut twins.0[usize::from(window.clamp(8, 15) - 8)];
         twin.get_or_insert_with(|| {
@@ -135,7 +152,11 @@ impl<O: ConnOutput> Hub<O> {
     pub fn take_deflate_stats(&self) -> DeflateStats {
         self.deflate
             .as_ref()
-            .map(|d| d.deflater.borrow_mut().take_stats())
+            .map(|d| {
+                let mut stats = d.deflater.borrow_mut().take_stats();
+                stats += d.own_stats.take();
+                stats
+            })
             .unwrap_or_default()
     }
 

@@ -3,9 +3,12 @@
 
 use std::time::Instant;
 
+use std::cell::RefCell;
+
 use bytes::Bytes;
 
 use crate::route::ConnId;
+use crate::ws::deflate::Deflater;
 
 /// The answers to what a connection just said (acks, errors): written while its input is
 /// decoded, and sent with everything else that input produced.
@@ -37,4 +40,8 @@ pub trait ConnOutput {
     /// The peer agreed to permessage-deflate with this window (bits): it may be sent
     /// compressed frames.
     fn deflate_window(&self) -> Option<u8>;
+
+    /// With context takeover, the connection's own deflater: its frames are compressed
+    /// with it, in the order they are queued, and shared with no one.
+    fn own_deflater(&self) -> Option<&RefCell<Deflater>>;
 }

@@ -1,12 +1,13 @@
 //! permessage-deflate (RFC 7692), sans IO: the offer's negotiation, and messages deflated
 //! and inflated one at a time.
 //!
-//! The server always answers `server_no_context_takeover; client_no_context_takeover`
+//! By default the server answers `server_no_context_takeover; client_no_context_takeover`
 //! (§7.1.1: a server may impose both), so no connection keeps compression state between
 //! messages: one `Deflater` and one `Inflater` per shard serve every connection, reset per
 //! message, and an idle connection holds nothing for the extension. It also makes a
 //! compressed frame independent of the connection: a room message is deflated once and
-//! the same bytes go to every member that negotiated the extension.
+//! the same bytes go to every member that negotiated the extension. `Policy::Takeover`
+//! keeps context where the client allows it, at a deflater and an inflater per connection.
 
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
@@ -25,26 +26,50 @@ const MAX_WINDOW: u8 = 15;
 /// message of at most 256 bytes deflated with 9 bits is valid for an 8-bit window too.
 const WINDOW_8_MAX_MESSAGE: usize = 256;
 
-/// What a connection agreed to. Only the server's window size varies: the client's
-/// messages are inflated with a 15-bit window, which takes any window the client uses.
+/// What the server accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// No permessage-deflate.
+    Off,
+    /// permessage-deflate with no context kept on either side (the server imposes it).
+    NoContext,
+    /// permessage-deflate, keeping context on each side whose offer does not ask
+    /// otherwise: better ratios, about 300 KiB per connection that has used it.
+    Takeover,
+}
+
+/// What a connection agreed to. The client's messages are inflated with a 15-bit window,
+/// which takes any window the client uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Agreed {
     /// The largest window our deflate data may use for this peer (8 to 15).
     pub window_bits: u8,
     /// The peer asked for `server_max_window_bits`: the response must name it.
     window_named: bool,
+    /// Our compressor keeps its context from message to message (for this connection).
+    pub server_takeover: bool,
+    /// The client's compressor does: our inflater for it must too.
+    pub client_takeover: bool,
 }
 
 impl Agreed {
-    /// The agreement of a client that offered no parameters (what it answers for).
+    /// The agreement of a client that offered no parameters, with no context kept.
     pub const DEFAULT: Agreed = Agreed {
         window_bits: MAX_WINDOW,
         window_named: false,
+        server_takeover: false,
+        client_takeover: false,
     };
 
     /// The `Sec-WebSocket-Extensions` value of the response.
     pub fn response(&self) -> String {
-        let mut value = format!("{EXTENSION}; server_no_context_takeover; client_no_context_takeover");
+        let mut value = EXTENSION.to_string();
+        if !self.server_takeover {
+            value.push_str("; server_no_context_takeover");
+        }
+        if !self.client_takeover {
+            value.push_str("; client_no_context_takeover");
+        }
         if self.window_named {
             value.push_str(&format!("; server_max_window_bits={}", self.window_bits));
         }
@@ -56,11 +81,14 @@ impl Agreed {
 /// `Sec-WebSocket-Extensions` header, in order (§5.1). An offer with an unknown parameter,
 /// a parameter given twice or a value out of range is declined (the next one is tried);
 /// `None` means the connection runs without the extension, which is not an error.
-pub fn negotiate<'a>(header_values: impl IntoIterator<Item = &'a [u8]>) -> Option<Agreed> {
+pub fn negotiate<'a>(header_values: impl IntoIterator<Item = &'a [u8]>, policy: Policy) -> Option<Agreed> {
+    if policy == Policy::Off {
+        return None;
+    }
     header_values
         .into_iter()
         .flat_map(|value| split_outside_quotes(value, b','))
-        .find_map(accept_offer)
+        .find_map(|offer| accept_offer(offer, policy == Policy::Takeover))
 }
 
 /// Reads the client's side of a response (`Sec-WebSocket-Extensions` from a 101): whether
@@ -89,7 +117,7 @@ pub fn accepted_by_server(value: &[u8]) -> Option<Agreed> {
     (server_nct && client_nct).then_some(agreed)
 }
 
-fn accept_offer(offer: &[u8]) -> Option<Agreed> {
+fn accept_offer(offer: &[u8], takeover: bool) -> Option<Agreed> {
     let mut params = split_outside_quotes(offer, b';');
     let name = params.next()?.trim_ascii();
     if !name.eq_ignore_ascii_case(EXTENSION.as_bytes()) {
@@ -105,10 +133,8 @@ fn accept_offer(offer: &[u8]) -> Option<Agreed> {
             b"server_max_window_bits" => {
                 let bits = value.and_then(window_bits);
                 if let Some(bits) = bits {
-                    agreed = Agreed {
-                        window_bits: bits,
-                        window_named: true,
-                    };
+                    agreed.window_bits = bits;
+                    agreed.window_named = true;
                 }
                 (2, bits.is_some())
             }
@@ -122,6 +148,9 @@ fn accept_offer(offer: &[u8]) -> Option<Agreed> {
         }
         seen[index] = true;
     }
+    // Context is kept only where the policy allows it and the offer did not refuse it.
+    agreed.server_takeover = takeover && !seen[0];
+    agreed.client_takeover = takeover && !seen[1];
     Some(agreed)
 }
 
@@ -180,6 +209,8 @@ pub struct Deflater {
     by_window: [Option<Box<Compress>>; (MAX_WINDOW - MIN_WINDOW) as usize],
     out: Vec<u8>,
     stats: DeflateStats,
+    /// One connection's deflater that keeps its context between messages.
+    keep_context: bool,
 }
 
 /// What a deflater did since its stats were last taken.
@@ -208,6 +239,16 @@ impl Deflater {
             by_window: Default::default(),
             out: Vec::new(),
             stats: DeflateStats::default(),
+            keep_context: false,
+        }
+    }
+
+    /// One connection's deflater, keeping its context from message to message (context
+    /// takeover): each message may refer back to earlier ones.
+    pub fn keeping_context(level: u32) -> Self {
+        Deflater {
+            keep_context: true,
+            ..Deflater::new(level)
         }
     }
 
@@ -227,7 +268,9 @@ impl Deflater {
         let level = self.level;
         let compress = self.by_window[usize::from(bits - MIN_WINDOW - 1)]
             .get_or_insert_with(|| Box::new(Compress::new_with_window_bits(level, false, bits)));
-        compress.reset();
+        if !self.keep_context {
+            compress.reset();
+        }
         self.out.clear();
         // Room for the worst case (zlib-rs's `deflateBound` for raw deflate, with 9-bit
         // literals at level 1, plus the sync flush): deflate must never run out of output
@@ -235,15 +278,19 @@ impl Deflater {
         // `deflate_quick`, found by Autobahn's random-byte cases).
         let len = payload.len();
         self.out.reserve(len + len.div_ceil(8) + len.div_ceil(64) + 32);
+        let taken_before = compress.total_in() as usize;
         let status = compress
             .compress_vec(payload, &mut self.out, FlushCompress::Sync)
-            .ok()?;
-        let taken = compress.total_in() as usize;
-        if status != Status::Ok || taken != payload.len() || !self.out.ends_with(&TAIL) {
-            return None;
-        }
-        let len = self.out.len() - TAIL.len();
-        if len >= payload.len() {
+            .unwrap_or(Status::BufError);
+        let taken = compress.total_in() as usize - taken_before;
+        let len = self.out.len().saturating_sub(TAIL.len());
+        if status != Status::Ok || taken != payload.len() || !self.out.ends_with(&TAIL) || len >= payload.len() {
+            // Not sent compressed: a context that holds this message would refer the
+            // peer to bytes it never saw. A fresh stream is still a valid continuation
+            // for the peer's inflater (it refers to nothing earlier).
+            if self.keep_context {
+                compress.reset();
+            }
             return None;
         }
         self.stats += DeflateStats {
@@ -310,6 +357,10 @@ pub struct Inflater {
     /// Made on first use (about 40 KiB with its window).
     decompress: Option<Box<Decompress>>,
     out: Vec<u8>,
+    /// One connection's inflater for a peer that keeps its context (context takeover).
+    keep_context: bool,
+    /// The peer ended its deflate stream (a final block): the next message starts anew.
+    ended: bool,
 }
 
 impl Default for Inflater {
@@ -326,6 +377,16 @@ impl Inflater {
         Inflater {
             decompress: None,
             out: Vec::new(),
+            keep_context: false,
+            ended: false,
+        }
+    }
+
+    /// One connection's inflater for a peer whose messages refer back to earlier ones.
+    pub fn keeping_context() -> Self {
+        Inflater {
+            keep_context: true,
+            ..Inflater::new()
         }
     }
 
@@ -336,7 +397,10 @@ impl Inflater {
         let decompress = self
             .decompress
             .get_or_insert_with(|| Box::new(Decompress::new_with_window_bits(false, MAX_WINDOW)));
-        decompress.reset(false);
+        if !self.keep_context || self.ended {
+            decompress.reset(false);
+            self.ended = false;
+        }
         self.out.clear();
         for input in [deflated, &TAIL[..]] {
             let mut at = 0;
@@ -359,6 +423,7 @@ impl Inflater {
                 if status == Status::StreamEnd {
                     // The sender ended the stream (a final block): anything after it,
                     // the tail included, is ignored.
+                    self.ended = true;
                     return Ok(&self.out);
                 }
                 let progressed = decompress.total_in() > in_before || self.out.len() > out_before;
@@ -386,7 +451,53 @@ mod tests {
     use proptest::prelude::*;
 
     fn offer(values: &[&str]) -> Option<Agreed> {
-        negotiate(values.iter().map(|v| v.as_bytes()))
+        negotiate(values.iter().map(|v| v.as_bytes()), Policy::NoContext)
+    }
+
+    #[test]
+    fn context_is_kept_only_where_allowed_and_not_refused() {
+        let with = |value: &str| negotiate([value.as_bytes()], Policy::Takeover).unwrap();
+        let both = with("permessage-deflate");
+        assert!(both.server_takeover && both.client_takeover);
+        assert_eq!(both.response(), "permessage-deflate");
+        let server_only = with("permessage-deflate; client_no_context_takeover");
+        assert!(server_only.server_takeover && !server_only.client_takeover);
+        assert_eq!(server_only.response(), "permessage-deflate; client_no_context_takeover");
+        let client_only = with("permessage-deflate; server_no_context_takeover; server_max_window_bits=10");
+        assert!(!client_only.server_takeover && client_only.client_takeover);
+        assert_eq!(
+            client_only.response(),
+            "permessage-deflate; server_no_context_takeover; server_max_window_bits=10"
+        );
+        assert_eq!(negotiate([&b"permessage-deflate"[..]], Policy::Off), None);
+    }
+
+    #[test]
+    fn messages_refer_back_to_earlier_ones_with_context_kept() {
+        let text =
+            b"{\"type\":\"message\",\"from\":\"alice\",\"body\":{\"text\":\"see you at the meeting\"}}".repeat(8);
+        let mut deflater = Deflater::keeping_context(1);
+        let mut inflater = Inflater::keeping_context();
+        let first = deflater.deflate(&text, 15).unwrap().to_vec();
+        let second = deflater.deflate(&text, 15).unwrap().to_vec();
+        assert!(second.len() < first.len() / 2, "{} vs {}", second.len(), first.len());
+        assert_eq!(inflater.inflate(&first, 1 << 20).unwrap(), &text[..]);
+        assert_eq!(inflater.inflate(&second, 1 << 20).unwrap(), &text[..]);
+        // Noise is not sent compressed, and what follows it still inflates.
+        let mut x = 7u64;
+        let noise: Vec<u8> = (0..3000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect();
+        assert_eq!(deflater.deflate(&noise, 15), None);
+        let third = deflater.deflate(&text, 15).unwrap().to_vec();
+        assert_eq!(inflater.inflate(&third, 1 << 20).unwrap(), &text[..]);
+        // A fresh inflater cannot read a message that refers back.
+        assert!(Inflater::new().inflate(&second, 1 << 20) != Ok(&text[..]));
     }
 
     #[test]

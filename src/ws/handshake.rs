@@ -5,7 +5,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use sha1::{Digest, Sha1};
 
-use super::deflate::{self, Agreed};
+use super::deflate::{self, Agreed, Policy};
 
 const WS_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 /// Headers a request may carry before it is refused with 431.
@@ -110,9 +110,10 @@ pub struct Accept {
 }
 
 /// Checks `req` against §4.2.1 and picks a subprotocol: the first of `supported` (the
-/// server's order of preference) that the client offered. With `deflate`, an acceptable
-/// permessage-deflate offer is taken (an unacceptable one is declined, not refused).
-pub fn validate_upgrade(req: &Request<'_>, supported: &[String], deflate: bool) -> Result<Accept, Rejection> {
+/// server's order of preference) that the client offered. Unless `deflate` is off, an
+/// acceptable permessage-deflate offer is taken (an unacceptable one is declined, not
+/// refused).
+pub fn validate_upgrade(req: &Request<'_>, supported: &[String], deflate: Policy) -> Result<Accept, Rejection> {
     if req.method != "GET" {
         return Err(Rejection {
             status: 405,
@@ -154,11 +155,7 @@ pub fn validate_upgrade(req: &Request<'_>, supported: &[String], deflate: bool) 
         .iter()
         .find(|p| req.header_has_token("sec-websocket-protocol", p))
         .cloned();
-    let deflate = if deflate {
-        deflate::negotiate(req.header_values("sec-websocket-extensions"))
-    } else {
-        None
-    };
+    let deflate = deflate::negotiate(req.header_values("sec-websocket-extensions"), deflate);
     Ok(Accept {
         accept_key: accept_key(key),
         protocol,
@@ -233,7 +230,7 @@ mod tests {
     fn check(req: &str, protocols: &[&str]) -> Result<Accept, Rejection> {
         let supported: Vec<String> = protocols.iter().map(|s| s.to_string()).collect();
         let parsed = parse_request(req.as_bytes(), 8192)?.expect("complete request");
-        validate_upgrade(&parsed, &supported, false)
+        validate_upgrade(&parsed, &supported, Policy::Off)
     }
 
     fn status(req: &str) -> u16 {
@@ -321,7 +318,7 @@ mod tests {
             "\r\nSec-WebSocket-Extensions: x-custom, permessage-deflate; client_max_window_bits\r\n\r\n",
         );
         let parsed = parse_request(offered.as_bytes(), 8192).unwrap().unwrap();
-        let accept = validate_upgrade(&parsed, &[], true).unwrap();
+        let accept = validate_upgrade(&parsed, &[], Policy::NoContext).unwrap();
         assert_eq!(accept.deflate, Some(Agreed::DEFAULT));
         let mut out = Vec::new();
         write_accept(&mut out, &accept);
@@ -329,11 +326,11 @@ mod tests {
         assert!(text.contains(
             "\r\nSec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; client_no_context_takeover\r\n"
         ));
-        assert_eq!(validate_upgrade(&parsed, &[], false).unwrap().deflate, None);
+        assert_eq!(validate_upgrade(&parsed, &[], Policy::Off).unwrap().deflate, None);
         let plain = parse_request(GOOD.as_bytes(), 8192).unwrap().unwrap();
-        assert_eq!(validate_upgrade(&plain, &[], true).unwrap().deflate, None);
+        assert_eq!(validate_upgrade(&plain, &[], Policy::NoContext).unwrap().deflate, None);
         let mut out = Vec::new();
-        write_accept(&mut out, &validate_upgrade(&plain, &[], true).unwrap());
+        write_accept(&mut out, &validate_upgrade(&plain, &[], Policy::NoContext).unwrap());
         assert!(!String::from_utf8(out).unwrap().contains("Extensions"));
     }
 

@@ -4,6 +4,7 @@
 //! connection answers leaves through `Egress::finish_round`. Routed chat messages for it
 //! arrive in its queue, which the shard flushes at the end of each round.
 
+use std::cell::RefCell;
 use std::net::Shutdown;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -13,11 +14,12 @@ use glommio::net::TcpStream;
 
 use super::upgrade::Upgraded;
 use super::{close_slow_consumer, linger_close, Endpoint, LINGER};
+use crate::chat::output::ConnOutput;
 use crate::chat::session::{Arrival, ChatConn};
 use crate::shard::context::{ConnectionSlot, ReadOutcome, ShardContext};
 use crate::shard::egress::{Cork, Finish, Outbound, RX_BUFFER};
 use crate::shard::Apps;
-use crate::ws::deflate::{write_compressed_frame, Agreed};
+use crate::ws::deflate::{write_compressed_frame, Agreed, Deflater, Inflater};
 use crate::ws::{write_close, CloseCode, Decoder, Event, OpCode, ProtocolError, Role};
 
 /// Where the connection is in its life after the upgrade.
@@ -51,6 +53,9 @@ struct Session {
     /// permessage-deflate, when agreed: messages in may be compressed, and echo answers
     /// are compressed when it pays.
     deflate: Option<Agreed>,
+    /// With a client that keeps context: the connection's own inflater (made with the
+    /// session, its zlib state on the first compressed message).
+    own_inflater: Option<Box<Inflater>>,
     /// What the decoder held after the last read, as counted in the shard's budget.
     held: u32,
     state: State,
@@ -61,7 +66,14 @@ struct Session {
 
 impl Session {
     /// Decodes `input` and queues every answer (echo, chat answers, pong, close) in `out`.
-    fn on_bytes(&mut self, apps: &Apps, ctx: &ShardContext, input: &mut [u8], out: &mut Cork) -> Next {
+    fn on_bytes(
+        &mut self,
+        apps: &Apps,
+        ctx: &ShardContext,
+        input: &mut [u8],
+        out: &mut Cork,
+        own_deflater: Option<&RefCell<Deflater>>,
+    ) -> Next {
         let open = self.state == State::Open;
         let mut peer_close = None;
         let mut pong = false;
@@ -72,14 +84,27 @@ impl Session {
         };
         out.begin(input);
         let Session {
-            decoder, app, deflate, ..
+            decoder,
+            app,
+            deflate,
+            own_inflater,
+            ..
         } = self;
         let deflate = *deflate;
         let min_size = ctx.config.deflate_min_size;
         let mut on_event = |event: Event<'_>| match event {
             Event::Message { opcode, payload } if open => match (&mut *app, arrival) {
                 (App::Echo, _) => match deflate.filter(|_| payload.len() >= min_size) {
-                    Some(agreed) => echo_deflated(ctx, out, opcode, payload, agreed.window_bits),
+                    Some(agreed) => match own_deflater {
+                        Some(own) => echo_deflated(&mut own.borrow_mut(), out, opcode, payload, agreed.window_bits),
+                        None => echo_deflated(
+                            &mut ctx.deflate.deflater.borrow_mut(),
+                            out,
+                            opcode,
+                            payload,
+                            agreed.window_bits,
+                        ),
+                    },
                     None => out.frame(opcode, payload),
                 },
                 (App::Chat(chat), Some(arrival)) => {
@@ -93,14 +118,22 @@ impl Session {
             Event::Pong(_) => pong = true,
             Event::Close { code, .. } => peer_close = Some(code),
         };
-        let result = match deflate {
-            Some(_) => {
+        let result = match (deflate, own_inflater) {
+            (Some(_), Some(own)) => {
+                let result = decoder.feed_inflating(input, own, &mut on_event);
+                own.trim(OWN_BUFFER_RETAIN);
+                result
+            }
+            (Some(_), None) => {
                 let result = decoder.feed_inflating(input, &mut ctx.deflate.inflater.borrow_mut(), &mut on_event);
                 ctx.deflate.trim();
                 result
             }
-            None => decoder.feed(input, &mut on_event),
+            (None, _) => decoder.feed(input, &mut on_event),
         };
+        if let Some(own) = own_deflater {
+            own.borrow_mut().trim(OWN_BUFFER_RETAIN);
+        }
         if pong {
             self.ping_sent = None;
         }
@@ -189,9 +222,12 @@ impl Session {
     }
 }
 
+/// Output buffer bytes a connection's own inflater or deflater (context takeover) keeps
+/// between messages.
+const OWN_BUFFER_RETAIN: usize = 4096;
+
 /// Echoes a message compressed (or plain, when deflate does not shrink it).
-fn echo_deflated(ctx: &ShardContext, out: &mut Cork, opcode: OpCode, payload: &[u8], window_bits: u8) {
-    let mut deflater = ctx.deflate.deflater.borrow_mut();
+fn echo_deflated(deflater: &mut Deflater, out: &mut Cork, opcode: OpCode, payload: &[u8], window_bits: u8) {
     match deflater.deflate(payload, window_bits) {
         Some(deflated) => out.push_with(|b| write_compressed_frame(b, opcode, deflated)),
         None => out.frame(opcode, payload),
@@ -335,12 +371,10 @@ fn open<'a>(
     let (app, out, registration) = match endpoint {
         Endpoint::Echo => {
             // An echo answers at most one read plus one assembled message at a time.
-            let out = Rc::new(Outbound::new(
-                id,
-                slot.key(),
-                fd,
-                config.max_message_size + 2 * RX_BUFFER,
-            ));
+            let out = Rc::new(
+                Outbound::new(id, slot.key(), fd, config.max_message_size + 2 * RX_BUFFER)
+                    .with_deflate(deflate, config.deflate_level),
+            );
             (App::Echo, out, None)
         }
         Endpoint::Chat(who) => {
@@ -348,7 +382,7 @@ fn open<'a>(
             let out = Rc::new(
                 Outbound::new(id, slot.key(), fd, config.max_outbound_bytes)
                     .counted_in(ctx.budget.clone())
-                    .with_deflate(deflate.map(|a| a.window_bits)),
+                    .with_deflate(deflate, config.deflate_level),
             );
             apps.hub.register(&user, out.clone());
             ctx.end_round(&apps.hub);
@@ -372,6 +406,9 @@ fn open<'a>(
     let session = Session {
         decoder,
         deflate,
+        own_inflater: deflate
+            .filter(|a| a.client_takeover)
+            .map(|_| Box::new(Inflater::keeping_context())),
         held: 0,
         state: State::Open,
         app,
@@ -399,7 +436,9 @@ impl Conn<'_> {
     /// answers are sent from the cork alone).
     fn leftover(&mut self, mut leftover: Vec<u8>) -> std::io::Result<Next> {
         let mut cork = self.ctx.egress.cork();
-        let next = self.session.on_bytes(self.apps, self.ctx, &mut leftover, &mut cork);
+        let next = self
+            .session
+            .on_bytes(self.apps, self.ctx, &mut leftover, &mut cork, self.out.own_deflater());
         self.end_session_if(next);
         self.ctx.finish_round(
             &self.apps.hub,
@@ -435,7 +474,9 @@ impl Conn<'_> {
         let next = match outcome {
             ReadOutcome::Data(_) => {
                 let (input, cork) = round.parts();
-                let next = self.session.on_bytes(self.apps, ctx, input, cork);
+                let next = self
+                    .session
+                    .on_bytes(self.apps, ctx, input, cork, self.out.own_deflater());
                 // A peer that keeps sending but never answers our ping is not alive either.
                 let overdue = self
                     .session

@@ -101,13 +101,14 @@ fn answer(
             return None;
         }
     };
-    let decision = handshake::validate_upgrade(request, &config.subprotocols, config.deflate).and_then(|accept| {
-        if chat {
-            authorize(config, &apps.auth, &apps.hub, request).map(|who| (accept, Endpoint::Chat(who)))
-        } else {
-            Ok((accept, Endpoint::Echo))
-        }
-    });
+    let decision =
+        handshake::validate_upgrade(request, &config.subprotocols, config.deflate_policy()).and_then(|accept| {
+            if chat {
+                authorize(config, &apps.auth, &apps.hub, request).map(|who| (accept, Endpoint::Chat(who)))
+            } else {
+                Ok((accept, Endpoint::Echo))
+            }
+        });
     match decision {
         Ok((accept, endpoint)) => {
             handshake::write_accept(out, &accept);

@@ -21,6 +21,7 @@ use crate::metrics::LatencyRecorder;
 use crate::route::ConnId;
 use crate::shard::budget::MemoryBudget;
 use crate::sys::socket::{IoBatch, Push, IOV_BATCH};
+use crate::ws::deflate::{Agreed, Deflater};
 
 struct Queued {
     frame: Bytes,
@@ -55,6 +56,8 @@ pub struct Outbound {
     budget: Option<Rc<MemoryBudget>>,
     /// The deflate window the peer agreed to (permessage-deflate), if it did.
     deflate_window: Option<u8>,
+    /// With context takeover: the connection's own deflater (made on first use).
+    own_deflater: Option<Box<RefCell<Deflater>>>,
 }
 
 impl Outbound {
@@ -74,12 +77,17 @@ impl Outbound {
             batched: Cell::new(false),
             budget: None,
             deflate_window: None,
+            own_deflater: None,
         }
     }
 
-    /// The peer agreed to permessage-deflate with this window (bits).
-    pub fn with_deflate(mut self, window_bits: Option<u8>) -> Self {
-        self.deflate_window = window_bits;
+    /// The peer agreed to permessage-deflate: the window (bits), and a deflater of the
+    /// connection's own when our side keeps context (`level`).
+    pub fn with_deflate(mut self, agreed: Option<Agreed>, level: u32) -> Self {
+        self.deflate_window = agreed.map(|a| a.window_bits);
+        self.own_deflater = agreed
+            .filter(|a| a.server_takeover)
+            .map(|_| Box::new(RefCell::new(Deflater::keeping_context(level))));
         self
     }
 
@@ -268,6 +276,10 @@ impl ConnOutput for Outbound {
 
     fn deflate_window(&self) -> Option<u8> {
         self.deflate_window
+    }
+
+    fn own_deflater(&self) -> Option<&RefCell<Deflater>> {
+        self.own_deflater.as_deref()
     }
 }
 
