@@ -55,6 +55,11 @@
 #                             scripts/faults.sh runs the three and judges them.
 #   --outage S                seconds NATS stays down for nats-restart (default 2)
 #   --drop-share F            share of connections a drop resets (default 0.67)
+#   --deflate                 permessage-deflate: gateways with --deflate, clients offer
+#                             it and send what is long enough compressed
+#   --body-bytes N            pad each message body with N bytes of chat-like text
+#                             (default 0: messages of about 90 bytes, under the deflate
+#                             threshold)
 #   -h, --help                this text
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -66,6 +71,7 @@ connections=100000 duration=60s rate=0.1 ramp=2500 mode=direct tune=0 slo=200ms
 per_process= shards=$(nproc) shards_given=0 results=
 nodes=0 nats=0 nats_url= cross_node= cluster_key=
 fault= fault_at= outage=2 drop_share=0.67 store=
+deflate=() body_bytes=0
 while [ $# -gt 0 ]; do
   case $1 in
     --profile)
@@ -97,6 +103,8 @@ while [ $# -gt 0 ]; do
       if [ $# -gt 1 ] && [[ $2 == nats://* ]]; then nats_url=$2; shift; fi
       shift ;;
     --cross-node) cross_node=$2; shift 2 ;;
+    --deflate) deflate=(--deflate); shift ;;
+    --body-bytes) body_bytes=$2; shift 2 ;;
     *) echo "soak: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -202,7 +210,7 @@ for k in $(seq 0 $((gateways - 1))); do
   target/release/shardgate serve --listen "127.0.0.1:$port" "${placement[@]}" --auth-secret-file "$secret" \
     --store "$gateway_store" --data-dir "$results/gateway-$k" --max-connections "$per_process" --report-interval 5s --slo "$slo" \
     --max-connections-per-ip 0 --handshakes-per-ip 0 \
-    --histogram-out "$results/gateway-$k.hgrm" "${cluster[@]}" >"$results/gateway-$k.log" 2>&1 &
+    --histogram-out "$results/gateway-$k.hgrm" "${cluster[@]}" "${deflate[@]}" >"$results/gateway-$k.log" 2>&1 &
   pids+=($!)
   scripts/wait-listening.sh "$results/gateway-$k.log" "$!"
   addrs+=("127.0.0.1:$port")
@@ -235,7 +243,8 @@ fi
 target/release/shardgate-load "${faults[@]}" --gateways "$gateway_list" --connections "$connections" --ramp "$ramp" \
   --duration "$duration" --rate "$rate" --mode "$mode" --source-ips "$source_ips" \
   --auth-secret-file "$secret" --cpus "$cpus" --processes "$gateways" --slo "$slo" --cross-node "$cross_node" \
-  --report-interval 5s --histogram-out "$results/client.hgrm.b64" >"$results/load.log" 2>"$results/load.err" &
+  --report-interval 5s --histogram-out "$results/client.hgrm.b64" "${deflate[@]}" --body-bytes "$body_bytes" \
+  >"$results/load.log" 2>"$results/load.err" &
 load_pid=$!
 
 # While the load runs: RSS every second (peak kept) and per-shard CPU during the hold.

@@ -6,6 +6,7 @@
 //!   - `once`: deflated once and the compressed frame shared (shardgate, possible because
 //!     no connection keeps compression context);
 //!   - `per-member`: deflated again for each member (what context takeover forces).
+//!
 //! It times the step that differs (making and handing out each member's frame with the
 //! gateway's own `ws::deflate::deflate_frame`), not the sockets, and prints the median over
 //! `--rounds` publishes: time per publish, members reached per second, and bytes per
