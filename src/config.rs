@@ -241,7 +241,7 @@ config_table! {
         /// A subprotocol the server speaks, in order of preference (repeatable).
         #[arg(long = "subprotocol", value_name = "NAME")]
         subprotocols: Vec<String> = Vec::new(), "none";
-        /// Accept permessage-deflate (RFC 7692) from clients that offer it, always without context takeover: no compression state per connection.
+        /// Accept permessage-deflate (RFC 7692) from clients that offer it; without context takeover (unless --deflate-context-takeover), so no connection keeps compression state.
         #[arg(num_args = 0, default_missing_value = "true")]
         deflate: bool = false, "off";
         /// With --deflate: messages shorter than this many bytes are sent uncompressed.

@@ -1,9 +1,8 @@
 //! What the chat application needs from a connection's outgoing path. The shard's
 //! outgoing queue implements it (`shard::egress`); chat code never touches a socket.
 
-use std::time::Instant;
-
 use std::cell::RefCell;
+use std::time::Instant;
 
 use bytes::Bytes;
 

@@ -27,7 +27,7 @@ use crate::chat::hub::Hub;
 use crate::config::Config;
 use crate::sys::epoll::{event_buffer, Poller};
 use crate::sys::{process, socket};
-use crate::ws::deflate::{Deflater, Inflater};
+use crate::ws::deflate::{DeflateStats, Deflater, Inflater};
 
 /// Keys at and above this mark wake-up descriptors, not sockets (slab keys stay far below).
 const WAKE_KEY: u64 = u64::MAX - 64;
@@ -77,8 +77,8 @@ pub struct ShardContext {
     pub egress: Egress,
     /// What clients make this shard hold, against `--shard-memory-budget`.
     pub budget: Rc<MemoryBudget>,
-    /// permessage-deflate's state for every connection of the shard: no connection keeps
-    /// any (see `ws::deflate`).
+    /// permessage-deflate's state for the shard's connections that keep none of their own
+    /// (all but those with context takeover; see `ws::deflate`).
     pub deflate: ShardDeflate,
     /// Slots to wake after a round (reused, so a round allocates nothing).
     to_wake: RefCell<Vec<usize>>,
@@ -116,6 +116,8 @@ pub struct ShardContext {
 pub struct ShardDeflate {
     pub inflater: RefCell<Inflater>,
     pub deflater: RefCell<Deflater>,
+    /// What echo connections' own deflaters (context takeover) did since the last report.
+    own_stats: Cell<DeflateStats>,
 }
 
 /// Output buffer bytes the inflater and deflater keep after a message; a bigger one (after
@@ -127,7 +129,22 @@ impl ShardDeflate {
         ShardDeflate {
             inflater: RefCell::new(Inflater::new()),
             deflater: RefCell::new(Deflater::new(level)),
+            own_stats: Cell::new(DeflateStats::default()),
         }
+    }
+
+    /// Counts what a connection's own deflater did.
+    pub fn count_own(&self, stats: DeflateStats) {
+        let mut all = self.own_stats.get();
+        all += stats;
+        self.own_stats.set(all);
+    }
+
+    /// What the echo deflaters did since the last call (for the report).
+    pub fn take_stats(&self) -> DeflateStats {
+        let mut stats = self.deflater.borrow_mut().take_stats();
+        stats += self.own_stats.take();
+        stats
     }
 
     /// Releases what one large message made the buffers grow to.

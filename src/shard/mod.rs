@@ -530,7 +530,7 @@ async fn report_intervals(ctx: Rc<ShardContext>, apps: Rc<Apps>, reporter: Repor
         glommio::timer::sleep(due.saturating_duration_since(std::time::Instant::now())).await;
         let (histogram, cross) = ctx.egress.latency.borrow_mut().take_interval();
         let mut deflated = apps.hub.take_deflate_stats();
-        deflated += ctx.deflate.deflater.borrow_mut().take_stats();
+        deflated += ctx.deflate.take_stats();
         reporter.send(ShardReport::Interval {
             tick,
             histogram,

@@ -96,7 +96,11 @@ impl Session {
             Event::Message { opcode, payload } if open => match (&mut *app, arrival) {
                 (App::Echo, _) => match deflate.filter(|_| payload.len() >= min_size) {
                     Some(agreed) => match own_deflater {
-                        Some(own) => echo_deflated(&mut own.borrow_mut(), out, opcode, payload, agreed.window_bits),
+                        Some(own) => {
+                            let mut own = own.borrow_mut();
+                            echo_deflated(&mut own, out, opcode, payload, agreed.window_bits);
+                            ctx.deflate.count_own(own.take_stats());
+                        }
                         None => echo_deflated(
                             &mut ctx.deflate.deflater.borrow_mut(),
                             out,
@@ -124,13 +128,12 @@ impl Session {
                 own.trim(OWN_BUFFER_RETAIN);
                 result
             }
-            (Some(_), None) => {
-                let result = decoder.feed_inflating(input, &mut ctx.deflate.inflater.borrow_mut(), &mut on_event);
-                ctx.deflate.trim();
-                result
-            }
+            (Some(_), None) => decoder.feed_inflating(input, &mut ctx.deflate.inflater.borrow_mut(), &mut on_event),
             (None, _) => decoder.feed(input, &mut on_event),
         };
+        if deflate.is_some() {
+            ctx.deflate.trim();
+        }
         if let Some(own) = own_deflater {
             own.borrow_mut().trim(OWN_BUFFER_RETAIN);
         }
