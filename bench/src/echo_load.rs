@@ -366,13 +366,18 @@ fn agreed_deflate(head: &[u8]) -> bool {
     })
 }
 
-/// A decoder for the client's side, inflating when `deflate` was agreed.
-fn client_decoder(deflate: bool) -> Decoder {
-    let mut decoder = Decoder::new(Role::Client, usize::MAX);
-    if deflate {
-        decoder.enable_deflate();
+/// Decodes what the server sent, inflating compressed messages when `inflater` is given
+/// (deflate was agreed; without it a compressed frame is a protocol error).
+fn decode<F: FnMut(Event<'_>)>(
+    decoder: &mut Decoder,
+    input: &mut [u8],
+    inflater: Option<&mut Inflater>,
+    on_event: &mut F,
+) -> Result<(), shardgate::ws::ProtocolError> {
+    match inflater {
+        Some(inflater) => decoder.feed_inflating(input, inflater, on_event),
+        None => decoder.feed(input, on_event),
     }
-    decoder
 }
 
 /// Connects, upgrades, echoes one message and closes, again and again until `deadline`;
@@ -399,7 +404,7 @@ async fn handshake_loop(
             let mut stream = connect(args.clone()).await?;
             // One echo, then the closing handshake: our Close, the server's answer.
             stream.write_all(&frame).await?;
-            let mut decoder = client_decoder(args.deflate);
+            let mut decoder = Decoder::new(Role::Client, usize::MAX);
             let (mut echoed, mut closed) = (false, false);
             while !closed {
                 let n = stream.read(&mut buf).await?;
@@ -407,7 +412,8 @@ async fn handshake_loop(
                     break;
                 }
                 let was_echoed = echoed;
-                let result = decoder.feed_inflating(&mut buf[..n], &mut inflater, &mut |event| match event {
+                let inflater = args.deflate.then_some(&mut inflater);
+                let result = decode(&mut decoder, &mut buf[..n], inflater, &mut |event| match event {
                     Event::Message { payload: p, .. } if p.len() == args.size => echoed = true,
                     Event::Close { .. } => closed = true,
                     _ => {}
@@ -545,7 +551,7 @@ fn start_conns(args: &Args, streams: &[TcpStream], frame: &[u8], poller: &Poller
         .map(|s| Conn {
             fd: s.as_raw_fd(),
             pending: frame.repeat(args.window),
-            decoder: client_decoder(args.deflate),
+            decoder: Decoder::new(Role::Client, usize::MAX),
             in_flight: std::iter::repeat_n(start, args.window).collect(),
             sent: 0,
             dead: false,
@@ -593,12 +599,11 @@ impl Reader<'_> {
             let now = Instant::now();
             let mut echoed = 0usize;
             let mut bad = false;
-            let result = c
-                .decoder
-                .feed_inflating(&mut self.buf[..n], self.inflater, &mut |event| match event {
-                    Event::Message { payload: p, .. } if p.len() == size => echoed += 1,
-                    _ => bad = true,
-                });
+            let inflater = self.args.deflate.then_some(&mut *self.inflater);
+            let result = decode(&mut c.decoder, &mut self.buf[..n], inflater, &mut |event| match event {
+                Event::Message { payload: p, .. } if p.len() == size => echoed += 1,
+                _ => bad = true,
+            });
             if result.is_err() || bad || echoed > c.in_flight.len() {
                 return Err(std::io::Error::other("unexpected frame from the server"));
             }

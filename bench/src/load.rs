@@ -729,15 +729,12 @@ async fn connect(th: &Thread, gateway: usize, global: usize, cred: &str) -> Opti
     if !head.starts_with(b"HTTP/1.1 101 ") {
         return None;
     }
-    let mut decoder = Decoder::new(Role::Client, 1 << 20);
-    if th.args.deflate {
-        // A gateway that did not agree (run without --deflate) fails the handshake here:
-        // the run would not measure what it says.
-        if !agreed_deflate(&head[..pos]) {
-            return None;
-        }
-        decoder.enable_deflate();
+    // A gateway that did not agree to deflate (run without --deflate) fails the handshake
+    // here: the run would not measure what it says.
+    if th.args.deflate && !agreed_deflate(&head[..pos]) {
+        return None;
     }
+    let decoder = Decoder::new(Role::Client, 1 << 20);
     head.drain(..pos);
     Some((stream, decoder, head))
 }
@@ -989,7 +986,7 @@ impl<'a> UserConn<'a> {
         };
         let (out, mask) = (&mut self.out, self.mask);
         let mut inflater = self.th.inflater.borrow_mut();
-        let result = self.decoder.feed_inflating(input, &mut inflater, &mut |e| match e {
+        let mut on_event = |e: Event<'_>| match e {
             Event::Message {
                 opcode: OpCode::Text,
                 payload,
@@ -1019,7 +1016,13 @@ impl<'a> UserConn<'a> {
             Event::Ping(payload) => write_frame(out, true, OpCode::Pong, payload, Some(mask)),
             Event::Pong(_) => {}
             _ => bad = true,
-        });
+        };
+        // Compressed frames only where deflate was agreed (a protocol error elsewhere).
+        let result = if self.th.args.deflate {
+            self.decoder.feed_inflating(input, &mut inflater, &mut on_event)
+        } else {
+            self.decoder.feed(input, &mut on_event)
+        };
         self.pending.clear();
         self.last_read = 0;
         (events, closed, bad || result.is_err())

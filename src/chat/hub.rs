@@ -125,13 +125,14 @@ impl<O: ConnOutput> Hub<O> {
     /// first need and kept in `twins` for the other recipients of the same frame; with
     /// the connection's own deflater when it keeps context).
     fn frame_for(&self, out: &O, frame: &Bytes, twins: &mut Twins) -> Bytes {
-        let (Some(window), Some(deflate)) = (out.deflate_window(), &self.deflate) else {
+        let (Some(conn), Some(deflate)) = (out.deflate(), &self.deflate) else {
             return frame.clone();
         };
         if frame.len() < deflate.min_size {
             return frame.clone();
         }
-        if let Some(own) = out.own_deflater() {
+        let window = conn.agreed.window_bits;
+        if let Some(own) = conn.own_deflater.as_deref() {
             let mut own = own.borrow_mut();
             let deflated = deflate_frame(&mut own, frame, window, deflate.min_size);
             let mut stats = deflate.own_stats.get();

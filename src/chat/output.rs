@@ -1,13 +1,12 @@
 //! What the chat application needs from a connection's outgoing path. The shard's
 //! outgoing queue implements it (`shard::egress`); chat code never touches a socket.
 
-use std::cell::RefCell;
 use std::time::Instant;
 
 use bytes::Bytes;
 
 use crate::route::ConnId;
-use crate::ws::deflate::Deflater;
+use crate::ws::deflate::ConnDeflate;
 
 /// The answers to what a connection just said (acks, errors): written while its input is
 /// decoded, and sent with everything else that input produced.
@@ -36,11 +35,8 @@ pub trait ConnOutput {
     /// Does the queue still take frames (not closed as a slow consumer, no Close queued)?
     fn is_open(&self) -> bool;
 
-    /// The peer agreed to permessage-deflate with this window (bits): it may be sent
-    /// compressed frames.
-    fn deflate_window(&self) -> Option<u8>;
-
-    /// With context takeover, the connection's own deflater: its frames are compressed
-    /// with it, in the order they are queued, and shared with no one.
-    fn own_deflater(&self) -> Option<&RefCell<Deflater>>;
+    /// What the peer agreed to of permessage-deflate, if anything: it may be sent
+    /// compressed frames. With context takeover its frames are compressed with its own
+    /// deflater, in the order they are queued, and shared with no one.
+    fn deflate(&self) -> Option<&ConnDeflate>;
 }

@@ -81,7 +81,7 @@ fn inflate<'i>(
     opcode: OpCode,
     max_message: u64,
 ) -> Result<&'i [u8], ProtocolError> {
-    // `enable_deflate` without `feed_inflating` is the caller's bug; the peer gets 1011.
+    // Unreachable: RSV1 is accepted only when an inflater was given. Were it not, 1011.
     let inflater = inflater.ok_or(fail(CloseCode::INTERNAL_ERROR, "compressed message not expected"))?;
     let limit = usize::try_from(max_message).unwrap_or(usize::MAX);
     let payload = inflater.inflate(deflated, limit).map_err(|e| match e {
@@ -120,8 +120,6 @@ pub struct Decoder {
     message_buf: Vec<u8>,
     control_buf: Vec<u8>,
     utf8: Utf8Validator,
-    /// permessage-deflate was agreed: a data message may arrive compressed (RSV1).
-    deflate: bool,
     /// The data message in progress is compressed: it is inflated once it is whole.
     compressed: bool,
     /// Set after a Close frame or a protocol error: later input is ignored.
@@ -141,16 +139,9 @@ impl Decoder {
             message_buf: Vec::new(),
             control_buf: Vec::new(),
             utf8: Utf8Validator::new(),
-            deflate: false,
             compressed: false,
             finished: false,
         }
-    }
-
-    /// permessage-deflate was agreed for this connection (RFC 7692): messages with RSV1
-    /// set are accepted, and inflated by the `Inflater` given to `feed_inflating`.
-    pub fn enable_deflate(&mut self) {
-        self.deflate = true;
     }
 
     /// Bytes of memory the decoder holds for messages and control frames spread over
@@ -168,9 +159,9 @@ impl Decoder {
         self.feed_with(input, None, on_event)
     }
 
-    /// As `feed`, for a connection that agreed to permessage-deflate: compressed messages
-    /// are inflated with `inflater` (whose output the message events borrow), never past
-    /// the message limit.
+    /// As `feed`, for a connection that agreed to permessage-deflate (RFC 7692): messages
+    /// with RSV1 set are accepted and inflated with `inflater` (whose output the message
+    /// events borrow), never past the message limit. `feed` refuses RSV1 (1002).
     pub fn feed_inflating<F>(
         &mut self,
         input: &mut [u8],
@@ -216,7 +207,7 @@ impl Decoder {
             let mut frame = match self.frame {
                 Some(f) => f,
                 None => match self.take_header(input, &mut pos)? {
-                    Some(h) => self.begin_frame(h)?,
+                    Some(h) => self.begin_frame(h, inflater.is_some())?,
                     None => return Ok(()),
                 },
             };
@@ -322,13 +313,14 @@ impl Decoder {
         }
     }
 
-    fn begin_frame(&mut self, h: RawHeader) -> Result<Frame, ProtocolError> {
+    /// `deflate`: permessage-deflate was agreed (the caller gave an inflater).
+    fn begin_frame(&mut self, h: RawHeader, deflate: bool) -> Result<Frame, ProtocolError> {
         let opcode = OpCode::try_from(h.opcode).map_err(|_| fail(CloseCode::PROTOCOL_ERROR, "unknown opcode"))?;
         // RSV1 marks a compressed message: only with permessage-deflate agreed, and only
         // on a message's first frame, never on a control frame (RFC 7692 §6.1).
         let rsv1 = h.rsv == RSV1_BIT;
         let starts_message = matches!(opcode, OpCode::Text | OpCode::Binary);
-        if h.rsv != 0 && !(rsv1 && self.deflate && starts_message) {
+        if h.rsv != 0 && !(rsv1 && deflate && starts_message) {
             return Err(fail(
                 CloseCode::PROTOCOL_ERROR,
                 "reserved bits set without an extension",
@@ -434,9 +426,6 @@ mod tests {
     fn decode_with(wire: &[u8], cuts: &[usize], max: usize, deflate: bool) -> (Vec<Owned>, Option<ProtocolError>) {
         let mut d = Decoder::new(Role::Server, max);
         let mut inflater = Inflater::new();
-        if deflate {
-            d.enable_deflate();
-        }
         let mut wire = wire.to_vec();
         let mut events = Vec::new();
         let mut start = 0;
@@ -445,14 +434,19 @@ mod tests {
         bounds.push(wire.len());
         for end in bounds {
             let end = end.max(start);
-            let res = d.feed_inflating(&mut wire[start..end], &mut inflater, &mut |e| {
+            let mut on_event = |e: Event<'_>| {
                 events.push(match e {
                     Event::Message { opcode, payload } => Owned::Msg(opcode, payload.to_vec()),
                     Event::Ping(p) => Owned::Ping(p.to_vec()),
                     Event::Pong(p) => Owned::Pong(p.to_vec()),
                     Event::Close { code, reason } => Owned::Close(code.map(u16::from), reason.to_string()),
                 })
-            });
+            };
+            let res = if deflate {
+                d.feed_inflating(&mut wire[start..end], &mut inflater, &mut on_event)
+            } else {
+                d.feed(&mut wire[start..end], &mut on_event)
+            };
             if let Err(e) = res {
                 return (events, Some(e));
             }

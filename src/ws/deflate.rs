@@ -9,6 +9,8 @@
 //! the same bytes go to every member that negotiated the extension. `Policy::Takeover`
 //! keeps context where the client allows it, at a deflater and an inflater per connection.
 
+use std::cell::RefCell;
+
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
 use super::frame::{encode_header, OpCode, MAX_HEADER_LEN};
@@ -74,6 +76,31 @@ impl Agreed {
             value.push_str(&format!("; server_max_window_bits={}", self.window_bits));
         }
         value
+    }
+}
+
+/// One connection's side of permessage-deflate: what it agreed to and, where context is
+/// kept, its own deflater and inflater (boxed: a connection without them pays a pointer).
+pub struct ConnDeflate {
+    pub agreed: Agreed,
+    /// Our side keeps context: this connection's deflater.
+    pub own_deflater: Option<Box<RefCell<Deflater>>>,
+    /// The client's side keeps context: this connection's inflater.
+    pub own_inflater: Option<Box<RefCell<Inflater>>>,
+}
+
+impl ConnDeflate {
+    /// `level` is the zlib level of a deflater of the connection's own.
+    pub fn new(agreed: Agreed, level: u32) -> Self {
+        ConnDeflate {
+            agreed,
+            own_deflater: agreed
+                .server_takeover
+                .then(|| Box::new(RefCell::new(Deflater::keeping_context(level)))),
+            own_inflater: agreed
+                .client_takeover
+                .then(|| Box::new(RefCell::new(Inflater::keeping_context()))),
+        }
     }
 }
 

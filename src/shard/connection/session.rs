@@ -4,7 +4,6 @@
 //! connection answers leaves through `Egress::finish_round`. Routed chat messages for it
 //! arrive in its queue, which the shard flushes at the end of each round.
 
-use std::cell::RefCell;
 use std::net::Shutdown;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -19,7 +18,7 @@ use crate::chat::session::{Arrival, ChatConn};
 use crate::shard::context::{ConnectionSlot, ReadOutcome, ShardContext};
 use crate::shard::egress::{Cork, Finish, Outbound, RX_BUFFER};
 use crate::shard::Apps;
-use crate::ws::deflate::{write_compressed_frame, Agreed, Deflater, Inflater};
+use crate::ws::deflate::{write_compressed_frame, Agreed, ConnDeflate, Deflater};
 use crate::ws::{write_close, CloseCode, Decoder, Event, OpCode, ProtocolError, Role};
 
 /// Where the connection is in its life after the upgrade.
@@ -50,12 +49,6 @@ enum App {
 
 struct Session {
     decoder: Decoder,
-    /// permessage-deflate, when agreed: messages in may be compressed, and echo answers
-    /// are compressed when it pays.
-    deflate: Option<Agreed>,
-    /// With a client that keeps context: the connection's own inflater (made with the
-    /// session, its zlib state on the first compressed message).
-    own_inflater: Option<Box<Inflater>>,
     /// What the decoder held after the last read, as counted in the shard's budget.
     held: u32,
     state: State,
@@ -66,13 +59,15 @@ struct Session {
 
 impl Session {
     /// Decodes `input` and queues every answer (echo, chat answers, pong, close) in `out`.
+    /// With permessage-deflate agreed (`deflate`), messages in may be compressed, and echo
+    /// answers are compressed when it pays.
     fn on_bytes(
         &mut self,
         apps: &Apps,
         ctx: &ShardContext,
         input: &mut [u8],
         out: &mut Cork,
-        own_deflater: Option<&RefCell<Deflater>>,
+        deflate: Option<&ConnDeflate>,
     ) -> Next {
         let open = self.state == State::Open;
         let mut peer_close = None;
@@ -83,22 +78,16 @@ impl Session {
             App::Echo => None,
         };
         out.begin(input);
-        let Session {
-            decoder,
-            app,
-            deflate,
-            own_inflater,
-            ..
-        } = self;
-        let deflate = *deflate;
+        let Session { decoder, app, .. } = self;
         let min_size = ctx.config.deflate_min_size;
+        let own_deflater = deflate.and_then(|d| d.own_deflater.as_deref());
         let mut on_event = |event: Event<'_>| match event {
             Event::Message { opcode, payload } if open => match (&mut *app, arrival) {
                 (App::Echo, _) => match deflate.filter(|_| payload.len() >= min_size) {
-                    Some(agreed) => match own_deflater {
+                    Some(conn) => match own_deflater {
                         Some(own) => {
                             let mut own = own.borrow_mut();
-                            echo_deflated(&mut own, out, opcode, payload, agreed.window_bits);
+                            echo_deflated(&mut own, out, opcode, payload, conn.agreed.window_bits);
                             ctx.deflate.count_own(own.take_stats());
                         }
                         None => echo_deflated(
@@ -106,7 +95,7 @@ impl Session {
                             out,
                             opcode,
                             payload,
-                            agreed.window_bits,
+                            conn.agreed.window_bits,
                         ),
                     },
                     None => out.frame(opcode, payload),
@@ -122,9 +111,11 @@ impl Session {
             Event::Pong(_) => pong = true,
             Event::Close { code, .. } => peer_close = Some(code),
         };
+        let own_inflater = deflate.and_then(|d| d.own_inflater.as_deref());
         let result = match (deflate, own_inflater) {
             (Some(_), Some(own)) => {
-                let result = decoder.feed_inflating(input, own, &mut on_event);
+                let mut own = own.borrow_mut();
+                let result = decoder.feed_inflating(input, &mut own, &mut on_event);
                 own.trim(OWN_BUFFER_RETAIN);
                 result
             }
@@ -402,16 +393,8 @@ fn open<'a>(
             )
         }
     };
-    let mut decoder = Decoder::new(Role::Server, max_message);
-    if deflate.is_some() {
-        decoder.enable_deflate();
-    }
     let session = Session {
-        decoder,
-        deflate,
-        own_inflater: deflate
-            .filter(|a| a.client_takeover)
-            .map(|_| Box::new(Inflater::keeping_context())),
+        decoder: Decoder::new(Role::Server, max_message),
         held: 0,
         state: State::Open,
         app,
@@ -441,7 +424,7 @@ impl Conn<'_> {
         let mut cork = self.ctx.egress.cork();
         let next = self
             .session
-            .on_bytes(self.apps, self.ctx, &mut leftover, &mut cork, self.out.own_deflater());
+            .on_bytes(self.apps, self.ctx, &mut leftover, &mut cork, self.out.deflate());
         self.end_session_if(next);
         self.ctx.finish_round(
             &self.apps.hub,
@@ -477,9 +460,7 @@ impl Conn<'_> {
         let next = match outcome {
             ReadOutcome::Data(_) => {
                 let (input, cork) = round.parts();
-                let next = self
-                    .session
-                    .on_bytes(self.apps, ctx, input, cork, self.out.own_deflater());
+                let next = self.session.on_bytes(self.apps, ctx, input, cork, self.out.deflate());
                 // A peer that keeps sending but never answers our ping is not alive either.
                 let overdue = self
                     .session

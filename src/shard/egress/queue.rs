@@ -21,7 +21,7 @@ use crate::metrics::LatencyRecorder;
 use crate::route::ConnId;
 use crate::shard::budget::MemoryBudget;
 use crate::sys::socket::{IoBatch, Push, IOV_BATCH};
-use crate::ws::deflate::{Agreed, Deflater};
+use crate::ws::deflate::{Agreed, ConnDeflate};
 
 struct Queued {
     frame: Bytes,
@@ -54,10 +54,8 @@ pub struct Outbound {
     batched: Cell<bool>,
     /// The shard's budget, which counts what this queue holds.
     budget: Option<Rc<MemoryBudget>>,
-    /// The deflate window the peer agreed to (permessage-deflate), if it did.
-    deflate_window: Option<u8>,
-    /// With context takeover: the connection's own deflater (made on first use).
-    own_deflater: Option<Box<RefCell<Deflater>>>,
+    /// permessage-deflate, if the peer agreed to it.
+    deflate: Option<Box<ConnDeflate>>,
 }
 
 impl Outbound {
@@ -76,18 +74,14 @@ impl Outbound {
             sealed: Cell::new(false),
             batched: Cell::new(false),
             budget: None,
-            deflate_window: None,
-            own_deflater: None,
+            deflate: None,
         }
     }
 
-    /// The peer agreed to permessage-deflate: the window (bits), and a deflater of the
-    /// connection's own when our side keeps context (`level`).
+    /// What the peer agreed to of permessage-deflate, if anything; `level` is the zlib
+    /// level of a deflater of the connection's own (context takeover).
     pub fn with_deflate(mut self, agreed: Option<Agreed>, level: u32) -> Self {
-        self.deflate_window = agreed.map(|a| a.window_bits);
-        self.own_deflater = agreed
-            .filter(|a| a.server_takeover)
-            .map(|_| Box::new(RefCell::new(Deflater::keeping_context(level))));
+        self.deflate = agreed.map(|a| Box::new(ConnDeflate::new(a, level)));
         self
     }
 
@@ -274,12 +268,8 @@ impl ConnOutput for Outbound {
         !self.overflowed.get() && !self.sealed.get() && self.bytes.get() + len <= self.limit
     }
 
-    fn deflate_window(&self) -> Option<u8> {
-        self.deflate_window
-    }
-
-    fn own_deflater(&self) -> Option<&RefCell<Deflater>> {
-        self.own_deflater.as_deref()
+    fn deflate(&self) -> Option<&ConnDeflate> {
+        self.deflate.as_deref()
     }
 }
 
