@@ -23,7 +23,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 use hdrhistogram::Histogram;
 use shardgate::sys::epoll::{event_buffer, Poller};
 use shardgate::sys::socket::{self, IoBatch, Push, IOV_BATCH};
-use shardgate::ws::deflate::{accepted_by_server, Deflater, Inflater, EXTENSION, RSV1};
+use shardgate::ws::deflate::{accepted_in_response, Deflater, Inflater, EXTENSION, RSV1};
 use shardgate::ws::{write_frame, Decoder, Event, OpCode, Role};
 
 #[derive(Debug, Clone, Parser)]
@@ -346,24 +346,12 @@ async fn connect(args: Rc<Args>) -> std::io::Result<TcpStream> {
             String::from_utf8_lossy(&head[..head.len().min(80)])
         )));
     }
-    if args.deflate && !agreed_deflate(&head) {
+    if args.deflate && accepted_in_response(&head).is_none() {
         return Err(std::io::Error::other(
             "the server did not accept permessage-deflate without context takeover (is it run with --deflate?)",
         ));
     }
     Ok(stream)
-}
-
-/// Does the 101 response `head` agree to permessage-deflate as our clients run it?
-fn agreed_deflate(head: &[u8]) -> bool {
-    head.split(|&b| b == b'\n').any(|line| {
-        let line = line.trim_ascii();
-        let Some(colon) = line.iter().position(|&b| b == b':') else {
-            return false;
-        };
-        line[..colon].eq_ignore_ascii_case(b"sec-websocket-extensions")
-            && accepted_by_server(&line[colon + 1..]).is_some()
-    })
 }
 
 /// Decodes what the server sent, inflating compressed messages when `inflater` is given

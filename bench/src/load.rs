@@ -30,7 +30,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 use hdrhistogram::Histogram;
 use serde::Deserialize;
 use shardgate::chat::auth::Authenticator;
-use shardgate::ws::deflate::{accepted_by_server, Deflater, Inflater, EXTENSION, RSV1};
+use shardgate::ws::deflate::{accepted_in_response, Deflater, Inflater, EXTENSION, RSV1};
 use shardgate::ws::{write_close, write_frame, Decoder, Event, OpCode, Role};
 use shardgate_bench::accounting::{decode_histogram, encode_histogram, new_histogram, Answer, Report, Tracker};
 
@@ -731,24 +731,12 @@ async fn connect(th: &Thread, gateway: usize, global: usize, cred: &str) -> Opti
     }
     // A gateway that did not agree to deflate (run without --deflate) fails the handshake
     // here: the run would not measure what it says.
-    if th.args.deflate && !agreed_deflate(&head[..pos]) {
+    if th.args.deflate && accepted_in_response(&head[..pos]).is_none() {
         return None;
     }
     let decoder = Decoder::new(Role::Client, 1 << 20);
     head.drain(..pos);
     Some((stream, decoder, head))
-}
-
-/// Does the 101 response `head` agree to permessage-deflate with no context kept?
-fn agreed_deflate(head: &[u8]) -> bool {
-    head.split(|&b| b == b'\n').any(|line| {
-        let line = line.trim_ascii();
-        let Some(colon) = line.iter().position(|&b| b == b':') else {
-            return false;
-        };
-        line[..colon].eq_ignore_ascii_case(b"sec-websocket-extensions")
-            && accepted_by_server(&line[colon + 1..]).is_some()
-    })
 }
 
 /// `,"text":"…"` of about `bytes` bytes of chat-like words (empty for 0).

@@ -144,6 +144,18 @@ pub fn accepted_by_server(value: &[u8]) -> Option<Agreed> {
     (server_nct && client_nct).then_some(agreed)
 }
 
+/// `accepted_by_server` for a whole 101 response head: its `Sec-WebSocket-Extensions`.
+pub fn accepted_in_response(head: &[u8]) -> Option<Agreed> {
+    head.split(|&b| b == b'\n').find_map(|line| {
+        let line = line.trim_ascii();
+        let colon = line.iter().position(|&b| b == b':')?;
+        line[..colon]
+            .eq_ignore_ascii_case(b"sec-websocket-extensions")
+            .then(|| accepted_by_server(&line[colon + 1..]))
+            .flatten()
+    })
+}
+
 fn accept_offer(offer: &[u8], takeover: bool) -> Option<Agreed> {
     let mut params = split_outside_quotes(offer, b';');
     let name = params.next()?.trim_ascii();
@@ -608,6 +620,11 @@ mod tests {
             None
         );
         assert_eq!(accepted_by_server(b"other"), None);
+        let head = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nsec-websocket-extensions: {narrow}\r\n\r\n"
+        );
+        assert_eq!(accepted_in_response(head.as_bytes()).unwrap().window_bits, 9);
+        assert_eq!(accepted_in_response(b"HTTP/1.1 101 Switching Protocols\r\n\r\n"), None);
     }
 
     #[test]
