@@ -248,7 +248,7 @@ config_table! {
         deflate_min_size: usize = 512, "512";
         /// With --deflate: zlib level, 1 (fastest) to 9 (smallest).
         deflate_level: u32 = 1, "1";
-        /// With --deflate: keep compression context between messages where the client's offer allows it (better ratios, about 300 KiB per connection that has used it).
+        /// With --deflate: keep compression context between messages where the client's offer allows it (better ratios, about 340 KiB per connection that has used it).
         #[arg(num_args = 0, default_missing_value = "true")]
         deflate_context_takeover: bool = false, "off";
         /// Bytes of io_uring buffer memory each shard pins (counts against RLIMIT_MEMLOCK for non-root).

@@ -1,6 +1,6 @@
 //! permessage-deflate (RFC 7692) against the real binary: what is negotiated for each
 //! offer, compressed chat messages, a room message compressed once for all its members,
-//! and a compressed message that inflates past the limit.
+//! a compressed message that inflates past the limit, and context takeover.
 //!
 //! The client side inflates with flate2 directly (raw deflate plus the `00 00 ff ff`
 //! tail), not with the gateway's own `ws::deflate`; the Autobahn|Testsuite's 12.* and 13.*

@@ -36,7 +36,8 @@ pub enum Policy {
     /// permessage-deflate with no context kept on either side (the server imposes it).
     NoContext,
     /// permessage-deflate, keeping context on each side whose offer does not ask
-    /// otherwise: better ratios, about 300 KiB per connection that has used it.
+    /// otherwise: better ratios, about 340 KiB per connection that has used it (measured:
+    /// bench/README.md, "Compression").
     Takeover,
 }
 
@@ -241,8 +242,9 @@ fn split_outside_quotes(value: &[u8], sep: u8) -> impl Iterator<Item = &[u8]> {
     })
 }
 
-/// Deflates whole messages, one at a time, with no context kept between them. Holds a
-/// zlib state per window size in use (about 270 KiB at 15 bits), made on first use.
+/// Deflates whole messages, one at a time: with no context kept between them (a shard's
+/// deflater, serving any connection), or with it (`keeping_context`, one connection's).
+/// Holds a zlib state per window size in use, made on first use.
 pub struct Deflater {
     level: Compression,
     by_window: [Option<Box<Compress>>; (MAX_WINDOW - MIN_WINDOW) as usize],
@@ -300,7 +302,10 @@ impl Deflater {
     /// pay (the result is no smaller) or cannot be done within the window: the message
     /// then goes uncompressed, which every peer accepts (§6).
     pub fn deflate(&mut self, payload: &[u8], window_bits: u8) -> Option<&[u8]> {
-        if payload.is_empty() || (window_bits == MIN_WINDOW && payload.len() > WINDOW_8_MAX_MESSAGE) {
+        // A 9-bit stream stands in for an 8-bit window only where nothing earlier can be
+        // referred to: short messages, no context kept.
+        let window_8_unsafe = payload.len() > WINDOW_8_MAX_MESSAGE || self.keep_context;
+        if payload.is_empty() || (window_bits == MIN_WINDOW && window_8_unsafe) {
             return None;
         }
         let bits = window_bits.clamp(MIN_WINDOW + 1, MAX_WINDOW);
@@ -393,7 +398,7 @@ pub enum InflateError {
 /// Inflates whole messages, one at a time, with a 15-bit window (which takes the data of
 /// any window the peer used).
 pub struct Inflater {
-    /// Made on first use (about 40 KiB with its window).
+    /// Made on first use.
     decompress: Option<Box<Decompress>>,
     out: Vec<u8>,
     /// One connection's inflater for a peer that keeps its context (context takeover).
@@ -696,10 +701,11 @@ mod tests {
             })
             .collect();
         assert_eq!(deflater.deflate(&noise, 15), None);
-        // An 8-bit window only for messages no longer than it.
+        // An 8-bit window only for messages no longer than it, with no context kept.
         let text = b"abcabcabc".repeat(40);
         assert!(deflater.deflate(&text[..255], 8).is_some());
         assert_eq!(deflater.deflate(&text, 8), None);
+        assert_eq!(Deflater::keeping_context(1).deflate(&text[..255], 8), None);
     }
 
     #[test]
