@@ -13,7 +13,6 @@ and without the extension, each on a fresh gateway; and what context takeover ho
 --deflate-context-takeover.
 """
 import argparse
-import os
 import re
 import resource
 import signal
@@ -25,19 +24,13 @@ import time
 import zlib
 from pathlib import Path
 
+from benchlib import cpu_seconds, free_port, status_kib
+
 ROOT = Path(__file__).resolve().parent.parent
 ECHO_LOAD = ROOT / "target/release/echo-load"
 SHARDGATE = ROOT / "target/release/shardgate"
 FANOUT = ROOT / "target/release/deflate-fanout"
 CASES = [(10, 1024), (200, 16384)]
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 class Gateway:
@@ -59,13 +52,10 @@ class Gateway:
         raise SystemExit(f"bench-deflate: the gateway did not start; see {self.log.name}")
 
     def cpu_seconds(self):
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.proc.pid)
 
     def rss_kib(self):
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
+        return status_kib(self.proc.pid, "VmRSS")
 
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchlib import cpu_seconds, free_port, status_kib
+
 ROOT = Path(__file__).resolve().parent.parent
 ECHO_LOAD = ROOT / "target/release/echo-load"
 SHARDGATE = ROOT / "target/release/shardgate"
@@ -26,14 +28,6 @@ PEER_NAME = {"tokio-tungstenite": "tungstenite", "fastwebsockets": "fastwebsocke
              "tokio-websockets": "tokio-websockets"}
 CASES = [(100, 20), (10, 1024), (200, 16384), (500, 16384)]
 WINDOWS = [1, 16]
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 class Server:
@@ -78,17 +72,10 @@ class Server:
         raise SystemExit(f"bench-peers: {name} did not start; see {self.log.name}")
 
     def cpu_seconds(self):
-        # utime + stime of every thread, in clock ticks.
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.proc.pid)
 
     def status_kib(self, key):
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-        return 0
+        return status_kib(self.proc.pid, key)
 
     def stop(self):
         if self.proc.poll() is None:

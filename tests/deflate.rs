@@ -113,20 +113,28 @@ fn deflate_with(message: &[u8], level: u32, window_bits: u8) -> Vec<u8> {
 
 /// Sends a masked text message, compressed (RSV1) if `compressed`.
 fn send_text(s: &mut TcpStream, text: &str, compressed: bool) {
-    let mut frame = Vec::new();
-    let payload = if compressed {
-        deflate(text.as_bytes())
+    if compressed {
+        send_deflated(s, &deflate(text.as_bytes()));
     } else {
-        text.as_bytes().to_vec()
-    };
+        send_frame(s, text.as_bytes(), false);
+    }
+}
+
+/// Sends one masked text frame carrying deflate data (RSV1 set).
+fn send_deflated(s: &mut TcpStream, deflated: &[u8]) {
+    send_frame(s, deflated, true);
+}
+
+fn send_frame(s: &mut TcpStream, payload: &[u8], rsv1: bool) {
+    let mut frame = Vec::new();
     shardgate::ws::frame::write_frame(
         &mut frame,
         true,
         shardgate::ws::OpCode::Text,
-        &payload,
+        payload,
         Some([9, 8, 7, 6]),
     );
-    if compressed {
+    if rsv1 {
         frame[0] |= RSV1;
     }
     s.write_all(&frame).unwrap();
@@ -361,16 +369,7 @@ fn a_compressed_message_that_inflates_past_the_limit_closes_with_1009() {
     );
     let deflated = deflate(bomb.as_bytes());
     assert!(deflated.len() < 64 * 1024, "{}", deflated.len());
-    let mut frame = Vec::new();
-    shardgate::ws::frame::write_frame(
-        &mut frame,
-        true,
-        shardgate::ws::OpCode::Text,
-        &deflated,
-        Some([1, 2, 3, 4]),
-    );
-    frame[0] |= RSV1;
-    mallory.write_all(&frame).unwrap();
+    send_deflated(&mut mallory, &deflated);
     let (first, payload) = read_frame(&mut mallory);
     assert_eq!(first & 0x0F, 0x8, "a Close");
     assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 1009);
@@ -413,16 +412,7 @@ fn with_context_takeover_messages_refer_back_to_earlier_ones() {
             .compress_vec(send.as_bytes(), &mut deflated, FlushCompress::Sync)
             .unwrap();
         deflated.truncate(deflated.len() - 4);
-        let mut frame = Vec::new();
-        shardgate::ws::frame::write_frame(
-            &mut frame,
-            true,
-            shardgate::ws::OpCode::Text,
-            &deflated,
-            Some([3, 1, 4, 1]),
-        );
-        frame[0] |= RSV1;
-        alice.write_all(&frame).unwrap();
+        send_deflated(&mut alice, &deflated);
         assert_eq!(expect_type(&mut alice, "ack").0["status"], "routed");
         let message = loop {
             let (first, payload) = read_frame(&mut bob);

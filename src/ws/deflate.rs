@@ -528,15 +528,7 @@ mod tests {
         assert_eq!(inflater.inflate(&first, 1 << 20).unwrap(), &text[..]);
         assert_eq!(inflater.inflate(&second, 1 << 20).unwrap(), &text[..]);
         // Noise is not sent compressed, and what follows it still inflates.
-        let mut x = 7u64;
-        let noise: Vec<u8> = (0..3000)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 24) as u8
-            })
-            .collect();
+        let noise = incompressible(7u64, 3000);
         assert_eq!(deflater.deflate(&noise, 15), None);
         let third = deflater.deflate(&text, 15).unwrap().to_vec();
         assert_eq!(inflater.inflate(&third, 1 << 20).unwrap(), &text[..]);
@@ -663,15 +655,7 @@ mod tests {
 
     #[test]
     fn random_bytes_of_every_size_are_safe_at_every_level() {
-        let mut x = 0x1234_5678_9abc_def1u64;
-        let noise: Vec<u8> = (0..140_000)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 24) as u8
-            })
-            .collect();
+        let noise = incompressible(0x1234_5678_9abc_def1u64, 140_000);
         let mut inflater = Inflater::new();
         for level in [1, 6, 9] {
             let mut deflater = Deflater::new(level);
@@ -691,15 +675,7 @@ mod tests {
     fn what_does_not_shrink_is_not_deflated() {
         let mut deflater = Deflater::new(1);
         assert_eq!(deflater.deflate(b"", 15), None);
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        let noise: Vec<u8> = (0..2000)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 24) as u8
-            })
-            .collect();
+        let noise = incompressible(0x9E37_79B9_7F4A_7C15u64, 2000);
         assert_eq!(deflater.deflate(&noise, 15), None);
         // An 8-bit window only for messages no longer than it, with no context kept.
         let text = b"abcabcabc".repeat(40);
@@ -727,6 +703,18 @@ mod tests {
         assert_eq!(deflate_frame(&mut deflater, &ping, 15, 0), None);
         assert_eq!(deflate_frame(&mut deflater, &[], 15, 0), None);
         assert_eq!(deflate_frame(&mut deflater, &twin, 15, 0), None, "already compressed");
+    }
+
+    /// `len` bytes no compressor can shrink (xorshift from `seed`).
+    fn incompressible(mut x: u64, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect()
     }
 
     fn json_like(seed: u64, len: usize) -> Vec<u8> {
