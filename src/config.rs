@@ -58,6 +58,9 @@ pub struct TokenArgs {
     /// without any, the token has no `rooms` claim).
     #[arg(long = "room", value_name = "ROOM")]
     pub rooms: Vec<String>,
+    /// Let the token watch the dashboard's live feed (`/dashboard`).
+    #[arg(long)]
+    pub admin: bool,
 }
 
 /// Why the settings cannot be used.
@@ -258,6 +261,9 @@ config_table! {
         /// Where a generated secret is kept.
         #[arg(value_name = "DIR")]
         data_dir: PathBuf = default_data_dir(), "~/.local/share/shardgate";
+        /// DEMOS ONLY: show the dashboard's live feed without an admin token.
+        #[arg(num_args = 0, default_missing_value = "true")]
+        dashboard_open: bool = false, "off";
         /// DEMOS AND BENCHMARKS ONLY: accept `?user=<id>` on /ws without a token.
         #[arg(num_args = 0, default_missing_value = "true")]
         insecure_dev_auth: bool = false, "off";
@@ -351,6 +357,9 @@ config_table! {
         /// Also write the whole run's latency distribution to this file at shutdown.
         #[arg(value_name = "FILE")]
         histogram_out: PathBuf;
+        /// Serve `/metrics` on this address (a private port, one thread) instead of the main listener.
+        #[arg(value_name = "ADDR")]
+        metrics_listen: SocketAddr;
         /// Join a cluster of gateways through this NATS server (e.g. nats://127.0.0.1:4222); without it the gateway is a single node with no dependency.
         #[arg(value_name = "URL")]
         nats: String;

@@ -10,6 +10,7 @@
 //! - [`store`]: durable conversations (sequence numbers, the embedded message store).
 //! - [`cluster`]: many nodes as one, through NATS.
 //! - [`chat`]: the chat application (auth, protocol, sessions, the hub), apart from IO.
+//! - [`web`]: the chat and dashboard pages, and the dashboard's live feed.
 //! - [`shard`]: executors, listeners, buffers and the connection driver.
 
 pub mod chat;
@@ -23,4 +24,5 @@ pub mod shard;
 pub(crate) mod shutdown;
 pub mod store;
 pub mod sys;
+pub mod web;
 pub mod ws;

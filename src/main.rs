@@ -27,7 +27,10 @@ fn main() {
                 max_lifetime: None,
             };
             Authenticator::load(args.auth_secret_file.as_deref(), &data_dir, rules)
-                .and_then(|auth| auth.mint(&args.user, args.ttl, (!args.rooms.is_empty()).then_some(args.rooms)))
+                .and_then(|auth| {
+                    let rooms = (!args.rooms.is_empty()).then_some(args.rooms);
+                    auth.mint_with(&args.user, args.ttl, rooms, args.admin)
+                })
                 .map(|token| println!("{token}"))
                 .map_err(Into::into)
         }

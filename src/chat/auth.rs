@@ -41,6 +41,8 @@ pub struct TokenRules {
 pub struct Identity {
     pub user: String,
     pub rooms: Option<RoomGrants>,
+    /// The token carries `"admin": true`: it may watch the dashboard.
+    pub admin: bool,
 }
 
 /// The rooms a token grants: exact names, and prefixes (`team-*`).
@@ -92,6 +94,9 @@ struct Claims {
     /// claim, `--rooms-closed-by-default` decides.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     rooms: Option<Vec<String>>,
+    /// May watch the dashboard's live feed (`token --admin`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    admin: bool,
 }
 
 /// Where the secret came from, for the start-up message.
@@ -193,11 +198,23 @@ impl Authenticator {
         Ok(Identity {
             user: data.claims.sub,
             rooms: data.claims.rooms.map(RoomGrants::from),
+            admin: data.claims.admin,
         })
     }
 
     /// A token for `user` that expires after `ttl` (and grants `rooms`, when given).
     pub fn mint(&self, user: &str, ttl: Duration, rooms: Option<Vec<String>>) -> Result<String, AuthError> {
+        self.mint_with(user, ttl, rooms, false)
+    }
+
+    /// `mint`, and with `admin` the dashboard's claim.
+    pub fn mint_with(
+        &self,
+        user: &str,
+        ttl: Duration,
+        rooms: Option<Vec<String>>,
+        admin: bool,
+    ) -> Result<String, AuthError> {
         if !is_valid_user_id(user) {
             return Err(AuthError::BadUser(user.to_string()));
         }
@@ -211,6 +228,7 @@ impl Authenticator {
             aud: self.rules.audience.clone(),
             iss: self.rules.issuer.clone(),
             rooms,
+            admin,
         };
         Ok(jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
@@ -320,6 +338,7 @@ mod tests {
                 aud: None,
                 iss: None,
                 rooms: None,
+                admin: false,
             },
             &EncodingKey::from_secret(b"test-secret"),
         )
@@ -332,6 +351,7 @@ mod tests {
                 aud: None,
                 iss: None,
                 rooms: None,
+                admin: false,
                 exp: u64::MAX / 2,
             },
             &EncodingKey::from_secret(b"test-secret"),
@@ -339,6 +359,15 @@ mod tests {
         .unwrap();
         assert!(a.verify(&bad_sub).is_err());
         assert!(a.mint("bad user", Duration::from_secs(1), None).is_err());
+    }
+
+    #[test]
+    fn only_a_token_minted_as_admin_carries_the_claim() {
+        let a = Authenticator::from_secret(b"test-secret", SecretSource::Env, TokenRules::default());
+        let plain = a.mint("ops", Duration::from_secs(60), None).unwrap();
+        let admin = a.mint_with("ops", Duration::from_secs(60), None, true).unwrap();
+        assert!(!a.verify(&plain).unwrap().admin);
+        assert!(a.verify(&admin).unwrap().admin);
     }
 
     #[test]

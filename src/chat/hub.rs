@@ -14,6 +14,7 @@ use super::output::ConnOutput;
 use super::protocol::{self, AppError, ErrorCode};
 use super::session::RateLimits;
 use crate::cluster::{ClusterLink, ToCluster};
+use crate::metrics::counters::{Route, ShardCounters};
 use crate::route::directory::{AckEvent, RoomLimits, Router};
 use crate::route::inbox::Mesh;
 use crate::route::{shards_in, AckTo, Audience, ConnId, Outcome, Placement, ShardMask, ShardMsg};
@@ -59,6 +60,8 @@ pub struct Hub<O> {
     scratch: RefCell<Vec<u8>>,
     /// With `--deflate`: compresses frames for the connections that agreed to it.
     deflate: Option<FrameDeflate>,
+    /// What the chat application did on this shard (routes, acks, errors, frames queued).
+    pub counters: ShardCounters,
 }
 
 /// Compresses routed frames, once per message (per window size) however many of the
@@ -118,6 +121,7 @@ impl<O: ConnOutput> Hub<O> {
             to_ring: Cell::new(0),
             scratch: RefCell::new(Vec::with_capacity(4096)),
             deflate,
+            counters: ShardCounters::default(),
         }
     }
 
@@ -221,7 +225,9 @@ impl<O: ConnOutput> Hub<O> {
                 continue;
             }
             if let Some((_, out)) = map.get(id) {
-                if out.deliver(self.frame_for(out, frame, &mut twins), ingress, cross_node) {
+                let frame = self.frame_for(out, frame, &mut twins);
+                self.counters.queued(1, frame.len());
+                if out.deliver(frame, ingress, cross_node) {
                     dirty.push(out.clone());
                 }
             }
@@ -248,6 +254,7 @@ impl<O: ConnOutput> Hub<O> {
     /// Queues a frame of ours for a connection (not a routed message).
     fn queue_own(&self, out: &Rc<O>, frame: Bytes) {
         let frame = self.frame_for(out, &frame, &mut Twins::default());
+        self.counters.queued(1, frame.len());
         if out.answer(frame) {
             self.dirty.borrow_mut().push(out.clone());
         }
@@ -255,12 +262,18 @@ impl<O: ConnOutput> Hub<O> {
 
     /// Sends `msg` to another shard; its doorbell rings at the end of the round.
     pub fn send_to(&self, shard: usize, msg: ShardMsg) {
+        if matches!(msg, ShardMsg::Direct { .. } | ShardMsg::Room { .. }) {
+            self.counters.routed(Route::CrossShard, 1);
+        }
         self.mesh.push(shard, msg);
         self.to_ring.set(self.to_ring.get() | 1 << shard);
     }
 
     /// Hands `msg` to the cluster thread; its doorbell rings at the end of the round.
     pub fn to_cluster(&self, link: &ClusterLink, msg: ToCluster) {
+        if matches!(msg, ToCluster::Direct { .. } | ToCluster::Publish { .. }) {
+            self.counters.routed(Route::CrossNode, 1);
+        }
         link.push(msg);
         self.ring_cluster.set(true);
     }
@@ -274,6 +287,9 @@ impl<O: ConnOutput> Hub<O> {
                 ingress,
                 cross_node,
             } => {
+                if cross_node {
+                    self.counters.routed(Route::CrossNode, 1);
+                }
                 let router = self.router.borrow();
                 self.deliver_local(router.local_connections(&to), &frame, ingress, None, cross_node);
             }
@@ -284,6 +300,9 @@ impl<O: ConnOutput> Hub<O> {
                 except,
                 cross_node,
             } => {
+                if cross_node {
+                    self.counters.routed(Route::CrossNode, 1);
+                }
                 let router = self.router.borrow();
                 let except = (except.0 == self.shard).then_some(except.1);
                 self.deliver_local(
@@ -301,6 +320,9 @@ impl<O: ConnOutput> Hub<O> {
                 except,
                 cross_node,
             } => {
+                if cross_node {
+                    self.counters.routed(Route::CrossNode, 1);
+                }
                 let router = self.router.borrow();
                 let except = (except.0 == self.shard).then_some(except.1);
                 let waiting = self.awaiting_ready.borrow();
@@ -344,6 +366,12 @@ impl<O: ConnOutput> Hub<O> {
         let Some(out) = self.conns.borrow().get(&conn).map(|(_, out)| out.clone()) else {
             return; // The sender is gone.
         };
+        match outcome {
+            Outcome::Routed => self.counters.ack("routed"),
+            Outcome::Offline => self.counters.ack("offline"),
+            Outcome::Refused => self.counters.error(ErrorCode::RateLimited.as_str()),
+            Outcome::Unavailable => self.counters.error(ErrorCode::Unavailable.as_str()),
+        }
         let frame = self.encode(|json| match outcome {
             Outcome::Routed => protocol::write_ack(json, id, "routed"),
             Outcome::Offline => protocol::write_ack(json, id, "offline"),
@@ -487,16 +515,19 @@ impl<O: ConnOutput> Hub<O> {
                 AckEvent::Ready => protocol::write_ready(json, &user),
                 AckEvent::Joined(room) => protocol::write_membership(json, true, room),
                 AckEvent::Left(room) => protocol::write_membership(json, false, room),
-                AckEvent::TooManyRooms(room) => protocol::write_error(
-                    json,
-                    &AppError::new(
-                        ErrorCode::TooManyRooms,
-                        format!(
-                            "not joined to {room}: {user} is in {} rooms, the most allowed; leave one first",
-                            self.limits.rooms_per_user
+                AckEvent::TooManyRooms(room) => {
+                    self.counters.error(ErrorCode::TooManyRooms.as_str());
+                    protocol::write_error(
+                        json,
+                        &AppError::new(
+                            ErrorCode::TooManyRooms,
+                            format!(
+                                "not joined to {room}: {user} is in {} rooms, the most allowed; leave one first",
+                                self.limits.rooms_per_user
+                            ),
                         ),
-                    ),
-                ),
+                    )
+                }
             });
             self.queue_own(&out, frame);
         }

@@ -89,6 +89,19 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    pub const ALL: [ErrorCode; 10] = [
+        ErrorCode::BadJson,
+        ErrorCode::UnknownType,
+        ErrorCode::BadField,
+        ErrorCode::NotMember,
+        ErrorCode::Forbidden,
+        ErrorCode::RateLimited,
+        ErrorCode::TooManyRooms,
+        ErrorCode::RoomFull,
+        ErrorCode::Unavailable,
+        ErrorCode::NotFound,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::BadJson => "bad_json",
@@ -462,6 +475,12 @@ pub fn write_error(out: &mut Vec<u8>, e: &AppError) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_error_code_has_its_own_metrics_counter() {
+        let names = ErrorCode::ALL.map(ErrorCode::as_str);
+        assert_eq!(names, crate::metrics::counters::ERROR_CODES);
+    }
 
     #[test]
     fn bodies_with_half_a_surrogate_pair_are_refused() {

@@ -15,6 +15,7 @@ use super::output::{ConnOutput, Reply};
 use super::protocol::{self, AppError, ClientMessage, ErrorCode, HistoryRange};
 use crate::cluster::ToCluster;
 use crate::config::Config;
+use crate::metrics::counters::Route;
 use crate::route::directory::JoinRefused;
 use crate::route::{shards_in, AckTo, Audience, ShardMask, ShardMsg};
 use crate::store::thread::{AppendRequest, StoreLink, ToStore};
@@ -180,7 +181,7 @@ fn origin_allowed(config: &Config, request: &Request<'_>) -> bool {
 }
 
 /// The token (`?token=`, else `Authorization: Bearer`) and the dev-mode `?user=`.
-fn credentials(request: &Request<'_>) -> (Option<String>, Option<String>) {
+pub fn credentials(request: &Request<'_>) -> (Option<String>, Option<String>) {
     let mut token = None;
     let mut dev_user = None;
     for (k, v) in form_urlencoded::parse(request.query.as_bytes()) {
@@ -260,6 +261,7 @@ impl<O: ConnOutput> ChatConn<O> {
             protocol::parse(payload).and_then(|msg| self.route(hub, config, msg, at, reply))
         };
         if let Err(error) = result {
+            hub.counters.error(error.code.as_str());
             hub.with_json(|json| protocol::write_error(json, &error), |json| reply.text(json));
         }
     }
@@ -275,11 +277,14 @@ impl<O: ConnOutput> ChatConn<O> {
         match msg {
             ClientMessage::Send { to, id, body } => {
                 let id = id.as_deref();
-                self.send(hub, &to, id, body, at, reply).map_err(|e| e.with_id_str(id))
+                self.send(hub, &to, id, body, at, reply)
+                    .inspect(|()| hub.counters.routed(Route::Direct, 1))
+                    .map_err(|e| e.with_id_str(id))
             }
             ClientMessage::Publish { room, id, body } => {
                 let id = id.as_deref();
                 self.publish(hub, &room, id, body, at, reply)
+                    .inspect(|()| hub.counters.routed(Route::Room, 1))
                     .map_err(|e| e.with_id_str(id))
             }
             ClientMessage::Join { room, since } => {
@@ -334,6 +339,7 @@ impl<O: ConnOutput> ChatConn<O> {
             }
         }
         if mask == 0 && cluster.is_none() {
+            hub.counters.ack("offline");
             hub.with_json(|json| protocol::write_ack(json, id, "offline"), |json| reply.text(json));
             return Ok(());
         }
@@ -382,6 +388,7 @@ impl<O: ConnOutput> ChatConn<O> {
                 return Ok(());
             }
         }
+        hub.counters.ack("routed");
         hub.with_json(|json| protocol::write_ack(json, id, "routed"), |json| reply.text(json));
         Ok(())
     }
@@ -463,6 +470,7 @@ impl<O: ConnOutput> ChatConn<O> {
             );
             return Ok(());
         }
+        hub.counters.ack("routed");
         hub.with_json(|json| protocol::write_ack(json, id, "routed"), |json| reply.text(json));
         Ok(())
     }

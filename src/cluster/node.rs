@@ -24,6 +24,7 @@ use super::access::{redact_url, NatsAccess};
 use super::presence::{Action, Presence};
 use super::wire::{self, BatchWriter, ClusterKey, NodeId, ReceiptWriter, RecordKind, StoredAt};
 use super::{instant_to_unix_nanos, unix_nanos, ClusterLink, ToCluster};
+use crate::metrics::board::{Board, ClusterSnapshot};
 use crate::route::inbox::Mesh;
 use crate::route::{AckTo, Outcome, Placement};
 use crate::route::{ShardMask, ShardMsg};
@@ -69,6 +70,21 @@ struct Traffic {
     rejected: u64,
 }
 
+impl std::ops::AddAssign for Traffic {
+    fn add_assign(&mut self, o: Traffic) {
+        self.batches_out += o.batches_out;
+        self.records_out += o.records_out;
+        self.batches_in += o.batches_in;
+        self.records_in += o.records_in;
+        self.routed += o.routed;
+        self.offline += o.offline;
+        self.unavailable += o.unavailable;
+        self.refused += o.refused;
+        self.stored_out += o.stored_out;
+        self.rejected += o.rejected;
+    }
+}
+
 /// Shard messages handled per round, before batches are sent.
 const ROUND: usize = 4096;
 /// Batches stay well under NATS's default 1 MiB payload limit.
@@ -99,6 +115,8 @@ pub struct Wiring {
     /// to be put in order), and the push webhook's queue.
     pub store: Option<Arc<StoreLink>>,
     pub push: Option<PushQueue>,
+    /// Where the thread's totals are left once a second, for `/metrics`.
+    pub board: Arc<Board>,
 }
 
 /// Starts the cluster thread.
@@ -189,6 +207,10 @@ struct Node {
     receipts: HashMap<NodeId, ReceiptWriter>,
     receipts_due: Option<tokio::time::Instant>,
     traffic: Traffic,
+    /// The totals up to the last traffic line (`traffic` holds what came since).
+    reported: Traffic,
+    board: Option<Arc<Board>>,
+    last_publish: Instant,
     /// The destination nodes of the message at hand (kept for its capacity).
     destinations: Vec<NodeId>,
     /// When the last `cluster:` traffic line and heartbeat went out.
@@ -272,12 +294,14 @@ async fn run(config: ClusterConfig, wiring: Wiring) {
         stop_index,
         store,
         push,
+        board,
     } = wiring;
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
     let Some((client, mut presence_sub, mut own_sub)) = connect(&config, events_tx).await else {
         return;
     };
     let mut node = Node::new(config, client, (link.clone(), mesh, store, push), stop.clone());
+    node.board = Some(board);
     let mut batch = Vec::with_capacity(ROUND);
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut last_flush = Instant::now() - FLUSH_INTERVAL;
@@ -351,6 +375,9 @@ impl Node {
             receipts: HashMap::new(),
             receipts_due: None,
             traffic: Traffic::default(),
+            reported: Traffic::default(),
+            board: None,
+            last_publish: Instant::now(),
             destinations: Vec::new(),
             last_report: Instant::now(),
             last_heartbeat: Instant::now(),
@@ -363,6 +390,10 @@ impl Node {
     /// times out silent nodes, and our heartbeat leaves each `heartbeat`.
     async fn on_tick(&mut self, now: Instant) {
         self.expire_batches(now);
+        if now.duration_since(self.last_publish) >= Duration::from_secs(1) {
+            self.last_publish = now;
+            self.publish_totals();
+        }
         if now.duration_since(self.last_report) >= self.config.report_interval {
             let secs = now.duration_since(self.last_report).as_secs_f64();
             self.last_report = now;
@@ -928,6 +959,7 @@ impl Node {
     /// The `cluster:` traffic line (documented in the README).
     fn report(&mut self, secs: f64) {
         let t = std::mem::take(&mut self.traffic);
+        self.reported += t;
         let per_batch = |records: u64, batches: u64| records as f64 / batches.max(1) as f64;
         println!(
             "cluster: nodes={} remote_users={} remote_rooms={} connected={} out_records_per_s={:.1} out_batches_per_s={:.1} records_per_batch={:.2} in_records_per_s={:.1} in_batches_per_s={:.1} acks_routed={} acks_offline={} acks_unavailable={} acks_refused={} stored_out_per_s={:.1} awaiting_receipts={} rejected={} rejected_total={}",
@@ -949,6 +981,25 @@ impl Node {
             t.rejected,
             self.rejected_total,
         );
+    }
+
+    /// Leaves the totals since the start, and the view now, on the board.
+    fn publish_totals(&self) {
+        let Some(board) = &self.board else { return };
+        let mut t = self.reported;
+        t += self.traffic;
+        board.publish_cluster(ClusterSnapshot {
+            connected: self.connected,
+            nodes: self.presence.synced_nodes() as u64,
+            remote_users: self.presence.remote_users() as u64,
+            batches_out: t.batches_out,
+            records_out: t.records_out,
+            batches_in: t.batches_in,
+            records_in: t.records_in,
+            outcomes: [t.routed, t.offline, t.unavailable, t.refused],
+            awaiting_receipts: self.sent.len() as u64,
+            rejected: t.rejected,
+        });
     }
 
     fn ring(&mut self) {

@@ -1,7 +1,12 @@
 //! Latency against the SLO: each shard records every routed message's ingress-to-egress
 //! time in its own HDR histograms (no locks), and hands copies to a reporter thread that
-//! merges them off the hot path and prints.
+//! merges them off the hot path and prints. Each shard also counts what it does
+//! (`counters`) and copies that to the board once a second (`board`), which `/metrics`
+//! (`exposition`) and the dashboard read.
 
+pub mod board;
+pub mod counters;
+pub mod exposition;
 pub mod report;
 
 pub use report::{spawn_reporter, Reporter, ShardReport};
@@ -18,9 +23,10 @@ pub fn new_histogram() -> Histogram<u64> {
 }
 
 /// One shard's recorder: the current interval and the whole run, for every message and
-/// again for those that came from another node.
+/// again for those that came from another node; and the current second, for the board.
 pub struct LatencyRecorder {
     pub interval: Histogram<u64>,
+    pub second: Histogram<u64>,
     pub total: Histogram<u64>,
     pub cross_interval: Histogram<u64>,
     pub cross_total: Histogram<u64>,
@@ -30,6 +36,7 @@ impl Default for LatencyRecorder {
     fn default() -> Self {
         LatencyRecorder {
             interval: new_histogram(),
+            second: new_histogram(),
             total: new_histogram(),
             cross_interval: new_histogram(),
             cross_total: new_histogram(),
@@ -45,6 +52,7 @@ impl LatencyRecorder {
         let us = now.saturating_duration_since(ingress).as_micros().clamp(1, 60_000_000) as u64;
         // Within the bounds by the clamp, so recording cannot fail.
         let _ = self.interval.record(us);
+        let _ = self.second.record(us);
         let _ = self.total.record(us);
         if cross_node {
             let _ = self.cross_interval.record(us);

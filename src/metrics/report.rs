@@ -2,12 +2,16 @@
 //! interval; at the end, prints (and writes) the whole run's percentile distribution.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use hdrhistogram::Histogram;
 
+use crate::sys::process;
+
+use super::board::Board;
 use super::{new_histogram, percentile_distribution, report_line, ShardLoad};
 
 /// What a shard hands the reporter.
@@ -44,6 +48,9 @@ pub struct ReporterConfig {
     pub interval: Duration,
     pub slo: Duration,
     pub histogram_out: Option<PathBuf>,
+    /// The reporter also refreshes the process's usage there, once a second (a procfs
+    /// read, kept off the shards).
+    pub board: Arc<Board>,
 }
 
 /// Starts the reporter thread. It ends after every shard sent its `Final`.
@@ -63,8 +70,19 @@ fn run(config: ReporterConfig, rx: Receiver<ShardReport>) {
     let mut total = new_histogram();
     let mut cross_total = new_histogram();
     let mut finals = 0;
+    let mut next_usage = Instant::now();
     while finals < config.shards {
-        let Ok(report) = rx.recv() else { break };
+        if Instant::now() >= next_usage {
+            if let Ok(usage) = process::usage() {
+                config.board.publish_process(usage);
+            }
+            next_usage = Instant::now() + Duration::from_secs(1);
+        }
+        let report = match rx.recv_timeout(next_usage.saturating_duration_since(Instant::now())) {
+            Ok(report) => report,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
         match report {
             ShardReport::Interval {
                 tick,

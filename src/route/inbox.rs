@@ -55,6 +55,11 @@ impl Mesh {
         self.inboxes[shard].push(msg);
     }
 
+    /// Messages waiting in `shard`'s inbox.
+    pub fn depth(&self, shard: usize) -> usize {
+        self.inboxes[shard].len()
+    }
+
     /// Would a delivery to `shard` exceed the inbox limit?
     pub fn is_full(&self, shard: usize) -> bool {
         self.inboxes[shard].len() >= self.limit

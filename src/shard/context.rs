@@ -25,6 +25,7 @@ use super::per_ip::{IpTicket, PerIpLimits};
 use super::yield_policy::YieldPolicy;
 use crate::chat::hub::Hub;
 use crate::config::Config;
+use crate::metrics::counters::ShardCounters;
 use crate::sys::epoll::{event_buffer, Poller};
 use crate::sys::{process, socket};
 use crate::ws::deflate::{DeflateStats, Deflater, Inflater};
@@ -108,6 +109,9 @@ pub struct ShardContext {
     pub per_ip: Arc<PerIpLimits>,
     /// Connections this shard refused for the per-IP limits since the last report.
     pub refused_per_ip: Cell<u64>,
+    /// What the IO layer did (HTTP answers, closes, frames and bytes); the chat hub counts
+    /// the rest.
+    pub counters: ShardCounters,
     yield_policy: RefCell<YieldPolicy>,
 }
 
@@ -225,6 +229,7 @@ impl ShardContext {
             max_connections,
             per_ip,
             refused_per_ip: Cell::new(0),
+            counters: ShardCounters::default(),
             yield_policy: RefCell::new(YieldPolicy::default()),
         })
     }
@@ -383,6 +388,7 @@ impl ShardContext {
                             entry.full_read_pass = Some(self.pass.get());
                         }
                         entry.deadline = None;
+                        self.counters.read(n);
                         return Poll::Ready(Ok(ReadOutcome::Data(n)));
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => entry.readable = false,
@@ -414,7 +420,10 @@ impl ShardContext {
             let mut rx = self.egress.rx_space();
             match Pin::new(&mut *stream).poll_read(cx, &mut rx) {
                 Poll::Ready(Ok(0)) => Poll::Ready(Ok(ReadOutcome::Eof)),
-                Poll::Ready(Ok(n)) => Poll::Ready(Ok(ReadOutcome::Data(n))),
+                Poll::Ready(Ok(n)) => {
+                    self.counters.read(n);
+                    Poll::Ready(Ok(ReadOutcome::Data(n)))
+                }
                 Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::TimedOut => Poll::Ready(Ok(ReadOutcome::TimedOut)),
                 Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
                 Poll::Pending => Poll::Pending,

@@ -11,6 +11,7 @@ mod context;
 mod deadlines;
 mod egress;
 mod listener;
+mod metrics_listener;
 mod per_ip;
 mod start;
 mod yield_policy;
@@ -32,6 +33,8 @@ use crate::cluster::node::ClusterConfig;
 use crate::cluster::wire::NodeId;
 use crate::cluster::{ClusterLink, ToCluster};
 use crate::config::{Config, StoreKind};
+use crate::metrics::board::{Board, Buckets};
+use crate::metrics::exposition::Exposition;
 use crate::metrics::{spawn_reporter, Reporter, ShardLoad, ShardReport};
 use crate::route::directory::RoomLimits;
 use crate::route::inbox::{Inbox, Mesh};
@@ -43,6 +46,7 @@ use crate::store::redis::RedisStore;
 use crate::store::thread::{StoreLink, StoreOutputs, StoreThreadConfig};
 use crate::store::Retention;
 use crate::sys::{process, socket};
+use crate::ws::deflate::DeflateStats;
 use context::ShardContext;
 use crossbeam_channel::Receiver;
 use egress::Outbound;
@@ -53,6 +57,10 @@ pub use start::StartError;
 pub(crate) struct Apps {
     pub hub: Hub<Outbound>,
     pub auth: Arc<Authenticator>,
+    /// Where the shard leaves its counters once a second.
+    pub board: Arc<Board>,
+    /// `/metrics` on the main listener (none with `--metrics-listen`).
+    pub exposition: Option<Arc<Exposition>>,
 }
 
 /// What every shard thread starts with.
@@ -64,6 +72,8 @@ struct Shared {
     mesh: Arc<Mesh>,
     auth: Arc<Authenticator>,
     reporter: Reporter,
+    board: Arc<Board>,
+    exposition: Option<Arc<Exposition>>,
     cluster: Option<Arc<ClusterLink>>,
     store: Option<Arc<StoreLink>>,
     max_connections: usize,
@@ -82,11 +92,24 @@ pub fn run(config: Config) -> Result<(), StartError> {
         rules,
     )?);
     start::announce(&config, &plan, listeners.bound, &auth);
+    let board = Arc::new(Board::new(config.shards, config.slo));
+    let exposition = Arc::new(Exposition::new(board.clone()));
+    let exposition = match config.metrics_listen {
+        Some(addr) => {
+            metrics_listener::spawn(addr, exposition).map_err(|source| StartError::Thread {
+                what: "metrics listener",
+                source,
+            })?;
+            None
+        }
+        None => Some(exposition),
+    };
     let (reporter, reporter_thread) = spawn_reporter(crate::metrics::report::ReporterConfig {
         shards: config.shards,
         interval: config.report_interval,
         slo: config.slo,
         histogram_out: config.histogram_out.clone(),
+        board: board.clone(),
     })
     .map_err(|source| StartError::Thread {
         what: "reporter",
@@ -98,9 +121,14 @@ pub fn run(config: Config) -> Result<(), StartError> {
     let stop = Arc::new(Shutdown::new(config.shards + 1));
     // The store and cluster threads hand each other stored messages: both links first.
     let cluster_link = config.nats.is_some().then(ClusterLink::new);
-    let store = start_store(&config, &mesh, cluster_link.as_ref().map(|(link, _)| link.clone()))?;
+    let store = start_store(
+        &config,
+        &mesh,
+        cluster_link.as_ref().map(|(link, _)| link.clone()),
+        &board,
+    )?;
     let cluster = match cluster_link {
-        Some(link) => Some(start_cluster(&config, &mesh, &stop, link, store.as_ref())?),
+        Some(link) => Some(start_cluster(&config, &mesh, &stop, link, store.as_ref(), &board)?),
         None => None,
     };
     // Signals are watched before any shard says it listens: a SIGTERM right after that
@@ -115,6 +143,8 @@ pub fn run(config: Config) -> Result<(), StartError> {
         mesh,
         auth,
         reporter,
+        board,
+        exposition,
         cluster: cluster.as_ref().map(|(link, _)| link.clone()),
         store: store.as_ref().map(|s| s.link.clone()),
         max_connections: plan.max_connections,
@@ -162,6 +192,7 @@ fn start_cluster(
     stop: &Arc<Shutdown>,
     (link, rx): (Arc<ClusterLink>, Receiver<ToCluster>),
     store: Option<&StoreThreads>,
+    board: &Arc<Board>,
 ) -> Result<ClusterThread, StartError> {
     let url = config.nats.clone().unwrap_or_default();
     let (key, access) = crate::cluster::access::load(config)?;
@@ -185,6 +216,7 @@ fn start_cluster(
         stop_index: config.shards,
         store: store.map(|s| s.link.clone()),
         push: store.and_then(|s| s.push_queue.clone()),
+        board: board.clone(),
     };
     let thread = crate::cluster::node::spawn(cluster_config, wiring).map_err(|source| StartError::Thread {
         what: "cluster",
@@ -209,6 +241,7 @@ fn start_store(
     config: &Config,
     mesh: &Arc<Mesh>,
     cluster: Option<Arc<ClusterLink>>,
+    board: &Arc<Board>,
 ) -> Result<Option<StoreThreads>, StartError> {
     if config.store_kind() == StoreKind::None {
         let why = if config.nats.is_some() {
@@ -290,6 +323,7 @@ fn start_store(
         mesh: mesh.clone(),
         push: push_queue.clone(),
         cluster,
+        board: Some(board.clone()),
     };
     let thread = match store {
         Opened::Embedded(store) => crate::store::thread::spawn(*store, thread_config, rx, outputs),
@@ -346,6 +380,8 @@ fn spawn_shards(
                 shared.store.clone(),
             ),
             reporter: shared.reporter.clone(),
+            board: shared.board.clone(),
+            exposition: shared.exposition.clone(),
             max_connections: shared.max_connections,
             bound: shared.bound,
         };
@@ -375,6 +411,8 @@ struct ShardStart {
     per_ip: Arc<PerIpLimits>,
     apps: ShardApps,
     reporter: Reporter,
+    board: Arc<Board>,
+    exposition: Option<Arc<Exposition>>,
     max_connections: usize,
     bound: std::net::SocketAddr,
 }
@@ -391,6 +429,8 @@ async fn shard_main(start: ShardStart, listener: OwnedFd, own: Option<(OwnedFd, 
         per_ip,
         apps,
         reporter,
+        board,
+        exposition,
         max_connections,
         bound,
     } = start;
@@ -410,6 +450,8 @@ async fn shard_main(start: ShardStart, listener: OwnedFd, own: Option<(OwnedFd, 
                 .then(|| FrameDeflate::new(config.deflate_level, config.deflate_min_size)),
         ),
         auth,
+        board,
+        exposition,
     });
     let ctx = match ShardContext::new(id, config, open, max_connections, per_ip) {
         Ok(ctx) => Rc::new(ctx),
@@ -471,7 +513,8 @@ fn start_tasks(ctx: &Rc<ShardContext>, apps: &Rc<Apps>, inbox: Inbox, reporter: 
             return false;
         }
     };
-    glommio::spawn_local(report_intervals(ctx.clone(), apps.clone(), reporter.clone())).detach();
+    glommio::spawn_local(report_intervals(ctx.clone(), reporter.clone())).detach();
+    glommio::spawn_local(publish_to_board(ctx.clone(), apps.clone())).detach();
     if let Err(e) = ctx.drive_executor() {
         tracing::error!("shard {}: cannot watch the executor's rings: {e}", ctx.id);
         return false;
@@ -521,16 +564,24 @@ async fn pump(ctx: Rc<ShardContext>, apps: Rc<Apps>, inbox: Inbox) {
 }
 
 /// Hands the reporter this shard's interval histogram every `--report-interval`.
-async fn report_intervals(ctx: Rc<ShardContext>, apps: Rc<Apps>, reporter: Reporter) {
+async fn report_intervals(ctx: Rc<ShardContext>, reporter: Reporter) {
     let interval = ctx.config.report_interval;
     let start = std::time::Instant::now();
+    let mut deflated_before = DeflateStats::default();
     for tick in 1u64.. {
         // Sleep to the tick's deadline, not for a fixed time, so the ticks do not drift.
         let due = start + interval * tick as u32;
         glommio::timer::sleep(due.saturating_duration_since(std::time::Instant::now())).await;
         let (histogram, cross) = ctx.egress.latency.borrow_mut().take_interval();
-        let mut deflated = apps.hub.take_deflate_stats();
-        deflated += ctx.deflate.take_stats();
+        // The deflaters' work reaches the counters once a second (`publish_to_board`).
+        let c = &ctx.counters;
+        let deflated_now = DeflateStats {
+            messages: c.deflated.get(),
+            bytes_in: c.deflated_bytes_in.get(),
+            bytes_out: c.deflated_bytes_out.get(),
+        };
+        let deflated = deflated_now - deflated_before;
+        deflated_before = deflated_now;
         reporter.send(ShardReport::Interval {
             tick,
             histogram,
@@ -543,6 +594,38 @@ async fn report_intervals(ctx: Rc<ShardContext>, apps: Rc<Apps>, reporter: Repor
                 deflated,
             },
         });
+    }
+}
+
+/// Copies this shard's counters, gauges and last second of latency to the board, once a
+/// second.
+async fn publish_to_board(ctx: Rc<ShardContext>, apps: Rc<Apps>) {
+    let start = std::time::Instant::now();
+    let mut latency_total = Buckets::default();
+    for tick in 1u64.. {
+        let due = start + Duration::from_secs(tick);
+        glommio::timer::sleep(due.saturating_duration_since(std::time::Instant::now())).await;
+        let mut deflated = apps.hub.take_deflate_stats();
+        deflated += ctx.deflate.take_stats();
+        ctx.counters
+            .deflated(deflated.messages, deflated.bytes_in, deflated.bytes_out);
+        let (frames, bytes) = ctx.egress.take_queued();
+        ctx.counters.queued(frames, bytes as usize);
+        let mut counts = ctx.counters.snapshot();
+        counts += &apps.hub.counters.snapshot();
+        let mut latency = ctx.egress.latency.borrow_mut();
+        latency_total.add(&Buckets::of(&latency.second));
+        apps.board.publish_shard(ctx.id, |s| {
+            s.counts = counts;
+            s.connections = ctx.live_connections() as u64;
+            s.held_bytes = ctx.budget.held() as u64;
+            s.inbox_depth = apps.hub.mesh.depth(ctx.id) as u64;
+            s.latency = latency_total.clone();
+            s.last_second.reset();
+            // Same bounds on both sides: adding cannot fail.
+            let _ = s.last_second.add(&latency.second);
+        });
+        latency.second.reset();
     }
 }
 

@@ -33,6 +33,7 @@ use super::{Appended, ConvId, MessageStore, NewMessage, Page, Range};
 use crate::chat::protocol::{self, AppError, ErrorCode, HistoryEnd};
 use crate::cluster::{ClusterLink, ToCluster};
 use crate::mailbox::Mailbox;
+use crate::metrics::board::{Board, Buckets, StoreSnapshot};
 use crate::route::inbox::Mesh;
 use crate::route::{shards_in, AckTo, Audience, ConnId, Placement, ShardMask, ShardMsg};
 use crate::ws::frame::text_frame;
@@ -149,11 +150,16 @@ pub struct StoreThreadConfig {
     pub reorder_hold: Duration,
 }
 
+/// How often the thread's totals go to the board.
+const PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Where the store thread's work goes: the shards, the push webhook, the cluster thread.
 pub struct StoreOutputs {
     pub mesh: Arc<Mesh>,
     pub push: Option<PushQueue>,
     pub cluster: Option<Arc<ClusterLink>>,
+    /// Where the thread's totals are left once a second, for `/metrics`.
+    pub board: Option<Arc<Board>>,
 }
 
 /// Starts the store thread. It ends at `StoreLink::stop`, once what was queued before is
@@ -165,7 +171,12 @@ pub fn spawn<S: MessageStore + Send + 'static>(
     outputs: StoreOutputs,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new().name("store".into()).spawn(move || {
-        let StoreOutputs { mesh, push, cluster } = outputs;
+        let StoreOutputs {
+            mesh,
+            push,
+            cluster,
+            board,
+        } = outputs;
         let sequencer = cluster.as_ref().map(|_| Sequencer::new(config.reorder_hold));
         let mut thread = StoreThread {
             store,
@@ -181,6 +192,8 @@ pub fn spawn<S: MessageStore + Send + 'static>(
             to_ring: 0,
             json: Vec::with_capacity(64 << 10),
             stats: Stats::default(),
+            reported: StoreSnapshot::default(),
+            board,
             failing: false,
             reads: VecDeque::new(),
         };
@@ -261,6 +274,9 @@ struct StoreThread<S> {
     to_ring: ShardMask,
     json: Vec<u8>,
     stats: Stats,
+    /// The totals up to the last report (`stats` holds what came since).
+    reported: StoreSnapshot,
+    board: Option<Arc<Board>>,
     /// The last group could not be written (said once, until one can).
     failing: bool,
     /// Reads waiting for their turn between groups, in the order they came.
@@ -275,6 +291,7 @@ impl<S: MessageStore> StoreThread<S> {
     fn run(&mut self, rx: Receiver<ToStore>) {
         let mut batch: Vec<ToStore> = Vec::with_capacity(MAX_GROUP);
         let mut next_report = Instant::now() + self.config.report_interval;
+        let mut next_publish = Instant::now() + PUBLISH_INTERVAL;
         let mut next_sweep = Instant::now();
         let mut sweeping = false;
         loop {
@@ -289,7 +306,7 @@ impl<S: MessageStore> StoreThread<S> {
                 Duration::ZERO
             } else {
                 let gap_due = self.sequencer.as_ref().and_then(Sequencer::next_due);
-                let next = next_report.min(next_sweep);
+                let next = next_report.min(next_sweep).min(next_publish);
                 gap_due.map_or(next, |due| next.min(due)).saturating_duration_since(now)
             };
             match rx.recv_timeout(wait) {
@@ -313,6 +330,12 @@ impl<S: MessageStore> StoreThread<S> {
             }
             self.fill_gaps();
             self.ring();
+            if Instant::now() >= next_publish {
+                if let Some(board) = &self.board {
+                    board.publish_store(self.totals());
+                }
+                next_publish = Instant::now() + PUBLISH_INTERVAL;
+            }
             if Instant::now() >= next_report {
                 self.report();
                 next_report += self.config.report_interval;
@@ -744,7 +767,22 @@ impl<S: MessageStore> StoreThread<S> {
         }
     }
 
+    /// Everything since the start.
+    fn totals(&self) -> StoreSnapshot {
+        let mut t = self.reported.clone();
+        let s = &self.stats;
+        t.appended += s.appended;
+        t.commits += s.groups;
+        t.duplicates += s.duplicates;
+        t.unavailable += s.unavailable;
+        t.reads += s.reads;
+        t.trimmed += s.trimmed;
+        t.commit_latency.add(&Buckets::of(&s.commit_us));
+        t
+    }
+
     fn report(&mut self) {
+        self.reported = self.totals();
         let secs = self.config.report_interval.as_secs_f64();
         let s = &mut self.stats;
         let (sent, failed, dropped) = self.push.as_ref().map_or((0, 0, 0), PushQueue::take_counts);

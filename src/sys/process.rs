@@ -59,3 +59,64 @@ pub fn yield_cpu() {
     // SAFETY: sched_yield takes no arguments and cannot fail on Linux.
     unsafe { libc::sched_yield() };
 }
+
+/// What Prometheus' standard `process_*` metrics report, read from procfs (a file read:
+/// never on a shard; the reporter thread reads it).
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Usage {
+    pub cpu_seconds: f64,
+    pub resident_bytes: u64,
+    pub virtual_bytes: u64,
+    pub threads: u64,
+    pub open_fds: u64,
+    pub max_fds: u64,
+    /// Since the Unix epoch.
+    pub start_time_seconds: f64,
+}
+
+/// This process's usage now.
+pub fn usage() -> io::Result<Usage> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, "unexpected /proc/self/stat");
+    // The command name (field 2) may hold spaces and parentheses: fields resume after the
+    // last ')'; `fields[0]` is field 3 (the state).
+    let rest = stat.rsplit_once(')').ok_or_else(bad)?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| -> io::Result<u64> { fields.get(n - 3).and_then(|f| f.parse().ok()).ok_or_else(bad) };
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    // SAFETY: as above.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
+    let boot_time = std::fs::read_to_string("/proc/stat")?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime ").and_then(|v| v.trim().parse::<u64>().ok()))
+        .ok_or_else(bad)?;
+    Ok(Usage {
+        cpu_seconds: (field(14)? + field(15)?) as f64 / ticks,
+        threads: field(20)?,
+        start_time_seconds: boot_time as f64 + field(22)? as f64 / ticks,
+        virtual_bytes: field(23)?,
+        resident_bytes: field(24)? * page,
+        open_fds: std::fs::read_dir("/proc/self/fd")?.count() as u64,
+        max_fds: get(libc::RLIMIT_NOFILE)?.rlim_cur,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn usage_reads_this_process() {
+        let before = super::usage().unwrap();
+        let f = std::fs::File::open("/proc/self/stat").unwrap();
+        let with_one_more = super::usage().unwrap();
+        drop(f);
+        assert_eq!(with_one_more.open_fds, before.open_fds + 1);
+        assert!(before.resident_bytes > 1 << 20 && before.virtual_bytes >= before.resident_bytes);
+        assert!(before.threads >= 1 && before.max_fds >= before.open_fds);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        assert!(before.start_time_seconds <= now + 1.0 && before.start_time_seconds > now - 86_400.0);
+    }
+}

@@ -272,6 +272,19 @@ impl std::ops::AddAssign for DeflateStats {
     }
 }
 
+impl std::ops::Sub for DeflateStats {
+    type Output = DeflateStats;
+
+    /// What was done between two running totals (`self` the later).
+    fn sub(self, o: DeflateStats) -> DeflateStats {
+        DeflateStats {
+            messages: self.messages.saturating_sub(o.messages),
+            bytes_in: self.bytes_in.saturating_sub(o.bytes_in),
+            bytes_out: self.bytes_out.saturating_sub(o.bytes_out),
+        }
+    }
+}
+
 impl Deflater {
     /// `level`: 0 (store) to 9 (smallest); 1 costs the least CPU per byte saved.
     pub fn new(level: u32) -> Self {

@@ -199,6 +199,18 @@ pub fn write_response(out: &mut Vec<u8>, status: u16, message: &str, extra_heade
     );
 }
 
+/// Appends a whole response with `body` of `content_type` that ends the connection.
+pub fn write_body(out: &mut Vec<u8>, status: u16, content_type: &str, extra_headers: &str, body: &[u8]) {
+    use std::io::Write;
+    let _ = write!(
+        out,
+        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n{extra_headers}\r\n",
+        reason_phrase(status),
+        body.len(),
+    );
+    out.extend_from_slice(body);
+}
+
 /// Appends the response for a refusal.
 pub fn write_rejection(out: &mut Vec<u8>, r: &Rejection) {
     write_response(out, r.status, r.message, r.extra_headers);

@@ -52,6 +52,7 @@ pub async fn serve(ctx: Rc<ShardContext>, apps: Rc<Apps>, mut stream: TcpStream,
 /// destroy the answer before the client reads it).
 pub async fn refuse_busy(ctx: Rc<ShardContext>, mut stream: TcpStream) {
     let mut out = Vec::new();
+    ctx.counters.http(503);
     handshake::write_response(
         &mut out,
         503,
@@ -67,6 +68,7 @@ pub async fn refuse_busy(ctx: Rc<ShardContext>, mut stream: TcpStream) {
 /// lingering close. It holds no connection slot meanwhile.
 pub async fn refuse_per_ip(ctx: Rc<ShardContext>, mut stream: TcpStream, refusal: Refusal) {
     let mut out = Vec::new();
+    ctx.counters.http(429);
     handshake::write_response(&mut out, 429, refusal.reason(), "Retry-After: 1\r\n");
     if stream.write_all(&out).await.is_ok() {
         linger_close(&ctx, &mut stream, None).await;
@@ -87,6 +89,7 @@ async fn close_slow_consumer(ctx: &ShardContext, stream: &mut TcpStream, slot: &
     }
     let mut close = Vec::new();
     let reason = format!("slow consumer: more than {} bytes queued", out.limit());
+    ctx.counters.close_sent(CloseCode::POLICY_VIOLATION.into());
     write_close(&mut close, CloseCode::POLICY_VIOLATION, &reason, None);
     if stream.write_all(&close).await.is_ok() {
         linger_close(ctx, stream, Some(slot)).await;

@@ -81,35 +81,41 @@ impl Session {
         let Session { decoder, app, .. } = self;
         let min_size = ctx.config.deflate_min_size;
         let own_deflater = deflate.and_then(|d| d.own_deflater.as_deref());
-        let mut on_event = |event: Event<'_>| match event {
-            Event::Message { opcode, payload } if open => match (&mut *app, arrival) {
-                (App::Echo, _) => match deflate.filter(|_| payload.len() >= min_size) {
-                    Some(conn) => match own_deflater {
-                        Some(own) => {
-                            let mut own = own.borrow_mut();
-                            echo_deflated(&mut own, out, opcode, payload, conn.agreed.window_bits);
-                            ctx.deflate.count_own(own.take_stats());
-                        }
-                        None => echo_deflated(
-                            &mut ctx.deflate.deflater.borrow_mut(),
-                            out,
-                            opcode,
-                            payload,
-                            conn.agreed.window_bits,
-                        ),
+        let mut on_event = |event: Event<'_>| {
+            ctx.counters.frame_in();
+            match event {
+                Event::Message { opcode, payload } if open => match (&mut *app, arrival) {
+                    (App::Echo, _) => match deflate.filter(|_| payload.len() >= min_size) {
+                        Some(conn) => match own_deflater {
+                            Some(own) => {
+                                let mut own = own.borrow_mut();
+                                echo_deflated(&mut own, out, opcode, payload, conn.agreed.window_bits);
+                                ctx.deflate.count_own(own.take_stats());
+                            }
+                            None => echo_deflated(
+                                &mut ctx.deflate.deflater.borrow_mut(),
+                                out,
+                                opcode,
+                                payload,
+                                conn.agreed.window_bits,
+                            ),
+                        },
+                        None => out.frame(opcode, payload),
                     },
-                    None => out.frame(opcode, payload),
+                    (App::Chat(chat), Some(arrival)) => {
+                        chat.on_message(&apps.hub, &ctx.config, opcode, payload, arrival, out)
+                    }
+                    (App::Chat(_), None) => {}
                 },
-                (App::Chat(chat), Some(arrival)) => {
-                    chat.on_message(&apps.hub, &ctx.config, opcode, payload, arrival, out)
+                Event::Message { .. } => {}
+                Event::Ping(payload) if open => out.frame(OpCode::Pong, payload),
+                Event::Ping(_) => {}
+                Event::Pong(_) => pong = true,
+                Event::Close { code, .. } => {
+                    ctx.counters.close_received(code.map(u16::from));
+                    peer_close = Some(code)
                 }
-                (App::Chat(_), None) => {}
-            },
-            Event::Message { .. } => {}
-            Event::Ping(payload) if open => out.frame(OpCode::Pong, payload),
-            Event::Ping(_) => {}
-            Event::Pong(_) => pong = true,
-            Event::Close { code, .. } => peer_close = Some(code),
+            }
         };
         let own_inflater = deflate.and_then(|d| d.own_inflater.as_deref());
         let result = match (deflate, own_inflater) {
@@ -148,6 +154,7 @@ impl Session {
         };
         if let Err(error) = result {
             if open {
+                ctx.counters.close_sent(error.code().into());
                 out.push_with(|b| write_close(b, error.code(), error.reason(), None));
             }
             return Next::Fail;
@@ -156,6 +163,7 @@ impl Session {
             Some(code) => {
                 if open {
                     // Echo the peer's code (§5.5.1); an empty Close is answered with an empty one.
+                    ctx.counters.close_sent(code.map_or(1005, u16::from));
                     match code {
                         Some(code) => out.push_with(|b| write_close(b, code, "", None)),
                         None => out.frame(OpCode::Close, &[]),
@@ -168,8 +176,9 @@ impl Session {
     }
 
     /// Starts the closing handshake from our side.
-    fn begin_close(&mut self, code: CloseCode, reason: &str, out: &mut Cork, drain: Duration) {
+    fn begin_close(&mut self, ctx: &ShardContext, code: CloseCode, reason: &str, out: &mut Cork, drain: Duration) {
         if self.state == State::Open {
+            ctx.counters.close_sent(code.into());
             out.push_with(|b| write_close(b, code, reason, None));
             self.state = State::Closing {
                 deadline: Instant::now() + drain,
@@ -178,8 +187,14 @@ impl Session {
     }
 
     /// No pong came back in time: Close 1008, then drop the connection.
-    fn fail_keepalive(&mut self, out: &mut Cork) -> Next {
-        self.begin_close(CloseCode::POLICY_VIOLATION, "no pong to keepalive ping", out, LINGER);
+    fn fail_keepalive(&mut self, ctx: &ShardContext, out: &mut Cork) -> Next {
+        self.begin_close(
+            ctx,
+            CloseCode::POLICY_VIOLATION,
+            "no pong to keepalive ping",
+            out,
+            LINGER,
+        );
         Next::Fail
     }
 
@@ -203,11 +218,11 @@ impl Session {
                     self.ping_sent = Some(Instant::now());
                     Some(Next::Continue)
                 }
-                (State::Open, Some(_)) => Some(self.fail_keepalive(cork)),
+                (State::Open, Some(_)) => Some(self.fail_keepalive(ctx, cork)),
                 (State::Closing { .. }, _) => None,
             },
             ReadOutcome::Stopping => {
-                self.begin_close(CloseCode::GOING_AWAY, "going away", cork, ctx.config.drain_timeout);
+                self.begin_close(ctx, CloseCode::GOING_AWAY, "going away", cork, ctx.config.drain_timeout);
                 Some(Next::Continue)
             }
             ReadOutcome::Outbound => Some(Next::Continue),
@@ -467,7 +482,7 @@ impl Conn<'_> {
                     .ping_sent
                     .is_some_and(|sent| sent.elapsed() >= config.pong_timeout);
                 if next == Next::Continue && overdue {
-                    self.session.fail_keepalive(&mut round.cork)
+                    self.session.fail_keepalive(ctx, &mut round.cork)
                 } else {
                     next
                 }

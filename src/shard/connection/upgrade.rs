@@ -1,15 +1,17 @@
 //! The HTTP side of a connection: read the request head, answer it, and say which
 //! endpoint an upgraded connection runs.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
 
 use super::{linger_close, Endpoint};
 use crate::chat::session::authorize;
+use crate::metrics::exposition;
 use crate::shard::context::{ConnectionSlot, ReadOutcome, ShardContext};
 use crate::shard::Apps;
+use crate::web;
 use crate::ws::deflate::Agreed;
 use crate::ws::handshake::{self, Rejection, Request};
 
@@ -57,7 +59,7 @@ pub(super) async fn upgrade(
     };
     let mut out = Vec::new();
     match answer(ctx, apps, &request, &mut out) {
-        Some((endpoint, deflate)) => {
+        Answer::Upgrade(endpoint, deflate) => {
             let head_len = request.head_len;
             stream.write_all(&out).await.ok()?;
             head.drain(..head_len);
@@ -67,38 +69,92 @@ pub(super) async fn upgrade(
                 deflate,
             })
         }
-        None => {
+        Answer::Done => {
             if stream.write_all(&out).await.is_ok() {
                 linger_close(ctx, stream, Some(slot)).await;
+            }
+            None
+        }
+        Answer::LiveFeed => {
+            drop(request);
+            if stream.write_all(&out).await.is_ok() {
+                live_feed(ctx, apps, stream, slot).await;
             }
             None
         }
     }
 }
 
-/// Writes the answer to `request` into `out`: a 101 and the endpoint to run (with the
-/// deflate agreement, if any), or a plain answer (health check, refusal) and `None`.
-fn answer(
-    ctx: &ShardContext,
-    apps: &Apps,
-    request: &Request<'_>,
-    out: &mut Vec<u8>,
-) -> Option<(Endpoint, Option<Agreed>)> {
+/// What a request head is answered with.
+enum Answer {
+    /// A 101 (in `out`): the connection runs the endpoint (with the deflate agreement).
+    Upgrade(Endpoint, Option<Agreed>),
+    /// A whole response (in `out`); the connection closes after it.
+    Done,
+    /// The head of the dashboard's event stream (in `out`); events follow.
+    LiveFeed,
+}
+
+/// Writes the answer to `request` into `out`, and counts its status.
+fn answer(ctx: &ShardContext, apps: &Apps, request: &Request<'_>, out: &mut Vec<u8>) -> Answer {
+    let status = |out: &[u8]| {
+        // Every answer starts "HTTP/1.1 NNN".
+        std::str::from_utf8(out.get(9..12).unwrap_or_default())
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+    };
+    let answer = route(ctx, apps, request, out);
+    ctx.counters.http(status(out));
+    answer
+}
+
+fn route(ctx: &ShardContext, apps: &Apps, request: &Request<'_>, out: &mut Vec<u8>) -> Answer {
     let config = &ctx.config;
+    let get = request.method == "GET";
     let chat = match request.path {
-        "/healthz" if request.method == "GET" => {
-            handshake::write_response(out, 200, "ok", "");
-            return None;
+        "/healthz" | "/metrics" | "/" | "/chat" | "/dashboard" | "/dashboard/events" if !get => {
+            handshake::write_response(out, 405, "use GET", "Allow: GET\r\n");
+            return Answer::Done;
         }
         "/healthz" => {
-            handshake::write_response(out, 405, "use GET", "Allow: GET\r\n");
-            return None;
+            handshake::write_response(out, 200, "ok", "");
+            return Answer::Done;
+        }
+        "/metrics" => {
+            match &apps.exposition {
+                Some(exposition) => {
+                    handshake::write_body(out, 200, exposition::CONTENT_TYPE, "", exposition.render().as_bytes())
+                }
+                None => handshake::write_response(out, 404, "metrics are served on --metrics-listen", ""),
+            }
+            return Answer::Done;
+        }
+        "/" | "/chat" => {
+            handshake::write_body(out, 200, web::HTML, web::PAGE_HEADERS, web::CHAT_PAGE.as_bytes());
+            return Answer::Done;
+        }
+        "/dashboard" => {
+            handshake::write_body(out, 200, web::HTML, web::PAGE_HEADERS, web::DASHBOARD_PAGE.as_bytes());
+            return Answer::Done;
+        }
+        "/dashboard/events" => {
+            return match web::authorize_dashboard(config, &apps.auth, request) {
+                Ok(()) => {
+                    out.extend_from_slice(LIVE_FEED_HEAD);
+                    Answer::LiveFeed
+                }
+                Err(rejection) => {
+                    handshake::write_rejection(out, &rejection);
+                    Answer::Done
+                }
+            };
         }
         "/echo" if config.echo => false,
         "/ws" => true,
         _ => {
             handshake::write_response(out, 404, "no such endpoint", "");
-            return None;
+            return Answer::Done;
         }
     };
     let decision =
@@ -112,11 +168,39 @@ fn answer(
     match decision {
         Ok((accept, endpoint)) => {
             handshake::write_accept(out, &accept);
-            Some((endpoint, accept.deflate))
+            Answer::Upgrade(endpoint, accept.deflate)
         }
         Err(rejection) => {
             handshake::write_rejection(out, &rejection);
-            None
+            Answer::Done
+        }
+    }
+}
+
+/// A server-sent event stream (the body lasts until the connection closes).
+const LIVE_FEED_HEAD: &[u8] =
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n";
+
+/// The dashboard's feed: the board as one event a second, until the client goes away or
+/// the shard stops. The wait between events is a read with a deadline, so a client that
+/// closes is noticed at once and a stop interrupts it.
+async fn live_feed(ctx: &ShardContext, apps: &Apps, stream: &mut TcpStream, slot: &ConnectionSlot) {
+    let mut event = Vec::new();
+    loop {
+        event.clear();
+        event.extend_from_slice(b"data: ");
+        // Serialising a `Value` into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut event, &web::live::snapshot(&apps.board));
+        event.extend_from_slice(b"\n\n");
+        if stream.write_all(&event).await.is_err() {
+            return;
+        }
+        match ctx
+            .read(stream, Some(slot), true, None, Some(Duration::from_secs(1)))
+            .await
+        {
+            Ok(ReadOutcome::TimedOut | ReadOutcome::Data(_) | ReadOutcome::Outbound) => {}
+            Ok(ReadOutcome::Eof | ReadOutcome::Stopping) | Err(_) => return,
         }
     }
 }
@@ -130,6 +214,7 @@ fn handshake_timeout() -> Rejection {
 }
 
 async fn refuse(ctx: &ShardContext, stream: &mut TcpStream, slot: &ConnectionSlot, rejection: &Rejection) {
+    ctx.counters.http(rejection.status);
     let mut out = Vec::new();
     handshake::write_rejection(&mut out, rejection);
     if stream.write_all(&out).await.is_ok() {

@@ -37,6 +37,9 @@ pub struct Cork {
     /// Address and length of this round's input, to recognise payloads that lie in it.
     input_addr: usize,
     input_len: usize,
+    /// Frames and bytes queued since `take_queued` (the shard's `frames_out`, `bytes_out`).
+    queued_frames: u64,
+    queued_bytes: u64,
 }
 
 impl Cork {
@@ -63,7 +66,8 @@ impl Cork {
         self.segments.iter().map(|s| seg_range(s).len()).sum()
     }
 
-    /// Appends what `write` puts into the owned bytes, merged with an owned segment before it.
+    /// Appends what `write` puts into the owned bytes (one frame), merged with an owned
+    /// segment before it.
     pub fn push_with(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
         let start = self.bytes.len();
         write(&mut self.bytes);
@@ -71,6 +75,8 @@ impl Cork {
         if start == end {
             return;
         }
+        self.queued_frames += 1;
+        self.queued_bytes += (end - start) as u64;
         match self.segments.last_mut() {
             Some(Segment::Owned(r)) if r.end == start => r.end = end,
             _ => self.segments.push(Segment::Owned(start..end)),
@@ -84,6 +90,7 @@ impl Cork {
         match self.input_range(payload) {
             Some(range) if payload.len() >= BORROW_MIN => {
                 self.push_with(|b| b.extend_from_slice(&header[..n]));
+                self.queued_bytes += range.len() as u64;
                 self.segments.push(Segment::Input(range));
             }
             _ => self.push_with(|b| {
@@ -91,6 +98,14 @@ impl Cork {
                 b.extend_from_slice(payload);
             }),
         }
+    }
+
+    /// Frames and bytes queued since the last call.
+    pub fn take_queued(&mut self) -> (u64, u64) {
+        (
+            std::mem::take(&mut self.queued_frames),
+            std::mem::take(&mut self.queued_bytes),
+        )
     }
 
     /// Where `payload` lies in this round's input, if it does.

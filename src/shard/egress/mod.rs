@@ -128,6 +128,11 @@ impl Egress {
         self.cork.borrow_mut()
     }
 
+    /// Frames and bytes the cork queued since the last call (none while a round holds it).
+    pub fn take_queued(&self) -> (u64, u64) {
+        self.cork.try_borrow_mut().map_or((0, 0), |mut cork| cork.take_queued())
+    }
+
     /// A copy of the last read's `n` bytes, appended to `into` (an HTTP head in the
     /// making).
     pub fn copy_input(&self, n: usize, into: &mut Vec<u8>) {
