@@ -5,9 +5,12 @@
 # (scripts/glommio-tests.sh), the whole Autobahn|Testsuite (517 cases, 1-13 with
 # permessage-deflate; 12-13 again with context takeover) against a real gateway, then the soak (CI profile), a small soak across a 3-node cluster, and the
 # fault-injection runs (CI profile: a node killed, NATS restarted, reconnect storms). The
-# fuzz targets (tests/fuzz.rs) run with `cargo test`, 2,000 cases each.
-# Installs what a fresh machine of this kind lacks (nats-server and redis-server from apt,
-# the Autobahn virtualenv). The store tests on Redis start their own redis-server each.
+# fuzz targets (tests/fuzz.rs) run with `cargo test`, 2,000 cases each. The chat and
+# dashboard pages run in a headless Chromium, and a real Prometheus scrapes /metrics with
+# the example config and answers every query of the Grafana dashboard
+# (scripts/browser-test.sh).
+# Installs what a fresh machine of this kind lacks (nats-server, redis-server, chromium
+# and prometheus from apt, the Autobahn and browser-test virtualenvs). The store tests on Redis start their own redis-server each.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 help_if_asked "$0" "$@"
@@ -26,6 +29,8 @@ echo "nats-server $nats_url (pid $nats_pid)"
 echo "== cargo test"
 SHARDGATE_TEST_NATS=$nats_url cargo test --workspace
 kill -TERM "$nats_pid"; wait "$nats_pid" 2>/dev/null || true; trap - EXIT
+echo "== the pages in a real browser, /metrics in a real Prometheus"
+scripts/browser-test.sh
 echo "== the glommio fork's own executor, timer and reactor tests"
 scripts/glommio-tests.sh
 echo "== autobahn testsuite"
