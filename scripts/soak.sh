@@ -60,6 +60,10 @@
 #   --body-bytes N            pad each message body with N bytes of chat-like text
 #                             (default 0: messages of about 90 bytes, under the deflate
 #                             threshold)
+#   --scrape-metrics          GET every gateway's /metrics once a second during the run
+#                             (what a scraper costs; scripts/bench-metrics.sh)
+#   --gateway-bin PATH        the gateway binary (default target/release/shardgate; the
+#                             metrics benchmark runs an older build beside the current)
 #   -h, --help                this text
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -71,7 +75,7 @@ connections=100000 duration=60s rate=0.1 ramp=2500 mode=direct tune=0 slo=200ms
 per_process= shards=$(nproc) shards_given=0 results=
 nodes=0 nats=0 nats_url= cross_node= cluster_key=
 fault= fault_at= outage=2 drop_share=0.67 store=
-deflate=() body_bytes=0
+deflate=() body_bytes=0 scrape=0 gateway_bin=target/release/shardgate
 while [ $# -gt 0 ]; do
   case $1 in
     --profile)
@@ -105,6 +109,8 @@ while [ $# -gt 0 ]; do
     --cross-node) cross_node=$2; shift 2 ;;
     --deflate) deflate=(--deflate); shift ;;
     --body-bytes) body_bytes=$2; shift 2 ;;
+    --scrape-metrics) scrape=1; shift ;;
+    --gateway-bin) gateway_bin=$2; shift 2 ;;
     *) echo "soak: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -207,7 +213,7 @@ for k in $(seq 0 $((gateways - 1))); do
     redis-cluster) gateway_store=redis+cluster://$redis_cluster_seeds ;;
     *) gateway_store=$store ;;
   esac
-  target/release/shardgate serve --listen "127.0.0.1:$port" "${placement[@]}" --auth-secret-file "$secret" \
+  "$gateway_bin" serve --listen "127.0.0.1:$port" "${placement[@]}" --auth-secret-file "$secret" \
     --store "$gateway_store" --data-dir "$results/gateway-$k" --max-connections "$per_process" --report-interval 5s --slo "$slo" \
     --max-connections-per-ip 0 --handshakes-per-ip 0 \
     --histogram-out "$results/gateway-$k.hgrm" "${cluster[@]}" "${deflate[@]}" >"$results/gateway-$k.log" 2>&1 &
@@ -272,8 +278,12 @@ cpu_start= cpu_start_time=
 # sampled just before each and at the end of the hold.
 read -r -a fault_times <<<"${fault_at//,/ }"
 fault_done=0 samples=() after_fault=
+scrapes=0
 while kill -0 "$load_pid" 2>/dev/null; do
   sleep 1
+  if [ "$scrape" = 1 ]; then
+    for a in "${addrs[@]}"; do curl -sf -o /dev/null "http://$a/metrics" && scrapes=$((scrapes + 1)); done
+  fi
   now=$(now_ms)
   rss=$(rss_sum)
   [ "$rss" -gt "$peak_rss" ] && peak_rss=$rss
@@ -311,6 +321,7 @@ while kill -0 "$load_pid" 2>/dev/null; do
 done
 load_status=0
 wait "$load_pid" || load_status=$?
+[ "$scrape" = 1 ] && echo "metrics: $scrapes scrapes of /metrics during the run" | tee "$results/scrapes.txt"
 load_pid=
 for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
 for p in "${pids[@]}"; do wait "$p" || true; done
