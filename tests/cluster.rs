@@ -198,6 +198,20 @@ fn two_nodes_exchange_direct_and_room_messages() {
         assert_eq!(recv(&mut bob).await, json!({"type":"ack","id":"b2","status":"routed"}));
         assert_eq!(recv(&mut carol).await["body"], "y");
     });
+    // /metrics shows the cluster: the other node, the batches, the sends that crossed.
+    let m = scrape_until(nodes[0].gw.addr, |s| {
+        sum(s, "shardgate_cluster_sends_total", &["outcome=\"routed\""]) >= 2.0
+    });
+    assert_eq!(sum(&m, "shardgate_cluster_connected", &[]), 1.0);
+    assert_eq!(sum(&m, "shardgate_cluster_nodes", &[]), 1.0);
+    assert!(sum(&m, "shardgate_cluster_batches_total", &["direction=\"out\""]) >= 1.0);
+    assert!(sum(&m, "shardgate_cluster_batches_total", &["direction=\"in\""]) >= 1.0);
+    assert!(sum(&m, "shardgate_cluster_records_total", &["direction=\"out\""]) >= 3.0);
+    assert!(sum(&m, "shardgate_cluster_receipts_total", &[]) >= 1.0);
+    // m2 to nobody, and any probe sent before bob's presence arrived.
+    assert!(sum(&m, "shardgate_cluster_sends_total", &["outcome=\"offline\""]) >= 1.0);
+    // Out: the probes, m1, m2, p1..pn; in: pong, b1, b2 (at least).
+    assert!(sum(&m, "shardgate_messages_routed_total", &["kind=\"cross_node\""]) >= 6.0);
     // Each node counts what crossed into it, in the report lines and the final summary.
     // The traffic is over: once an interval reports none after some did, every message
     // that crossed has been reported.

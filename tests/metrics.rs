@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
@@ -10,56 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::json;
-
-fn get(addr: SocketAddr, path: &str) -> String {
-    http_exchange(
-        addr,
-        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes(),
-    )
-}
-
-/// A scrape's samples by their full name with labels (`name{a="b"}`), checking every line
-/// is a comment or `name[{labels}] value`.
-fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
-    let response = get(addr, "/metrics");
-    let (head, body) = response.split_once("\r\n\r\n").expect("a whole response");
-    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
-    assert!(head.contains("Content-Type: text/plain; version=0.0.4"), "{head}");
-    let mut samples = HashMap::new();
-    for line in body.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
-        let (name, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("not a sample: {line}"));
-        let value: f64 = value.parse().unwrap_or_else(|_| panic!("not a number: {line}"));
-        assert!(
-            samples.insert(name.to_string(), value).is_none(),
-            "repeated sample {name}"
-        );
-    }
-    samples
-}
-
-/// The sum of every sample of `family` whose labels include all of `labels`.
-fn sum(samples: &HashMap<String, f64>, family: &str, labels: &[&str]) -> f64 {
-    samples
-        .iter()
-        .filter(|(k, _)| {
-            (k.as_str() == family || k.starts_with(&format!("{family}{{"))) && labels.iter().all(|l| k.contains(l))
-        })
-        .map(|(_, v)| v)
-        .sum()
-}
-
-/// Scrapes until `ready` holds (the shards copy their counters once a second), at most 10 s.
-fn scrape_until(addr: SocketAddr, ready: impl Fn(&HashMap<String, f64>) -> bool) -> HashMap<String, f64> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let samples = scrape(addr);
-        if ready(&samples) {
-            return samples;
-        }
-        assert!(Instant::now() < deadline, "the scrape never showed it: {samples:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 #[test]
 fn metrics_count_upgrades_refusals_messages_errors_and_closes() {
@@ -88,6 +37,13 @@ fn metrics_count_upgrades_refusals_messages_errors_and_closes() {
         assert_eq!(recv(&mut bob).await["body"]["text"], "hi");
         send(&mut alice, json!({"type": "nonsense"})).await;
         assert_eq!(recv(&mut alice).await["code"], "unknown_type");
+        // The store thread's own error: nothing stored in this conversation.
+        send(
+            &mut alice,
+            json!({"type": "history", "conv": "dm:alice:zed", "id": "h1"}),
+        )
+        .await;
+        assert_eq!(recv(&mut alice).await["code"], "not_found");
     });
     // A protocol error: an unmasked frame closes with 1002.
     let mut raw = raw_upgrade(gw.addr, "/ws?user=carol");
@@ -99,6 +55,7 @@ fn metrics_count_upgrades_refusals_messages_errors_and_closes() {
     let s = scrape_until(gw.addr, |s| {
         sum(s, "shardgate_closes_sent_total", &["code=\"1002\""]) >= 1.0
             && sum(s, "shardgate_store_appended_total", &[]) >= 1.0
+            && sum(s, "shardgate_store_error_frames_total", &[]) >= 1.0
             && sum(s, "shardgate_latency_seconds_count", &[]) >= 1.0
     });
     assert_eq!(sum(&s, "shardgate_http_responses_total", &["status=\"101\""]), 3.0);
@@ -107,6 +64,11 @@ fn metrics_count_upgrades_refusals_messages_errors_and_closes() {
     assert_eq!(sum(&s, "shardgate_messages_routed_total", &["kind=\"direct\""]), 1.0);
     assert_eq!(sum(&s, "shardgate_error_frames_total", &["code=\"unknown_type\""]), 1.0);
     assert_eq!(sum(&s, "shardgate_store_appended_total", &[]), 1.0);
+    assert_eq!(
+        sum(&s, "shardgate_store_error_frames_total", &["code=\"not_found\""]),
+        1.0
+    );
+    assert_eq!(sum(&s, "shardgate_store_error_frames_total", &[]), 1.0);
     assert!(sum(&s, "shardgate_store_commits_total", &[]) >= 1.0);
     assert_eq!(
         sum(&s, "shardgate_store_commit_seconds_count", &[]),

@@ -60,6 +60,8 @@ struct Traffic {
     records_out: u64,
     batches_in: u64,
     records_in: u64,
+    /// Batches confirmed by a receipt.
+    confirmed: u64,
     routed: u64,
     offline: u64,
     unavailable: u64,
@@ -76,6 +78,7 @@ impl std::ops::AddAssign for Traffic {
         self.records_out += o.records_out;
         self.batches_in += o.batches_in;
         self.records_in += o.records_in;
+        self.confirmed += o.confirmed;
         self.routed += o.routed;
         self.offline += o.offline;
         self.unavailable += o.unavailable;
@@ -778,6 +781,7 @@ impl Node {
                 let Some(batch) = self.sent.remove(&receipt.seq) else {
                     continue; // Answered already (timed out).
                 };
+                self.traffic.confirmed += 1;
                 for (index, p) in batch.acks {
                     let r = if receipt.absent.contains(&index) {
                         Answer::Absent
@@ -996,6 +1000,7 @@ impl Node {
             records_out: t.records_out,
             batches_in: t.batches_in,
             records_in: t.records_in,
+            confirmed: t.confirmed,
             outcomes: [t.routed, t.offline, t.unavailable, t.refused],
             awaiting_receipts: self.sent.len() as u64,
             rejected: t.rejected,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
-use super::counters::Counts;
+use super::counters::{Counts, ERROR_CODES};
 use super::new_histogram;
 use crate::sys::process::Usage;
 
@@ -93,6 +93,8 @@ pub struct StoreSnapshot {
     pub unavailable: u64,
     pub reads: u64,
     pub trimmed: u64,
+    /// Error frames the store thread sent, by code (`ERROR_CODES`).
+    pub errors: [u64; ERROR_CODES.len()],
     /// From a group's start to its sync's end.
     pub commit_latency: Buckets,
 }
@@ -107,6 +109,8 @@ pub struct ClusterSnapshot {
     pub records_out: u64,
     pub batches_in: u64,
     pub records_in: u64,
+    /// Batches confirmed by a receipt from the nodes they went to (round trips done).
+    pub confirmed: u64,
     /// Cross-node sends, by how they ended: routed, offline, unavailable, refused.
     pub outcomes: [u64; 4],
     /// Batches sent and not yet confirmed by the nodes they went to.

@@ -296,6 +296,16 @@ impl Collector for BoardCollector {
                 Counter,
                 [(vec![], s.trimmed)],
             )?;
+            family(
+                &mut e,
+                "shardgate_store_error_frames",
+                "Error frames the store thread sent, by code (unavailable, not_found, ...).",
+                Counter,
+                ERROR_CODES
+                    .iter()
+                    .zip(s.errors)
+                    .map(|(c, v)| (vec![("code", c.to_string())], v)),
+            )?;
             latency(
                 &mut e,
                 "shardgate_store_commit_seconds",
@@ -345,6 +355,13 @@ impl Collector for BoardCollector {
                     (vec![("direction", "out".to_string())], c.records_out),
                     (vec![("direction", "in".to_string())], c.records_in),
                 ],
+            )?;
+            family(
+                &mut e,
+                "shardgate_cluster_receipts",
+                "Batches confirmed by a receipt from the nodes they went to (NATS round trips done).",
+                Counter,
+                [(vec![], c.confirmed)],
             )?;
             family(
                 &mut e,

@@ -34,6 +34,7 @@ use crate::chat::protocol::{self, AppError, ErrorCode, HistoryEnd};
 use crate::cluster::{ClusterLink, ToCluster};
 use crate::mailbox::Mailbox;
 use crate::metrics::board::{Board, Buckets, StoreSnapshot};
+use crate::metrics::counters::ERROR_CODES;
 use crate::route::inbox::Mesh;
 use crate::route::{shards_in, AckTo, Audience, ConnId, Placement, ShardMask, ShardMsg};
 use crate::ws::frame::text_frame;
@@ -218,6 +219,8 @@ struct Stats {
     /// Messages read back from the store to fill a gap, and seqs no one could supply.
     gap_filled: u64,
     gap_skipped: u64,
+    /// Error frames sent, by code (`metrics::counters::ERROR_CODES`).
+    errors: [u64; ERROR_CODES.len()],
     /// Microseconds from a group's start to its sync's end.
     commit_us: Histogram<u64>,
     /// Microseconds from a message's read to its sync's end (the queue included).
@@ -238,6 +241,7 @@ impl Default for Stats {
             late: 0,
             gap_filled: 0,
             gap_skipped: 0,
+            errors: [0; ERROR_CODES.len()],
             commit_us: Histogram::new_with_bounds(1, 60_000_000, 2).expect("static histogram bounds"),
             durable_us: Histogram::new_with_bounds(1, 60_000_000, 2).expect("static histogram bounds"),
         }
@@ -493,6 +497,9 @@ impl<S: MessageStore> StoreThread<S> {
     }
 
     fn reply_error(&mut self, to: &AckTo, code: ErrorCode, message: String) {
+        if let Some(n) = ERROR_CODES.iter().position(|c| *c == code.as_str()) {
+            self.stats.errors[n] += 1;
+        }
         let error = AppError::new(code, message).with_id_str(to.id.as_deref());
         self.reply(to.shard, to.conn, |json| protocol::write_error(json, &error));
     }
@@ -777,6 +784,9 @@ impl<S: MessageStore> StoreThread<S> {
         t.unavailable += s.unavailable;
         t.reads += s.reads;
         t.trimmed += s.trimmed;
+        for (a, b) in t.errors.iter_mut().zip(s.errors) {
+            *a += b;
+        }
         t.commit_latency.add(&Buckets::of(&s.commit_us));
         t
     }

@@ -2,6 +2,7 @@
 //! output collected, stopped by PID when the test ends.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -180,6 +181,57 @@ pub fn http_exchange(addr: SocketAddr, request: &[u8]) -> String {
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `GET path` (a whole response: head and body).
+pub fn get(addr: SocketAddr, path: &str) -> String {
+    http_exchange(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes(),
+    )
+}
+
+/// A scrape's samples by their full name with labels (`name{a="b"}`), checking every line
+/// is a comment or `name[{labels}] value`.
+pub fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
+    let response = get(addr, "/metrics");
+    let (head, body) = response.split_once("\r\n\r\n").expect("a whole response");
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    assert!(head.contains("Content-Type: text/plain; version=0.0.4"), "{head}");
+    let mut samples = HashMap::new();
+    for line in body.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        let (name, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("not a sample: {line}"));
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("not a number: {line}"));
+        assert!(
+            samples.insert(name.to_string(), value).is_none(),
+            "repeated sample {name}"
+        );
+    }
+    samples
+}
+
+/// The sum of every sample of `family` whose labels include all of `labels`.
+pub fn sum(samples: &HashMap<String, f64>, family: &str, labels: &[&str]) -> f64 {
+    samples
+        .iter()
+        .filter(|(k, _)| {
+            (k.as_str() == family || k.starts_with(&format!("{family}{{"))) && labels.iter().all(|l| k.contains(l))
+        })
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// Scrapes until `ready` holds (the shards copy their counters once a second), at most 10 s.
+pub fn scrape_until(addr: SocketAddr, ready: impl Fn(&HashMap<String, f64>) -> bool) -> HashMap<String, f64> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let samples = scrape(addr);
+        if ready(&samples) {
+            return samples;
+        }
+        assert!(Instant::now() < deadline, "the scrape never showed it: {samples:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// An upgrade request for `path` with the given extra header lines.
