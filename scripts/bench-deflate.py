@@ -15,7 +15,6 @@ and without the extension, each on a fresh gateway; and what context takeover ho
 import argparse
 import re
 import resource
-import signal
 import socket
 import statistics
 import struct
@@ -24,7 +23,8 @@ import time
 import zlib
 from pathlib import Path
 
-from benchlib import cpu_seconds, free_port, status_kib
+import benchlib
+from benchlib import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ECHO_LOAD = ROOT / "target/release/echo-load"
@@ -33,38 +33,17 @@ FANOUT = ROOT / "target/release/deflate-fanout"
 CASES = [(10, 1024), (200, 16384)]
 
 
-class Gateway:
+class Gateway(benchlib.Server):
     def __init__(self, out, name, extra=()):
-        self.port = free_port()
-        self.log = open(out / f"{name}.log", "w")
-        cmd = [str(SHARDGATE), "serve", "--listen", f"127.0.0.1:{self.port}", "--shards", "1", "--cpus", "0",
+        port = free_port()
+        cmd = [str(SHARDGATE), "serve", "--listen", f"127.0.0.1:{port}", "--shards", "1", "--cpus", "0",
                "--echo", "--deflate", "--store", "none", "--data-dir", str(out), "--report-interval", "1h",
                "--max-connections-per-ip", "0", "--handshakes-per-ip", "0", "--max-connections", "19000",
                *extra]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise SystemExit(f"bench-deflate: the gateway did not start; see {self.log.name}")
-
-    def cpu_seconds(self):
-        return cpu_seconds(self.proc.pid)
+        super().__init__(cmd, port, out / f"{name}.log", "bench-deflate: the gateway")
 
     def rss_kib(self):
-        return status_kib(self.proc.pid, "VmRSS")
-
-    def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+        return self.status_kib("VmRSS")
 
 
 def echo_run(gw, conns, size, deflate, duration):

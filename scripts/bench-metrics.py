@@ -13,8 +13,6 @@ shown, and a case where it was over 90% busy marked client-bound.
 import argparse
 import re
 import resource
-import signal
-import socket
 import statistics
 import subprocess
 import threading
@@ -22,7 +20,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from benchlib import cpu_seconds, free_port
+import benchlib
+from benchlib import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ECHO_LOAD = ROOT / "target/release/echo-load"
@@ -30,31 +29,13 @@ CURRENT = ROOT / "target/release/shardgate"
 CASES = [(100, 20), (10, 1024), (200, 16384)]
 
 
-class Gateway:
+class Gateway(benchlib.Server):
     def __init__(self, binary, out, name):
-        self.port = free_port()
-        self.log = open(out / f"{name}.log", "w")
-        cmd = [str(binary), "serve", "--listen", f"127.0.0.1:{self.port}", "--shards", "1", "--cpus", "0", "--echo",
+        port = free_port()
+        cmd = [str(binary), "serve", "--listen", f"127.0.0.1:{port}", "--shards", "1", "--cpus", "0", "--echo",
                "--store", "none", "--data-dir", str(out), "--report-interval", "1h",
                "--max-connections-per-ip", "0", "--handshakes-per-ip", "0"]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise SystemExit(f"bench-metrics: {name} did not start; see {self.log.name}")
-
-    def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+        super().__init__(cmd, port, out / f"{name}.log", f"bench-metrics: {name}")
 
 
 class Scraper(threading.Thread):
@@ -77,11 +58,11 @@ def echo_run(gw, conns, size, duration):
     cmd = [str(ECHO_LOAD), "--addr", f"127.0.0.1:{gw.port}", "-c", str(conns), "-s", str(size), "-w", "1",
            "-d", duration, "--cpus", "1"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu_before = cpu_seconds(gw.proc.pid)
+    cpu_before = gw.cpu_seconds()
     started = time.monotonic()
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     wall = time.monotonic() - started
-    server_cpu = cpu_seconds(gw.proc.pid) - cpu_before
+    server_cpu = gw.cpu_seconds() - cpu_before
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     kv = dict(re.findall(r"(\w+)=([^ ]+)", next((l for l in r.stdout.splitlines() if "msg_per_s=" in l), "")))
     if r.returncode != 0 or not kv:

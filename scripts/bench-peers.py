@@ -9,15 +9,13 @@ import json
 import os
 import re
 import resource
-import signal
-import socket
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from benchlib import cpu_seconds, free_port, status_kib
+import benchlib
+from benchlib import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ECHO_LOAD = ROOT / "target/release/echo-load"
@@ -30,15 +28,14 @@ CASES = [(100, 20), (10, 1024), (200, 16384), (500, 16384)]
 WINDOWS = [1, 16]
 
 
-class Server:
+class Server(benchlib.Server):
     def __init__(self, name, placement, cpus, out, baseline=None):
         self.name = name
-        self.port = free_port()
-        self.log = open(out / f"{name}-{placement}.log", "w")
+        port = free_port()
         if name in ("shardgate", "baseline"):
             shards = 1 if placement == "single" else len(cpus)
             binary = SHARDGATE if name == "shardgate" else baseline
-            cmd = [str(binary), "serve", "--listen", f"127.0.0.1:{self.port}", "--shards", str(shards),
+            cmd = [str(binary), "serve", "--listen", f"127.0.0.1:{port}", "--shards", str(shards),
                    "--cpus", ",".join(map(str, cpus[:shards])), "--data-dir", str(out),
                    "--max-connections", "19000", "--report-interval", "1h"]
             flags = subprocess.run([str(binary), "serve", "--help"], capture_output=True, text=True).stdout
@@ -56,36 +53,10 @@ class Server:
             self.path = "/echo"
         else:
             threads = 1 if placement == "single" else len(cpus)
-            cmd = [str(PEER), "--server", PEER_NAME[name], "--listen", f"127.0.0.1:{self.port}",
+            cmd = [str(PEER), "--server", PEER_NAME[name], "--listen", f"127.0.0.1:{port}",
                    "--threads", str(threads), "--cpu", str(cpus[0])]
             self.path = "/"
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                if self.proc.poll() is not None:
-                    break
-                time.sleep(0.05)
-        raise SystemExit(f"bench-peers: {name} did not start; see {self.log.name}")
-
-    def cpu_seconds(self):
-        return cpu_seconds(self.proc.pid)
-
-    def status_kib(self, key):
-        return status_kib(self.proc.pid, key)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        super().__init__(cmd, port, out / f"{name}-{placement}.log", f"bench-peers: {name}", timeout=20)
 
 
 def echo_load(server, args, extra, client_cpus):

@@ -1,7 +1,11 @@
-"""What the benchmark drivers (bench-peers.py, bench-deflate.py) share: a free loopback
-port, and a process's CPU time and memory from /proc."""
+"""What the benchmark drivers (bench-peers.py, bench-deflate.py, bench-metrics.py) share:
+a free loopback port, a server process started and stopped by PID, and a process's CPU
+time and memory from /proc."""
 import os
+import signal
 import socket
+import subprocess
+import time
 
 
 def free_port():
@@ -26,3 +30,40 @@ def status_kib(pid, key):
             if line.startswith(key + ":"):
                 return int(line.split()[1])
     return 0
+
+
+class Server:
+    """`cmd`, a server listening on 127.0.0.1:`port`, its output in `log_path`: started,
+    waited for until it accepts connections (`what` names it if it does not), stopped by
+    PID (SIGTERM, then SIGKILL)."""
+
+    def __init__(self, cmd, port, log_path, what, timeout=30):
+        self.port = port
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    break
+                time.sleep(0.05)
+        raise SystemExit(f"{what} did not start; see {self.log.name}")
+
+    def cpu_seconds(self):
+        return cpu_seconds(self.proc.pid)
+
+    def status_kib(self, key):
+        return status_kib(self.proc.pid, key)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()

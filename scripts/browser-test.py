@@ -5,7 +5,8 @@ which starts the gateway and the browser; see there.
     browser-test.py GATEWAY_URL DEVTOOLS_PORT ADMIN_TOKEN SCREENSHOT_DIR
 
 Two chat pages (alice, bob) exchange a direct message and a room message through the
-page's own controls; alice reads the conversation's history; the dashboard (opened with
+page's own controls; alice reads the conversation's history; a message to carol, who has
+no page open, reaches her page when it connects; the dashboard (opened with
 an admin token) must show the connections and the messages after the traffic; /metrics
 must parse with the Prometheus client's own parser and count the same traffic.
 Screenshots of both pages go to SCREENSHOT_DIR.
@@ -126,14 +127,25 @@ def main():
     assert [m["body"]["text"] for m in history["messages"]] == ["hello bob, from a browser"], history
     # The frames are on screen, not only in memory.
     assert "hello bob, from a browser" in bob.js("document.getElementById('log').textContent")
+    # Offline delivery: a message to carol, who has no page open yet, is stored; when her
+    # page connects, its ready lists the conversation and the page fetches it.
+    alice.fill_and_click({"to": "carol", "text": "for when you are back"}, "send")
+    alice.wait_for("Object.values(window.chat.acks).some(a => a.conv === 'dm:alice:carol' && a.status === 'stored')",
+                   "the ack of the message to carol")
+    carol = Page(devtools_port, gateway + "/?user=carol")
+    carol.wait_for(
+        "window.chat.frames.filter(f => f.type === 'history' && f.conv === 'dm:alice:carol')"
+        ".flatMap(f => f.messages.map(m => m.body.text)).includes('for when you are back')",
+        "carol's page fetching the message its ready listed",
+    )
 
     # The dashboard's numbers moved: both chat connections and the two sends.
     snap = dashboard.wait_for(
-        "window.dash.last.connections >= 3 && window.dash.last.sent >= %d && window.dash.last" % (sent_before + 2),
+        "window.dash.last.connections >= 4 && window.dash.last.sent >= %d && window.dash.last" % (sent_before + 3),
         "the dashboard to count the traffic",
     )
     shown = dashboard.js("document.getElementById('connections').textContent")
-    assert int(shown) == snap["connections"] >= 3, (shown, snap)
+    assert int(shown) == snap["connections"] >= 4, (shown, snap)
     assert dashboard.js("document.getElementById('state').textContent") == "live"
 
     # /metrics, read by Prometheus' own parser, counts the same traffic.
@@ -141,7 +153,7 @@ def main():
     assert total(samples, "shardgate_messages_routed_total", kind="direct") >= 1
     assert total(samples, "shardgate_messages_routed_total", kind="room") >= 1
     assert total(samples, "shardgate_http_responses_total", status="101") >= 2
-    assert total(samples, "shardgate_store_appended_total") >= 2
+    assert total(samples, "shardgate_store_appended_total") >= 3
     assert total(samples, "shardgate_latency_seconds_count") >= 2
 
     alice.screenshot(shots + "/chat.png")
@@ -158,7 +170,7 @@ def main():
     alice.js("clearInterval(window.load)")
     bob.wait_for("%s.filter(t => t === 'tick').length >= 100" % frames_with("message", "f.body.text"), "bob's ticks")
     print(
-        "browser: direct and room messages between two pages, history; dashboard at %d connections, then %d delivered/s (p99 %d us); screenshots in %s"
+        "browser: direct and room messages between two pages, history, offline delivery; dashboard at %d connections, then %d delivered/s (p99 %d us); screenshots in %s"
         % (snap["connections"], busy["last_second"]["delivered"], busy["last_second"]["p99_us"], shots)
     )
 

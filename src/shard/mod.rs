@@ -323,7 +323,7 @@ fn start_store(
         mesh: mesh.clone(),
         push: push_queue.clone(),
         cluster,
-        board: Some(board.clone()),
+        board: board.clone(),
     };
     let thread = match store {
         Opened::Embedded(store) => crate::store::thread::spawn(*store, thread_config, rx, outputs),

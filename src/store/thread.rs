@@ -160,7 +160,7 @@ pub struct StoreOutputs {
     pub push: Option<PushQueue>,
     pub cluster: Option<Arc<ClusterLink>>,
     /// Where the thread's totals are left once a second, for `/metrics`.
-    pub board: Option<Arc<Board>>,
+    pub board: Arc<Board>,
 }
 
 /// Starts the store thread. It ends at `StoreLink::stop`, once what was queued before is
@@ -280,7 +280,7 @@ struct StoreThread<S> {
     stats: Stats,
     /// The totals up to the last report (`stats` holds what came since).
     reported: StoreSnapshot,
-    board: Option<Arc<Board>>,
+    board: Arc<Board>,
     /// The last group could not be written (said once, until one can).
     failing: bool,
     /// Reads waiting for their turn between groups, in the order they came.
@@ -335,9 +335,7 @@ impl<S: MessageStore> StoreThread<S> {
             self.fill_gaps();
             self.ring();
             if Instant::now() >= next_publish {
-                if let Some(board) = &self.board {
-                    board.publish_store(self.totals());
-                }
+                self.board.publish_store(self.totals());
                 next_publish = Instant::now() + PUBLISH_INTERVAL;
             }
             if Instant::now() >= next_report {
