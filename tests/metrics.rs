@@ -125,6 +125,10 @@ fn the_pages_are_served_whole_and_self_contained() {
     }
     let post = http_exchange(gw.addr, b"POST /dashboard HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(post.starts_with("HTTP/1.1 405 "), "{post}");
+    // A WebSocket client pointed at a page is told there is no such endpoint.
+    for path in ["/", "/dashboard", "/metrics"] {
+        assert_eq!(response_status(gw.addr, &upgrade_request(path, "")), "404", "{path}");
+    }
 }
 
 /// Opens the live feed and returns its response head, or the whole refusal.

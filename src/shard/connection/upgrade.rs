@@ -112,7 +112,13 @@ fn answer(ctx: &ShardContext, apps: &Apps, request: &Request<'_>, out: &mut Vec<
 fn route(ctx: &ShardContext, apps: &Apps, request: &Request<'_>, out: &mut Vec<u8>) -> Answer {
     let config = &ctx.config;
     let get = request.method == "GET";
+    // A WebSocket client pointed at a page gets what it got before pages existed.
+    let upgrade = request.header_has_token("upgrade", "websocket");
     let chat = match request.path {
+        "/metrics" | "/" | "/chat" | "/dashboard" | "/dashboard/events" if upgrade => {
+            handshake::write_response(out, 404, "no such endpoint (WebSocket: /ws)", "");
+            return Answer::Done;
+        }
         "/healthz" | "/metrics" | "/" | "/chat" | "/dashboard" | "/dashboard/events" if !get => {
             handshake::write_response(out, 405, "use GET", "Allow: GET\r\n");
             return Answer::Done;
