@@ -513,7 +513,7 @@ fn start_tasks(ctx: &Rc<ShardContext>, apps: &Rc<Apps>, inbox: Inbox, reporter: 
             return false;
         }
     };
-    glommio::spawn_local(report_intervals(ctx.clone(), reporter.clone())).detach();
+    glommio::spawn_local(report_intervals(ctx.clone(), apps.clone(), reporter.clone())).detach();
     glommio::spawn_local(publish_to_board(ctx.clone(), apps.clone())).detach();
     if let Err(e) = ctx.drive_executor() {
         tracing::error!("shard {}: cannot watch the executor's rings: {e}", ctx.id);
@@ -564,7 +564,7 @@ async fn pump(ctx: Rc<ShardContext>, apps: Rc<Apps>, inbox: Inbox) {
 }
 
 /// Hands the reporter this shard's interval histogram every `--report-interval`.
-async fn report_intervals(ctx: Rc<ShardContext>, reporter: Reporter) {
+async fn report_intervals(ctx: Rc<ShardContext>, apps: Rc<Apps>, reporter: Reporter) {
     let interval = ctx.config.report_interval;
     let start = std::time::Instant::now();
     let mut deflated_before = DeflateStats::default();
@@ -573,7 +573,7 @@ async fn report_intervals(ctx: Rc<ShardContext>, reporter: Reporter) {
         let due = start + interval * tick as u32;
         glommio::timer::sleep(due.saturating_duration_since(std::time::Instant::now())).await;
         let (histogram, cross) = ctx.egress.latency.borrow_mut().take_interval();
-        // The deflaters' work reaches the counters once a second (`publish_to_board`).
+        count_deflated(&ctx, &apps);
         let c = &ctx.counters;
         let deflated_now = DeflateStats {
             messages: c.deflated.get(),
@@ -597,6 +597,15 @@ async fn report_intervals(ctx: Rc<ShardContext>, reporter: Reporter) {
     }
 }
 
+/// Adds what the shard's deflaters (the hub's and the echo's) did since they were last
+/// asked to the shard's counters.
+fn count_deflated(ctx: &ShardContext, apps: &Apps) {
+    let mut deflated = apps.hub.take_deflate_stats();
+    deflated += ctx.deflate.take_stats();
+    ctx.counters
+        .deflated(deflated.messages, deflated.bytes_in, deflated.bytes_out);
+}
+
 /// Copies this shard's counters, gauges and last second of latency to the board, once a
 /// second.
 async fn publish_to_board(ctx: Rc<ShardContext>, apps: Rc<Apps>) {
@@ -605,10 +614,7 @@ async fn publish_to_board(ctx: Rc<ShardContext>, apps: Rc<Apps>) {
     for tick in 1u64.. {
         let due = start + Duration::from_secs(tick);
         glommio::timer::sleep(due.saturating_duration_since(std::time::Instant::now())).await;
-        let mut deflated = apps.hub.take_deflate_stats();
-        deflated += ctx.deflate.take_stats();
-        ctx.counters
-            .deflated(deflated.messages, deflated.bytes_in, deflated.bytes_out);
+        count_deflated(&ctx, &apps);
         let (frames, bytes) = ctx.egress.take_queued();
         ctx.counters.queued(frames, bytes as usize);
         let mut counts = ctx.counters.snapshot();
