@@ -14,7 +14,6 @@ and without the extension, each on a fresh gateway; and what context takeover ho
 """
 import argparse
 import re
-import resource
 import socket
 import statistics
 import struct
@@ -49,16 +48,7 @@ class Gateway(benchlib.Server):
 def echo_run(gw, conns, size, deflate, duration):
     cmd = [str(ECHO_LOAD), "--addr", f"127.0.0.1:{gw.port}", "-c", str(conns), "-s", str(size), "-w", "1",
            "-d", duration, "--cpus", "1", "--payload", "json"] + (["--deflate"] if deflate else [])
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu_before = gw.cpu_seconds()
-    started = time.monotonic()
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    wall = time.monotonic() - started
-    server_cpu = gw.cpu_seconds() - cpu_before
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    kv = dict(re.findall(r"(\w+)=([^ ]+)", next((l for l in r.stdout.splitlines() if "msg_per_s=" in l), "")))
-    if r.returncode != 0 or not kv:
-        raise SystemExit(f"bench-deflate: echo-load failed: {(r.stdout + r.stderr)[-400:]}")
+    kv, wall, server_cpu, client_busy = benchlib.echo_load(gw, cmd, "bench-deflate")
     msgs = float(kv["messages"])
     # The server's CPU over the whole run (warm-up included) per message of the measured
     # window would overstate it; scale the messages to the wall time instead.
@@ -67,7 +57,7 @@ def echo_run(gw, conns, size, deflate, duration):
         "msg_per_s": rate,
         "p99_us": int(kv["p99_us"]),
         "server_us_per_msg": server_cpu * 1e6 / max(rate * wall, 1),
-        "client_busy": ((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)) / wall,
+        "client_busy": client_busy,
         "echo_bytes_per_msg": float(kv["echo_bytes_per_msg"]),
         "messages": msgs,
     }

@@ -11,12 +11,8 @@ median). Server CPU per message from /proc/PID/stat over the run; the client's o
 shown, and a case where it was over 90% busy marked client-bound.
 """
 import argparse
-import re
-import resource
 import statistics
-import subprocess
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -57,21 +53,12 @@ class Scraper(threading.Thread):
 def echo_run(gw, conns, size, duration):
     cmd = [str(ECHO_LOAD), "--addr", f"127.0.0.1:{gw.port}", "-c", str(conns), "-s", str(size), "-w", "1",
            "-d", duration, "--cpus", "1"]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu_before = gw.cpu_seconds()
-    started = time.monotonic()
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    wall = time.monotonic() - started
-    server_cpu = gw.cpu_seconds() - cpu_before
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    kv = dict(re.findall(r"(\w+)=([^ ]+)", next((l for l in r.stdout.splitlines() if "msg_per_s=" in l), "")))
-    if r.returncode != 0 or not kv:
-        raise SystemExit(f"bench-metrics: echo-load failed: {(r.stdout + r.stderr)[-400:]}")
+    kv, wall, server_cpu, client_busy = benchlib.echo_load(gw, cmd, "bench-metrics")
     rate = float(kv["msg_per_s"])
     return {
         "msg_per_s": rate,
         "server_us_per_msg": server_cpu * 1e6 / max(rate * wall, 1),
-        "client_busy": ((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)) / wall,
+        "client_busy": client_busy,
     }
 
 

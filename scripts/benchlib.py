@@ -2,6 +2,8 @@
 a free loopback port, a server process started and stopped by PID, and a process's CPU
 time and memory from /proc."""
 import os
+import re
+import resource
 import signal
 import socket
 import subprocess
@@ -67,3 +69,21 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+
+
+def echo_load(server, cmd, what):
+    """Runs echo-load (`cmd`) against `server` once. Returns its `key=value` summary, the
+    wall time, the server's CPU seconds over the run, and the share of a CPU the client
+    kept busy."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_before = server.cpu_seconds()
+    started = time.monotonic()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    wall = time.monotonic() - started
+    server_cpu = server.cpu_seconds() - cpu_before
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    kv = dict(re.findall(r"(\w+)=([^ ]+)", next((l for l in r.stdout.splitlines() if "msg_per_s=" in l), "")))
+    if r.returncode != 0 or not kv:
+        raise SystemExit(f"{what}: echo-load failed: {(r.stdout + r.stderr)[-400:]}")
+    client_busy = ((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)) / wall
+    return kv, wall, server_cpu, client_busy
