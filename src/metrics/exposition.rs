@@ -1,6 +1,6 @@
 //! `GET /metrics`: the board in Prometheus' text format, through a `prometheus-client`
 //! collector that reads every slot at scrape time. Every metric is documented in the
-//! README ("Metrics").
+//! README ("Metrics, dashboard and chat page").
 
 use std::sync::Arc;
 
