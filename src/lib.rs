@@ -4,7 +4,7 @@
 //! - [`sys`]: every system call (and all `unsafe` code but one zero-copy hand-over).
 //! - [`ws`]: the WebSocket protocol, sans IO (bytes in, events out).
 //! - [`mailbox`], [`shutdown`]: channels with a doorbell, for handing work to a shard.
-//! - [`metrics`]: latency histograms and the report line.
+//! - [`metrics`]: latency histograms, the report line, per-shard counters, the board and `/metrics`.
 //! - [`route`]: messages between shards, the directory of who is where.
 //! - [`config`]: flags, the TOML file, defaults, from one table; [`secret`]: secret files.
 //! - [`store`]: durable conversations (sequence numbers, the embedded message store).
