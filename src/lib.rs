@@ -24,5 +24,6 @@ pub mod shard;
 pub(crate) mod shutdown;
 pub mod store;
 pub mod sys;
+pub mod tls;
 pub mod web;
 pub mod ws;
