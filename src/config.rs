@@ -360,6 +360,15 @@ config_table! {
         /// Serve `/metrics` on this address (a private port, one thread) instead of the main listener.
         #[arg(value_name = "ADDR")]
         metrics_listen: SocketAddr;
+        /// Also listen for wss:// (TLS) on this address, every shard (SO_REUSEPORT); needs --tls-cert and --tls-key.
+        #[arg(value_name = "ADDR")]
+        listen_tls: SocketAddr;
+        /// Certificate chain (PEM, the server's own first) for --listen-tls; read again on SIGHUP.
+        #[arg(value_name = "FILE")]
+        tls_cert: PathBuf;
+        /// Private key (PEM: PKCS#8, RSA or EC) of --tls-cert; read again on SIGHUP.
+        #[arg(value_name = "FILE")]
+        tls_key: PathBuf;
         /// Join a cluster of gateways through this NATS server (e.g. nats://127.0.0.1:4222); without it the gateway is a single node with no dependency.
         #[arg(value_name = "URL")]
         nats: String;

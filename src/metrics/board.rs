@@ -60,6 +60,8 @@ impl Buckets {
 pub struct ShardSnapshot {
     pub counts: Counts,
     pub connections: u64,
+    /// Of them, on the TLS listener.
+    pub tls_connections: u64,
     /// Bytes held in messages being assembled and frames queued for sockets.
     pub held_bytes: u64,
     /// Messages waiting in the shard's inbox (from other shards and threads).
@@ -75,6 +77,7 @@ impl Default for ShardSnapshot {
         ShardSnapshot {
             counts: Counts::default(),
             connections: 0,
+            tls_connections: 0,
             held_bytes: 0,
             inbox_depth: 0,
             latency: Buckets::default(),

@@ -29,6 +29,12 @@ pub const ERROR_CODES: [&str; 10] = [
     "not_found",
 ];
 
+/// TLS handshakes completed, by kind.
+pub const TLS_HANDSHAKES: [&str; 2] = ["full", "resumed"];
+/// TLS connections refused before any HTTP: a plaintext client on a TLS port, or a
+/// handshake (or record) rustls rejected.
+pub const TLS_REFUSALS: [&str; 2] = ["plaintext", "protocol"];
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
     Direct = 0,
@@ -64,6 +70,9 @@ pub struct CountsOf<T> {
     pub deflated: T,
     pub deflated_bytes_in: T,
     pub deflated_bytes_out: T,
+    /// TLS handshakes, by kind (`TLS_HANDSHAKES`), and refusals (`TLS_REFUSALS`).
+    pub tls_handshakes: [T; TLS_HANDSHAKES.len()],
+    pub tls_refused: [T; TLS_REFUSALS.len()],
 }
 
 pub type ShardCounters = CountsOf<Cell<u64>>;
@@ -125,6 +134,13 @@ impl ShardCounters {
         bump(&self.deflated_bytes_out, bytes_out);
     }
 
+    pub fn tls(&self, full: u64, resumed: u64, plaintext: u64, protocol: u64) {
+        bump(&self.tls_handshakes[0], full);
+        bump(&self.tls_handshakes[1], resumed);
+        bump(&self.tls_refused[0], plaintext);
+        bump(&self.tls_refused[1], protocol);
+    }
+
     /// The values now.
     pub fn snapshot(&self) -> Counts {
         let get = |cells: &[Cell<u64>], into: &mut [u64]| {
@@ -139,6 +155,8 @@ impl ShardCounters {
         get(&self.routed, &mut c.routed);
         get(&self.acks, &mut c.acks);
         get(&self.errors, &mut c.errors);
+        get(&self.tls_handshakes, &mut c.tls_handshakes);
+        get(&self.tls_refused, &mut c.tls_refused);
         c.frames_in = self.frames_in.get();
         c.bytes_in = self.bytes_in.get();
         c.frames_out = self.frames_out.get();
@@ -163,6 +181,8 @@ impl AddAssign<&Counts> for Counts {
         add(&mut self.routed, &o.routed);
         add(&mut self.acks, &o.acks);
         add(&mut self.errors, &o.errors);
+        add(&mut self.tls_handshakes, &o.tls_handshakes);
+        add(&mut self.tls_refused, &o.tls_refused);
         self.frames_in += o.frames_in;
         self.bytes_in += o.bytes_in;
         self.frames_out += o.frames_out;

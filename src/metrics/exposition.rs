@@ -12,7 +12,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use super::board::{Board, Buckets, LATENCY_BOUNDS_US};
-use super::counters::{Counts, ACKS, CLOSE_CODES, ERROR_CODES, HTTP_STATUSES, ROUTES};
+use super::counters::{Counts, ACKS, CLOSE_CODES, ERROR_CODES, HTTP_STATUSES, ROUTES, TLS_HANDSHAKES, TLS_REFUSALS};
 
 /// The content type of `render`'s text.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -119,7 +119,7 @@ impl Collector for BoardCollector {
         for id in 0..n {
             board.shard(id, |s| {
                 counts.push(s.counts.clone());
-                gauges.push((s.connections, s.held_bytes, s.inbox_depth));
+                gauges.push((s.connections, s.held_bytes, s.inbox_depth, s.tls_connections));
                 latencies.push((shard_label(id), s.latency.clone()));
             });
         }
@@ -152,6 +152,27 @@ impl Collector for BoardCollector {
             "Open connections (upgraded or not yet).",
             Gauge,
             per_shard(&|id| gauges[id].0),
+        )?;
+        family(
+            &mut e,
+            "shardgate_tls_connections",
+            "Open connections on the TLS listener (--listen-tls), handshaken or not yet.",
+            Gauge,
+            per_shard(&|id| gauges[id].3),
+        )?;
+        family(
+            &mut e,
+            "shardgate_tls_handshakes",
+            "TLS handshakes completed, by kind: full, or resumed from a ticket or session id.",
+            Counter,
+            by_table(&counts, "kind", &TLS_HANDSHAKES, |c| &c.tls_handshakes),
+        )?;
+        family(
+            &mut e,
+            "shardgate_tls_refused",
+            "TLS connections refused before any HTTP: plaintext (a plaintext client on the TLS port, answered 400) or protocol (a handshake or record rustls rejected). Stalled handshakes count as 408 in shardgate_http_responses.",
+            Counter,
+            by_table(&counts, "reason", &TLS_REFUSALS, |c| &c.tls_refused),
         )?;
         family(
             &mut e,

@@ -20,7 +20,7 @@ use slab::Slab;
 
 use super::budget::MemoryBudget;
 use super::deadlines::Deadlines;
-use super::egress::{Cork, Egress, Finish, Outbound, RX_BUFFER};
+use super::egress::{Cork, Egress, Finish, Outbound};
 use super::per_ip::{IpTicket, PerIpLimits};
 use super::yield_policy::YieldPolicy;
 use crate::chat::hub::Hub;
@@ -380,10 +380,10 @@ impl ShardContext {
                 self.next_pass.borrow_mut().push(key);
             } else if entry.readable {
                 match self.egress.recv(stream.as_raw_fd()) {
-                    Ok(0) => return Poll::Ready(Ok(ReadOutcome::Eof)),
-                    Ok(n) => {
+                    Ok((0, _)) => return Poll::Ready(Ok(ReadOutcome::Eof)),
+                    Ok((n, more)) => {
                         // A short read drained the socket: wait for the next edge.
-                        entry.readable = n == RX_BUFFER;
+                        entry.readable = more;
                         if entry.readable {
                             entry.full_read_pass = Some(self.pass.get());
                         }
@@ -558,8 +558,14 @@ impl ConnectionSlot {
     }
 
     /// Puts the connection's socket in the shard's epoll set, so that its reads use it.
-    pub fn watch(&self, socket: RawFd) -> io::Result<()> {
-        self.ctx.poller.add(socket, self.key as u64)?;
+    /// A TLS socket is watched for room to write too: its reads also send what the
+    /// socket did not take of its handshake.
+    pub fn watch(&self, socket: RawFd, tls: bool) -> io::Result<()> {
+        if tls {
+            self.ctx.poller.add_read_write(socket, self.key as u64)?;
+        } else {
+            self.ctx.poller.add(socket, self.key as u64)?;
+        }
         if let Some(entry) = self.ctx.connections.borrow_mut().get_mut(self.key()) {
             entry.watched = true;
             // Input may have arrived before the socket joined the set.

@@ -46,6 +46,7 @@ use crate::store::redis::RedisStore;
 use crate::store::thread::{StoreLink, StoreOutputs, StoreThreadConfig};
 use crate::store::Retention;
 use crate::sys::{process, socket};
+use crate::tls::TlsSession;
 use crate::ws::deflate::DeflateStats;
 use context::ShardContext;
 use crossbeam_channel::Receiver;
@@ -78,6 +79,8 @@ struct Shared {
     store: Option<Arc<StoreLink>>,
     max_connections: usize,
     bound: std::net::SocketAddr,
+    /// The handshakes' configuration, with `--listen-tls`.
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Runs the gateway until SIGINT or SIGTERM, then closes every connection with 1001 and
@@ -85,6 +88,7 @@ struct Shared {
 pub fn run(config: Config) -> Result<(), StartError> {
     let plan = start::Plan::new(&config)?;
     let listeners = start::bind(&config, &plan)?;
+    let tls = start::tls(&config)?;
     let rules = crate::chat::auth::TokenRules::from_config(&config);
     let auth = Arc::new(Authenticator::load(
         config.auth_secret_file.as_deref(),
@@ -133,7 +137,13 @@ pub fn run(config: Config) -> Result<(), StartError> {
     };
     // Signals are watched before any shard says it listens: a SIGTERM right after that
     // line drains instead of killing, and the watcher's descriptors are already counted.
-    start::spawn_signal_thread(stop.clone())?;
+    start::spawn_signal_thread(stop.clone(), tls.as_ref().map(|(certificates, _)| certificates.clone()))?;
+    if let (Some(addr), Some((certificates, _))) = (listeners.tls_bound, &tls) {
+        tracing::info!(
+            "wss:// (TLS 1.3 and 1.2, rustls) on {addr}, certificate {}; SIGHUP reads it again",
+            certificates.cert_path().display()
+        );
+    }
     let per_ip = PerIpLimits::new(config.max_connections_per_ip, config.handshakes_per_ip);
     let shared = Shared {
         config,
@@ -149,6 +159,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
         store: store.as_ref().map(|s| s.link.clone()),
         max_connections: plan.max_connections,
         bound: listeners.bound,
+        tls: tls.map(|(_, config)| config),
     };
     let handles = spawn_shards(&shared, &plan, listeners, inboxes)?;
     drop(shared);
@@ -353,8 +364,13 @@ fn spawn_shards(
     inboxes: Vec<Inbox>,
 ) -> Result<Vec<glommio::ExecutorJoinHandle<()>>, StartError> {
     let mut handles = Vec::with_capacity(inboxes.len());
+    let mut tls_listeners = listeners.tls.into_iter();
     let sockets = listeners.shared.into_iter().zip(listeners.own).zip(inboxes);
     for (id, ((listener, own), inbox)) in sockets.enumerate() {
+        let tls = tls_listeners
+            .next()
+            .zip(shared.tls.clone())
+            .map(|(socket, config)| (OwnedFd::from(socket), config));
         let cpu = plan.shard_cpus[id];
         let config = &shared.config;
         let mut builder = LocalExecutorBuilder::new(Placement::Fixed(cpu))
@@ -386,7 +402,7 @@ fn spawn_shards(
             bound: shared.bound,
         };
         let handle = builder
-            .spawn(move || shard_main(start, listener, own, inbox))
+            .spawn(move || shard_main(start, Listening { listener, own, tls }, inbox))
             .map_err(|e| StartError::Shards(vec![start::explain_start_error(id, &e.to_string())]))?;
         handles.push(handle);
     }
@@ -417,9 +433,20 @@ struct ShardStart {
     bound: std::net::SocketAddr,
 }
 
+/// A shard's listening sockets.
+struct Listening {
+    /// On the shared address.
+    listener: OwnedFd,
+    /// With `--shard-ports`, its own port.
+    own: Option<(OwnedFd, std::net::SocketAddr)>,
+    /// With `--listen-tls`, on the TLS address, with the handshakes' configuration.
+    tls: Option<(OwnedFd, Arc<rustls::ServerConfig>)>,
+}
+
 /// One shard's life: accept (and route) until told to stop, then close every connection
 /// and wait for them (at most the drain time).
-async fn shard_main(start: ShardStart, listener: OwnedFd, own: Option<(OwnedFd, std::net::SocketAddr)>, inbox: Inbox) {
+async fn shard_main(start: ShardStart, listening: Listening, inbox: Inbox) {
+    let Listening { listener, own, tls } = listening;
     let ShardStart {
         id,
         cpu,
@@ -475,16 +502,23 @@ async fn shard_main(start: ShardStart, listener: OwnedFd, own: Option<(OwnedFd, 
         process::thread_id()
     );
     let accepting = async {
-        match own {
-            Some((own, _)) => {
-                future::or(
-                    accept_loop(ctx.clone(), apps.clone(), listener),
-                    accept_loop(ctx.clone(), apps.clone(), own),
-                )
-                .await
+        let own = async {
+            match own {
+                Some((own, _)) => accept_loop(ctx.clone(), apps.clone(), own, None).await,
+                None => future::pending().await,
             }
-            None => accept_loop(ctx.clone(), apps.clone(), listener).await,
-        }
+        };
+        let tls = async {
+            match tls {
+                Some((listener, config)) => accept_loop(ctx.clone(), apps.clone(), listener, Some(config)).await,
+                None => future::pending().await,
+            }
+        };
+        future::or(
+            accept_loop(ctx.clone(), apps.clone(), listener, None),
+            future::or(own, tls),
+        )
+        .await
     };
     future::or(accepting, stop.wait(id)).await;
     drain(&ctx).await;
@@ -615,6 +649,8 @@ async fn publish_to_board(ctx: Rc<ShardContext>, apps: Rc<Apps>) {
         let due = start + Duration::from_secs(tick);
         glommio::timer::sleep(due.saturating_duration_since(std::time::Instant::now())).await;
         count_deflated(&ctx, &apps);
+        let tls = ctx.egress.tls.take_counts();
+        ctx.counters.tls(tls.full, tls.resumed, tls.plaintext, tls.protocol);
         let (frames, bytes) = ctx.egress.take_queued();
         ctx.counters.queued(frames, bytes as usize);
         let mut counts = ctx.counters.snapshot();
@@ -624,7 +660,8 @@ async fn publish_to_board(ctx: Rc<ShardContext>, apps: Rc<Apps>) {
         apps.board.publish_shard(ctx.id, |s| {
             s.counts = counts;
             s.connections = ctx.live_connections() as u64;
-            s.held_bytes = ctx.budget.held() as u64;
+            s.tls_connections = ctx.egress.tls.live() as u64;
+            s.held_bytes = (ctx.budget.held() + ctx.egress.tls.held_bytes()) as u64;
             s.inbox_depth = apps.hub.mesh.depth(ctx.id) as u64;
             s.latency = latency_total.clone();
             s.last_second.reset();
@@ -642,7 +679,9 @@ fn rand_node_id() -> Result<NodeId, StartError> {
     Ok(NodeId::from_le_bytes(bytes))
 }
 
-async fn accept_loop(ctx: Rc<ShardContext>, apps: Rc<Apps>, listener: OwnedFd) {
+/// Accepts on `listener` until the shard stops; with `tls`, each connection's first
+/// reads are its TLS handshake.
+async fn accept_loop(ctx: Rc<ShardContext>, apps: Rc<Apps>, listener: OwnedFd, tls: Option<Arc<rustls::ServerConfig>>) {
     let index = match ctx.watch_listener(listener.as_raw_fd()) {
         Ok(index) => index,
         Err(e) => {
@@ -660,16 +699,31 @@ async fn accept_loop(ctx: Rc<ShardContext>, apps: Rc<Apps>, listener: OwnedFd) {
                     Ok(ticket) => ticket,
                     Err(refusal) => {
                         ctx.refused_per_ip.set(ctx.refused_per_ip.get() + 1);
-                        glommio::spawn_local(connection::refuse_per_ip(ctx.clone(), stream, refusal)).detach();
+                        // A refusal in plaintext means nothing to a TLS client, and a
+                        // handshake to refuse it is work an overload should not pay.
+                        if tls.is_none() {
+                            glommio::spawn_local(connection::refuse_per_ip(ctx.clone(), stream, refusal)).detach();
+                        }
+                        continue;
+                    }
+                };
+                let session = match tls.as_ref().map(|config| TlsSession::new(config.clone())).transpose() {
+                    Ok(session) => session,
+                    Err(e) => {
+                        tracing::warn!("shard {}: cannot start a TLS session: {e}", ctx.id);
                         continue;
                     }
                 };
                 match ctx.admit(ticket) {
                     Some(slot) => {
-                        glommio::spawn_local(connection::serve(ctx.clone(), apps.clone(), stream, slot)).detach()
+                        glommio::spawn_local(connection::serve(ctx.clone(), apps.clone(), stream, slot, session))
+                            .detach();
                     }
-                    None => glommio::spawn_local(connection::refuse_busy(ctx.clone(), stream)).detach(),
-                };
+                    None if tls.is_none() => {
+                        glommio::spawn_local(connection::refuse_busy(ctx.clone(), stream)).detach();
+                    }
+                    None => drop(stream),
+                }
             }
             Err(e) => {
                 if matches!(

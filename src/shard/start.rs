@@ -13,6 +13,7 @@ use crate::chat::auth::{AuthError, Authenticator, SecretSource};
 use crate::config::Config;
 use crate::shutdown::Shutdown;
 use crate::sys::process;
+use crate::tls::Certificates;
 
 /// Why the gateway could not start, or stopped with shards that failed.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +41,10 @@ pub enum StartError {
     Thread { what: &'static str, source: io::Error },
     #[error("cannot watch signals: {0}")]
     Signals(io::Error),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("--listen-tls needs --tls-cert and --tls-key (and they need --listen-tls)")]
+    TlsIncomplete,
     #[error("cannot read {what} {}: {source}", path.display())]
     Read {
         what: &'static str,
@@ -136,6 +141,9 @@ pub struct Listeners {
     pub bound: SocketAddr,
     /// With `--shard-ports`, a port of its own for each shard.
     pub own: Vec<Option<(Socket, SocketAddr)>>,
+    /// With `--listen-tls`, one per shard on that address, and where it is bound.
+    pub tls: Vec<Socket>,
+    pub tls_bound: Option<SocketAddr>,
 }
 
 pub fn bind(config: &Config, plan: &Plan) -> Result<Listeners, StartError> {
@@ -155,7 +163,21 @@ pub fn bind(config: &Config, plan: &Plan) -> Result<Listeners, StartError> {
             None
         });
     }
-    Ok(Listeners { shared, bound, own })
+    let (tls, tls_bound) = match config.listen_tls {
+        Some(addr) => {
+            let (sockets, bound) = listener::bind_listeners(addr, shards, config.backlog)
+                .map_err(|source| StartError::Listen { addr, source })?;
+            (sockets, Some(bound))
+        }
+        None => (Vec::new(), None),
+    };
+    Ok(Listeners {
+        shared,
+        bound,
+        own,
+        tls,
+        tls_bound,
+    })
 }
 
 /// The start lines: what runs where, and how a user gets a token.
@@ -223,14 +245,46 @@ pub fn explain_start_error(shard: usize, error: &str) -> String {
     }
 }
 
-/// SIGINT/SIGTERM start a graceful stop; a second one ends the process at once.
-pub fn spawn_signal_thread(stop: Arc<Shutdown>) -> Result<(), StartError> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(StartError::Signals)?;
+/// What a TLS listener needs: the certificate (reloadable) and the handshakes'
+/// configuration built on it.
+pub type TlsSetup = (Arc<Certificates>, Arc<rustls::ServerConfig>);
+
+/// The TLS certificate and the handshakes' configuration, with `--listen-tls`.
+pub fn tls(config: &Config) -> Result<Option<TlsSetup>, StartError> {
+    match (&config.listen_tls, &config.tls_cert, &config.tls_key) {
+        (None, None, None) => Ok(None),
+        (Some(_), Some(cert), Some(key)) => {
+            let certificates = Arc::new(Certificates::load(cert, key)?);
+            let server = crate::tls::server_config(certificates.clone())?;
+            Ok(Some((certificates, server)))
+        }
+        _ => Err(StartError::TlsIncomplete),
+    }
+}
+
+/// SIGINT/SIGTERM start a graceful stop; a second one ends the process at once. SIGHUP
+/// reads the TLS certificate and key again (new handshakes get them; a bad pair is
+/// refused and the old one kept).
+pub fn spawn_signal_thread(stop: Arc<Shutdown>, tls: Option<Arc<Certificates>>) -> Result<(), StartError> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(StartError::Signals)?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             for signal in signals.forever() {
+                if signal == SIGHUP {
+                    match &tls {
+                        Some(certificates) => match certificates.reload() {
+                            Ok(()) => tracing::info!(
+                                "SIGHUP: TLS certificate {} loaded; new handshakes use it",
+                                certificates.cert_path().display()
+                            ),
+                            Err(e) => tracing::error!("SIGHUP: {e}; the certificate loaded before stays in use"),
+                        },
+                        None => tracing::info!("SIGHUP: nothing to reload (no --listen-tls)"),
+                    }
+                    continue;
+                }
                 if stop.is_requested() {
                     tracing::warn!("second signal {signal}: exiting without draining");
                     std::process::exit(130);

@@ -134,6 +134,15 @@ impl<'a> IoBatch<'a> {
         self.bytes += s.len();
     }
 
+    /// The slices, in order.
+    pub fn slices(&self) -> impl Iterator<Item = &'a [u8]> + '_ {
+        // SAFETY: `push` initialised the first `len` entries, each pointing into a slice
+        // borrowed for `'a`.
+        let iov = unsafe { std::slice::from_raw_parts(self.iov.as_ptr().cast::<libc::iovec>(), self.len) };
+        iov.iter()
+            .map(|one| unsafe { std::slice::from_raw_parts(one.iov_base as *const u8, one.iov_len) })
+    }
+
     /// One non-blocking send of the slices: how much the socket took (0 when full). A
     /// single slice goes with `send`, which the kernel takes faster than `sendmsg` (no
     /// message header or iovec array to copy in).

@@ -5,8 +5,7 @@
 mod session;
 mod upgrade;
 
-use std::net::Shutdown;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -18,6 +17,7 @@ use super::egress::Outbound;
 use super::per_ip::Refusal;
 use super::Apps;
 use crate::chat::session::ChatUser;
+use crate::tls::TlsSession;
 use crate::ws::handshake;
 use crate::ws::{write_close, CloseCode};
 
@@ -32,9 +32,16 @@ enum Endpoint {
     Chat(ChatUser),
 }
 
-/// Serves one accepted connection to the end.
-pub async fn serve(ctx: Rc<ShardContext>, apps: Rc<Apps>, mut stream: TcpStream, slot: ConnectionSlot) {
-    if let Err(e) = slot.watch(stream.as_raw_fd()) {
+/// Serves one accepted connection to the end; `tls` for one accepted on a TLS listener
+/// (the handshake then runs inside its first reads, within the handshake deadline).
+pub async fn serve(
+    ctx: Rc<ShardContext>,
+    apps: Rc<Apps>,
+    mut stream: TcpStream,
+    slot: ConnectionSlot,
+    tls: Option<TlsSession>,
+) {
+    if let Err(e) = slot.watch(stream.as_raw_fd(), tls.is_some()) {
         // Only a host out of epoll watches (fs.epoll.max_user_watches) or memory gets here.
         tracing::warn!(
             "shard {}: dropping a connection: cannot add it to the epoll set: {e}",
@@ -42,8 +49,29 @@ pub async fn serve(ctx: Rc<ShardContext>, apps: Rc<Apps>, mut stream: TcpStream,
         );
         return;
     }
+    // Dropped before `stream` (a parameter), so before its descriptor can be reused.
+    let _tls = tls.map(|session| TlsRegistration::new(&ctx, stream.as_raw_fd(), session));
     if let Some(upgraded) = upgrade::upgrade(&ctx, &apps, &mut stream, &slot).await {
         session::run(&ctx, &apps, &mut stream, &slot, upgraded).await;
+    }
+}
+
+/// A socket's place among the shard's TLS connections, for as long as it is open.
+struct TlsRegistration<'a> {
+    ctx: &'a ShardContext,
+    fd: RawFd,
+}
+
+impl<'a> TlsRegistration<'a> {
+    fn new(ctx: &'a ShardContext, fd: RawFd, session: TlsSession) -> Self {
+        ctx.egress.tls.insert(fd, session);
+        TlsRegistration { ctx, fd }
+    }
+}
+
+impl Drop for TlsRegistration<'_> {
+    fn drop(&mut self) {
+        self.ctx.egress.tls.remove(self.fd);
     }
 }
 
@@ -91,7 +119,7 @@ async fn close_slow_consumer(ctx: &ShardContext, stream: &mut TcpStream, slot: &
     let reason = format!("slow consumer: more than {} bytes queued", out.limit());
     ctx.counters.close_sent(CloseCode::POLICY_VIOLATION.into());
     write_close(&mut close, CloseCode::POLICY_VIOLATION, &reason, None);
-    if stream.write_all(&close).await.is_ok() {
+    if ctx.egress.write_all(stream, &close).await.is_ok() {
         linger_close(ctx, stream, Some(slot)).await;
     }
 }
@@ -99,7 +127,7 @@ async fn close_slow_consumer(ctx: &ShardContext, stream: &mut TcpStream, slot: &
 /// Half-closes, then reads and discards for a moment, so that our last bytes reach the
 /// peer instead of being cut off by a reset (closing a socket with unread input sends RST).
 async fn linger_close(ctx: &ShardContext, stream: &mut TcpStream, slot: Option<&ConnectionSlot>) {
-    if stream.shutdown(Shutdown::Write).await.is_err() {
+    if ctx.egress.shutdown(stream).await.is_err() {
         return;
     }
     let deadline = Instant::now() + LINGER;

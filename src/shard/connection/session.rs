@@ -4,7 +4,6 @@
 //! connection answers leaves through `Egress::finish_round`. Routed chat messages for it
 //! arrive in its queue, which the shard flushes at the end of each round.
 
-use std::net::Shutdown;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -342,7 +341,7 @@ pub(super) async fn run(
             // broke §5.5.1 sent more after its Close: closing with bytes unread would
             // reset the connection and drop the Close unsent.
             Next::Close => {
-                let _ = stream.shutdown(Shutdown::Write).await;
+                let _ = ctx.egress.shutdown(stream).await;
                 return;
             }
             Next::Fail => {

@@ -3,7 +3,6 @@
 
 use std::time::{Duration, Instant};
 
-use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
 
 use super::{linger_close, Endpoint};
@@ -61,7 +60,7 @@ pub(super) async fn upgrade(
     match answer(ctx, apps, &request, &mut out) {
         Answer::Upgrade(endpoint, deflate) => {
             let head_len = request.head_len;
-            stream.write_all(&out).await.ok()?;
+            ctx.egress.write_all(stream, &out).await.ok()?;
             head.drain(..head_len);
             Some(Upgraded {
                 leftover: head,
@@ -70,14 +69,14 @@ pub(super) async fn upgrade(
             })
         }
         Answer::Done => {
-            if stream.write_all(&out).await.is_ok() {
+            if ctx.egress.write_all(stream, &out).await.is_ok() {
                 linger_close(ctx, stream, Some(slot)).await;
             }
             None
         }
         Answer::LiveFeed => {
             drop(request);
-            if stream.write_all(&out).await.is_ok() {
+            if ctx.egress.write_all(stream, &out).await.is_ok() {
                 live_feed(ctx, apps, stream, slot).await;
             }
             None
@@ -198,7 +197,7 @@ async fn live_feed(ctx: &ShardContext, apps: &Apps, stream: &mut TcpStream, slot
         // Serialising a `Value` into a Vec cannot fail.
         let _ = serde_json::to_writer(&mut event, &web::live::snapshot(&apps.board));
         event.extend_from_slice(b"\n\n");
-        if stream.write_all(&event).await.is_err() {
+        if ctx.egress.write_all(stream, &event).await.is_err() {
             return;
         }
         match ctx
@@ -223,7 +222,7 @@ async fn refuse(ctx: &ShardContext, stream: &mut TcpStream, slot: &ConnectionSlo
     ctx.counters.http(rejection.status);
     let mut out = Vec::new();
     handshake::write_rejection(&mut out, rejection);
-    if stream.write_all(&out).await.is_ok() {
+    if ctx.egress.write_all(stream, &out).await.is_ok() {
         linger_close(ctx, stream, Some(slot)).await;
     }
 }

@@ -10,6 +10,7 @@ use std::io;
 use std::ops::Range;
 use std::os::fd::RawFd;
 
+use super::TlsConns;
 use crate::chat::output::Reply;
 use crate::sys::socket::{IoBatch, Push, IOV_BATCH};
 use crate::ws::frame::{encode_header, MAX_HEADER_LEN};
@@ -120,11 +121,11 @@ impl Cork {
     /// With `Push::WithFin` the caller closes the socket (or shuts down its sending side)
     /// next: one segment then carries the bytes and the FIN (one packet fewer for the
     /// peer to take in at every close).
-    pub fn send(&mut self, fd: RawFd, input: &[u8], push: Push) -> io::Result<Option<Vec<u8>>> {
+    pub fn send(&mut self, tls: &TlsConns, fd: RawFd, input: &[u8], push: Push) -> io::Result<Option<Vec<u8>>> {
         debug_assert!(
             self.segments.iter().all(|s| !matches!(s, Segment::Input(_))) || input.as_ptr() as usize == self.input_addr
         );
-        let result = self.send_inner(fd, input, push);
+        let result = self.send_inner(tls, fd, input, push);
         self.clear();
         if self.bytes.capacity() > RETAIN {
             self.bytes.shrink_to(RETAIN);
@@ -188,7 +189,7 @@ impl Cork {
         }
     }
 
-    fn send_inner(&self, fd: RawFd, input: &[u8], push: Push) -> io::Result<Option<Vec<u8>>> {
+    fn send_inner(&self, tls: &TlsConns, fd: RawFd, input: &[u8], push: Push) -> io::Result<Option<Vec<u8>>> {
         let mut index = 0; // first segment not fully sent
         let mut offset = 0; // bytes of it already sent
         while index < self.segments.len() {
@@ -197,7 +198,7 @@ impl Cork {
                 iov.push(&self.slice(seg, input)[if i == 0 { offset } else { 0 }..]);
             }
             let batch_len = iov.bytes();
-            let sent = iov.send(fd, push)?;
+            let sent = tls.send(fd, &iov, push)?;
             // Advance over what was sent.
             let mut left = sent;
             while left > 0 {
@@ -259,7 +260,9 @@ mod tests {
 
         let (a, mut b) = UnixStream::pair().unwrap();
         let expected_len = cork.len();
-        let rest = cork.send(a.as_raw_fd(), &input, Push::Now).unwrap();
+        let rest = cork
+            .send(&TlsConns::default(), a.as_raw_fd(), &input, Push::Now)
+            .unwrap();
         assert!(rest.is_none());
         assert!(cork.is_empty());
         drop(a);
@@ -314,7 +317,7 @@ mod tests {
         let total = cork.len();
         let (mut a, mut b) = UnixStream::pair().unwrap();
         let rest = cork
-            .send(a.as_raw_fd(), input, Push::Now)
+            .send(&TlsConns::default(), a.as_raw_fd(), input, Push::Now)
             .unwrap()
             .expect("the frames are larger than a socket buffer");
         assert!(!rest.is_empty() && rest.len() < total);

@@ -13,6 +13,7 @@
 mod cork;
 mod queue;
 mod send_batch;
+mod tls;
 
 use std::cell::{Cell, RefCell, RefMut};
 use std::io;
@@ -25,6 +26,7 @@ use glommio::net::TcpStream;
 pub use cork::Cork;
 pub use queue::Outbound;
 use send_batch::SendBatch;
+pub use tls::TlsConns;
 
 use crate::metrics::LatencyRecorder;
 use crate::sys::socket::{self, Push};
@@ -68,6 +70,8 @@ pub struct Egress {
     pub latency: RefCell<LatencyRecorder>,
     /// Queues being flushed, kept between rounds so that its capacity is reused.
     flushing: RefCell<Vec<Rc<Outbound>>>,
+    /// The TLS sockets: every send and receive here seals or opens their records.
+    pub tls: TlsConns,
 }
 
 /// A read's bytes and the cork for its answers, borrowed together until the round ends.
@@ -96,15 +100,22 @@ impl Egress {
             batch: RefCell::new(SendBatch::new()?),
             latency: RefCell::new(LatencyRecorder::default()),
             flushing: RefCell::new(Vec::new()),
+            tls: TlsConns::default(),
         })
     }
 
-    /// One non-blocking `recv` from `fd` into the arena; the bytes are then those of
-    /// `round(n)`, until the caller's next await.
-    pub fn recv(&self, fd: std::os::fd::RawFd) -> io::Result<usize> {
+    /// One non-blocking `recv` from `fd` into the arena (opened, for a TLS socket); the
+    /// bytes are then those of `round(n)`, until the caller's next await. Also says
+    /// whether the socket may hold more (the read filled the buffer).
+    pub fn recv(&self, fd: std::os::fd::RawFd) -> io::Result<(usize, bool)> {
         let mut rx = self.rx.borrow_mut();
         let at = self.rx_at.get();
-        socket::recv(fd, &mut rx[at..at + RX_BUFFER])
+        let buf = &mut rx[at..at + RX_BUFFER];
+        if let Some(opened) = self.tls.recv(fd, buf) {
+            return opened;
+        }
+        let n = socket::recv(fd, buf)?;
+        Ok((n, n == RX_BUFFER))
     }
 
     /// Where a read through another path (glommio's own) may land.
@@ -156,7 +167,8 @@ impl Egress {
             self.flush_batch(wake);
         }
         let joined = cork.join_in_input(input);
-        if !cork.is_empty() && finish == Finish::Batchable && out.is_empty() {
+        // TLS records are sealed per connection, so a TLS answer leaves through the cork.
+        if !cork.is_empty() && finish == Finish::Batchable && out.is_empty() && !self.tls.is_tls(out.fd()) {
             if let Some(run) = joined {
                 if self.batch_received(out, &input[run], wake) {
                     cork.clear();
@@ -177,7 +189,7 @@ impl Egress {
                 } else {
                     Push::Now
                 };
-                if let Some(rest) = cork.send(out.fd(), input, push)? {
+                if let Some(rest) = cork.send(&self.tls, out.fd(), input, push)? {
                     out.push_unsent(Bytes::from(rest));
                 }
             } else {
@@ -233,7 +245,7 @@ impl Egress {
         std::mem::swap(&mut *flushing, dirty);
         let mut latency = self.latency.borrow_mut();
         for out in flushing.drain(..) {
-            match out.flush_now(&mut latency) {
+            match out.flush_now(&mut latency, &self.tls) {
                 Ok(false) if !out.overflowed() => {}
                 _ => wake.push(out.slot),
             }
@@ -243,7 +255,7 @@ impl Egress {
     /// Writes `out`'s queue until it is empty, waiting for the socket as needed.
     pub async fn write_queue(&self, stream: &mut TcpStream, out: &Outbound) -> io::Result<()> {
         loop {
-            let more = out.flush_now(&mut self.latency.borrow_mut())?;
+            let more = out.flush_now(&mut self.latency.borrow_mut(), &self.tls)?;
             if !more || out.overflowed() {
                 return Ok(());
             }
@@ -257,8 +269,45 @@ impl Egress {
         let Some(chunk) = out.begin_write() else {
             return Ok(false);
         };
-        let written = stream.write(&chunk).await;
+        let written = if self.tls.is_tls(out.fd()) {
+            self.write_sealed(stream, &chunk).await
+        } else {
+            stream.write(&chunk).await
+        };
         out.end_write(*written.as_ref().unwrap_or(&0), &mut self.latency.borrow_mut());
         written.map(|_| true)
     }
+
+    /// Writes some of `chunk` to a TLS socket, waiting for it as needed: how much.
+    async fn write_sealed(&self, stream: &mut TcpStream, chunk: &[u8]) -> io::Result<usize> {
+        let fd = out_fd(stream);
+        loop {
+            let mut iov = socket::IoBatch::new();
+            iov.push(chunk);
+            let sent = self.tls.send(fd, &iov, Push::Now)?;
+            if sent > 0 || chunk.is_empty() {
+                return Ok(sent);
+            }
+            self.tls.write_unsent(stream).await?;
+        }
+    }
+
+    /// Writes all of `bytes` (sealed, for a TLS socket), waiting for the socket as needed.
+    pub async fn write_all(&self, stream: &mut TcpStream, bytes: &[u8]) -> io::Result<()> {
+        self.tls.write_all(stream, bytes).await
+    }
+
+    /// Closes the sending side (after close_notify, for a TLS socket).
+    pub async fn shutdown(&self, stream: &mut TcpStream) -> io::Result<()> {
+        self.tls.close_notify(stream).await?;
+        stream
+            .shutdown(std::net::Shutdown::Write)
+            .await
+            .map_err(io::Error::from)
+    }
+}
+
+fn out_fd(stream: &TcpStream) -> std::os::fd::RawFd {
+    use std::os::fd::AsRawFd;
+    stream.as_raw_fd()
 }

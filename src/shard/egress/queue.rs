@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
+use super::TlsConns;
 use crate::chat::output::ConnOutput;
 use crate::metrics::LatencyRecorder;
 use crate::route::ConnId;
@@ -181,7 +182,7 @@ impl Outbound {
     /// Sends as much as the socket takes now, without waiting. Records the latency of
     /// routed frames that left completely. Returns true if frames remain (the task must
     /// wait for the socket).
-    pub fn flush_now(&self, latency: &mut LatencyRecorder) -> io::Result<bool> {
+    pub fn flush_now(&self, latency: &mut LatencyRecorder, tls: &TlsConns) -> io::Result<bool> {
         self.dirty.set(false);
         if self.writing.get() || self.overflowed.get() {
             return Ok(!self.is_empty());
@@ -193,7 +194,7 @@ impl Outbound {
                 iov.push(&q.frame[if i == 0 { self.front_sent.get() } else { 0 }..]);
             }
             let batch_len = iov.bytes();
-            let sent = iov.send(self.fd, Push::Now)?;
+            let sent = tls.send(self.fd, &iov, Push::Now)?;
             self.advance(&mut queue, sent, latency);
             if sent < batch_len {
                 break;
@@ -307,14 +308,14 @@ mod tests {
                 out.answer(Bytes::new());
             }
             assert!(
-                !out.flush_now(&mut latency).unwrap(),
+                !out.flush_now(&mut latency, &TlsConns::default()).unwrap(),
                 "the queue is empty after one flush"
             );
             // Empty frames among real ones: the real ones arrive, in order.
             out.answer(Bytes::from_static(b"one"));
             out.answer(Bytes::new());
             out.answer(Bytes::from_static(b"two"));
-            assert!(!out.flush_now(&mut latency).unwrap());
+            assert!(!out.flush_now(&mut latency, &TlsConns::default()).unwrap());
             let mut got = [0u8; 6];
             std::io::Read::read_exact(&mut b, &mut got).unwrap();
             assert_eq!(&got, b"onetwo");
