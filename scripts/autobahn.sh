@@ -6,6 +6,8 @@
 #   scripts/autobahn.sh                     # all 517 cases, the gateway's default deflate
 #   scripts/autobahn.sh --context-takeover  # the 216 compression cases (12.*, 13.*) with
 #                                           # --deflate-context-takeover
+#   scripts/autobahn.sh --tls               # cases 1.* to 10.* (301) over wss:// (--listen-tls,
+#                                           # a self-signed certificate made for the run)
 #
 # For a quicker inner loop, name some cases: AUTOBAHN_CASES='12.*,13.1.*' scripts/autobahn.sh
 set -euo pipefail
@@ -14,12 +16,25 @@ help_if_asked "$0" "$@"
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 takeover=
-[ "${1:-}" = --context-takeover ] && takeover=--deflate-context-takeover
-out=$root/target/autobahn${takeover:+-takeover}
+tls=
+case "${1:-}" in
+  --context-takeover) takeover=--deflate-context-takeover ;;
+  --tls) tls=1 ;;
+esac
+out=$root/target/autobahn${takeover:+-takeover}${tls:+-tls}
 mkdir -p "$out"
 
 wstest=$(scripts/autobahn-env.sh) || { echo "autobahn: cannot set up the testsuite (Python 2.7 is required)" >&2; exit 3; }
-start_gateway "$out" --shards 2 --echo --max-message-size 16777216 --deflate $takeover
+tls_args=()
+if [ -n "$tls" ]; then
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=localhost \
+    -addext subjectAltName=DNS:localhost,IP:127.0.0.1 -keyout "$out/key.pem" -out "$out/cert.pem" 2>/dev/null
+  tls_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  tls_args=(--listen-tls "127.0.0.1:$tls_port" --tls-cert "$out/cert.pem" --tls-key "$out/key.pem")
+fi
+start_gateway "$out" --shards 2 --echo --max-message-size 16777216 --deflate $takeover "${tls_args[@]}"
+url=ws://127.0.0.1:$port/echo
+[ -n "$tls" ] && url=wss://127.0.0.1:$tls_port/echo
 # The testsuite's client (Python 2.7, one core) is the slow side: the cases run in two
 # clients at once, 13.* (126 compression cases) in one and everything else in the other.
 if [ -n "${AUTOBAHN_CASES:-}" ]; then
@@ -28,6 +43,9 @@ if [ -n "${AUTOBAHN_CASES:-}" ]; then
 elif [ -n "$takeover" ]; then
   parts=("12.*" "13.*")
   expect=216
+elif [ -n "$tls" ]; then
+  parts=("1.*,2.*,3.*,4.*,5.*" "6.*,7.*,8.*,9.*,10.*")
+  expect=301
 else
   parts=("1.*,2.*,3.*,4.*,5.*,6.*,7.*,8.*,9.*,10.*,12.*" "13.*")
   expect=517
@@ -40,7 +58,7 @@ for i in "${!parts[@]}"; do
   cat >"$out/spec$i.json" <<JSON
 {
   "outdir": "$out/report$i",
-  "servers": [{"agent": "shardgate", "url": "ws://127.0.0.1:$port/echo"}],
+  "servers": [{"agent": "shardgate", "url": "$url"}],
   "cases": $cases_json,
   "exclude-cases": [],
   "exclude-agent-cases": {}

@@ -37,6 +37,8 @@ echo "== autobahn testsuite"
 scripts/autobahn.sh
 echo "== autobahn testsuite, compression cases with context takeover"
 scripts/autobahn.sh --context-takeover
+echo "== autobahn testsuite over wss:// (cases 1 to 10)"
+scripts/autobahn.sh --tls
 echo "== soak, CI profile (20,000 connections, 60 s)"
 rm -rf target/soak-ci
 scripts/soak.sh --profile ci --results target/soak-ci
