@@ -7,7 +7,7 @@
 //! that the server rather than the client is what runs out of CPU. `--idle` only opens and
 //! holds the connections (for measuring the server's memory per connection);
 //! `--handshakes` measures new connections per second, each doing an upgrade, one echo and
-//! a close (on glommio).
+//! a close (on glommio). `--tls` speaks `wss://` (rustls, no certificate check).
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -21,10 +21,13 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use glommio::{LocalExecutorBuilder, Placement};
 use hdrhistogram::Histogram;
+use rustls::{ClientConfig, ClientConnection};
 use shardgate::sys::epoll::{event_buffer, Poller};
 use shardgate::sys::socket::{self, IoBatch, Push, IOV_BATCH};
 use shardgate::ws::deflate::{accepted_in_response, Deflater, Inflater, EXTENSION, RSV1};
 use shardgate::ws::{write_frame, Decoder, Event, OpCode, Role};
+use shardgate_bench::tls_client;
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Parser)]
 #[command(name = "echo-load", about = "WebSocket echo load generator")]
@@ -70,7 +73,17 @@ struct Args {
     /// compresses about as real chat traffic does).
     #[arg(long, value_enum, default_value_t = Payload::Letters)]
     payload: Payload,
+    /// Connect with TLS (`wss://`; the server's `--listen-tls` address as --addr). Every
+    /// handshake is a full one unless --tls-resume.
+    #[arg(long)]
+    tls: bool,
+    /// With --tls: keep sessions and resume them (a thread's connections share a store).
+    #[arg(long, requires = "tls")]
+    tls_resume: bool,
 }
+
+/// A connected, upgraded stream, with its TLS state under `--tls`.
+type Upgraded = (TcpStream, Option<ClientConnection>);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Payload {
@@ -234,6 +247,7 @@ fn new_histogram() -> Histogram<u64> {
 
 async fn run_thread(args: Args, connections: usize) -> (Histogram<u64>, Stats) {
     let args = Rc::new(args);
+    let tls = args.tls.then(|| tls_client::client_config(args.tls_resume));
     let hist = Rc::new(RefCell::new(new_histogram()));
     let messages = Rc::new(Cell::new(0u64));
     let mut rx_bytes = 0;
@@ -243,6 +257,7 @@ async fn run_thread(args: Args, connections: usize) -> (Histogram<u64>, Stats) {
             .map(|i| {
                 glommio::spawn_local(handshake_loop(
                     args.clone(),
+                    tls.clone(),
                     i as u32,
                     measure_from,
                     deadline,
@@ -263,7 +278,7 @@ async fn run_thread(args: Args, connections: usize) -> (Histogram<u64>, Stats) {
         for chunk in (0..connections).collect::<Vec<_>>().chunks(256) {
             let tasks: Vec<_> = chunk
                 .iter()
-                .map(|_| glommio::spawn_local(connect(args.clone())))
+                .map(|_| glommio::spawn_local(connect(args.clone(), tls.clone())))
                 .collect();
             for t in tasks {
                 match t.await {
@@ -288,15 +303,24 @@ async fn run_thread(args: Args, connections: usize) -> (Histogram<u64>, Stats) {
             );
         }
         let (measure_from, deadline) = measured_window(&args);
-        let (count, lost, received) = drive_all(&args, &streams, measure_from, deadline, &mut hist.borrow_mut());
+        let (count, lost, received) = drive_all(&args, &mut streams, measure_from, deadline, &mut hist.borrow_mut());
         messages.set(count);
         rx_bytes = received;
         failed += lost;
         // The closing handshake is not waited for: the measured window is over.
         let mut close = Vec::new();
         shardgate::ws::write_close(&mut close, shardgate::ws::CloseCode::NORMAL, "", Some([1, 2, 3, 4]));
-        for s in &streams {
-            let _ = socket::send(s.as_raw_fd(), &close, Push::Now);
+        for (s, tls) in &mut streams {
+            match tls {
+                Some(conn) => {
+                    if std::io::Write::write_all(&mut conn.writer(), &close).is_ok() {
+                        let _ = tls_client::flush(s.as_raw_fd(), conn);
+                    }
+                }
+                None => {
+                    let _ = socket::send(s.as_raw_fd(), &close, Push::Now);
+                }
+            }
         }
         drop(streams);
         failed
@@ -318,9 +342,17 @@ fn measured_window(args: &Args) -> (Instant, Instant) {
     (measure_from, measure_from + args.duration)
 }
 
-async fn connect(args: Rc<Args>) -> std::io::Result<TcpStream> {
+async fn connect(args: Rc<Args>, tls: Option<Arc<ClientConfig>>) -> std::io::Result<Upgraded> {
     let mut stream = TcpStream::connect(args.addr).await?;
     stream.set_nodelay(true)?;
+    let mut tls = match tls {
+        Some(config) => {
+            let mut conn = tls_client::connection(&config)?;
+            tls_client::handshake(&mut stream, &mut conn).await?;
+            Some(conn)
+        }
+        None => None,
+    };
     let offer = if args.deflate {
         format!("Sec-WebSocket-Extensions: {EXTENSION}; client_no_context_takeover\r\n")
     } else {
@@ -330,15 +362,13 @@ async fn connect(args: Rc<Args>) -> std::io::Result<TcpStream> {
         "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n",
         args.path, args.addr
     );
-    stream.write_all(request.as_bytes()).await?;
+    write_all(&mut stream, &mut tls, request.as_bytes()).await?;
     let mut head = Vec::with_capacity(256);
-    let mut buf = [0u8; 512];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut buf).await?;
+        let n = read(&mut stream, &mut tls, &mut head).await?;
         if n == 0 || head.len() > 8192 {
             return Err(std::io::Error::other("no 101 from the server"));
         }
-        head.extend_from_slice(&buf[..n]);
     }
     if !head.starts_with(b"HTTP/1.1 101 ") {
         return Err(std::io::Error::other(format!(
@@ -351,7 +381,32 @@ async fn connect(args: Rc<Args>) -> std::io::Result<TcpStream> {
             "the server did not accept permessage-deflate without context takeover (is it run with --deflate?)",
         ));
     }
-    Ok(stream)
+    Ok((stream, tls))
+}
+
+/// Writes all of `bytes`, sealed with TLS when there is `tls`.
+async fn write_all(stream: &mut TcpStream, tls: &mut Option<ClientConnection>, bytes: &[u8]) -> std::io::Result<()> {
+    match tls {
+        Some(conn) => tls_client::write_all(stream, conn, bytes).await,
+        None => stream.write_all(bytes).await,
+    }
+}
+
+/// Reads what comes (opened, with TLS) and appends it to `into`; 0 at the end.
+async fn read(
+    stream: &mut TcpStream,
+    tls: &mut Option<ClientConnection>,
+    into: &mut Vec<u8>,
+) -> std::io::Result<usize> {
+    match tls {
+        Some(conn) => tls_client::read(stream, conn, into).await,
+        None => {
+            let mut buf = [0u8; 16 * 1024];
+            let n = stream.read(&mut buf).await?;
+            into.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+    }
 }
 
 /// Decodes what the server sent, inflating compressed messages when `inflater` is given
@@ -372,6 +427,7 @@ fn decode<F: FnMut(Event<'_>)>(
 /// counts the cycles completed in the measured window and returns the failures.
 async fn handshake_loop(
     args: Rc<Args>,
+    tls: Option<Arc<ClientConfig>>,
     seed: u32,
     measure_from: Instant,
     deadline: Instant,
@@ -384,18 +440,19 @@ async fn handshake_loop(
     let mut inflater = Inflater::new();
     let mut close = Vec::new();
     shardgate::ws::write_close(&mut close, shardgate::ws::CloseCode::NORMAL, "", Some(mask));
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = Vec::with_capacity(64 * 1024);
     let mut failed = 0;
     while Instant::now() < deadline {
         let start = Instant::now();
         let cycle = async {
-            let mut stream = connect(args.clone()).await?;
+            let (mut stream, mut tls) = connect(args.clone(), tls.clone()).await?;
             // One echo, then the closing handshake: our Close, the server's answer.
-            stream.write_all(&frame).await?;
+            write_all(&mut stream, &mut tls, &frame).await?;
             let mut decoder = Decoder::new(Role::Client, usize::MAX);
             let (mut echoed, mut closed) = (false, false);
             while !closed {
-                let n = stream.read(&mut buf).await?;
+                buf.clear();
+                let n = read(&mut stream, &mut tls, &mut buf).await?;
                 if n == 0 {
                     break;
                 }
@@ -410,7 +467,7 @@ async fn handshake_loop(
                     return Err(std::io::Error::other("unexpected frame from the server"));
                 }
                 if echoed && !was_echoed {
-                    stream.write_all(&close).await?;
+                    write_all(&mut stream, &mut tls, &close).await?;
                 }
             }
             if echoed && closed {
@@ -443,6 +500,8 @@ async fn handshake_loop(
 /// One connection of `drive_all`.
 struct Conn {
     fd: RawFd,
+    /// Under `--tls`: what is sealed waits in rustls until the socket takes it.
+    tls: Option<ClientConnection>,
     decoder: Decoder,
     /// When each message in flight was sent, oldest first.
     in_flight: VecDeque<Instant>,
@@ -460,7 +519,7 @@ struct Conn {
 /// measured window, the connections that failed and the bytes received in the window.
 fn drive_all(
     args: &Args,
-    streams: &[TcpStream],
+    streams: &mut [Upgraded],
     measure_from: Instant,
     deadline: Instant,
     hist: &mut Histogram<u64>,
@@ -489,34 +548,55 @@ fn drive_all(
     let mut received = 0u64;
     let (mut conns, mut failed) = start_conns(args, streams, frame, &poller);
     let mut buf = vec![0u8; 64 * 1024];
+    let mut plain = Vec::with_capacity(64 * 1024);
     let mut events = event_buffer();
     let mut messages = 0u64;
+    // Connections whose socket still had input when their turn ended (see `read_echoes`),
+    // and the ones to read this time round.
+    let mut again: Vec<usize> = Vec::new();
+    let mut turn: Vec<(usize, bool, bool)> = Vec::new();
     loop {
         let now = Instant::now();
         if now >= deadline {
             break;
         }
-        let wait = (deadline - now).clamp(Duration::from_millis(1), Duration::from_millis(100));
+        let wait = if again.is_empty() {
+            (deadline - now).clamp(Duration::from_millis(1), Duration::from_millis(100))
+        } else {
+            Duration::ZERO
+        };
         if poller.wait(&mut events, Some(wait)).is_err() {
             continue; // EINTR
         }
-        for event in &events {
-            let c = &mut conns[event.u64 as usize];
+        turn.clear();
+        turn.extend(again.drain(..).map(|i| (i, false, true)));
+        turn.extend(events.iter().map(|e| {
+            let writable = e.events & libc::EPOLLOUT as u32 != 0;
+            (e.u64 as usize, writable, e.events != libc::EPOLLOUT as u32)
+        }));
+        for &(i, writable, readable) in &turn {
+            let c = &mut conns[i];
             if c.dead {
                 continue;
             }
-            let writable = event.events & libc::EPOLLOUT as u32 != 0;
             let mut result = if writable { flush(c) } else { Ok(()) };
-            if result.is_ok() && event.events != libc::EPOLLOUT as u32 {
+            if result.is_ok() && readable {
                 let mut reader = Reader {
                     args,
                     frame,
                     buf: &mut buf,
+                    plain: &mut plain,
                     inflater: &mut inflater,
                     measure_from,
                     deadline,
                 };
-                result = reader.read_echoes(c, hist, &mut messages, &mut received);
+                result = reader
+                    .read_echoes(c, hist, &mut messages, &mut received)
+                    .map(|drained| {
+                        if !drained {
+                            again.push(i);
+                        }
+                    });
             }
             if let Err(e) = result {
                 c.dead = true;
@@ -532,12 +612,13 @@ fn drive_all(
 
 /// Every stream as a `Conn` in the epoll set, its first window of messages on the wire.
 /// Returns them and how many failed to start.
-fn start_conns(args: &Args, streams: &[TcpStream], frame: &[u8], poller: &Poller) -> (Vec<Conn>, u64) {
+fn start_conns(args: &Args, streams: &mut [Upgraded], frame: &[u8], poller: &Poller) -> (Vec<Conn>, u64) {
     let start = Instant::now();
     let mut conns: Vec<Conn> = streams
-        .iter()
-        .map(|s| Conn {
+        .iter_mut()
+        .map(|(s, tls)| Conn {
             fd: s.as_raw_fd(),
+            tls: tls.take(),
             pending: frame.repeat(args.window),
             decoder: Decoder::new(Role::Client, usize::MAX),
             in_flight: std::iter::repeat_n(start, args.window).collect(),
@@ -547,6 +628,16 @@ fn start_conns(args: &Args, streams: &[TcpStream], frame: &[u8], poller: &Poller
         .collect();
     let mut failed = 0u64;
     for (i, c) in conns.iter_mut().enumerate() {
+        if let Some(tls) = &mut c.tls {
+            // The first window goes through rustls like every later message.
+            if let Err(e) = std::io::Write::write_all(&mut tls.writer(), &c.pending) {
+                c.dead = true;
+                failed += 1;
+                eprintln!("echo-load: cannot start a connection: {e}");
+                continue;
+            }
+            c.pending.clear();
+        }
         if let Err(e) = poller.add_read_write(c.fd, i as u64).and_then(|()| flush(c)) {
             c.dead = true;
             failed += 1;
@@ -561,34 +652,46 @@ struct Reader<'a> {
     args: &'a Args,
     frame: &'a [u8],
     buf: &'a mut [u8],
+    /// What TLS opened of `buf` (under `--tls`).
+    plain: &'a mut Vec<u8>,
     inflater: &'a mut Inflater,
     measure_from: Instant,
     deadline: Instant,
 }
 
 impl Reader<'_> {
-    /// Reads what the socket has (until a short read), counts the echoes and sends as many
-    /// new messages as came back.
+    /// Reads what the socket has, up to a few full buffers (then the other connections
+    /// get their turn: a client slower than the server, with TLS, would otherwise stay on
+    /// one connection that never runs dry), counts the echoes and sends as many new
+    /// messages as came back. Returns whether the socket was drained.
     fn read_echoes(
         &mut self,
         c: &mut Conn,
         hist: &mut Histogram<u64>,
         messages: &mut u64,
         received: &mut u64,
-    ) -> std::io::Result<()> {
+    ) -> std::io::Result<bool> {
         let size = self.args.size;
-        loop {
+        for _ in 0..READS_PER_TURN {
             let n = match socket::recv(c.fd, self.buf) {
                 Ok(0) => return Err(std::io::Error::other("server closed the connection")),
                 Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(true),
                 Err(e) => return Err(e),
             };
             let now = Instant::now();
             let mut echoed = 0usize;
             let mut bad = false;
             let inflater = self.args.deflate.then_some(&mut *self.inflater);
-            let result = decode(&mut c.decoder, &mut self.buf[..n], inflater, &mut |event| match event {
+            let input = match &mut c.tls {
+                Some(tls) => {
+                    self.plain.clear();
+                    tls_client::take_in(tls, &self.buf[..n], self.plain)?;
+                    &mut self.plain[..]
+                }
+                None => &mut self.buf[..n],
+            };
+            let result = decode(&mut c.decoder, input, inflater, &mut |event| match event {
                 Event::Message { payload: p, .. } if p.len() == size => echoed += 1,
                 _ => bad = true,
             });
@@ -611,11 +714,15 @@ impl Reader<'_> {
             }
             if n < self.buf.len() {
                 // A short read drained the socket: the next arrival is a new edge.
-                return Ok(());
+                return Ok(true);
             }
         }
+        Ok(false)
     }
 }
+
+/// Full reads one connection gets before the others' turn.
+const READS_PER_TURN: usize = 4;
 
 /// Sends `count` more copies of the frame on `c`. While nothing waits before them
 /// they go straight from the one encoded frame; only what the socket does not take is
@@ -623,6 +730,12 @@ impl Reader<'_> {
 /// buffer took a third of the client's CPU and made the client, not the server, the limit
 /// of the 16 KiB cases.)
 fn send_frames(c: &mut Conn, frame: &[u8], mut count: usize) -> std::io::Result<()> {
+    if let Some(tls) = &mut c.tls {
+        for _ in 0..count {
+            std::io::Write::write_all(&mut tls.writer(), frame)?;
+        }
+        return tls_client::flush(c.fd, tls).map(|_| ());
+    }
     let len = frame.len();
     while c.pending.is_empty() && count > 0 {
         let k = count.min(IOV_BATCH);
@@ -649,6 +762,9 @@ fn send_frames(c: &mut Conn, frame: &[u8], mut count: usize) -> std::io::Result<
 
 /// Sends what is pending; what the socket does not take waits for its EPOLLOUT edge.
 fn flush(c: &mut Conn) -> std::io::Result<()> {
+    if let Some(tls) = &mut c.tls {
+        return tls_client::flush(c.fd, tls).map(|_| ());
+    }
     while c.sent < c.pending.len() {
         match socket::send(c.fd, &c.pending[c.sent..], Push::Now)? {
             0 => return Ok(()),

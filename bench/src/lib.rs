@@ -1,3 +1,4 @@
 //! Shared pieces of the benchmark tools.
 
 pub mod accounting;
+pub mod tls_client;
