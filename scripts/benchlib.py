@@ -72,7 +72,8 @@ class Server:
 
 
 def echo_load(server, cmd, what):
-    """Runs echo-load (`cmd`) against `server` once. Returns its `key=value` summary, the
+    """Runs echo-load (`cmd`, an echo or a `--handshakes` run) against `server` once.
+    Returns its `key=value` summary, the
     wall time, the server's CPU seconds over the run, and the share of a CPU the client
     kept busy."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -82,7 +83,8 @@ def echo_load(server, cmd, what):
     wall = time.monotonic() - started
     server_cpu = server.cpu_seconds() - cpu_before
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    kv = dict(re.findall(r"(\w+)=([^ ]+)", next((l for l in r.stdout.splitlines() if "msg_per_s=" in l), "")))
+    summary = (l for l in r.stdout.splitlines() if "msg_per_s=" in l or "handshakes_per_s=" in l)
+    kv = dict(re.findall(r"(\w+)=([^ ]+)", next(summary, "")))
     if r.returncode != 0 or not kv:
         raise SystemExit(f"{what}: echo-load failed: {(r.stdout + r.stderr)[-400:]}")
     client_busy = ((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)) / wall
