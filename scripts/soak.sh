@@ -60,6 +60,8 @@
 #   --body-bytes N            pad each message body with N bytes of chat-like text
 #                             (default 0: messages of about 90 bytes, under the deflate
 #                             threshold)
+#   --tls                     wss://: each gateway also listens with TLS (a P-256
+#                             certificate made for the run) and the clients connect there
 #   --scrape-metrics          GET every gateway's /metrics once a second during the run
 #                             (what a scraper costs; scripts/bench-metrics.sh)
 #   --gateway-bin PATH        the gateway binary (default target/release/shardgate; the
@@ -75,7 +77,7 @@ connections=100000 duration=60s rate=0.1 ramp=2500 mode=direct tune=0 slo=200ms
 per_process= shards=$(nproc) shards_given=0 results=
 nodes=0 nats=0 nats_url= cross_node= cluster_key=
 fault= fault_at= outage=2 drop_share=0.67 store=
-deflate=() body_bytes=0 scrape=0 gateway_bin=target/release/shardgate
+deflate=() body_bytes=0 scrape=0 gateway_bin=target/release/shardgate tls=0
 while [ $# -gt 0 ]; do
   case $1 in
     --profile)
@@ -108,6 +110,7 @@ while [ $# -gt 0 ]; do
       shift ;;
     --cross-node) cross_node=$2; shift 2 ;;
     --deflate) deflate=(--deflate); shift ;;
+    --tls) tls=1; shift ;;
     --body-bytes) body_bytes=$2; shift 2 ;;
     --scrape-metrics) scrape=1; shift ;;
     --gateway-bin) gateway_bin=$2; shift 2 ;;
@@ -198,8 +201,21 @@ if [ "$nats" = 1 ]; then
 fi
 
 addrs=()
+plain_addrs=()
+client_tls=()
+if [ "$tls" = 1 ]; then
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=localhost \
+    -addext subjectAltName=DNS:localhost,IP:127.0.0.1 -keyout "$results/tls-key.pem" -out "$results/tls-cert.pem" 2>/dev/null
+  client_tls=(--tls)
+  echo "== wss://: every gateway also listens with TLS; the clients connect there"
+fi
 for k in $(seq 0 $((gateways - 1))); do
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  listen_tls=()
+  if [ "$tls" = 1 ]; then
+    tls_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    listen_tls=(--listen-tls "127.0.0.1:$tls_port" --tls-cert "$results/tls-cert.pem" --tls-key "$results/tls-key.pem")
+  fi
   # With more gateway processes than cores, one shard each, spread over the cores: more
   # executor threads than cores only queue for the CPU (and show up as latency).
   if [ "$gateways" -ge "$(nproc)" ] && [ "$shards_given" = 0 ]; then
@@ -216,10 +232,11 @@ for k in $(seq 0 $((gateways - 1))); do
   "$gateway_bin" serve --listen "127.0.0.1:$port" "${placement[@]}" --auth-secret-file "$secret" \
     --store "$gateway_store" --data-dir "$results/gateway-$k" --max-connections "$per_process" --report-interval 5s --slo "$slo" \
     --max-connections-per-ip 0 --handshakes-per-ip 0 \
-    --histogram-out "$results/gateway-$k.hgrm" "${cluster[@]}" "${deflate[@]}" >"$results/gateway-$k.log" 2>&1 &
+    --histogram-out "$results/gateway-$k.hgrm" "${cluster[@]}" "${deflate[@]}" "${listen_tls[@]}" >"$results/gateway-$k.log" 2>&1 &
   pids+=($!)
   scripts/wait-listening.sh "$results/gateway-$k.log" "$!"
-  addrs+=("127.0.0.1:$port")
+  plain_addrs+=("127.0.0.1:$port")
+  if [ "$tls" = 1 ]; then addrs+=("127.0.0.1:$tls_port"); else addrs+=("127.0.0.1:$port"); fi
 done
 if [ "$nats" = 1 ]; then
   # Every node must know every other before users arrive ("offline" is a promise).
@@ -249,7 +266,7 @@ fi
 target/release/shardgate-load "${faults[@]}" --gateways "$gateway_list" --connections "$connections" --ramp "$ramp" \
   --duration "$duration" --rate "$rate" --mode "$mode" --source-ips "$source_ips" \
   --auth-secret-file "$secret" --cpus "$cpus" --processes "$gateways" --slo "$slo" --cross-node "$cross_node" \
-  --report-interval 5s --histogram-out "$results/client.hgrm.b64" "${deflate[@]}" --body-bytes "$body_bytes" \
+  --report-interval 5s --histogram-out "$results/client.hgrm.b64" "${deflate[@]}" "${client_tls[@]}" --body-bytes "$body_bytes" \
   >"$results/load.log" 2>"$results/load.err" &
 load_pid=$!
 
@@ -282,7 +299,7 @@ scrapes=0
 while kill -0 "$load_pid" 2>/dev/null; do
   sleep 1
   if [ "$scrape" = 1 ]; then
-    for a in "${addrs[@]}"; do curl -sf -o /dev/null "http://$a/metrics" && scrapes=$((scrapes + 1)); done
+    for a in "${plain_addrs[@]}"; do curl -sf -o /dev/null "http://$a/metrics" && scrapes=$((scrapes + 1)); done
   fi
   now=$(now_ms)
   rss=$(rss_sum)

@@ -320,7 +320,7 @@ fn stalled_and_broken_handshakes_end_at_the_handshake_deadline() {
     let dir = temp_dir("tls-stall");
     let ca = TestCa::new();
     ca.issue(&dir);
-    let (_gw, tls_addr) = tls_gateway(&dir, &["--handshake-timeout", "1s"]);
+    let (gw, tls_addr) = tls_gateway(&dir, &["--handshake-timeout", "1s"]);
     let config = ca.client_config(&[&rustls::version::TLS13]);
 
     let start = Instant::now();
@@ -347,6 +347,21 @@ fn stalled_and_broken_handshakes_end_at_the_handshake_deadline() {
             "{what}: closed after {took:?}, the deadline is 1 s"
         );
     }
+
+    // A client that asked for another name refuses our certificate (an alert): the
+    // gateway closes and counts it.
+    let sock = TcpStream::connect(tls_addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let conn = ClientConnection::new(config.clone(), ServerName::try_from("other.example").unwrap()).unwrap();
+    let mut wrong_name = StreamOwned::new(conn, sock);
+    let refused = (0..10).find_map(|_| wrong_name.conn.complete_io(&mut wrong_name.sock).err());
+    assert!(
+        refused.is_some(),
+        "a certificate for localhost must not pass for other.example"
+    );
+    common::scrape_until(gw.addr, |m| {
+        common::sum(m, "shardgate_tls_refused_total", &["reason=\"protocol\""]) >= 1.0
+    });
 
     // Garbage after a handshake record type: refused at once.
     let mut garbage = TcpStream::connect(tls_addr).unwrap();

@@ -10,7 +10,8 @@
 //!
 //! Thread-per-core on glommio; each thread reads every socket into one shared buffer, so a
 //! connection costs a few KiB. More connections than one process may open are spread over
-//! child processes (`--processes`), whose results are merged.
+//! child processes (`--processes`), whose results are merged. `--tls` connects with
+//! `wss://` (rustls, no certificate check; sessions resumed on reconnect).
 
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
@@ -20,6 +21,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::process::{Command, Stdio};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
@@ -28,11 +30,13 @@ use futures_lite::{AsyncRead, AsyncWriteExt};
 use glommio::net::TcpStream;
 use glommio::{LocalExecutorBuilder, Placement};
 use hdrhistogram::Histogram;
+use rustls::{ClientConfig, ClientConnection};
 use serde::Deserialize;
 use shardgate::chat::auth::Authenticator;
 use shardgate::ws::deflate::{accepted_in_response, Deflater, Inflater, EXTENSION, RSV1};
 use shardgate::ws::{write_close, write_frame, Decoder, Event, OpCode, Role};
 use shardgate_bench::accounting::{decode_histogram, encode_histogram, new_histogram, Answer, Report, Tracker};
+use shardgate_bench::tls_client;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Mode {
@@ -127,6 +131,9 @@ struct Args {
     /// load the gateway with messages of a realistic size.
     #[arg(long, default_value_t = 0)]
     body_bytes: usize,
+    /// Connect with TLS (`wss://`): the gateways' addresses are their `--listen-tls` ones.
+    #[arg(long)]
+    tls: bool,
     /// (internal) first connection index of this child, and its count of all connections.
     #[arg(long, hide = true)]
     child_offset: Option<usize>,
@@ -469,6 +476,11 @@ struct Thread {
     /// Index of the first connection this process runs (names carry global indices).
     offset: usize,
     rx: RefCell<Vec<u8>>,
+    /// With --tls: the client configuration (one session store per thread), and the
+    /// ciphertext of the last read and its plaintext.
+    tls: Option<Arc<ClientConfig>>,
+    cipher: RefCell<Vec<u8>>,
+    plain: RefCell<Vec<u8>>,
     report: RefCell<Report>,
     interval: RefCell<Histogram<u64>>,
     interval_sent: Cell<u64>,
@@ -521,6 +533,9 @@ async fn run_thread(
         group,
         offset,
         rx: RefCell::new(vec![0; 64 * 1024]),
+        tls: args.tls.then(|| tls_client::client_config(true)),
+        cipher: RefCell::new(if args.tls { vec![0; 16 * 1024] } else { Vec::new() }),
+        plain: RefCell::new(Vec::new()),
         report: RefCell::new(Report::default()),
         interval: RefCell::new(new_histogram()),
         interval_sent: Cell::new(0),
@@ -682,7 +697,60 @@ fn gateway_of(args: &Args, group: usize, global: usize) -> usize {
 }
 
 /// Connects, upgrades and waits for `ready`; `None` counts as a failed handshake.
-async fn connect(th: &Thread, gateway: usize, global: usize, cred: &str) -> Option<(TcpStream, Decoder, Vec<u8>)> {
+/// A connection's stream, and its TLS state with --tls.
+struct Wire {
+    stream: TcpStream,
+    tls: Option<ClientConnection>,
+}
+
+impl Wire {
+    async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match &mut self.tls {
+            Some(conn) => tls_client::write_all(&mut self.stream, conn, bytes).await,
+            None => self.stream.write_all(bytes).await,
+        }
+    }
+
+    /// Reads into the thread's shared buffer (opened, with TLS): how many bytes are there
+    /// (0 at the end of the stream).
+    async fn read(&mut self, th: &Thread) -> std::io::Result<usize> {
+        let Some(conn) = &mut self.tls else {
+            return read_shared(th, &mut self.stream).await;
+        };
+        loop {
+            let n = poll_fn(|cx| {
+                let mut cipher = th.cipher.borrow_mut();
+                Pin::new(&mut self.stream).poll_read(cx, &mut cipher[..])
+            })
+            .await?;
+            if n == 0 {
+                return Ok(0);
+            }
+            let opened = {
+                let mut plain = th.plain.borrow_mut();
+                plain.clear();
+                tls_client::take_in(conn, &th.cipher.borrow()[..n], &mut plain)?;
+                if !plain.is_empty() {
+                    let mut rx = th.rx.borrow_mut();
+                    if rx.len() < plain.len() {
+                        rx.resize(plain.len(), 0);
+                    }
+                    rx[..plain.len()].copy_from_slice(&plain);
+                }
+                plain.len()
+            };
+            if conn.wants_write() {
+                // An alert or a key update of rustls' own.
+                tls_client::write_all(&mut self.stream, conn, &[]).await?;
+            }
+            if opened > 0 {
+                return Ok(opened);
+            }
+        }
+    }
+}
+
+async fn connect(th: &Thread, gateway: usize, global: usize, cred: &str) -> Option<(Wire, Decoder, Vec<u8>)> {
     let gateway = th.args.gateways[gateway];
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(gateway),
@@ -705,6 +773,16 @@ async fn connect(th: &Thread, gateway: usize, global: usize, cred: &str) -> Opti
         Err(_) => return None,
     }
     let mut stream = shardgate::sys::socket::glommio_stream(socket.into());
+    let tls = match &th.tls {
+        Some(config) => {
+            let mut conn = tls_client::connection(config).ok()?;
+            // The handshake's first write waits until the connection is established.
+            tls_client::handshake(&mut stream, &mut conn).await.ok()?;
+            Some(conn)
+        }
+        None => None,
+    };
+    let mut wire = Wire { stream, tls };
     let offer = if th.args.deflate {
         format!("Sec-WebSocket-Extensions: {EXTENSION}; client_no_context_takeover\r\n")
     } else {
@@ -714,10 +792,10 @@ async fn connect(th: &Thread, gateway: usize, global: usize, cred: &str) -> Opti
         "GET /ws?{cred} HTTP/1.1\r\nHost: {gateway}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n"
     );
     // The first write waits until the connection is established.
-    stream.write_all(request.as_bytes()).await.ok()?;
+    wire.write_all(request.as_bytes()).await.ok()?;
     let mut head = Vec::new();
     let pos = loop {
-        let n = read_shared(th, &mut stream).await.ok()?;
+        let n = wire.read(th).await.ok()?;
         if n == 0 || head.len() > 8192 {
             return None;
         }
@@ -736,7 +814,7 @@ async fn connect(th: &Thread, gateway: usize, global: usize, cred: &str) -> Opti
     }
     let decoder = Decoder::new(Role::Client, 1 << 20);
     head.drain(..pos);
-    Some((stream, decoder, head))
+    Some((wire, decoder, head))
 }
 
 /// `,"text":"…"` of about `bytes` bytes of chat-like words (empty for 0).
@@ -827,7 +905,7 @@ async fn run_user(th: Rc<Thread>, local: usize, global: usize, cred: String, sta
 
 /// One connection's life: decode, answer, send on schedule, until the run ends or the
 /// connection does.
-async fn session(th: &Thread, mut u: UserConn<'_>, mut stream: TcpStream) -> SessionEnd {
+async fn session(th: &Thread, mut u: UserConn<'_>, mut stream: Wire) -> SessionEnd {
     let end = loop {
         // Decode what arrived (the bytes after the 101 first), then answer it.
         let (events, closed, bad) = u.decode();
@@ -849,7 +927,7 @@ async fn session(th: &Thread, mut u: UserConn<'_>, mut stream: TcpStream) -> Ses
             let user = &th.users[u.local];
             user.drops.set(user.drops.get() + 1);
             // A reset, as a network fault would break it: no Close, no FIN.
-            let _ = shardgate::sys::socket::reset_on_close(&stream);
+            let _ = shardgate::sys::socket::reset_on_close(&stream.stream);
             break SessionEnd::Dropped;
         }
         if now >= u.hold_end {
@@ -861,7 +939,7 @@ async fn session(th: &Thread, mut u: UserConn<'_>, mut stream: TcpStream) -> Ses
         }
         // Wait for data or the next send.
         let deadline = u.next_wake(now);
-        let wake = futures_lite::future::or(async { Wake::Read(read_shared(th, &mut stream).await) }, async {
+        let wake = futures_lite::future::or(async { Wake::Read(stream.read(th).await) }, async {
             glommio::timer::sleep(deadline.saturating_duration_since(Instant::now())).await;
             Wake::Send
         })

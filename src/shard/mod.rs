@@ -707,7 +707,13 @@ async fn accept_loop(ctx: Rc<ShardContext>, apps: Rc<Apps>, listener: OwnedFd, t
                         continue;
                     }
                 };
-                let session = match tls.as_ref().map(|config| TlsSession::new(config.clone())).transpose() {
+                // Boxed: rustls' state is a few KiB, and a plain connection's task must
+                // not carry room for it.
+                let session = match tls
+                    .as_ref()
+                    .map(|config| TlsSession::new(config.clone()).map(Box::new))
+                    .transpose()
+                {
                     Ok(session) => session,
                     Err(e) => {
                         tracing::warn!("shard {}: cannot start a TLS session: {e}", ctx.id);

@@ -39,7 +39,7 @@ pub async fn serve(
     apps: Rc<Apps>,
     mut stream: TcpStream,
     slot: ConnectionSlot,
-    tls: Option<TlsSession>,
+    tls: Option<Box<TlsSession>>,
 ) {
     if let Err(e) = slot.watch(stream.as_raw_fd(), tls.is_some()) {
         // Only a host out of epoll watches (fs.epoll.max_user_watches) or memory gets here.
@@ -63,7 +63,7 @@ struct TlsRegistration<'a> {
 }
 
 impl<'a> TlsRegistration<'a> {
-    fn new(ctx: &'a ShardContext, fd: RawFd, session: TlsSession) -> Self {
+    fn new(ctx: &'a ShardContext, fd: RawFd, session: Box<TlsSession>) -> Self {
         ctx.egress.tls.insert(fd, session);
         TlsRegistration { ctx, fd }
     }

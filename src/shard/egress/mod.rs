@@ -282,9 +282,8 @@ impl Egress {
     async fn write_sealed(&self, stream: &mut TcpStream, chunk: &[u8]) -> io::Result<usize> {
         let fd = out_fd(stream);
         loop {
-            let mut iov = socket::IoBatch::new();
-            iov.push(chunk);
-            let sent = self.tls.send(fd, &iov, Push::Now)?;
+            // (No `IoBatch` here: its 1 KiB would live in every connection task's future.)
+            let sent = self.tls.send_bytes(fd, chunk, Push::Now)?;
             if sent > 0 || chunk.is_empty() {
                 return Ok(sent);
             }

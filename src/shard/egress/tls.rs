@@ -43,14 +43,14 @@ pub struct TlsCounts {
 }
 
 struct Conn {
-    session: TlsSession,
+    session: Box<TlsSession>,
     counted: bool,
 }
 
 #[derive(Default)]
 pub struct TlsConns {
     /// By socket descriptor.
-    by_fd: RefCell<Vec<Option<Box<Conn>>>>,
+    by_fd: RefCell<Vec<Option<Conn>>>,
     live: Cell<usize>,
     /// Ciphertext just read (`RX_BUFFER`, allocated with the first TLS connection).
     cipher_in: RefCell<Vec<u8>>,
@@ -63,17 +63,17 @@ pub struct TlsConns {
 
 impl TlsConns {
     /// Makes `fd` a TLS socket. The caller removes it before the socket is closed.
-    pub fn insert(&self, fd: RawFd, session: TlsSession) {
+    pub fn insert(&self, fd: RawFd, session: Box<TlsSession>) {
         let Ok(index) = usize::try_from(fd) else { return };
         let mut by_fd = self.by_fd.borrow_mut();
         if by_fd.len() <= index {
             by_fd.resize_with(index + 1, || None);
         }
         if by_fd[index]
-            .replace(Box::new(Conn {
+            .replace(Conn {
                 session,
                 counted: false,
-            }))
+            })
             .is_none()
         {
             self.live.set(self.live.get() + 1);
@@ -188,6 +188,14 @@ impl TlsConns {
         match self.send_slices(fd, iov.slices(), iov.bytes(), push) {
             Some(result) => result,
             None => iov.send(fd, push),
+        }
+    }
+
+    /// As `send`, of one slice.
+    pub fn send_bytes(&self, fd: RawFd, bytes: &[u8], push: Push) -> io::Result<usize> {
+        match self.send_slices(fd, std::iter::once(bytes), bytes.len(), push) {
+            Some(result) => result,
+            None => socket::send(fd, bytes, push),
         }
     }
 
@@ -413,7 +421,7 @@ mod tests {
         let (server_config, client_config) = configs();
         let (server, mut client) = UnixStream::pair().unwrap();
         server.set_nonblocking(true).unwrap();
-        conns.insert(server.as_raw_fd(), TlsSession::new(server_config).unwrap());
+        conns.insert(server.as_raw_fd(), Box::new(TlsSession::new(server_config).unwrap()));
         let mut tls = ClientConnection::new(client_config, ServerName::try_from("localhost").unwrap()).unwrap();
         let mut arena = vec![0u8; RX_BUFFER];
         while tls.is_handshaking() || tls.wants_write() {
@@ -555,7 +563,7 @@ mod tests {
         let conns = TlsConns::default();
         let (server, mut client) = UnixStream::pair().unwrap();
         server.set_nonblocking(true).unwrap();
-        conns.insert(server.as_raw_fd(), TlsSession::new(server_config).unwrap());
+        conns.insert(server.as_raw_fd(), Box::new(TlsSession::new(server_config).unwrap()));
         client.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
         let mut arena = vec![0u8; RX_BUFFER];
         let err = conns.recv(server.as_raw_fd(), &mut arena).unwrap().unwrap_err();
