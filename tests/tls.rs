@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{upgrade_request, Gateway};
+use common::{read_frame, upgrade_request, Gateway};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, HandshakeKind, RootCertStore, StreamOwned};
@@ -77,41 +77,13 @@ fn tls_connect(addr: SocketAddr, config: &Arc<ClientConfig>) -> Tls {
 
 /// Upgrades `path` over `tls`; returns the response head.
 fn upgrade(tls: &mut Tls, path: &str) -> String {
-    tls.write_all(upgrade_request(path, "").as_bytes()).unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        tls.read_exact(&mut byte).expect("read the answer");
-        head.push(byte[0]);
-    }
-    String::from_utf8(head).unwrap()
+    common::request_upgrade(tls, path)
 }
 
 fn write_frame(s: &mut impl Write, opcode: shardgate::ws::OpCode, payload: &[u8]) {
     let mut out = Vec::new();
     shardgate::ws::frame::write_frame(&mut out, true, opcode, payload, Some([9, 8, 7, 6]));
     s.write_all(&out).unwrap();
-}
-
-fn read_frame(s: &mut impl Read) -> std::io::Result<(u8, Vec<u8>)> {
-    let mut h = [0u8; 2];
-    s.read_exact(&mut h)?;
-    let len = match h[1] & 0x7F {
-        126 => {
-            let mut b = [0u8; 2];
-            s.read_exact(&mut b)?;
-            u16::from_be_bytes(b) as usize
-        }
-        127 => {
-            let mut b = [0u8; 8];
-            s.read_exact(&mut b)?;
-            u64::from_be_bytes(b) as usize
-        }
-        n => n as usize,
-    };
-    let mut payload = vec![0u8; len];
-    s.read_exact(&mut payload)?;
-    Ok((h[0] & 0x0F, payload))
 }
 
 /// The next text frame, as JSON (pings skipped).
@@ -371,45 +343,33 @@ fn stalled_and_broken_handshakes_end_at_the_handshake_deadline() {
     assert!(time_to_close(&mut garbage, start) < Duration::from_millis(700));
 }
 
+/// Starts the gateway with a TLS listener and `extra`, which must make it refuse to
+/// start; returns what it said.
+fn refused_start(extra: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shardgate"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--listen-tls",
+            "127.0.0.1:0",
+            "--store",
+            "none",
+        ])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "it started: {out:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn a_tls_listener_needs_both_certificate_and_key() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shardgate"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--listen-tls",
-            "127.0.0.1:0",
-            "--store",
-            "none",
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_start(&[]);
     assert!(err.contains("--tls-cert"), "{err}");
-
     let dir = temp_dir("tls-missing");
     let missing = dir.join("nope.pem");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shardgate"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--listen-tls",
-            "127.0.0.1:0",
-            "--store",
-            "none",
-        ])
-        .args([
-            "--tls-cert",
-            missing.to_str().unwrap(),
-            "--tls-key",
-            missing.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let missing = missing.to_str().unwrap();
+    let err = refused_start(&["--tls-cert", missing, "--tls-key", missing]);
     assert!(err.contains("nope.pem"), "{err}");
 }

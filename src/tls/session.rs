@@ -245,30 +245,16 @@ impl TlsSession {
     }
 }
 
-/// Encodes one handshake record at the end of `out`, growing it as needed.
+/// Encodes one handshake record at the end of `out`.
 fn encode_into(
     out: &mut Vec<u8>,
     mut encode: impl FnMut(&mut [u8]) -> Result<usize, EncodeError>,
 ) -> Result<(), SessionError> {
-    let mut room = 4096;
-    loop {
-        let at = out.len();
-        out.resize(at + room, 0);
-        match encode(&mut out[at..]) {
-            Ok(n) => {
-                out.truncate(at + n);
-                return Ok(());
-            }
-            Err(EncodeError::InsufficientSize(need)) => {
-                out.truncate(at);
-                room = need.required_size;
-            }
-            Err(_) => {
-                out.truncate(at);
-                return Err(SessionError::Closed);
-            }
-        }
-    }
+    append_growing(out, 4096, |buf| match encode(buf) {
+        Ok(n) => Ok(n),
+        Err(EncodeError::InsufficientSize(need)) => Err(Some(need.required_size)),
+        Err(_) => Err(None),
+    })
 }
 
 /// Encrypts `len` bytes of plaintext into records at the end of `out`.
@@ -277,23 +263,31 @@ fn encrypt_into(
     len: usize,
     mut encrypt: impl FnMut(&mut [u8]) -> Result<usize, EncryptError>,
 ) -> Result<(), SessionError> {
-    let mut room = len + (len / RECORD_PLAINTEXT + 1) * RECORD_OVERHEAD;
+    let room = len + (len / RECORD_PLAINTEXT + 1) * RECORD_OVERHEAD;
+    append_growing(out, room, |buf| match encrypt(buf) {
+        Ok(n) => Ok(n),
+        Err(EncryptError::InsufficientSize(need)) => Err(Some(need.required_size)),
+        Err(EncryptError::EncryptExhausted) => Err(None),
+    })
+}
+
+/// Lets `write` fill `room` bytes at the end of `out` and keeps what it wrote; when it
+/// says it needs more (`Err(Some(bytes))`) tries again with that much. `Err(None)`: the
+/// connection can write no more.
+fn append_growing(
+    out: &mut Vec<u8>,
+    mut room: usize,
+    mut write: impl FnMut(&mut [u8]) -> Result<usize, Option<usize>>,
+) -> Result<(), SessionError> {
     loop {
         let at = out.len();
         out.resize(at + room, 0);
-        match encrypt(&mut out[at..]) {
-            Ok(n) => {
-                out.truncate(at + n);
-                return Ok(());
-            }
-            Err(EncryptError::InsufficientSize(need)) => {
-                out.truncate(at);
-                room = need.required_size;
-            }
-            Err(EncryptError::EncryptExhausted) => {
-                out.truncate(at);
-                return Err(SessionError::Closed);
-            }
+        let written = write(&mut out[at..]);
+        out.truncate(at + *written.as_ref().unwrap_or(&0));
+        match written {
+            Ok(_) => return Ok(()),
+            Err(Some(need)) => room = need,
+            Err(None) => return Err(SessionError::Closed),
         }
     }
 }

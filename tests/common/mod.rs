@@ -241,23 +241,30 @@ pub fn upgrade_request(path: &str, extra: &str) -> String {
     )
 }
 
-/// Connects and completes an upgrade on a plain socket; returns the socket after the 101.
-pub fn raw_upgrade(addr: SocketAddr, path: &str) -> TcpStream {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+/// Sends an upgrade request for `path` on `s` and reads the answer's head, byte by byte
+/// (so that nothing after it is taken).
+pub fn request_upgrade(s: &mut (impl Read + Write), path: &str) -> String {
     s.write_all(upgrade_request(path, "").as_bytes()).unwrap();
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut byte).expect("read 101");
+        s.read_exact(&mut byte).expect("read the answer");
         head.push(byte[0]);
     }
-    assert!(head.starts_with(b"HTTP/1.1 101 "), "{}", String::from_utf8_lossy(&head));
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// Connects and completes an upgrade on a plain socket; returns the socket after the 101.
+pub fn raw_upgrade(addr: SocketAddr, path: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let head = request_upgrade(&mut s, path);
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
     s
 }
 
 /// Reads one unmasked server frame: (opcode, payload).
-pub fn read_frame(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+pub fn read_frame(s: &mut impl Read) -> std::io::Result<(u8, Vec<u8>)> {
     let mut h = [0u8; 2];
     s.read_exact(&mut h)?;
     let len = match h[1] & 0x7F {

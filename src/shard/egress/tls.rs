@@ -464,6 +464,23 @@ mod tests {
         client.set_nonblocking(false).unwrap();
     }
 
+    /// Once everything was offered: the last sealed records may still wait for room (the
+    /// next send takes them); then the client must hold exactly `expected`.
+    fn receive_the_rest(
+        conns: &TlsConns,
+        fd: RawFd,
+        client: &mut UnixStream,
+        tls: &mut ClientConnection,
+        got: &mut Vec<u8>,
+        expected: &[u8],
+    ) {
+        while got.len() < expected.len() {
+            send(conns, fd, &[]);
+            drain(client, tls, got);
+        }
+        assert!(got == expected, "{} bytes arrived of {}", got.len(), expected.len());
+    }
+
     #[test]
     fn records_both_ways_through_the_shard_buffers() {
         let conns = TlsConns::default();
@@ -503,13 +520,8 @@ mod tests {
             sent += n;
             drain(&mut client, &mut tls, &mut got);
         }
-        while got.len() < message.len() {
-            // The last sealed records may still wait for room: the next send takes them.
-            send(&conns, fd, &[]);
-            drain(&mut client, &mut tls, &mut got);
-        }
         assert!(short > 0, "the socket never filled: the test proves nothing");
-        assert!(got == message, "{} bytes arrived of {}", got.len(), message.len());
+        receive_the_rest(&conns, fd, &mut client, &mut tls, &mut got, &message);
     }
 
     #[test]
@@ -549,12 +561,8 @@ mod tests {
             sent += n;
             drain(&mut client, &mut tls, &mut got);
         }
-        while got.len() < whole.len() {
-            send(&conns, fd, &[]);
-            drain(&mut client, &mut tls, &mut got);
-        }
         assert!(short > 0, "the socket never filled: the test proves nothing");
-        assert!(got == whole, "{} bytes arrived of {}", got.len(), whole.len());
+        receive_the_rest(&conns, fd, &mut client, &mut tls, &mut got, &whole);
     }
 
     #[test]
