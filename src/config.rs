@@ -363,10 +363,10 @@ config_table! {
         /// Also listen for wss:// (TLS) on this address, every shard (SO_REUSEPORT); needs --tls-cert and --tls-key.
         #[arg(value_name = "ADDR")]
         listen_tls: SocketAddr;
-        /// Certificate chain (PEM, the server's own first) for --listen-tls; read again on SIGHUP.
+        /// Certificate chain (PEM, the server's own first) for --listen-tls; read again on SIGHUP and when the files change.
         #[arg(value_name = "FILE")]
         tls_cert: PathBuf;
-        /// Private key (PEM: PKCS#8, RSA or EC) of --tls-cert; read again on SIGHUP.
+        /// Private key (PEM: PKCS#8, RSA or EC) of --tls-cert; read again on SIGHUP and when the files change.
         #[arg(value_name = "FILE")]
         tls_key: PathBuf;
         /// Join a cluster of gateways through this NATS server (e.g. nats://127.0.0.1:4222); without it the gateway is a single node with no dependency.

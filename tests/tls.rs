@@ -263,6 +263,22 @@ fn sighup_loads_a_new_certificate_for_new_handshakes_and_keeps_old_connections()
 }
 
 #[test]
+fn a_renewed_certificate_is_loaded_when_its_files_change() {
+    let dir = temp_dir("tls-renew");
+    let ca = TestCa::new();
+    let old = ca.issue(&dir);
+    let (mut gw, tls_addr) = tls_gateway(&dir, &[]);
+    let config = ca.client_config(&[&rustls::version::TLS13]);
+    assert_eq!(tls_connect(tls_addr, &config).conn.peer_certificates().unwrap()[0], old);
+    // As a renewal does: new files, no signal.
+    let new = ca.issue(&dir);
+    let line = gw.wait_line("new handshakes use it");
+    assert!(line.contains("files changed"), "{line}");
+    let fresh = tls_connect(tls_addr, &ca.client_config(&[&rustls::version::TLS13]));
+    assert_eq!(fresh.conn.peer_certificates().unwrap()[0], new);
+}
+
+#[test]
 fn a_plaintext_request_on_the_tls_port_gets_a_400_that_says_so() {
     let dir = temp_dir("tls-plain");
     let ca = TestCa::new();

@@ -138,9 +138,12 @@ pub fn run(config: Config) -> Result<(), StartError> {
     // Signals are watched before any shard says it listens: a SIGTERM right after that
     // line drains instead of killing, and the watcher's descriptors are already counted.
     start::spawn_signal_thread(stop.clone(), tls.as_ref().map(|(certificates, _)| certificates.clone()))?;
+    if let Some((certificates, _)) = &tls {
+        start::watch_tls_files(certificates)?;
+    }
     if let (Some(addr), Some((certificates, _))) = (listeners.tls_bound, &tls) {
         tracing::info!(
-            "wss:// (TLS 1.3 and 1.2, rustls) on {addr}, certificate {}; SIGHUP reads it again",
+            "wss:// (TLS 1.3 and 1.2, rustls) on {addr}, certificate {}; read again on SIGHUP or when its files change",
             certificates.cert_path().display()
         );
     }

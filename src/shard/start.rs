@@ -5,6 +5,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use socket2::Socket;
 
@@ -262,6 +263,33 @@ pub fn tls(config: &Config) -> Result<Option<TlsSetup>, StartError> {
     }
 }
 
+/// How often the TLS certificate's files are looked at for a change.
+const TLS_WATCH_EVERY: Duration = Duration::from_secs(2);
+
+/// Reads the TLS certificate again on a change of its files (a renewal), as SIGHUP does.
+pub fn watch_tls_files(certificates: &Arc<Certificates>) -> Result<(), StartError> {
+    certificates
+        .clone()
+        .watch(TLS_WATCH_EVERY, |certificates, result| {
+            say_reloaded("files changed", certificates, result)
+        })
+        .map_err(|source| StartError::Thread {
+            what: "TLS file watch",
+            source,
+        })
+}
+
+/// The log line of a reload.
+fn say_reloaded(why: &str, certificates: &Certificates, result: Result<(), crate::tls::TlsError>) {
+    match result {
+        Ok(()) => tracing::info!(
+            "{why}: TLS certificate {} loaded; new handshakes use it",
+            certificates.cert_path().display()
+        ),
+        Err(e) => tracing::error!("{why}: {e}; the certificate loaded before stays in use"),
+    }
+}
+
 /// SIGINT/SIGTERM start a graceful stop; a second one ends the process at once. SIGHUP
 /// reads the TLS certificate and key again (new handshakes get them; a bad pair is
 /// refused and the old one kept).
@@ -274,13 +302,7 @@ pub fn spawn_signal_thread(stop: Arc<Shutdown>, tls: Option<Arc<Certificates>>) 
             for signal in signals.forever() {
                 if signal == SIGHUP {
                     match &tls {
-                        Some(certificates) => match certificates.reload() {
-                            Ok(()) => tracing::info!(
-                                "SIGHUP: TLS certificate {} loaded; new handshakes use it",
-                                certificates.cert_path().display()
-                            ),
-                            Err(e) => tracing::error!("SIGHUP: {e}; the certificate loaded before stays in use"),
-                        },
+                        Some(certificates) => say_reloaded("SIGHUP", certificates, certificates.reload()),
                         None => tracing::info!("SIGHUP: nothing to reload (no --listen-tls)"),
                     }
                     continue;

@@ -12,6 +12,7 @@ pub mod session;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
 
 use rustls::crypto::ring as provider;
 use rustls::pki_types::pem::PemObject;
@@ -75,6 +76,39 @@ impl Certificates {
 
     pub fn cert_path(&self) -> &Path {
         &self.cert_path
+    }
+
+    /// When and how long each file was (a change of either is a new pair in the making).
+    fn stamps(&self) -> [Option<(SystemTime, u64)>; 2] {
+        [&self.cert_path, &self.key_path].map(|path| {
+            let meta = std::fs::metadata(path).ok()?;
+            Some((meta.modified().ok()?, meta.len()))
+        })
+    }
+
+    /// Reads the pair again whenever the files change (as a renewal rewrites them), on a
+    /// thread of its own that looks every `every`: a change is loaded once both files
+    /// have stayed the same for one look, so that a certificate is not read beside the
+    /// key it replaces. `on_reload` hears each outcome (the log lines).
+    pub fn watch(
+        self: Arc<Self>,
+        every: Duration,
+        on_reload: impl Fn(&Certificates, Result<(), TlsError>) + Send + 'static,
+    ) -> std::io::Result<()> {
+        let mut loaded = self.stamps();
+        let mut seen = loaded;
+        std::thread::Builder::new()
+            .name("tls-watch".into())
+            .spawn(move || loop {
+                std::thread::sleep(every);
+                let now = self.stamps();
+                if now != loaded && now == seen {
+                    on_reload(&self, self.reload());
+                    loaded = now;
+                }
+                seen = now;
+            })?;
+        Ok(())
     }
 
     fn current(&self) -> Arc<CertifiedKey> {

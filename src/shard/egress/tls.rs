@@ -31,7 +31,7 @@ const RETAIN: usize = 2 * SEAL_STEP;
 /// The answer to a plaintext request on a TLS port (then the connection closes).
 const NOT_TLS_ANSWER: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 42\r\nConnection: close\r\n\r\nThis port speaks TLS: connect with wss://\n";
 
-/// What the shard's TLS handshakes came to (for the report and `/metrics`).
+/// What the shard's TLS handshakes came to (for `/metrics`).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct TlsCounts {
     pub full: u64,
