@@ -1,5 +1,6 @@
 //! TLS for the gateway's listeners, with rustls: the certificate and key (PEM), reloaded
-//! on SIGHUP without touching live connections (`Certificates`), the server
+//! on SIGHUP or a change of the files without touching live connections
+//! (`Certificates`), the server
 //! configuration every shard shares (`server_config`), and one connection's record layer
 //! with no IO of its own (`session`).
 //!
