@@ -37,6 +37,17 @@ ensure_nats_server() {
   fi
 }
 
+# ensure_openssl: installs the openssl command (certificates made for TLS runs) if it is
+# missing.
+ensure_openssl() {
+  if ! command -v openssl >/dev/null; then
+    echo "openssl is missing; installing it (apt-get install openssl)"
+    if [ "$(id -u)" = 0 ]; then sudo=; else sudo=sudo; fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq openssl >/dev/null
+  fi
+}
+
 # ensure_redis_server: installs redis-server (and redis-cli) from the distribution if it
 # is missing; the store tests start their own on free loopback ports.
 ensure_redis_server() {

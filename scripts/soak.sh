@@ -204,6 +204,7 @@ addrs=()
 plain_addrs=()
 client_tls=()
 if [ "$tls" = 1 ]; then
+  ensure_openssl
   openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=localhost \
     -addext subjectAltName=DNS:localhost,IP:127.0.0.1 -keyout "$results/tls-key.pem" -out "$results/tls-cert.pem" 2>/dev/null
   client_tls=(--tls)

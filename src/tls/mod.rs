@@ -21,7 +21,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert, ServerConfig, ServerSessionMemoryCache};
 use rustls::sign::CertifiedKey;
 
-pub use session::{Opened, TlsSession};
+pub use session::TlsSession;
 
 /// What can go wrong loading a certificate and its key.
 #[derive(Debug, thiserror::Error)]

@@ -18,15 +18,6 @@ const RECORD_PLAINTEXT: usize = 16 * 1024;
 /// A handshake record, the first byte of a ClientHello.
 const HANDSHAKE_RECORD: u8 = 22;
 
-/// What one batch of ciphertext gave.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Opened {
-    /// Plaintext bytes written to the caller's buffer.
-    pub plaintext: usize,
-    /// The peer sent close_notify: nothing more will come.
-    pub peer_closed: bool,
-}
-
 /// Why a session cannot go on.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -72,18 +63,13 @@ impl TlsSession {
     }
 
     /// Whether the handshake is over (application data may flow).
-    pub fn is_established(&mut self) -> bool {
+    pub fn is_established(&self) -> bool {
         !self.conn.is_handshaking()
     }
 
     /// Whether the handshake resumed an earlier session.
     pub fn resumed(&self) -> bool {
         self.conn.handshake_kind() == Some(HandshakeKind::Resumed)
-    }
-
-    /// The ALPN protocol agreed on, if any.
-    pub fn alpn(&self) -> Option<&[u8]> {
-        self.conn.alpn_protocol()
     }
 
     /// Bytes this session holds between calls (partial records and unsent ciphertext).
@@ -105,7 +91,7 @@ impl TlsSession {
         self.partial = Vec::new();
     }
 
-    /// Whether the peer sent close_notify.
+    /// Whether the peer sent close_notify: nothing more will come.
     pub fn peer_closed(&self) -> bool {
         self.peer_closed
     }
@@ -113,15 +99,16 @@ impl TlsSession {
     /// Processes the ciphertext in `cipher` (which starts with `take_partial`'s bytes):
     /// the application data goes to `plain`, handshake answers to the unsent ciphertext
     /// (`unsent`), an incomplete last record is kept for the next call. `plain` must be
-    /// at least as long as `cipher` (plaintext is always shorter).
-    pub fn open(&mut self, cipher: &mut [u8], plain: &mut [u8]) -> Result<Opened, SessionError> {
+    /// at least as long as `cipher` (plaintext is always shorter). Returns how many
+    /// plaintext bytes it wrote; `peer_closed` tells whether close_notify came.
+    pub fn open(&mut self, cipher: &mut [u8], plain: &mut [u8]) -> Result<usize, SessionError> {
         if !self.started && !cipher.is_empty() {
             if cipher[0] != HANDSHAKE_RECORD {
                 return Err(SessionError::NotTls);
             }
             self.started = true;
         }
-        let mut opened = Opened::default();
+        let mut opened = 0;
         let mut start = 0;
         loop {
             let UnbufferedStatus { mut discard, state } = self.conn.process_tls_records(&mut cipher[start..]);
@@ -131,10 +118,10 @@ impl TlsSession {
                         let record = record?;
                         discard += record.discard;
                         let to = plain
-                            .get_mut(opened.plaintext..opened.plaintext + record.payload.len())
+                            .get_mut(opened..opened + record.payload.len())
                             .ok_or(SessionError::Overflow)?;
                         to.copy_from_slice(record.payload);
-                        opened.plaintext += record.payload.len();
+                        opened += record.payload.len();
                     }
                 }
                 ConnectionState::EncodeTlsData(mut encode) => encode_into(&mut self.unsent, |out| encode.encode(out))?,
@@ -142,7 +129,6 @@ impl TlsSession {
                 ConnectionState::TransmitTlsData(transmit) => transmit.done(),
                 ConnectionState::PeerClosed | ConnectionState::Closed => {
                     self.peer_closed = true;
-                    opened.peer_closed = true;
                     start += discard;
                     break;
                 }
@@ -155,7 +141,6 @@ impl TlsSession {
             }
             start += discard;
         }
-        opened.peer_closed |= self.peer_closed;
         if start < cipher.len() {
             self.partial.extend_from_slice(&cipher[start..]);
         }

@@ -17,6 +17,7 @@ mod tls;
 
 use std::cell::{Cell, RefCell, RefMut};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 
 use bytes::Bytes;
@@ -280,7 +281,7 @@ impl Egress {
 
     /// Writes some of `chunk` to a TLS socket, waiting for it as needed: how much.
     async fn write_sealed(&self, stream: &mut TcpStream, chunk: &[u8]) -> io::Result<usize> {
-        let fd = out_fd(stream);
+        let fd = stream.as_raw_fd();
         loop {
             // (No `IoBatch` here: its 1 KiB would live in every connection task's future.)
             let sent = self.tls.send_bytes(fd, chunk, Push::Now)?;
@@ -304,9 +305,4 @@ impl Egress {
             .await
             .map_err(io::Error::from)
     }
-}
-
-fn out_fd(stream: &TcpStream) -> std::os::fd::RawFd {
-    use std::os::fd::AsRawFd;
-    stream.as_raw_fd()
 }

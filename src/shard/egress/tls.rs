@@ -153,7 +153,7 @@ impl TlsConns {
                 n => n,
             };
             conn.session.take_partial(&mut cipher[..kept]);
-            let opened = match conn.session.open(&mut cipher[..kept + n], plain) {
+            let plaintext = match conn.session.open(&mut cipher[..kept + n], plain) {
                 Ok(opened) => opened,
                 Err(e) => {
                     if matches!(e, SessionError::NotTls) {
@@ -172,8 +172,8 @@ impl TlsConns {
             }
             flush_unsent(fd, &mut conn.session)?;
             let more = n == want;
-            if opened.plaintext > 0 || opened.peer_closed {
-                return Ok((opened.plaintext, more));
+            if plaintext > 0 || conn.session.peer_closed() {
+                return Ok((plaintext, more));
             }
             if !more {
                 return Err(io::ErrorKind::WouldBlock.into());
