@@ -1,5 +1,10 @@
 //! The store in the data directory, on fjall (an LSM tree: appends are journal writes,
-//! and a conversation's messages are one key range). Keyspaces:
+//! and a conversation's messages are one key range), behind a write-ahead log of its own
+//! (`log`): a group is durable once its record is synced to the log, and fjall is written
+//! behind it by the store's apply thread, which syncs fjall and removes the log's older
+//! segments at each checkpoint. fjall holds its own locks across its flushes' syncs, and a
+//! commit that met one waited tens of milliseconds (docs/perf/18); the log waits only on
+//! the device. Keyspaces:
 //! - `messages`: conversation id, NUL, seq (u64 big-endian) → record, so that a range
 //!   scan reads a conversation in order;
 //! - `heads`: conversation → latest seq, written in the same atomic batch;
@@ -7,30 +12,40 @@
 //! - `user_convs`: user, NUL, conversation → when the user last took part (u64 BE ms),
 //!   rewritten at most once a minute per conversation (it only orders `ready`'s list);
 //! - `client_ids`: the dedupe window's period (u64 BE, time / window), hash of (sender,
-//!   client id) (u64 BE) → when it was used, seq and conversation. Looked up per message
-//!   with an id in the current and the previous period (a miss costs a bloom filter, and
-//!   the window's size is on disk, not in memory); periods older than those are trimmed
-//!   from the front.
+//!   client id) (u64 BE) → when it was used, seq and conversation. The hashes' fingerprints
+//!   of the current and previous period are also held in memory, so that fjall is read
+//!   only for a likely retry; periods older than those are trimmed from the front.
 //!
-//! Every key written per message brings a flush closer, and every flush or compaction
-//! briefly holds the writes of its keyspace (fjall installs the new tables under a lock),
-//! so the indexes take as few writes as they can (docs/perf/18).
+//! Reads that must see every acknowledged message (history, `ready`, a retry's lookup)
+//! first wait until the apply thread has caught up with the log; the append path reads
+//! fjall only for a conversation it has not touched since start. Every key written per
+//! message brings a flush closer, so the indexes take as few writes as they can.
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch, PersistMode};
+use crossbeam_channel::{Receiver, Sender};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
+use super::log::{self, Log, Records, Write, Writes};
 use super::{
     record, Appended, ConvId, MessageStore, NewMessage, Page, Range, RecentWrites, Retention, StoreError, TrimStep,
 };
 
 /// The file that marks a directory as a shardgate message store, and its format.
 const MARKER: &str = "SHARDGATE-STORE";
-const MARKER_TEXT: &str = "shardgate message store, format 2\n";
+const MARKER_TEXT: &str = "shardgate message store, format 3\n";
+/// Formats this build opens and rewrites as its own (format 3 added the log, which a
+/// format 2 directory has none of yet).
+const OLDER_MARKERS: &[&str] = &["shardgate message store, format 2\n"];
+/// The log's segments, in the data directory.
+const LOG_DIR: &str = "wal";
 /// What the store may hold in memory: the block cache and each keyspace's memtable (the
 /// messages' larger: it takes every write); and the journal kept on disk before memtables
 /// are flushed. fjall's defaults (32 MiB cache, 64 MiB memtables) are for a database that
@@ -50,6 +65,22 @@ const CACHE_MAX: usize = 1 << 20;
 /// The dedupe window's periods are at least this long (a window of 0 still dedupes a
 /// retry in the same second).
 const MIN_DEDUPE_PERIOD_MS: u64 = 1_000;
+/// Groups logged but not yet in fjall, past which the store thread waits for the apply
+/// thread (fjall is behind by that much at most).
+const APPLY_QUEUE: usize = 1024;
+/// How long a read waits for the apply thread to catch up before it is answered with an
+/// error.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The apply thread's waits between tries of a write fjall refused (a full disk).
+const RETRY_FIRST: Duration = Duration::from_millis(10);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// Keyspace numbers in the log's writes.
+const MESSAGES: u8 = 0;
+const HEADS: u8 = 1;
+const FLOORS: u8 = 2;
+const USER_CONVS: u8 = 3;
+const CLIENT_IDS: u8 = 4;
 
 /// Why a data directory cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -67,7 +98,6 @@ pub enum OpenError {
 }
 
 pub struct EmbeddedStore {
-    db: Database,
     messages: Keyspace,
     heads: Keyspace,
     floors: Keyspace,
@@ -78,13 +108,241 @@ pub struct EmbeddedStore {
     /// Latest seq and first held seq per conversation, as far as read or written since start.
     head_cache: HashMap<ConvId, u64>,
     floor_cache: HashMap<ConvId, u64>,
+    /// Groups submitted when a cache was last cleared: fjall must hold them before a miss
+    /// may be read from it (until then, a value only in the cache may be newer than fjall's).
+    caches_cleared_at: u64,
     /// `user_convs` keys written within the last minute.
     user_convs_written: RecentWrites,
+    /// The client ids of the dedupe window, once the first append has loaded them.
+    recent_ids: Option<RecentIds>,
     /// Where the retention sweep goes on from (a conversation id), and whether it is
     /// in the middle of a round.
     sweep_cursor: Option<String>,
     /// Reused for encoding records.
     scratch: Vec<u8>,
+    log: Log,
+    /// Groups handed to the apply thread so far.
+    submitted: u64,
+    /// Log segments to remove once fjall holds what they hold.
+    retired: Vec<PathBuf>,
+    applier: Applier,
+}
+
+/// The keyspaces, by their numbers in the log.
+#[derive(Clone)]
+struct Spaces([Keyspace; 5]);
+
+impl Spaces {
+    /// Writes one log record's batch into fjall, atomically.
+    fn apply(&self, db: &Database, bytes: &[u8]) -> Result<(), StoreError> {
+        let mut batch = db.batch();
+        for write in log::writes(bytes) {
+            match write.ok_or(StoreError::Corrupt("a log record holds a write this build cannot read"))? {
+                Write::Put { space, key, value } => batch.insert(self.space(space)?, key, value),
+                Write::Remove { space, key } => batch.remove(self.space(space)?, key),
+            }
+        }
+        batch.commit().map_err(engine)
+    }
+
+    fn space(&self, n: u8) -> Result<&Keyspace, StoreError> {
+        self.0.get(n as usize).ok_or(StoreError::Corrupt(
+            "a log record names a keyspace this build does not have",
+        ))
+    }
+}
+
+enum ToApplier {
+    /// One group's writes, as logged.
+    Apply(Vec<u8>),
+    /// Everything in this segment was sent before: sync fjall, then remove it.
+    Checkpoint(PathBuf),
+}
+
+/// How far the apply thread is, for the store thread to wait on.
+#[derive(Default)]
+struct ApplyState {
+    progress: Mutex<Progress>,
+    changed: Condvar,
+    /// fjall refuses writes: appends are refused too until it takes them again.
+    failing: AtomicBool,
+    /// The store is closing: a write fjall refuses is left to the log's replay.
+    stopping: AtomicBool,
+}
+
+#[derive(Default)]
+struct Progress {
+    applied: u64,
+    error: Option<String>,
+}
+
+impl ApplyState {
+    fn progress(&self) -> MutexGuard<'_, Progress> {
+        self.progress.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `attempt` until it succeeds, waiting longer after each failure; false if the
+    /// store closed first.
+    fn retry(&self, what: &str, mut attempt: impl FnMut() -> Result<(), StoreError>) -> bool {
+        let mut wait = RETRY_FIRST;
+        loop {
+            match attempt() {
+                Ok(()) => {
+                    if self.failing.swap(false, Ordering::Relaxed) {
+                        tracing::info!("store: fjall takes writes again");
+                        self.progress().error = None;
+                    }
+                    return true;
+                }
+                Err(e) => {
+                    if !self.failing.swap(true, Ordering::Relaxed) {
+                        tracing::warn!("store: fjall refused a {what}: {e}; the log holds it, trying again");
+                    }
+                    self.progress().error = Some(e.to_string());
+                    self.changed.notify_all();
+                    if self.stopping.load(Ordering::Relaxed) {
+                        return false;
+                    }
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(RETRY_MAX);
+                }
+            }
+        }
+    }
+}
+
+/// The apply thread: writes the logged groups into fjall in log order, and at each
+/// checkpoint syncs fjall and removes the segment the log is done with.
+struct Applier {
+    to: Option<Sender<ToApplier>>,
+    thread: Option<JoinHandle<()>>,
+    state: Arc<ApplyState>,
+}
+
+impl Applier {
+    fn spawn(db: Database, spaces: Spaces) -> std::io::Result<Self> {
+        let (to, from) = crossbeam_channel::bounded(APPLY_QUEUE);
+        let state = Arc::new(ApplyState::default());
+        let thread_state = state.clone();
+        let thread = std::thread::Builder::new()
+            .name("store-apply".into())
+            .spawn(move || apply_loop(&db, &spaces, &from, &thread_state))?;
+        Ok(Applier {
+            to: Some(to),
+            thread: Some(thread),
+            state,
+        })
+    }
+
+    fn send(&self, msg: ToApplier) {
+        if let Some(to) = &self.to {
+            // Only fails once the thread is gone; the log holds the writes for the replay.
+            let _ = to.send(msg);
+        }
+    }
+}
+
+impl Drop for Applier {
+    fn drop(&mut self) {
+        self.state.stopping.store(true, Ordering::Relaxed);
+        self.to = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn apply_loop(db: &Database, spaces: &Spaces, from: &Receiver<ToApplier>, state: &ApplyState) {
+    for msg in from.iter() {
+        match msg {
+            ToApplier::Apply(bytes) => {
+                state.retry("write", || match spaces.apply(db, &bytes) {
+                    // Cannot happen to bytes this build wrote; retrying would not help.
+                    Err(StoreError::Corrupt(what)) => {
+                        tracing::error!("store: a logged group was not applied: {what}");
+                        Ok(())
+                    }
+                    other => other,
+                });
+                state.progress().applied += 1;
+                state.changed.notify_all();
+            }
+            ToApplier::Checkpoint(segment) => {
+                let synced = state.retry("sync", || db.persist(PersistMode::SyncAll).map_err(engine));
+                if synced {
+                    if let Err(e) = std::fs::remove_file(&segment) {
+                        tracing::warn!("store: cannot remove {}: {e}", segment.display());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// 32-bit fingerprints of the client ids used in the dedupe window's current and previous
+/// period. A message whose fingerprint is in neither is no retry, and fjall is not read
+/// for it; a match (a retry, or one in 2^32 per id held) is looked up. About 5–10 bytes
+/// per id used within the last two periods.
+#[derive(Default)]
+struct RecentIds {
+    period: u64,
+    current: HashSet<u32, BuildHasherDefault<FingerprintHasher>>,
+    previous: HashSet<u32, BuildHasherDefault<FingerprintHasher>>,
+}
+
+/// The fingerprints are hashes already; spread them over the whole word, whose top bits
+/// the table probes by.
+#[derive(Default)]
+struct FingerprintHasher(u64);
+
+impl Hasher for FingerprintHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0 << 8 | u64::from(*b);
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.0 = u64::from(n);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
+}
+
+fn fingerprint(hash: u64) -> u32 {
+    (hash >> 32) as u32
+}
+
+impl RecentIds {
+    /// Moves on to `period` (the next one, or later); false if it is before the current.
+    fn advance(&mut self, period: u64) -> bool {
+        if period < self.period {
+            return false;
+        }
+        if period == self.period + 1 {
+            self.previous = std::mem::take(&mut self.current);
+        } else if period > self.period {
+            self.current.clear();
+            self.previous.clear();
+        }
+        self.period = period;
+        true
+    }
+
+    fn insert(&mut self, period: u64, hash: u64) {
+        if period == self.period {
+            self.current.insert(fingerprint(hash));
+        } else if period + 1 == self.period {
+            self.previous.insert(fingerprint(hash));
+        }
+    }
+
+    fn may_hold(&self, hash: u64) -> bool {
+        let fp = fingerprint(hash);
+        self.current.contains(&fp) || self.previous.contains(&fp)
+    }
 }
 
 fn engine(e: impl std::fmt::Display) -> StoreError {
@@ -143,6 +401,7 @@ impl EmbeddedStore {
         let marker = dir.join(MARKER);
         match std::fs::read_to_string(&marker) {
             Ok(text) if text == MARKER_TEXT => {}
+            Ok(text) if OLDER_MARKERS.contains(&text.as_str()) => std::fs::write(&marker, MARKER_TEXT).map_err(io)?,
             Ok(found) => {
                 return Err(OpenError::OtherFormat {
                     path: dir.to_path_buf(),
@@ -180,21 +439,88 @@ impl EmbeddedStore {
             db.keyspace(name, || KeyspaceCreateOptions::default().max_memtable_size(memtable))
                 .map_err(fail)
         };
+        let spaces = Spaces([
+            keyspace("messages", MESSAGES_MEMTABLE_BYTES)?,
+            keyspace("heads", INDEX_MEMTABLE_BYTES)?,
+            keyspace("floors", INDEX_MEMTABLE_BYTES)?,
+            keyspace("user_convs", INDEX_MEMTABLE_BYTES)?,
+            keyspace("client_ids", INDEX_MEMTABLE_BYTES)?,
+        ]);
+        let log_dir = dir.join(LOG_DIR);
+        let next_segment = replay(&db, &spaces, &log_dir)?;
+        let [messages, heads, floors, user_convs, client_ids] = spaces.0.clone();
         Ok(EmbeddedStore {
-            messages: keyspace("messages", MESSAGES_MEMTABLE_BYTES)?,
-            heads: keyspace("heads", INDEX_MEMTABLE_BYTES)?,
-            floors: keyspace("floors", INDEX_MEMTABLE_BYTES)?,
-            user_convs: keyspace("user_convs", INDEX_MEMTABLE_BYTES)?,
-            client_ids: keyspace("client_ids", INDEX_MEMTABLE_BYTES)?,
-            db,
+            messages,
+            heads,
+            floors,
+            user_convs,
+            client_ids,
             retention,
             dedupe_window_ms: dedupe_window.as_millis() as u64,
             head_cache: HashMap::new(),
             floor_cache: HashMap::new(),
+            caches_cleared_at: 0,
             user_convs_written: RecentWrites::default(),
+            recent_ids: None,
             sweep_cursor: None,
             scratch: Vec::new(),
+            log: Log::new(log_dir.clone(), next_segment),
+            submitted: 0,
+            retired: Vec::new(),
+            applier: Applier::spawn(db, spaces).map_err(|source| OpenError::Io { path: log_dir, source })?,
         })
+    }
+
+    /// Logs a group of writes (and, with `sync`, makes it and every write before it
+    /// durable), then hands it to the apply thread. Writes that were not synced are made
+    /// durable by the next synced group, or by fjall's next checkpoint.
+    fn submit(&mut self, writes: Writes, sync: bool) -> Result<(), log::AppendError> {
+        if self.applier.state.failing.load(Ordering::Relaxed) {
+            let reason = self.applier.state.progress().error.clone().unwrap_or_default();
+            return Err(log::AppendError {
+                error: std::io::Error::other(format!("fjall refuses writes: {reason}")),
+                written: false,
+            });
+        }
+        let logged = self.log.append(writes.as_bytes(), sync, &mut self.retired);
+        if logged.is_ok() || logged.as_ref().is_err_and(|e| e.written) {
+            self.applier.send(ToApplier::Apply(writes.into_bytes()));
+            self.submitted += 1;
+        }
+        for segment in self.retired.drain(..) {
+            self.applier.send(ToApplier::Checkpoint(segment));
+        }
+        logged
+    }
+
+    /// Waits until fjall holds the first `groups` groups submitted.
+    fn settle(&self, groups: u64) -> Result<(), StoreError> {
+        let state = &self.applier.state;
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        let mut progress = state.progress();
+        while progress.applied < groups {
+            if let Some(e) = &progress.error {
+                return Err(StoreError::Engine(e.clone()));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(StoreError::Engine(format!(
+                    "fjall is {} groups behind the log",
+                    groups - progress.applied
+                )));
+            }
+            progress = state
+                .changed
+                .wait_timeout(progress, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        Ok(())
+    }
+
+    /// Waits until fjall holds everything submitted.
+    fn settle_all(&self) -> Result<(), StoreError> {
+        self.settle(self.submitted)
     }
 
     /// The latest seq of `conv` (0 when it has none).
@@ -202,6 +528,7 @@ impl EmbeddedStore {
         if let Some(head) = self.head_cache.get(conv) {
             return Ok(*head);
         }
+        self.settle(self.caches_cleared_at)?;
         match self.heads.get(conv.as_str()).map_err(engine)? {
             None => Ok(0),
             Some(bytes) => u64_at(&bytes, 0, "a conversation head is not 8 bytes"),
@@ -213,22 +540,28 @@ impl EmbeddedStore {
         if let Some(floor) = self.floor_cache.get(conv) {
             return Ok(*floor);
         }
+        self.settle(self.caches_cleared_at)?;
         match self.floors.get(conv.as_str()).map_err(engine)? {
             None => Ok(1),
             Some(bytes) => u64_at(&bytes, 0, "a conversation floor is not 8 bytes"),
         }
     }
 
-    /// Is this message a retry of one stored within the window? A hash match is checked
-    /// against the stored record, so that two different ids never pass for one.
+    /// Is this message a retry of one stored within the window? Only a fingerprint found
+    /// in memory is looked up, and a hash match is checked against the stored record, so
+    /// that two different ids never pass for one.
     fn earlier_copy(
-        &self,
+        &mut self,
         hash: u64,
         m: &NewMessage,
         client_id: &str,
         now_ms: u64,
     ) -> Result<Option<(ConvId, u64)>, StoreError> {
         let period = self.dedupe_period(now_ms);
+        if !self.recent_ids(period)?.may_hold(hash) {
+            return Ok(None);
+        }
+        self.settle_all()?;
         let mut found = None;
         for p in [period, period.saturating_sub(1)] {
             found = self.client_ids.get(client_id_key(p, hash)).map_err(engine)?;
@@ -257,6 +590,31 @@ impl EmbeddedStore {
         Ok(same.then_some((conv, seq)))
     }
 
+    /// The fingerprints of the dedupe window at `period`, read from fjall the first time
+    /// (and again if the clock went back past the period held).
+    fn recent_ids(&mut self, period: u64) -> Result<&mut RecentIds, StoreError> {
+        let held = match &mut self.recent_ids {
+            Some(ids) => ids.advance(period),
+            None => false,
+        };
+        if !held {
+            self.settle_all()?;
+            let mut ids = RecentIds {
+                period,
+                ..RecentIds::default()
+            };
+            let from = client_id_key(period.saturating_sub(1), 0);
+            let to = client_id_key(period, u64::MAX);
+            for item in self.client_ids.range(from..=to) {
+                let key = item.key().map_err(engine)?;
+                let at = u64_at(&key, 0, "a client id key is too short")?;
+                ids.insert(at, u64_at(&key, 8, "a client id key is too short")?);
+            }
+            self.recent_ids = Some(ids);
+        }
+        Ok(self.recent_ids.get_or_insert_with(RecentIds::default))
+    }
+
     /// The dedupe window's period at `now_ms`: a retry's record is in this one or the one
     /// before.
     fn dedupe_period(&self, now_ms: u64) -> u64 {
@@ -265,24 +623,25 @@ impl EmbeddedStore {
 
     /// Notes in `batch` that `user` took part in `conv` at `ts_ms`, unless that was written
     /// within the last minute.
-    fn touch_user_conv(&mut self, batch: &mut OwnedWriteBatch, user: &str, conv: &ConvId, ts_ms: u64) {
+    fn touch_user_conv(&mut self, writes: &mut Writes, user: &str, conv: &ConvId, ts_ms: u64) {
         let key = user_conv_key(user, conv);
         if self.user_convs_written.due(key.clone(), ts_ms) {
-            batch.insert(&self.user_convs, key, ts_ms.to_be_bytes());
+            writes.put(USER_CONVS, &key, &ts_ms.to_be_bytes());
         }
     }
 
     /// Removes the messages of `conv` below `new_floor` (from `floor`) in `batch`.
-    fn trim_below(&self, batch: &mut OwnedWriteBatch, conv: &ConvId, floor: u64, new_floor: u64) {
+    fn trim_below(writes: &mut Writes, conv: &ConvId, floor: u64, new_floor: u64) {
         for seq in floor..new_floor {
-            batch.remove(&self.messages, message_key(conv, seq));
+            writes.remove(MESSAGES, &message_key(conv, seq));
         }
-        batch.insert(&self.floors, conv.as_str(), new_floor.to_be_bytes());
+        writes.put(FLOORS, conv.as_str().as_bytes(), &new_floor.to_be_bytes());
     }
 
     fn remember_head(&mut self, conv: ConvId, head: u64) {
         if self.head_cache.len() >= CACHE_MAX {
             self.head_cache.clear();
+            self.caches_cleared_at = self.submitted;
         }
         self.head_cache.insert(conv, head);
     }
@@ -290,6 +649,7 @@ impl EmbeddedStore {
     fn remember_floor(&mut self, conv: ConvId, floor: u64) {
         if self.floor_cache.len() >= CACHE_MAX {
             self.floor_cache.clear();
+            self.caches_cleared_at = self.submitted;
         }
         self.floor_cache.insert(conv, floor);
     }
@@ -312,6 +672,67 @@ impl EmbeddedStore {
     }
 }
 
+/// Writes what the log's segments in `dir` hold into fjall, syncs it and removes them;
+/// returns the index for the next segment. A record cut short (the process died while
+/// writing it: it was never acknowledged) ends its segment, and is said on stdout.
+fn replay(db: &Database, spaces: &Spaces, dir: &Path) -> Result<u64, OpenError> {
+    let io = |source| OpenError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let segments = log::segments(dir).map_err(io)?;
+    let mut groups = 0u64;
+    for (_, path) in &segments {
+        let bytes = std::fs::read(path).map_err(|source| OpenError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let mut records = Records::new(&bytes);
+        for payload in records.by_ref() {
+            spaces.apply(db, payload).map_err(|e| OpenError::Engine {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            groups += 1;
+        }
+        if records.unread() > 0 {
+            tracing::warn!(
+                "store: {}: the last {} bytes hold no whole record (cut short when the process stopped, never acknowledged); skipped",
+                path.display(),
+                records.unread()
+            );
+        }
+    }
+    if let Some((last, _)) = segments.last() {
+        db.persist(PersistMode::SyncAll).map_err(|e| OpenError::Engine {
+            path: dir.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        for (_, path) in &segments {
+            std::fs::remove_file(path).map_err(io)?;
+        }
+        log::sync_dir(dir).map_err(io)?;
+        tracing::info!(
+            "store: {groups} logged groups written into fjall from {}",
+            dir.display()
+        );
+        return Ok(last + 1);
+    }
+    Ok(0)
+}
+
+impl Drop for EmbeddedStore {
+    fn drop(&mut self) {
+        // The last segment is done with too: the apply thread syncs fjall and removes it
+        // before it ends (the applier's drop waits for that).
+        self.log.retire(&mut self.retired);
+        for segment in self.retired.drain(..) {
+            self.applier.send(ToApplier::Checkpoint(segment));
+        }
+    }
+}
+
 impl MessageStore for EmbeddedStore {
     fn append(&mut self, group: &[NewMessage], now_ms: u64) -> Result<Vec<Appended>, StoreError> {
         // Heads and floors change in maps of their own until the batch is committed: a
@@ -323,7 +744,7 @@ impl MessageStore for EmbeddedStore {
         let mut results = Vec::with_capacity(group.len());
         self.user_convs_written.discard();
         let period = self.dedupe_period(now_ms);
-        let mut batch = self.db.batch();
+        let mut writes = Writes::default();
         for m in group {
             let hash = m.client_id.as_deref().map(|id| client_id_hash(&m.from, id));
             if let (Some(hash), Some(id)) = (hash, m.client_id.as_deref()) {
@@ -344,7 +765,7 @@ impl MessageStore for EmbeddedStore {
             results.push(Appended::New(seq));
             self.scratch.clear();
             record::encode(&mut self.scratch, m.ts_ms, &m.from, m.client_id.as_deref(), &m.body);
-            batch.insert(&self.messages, message_key(&m.conv, seq), self.scratch.as_slice());
+            writes.put(MESSAGES, &message_key(&m.conv, seq), &self.scratch);
             let max = self.retention.max_messages;
             if max > 0 && seq > max {
                 // Count-based retention as it goes: each append past the limit trims one.
@@ -354,30 +775,36 @@ impl MessageStore for EmbeddedStore {
                 };
                 let new_floor = seq - max + 1;
                 if new_floor > floor {
-                    self.trim_below(&mut batch, &m.conv, floor, new_floor);
+                    Self::trim_below(&mut writes, &m.conv, floor, new_floor);
                     floors.insert(m.conv.clone(), new_floor);
                 }
             }
             match m.conv.direct_users() {
                 Some((a, b)) => {
-                    self.touch_user_conv(&mut batch, a, &m.conv, m.ts_ms);
-                    self.touch_user_conv(&mut batch, b, &m.conv, m.ts_ms);
+                    self.touch_user_conv(&mut writes, a, &m.conv, m.ts_ms);
+                    self.touch_user_conv(&mut writes, b, &m.conv, m.ts_ms);
                 }
-                None => self.touch_user_conv(&mut batch, &m.from, &m.conv, m.ts_ms),
+                None => self.touch_user_conv(&mut writes, &m.from, &m.conv, m.ts_ms),
             }
             if let Some(hash) = hash {
                 let mut value = now_ms.to_be_bytes().to_vec();
                 value.extend_from_slice(&seq.to_be_bytes());
                 value.extend_from_slice(m.conv.as_str().as_bytes());
-                batch.insert(&self.client_ids, client_id_key(period, hash), value);
+                writes.put(CLIENT_IDS, &client_id_key(period, hash), &value);
                 ids.insert(hash, (m.conv.clone(), seq));
+                self.recent_ids(period)?.insert(period, hash);
             }
         }
         for (conv, seq) in &heads {
-            batch.insert(&self.heads, conv.as_str(), seq.to_be_bytes());
+            writes.put(HEADS, conv.as_str().as_bytes(), &seq.to_be_bytes());
         }
-        batch.commit().map_err(engine)?;
-        // Committed: the seqs are taken, durable or not, so that none is ever reused.
+        let failed = match self.submit(writes, true) {
+            Ok(()) => None,
+            Err(e) if !e.written => return Err(engine(e.error)),
+            Err(e) => Some(e.error),
+        };
+        // Logged: the seqs are taken, durable or not (a record whose sync failed may still
+        // be replayed), so that none is ever reused.
         for (conv, head) in heads {
             self.remember_head(conv, head);
         }
@@ -385,12 +812,24 @@ impl MessageStore for EmbeddedStore {
             self.remember_floor(conv, floor);
         }
         self.user_convs_written.committed();
-        // fdatasync: the journal's data and its length, which is all a replay needs.
-        self.db.persist(PersistMode::SyncData).map_err(engine)?;
-        Ok(results)
+        match failed {
+            None => Ok(results),
+            Some(e) => Err(engine(e)),
+        }
     }
 
     fn read(&mut self, conv: &ConvId, range: Range, limit: usize) -> Result<Page, StoreError> {
+        if let Err(e) = self.settle_all() {
+            // fjall is behind the log (it refuses writes, or is slow): a conversation it
+            // holds up to its head can still be read, any other would miss messages.
+            let held = match self.heads.get(conv.as_str()).map_err(engine)? {
+                Some(bytes) => u64_at(&bytes, 0, "a conversation head is not 8 bytes")?,
+                None => 0,
+            };
+            if held != self.head(conv)? {
+                return Err(e);
+            }
+        }
         let head = self.head(conv)?;
         let first = self.floor(conv)?.min(head + 1);
         let (from, to) = match range {
@@ -418,6 +857,7 @@ impl MessageStore for EmbeddedStore {
     }
 
     fn conversations(&mut self, user: &str, max: usize) -> Result<Vec<(ConvId, u64)>, StoreError> {
+        self.settle_all()?;
         let mut prefix = user.as_bytes().to_vec();
         prefix.push(0);
         let mut recent: Vec<(u64, ConvId)> = Vec::new();
@@ -439,18 +879,20 @@ impl MessageStore for EmbeddedStore {
 
     fn note_member(&mut self, user: &str, conv: &ConvId, ts_ms: u64) -> Result<(), StoreError> {
         // Not synced on its own: it is an index, and the next append's sync carries it.
-        self.user_convs
-            .insert(user_conv_key(user, conv), ts_ms.to_be_bytes())
-            .map_err(engine)
+        let mut writes = Writes::default();
+        writes.put(USER_CONVS, &user_conv_key(user, conv), &ts_ms.to_be_bytes());
+        self.submit(writes, false).map_err(|e| engine(e.error))
     }
 
     fn trim_step(&mut self, now_ms: u64, budget: usize) -> Result<TrimStep, StoreError> {
         let mut step = TrimStep::default();
         // The dedupe window's periods before the two a lookup reads.
+        // It reads fjall without waiting for the apply thread: what fjall lacks is newer
+        // than what it holds, so a sweep that misses it only trims less this round.
         let oldest_read = self.dedupe_period(now_ms).saturating_sub(1).to_be_bytes();
-        let mut batch = self.db.batch();
+        let mut writes = Writes::default();
         for item in self.client_ids.range(..oldest_read.as_slice()).take(budget) {
-            batch.remove(&self.client_ids, item.key().map_err(engine)?);
+            writes.remove(CLIENT_IDS, &item.key().map_err(engine)?);
         }
         let cutoff_ms = match self.retention.max_age {
             d if d.is_zero() => 0,
@@ -482,7 +924,7 @@ impl MessageStore for EmbeddedStore {
                 new_floor = self.first_young(&conv, new_floor, head, cutoff_ms)?;
             }
             if new_floor > floor {
-                self.trim_below(&mut batch, &conv, floor, new_floor);
+                Self::trim_below(&mut writes, &conv, floor, new_floor);
                 step.removed += new_floor - floor;
                 floors.push((conv.clone(), new_floor));
             }
@@ -493,8 +935,8 @@ impl MessageStore for EmbeddedStore {
             (true, Some(conv)) => self.sweep_cursor = Some(format!("{}\0", conv.as_str())),
             _ => step.swept_all = true,
         }
-        if !batch.is_empty() {
-            batch.commit().map_err(engine)?;
+        if !writes.is_empty() {
+            self.submit(writes, false).map_err(|e| engine(e.error))?;
             for (conv, floor) in floors {
                 self.remember_floor(conv, floor);
             }
@@ -652,8 +1094,10 @@ mod tests {
         // Records stay while a lookup may read their period (this one and the one before),
         // and are trimmed from disk after.
         assert!(store.trim_step(later, 100).unwrap().swept_all);
+        store.settle_all().unwrap();
         assert_eq!(store.client_ids.iter().count(), 3);
         assert!(store.trim_step(later + 300_000, 100).unwrap().swept_all);
+        store.settle_all().unwrap();
         assert_eq!(
             store.client_ids.iter().count(),
             1,
@@ -686,6 +1130,9 @@ mod tests {
         let mut young = msg(&room, "bob", 11);
         young.ts_ms = NOW + 30_000;
         store.append(&[old.clone(), old, young], NOW).unwrap();
+        // A sweep reads what fjall holds, without waiting for the apply thread (it trims
+        // what it missed at the next round).
+        store.settle_all().unwrap();
         let mut removed = 0;
         loop {
             let step = store.trim_step(NOW + 40_000, 1).unwrap();
@@ -711,6 +1158,54 @@ mod tests {
             2,
             "floors are kept"
         );
+        drop(store);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn what_a_crash_left_in_the_log_is_replayed_and_a_cut_record_skipped() {
+        let dir = temp("replay");
+        let dm = ConvId::direct("alice", "bob");
+        {
+            let mut store = open(&dir, KEEP_ALL);
+            assert_eq!(seqs(store.append(&[msg(&dm, "alice", 1)], NOW).unwrap()), vec![1]);
+        }
+        // What a crash leaves: a synced group fjall never took (seq 2), then a record the
+        // process was writing when it died.
+        let mut record = Vec::new();
+        record::encode(&mut record, NOW, "bob", None, b"{}");
+        let mut writes = Writes::default();
+        writes.put(MESSAGES, &message_key(&dm, 2), &record);
+        writes.put(HEADS, dm.as_str().as_bytes(), &2u64.to_be_bytes());
+        let mut log = Log::new(dir.join(LOG_DIR), 5);
+        let mut retired = Vec::new();
+        log.append(writes.as_bytes(), true, &mut retired).unwrap();
+        log.append(b"never acknowledged", true, &mut retired).unwrap();
+        drop(log);
+        let segment = dir.join(LOG_DIR).join(format!("{:020}.log", 5));
+        let len = std::fs::metadata(&segment).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&segment)
+            .unwrap()
+            .set_len(len - 4)
+            .unwrap();
+        let mut store = open(&dir, KEEP_ALL);
+        assert!(
+            log::segments(&dir.join(LOG_DIR)).unwrap().is_empty(),
+            "replayed and removed"
+        );
+        let page = store.read(&dm, Range::After(0), 10).unwrap();
+        assert_eq!(page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(page.messages[1].from, "bob");
+        assert_eq!(seqs(store.append(&[msg(&dm, "alice", 3)], NOW).unwrap()), vec![3]);
+        // The next segment comes after the replayed one.
+        let written: Vec<u64> = log::segments(&dir.join(LOG_DIR))
+            .unwrap()
+            .into_iter()
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(written, vec![6]);
         drop(store);
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -6,6 +6,7 @@
 //! - `conv`: conversation ids (`dm:<a>:<b>`, `room:<name>`).
 //! - `record`: the bytes of one stored message.
 //! - `embedded`: the store in the data directory, on fjall (docs/perf/17 says why).
+//! - `log`: the embedded store's write-ahead log, whose sync is the acknowledgement's.
 //! - `redis`: the store on Redis, shared by gateways.
 //! - `thread`: the store thread: group commit, sequencing, delivery to the shards.
 //! - `sequencer`: one order per conversation when messages arrive from several nodes.
@@ -13,6 +14,7 @@
 
 pub mod conv;
 pub mod embedded;
+pub mod log;
 pub mod push;
 pub mod record;
 pub mod redis;

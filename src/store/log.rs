@@ -1,0 +1,361 @@
+//! The embedded store's write-ahead log: each group of writes is appended to a file that
+//! only the store thread touches and synced there (`fdatasync`) before any of it is
+//! acknowledged; the engine (fjall) is written behind it by a thread of its own. The
+//! engine's flushes and compactions hold its locks across syncs of their own, and a
+//! commit that waits on them waited tens of milliseconds (docs/perf/18); this file's
+//! sync waits on nothing but the device.
+//!
+//! The log is a series of segment files (`wal/<index>.log`, 20 decimal digits). A
+//! record is `[payload length u32 LE][CRC-32 of the payload u32 LE][payload]`, and its
+//! payload is a batch of writes (`Writes`). A segment is removed once everything in it is
+//! in the engine and the engine has synced (a checkpoint); at start, the segments still
+//! there are replayed into the engine in order. Replaying is safe however much of a
+//! segment the engine already holds: every write is a blind put or remove, so applying a
+//! sequence again over any prefix of itself ends in the same state.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+/// Bytes of a segment past which the next record opens a new one. Each segment is read
+/// whole at start, and kept until the engine's next checkpoint after it.
+pub const SEGMENT_BYTES: u64 = 64 << 20;
+/// The longest payload a record may claim; anything longer is damage, not a record.
+const MAX_RECORD: u32 = 1 << 30;
+const HEADER: usize = 8;
+
+const PUT: u8 = 0;
+const REMOVE: u8 = 1;
+
+/// A batch of writes to the engine's keyspaces (numbered by the caller), encoded as the
+/// log stores it.
+#[derive(Debug, Default)]
+pub struct Writes {
+    bytes: Vec<u8>,
+}
+
+/// One write of a batch.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Write<'a> {
+    Put { space: u8, key: &'a [u8], value: &'a [u8] },
+    Remove { space: u8, key: &'a [u8] },
+}
+
+impl Writes {
+    pub fn put(&mut self, space: u8, key: &[u8], value: &[u8]) {
+        self.bytes.extend_from_slice(&[space, PUT]);
+        self.field(key);
+        self.field(value);
+    }
+
+    pub fn remove(&mut self, space: u8, key: &[u8]) {
+        self.bytes.extend_from_slice(&[space, REMOVE]);
+        self.field(key);
+    }
+
+    fn field(&mut self, bytes: &[u8]) {
+        self.bytes.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        self.bytes.extend_from_slice(bytes);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bytes
+    }
+}
+
+/// The writes of an encoded batch, in order; `None` at the first byte that is not one.
+pub fn writes(mut bytes: &[u8]) -> impl Iterator<Item = Option<Write<'_>>> {
+    fn field<'a>(bytes: &mut &'a [u8]) -> Option<&'a [u8]> {
+        let len = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+        let value = bytes.get(4..4 + len)?;
+        *bytes = &bytes[4 + len..];
+        Some(value)
+    }
+    let mut broken = false;
+    std::iter::from_fn(move || {
+        if bytes.is_empty() || broken {
+            return None;
+        }
+        let write = (|| {
+            let (&space, rest) = bytes.split_first()?;
+            let (&kind, rest) = rest.split_first()?;
+            bytes = rest;
+            let key = field(&mut bytes)?;
+            match kind {
+                PUT => Some(Write::Put {
+                    space,
+                    key,
+                    value: field(&mut bytes)?,
+                }),
+                REMOVE => Some(Write::Remove { space, key }),
+                _ => None,
+            }
+        })();
+        broken = write.is_none();
+        Some(write)
+    })
+}
+
+/// The records of one segment's bytes, in order, and where they stop.
+pub struct Records<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Records<'a> {
+    pub fn new(bytes: &'a [u8]) -> Self {
+        Records { bytes, at: 0 }
+    }
+
+    /// Bytes left after the last whole record: 0 unless the segment ends in a record that
+    /// was cut short (the process died while writing it) or damaged.
+    pub fn unread(&self) -> usize {
+        self.bytes.len() - self.at
+    }
+}
+
+impl<'a> Iterator for Records<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        let header = self.bytes.get(self.at..self.at + HEADER)?;
+        let len = u32::from_le_bytes(header[..4].try_into().ok()?);
+        let crc = u32::from_le_bytes(header[4..].try_into().ok()?);
+        if len > MAX_RECORD {
+            return None;
+        }
+        let start = self.at + HEADER;
+        let payload = self.bytes.get(start..start + len as usize)?;
+        if crc32fast::hash(payload) != crc {
+            return None;
+        }
+        self.at = start + len as usize;
+        Some(payload)
+    }
+}
+
+/// The segments in `dir`, oldest first, with their indexes.
+pub fn segments(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    let mut found = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let path = entry?.path();
+        let index = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".log"))
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(index) = index {
+            found.push((index, path));
+        }
+    }
+    found.sort_unstable();
+    Ok(found)
+}
+
+/// Syncs a directory, so that the files created or removed in it stay so after a crash.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// The segment being written.
+pub struct Log {
+    dir: PathBuf,
+    file: Option<File>,
+    index: u64,
+    /// Bytes of the segment that hold whole records.
+    len: u64,
+    header: [u8; HEADER],
+}
+
+/// Why an append did not become durable.
+#[derive(Debug)]
+pub struct AppendError {
+    pub error: std::io::Error,
+    /// The record may be in the segment (it was written, its sync failed), so it may be
+    /// replayed: what it writes counts as done, though it was not made durable.
+    pub written: bool,
+}
+
+impl Log {
+    /// A log in `dir` whose next segment has index `next`; the segment is opened at the
+    /// first append.
+    pub fn new(dir: PathBuf, next: u64) -> Self {
+        Log {
+            dir,
+            file: None,
+            index: next,
+            len: 0,
+            header: [0; HEADER],
+        }
+    }
+
+    fn path(&self, index: u64) -> PathBuf {
+        self.dir.join(format!("{index:020}.log"))
+    }
+
+    /// Appends one record and, with `sync`, waits until it is on the device with every
+    /// record before it. On a failure the segment is left (a later record must not follow
+    /// a damaged one) and the next append opens a new one; the old one's path is in
+    /// `retired`. A full segment is retired the same way.
+    pub fn append(&mut self, payload: &[u8], sync: bool, retired: &mut Vec<PathBuf>) -> Result<(), AppendError> {
+        let not_written = |error| AppendError { error, written: false };
+        if self.file.is_none() {
+            let path = self.path(self.index);
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(not_written)?;
+            // The new file's name must survive a crash before any record in it counts.
+            sync_dir(&self.dir).map_err(not_written)?;
+            self.file = Some(file);
+            self.len = 0;
+        }
+        let Some(file) = self.file.as_mut() else {
+            unreachable!("opened above")
+        };
+        self.header[..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        self.header[4..].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        let written = file
+            .write_all(&self.header)
+            .and_then(|()| file.write_all(payload))
+            .map_err(|error| AppendError { error, written: true });
+        let synced = written.and_then(|()| match sync {
+            true => file.sync_data().map_err(|error| AppendError { error, written: true }),
+            false => Ok(()),
+        });
+        match synced {
+            Ok(()) => {
+                self.len += (HEADER + payload.len()) as u64;
+                if self.len >= SEGMENT_BYTES {
+                    self.retire(retired);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.retire(retired);
+                Err(e)
+            }
+        }
+    }
+
+    /// Closes the segment being written (if any): the next append opens a new one.
+    pub fn retire(&mut self, retired: &mut Vec<PathBuf>) {
+        if self.file.take().is_some() {
+            retired.push(self.path(self.index));
+            self.index += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn temp(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("shardgate-log-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn records_are_read_back_until_a_cut_or_damaged_one() {
+        let dir = temp("records");
+        let mut log = Log::new(dir.clone(), 7);
+        let mut retired = Vec::new();
+        for n in 0..5u8 {
+            log.append(&[n; 100], n % 2 == 0, &mut retired).unwrap();
+        }
+        assert!(retired.is_empty());
+        let found = segments(&dir).unwrap();
+        assert_eq!(found.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![7]);
+        let bytes = std::fs::read(&found[0].1).unwrap();
+        let records: Vec<&[u8]> = Records::new(&bytes).collect();
+        assert_eq!(records.len(), 5);
+        assert!(records.iter().enumerate().all(|(n, r)| *r == [n as u8; 100]));
+        // The process died in the middle of the last record: the four before it are read.
+        let cut = &bytes[..bytes.len() - 30];
+        let mut reader = Records::new(cut);
+        assert_eq!(reader.by_ref().count(), 4);
+        assert_eq!(reader.unread(), 108 - 30);
+        // A flipped bit in the third record: reading stops before it.
+        let mut damaged = bytes.clone();
+        damaged[2 * 108 + 50] ^= 1;
+        assert_eq!(Records::new(&damaged).count(), 2);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_full_segment_is_retired_and_the_next_record_opens_a_new_one() {
+        let dir = temp("rotate");
+        let mut log = Log::new(dir.clone(), 0);
+        let mut retired = Vec::new();
+        let big = vec![1u8; (SEGMENT_BYTES / 2) as usize];
+        log.append(&big, false, &mut retired).unwrap();
+        log.append(&big, true, &mut retired).unwrap();
+        assert_eq!(retired, vec![dir.join(format!("{:020}.log", 0))]);
+        log.append(b"next", true, &mut retired).unwrap();
+        let found = segments(&dir).unwrap();
+        assert_eq!(found.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![0, 1]);
+        let bytes = std::fs::read(&found[1].1).unwrap();
+        assert_eq!(Records::new(&bytes).collect::<Vec<_>>(), vec![b"next".as_slice()]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    proptest! {
+        #[test]
+        fn writes_round_trip(ops in proptest::collection::vec(
+                (any::<u8>(), proptest::collection::vec(any::<u8>(), 0..40),
+                 proptest::option::of(proptest::collection::vec(any::<u8>(), 0..60))), 0..20)) {
+            let mut batch = Writes::default();
+            for (space, key, value) in &ops {
+                match value {
+                    Some(value) => batch.put(*space, key, value),
+                    None => batch.remove(*space, key),
+                }
+            }
+            let decoded: Vec<Option<Write>> = writes(batch.as_bytes()).collect();
+            let want: Vec<Option<Write>> = ops.iter().map(|(space, key, value)| Some(match value {
+                Some(value) => Write::Put { space: *space, key, value },
+                None => Write::Remove { space: *space, key },
+            })).collect();
+            prop_assert_eq!(decoded, want);
+        }
+
+        #[test]
+        fn cut_batches_end_in_none_not_a_panic(cut in 0usize..60) {
+            let mut batch = Writes::default();
+            batch.put(1, b"key", b"value");
+            let boundary = batch.as_bytes().len();
+            batch.remove(2, b"other key");
+            let bytes = batch.as_bytes();
+            let cut = cut.min(bytes.len());
+            let decoded: Vec<Option<Write>> = writes(&bytes[..cut]).collect();
+            let whole: Vec<Option<Write>> = writes(bytes).take(decoded.len()).collect();
+            match cut {
+                0 => prop_assert!(decoded.is_empty()),
+                c if c == boundary || c == bytes.len() => prop_assert_eq!(decoded, whole),
+                _ => {
+                    // The whole writes before the cut, then the end of what can be read.
+                    prop_assert_eq!(decoded.last(), Some(&None));
+                    prop_assert_eq!(&decoded[..decoded.len() - 1], &whole[..decoded.len() - 1]);
+                }
+            }
+        }
+    }
+}
