@@ -281,13 +281,16 @@ now_ms() { local t=${EPOCHREALTIME/./}; echo $(( t / 1000 )); }
 started=$(now_ms)
 peak_rss=0 peak_conns=0
 # Shard threads by the ids each gateway printed at start ("shard 0: cpu 0 (…), thread 1234, …").
-# The store and cluster threads by their names, listed after the shards.
+# The store's threads (its own and fjall's) and the cluster thread by their names, listed
+# after the shards.
 shard_cpu() { for k in "${!pids[@]}"; do
   grep -o 'shard [0-9]*: .*thread [0-9]*' "$results/gateway-$k.log" | sed -E 's/^shard ([0-9]+):.*thread ([0-9]+)/\1 \2/' |
   while read -r shard tid; do echo "gateway-$k/shard-$shard $(awk '{print $14+$15}' "/proc/${pids[$k]}/task/$tid/stat")"; done
   for task in /proc/"${pids[$k]}"/task/*; do
     case $(cat "$task/comm" 2>/dev/null) in
       store) echo "gateway-$k/store $(awk '{print $14+$15}' "$task/stat")" ;;
+      store-apply) echo "gateway-$k/store-apply $(awk '{print $14+$15}' "$task/stat")" ;;
+      fjall:worker) echo "gateway-$k/fjall $(awk '{print $14+$15}' "$task/stat")" ;;
       cluster) echo "gateway-$k/cluster $(awk '{print $14+$15}' "$task/stat")" ;;
     esac
   done; done; }

@@ -12,7 +12,10 @@
 //!   With `--redis URL`, the same on the Redis store (one pipeline per group: the syncs
 //!   column is then round trips, and the last Redis's memory per message).
 //! - `fill`: only stores `--messages` (for a gateway to serve them: `--dir` is then the
-//!   gateway's `--data-dir` followed by `/messages`; `scripts/bench-catch-up.sh`).
+//!   gateway's `--data-dir` followed by `/messages`; `scripts/bench-catch-up.sh`); with
+//!   `--crash` it ends as a crash would, without closing the store.
+//! - `open`: opens the store in `--dir` as it is (after `fill --crash`: the log's replay)
+//!   and appends once: time to open and to the first append.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -29,6 +32,7 @@ enum Case {
     CatchUp,
     Restart,
     Fill,
+    Open,
 }
 
 #[derive(Debug, Parser)]
@@ -49,7 +53,11 @@ struct Args {
     /// Messages stored first, for `catch-up` and `restart`.
     #[arg(long, default_value_t = 100_000)]
     messages: u64,
-    /// Where the store goes (emptied first).
+    /// `fill` ends as a crash would (no close: the log is left as it was, for `open` to
+    /// replay).
+    #[arg(long)]
+    crash: bool,
+    /// Where the store goes (emptied first, except for `open`).
     #[arg(long, default_value = "target/store-load")]
     dir: PathBuf,
     /// `append` on the Redis store at this URL (`redis://…` or `redis+cluster://seed,…`)
@@ -287,6 +295,24 @@ fn main() {
                 args.messages,
                 args.conversations,
                 t.elapsed().as_secs_f64()
+            );
+            if args.crash {
+                std::process::abort();
+            }
+        }
+        Case::Open => {
+            let log = dir_bytes(&args.dir.join("wal"));
+            let t = Instant::now();
+            let mut store = open(&args.dir);
+            let opened = t.elapsed();
+            let next = message(args.messages, args.conversations, &body);
+            store.append(&[next], now_ms()).expect("append");
+            println!(
+                "open: {:.0} MB on disk, {:.0} MB of it the log: open {:.0} ms, first append done {:.0} ms after the start",
+                dir_bytes(&args.dir) as f64 / 1e6,
+                log as f64 / 1e6,
+                opened.as_secs_f64() * 1e3,
+                t.elapsed().as_secs_f64() * 1e3
             );
         }
         Case::Restart => {

@@ -65,9 +65,9 @@ const CACHE_MAX: usize = 1 << 20;
 /// The dedupe window's periods are at least this long (a window of 0 still dedupes a
 /// retry in the same second).
 const MIN_DEDUPE_PERIOD_MS: u64 = 1_000;
-/// Groups logged but not yet in fjall, past which the store thread waits for the apply
-/// thread (fjall is behind by that much at most).
-const APPLY_QUEUE: usize = 1024;
+/// Bytes logged but not yet in fjall, past which the store thread waits for the apply
+/// thread: fjall is behind by that much at most, and the queue holds no more in memory.
+const APPLY_QUEUE_BYTES: u64 = 32 << 20;
 /// How long a read waits for the apply thread to catch up before it is answered with an
 /// error.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -173,6 +173,8 @@ struct ApplyState {
 #[derive(Default)]
 struct Progress {
     applied: u64,
+    /// Bytes of the groups sent and not yet applied.
+    queued_bytes: u64,
     error: Option<String>,
 }
 
@@ -221,7 +223,8 @@ struct Applier {
 
 impl Applier {
     fn spawn(db: Database, spaces: Spaces) -> std::io::Result<Self> {
-        let (to, from) = crossbeam_channel::bounded(APPLY_QUEUE);
+        // Bounded by bytes (`wait_for_room`), not by count.
+        let (to, from) = crossbeam_channel::unbounded();
         let state = Arc::new(ApplyState::default());
         let thread_state = state.clone();
         let thread = std::thread::Builder::new()
@@ -232,6 +235,22 @@ impl Applier {
             thread: Some(thread),
             state,
         })
+    }
+
+    /// Waits while the groups not yet applied hold more than `APPLY_QUEUE_BYTES` (fjall is
+    /// behind, say in a long flush), then counts `bytes` in. Gives up while fjall refuses
+    /// writes: the group is in the log already, and its apply waits behind the others.
+    fn wait_for_room(&self, bytes: u64) {
+        let mut progress = self.state.progress();
+        while progress.queued_bytes > APPLY_QUEUE_BYTES && progress.error.is_none() {
+            progress = self
+                .state
+                .changed
+                .wait_timeout(progress, SETTLE_TIMEOUT)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        progress.queued_bytes += bytes;
     }
 
     fn send(&self, msg: ToApplier) {
@@ -264,7 +283,10 @@ fn apply_loop(db: &Database, spaces: &Spaces, from: &Receiver<ToApplier>, state:
                     }
                     other => other,
                 });
-                state.progress().applied += 1;
+                let mut progress = state.progress();
+                progress.applied += 1;
+                progress.queued_bytes = progress.queued_bytes.saturating_sub(bytes.len() as u64);
+                drop(progress);
                 state.changed.notify_all();
             }
             ToApplier::Checkpoint(segment) => {
@@ -484,6 +506,7 @@ impl EmbeddedStore {
         }
         let logged = self.log.append(writes.as_bytes(), sync, &mut self.retired);
         if logged.is_ok() || logged.as_ref().is_err_and(|e| e.written) {
+            self.applier.wait_for_room(writes.as_bytes().len() as u64);
             self.applier.send(ToApplier::Apply(writes.into_bytes()));
             self.submitted += 1;
         }
@@ -630,12 +653,14 @@ impl EmbeddedStore {
         }
     }
 
-    /// Removes the messages of `conv` below `new_floor` (from `floor`) in `batch`.
+    /// Removes the messages of `conv` below `new_floor` (from `floor`) in `writes`.
+    /// (The caller writes the new floor, once per conversation and batch: fjall gives a
+    /// batch's writes one sequence number, so two writes of one key in it would leave
+    /// either.)
     fn trim_below(writes: &mut Writes, conv: &ConvId, floor: u64, new_floor: u64) {
         for seq in floor..new_floor {
             writes.remove(MESSAGES, &message_key(conv, seq));
         }
-        writes.put(FLOORS, conv.as_str().as_bytes(), &new_floor.to_be_bytes());
     }
 
     fn remember_head(&mut self, conv: ConvId, head: u64) {
@@ -696,11 +721,11 @@ fn replay(db: &Database, spaces: &Spaces, dir: &Path) -> Result<u64, OpenError> 
             })?;
             groups += 1;
         }
-        if records.unread() > 0 {
+        if records.ends_in_a_cut_record() {
             tracing::warn!(
-                "store: {}: the last {} bytes hold no whole record (cut short when the process stopped, never acknowledged); skipped",
+                "store: {}: a record at byte {} was cut short (the process stopped while writing it; it was never acknowledged): skipped",
                 path.display(),
-                records.unread()
+                bytes.len() - records.unread()
             );
         }
     }
@@ -797,6 +822,9 @@ impl MessageStore for EmbeddedStore {
         }
         for (conv, seq) in &heads {
             writes.put(HEADS, conv.as_str().as_bytes(), &seq.to_be_bytes());
+        }
+        for (conv, floor) in &floors {
+            writes.put(FLOORS, conv.as_str().as_bytes(), &floor.to_be_bytes());
         }
         let failed = match self.submit(writes, true) {
             Ok(()) => None,
@@ -925,6 +953,7 @@ impl MessageStore for EmbeddedStore {
             }
             if new_floor > floor {
                 Self::trim_below(&mut writes, &conv, floor, new_floor);
+                writes.put(FLOORS, conv.as_str().as_bytes(), &new_floor.to_be_bytes());
                 step.removed += new_floor - floor;
                 floors.push((conv.clone(), new_floor));
             }
@@ -1180,16 +1209,18 @@ mod tests {
         let mut log = Log::new(dir.join(LOG_DIR), 5);
         let mut retired = Vec::new();
         log.append(writes.as_bytes(), true, &mut retired).unwrap();
-        log.append(b"never acknowledged", true, &mut retired).unwrap();
         drop(log);
         let segment = dir.join(LOG_DIR).join(format!("{:020}.log", 5));
-        let len = std::fs::metadata(&segment).unwrap().len();
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&segment)
-            .unwrap()
-            .set_len(len - 4)
-            .unwrap();
+        let bytes = std::fs::read(&segment).unwrap();
+        let mut records = Records::new(&bytes);
+        assert_eq!(records.by_ref().count(), 1);
+        // A header that promises 100 bytes, and 6 of them.
+        let end = (bytes.len() - records.unread()) as u64;
+        let mut cut = 100u32.to_le_bytes().to_vec();
+        cut.extend_from_slice(&[7; 10]);
+        let file = std::fs::OpenOptions::new().write(true).open(&segment).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, &cut, end).unwrap();
+        drop(file);
         let mut store = open(&dir, KEEP_ALL);
         assert!(
             log::segments(&dir.join(LOG_DIR)).unwrap().is_empty(),
