@@ -9,9 +9,9 @@
 //! allocated whole when it is opened, so that a record's sync does not also have to write
 //! the file's new size (one device write fewer per group). A record is `[payload length
 //! u32 LE][CRC-32 of the payload u32 LE][payload]`, and its payload is a batch of writes
-//! (`Writes`); the zeros after the last record end the segment. A segment is removed once everything in it is
-//! in the engine and the engine has synced (a checkpoint); at start, the segments still
-//! there are replayed into the engine in order. Replaying is safe however much of a
+//! (`Writes`); the zeros after the last record end the segment. A segment is removed once
+//! everything in it is in the engine and the engine has synced (a checkpoint); at start,
+//! the segments still there are replayed into the engine in order. Replaying is safe however much of a
 //! segment the engine already holds: every write is a blind put or remove, so applying a
 //! sequence again over any prefix of itself ends in the same state.
 
@@ -230,25 +230,15 @@ impl Log {
     /// a damaged one) and the next append opens a new one; the old one's path is in
     /// `retired`. A full segment is retired the same way.
     pub fn append(&mut self, payload: &[u8], sync: bool, retired: &mut Vec<PathBuf>) -> Result<(), AppendError> {
-        let not_written = |error| AppendError { error, written: false };
-        if self.file.is_none() {
-            let path = self.path(self.index);
-            let file = OpenOptions::new()
-                .create(true)
-                .truncate(true)
-                .write(true)
-                .open(&path)
-                .map_err(not_written)?;
-            // Best effort: on a disk with less room the segment grows as it is written,
-            // and each sync writes its size too.
-            let _ = allocate(&file, SEGMENT_BYTES);
-            // The new file's name must survive a crash before any record in it counts.
-            sync_dir(&self.dir).map_err(not_written)?;
-            self.file = Some(file);
-            self.len = 0;
-        }
-        let Some(file) = self.file.as_mut() else {
-            unreachable!("opened above")
+        let file = match self.file.take() {
+            Some(file) => self.file.insert(file),
+            None => {
+                let file = self
+                    .open_segment()
+                    .map_err(|error| AppendError { error, written: false })?;
+                self.len = 0;
+                self.file.insert(file)
+            }
         };
         self.header[..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
         self.header[4..].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
@@ -273,6 +263,20 @@ impl Log {
                 Err(e)
             }
         }
+    }
+
+    fn open_segment(&self) -> std::io::Result<File> {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(self.path(self.index))?;
+        // Best effort: on a disk with less room the segment grows as it is written, and
+        // each sync writes its size too.
+        let _ = allocate(&file, SEGMENT_BYTES);
+        // The new file's name must survive a crash before any record in it counts.
+        sync_dir(&self.dir)?;
+        Ok(file)
     }
 
     /// Closes the segment being written (if any): the next append opens a new one.
