@@ -22,6 +22,14 @@
 #   --results DIR        where raw.csv, summary.json and chart.svg go
 #   --baseline BIN       also run this shardgate binary (another build) as 'baseline'
 #   --servers LIST       only these servers, e.g. shardgate,baseline for an A/B
+#   --uws-dir PATH       a folder with uWebSockets' uws_echo and load_test (measuring
+#                        instruments, never part of shardgate; also $UWS_DIR): uWebSockets
+#                        joins the one-core cases, and load_test drives every server again
+#                        in the one-core window-1 cases (--load-test-runs N rounds, 17 s each)
+#
+# Every table shows the server's CPU per message (us/msg, from /proc/PID/stat over the
+# run) and the client's busy share; a one-core case whose client was above 90% busy is
+# marked client-bound.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 help_if_asked "$0" "$@"
