@@ -154,7 +154,7 @@ impl Spaces {
 
 enum ToApplier {
     /// One group's writes, as logged.
-    Apply(Vec<u8>),
+    Apply(Writes),
     /// Everything in this segment was sent before: sync fjall, then remove it.
     Checkpoint(PathBuf),
 }
@@ -274,8 +274,8 @@ impl Drop for Applier {
 fn apply_loop(db: &Database, spaces: &Spaces, from: &Receiver<ToApplier>, state: &ApplyState) {
     for msg in from.iter() {
         match msg {
-            ToApplier::Apply(bytes) => {
-                state.retry("write", || match spaces.apply(db, &bytes) {
+            ToApplier::Apply(writes) => {
+                state.retry("write", || match spaces.apply(db, writes.payload()) {
                     // Cannot happen to bytes this build wrote; retrying would not help.
                     Err(StoreError::Corrupt(what)) => {
                         tracing::error!("store: a logged group was not applied: {what}");
@@ -285,7 +285,7 @@ fn apply_loop(db: &Database, spaces: &Spaces, from: &Receiver<ToApplier>, state:
                 });
                 let mut progress = state.progress();
                 progress.applied += 1;
-                progress.queued_bytes = progress.queued_bytes.saturating_sub(bytes.len() as u64);
+                progress.queued_bytes = progress.queued_bytes.saturating_sub(writes.payload().len() as u64);
                 drop(progress);
                 state.changed.notify_all();
             }
@@ -496,7 +496,7 @@ impl EmbeddedStore {
     /// Logs a group of writes (and, with `sync`, makes it and every write before it
     /// durable), then hands it to the apply thread. Writes that were not synced are made
     /// durable by the next synced group, or by fjall's next checkpoint.
-    fn submit(&mut self, writes: Writes, sync: bool) -> Result<(), log::AppendError> {
+    fn submit(&mut self, mut writes: Writes, sync: bool) -> Result<(), log::AppendError> {
         if self.applier.state.failing.load(Ordering::Relaxed) {
             let reason = self.applier.state.progress().error.clone().unwrap_or_default();
             return Err(log::AppendError {
@@ -504,10 +504,10 @@ impl EmbeddedStore {
                 written: false,
             });
         }
-        let logged = self.log.append(writes.as_bytes(), sync, &mut self.retired);
+        let logged = self.log.append(&mut writes, sync, &mut self.retired);
         if logged.is_ok() || logged.as_ref().is_err_and(|e| e.written) {
-            self.applier.wait_for_room(writes.as_bytes().len() as u64);
-            self.applier.send(ToApplier::Apply(writes.into_bytes()));
+            self.applier.wait_for_room(writes.payload().len() as u64);
+            self.applier.send(ToApplier::Apply(writes));
             self.submitted += 1;
         }
         for segment in self.retired.drain(..) {
@@ -1208,7 +1208,7 @@ mod tests {
         writes.put(HEADS, dm.as_str().as_bytes(), &2u64.to_be_bytes());
         let mut log = Log::new(dir.join(LOG_DIR), 5);
         let mut retired = Vec::new();
-        log.append(writes.as_bytes(), true, &mut retired).unwrap();
+        log.append(&mut writes, true, &mut retired).unwrap();
         drop(log);
         let segment = dir.join(LOG_DIR).join(format!("{:020}.log", 5));
         let bytes = std::fs::read(&segment).unwrap();

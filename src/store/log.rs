@@ -31,10 +31,16 @@ const PUT: u8 = 0;
 const REMOVE: u8 = 1;
 
 /// A batch of writes to the engine's keyspaces (numbered by the caller), encoded as the
-/// log stores it.
-#[derive(Debug, Default)]
+/// log stores it, after room for the record's header: a record leaves in one write.
+#[derive(Debug)]
 pub struct Writes {
     bytes: Vec<u8>,
+}
+
+impl Default for Writes {
+    fn default() -> Self {
+        Writes { bytes: vec![0; HEADER] }
+    }
 }
 
 /// One write of a batch.
@@ -62,15 +68,20 @@ impl Writes {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
+        self.bytes.len() == HEADER
     }
 
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes
+    /// The encoded writes (a record's payload).
+    pub fn payload(&self) -> &[u8] {
+        &self.bytes[HEADER..]
     }
 
-    pub fn into_bytes(self) -> Vec<u8> {
-        self.bytes
+    /// A record of any payload, for the log's own tests.
+    #[cfg(test)]
+    fn raw(payload: &[u8]) -> Self {
+        let mut writes = Writes::default();
+        writes.bytes.extend_from_slice(payload);
+        writes
     }
 }
 
@@ -196,7 +207,6 @@ pub struct Log {
     index: u64,
     /// Bytes of the segment that hold whole records.
     len: u64,
-    header: [u8; HEADER],
 }
 
 /// Why an append did not become durable.
@@ -217,7 +227,6 @@ impl Log {
             file: None,
             index: next,
             len: 0,
-            header: [0; HEADER],
         }
     }
 
@@ -229,7 +238,7 @@ impl Log {
     /// record before it. On a failure the segment is left (a later record must not follow
     /// a damaged one) and the next append opens a new one; the old one's path is in
     /// `retired`. A full segment is retired the same way.
-    pub fn append(&mut self, payload: &[u8], sync: bool, retired: &mut Vec<PathBuf>) -> Result<(), AppendError> {
+    pub fn append(&mut self, record: &mut Writes, sync: bool, retired: &mut Vec<PathBuf>) -> Result<(), AppendError> {
         let file = match self.file.take() {
             Some(file) => self.file.insert(file),
             None => {
@@ -240,11 +249,12 @@ impl Log {
                 self.file.insert(file)
             }
         };
-        self.header[..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-        self.header[4..].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        let crc = crc32fast::hash(record.payload());
+        let len = record.payload().len() as u32;
+        record.bytes[..4].copy_from_slice(&len.to_le_bytes());
+        record.bytes[4..HEADER].copy_from_slice(&crc.to_le_bytes());
         let written = file
-            .write_all_at(&self.header, self.len)
-            .and_then(|()| file.write_all_at(payload, self.len + HEADER as u64))
+            .write_all_at(&record.bytes, self.len)
             .map_err(|error| AppendError { error, written: true });
         let synced = written.and_then(|()| match sync {
             true => file.sync_data().map_err(|error| AppendError { error, written: true }),
@@ -252,7 +262,7 @@ impl Log {
         });
         match synced {
             Ok(()) => {
-                self.len += (HEADER + payload.len()) as u64;
+                self.len += record.bytes.len() as u64;
                 if self.len >= SEGMENT_BYTES {
                     self.retire(retired);
                 }
@@ -306,7 +316,8 @@ mod tests {
         let mut log = Log::new(dir.clone(), 7);
         let mut retired = Vec::new();
         for n in 0..5u8 {
-            log.append(&[n; 100], n % 2 == 0, &mut retired).unwrap();
+            log.append(&mut Writes::raw(&[n; 100]), n % 2 == 0, &mut retired)
+                .unwrap();
         }
         assert!(retired.is_empty());
         let found = segments(&dir).unwrap();
@@ -341,10 +352,10 @@ mod tests {
         let mut log = Log::new(dir.clone(), 0);
         let mut retired = Vec::new();
         let big = vec![1u8; (SEGMENT_BYTES / 2) as usize];
-        log.append(&big, false, &mut retired).unwrap();
-        log.append(&big, true, &mut retired).unwrap();
+        log.append(&mut Writes::raw(&big), false, &mut retired).unwrap();
+        log.append(&mut Writes::raw(&big), true, &mut retired).unwrap();
         assert_eq!(retired, vec![dir.join(format!("{:020}.log", 0))]);
-        log.append(b"next", true, &mut retired).unwrap();
+        log.append(&mut Writes::raw(b"next"), true, &mut retired).unwrap();
         let found = segments(&dir).unwrap();
         assert_eq!(found.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![0, 1]);
         let bytes = std::fs::read(&found[1].1).unwrap();
@@ -364,7 +375,7 @@ mod tests {
                     None => batch.remove(*space, key),
                 }
             }
-            let decoded: Vec<Option<Write>> = writes(batch.as_bytes()).collect();
+            let decoded: Vec<Option<Write>> = writes(batch.payload()).collect();
             let want: Vec<Option<Write>> = ops.iter().map(|(space, key, value)| Some(match value {
                 Some(value) => Write::Put { space: *space, key, value },
                 None => Write::Remove { space: *space, key },
@@ -376,9 +387,9 @@ mod tests {
         fn cut_batches_end_in_none_not_a_panic(cut in 0usize..60) {
             let mut batch = Writes::default();
             batch.put(1, b"key", b"value");
-            let boundary = batch.as_bytes().len();
+            let boundary = batch.payload().len();
             batch.remove(2, b"other key");
-            let bytes = batch.as_bytes();
+            let bytes = batch.payload();
             let cut = cut.min(bytes.len());
             let decoded: Vec<Option<Write>> = writes(&bytes[..cut]).collect();
             let whole: Vec<Option<Write>> = writes(bytes).take(decoded.len()).collect();
