@@ -837,3 +837,60 @@ fn per_address_limits_answer_429() {
     let limited = statuses.iter().filter(|s| *s == "429").count();
     assert!((5..=10).contains(&upgraded) && upgraded + limited == 20, "{statuses:?}");
 }
+
+#[test]
+fn connections_that_stop_reading_do_not_hold_the_others_input() {
+    // Input arrives in receive buffers the shard shares. Forty clients send, never read
+    // their echoes, and keep sending: each connection's task then waits to write, and what
+    // arrives for it meanwhile must not keep the shared buffers from everyone else. A
+    // fresh connection must still be upgraded and echoed.
+    let gw = Gateway::start(&["--shards", "1"]);
+    let mut frame = Vec::new();
+    shardgate::ws::frame::write_frame(
+        &mut frame,
+        true,
+        shardgate::ws::OpCode::Binary,
+        &[5u8; 16 * 1024],
+        Some([1, 2, 3, 4]),
+    );
+    let burst = frame.repeat(32);
+    let stuck: Vec<TcpStream> = (0..40)
+        .map(|_| {
+            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            // A small window: the gateway's answers back up after a few messages.
+            socket.set_recv_buffer_size(4096).unwrap();
+            socket.connect(&gw.addr.into()).unwrap();
+            let mut s: TcpStream = socket.into();
+            s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+            let head = request_upgrade(&mut s, "/echo");
+            assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+            s
+        })
+        .collect();
+    // Each sends until its socket takes no more: the gateway has stopped reading it, its
+    // answers unread.
+    for s in &stuck {
+        s.set_nonblocking(true).unwrap();
+        let mut sent = 0;
+        let started = std::time::Instant::now();
+        loop {
+            match (&*s).write(&burst) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the gateway never stopped reading"
+            );
+        }
+        assert!(sent > 0);
+    }
+    let mut probe = raw_upgrade(gw.addr, "/echo");
+    for _ in 0..10 {
+        write_frame(&mut probe, 0x82, b"still here");
+        let (opcode, echo) = read_frame(&mut probe).expect("the probe's echo");
+        assert_eq!((opcode, &echo[..]), (0x2, &b"still here"[..]));
+    }
+    drop(stuck);
+}

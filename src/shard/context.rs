@@ -1,6 +1,8 @@
 //! What one shard shares among its connections: its buffers and way out (`Egress`), the
-//! epoll set that says which sockets have input, and the registry of live connections
-//! that lets readiness, read deadlines and a stop reach every one of them.
+//! receive ring its plain sockets' input arrives through, the epoll set that says when a
+//! listener or a TLS socket is ready (and wakes the shard for its executor's rings), and
+//! the registry of live connections that lets input, read deadlines and a stop reach
+//! every one of them.
 
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
@@ -22,11 +24,13 @@ use super::budget::MemoryBudget;
 use super::deadlines::Deadlines;
 use super::egress::{Cork, Egress, Finish, Outbound};
 use super::per_ip::{IpTicket, PerIpLimits};
+use super::receive::{Input, Read, Receiver, POOL_BUFFERS, POOL_BUFFER_BYTES};
 use super::yield_policy::YieldPolicy;
 use crate::chat::hub::Hub;
 use crate::config::Config;
 use crate::metrics::counters::ShardCounters;
 use crate::sys::epoll::{event_buffer, Poller};
+use crate::sys::uring::{Completion, ShardRing};
 use crate::sys::{process, socket};
 use crate::ws::deflate::{DeflateStats, Deflater, Inflater};
 
@@ -34,6 +38,10 @@ use crate::ws::deflate::{DeflateStats, Deflater, Inflater};
 const WAKE_KEY: u64 = u64::MAX - 64;
 /// Keys from here up to `WAKE_KEY` mark the shard's listening sockets.
 const LISTENER_KEY: u64 = WAKE_KEY - 64;
+
+/// The shard ring's tag for the epoll set's news (connections' tags stay below 2^62;
+/// `uring::SEND` is the ring's own).
+const EPOLL_NEWS: u64 = (1 << 62) | 1;
 
 /// What a read returned. For `Data(n)` the bytes are `egress.round(n)`'s, until the
 /// caller's next await: decode them before awaiting anything.
@@ -53,16 +61,30 @@ pub enum ReadOutcome {
 struct Entry {
     /// The task waiting on the connection, if it waits.
     waker: Option<Waker>,
-    /// Whether the socket is in the shard's epoll set (reads then use it).
-    watched: bool,
+    /// How the socket's input reaches its reads, once watched.
+    watch: Watch,
     /// Whether a read may find input: set by an epoll event, cleared by a read that comes
-    /// up short (edge-triggered, as tokio does with epoll).
+    /// up short (edge-triggered, as tokio does with epoll). Epoll-watched sockets only.
     readable: bool,
+    /// What the shard ring received for the socket (`Watch::Ring`).
+    input: Input,
     /// When the waiting read gives up.
     deadline: Option<Instant>,
     timed_out: bool,
     /// The executor pass in which a read last filled the buffer (see `read`).
     full_read_pass: Option<u64>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Watch {
+    /// Not yet (a refused connection never is): glommio's own reads.
+    #[default]
+    No,
+    /// A multishot receive in the shard's receive ring.
+    Ring,
+    /// The epoll set, and a `recv` per read (TLS sockets: their reads also send what the
+    /// socket did not take of a handshake, once it has room).
+    Epoll,
 }
 
 /// A listening socket as its shard sees it: accepts wait on the epoll set too.
@@ -92,6 +114,11 @@ pub struct ShardContext {
     listeners: RefCell<Vec<ListenerEntry>>,
     /// What the last `epoll_wait` returned (reused).
     events: RefCell<Vec<libc::epoll_event>>,
+    /// The epoll set may have news: its last wait returned some, or the receive ring
+    /// said it became ready since.
+    epoll_news: Cell<bool>,
+    /// Plain sockets' input from the shard ring, until their reads take it.
+    receiver: Receiver,
     /// Executor passes ended so far.
     pass: Cell<u64>,
     /// Connections that had their full read this pass and wait for the next one.
@@ -160,7 +187,11 @@ impl ShardDeflate {
 
 impl glommio::ExternalPoller for ShardContext {
     fn poll(&self) -> usize {
-        self.take_events(Some(Duration::ZERO))
+        let mut woke = self.take_completions(None);
+        if self.epoll_news.get() {
+            woke += self.take_events(Some(Duration::ZERO));
+        }
+        woke
     }
 
     fn park(&self, timeout: Option<Duration>) -> usize {
@@ -176,13 +207,25 @@ impl glommio::ExternalPoller for ShardContext {
                 // See docs/perf/15-yield-before-sleep.md.
                 process::yield_cpu();
                 self.yield_policy.borrow_mut().yielded(start, Instant::now());
-                let woke = self.take_events(Some(Duration::ZERO));
-                if !self.events.borrow().is_empty() {
+                let woke = self.poll();
+                if woke > 0 || !self.events.borrow().is_empty() {
                     return woke;
                 }
             }
         }
-        self.take_events(timeout)
+        // What the epoll set holds now would not end the sleep (the ring hears only of
+        // news): take it first, and do not sleep if there was any.
+        if self.epoll_news.get() {
+            let woke = self.take_events(Some(Duration::ZERO));
+            if !self.events.borrow().is_empty() {
+                return woke;
+            }
+        }
+        let mut woke = self.take_completions(Some(timeout));
+        if self.epoll_news.get() {
+            woke += self.take_events(Some(Duration::ZERO));
+        }
+        woke
     }
 
     fn end_pass(&self) -> usize {
@@ -207,18 +250,21 @@ impl ShardContext {
     ) -> io::Result<Self> {
         let budget = Rc::new(MemoryBudget::new(config.shard_memory_budget));
         let deflate_level = config.deflate_level;
+        let poller = Poller::new()?;
         Ok(ShardContext {
             id,
             config,
-            egress: Egress::new()?,
+            egress: Egress::new(ShardRing::new(POOL_BUFFERS, POOL_BUFFER_BYTES)?)?,
             budget,
             deflate: ShardDeflate::new(deflate_level),
             to_wake: RefCell::new(Vec::new()),
             dirty: RefCell::new(Vec::new()),
             connections: RefCell::new(Slab::new()),
-            poller: Poller::new()?,
+            poller,
             listeners: RefCell::new(Vec::new()),
             events: RefCell::new(event_buffer()),
+            epoll_news: Cell::new(true),
+            receiver: Receiver::default(),
             pass: Cell::new(0),
             next_pass: RefCell::new(Vec::new()),
             epoll_failed: Cell::new(false),
@@ -349,9 +395,14 @@ impl ShardContext {
         out: Option<&Outbound>,
         timeout: Option<Duration>,
     ) -> io::Result<ReadOutcome> {
-        let watched = slot.filter(|s| self.connections.borrow().get(s.key()).is_some_and(|e| e.watched));
+        let watched = slot.filter(|s| {
+            self.connections
+                .borrow()
+                .get(s.key())
+                .is_some_and(|e| e.watch != Watch::No)
+        });
         let Some(slot) = watched else {
-            // Not in the epoll set (a connection refused for lack of room): glommio's own
+            // Not watched (a connection refused for lack of room): glommio's own
             // readiness and timer.
             stream.set_read_timeout(timeout)?;
             return self.read_unwatched(stream, interruptible).await;
@@ -373,7 +424,22 @@ impl ShardContext {
             let Some(entry) = connections.get_mut(key) else {
                 return Poll::Ready(Ok(ReadOutcome::Eof));
             };
-            if entry.readable && entry.full_read_pass == Some(self.pass.get()) {
+            if entry.watch == Watch::Ring {
+                match self
+                    .receiver
+                    .read(key, &mut entry.input, self.pass.get(), &self.egress, &self.budget)
+                {
+                    Read::Data(n) => {
+                        entry.deadline = None;
+                        self.counters.read(n);
+                        return Poll::Ready(Ok(ReadOutcome::Data(n)));
+                    }
+                    Read::NextPass => self.next_pass.borrow_mut().push(key),
+                    Read::Ended(Ok(())) => return Poll::Ready(Ok(ReadOutcome::Eof)),
+                    Read::Ended(Err(e)) => return Poll::Ready(Err(e)),
+                    Read::Nothing => {}
+                }
+            } else if entry.readable && entry.full_read_pass == Some(self.pass.get()) {
                 // One full read per connection per pass: a connection whose client refills
                 // it as fast as we answer would otherwise keep the pass from ending, and
                 // the others' input (polled between passes) would wait for the task slice.
@@ -412,6 +478,45 @@ impl ShardContext {
         .await
     }
 
+    /// Submits what the pass queued in the shard ring and takes its completions (waiting
+    /// for one, up to `wait`, when that is `Some`): input to connections, the ends of
+    /// their receives, news of the epoll set. Returns how many tasks it woke.
+    fn take_completions(&self, wait: Option<Option<Duration>>) -> usize {
+        let mut woke = 0;
+        let mut ring = self.egress.ring.borrow_mut();
+        let mut connections = self.connections.borrow_mut();
+        self.receiver
+            .before_enter(&mut ring, &self.egress, &self.budget, &mut connections, |e| {
+                &mut e.input
+            });
+        ring.enter(wait);
+        let mut rearm_poll = false;
+        ring.completions(|completion| match completion {
+            Completion::Status {
+                user: EPOLL_NEWS, more, ..
+            } => {
+                self.epoll_news.set(true);
+                rearm_poll |= !more;
+            }
+            c => {
+                let news = self
+                    .receiver
+                    .completed(c, &self.egress, &mut connections, |e| &mut e.input);
+                if let Some(w) = news
+                    .and_then(|key| connections.get_mut(key))
+                    .and_then(|e| e.waker.take())
+                {
+                    w.wake();
+                    woke += 1;
+                }
+            }
+        });
+        if rearm_poll {
+            ring.poll_readable(self.poller.fd(), EPOLL_NEWS);
+        }
+        woke
+    }
+
     async fn read_unwatched(&self, stream: &mut TcpStream, interruptible: bool) -> io::Result<ReadOutcome> {
         poll_fn(|cx| {
             if interruptible && self.stopping.get() {
@@ -432,15 +537,20 @@ impl ShardContext {
         .await
     }
 
-    /// Makes the shard's epoll set drive its executor (`glommio::ExternalPoller`, a
-    /// patch of ours): each busy pass of the executor asks the set what is ready without
-    /// blocking, and an idle shard sleeps in `epoll_wait` on it, which then hands over the
-    /// ready sockets directly. The executor's rings join the set so that their completions
-    /// (accepts, timers' wake-ups, other shards' doorbells) end that sleep too.
+    /// Makes the shard's receive ring drive its executor (`glommio::ExternalPoller`, a
+    /// patch of ours): each busy pass of the executor ends with one `io_uring_enter` on
+    /// it that submits the pass's requests and hands over what arrived, and an idle shard
+    /// sleeps in it. The executor's rings join the epoll set, whose news reach the ring
+    /// through a multishot poll, so that their completions (timers' wake-ups, other
+    /// shards' doorbells) end that sleep too, as a listener's or a TLS socket's do.
     pub fn drive_executor(self: &Rc<Self>) -> io::Result<()> {
         for (index, fd) in glommio::set_external_poller(self.clone()).into_iter().enumerate() {
             self.poller.add_level(fd, WAKE_KEY + index as u64)?;
         }
+        self.egress
+            .ring
+            .borrow_mut()
+            .poll_readable(self.poller.fd(), EPOLL_NEWS);
         Ok(())
     }
 
@@ -509,7 +619,11 @@ impl ShardContext {
 
     fn take_events(&self, timeout: Option<Duration>) -> usize {
         let mut events = self.events.borrow_mut();
-        match self.poller.wait(&mut events, timeout) {
+        let result = self.poller.wait(&mut events, timeout);
+        // Level-triggered wake-ups stay in the set until handled: while a wait returns
+        // any, the next pass looks again.
+        self.epoll_news.set(!events.is_empty());
+        match result {
             Ok(()) => self.mark_readable(&events),
             // Task work or a signal: the executor looks at its rings next.
             Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
@@ -557,19 +671,24 @@ impl ConnectionSlot {
         self.key as usize
     }
 
-    /// Puts the connection's socket in the shard's epoll set, so that its reads use it.
-    /// A TLS socket is watched for room to write too: its reads also send what the
-    /// socket did not take of its handshake.
+    /// Arms the socket's multishot receive in the shard's receive ring, so that its
+    /// reads take what that receives. A TLS socket joins the epoll set instead, watched
+    /// for room to write too: its reads also send what the socket did not take of its
+    /// handshake.
     pub fn watch(&self, socket: RawFd, tls: bool) -> io::Result<()> {
         if tls {
             self.ctx.poller.add_read_write(socket, self.key as u64)?;
-        } else {
-            self.ctx.poller.add(socket, self.key as u64)?;
         }
         if let Some(entry) = self.ctx.connections.borrow_mut().get_mut(self.key()) {
-            entry.watched = true;
-            // Input may have arrived before the socket joined the set.
-            entry.readable = true;
+            if tls {
+                entry.watch = Watch::Epoll;
+                // Input may have arrived before the socket joined the set.
+                entry.readable = true;
+            } else {
+                entry.watch = Watch::Ring;
+                entry.input = self.ctx.receiver.input(socket);
+                self.ctx.receiver.start(self.key(), &mut entry.input);
+            }
         }
         Ok(())
     }
@@ -581,7 +700,9 @@ impl Drop for ConnectionSlot {
         // The socket leaves the epoll set when it is closed, right after this; an event
         // already taken for this key finds no entry, or marks a successor readable, which
         // costs it one empty read.
-        ctx.connections.borrow_mut().remove(self.key());
+        let mut entry = ctx.connections.borrow_mut().remove(self.key());
+        ctx.receiver
+            .close(self.key(), &mut entry.input, &ctx.egress, &ctx.budget);
         if let Some(ticket) = self.ip {
             ctx.per_ip.release(ticket);
         }

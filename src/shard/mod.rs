@@ -13,6 +13,7 @@ mod egress;
 mod listener;
 mod metrics_listener;
 mod per_ip;
+mod receive;
 mod start;
 mod yield_policy;
 

@@ -36,6 +36,11 @@ impl Poller {
         })
     }
 
+    /// The set's descriptor (readable while it holds news).
+    pub fn fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+
     /// Adds `socket` (input, edge-triggered); its events come back tagged with `key`.
     pub fn add(&self, socket: RawFd, key: u64) -> io::Result<()> {
         self.add_events(socket, key, INTEREST)

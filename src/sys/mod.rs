@@ -1,8 +1,8 @@
 //! Every system call shardgate makes itself: sockets (`socket`), the epoll set that drives
-//! a shard (`epoll`), the io_uring that batches sends (`uring`), and process limits and
-//! scheduling (`process`). The rest of the crate is safe code over these wrappers, but for
-//! one hand-over in `shard::egress` (an echo sent from the receive arena without a copy,
-//! whose memory the arena keeps still until the send); `bench/` uses them too.
+//! a shard's listeners and wake-ups (`epoll`), the io_uring that carries a shard's sockets'
+//! data both ways (`uring`), and process limits and scheduling (`process`). The rest of the crate is safe code over these wrappers, but for
+//! one hand-over in `shard::egress` (an echo sent from the received bytes without a copy,
+//! whose memory is held until the send); `bench/` uses them too.
 
 pub mod epoll;
 pub mod process;

@@ -1,11 +1,14 @@
 //! The shard's buffers and its one way out for bytes.
 //!
-//! A shard has one receive arena and one cork shared by all its connections (an idle
-//! connection holds no buffer), and gathers the small answers of an executor pass in one
-//! send batch. Whatever a connection answers leaves through `Egress::finish_round`, which
+//! A shard has one io_uring (`ShardRing`) that its plain sockets' input arrives through
+//! and its batched answers leave through, one pool of receive buffers (the ring's), one
+//! receive arena (for
+//! what is not read through the ring: TLS plaintext, a refused connection's request) and
+//! one cork, shared by all its connections (an idle connection holds no buffer), and
+//! gathers the small answers of an executor pass in one send batch. Whatever a connection answers leaves through `Egress::finish_round`, which
 //! picks the cheapest of three paths underneath:
 //! - `send_batch`: an echo answer waits for the end of the pass and leaves with the
-//!   others in one `io_uring_enter` (in place in the arena when it is one whole frame);
+//!   others in one `io_uring_enter` (in place where it was received when it is one run);
 //! - `cork`: everything else one read produced leaves in one `send`/`sendmsg`;
 //! - `queue`: what the socket does not take, and every routed chat message, waits in the
 //!   connection's own queue, flushed at the end of each round or written by its task.
@@ -31,6 +34,7 @@ pub use tls::TlsConns;
 
 use crate::metrics::LatencyRecorder;
 use crate::sys::socket::{self, Push};
+use crate::sys::uring::{BufferPool, Chunk, ShardRing};
 
 /// One read takes up to this much from a socket. A read that fills it is the
 /// connection's last of the executor pass (see `ShardContext::read`), so this is also what
@@ -57,6 +61,15 @@ pub enum Finish {
 }
 
 pub struct Egress {
+    /// The shard's ring: input arrives and the send batch leaves through it.
+    pub ring: RefCell<ShardRing>,
+    /// The ring's receive buffers.
+    pool: Rc<BufferPool>,
+    /// Where the last read's bytes are: a chunk of the pool (held until the next read
+    /// replaces it), or `None` for the arena.
+    input: Cell<Option<Chunk>>,
+    /// Chunks the send batch points into, released when it is sent.
+    batch_holds: RefCell<Vec<Chunk>>,
     /// The receive arena (`RX_ARENA` bytes, never reallocated: the send batch may point
     /// into it). A read's bytes are at `rx[rx_at()..][..n]`.
     rx: RefCell<Vec<u8>>,
@@ -77,28 +90,44 @@ pub struct Egress {
 
 /// A read's bytes and the cork for its answers, borrowed together until the round ends.
 pub struct Round<'a> {
-    rx: RefMut<'a, Vec<u8>>,
+    input: RoundInput<'a>,
     pub cork: RefMut<'a, Cork>,
-    at: usize,
-    len: usize,
+}
+
+enum RoundInput<'a> {
+    Arena {
+        rx: RefMut<'a, Vec<u8>>,
+        at: usize,
+        len: usize,
+    },
+    Received(&'a mut [u8]),
 }
 
 impl Round<'_> {
     /// The read's bytes and the cork, at once.
     pub fn parts(&mut self) -> (&mut [u8], &mut Cork) {
-        (&mut self.rx[self.at..][..self.len], &mut self.cork)
+        let input = match &mut self.input {
+            RoundInput::Arena { rx, at, len } => &mut rx[*at..][..*len],
+            RoundInput::Received(bytes) => &mut bytes[..],
+        };
+        (input, &mut self.cork)
     }
 }
 
 impl Egress {
-    pub fn new() -> io::Result<Self> {
+    /// With `ring`, the shard's io_uring.
+    pub fn new(ring: ShardRing) -> io::Result<Self> {
         let rx = vec![0; RX_ARENA];
         Ok(Egress {
+            pool: ring.pool().clone(),
+            ring: RefCell::new(ring),
+            input: Cell::new(None),
+            batch_holds: RefCell::new(Vec::new()),
             rx_addr: rx.as_ptr() as usize,
             rx: RefCell::new(rx),
             rx_at: Cell::new(0),
             cork: RefCell::new(Cork::new()),
-            batch: RefCell::new(SendBatch::new()?),
+            batch: RefCell::new(SendBatch::new()),
             latency: RefCell::new(LatencyRecorder::default()),
             flushing: RefCell::new(Vec::new()),
             tls: TlsConns::default(),
@@ -109,6 +138,7 @@ impl Egress {
     /// bytes are then those of `round(n)`, until the caller's next await. Also says
     /// whether the socket may hold more (the read filled the buffer).
     pub fn recv(&self, fd: std::os::fd::RawFd) -> io::Result<(usize, bool)> {
+        self.release_input();
         let mut rx = self.rx.borrow_mut();
         let at = self.rx_at.get();
         let buf = &mut rx[at..at + RX_BUFFER];
@@ -121,17 +151,63 @@ impl Egress {
 
     /// Where a read through another path (glommio's own) may land.
     pub fn rx_space(&self) -> RefMut<'_, [u8]> {
+        self.release_input();
         let at = self.rx_at.get();
         RefMut::map(self.rx.borrow_mut(), |rx| &mut rx[at..at + RX_BUFFER])
     }
 
+    /// Makes `chunk` (held, from the receive ring) the last read's bytes.
+    pub fn received(&self, chunk: Chunk) {
+        if let Some(before) = self.input.replace(Some(chunk)) {
+            self.pool.release(before);
+        }
+    }
+
+    /// A chunk received for a connection that will not read it from the pool.
+    pub fn release(&self, chunk: Chunk) {
+        self.pool.release(chunk);
+    }
+
+    /// Appends the bytes of `chunk` (held) to `into`.
+    pub fn copy_chunk(&self, chunk: Chunk, into: &mut Vec<u8>) {
+        // SAFETY: held, and no round borrows it now (rounds do not outlive a read's task
+        // step, and this runs between them).
+        into.extend_from_slice(unsafe { self.pool.bytes(chunk) });
+    }
+
+    /// Copies the first `RX_BUFFER` of `bytes` (input kept out of the pool) into the arena
+    /// as the last read's bytes; returns how many.
+    pub fn received_copy(&self, bytes: &[u8]) -> usize {
+        self.release_input();
+        let n = bytes.len().min(RX_BUFFER);
+        let at = self.rx_at.get();
+        self.rx.borrow_mut()[at..at + n].copy_from_slice(&bytes[..n]);
+        n
+    }
+
+    /// The last read's chunk, if any, goes back to the pool; reads land in the arena.
+    fn release_input(&self) {
+        if let Some(before) = self.input.take() {
+            self.pool.release(before);
+        }
+    }
+
     /// The last read's `n` bytes, with the cork for the answers to them.
     pub fn round(&self, n: usize) -> Round<'_> {
+        let input = match self.input.get() {
+            // SAFETY: the chunk is held (until the next read replaces it), and the round
+            // is the only reference to its bytes: a read's bytes are used before the
+            // caller's next await, and rounds do not nest (the cork is borrowed with it).
+            Some(chunk) => RoundInput::Received(unsafe { self.pool.bytes(chunk) }),
+            None => RoundInput::Arena {
+                rx: self.rx.borrow_mut(),
+                at: self.rx_at.get(),
+                len: n,
+            },
+        };
         Round {
-            rx: self.rx.borrow_mut(),
+            input,
             cork: self.cork.borrow_mut(),
-            at: self.rx_at.get(),
-            len: n,
         }
     }
 
@@ -148,7 +224,11 @@ impl Egress {
     /// A copy of the last read's `n` bytes, appended to `into` (an HTTP head in the
     /// making).
     pub fn copy_input(&self, n: usize, into: &mut Vec<u8>) {
-        into.extend_from_slice(&self.rx.borrow()[self.rx_at.get()..][..n]);
+        match self.input.get() {
+            // SAFETY: held, and no round borrows it now.
+            Some(chunk) => into.extend_from_slice(unsafe { self.pool.bytes(chunk) }),
+            None => into.extend_from_slice(&self.rx.borrow()[self.rx_at.get()..][..n]),
+        }
     }
 
     /// Sends what the round put in the cork (its payloads may point into `input`) (straight away when nothing is queued before
@@ -200,11 +280,27 @@ impl Egress {
         Ok(())
     }
 
-    /// Puts `answer`, which lies in the arena at or after `rx_at` (the input of this
-    /// round), in the send batch without copying it; the next read lands after it.
-    /// Returns false, having done nothing, when the batch is full or `answer` lies
-    /// elsewhere.
+    /// Puts `answer`, which lies in this round's input (a chunk of the pool, or the arena
+    /// at or after `rx_at`), in the send batch without copying it: the chunk is held until
+    /// the batch is sent, or the next read lands after it in the arena. Returns false,
+    /// having done nothing, when the batch is full or `answer` lies elsewhere.
     fn batch_received(&self, out: &Rc<Outbound>, answer: &[u8], wake: &mut Vec<usize>) -> bool {
+        if let Some(chunk) = self.input.get() {
+            if !self.pool.contains(chunk, answer) {
+                return false;
+            }
+            let mut batch = self.batch.borrow_mut();
+            if !batch.has_room(0) {
+                return false;
+            }
+            self.pool.hold(chunk);
+            self.batch_holds.borrow_mut().push(chunk);
+            // SAFETY: the chunk's bytes stay where they are, unwritten, while it is held
+            // (the kernel writes a buffer only after it returns to the ring), and
+            // `flush_batch` releases it only after sending the batch.
+            unsafe { batch.add_borrowed(out, answer) };
+            return true;
+        }
         let start = (answer.as_ptr() as usize).wrapping_sub(self.rx_addr);
         let end = start.wrapping_add(answer.len());
         if start < self.rx_at.get() || end > RX_ARENA || end < start {
@@ -230,9 +326,12 @@ impl Egress {
     /// Sends the pass's batch now; the connections whose sockets did not take it all
     /// are pushed to `wake`.
     pub fn flush_batch(&self, wake: &mut Vec<usize>) {
-        self.batch.borrow_mut().flush(wake);
-        // Nothing in the batch points into the arena any more.
+        self.batch.borrow_mut().flush(&mut self.ring.borrow_mut(), wake);
+        // Nothing in the batch points into the arena or the pool any more.
         self.rx_at.set(0);
+        for chunk in self.batch_holds.borrow_mut().drain(..) {
+            self.pool.release(chunk);
+        }
     }
 
     /// Sends what each of `dirty` queued this round, as much as each socket takes now.

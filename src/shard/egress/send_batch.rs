@@ -1,7 +1,8 @@
 //! Echo answers of one executor pass, sent together: one `io_uring_enter` for all of
-//! them instead of one `send` per connection. Small answers are copied into the batch;
-//! a frame echoed whole stays where it arrived, in the shard's receive buffer, which
-//! keeps it until the flush (`ShardContext::batch_received`).
+//! them (the shard ring's, which also takes the pass's input) instead of one `send` per
+//! connection. Small answers are copied into the batch; a frame echoed whole stays where
+//! it arrived, in the shard's receive buffers, which keep it until the flush
+//! (`Egress::batch_received`).
 //!
 //! Why: each `send` is a system call, and on a core shared with other threads the first
 //! one that wakes a peer hands it the core before the next answer is written. Submitted
@@ -15,7 +16,7 @@ use bytes::Bytes;
 
 use super::queue::Outbound;
 use crate::sys::socket::{self, Push};
-use crate::sys::uring::{SendRing, RING_ENTRIES};
+use crate::sys::uring::{ShardRing, MAX_SENDS};
 /// Bytes a pass may gather before it sends early.
 const MAX_BYTES: usize = 256 * 1024;
 /// Owned bytes kept between passes.
@@ -64,7 +65,8 @@ struct Pending {
 }
 
 pub struct SendBatch {
-    ring: SendRing,
+    /// The ring failed for good: answers go out one `send` each (see `has_room`).
+    broken: bool,
     bytes: Vec<u8>,
     pending: Vec<Pending>,
     /// Which of `pending` completed (reused).
@@ -72,18 +74,18 @@ pub struct SendBatch {
 }
 
 impl SendBatch {
-    pub fn new() -> io::Result<Self> {
-        Ok(SendBatch {
-            ring: SendRing::new()?,
+    pub fn new() -> Self {
+        SendBatch {
+            broken: false,
             bytes: Vec::with_capacity(64 * 1024),
-            pending: Vec::with_capacity(RING_ENTRIES as usize),
-            done: Vec::with_capacity(RING_ENTRIES as usize),
-        })
+            pending: Vec::with_capacity(MAX_SENDS),
+            done: Vec::with_capacity(MAX_SENDS),
+        }
     }
 
     /// Whether `bytes` more fit in this pass's batch.
     pub fn has_room(&self, bytes: usize) -> bool {
-        !self.ring.is_broken() && self.pending.len() < RING_ENTRIES as usize && self.bytes.len() + bytes <= MAX_BYTES
+        !self.broken && self.pending.len() < MAX_SENDS && self.bytes.len() + bytes <= MAX_BYTES
     }
 
     /// Queues the bytes `write` appends for `out`'s socket. The caller checked `has_room`,
@@ -119,24 +121,25 @@ impl SendBatch {
         });
     }
 
-    /// Sends everything gathered. What a socket did not take goes to the front of its
-    /// connection's queue; those connections' slots are pushed to `wake`, for their tasks
-    /// to write the rest when the socket is writable.
-    pub fn flush(&mut self, wake: &mut Vec<usize>) {
+    /// Sends everything gathered through `ring`. What a socket did not take goes to the
+    /// front of its connection's queue; those connections' slots are pushed to `wake`, for
+    /// their tasks to write the rest when the socket is writable.
+    pub fn flush(&mut self, ring: &mut ShardRing, wake: &mut Vec<usize>) {
         if self.pending.is_empty() {
             return;
         }
         self.done.clear();
         self.done.resize(self.pending.len(), false);
-        // A lone answer goes out with a plain `send` (it costs less than `io_uring_enter`,
-        // and there is nothing to group); so does any the ring did not take.
-        if self.pending.len() > 1 {
+        // Even a lone answer goes through the ring: the pass enters it anyway, for its
+        // input. Any the ring did not take goes out with a plain `send`.
+        {
             let (pending, owned, done) = (&self.pending, &self.bytes, &mut self.done);
             let sends = pending.iter().map(|p| (p.out.fd(), p.place.bytes(owned)));
-            self.ring.send_all(sends, |i, result| {
+            ring.send_all(sends, |i, result| {
                 done[i] = true;
                 settle(&pending[i], pending[i].place.bytes(owned), result, wake);
             });
+            self.broken = ring.is_broken();
         }
         for (p, _) in self.pending.iter().zip(&self.done).filter(|(_, &done)| !done) {
             let bytes = p.place.bytes(&self.bytes);
@@ -188,7 +191,8 @@ mod tests {
 
     #[test]
     fn answers_of_many_connections_leave_together_each_in_order() {
-        let mut batch = SendBatch::new().unwrap();
+        let mut batch = SendBatch::new();
+        let mut ring = ShardRing::new(2, 4096).unwrap();
         let (_a, mut a_peer, out_a) = connection(1);
         let (_b, mut b_peer, out_b) = connection(2);
         batch.add(&out_a, |v| v.extend_from_slice(b"first to a, then more to a"));
@@ -203,7 +207,7 @@ mod tests {
         a_peer.set_nonblocking(false).unwrap();
 
         let mut wake = Vec::new();
-        batch.flush(&mut wake);
+        batch.flush(&mut ring, &mut wake);
         assert!(wake.is_empty(), "every socket took all: {wake:?}");
         assert_eq!(read_exactly(&mut a_peer, 26), b"first to a, then more to a");
         assert_eq!(read_exactly(&mut b_peer, 4), b"to b");
@@ -213,7 +217,8 @@ mod tests {
 
     #[test]
     fn borrowed_and_copied_answers_leave_in_the_order_they_were_added() {
-        let mut batch = SendBatch::new().unwrap();
+        let mut batch = SendBatch::new();
+        let mut ring = ShardRing::new(2, 4096).unwrap();
         let (_a, mut a_peer, out_a) = connection(1);
         let (_b, mut b_peer, out_b) = connection(2);
         let received: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
@@ -221,7 +226,7 @@ mod tests {
         unsafe { batch.add_borrowed(&out_a, &received[100..18_100]) };
         batch.add(&out_b, |v| v.extend_from_slice(b"copied"));
         let mut wake = Vec::new();
-        batch.flush(&mut wake);
+        batch.flush(&mut ring, &mut wake);
         assert!(wake.is_empty());
         assert_eq!(read_exactly(&mut a_peer, 18_000), &received[100..18_100]);
         assert_eq!(read_exactly(&mut b_peer, 6), b"copied");
@@ -230,7 +235,8 @@ mod tests {
 
     #[test]
     fn what_a_full_socket_leaves_of_a_borrowed_answer_is_copied_to_its_queue() {
-        let mut batch = SendBatch::new().unwrap();
+        let mut batch = SendBatch::new();
+        let mut ring = ShardRing::new(2, 4096).unwrap();
         let (full, _peer, out) = connection(9);
         fill(&full);
         let (_other, _other_peer, other_out) = connection(10);
@@ -239,7 +245,7 @@ mod tests {
         unsafe { batch.add_borrowed(&out, &received) };
         batch.add(&other_out, |v| v.extend_from_slice(b"fine"));
         let mut wake = Vec::new();
-        batch.flush(&mut wake);
+        batch.flush(&mut ring, &mut wake);
         assert_eq!(wake, [90]);
         // The queue holds a copy: the receive buffer may be reused at once.
         received.fill(0);
@@ -248,7 +254,8 @@ mod tests {
 
     #[test]
     fn what_a_full_socket_leaves_waits_in_its_queue_and_its_task_is_woken() {
-        let mut batch = SendBatch::new().unwrap();
+        let mut batch = SendBatch::new();
+        let mut ring = ShardRing::new(2, 4096).unwrap();
         let (full, mut peer, out) = connection(3);
         let filled = fill(&full);
         // A second connection, so that the batch goes through the ring.
@@ -256,7 +263,7 @@ mod tests {
         batch.add(&out, |v| v.extend_from_slice(b"answer"));
         batch.add(&other_out, |v| v.extend_from_slice(b"fine"));
         let mut wake = Vec::new();
-        batch.flush(&mut wake);
+        batch.flush(&mut ring, &mut wake);
         assert_eq!(wake, [30]);
         assert_eq!(read_exactly(&mut other_peer, 4), b"fine");
         assert!(!out.is_batched());
@@ -274,7 +281,8 @@ mod tests {
 
     #[test]
     fn a_connection_whose_peer_is_gone_is_left_to_its_own_read() {
-        let mut batch = SendBatch::new().unwrap();
+        let mut batch = SendBatch::new();
+        let mut ring = ShardRing::new(2, 4096).unwrap();
         let (_a, peer, out) = connection(4);
         drop(peer);
         let (_b, mut b_peer, out_b) = connection(7);
@@ -282,35 +290,36 @@ mod tests {
         // (MSG_NOSIGNAL), nothing queued, nobody woken.
         batch.add(&out, |v| v.extend_from_slice(b"lost"));
         let mut wake = Vec::new();
-        batch.flush(&mut wake);
+        batch.flush(&mut ring, &mut wake);
         batch.add(&out, |v| v.extend_from_slice(b"lost"));
         batch.add(&out_b, |v| v.extend_from_slice(b"kept"));
-        batch.flush(&mut wake);
+        batch.flush(&mut ring, &mut wake);
         assert!(wake.is_empty());
         assert!(out.is_empty() && !out.is_batched());
         assert_eq!(read_exactly(&mut b_peer, 4), b"kept");
     }
 
     #[test]
-    fn a_lone_answer_goes_out_with_a_plain_send_and_keeps_what_is_left() {
-        let mut batch = SendBatch::new().unwrap();
+    fn a_lone_answer_to_a_full_socket_is_kept_in_its_queue() {
+        let mut batch = SendBatch::new();
+        let mut ring = ShardRing::new(2, 4096).unwrap();
         let (full, _peer, out) = connection(8);
         fill(&full);
         batch.add(&out, |v| v.extend_from_slice(b"answer"));
         let mut wake = Vec::new();
-        batch.flush(&mut wake);
+        batch.flush(&mut ring, &mut wake);
         assert_eq!(wake, [80]);
         assert_eq!(&out.begin_write().expect("the answer is queued")[..], b"answer");
     }
 
     #[test]
     fn a_batch_is_bounded_by_the_ring_and_by_bytes() {
-        let mut batch = SendBatch::new().unwrap();
+        let mut batch = SendBatch::new();
         let (_a, _peer, out) = connection(5);
         assert!(batch.has_room(MAX_BYTES));
         assert!(!batch.has_room(MAX_BYTES + 1));
         // (Never flushed: one connection would not have two entries.)
-        for _ in 0..RING_ENTRIES {
+        for _ in 0..MAX_SENDS {
             assert!(batch.has_room(1));
             batch.add(&out, |v| v.push(0));
         }
