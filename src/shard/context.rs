@@ -189,7 +189,7 @@ impl glommio::ExternalPoller for ShardContext {
     fn poll(&self) -> usize {
         let mut woke = self.take_completions(None);
         if self.epoll_news.get() {
-            woke += self.take_events(Some(Duration::ZERO));
+            woke += self.take_events();
         }
         woke
     }
@@ -216,14 +216,19 @@ impl glommio::ExternalPoller for ShardContext {
         // What the epoll set holds now would not end the sleep (the ring hears only of
         // news): take it first, and do not sleep if there was any.
         if self.epoll_news.get() {
-            let woke = self.take_events(Some(Duration::ZERO));
+            let woke = self.take_events();
             if !self.events.borrow().is_empty() {
                 return woke;
             }
         }
-        let mut woke = self.take_completions(Some(timeout));
+        let wait = if timeout == Some(Duration::ZERO) {
+            None
+        } else {
+            Some(timeout)
+        };
+        let mut woke = self.take_completions(wait);
         if self.epoll_news.get() {
-            woke += self.take_events(Some(Duration::ZERO));
+            woke += self.take_events();
         }
         woke
     }
@@ -617,9 +622,9 @@ impl ShardContext {
         woke
     }
 
-    fn take_events(&self, timeout: Option<Duration>) -> usize {
+    fn take_events(&self) -> usize {
         let mut events = self.events.borrow_mut();
-        let result = self.poller.wait(&mut events, timeout);
+        let result = self.poller.wait(&mut events, Some(Duration::ZERO));
         // Level-triggered wake-ups stay in the set until handled: while a wait returns
         // any, the next pass looks again.
         self.epoll_news.set(!events.is_empty());

@@ -169,8 +169,10 @@ pub fn run(config: Config) -> Result<(), StartError> {
     drop(shared);
     let mut failures = Vec::new();
     for (id, handle) in handles.into_iter().enumerate() {
-        if let Err(e) = handle.join() {
-            failures.push(start::explain_start_error(id, &e.to_string()));
+        match handle.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(why)) => failures.push(why),
+            Err(e) => failures.push(start::explain_start_error(id, &e.to_string())),
         }
     }
     let mut push = None;
@@ -366,7 +368,7 @@ fn spawn_shards(
     plan: &start::Plan,
     listeners: start::Listeners,
     inboxes: Vec<Inbox>,
-) -> Result<Vec<glommio::ExecutorJoinHandle<()>>, StartError> {
+) -> Result<Vec<glommio::ExecutorJoinHandle<Result<(), String>>>, StartError> {
     let mut handles = Vec::with_capacity(inboxes.len());
     let mut tls_listeners = listeners.tls.into_iter();
     let sockets = listeners.shared.into_iter().zip(listeners.own).zip(inboxes);
@@ -448,8 +450,9 @@ struct Listening {
 }
 
 /// One shard's life: accept (and route) until told to stop, then close every connection
-/// and wait for them (at most the drain time).
-async fn shard_main(start: ShardStart, listening: Listening, inbox: Inbox) {
+/// and wait for them (at most the drain time). A shard that cannot start says why, and
+/// stops the others.
+async fn shard_main(start: ShardStart, listening: Listening, inbox: Inbox) -> Result<(), String> {
     let Listening { listener, own, tls } = listening;
     let ShardStart {
         id,
@@ -487,12 +490,15 @@ async fn shard_main(start: ShardStart, listening: Listening, inbox: Inbox) {
     let ctx = match ShardContext::new(id, config, open, max_connections, per_ip) {
         Ok(ctx) => Rc::new(ctx),
         Err(e) => {
-            tracing::error!("shard {id}: cannot create its epoll set: {e}");
-            return;
+            stop.trigger();
+            return Err(format!(
+                "shard {id} cannot set up its io_uring and epoll set: {e} (shardgate needs Linux 6.12 or later, with io_uring enabled)"
+            ));
         }
     };
     if !start_tasks(&ctx, &apps, inbox, &reporter) {
-        return;
+        stop.trigger();
+        return Err(format!("shard {id} could not start its tasks (see above)"));
     }
     let own_line = own
         .as_ref()
@@ -531,6 +537,7 @@ async fn shard_main(start: ShardStart, listening: Listening, inbox: Inbox) {
         (latency.total.clone(), latency.cross_total.clone())
     };
     reporter.send(ShardReport::Final { histogram, cross });
+    Ok(())
 }
 
 /// The shard's own tasks besides its connections: the inbox pump, the report ticks, the

@@ -209,6 +209,14 @@ mod tests {
         // Level-triggered: it is reported again until it is drained.
         poller.wait(&mut events, None).unwrap();
         assert_eq!(keys(&events), [1001]);
+        // The set itself polls readable: how its news reach a shard's io_uring.
+        let mut pfd = libc::pollfd {
+            fd: poller.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        assert_eq!(unsafe { libc::poll(&mut pfd, 1, 0) }, 1);
     }
 
     #[test]
