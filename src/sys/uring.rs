@@ -349,6 +349,8 @@ impl ShardRing {
     /// when nothing is queued or due), waiting for at least one for up to `wait` when it
     /// is `Some` (`Some(None)`: no limit).
     pub fn enter(&mut self, wait: Option<Option<Duration>>) {
+        // Completions taken while sending are news already: no sleep for more.
+        let wait = wait.filter(|_| self.stash.is_empty());
         if wait.is_none() && self.ring.submission().is_empty() && !self.ring.submission().taskrun() {
             return;
         }
