@@ -516,6 +516,32 @@ mod tests {
     }
 
     #[test]
+    fn input_taken_while_sending_ends_a_wait_at_once() {
+        let mut ring = ShardRing::new(2, 64).unwrap();
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let (c, mut d) = UnixStream::pair().unwrap();
+        ring.recv(b.as_raw_fd(), 1);
+        assert!(take(&mut ring).is_empty());
+        a.write_all(b"in").unwrap();
+        // The send's enter also takes the receive's completion, and keeps it.
+        let mut sent = None;
+        ring.send_all(std::iter::once((c.as_raw_fd(), &b"out"[..])), |i, r| {
+            sent = Some((i, r.unwrap()))
+        });
+        assert_eq!(sent, Some((0, 3)));
+        let mut out = [0u8; 3];
+        std::io::Read::read_exact(&mut d, &mut out).unwrap();
+        assert_eq!(&out, b"out");
+        // A wait must not sleep past it (the completion queue itself is empty now).
+        let started = std::time::Instant::now();
+        ring.enter(Some(Some(Duration::from_secs(10))));
+        assert!(started.elapsed() < Duration::from_secs(5), "slept with input taken");
+        let mut got = Vec::new();
+        ring.completions(|c| got.push(c));
+        assert!(matches!(got[..], [Completion::Data { user: 1, .. }]), "{got:?}");
+    }
+
+    #[test]
     fn a_cancelled_receive_lets_its_socket_close() {
         let mut ring = ShardRing::new(2, 64).unwrap();
         let (a, b) = UnixStream::pair().unwrap();
