@@ -1,5 +1,5 @@
 //! What one shard shares among its connections: its buffers and way out (`Egress`), the
-//! receive ring its plain sockets' input arrives through, the epoll set that says when a
+//! ring its plain sockets' input arrives through, the epoll set that says when a
 //! listener or a TLS socket is ready (and wakes the shard for its executor's rings), and
 //! the registry of live connections that lets input, read deadlines and a stop reach
 //! every one of them.
@@ -80,7 +80,7 @@ enum Watch {
     /// Not yet (a refused connection never is): glommio's own reads.
     #[default]
     No,
-    /// A multishot receive in the shard's receive ring.
+    /// A multishot receive in the shard ring.
     Ring,
     /// The epoll set, and a `recv` per read (TLS sockets: their reads also send what the
     /// socket did not take of a handshake, once it has room).
@@ -114,7 +114,7 @@ pub struct ShardContext {
     listeners: RefCell<Vec<ListenerEntry>>,
     /// What the last `epoll_wait` returned (reused).
     events: RefCell<Vec<libc::epoll_event>>,
-    /// The epoll set may have news: its last wait returned some, or the receive ring
+    /// The epoll set may have news: its last wait returned some, or the shard ring
     /// said it became ready since.
     epoll_news: Cell<bool>,
     /// Plain sockets' input from the shard ring, until their reads take it.
@@ -542,7 +542,7 @@ impl ShardContext {
         .await
     }
 
-    /// Makes the shard's receive ring drive its executor (`glommio::ExternalPoller`, a
+    /// Makes the shard ring drive its executor (`glommio::ExternalPoller`, a
     /// patch of ours): each busy pass of the executor ends with one `io_uring_enter` on
     /// it that submits the pass's requests and hands over what arrived, and an idle shard
     /// sleeps in it. The executor's rings join the epoll set, whose news reach the ring
@@ -676,7 +676,7 @@ impl ConnectionSlot {
         self.key as usize
     }
 
-    /// Arms the socket's multishot receive in the shard's receive ring, so that its
+    /// Arms the socket's multishot receive in the shard ring, so that its
     /// reads take what that receives. A TLS socket joins the epoll set instead, watched
     /// for room to write too: its reads also send what the socket did not take of its
     /// handshake.

@@ -156,7 +156,7 @@ impl Egress {
         RefMut::map(self.rx.borrow_mut(), |rx| &mut rx[at..at + RX_BUFFER])
     }
 
-    /// Makes `chunk` (held, from the receive ring) the last read's bytes.
+    /// Makes `chunk` (held, from the shard ring) the last read's bytes.
     pub fn received(&self, chunk: Chunk) {
         if let Some(before) = self.input.replace(Some(chunk)) {
             self.pool.release(before);
