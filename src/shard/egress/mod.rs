@@ -2,11 +2,11 @@
 //!
 //! A shard has one io_uring (`ShardRing`) that its plain sockets' input arrives through
 //! and its batched answers leave through, one pool of receive buffers (the ring's), one
-//! receive arena (for
-//! what is not read through the ring: TLS plaintext, a refused connection's request) and
-//! one cork, shared by all its connections (an idle connection holds no buffer), and
-//! gathers the small answers of an executor pass in one send batch. Whatever a connection answers leaves through `Egress::finish_round`, which
-//! picks the cheapest of three paths underneath:
+//! receive arena (for what is not read through the ring: TLS plaintext, a refused
+//! connection's request, input copied out of the pool) and one cork, all shared by its
+//! connections (an idle connection holds no buffer), and it gathers the small answers of
+//! an executor pass in one send batch. Whatever a connection answers leaves through
+//! `Egress::finish_round`, which picks the cheapest of three paths underneath:
 //! - `send_batch`: an echo answer waits for the end of the pass and leaves with the
 //!   others in one `io_uring_enter` (in place where it was received when it is one run);
 //! - `cork`: everything else one read produced leaves in one `send`/`sendmsg`;
@@ -295,9 +295,10 @@ impl Egress {
             }
             self.pool.hold(chunk);
             self.batch_holds.borrow_mut().push(chunk);
-            // SAFETY: the chunk's bytes stay where they are, unwritten, while it is held
-            // (the kernel writes a buffer only after it returns to the ring), and
-            // `flush_batch` releases it only after sending the batch.
+            // SAFETY: the chunk's bytes stay as they are while it is held (the kernel
+            // writes a buffer only past what it completed, and a buffer goes back to the
+            // ring only when nothing holds it), and `flush_batch` releases it only after
+            // sending the batch.
             unsafe { batch.add_borrowed(out, answer) };
             return true;
         }
