@@ -5,7 +5,7 @@
 //! every one of them.
 
 use std::cell::{Cell, RefCell};
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Poll, Waker};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use futures_lite::AsyncRead;
@@ -392,95 +392,126 @@ impl ShardContext {
     /// the shard ends the wait with `Stopping`; with `out`, a queue that needs the task
     /// ends it with `Outbound`; with `timeout`, no input for that long ends it with
     /// `TimedOut`.
-    pub async fn read(
-        &self,
-        stream: &mut TcpStream,
+    pub fn read<'a>(
+        &'a self,
+        stream: &'a mut TcpStream,
         slot: Option<&ConnectionSlot>,
         interruptible: bool,
-        out: Option<&Outbound>,
+        out: Option<&'a Outbound>,
         timeout: Option<Duration>,
-    ) -> io::Result<ReadOutcome> {
-        let watched = slot.filter(|s| {
-            self.connections
-                .borrow()
-                .get(s.key())
-                .is_some_and(|e| e.watch != Watch::No)
-        });
-        let Some(slot) = watched else {
+    ) -> ReadFuture<'a> {
+        let watched = slot
+            .map(ConnectionSlot::key)
+            .filter(|&key| self.connections.borrow().get(key).is_some_and(|e| e.watch != Watch::No));
+        let mut failed = None;
+        match watched {
+            Some(key) => {
+                if let Some(entry) = self.connections.borrow_mut().get_mut(key) {
+                    entry.timed_out = false;
+                    entry.deadline = None;
+                }
+            }
             // Not watched (a connection refused for lack of room): glommio's own
             // readiness and timer.
-            stream.set_read_timeout(timeout)?;
-            return self.read_unwatched(stream, interruptible).await;
-        };
-        let key = slot.key();
-        if let Some(entry) = self.connections.borrow_mut().get_mut(key) {
-            entry.timed_out = false;
-            entry.deadline = None;
+            None => failed = stream.set_read_timeout(timeout).err().map(io::Error::from),
         }
-        let mut deadline = None;
-        poll_fn(|cx| {
-            if interruptible && self.stopping.get() {
-                return Poll::Ready(Ok(ReadOutcome::Stopping));
-            }
-            if out.is_some_and(Outbound::needs_task) {
-                return Poll::Ready(Ok(ReadOutcome::Outbound));
-            }
-            let mut connections = self.connections.borrow_mut();
-            let Some(entry) = connections.get_mut(key) else {
-                return Poll::Ready(Ok(ReadOutcome::Eof));
-            };
-            if entry.watch == Watch::Ring {
-                match self
-                    .receiver
-                    .read(key, &mut entry.input, self.pass.get(), &self.egress, &self.budget)
-                {
-                    Read::Data(n) => {
-                        entry.deadline = None;
-                        self.counters.read(n);
-                        return Poll::Ready(Ok(ReadOutcome::Data(n)));
-                    }
-                    Read::NextPass => self.next_pass.borrow_mut().push(key),
-                    Read::Ended(Ok(())) => return Poll::Ready(Ok(ReadOutcome::Eof)),
-                    Read::Ended(Err(e)) => return Poll::Ready(Err(e)),
-                    Read::Nothing => {}
+        ReadFuture {
+            ctx: self,
+            stream,
+            watched,
+            interruptible,
+            out,
+            timeout,
+            deadline: None,
+            failed,
+        }
+    }
+
+    /// `ReadFuture::poll` for a connection in the shard's table.
+    fn poll_watched(
+        &self,
+        cx: &mut Context<'_>,
+        read: &mut ReadFuture<'_>,
+        key: usize,
+    ) -> Poll<io::Result<ReadOutcome>> {
+        if read.interruptible && self.stopping.get() {
+            return Poll::Ready(Ok(ReadOutcome::Stopping));
+        }
+        if read.out.is_some_and(Outbound::needs_task) {
+            return Poll::Ready(Ok(ReadOutcome::Outbound));
+        }
+        let mut connections = self.connections.borrow_mut();
+        let Some(entry) = connections.get_mut(key) else {
+            return Poll::Ready(Ok(ReadOutcome::Eof));
+        };
+        if entry.watch == Watch::Ring {
+            match self
+                .receiver
+                .read(key, &mut entry.input, self.pass.get(), &self.egress, &self.budget)
+            {
+                Read::Data(n) => {
+                    entry.deadline = None;
+                    self.counters.read(n);
+                    return Poll::Ready(Ok(ReadOutcome::Data(n)));
                 }
-            } else if entry.readable && entry.full_read_pass == Some(self.pass.get()) {
-                // One full read per connection per pass: a connection whose client refills
-                // it as fast as we answer would otherwise keep the pass from ending, and
-                // the others' input (polled between passes) would wait for the task slice.
-                self.next_pass.borrow_mut().push(key);
-            } else if entry.readable {
-                match self.egress.recv(stream.as_raw_fd()) {
-                    Ok((0, _)) => return Poll::Ready(Ok(ReadOutcome::Eof)),
-                    Ok((n, more)) => {
-                        // A short read drained the socket: wait for the next edge.
-                        entry.readable = more;
-                        if entry.readable {
-                            entry.full_read_pass = Some(self.pass.get());
-                        }
-                        entry.deadline = None;
-                        self.counters.read(n);
-                        return Poll::Ready(Ok(ReadOutcome::Data(n)));
+                Read::NextPass => self.next_pass.borrow_mut().push(key),
+                Read::Ended(Ok(())) => return Poll::Ready(Ok(ReadOutcome::Eof)),
+                Read::Ended(Err(e)) => return Poll::Ready(Err(e)),
+                Read::Nothing => {}
+            }
+        } else if entry.readable && entry.full_read_pass == Some(self.pass.get()) {
+            // One full read per connection per pass: a connection whose client refills
+            // it as fast as we answer would otherwise keep the pass from ending, and
+            // the others' input (polled between passes) would wait for the task slice.
+            self.next_pass.borrow_mut().push(key);
+        } else if entry.readable {
+            match self.egress.recv(read.stream.as_raw_fd()) {
+                Ok((0, _)) => return Poll::Ready(Ok(ReadOutcome::Eof)),
+                Ok((n, more)) => {
+                    // A short read drained the socket: wait for the next edge.
+                    entry.readable = more;
+                    if entry.readable {
+                        entry.full_read_pass = Some(self.pass.get());
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => entry.readable = false,
-                    Err(e) => return Poll::Ready(Err(e)),
+                    entry.deadline = None;
+                    self.counters.read(n);
+                    return Poll::Ready(Ok(ReadOutcome::Data(n)));
                 }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => entry.readable = false,
+                Err(e) => return Poll::Ready(Err(e)),
             }
-            if entry.timed_out {
-                entry.timed_out = false;
-                return Poll::Ready(Ok(ReadOutcome::TimedOut));
+        }
+        if entry.timed_out {
+            entry.timed_out = false;
+            return Poll::Ready(Ok(ReadOutcome::TimedOut));
+        }
+        if let Some(timeout) = read.timeout {
+            let at = *read.deadline.get_or_insert_with(|| Instant::now() + timeout);
+            entry.deadline = Some(at);
+            self.deadlines.note(at);
+        }
+        if !entry.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            entry.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    /// `ReadFuture::poll` for a connection outside the shard's table: glommio's read.
+    fn poll_unwatched(&self, cx: &mut Context<'_>, read: &mut ReadFuture<'_>) -> Poll<io::Result<ReadOutcome>> {
+        if read.interruptible && self.stopping.get() {
+            return Poll::Ready(Ok(ReadOutcome::Stopping));
+        }
+        let mut rx = self.egress.rx_space();
+        match Pin::new(&mut *read.stream).poll_read(cx, &mut rx) {
+            Poll::Ready(Ok(0)) => Poll::Ready(Ok(ReadOutcome::Eof)),
+            Poll::Ready(Ok(n)) => {
+                self.counters.read(n);
+                Poll::Ready(Ok(ReadOutcome::Data(n)))
             }
-            if let Some(timeout) = timeout {
-                let at = *deadline.get_or_insert_with(|| Instant::now() + timeout);
-                entry.deadline = Some(at);
-                self.deadlines.note(at);
-            }
-            if !entry.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                entry.waker = Some(cx.waker().clone());
-            }
-            Poll::Pending
-        })
-        .await
+            Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::TimedOut => Poll::Ready(Ok(ReadOutcome::TimedOut)),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     /// Submits what the pass queued in the shard ring and takes its completions (waiting
@@ -520,26 +551,6 @@ impl ShardContext {
             ring.poll_readable(self.poller.fd(), EPOLL_NEWS);
         }
         woke
-    }
-
-    async fn read_unwatched(&self, stream: &mut TcpStream, interruptible: bool) -> io::Result<ReadOutcome> {
-        poll_fn(|cx| {
-            if interruptible && self.stopping.get() {
-                return Poll::Ready(Ok(ReadOutcome::Stopping));
-            }
-            let mut rx = self.egress.rx_space();
-            match Pin::new(&mut *stream).poll_read(cx, &mut rx) {
-                Poll::Ready(Ok(0)) => Poll::Ready(Ok(ReadOutcome::Eof)),
-                Poll::Ready(Ok(n)) => {
-                    self.counters.read(n);
-                    Poll::Ready(Ok(ReadOutcome::Data(n)))
-                }
-                Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::TimedOut => Poll::Ready(Ok(ReadOutcome::TimedOut)),
-                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                Poll::Pending => Poll::Pending,
-            }
-        })
-        .await
     }
 
     /// Makes the shard ring drive its executor (`glommio::ExternalPoller`, a
@@ -696,6 +707,37 @@ impl ConnectionSlot {
             }
         }
         Ok(())
+    }
+}
+
+/// A read of one connection (`ShardContext::read`). A named future rather than an
+/// `async fn`: an idle connection waits in one, so its size is memory each of them holds.
+pub struct ReadFuture<'a> {
+    ctx: &'a ShardContext,
+    stream: &'a mut TcpStream,
+    /// The connection's key in the shard's table; `None` when glommio reads it.
+    watched: Option<usize>,
+    interruptible: bool,
+    out: Option<&'a Outbound>,
+    timeout: Option<Duration>,
+    deadline: Option<Instant>,
+    /// A read that cannot start: answered at the first poll.
+    failed: Option<io::Error>,
+}
+
+impl Future for ReadFuture<'_> {
+    type Output = io::Result<ReadOutcome>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let read = self.get_mut();
+        if let Some(e) = read.failed.take() {
+            return Poll::Ready(Err(e));
+        }
+        let ctx = read.ctx;
+        match read.watched {
+            Some(key) => ctx.poll_watched(cx, read, key),
+            None => ctx.poll_unwatched(cx, read),
+        }
     }
 }
 

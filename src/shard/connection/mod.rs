@@ -5,6 +5,7 @@
 mod session;
 mod upgrade;
 
+use std::future::Future;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -34,26 +35,43 @@ enum Endpoint {
 
 /// Serves one accepted connection to the end; `tls` for one accepted on a TLS listener
 /// (the handshake then runs inside its first reads, within the handshake deadline).
-pub async fn serve(
+///
+/// The future lives as long as the connection, so its size is memory every idle
+/// connection holds. It is an `async move` block rather than an `async fn` because the
+/// compiler keeps an `async fn`'s arguments twice (as passed and as moved into its
+/// body); the upgrade, run once and larger than the session, is boxed for its duration.
+pub fn serve(
     ctx: Rc<ShardContext>,
     apps: Rc<Apps>,
-    mut stream: TcpStream,
+    stream: TcpStream,
     slot: ConnectionSlot,
     tls: Option<Box<TlsSession>>,
-) {
-    if let Err(e) = slot.watch(stream.as_raw_fd(), tls.is_some()) {
-        // Only a host out of epoll watches (fs.epoll.max_user_watches) or memory gets here.
-        tracing::warn!(
-            "shard {}: dropping a connection: cannot add it to the epoll set: {e}",
-            ctx.id
-        );
-        return;
+) -> impl Future<Output = ()> {
+    let mut socket = Socket { slot, stream };
+    async move {
+        let Socket { slot, stream } = &mut socket;
+        if let Err(e) = slot.watch(stream.as_raw_fd(), tls.is_some()) {
+            // Only a host out of epoll watches (fs.epoll.max_user_watches) or memory gets here.
+            tracing::warn!(
+                "shard {}: dropping a connection: cannot add it to the epoll set: {e}",
+                ctx.id
+            );
+            return;
+        }
+        // Dropped before `socket` (captured), so before its descriptor can be reused.
+        let _tls = tls.map(|session| TlsRegistration::new(&ctx, stream.as_raw_fd(), session));
+        let Some(upgraded) = Box::pin(upgrade::upgrade(&ctx, &apps, stream, slot)).await else {
+            return;
+        };
+        session::run(&ctx, &apps, stream, slot, upgraded).await;
     }
-    // Dropped before `stream` (a parameter), so before its descriptor can be reused.
-    let _tls = tls.map(|session| TlsRegistration::new(&ctx, stream.as_raw_fd(), session));
-    if let Some(upgraded) = upgrade::upgrade(&ctx, &apps, &mut stream, &slot).await {
-        session::run(&ctx, &apps, &mut stream, &slot, upgraded).await;
-    }
+}
+
+/// A connection's slot and socket, in the order they go: the slot first (it leaves the
+/// shard's tables and cancels its receive), then the descriptor.
+struct Socket {
+    slot: ConnectionSlot,
+    stream: TcpStream,
 }
 
 /// A socket's place among the shard's TLS connections, for as long as it is open.

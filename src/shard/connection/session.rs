@@ -4,8 +4,8 @@
 //! connection answers leaves through `Egress::finish_round`. Routed chat messages for it
 //! arrive in its queue, which the shard flushes at the end of each round.
 
+use std::future::Future;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use glommio::net::TcpStream;
@@ -40,10 +40,12 @@ enum Next {
     Fail,
 }
 
-/// What the connection runs: the one place where echo and chat part ways.
+/// What the connection runs: the one place where echo and chat part ways. A chat
+/// connection's state has an allocation of its own, so that it is not part of every
+/// connection's future (an echo has none).
 enum App {
     Echo,
-    Chat(ChatConn<Outbound>),
+    Chat(Box<ChatConn<Outbound>>),
 }
 
 struct Session {
@@ -242,36 +244,6 @@ fn echo_deflated(deflater: &mut Deflater, out: &mut Cork, opcode: OpCode, payloa
     }
 }
 
-/// Unregisters a chat connection from its shard however the connection ends.
-struct Registration<'a> {
-    ctx: &'a ShardContext,
-    apps: &'a Apps,
-    user: Arc<str>,
-    id: u64,
-}
-
-impl Drop for Registration<'_> {
-    fn drop(&mut self) {
-        self.apps.hub.unregister(&self.user, self.id);
-        self.ctx.end_round(&self.apps.hub);
-    }
-}
-
-/// Sends whatever the connection left in the shard's send batch before its socket closes
-/// (the descriptor number could be reused by then).
-struct FlushOnExit<'a> {
-    ctx: &'a ShardContext,
-    out: Rc<Outbound>,
-}
-
-impl Drop for FlushOnExit<'_> {
-    fn drop(&mut self) {
-        if self.out.is_batched() {
-            self.ctx.flush_batch();
-        }
-    }
-}
-
 /// A connection and everything its loop needs.
 struct Conn<'a> {
     ctx: &'a ShardContext,
@@ -279,18 +251,41 @@ struct Conn<'a> {
     slot: &'a ConnectionSlot,
     out: Rc<Outbound>,
     session: Session,
-    registration: Option<Registration<'a>>,
+    /// The id a chat connection has in the hub's directory, until it leaves it.
+    registered: Option<u64>,
 }
 
-/// Runs an upgraded connection until it closes. `leftover` is what followed the
-/// request head in its reads.
-pub(super) async fn run(
-    ctx: &ShardContext,
-    apps: &Apps,
-    stream: &mut TcpStream,
-    slot: &ConnectionSlot,
+/// Runs an upgraded connection until it closes. What followed the request head in its
+/// reads (`upgraded.leftover`) is handled first, before the future is returned.
+///
+/// The connection lives in the returned future for as long as it is open: `Conn` is
+/// kept in place (an `async fn` would hold `upgraded` beside it for the connection's
+/// life), and the ways a connection ends are boxed when they run, so that an idle
+/// connection holds only its read's state.
+pub(super) fn run<'a>(
+    ctx: &'a ShardContext,
+    apps: &'a Apps,
+    stream: &'a mut TcpStream,
+    slot: &'a ConnectionSlot,
     upgraded: Upgraded,
-) {
+) -> impl Future<Output = ()> + 'a {
+    let mut started = start(ctx, apps, stream, slot, upgraded);
+    async move {
+        if let Some((conn, next)) = &mut started {
+            conn.drive(stream, *next).await;
+        }
+    }
+}
+
+/// Opens the session, and handles what followed the request head. `None` when the
+/// connection is over already.
+fn start<'a>(
+    ctx: &'a ShardContext,
+    apps: &'a Apps,
+    stream: &mut TcpStream,
+    slot: &'a ConnectionSlot,
+    upgraded: Upgraded,
+) -> Option<(Conn<'a>, Next)> {
     let Upgraded {
         leftover,
         endpoint,
@@ -298,62 +293,18 @@ pub(super) async fn run(
     } = upgraded;
     let config = &ctx.config;
     // A peer that takes nothing for this long is gone.
-    if stream
+    stream
         .set_write_timeout(Some(config.ping_interval + config.pong_timeout))
-        .is_err()
-    {
-        return;
-    }
+        .ok()?;
     let mut conn = open(ctx, apps, slot, stream, endpoint, deflate);
     // The request head's buffer is freed here, not held for the connection's life: an
     // idle connection keeps no buffer (about 170 bytes each at 15,000 connections).
-    let mut next = if leftover.is_empty() {
-        drop(leftover);
+    let next = if leftover.is_empty() {
         Next::Continue
     } else {
-        match conn.leftover(leftover) {
-            Ok(n) => n,
-            Err(_) => return,
-        }
+        conn.leftover(leftover).ok()?
     };
-    let _flush = FlushOnExit {
-        ctx,
-        out: conn.out.clone(),
-    };
-    loop {
-        if conn.out.overflowed() {
-            // Out of the directory first: while the Close waits for the peer, sends to
-            // this user must not be acknowledged `routed` into a queue no one will read.
-            conn.end_session();
-            close_slow_consumer(ctx, stream, slot, &conn.out).await;
-            return;
-        }
-        if !conn.out.is_empty() {
-            if ctx.egress.write_queue(stream, &conn.out).await.is_err() {
-                return;
-            }
-            continue;
-        }
-        match next {
-            Next::Continue => {}
-            // The closing handshake is complete. Shutting the sending side down sends our
-            // Close (held back by `Finish::BeforeFin`) with the FIN, even if a peer that
-            // broke §5.5.1 sent more after its Close: closing with bytes unread would
-            // reset the connection and drop the Close unsent.
-            Next::Close => {
-                let _ = ctx.egress.shutdown(stream).await;
-                return;
-            }
-            Next::Fail => {
-                linger_close(ctx, stream, Some(slot)).await;
-                return;
-            }
-        }
-        match conn.read_round(stream).await {
-            Some(n) => next = n,
-            None => return,
-        }
-    }
+    Some((conn, next))
 }
 
 /// Registers the connection with its application and sets up its queue.
@@ -376,7 +327,7 @@ fn open<'a>(
         Endpoint::Echo => config.max_message_size,
         Endpoint::Chat(_) => config.max_chat_message,
     };
-    let (app, out, registration) = match endpoint {
+    let (app, out, registered) = match endpoint {
         Endpoint::Echo => {
             // An echo answers at most one read plus one assembled message at a time.
             let out = Rc::new(
@@ -386,25 +337,15 @@ fn open<'a>(
             (App::Echo, out, None)
         }
         Endpoint::Chat(who) => {
-            let user = who.user.clone();
             let out = Rc::new(
                 Outbound::new(id, slot.key(), fd, config.max_outbound_bytes)
                     .counted_in(ctx.budget.clone())
                     .with_deflate(deflate, config.deflate_level),
             );
-            apps.hub.register(&user, out.clone());
+            apps.hub.register(&who.user, out.clone());
             ctx.end_round(&apps.hub);
-            let registration = Registration {
-                ctx,
-                apps,
-                user: user.clone(),
-                id,
-            };
-            (
-                App::Chat(ChatConn::new(who, out.clone(), &apps.hub.rate_limits)),
-                out,
-                Some(registration),
-            )
+            let chat = ChatConn::new(who, out.clone(), &apps.hub.rate_limits);
+            (App::Chat(Box::new(chat)), out, Some(id))
         }
     };
     let session = Session {
@@ -420,18 +361,75 @@ fn open<'a>(
         slot,
         out,
         session,
-        registration,
+        registered,
     }
 }
 
 impl Drop for Conn<'_> {
-    /// The decoder's buffers go with the connection: out of the budget too.
+    /// However the connection ends: its batched answers are sent, a chat connection
+    /// leaves the directory, and the decoder's buffers leave the budget.
     fn drop(&mut self) {
+        // What the connection left in the shard's send batch goes before its socket
+        // closes (the descriptor number could be reused by then).
+        if self.out.is_batched() {
+            self.ctx.flush_batch();
+        }
+        self.end_session();
         self.ctx.budget.assembly_changed(self.session.held as usize, 0);
     }
 }
 
 impl Conn<'_> {
+    /// The connection's loop: send what is queued, read, answer, until it ends.
+    async fn drive(&mut self, stream: &mut TcpStream, mut next: Next) {
+        let ctx = self.ctx;
+        loop {
+            if self.out.overflowed() {
+                // Out of the directory first: while the Close waits for the peer, sends to
+                // this user must not be acknowledged `routed` into a queue no one will read.
+                self.end_session();
+                Box::pin(close_slow_consumer(ctx, stream, self.slot, &self.out)).await;
+                return;
+            }
+            if !self.out.is_empty() {
+                if ctx.egress.write_queue(stream, &self.out).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            match next {
+                Next::Continue => {}
+                // The closing handshake is complete. Shutting the sending side down sends
+                // our Close (held back by `Finish::BeforeFin`) with the FIN, even if a peer
+                // that broke §5.5.1 sent more after its Close: closing with bytes unread
+                // would reset the connection and drop the Close unsent.
+                Next::Close => {
+                    let _ = Box::pin(ctx.egress.shutdown(stream)).await;
+                    return;
+                }
+                Next::Fail => {
+                    Box::pin(linger_close(ctx, stream, Some(self.slot))).await;
+                    return;
+                }
+            }
+            // Waits for input (or a deadline, a stop, work for the queue). The wait is
+            // here, not in a method of its own, so that an idle connection's future
+            // holds one level of state.
+            glommio::yield_if_needed().await;
+            let timeout = self
+                .session
+                .read_timeout(ctx.config.ping_interval, ctx.config.pong_timeout);
+            let open = self.session.state == State::Open;
+            let outcome = ctx
+                .read(stream, Some(self.slot), open, Some(&self.out), Some(timeout))
+                .await;
+            match outcome.ok().and_then(|outcome| self.on_read(outcome)) {
+                Some(n) => next = n,
+                None => return,
+            }
+        }
+    }
+
     /// Handles what followed the request head in its reads (it is not in the arena: its
     /// answers are sent from the cork alone).
     fn leftover(&mut self, mut leftover: Vec<u8>) -> std::io::Result<Next> {
@@ -453,18 +451,11 @@ impl Conn<'_> {
         Ok(next)
     }
 
-    /// Waits for input (or a deadline, a stop, work for the queue), handles it, and sends
-    /// the answers. `None` ends the connection at once.
-    async fn read_round(&mut self, stream: &mut TcpStream) -> Option<Next> {
+    /// Handles what a read brought (or why it ended), and sends the answers. `None` ends
+    /// the connection at once.
+    fn on_read(&mut self, outcome: ReadOutcome) -> Option<Next> {
         let ctx = self.ctx;
         let config = &ctx.config;
-        let timeout = self.session.read_timeout(config.ping_interval, config.pong_timeout);
-        glommio::yield_if_needed().await;
-        let open = self.session.state == State::Open;
-        let outcome = ctx
-            .read(stream, Some(self.slot), open, Some(&self.out), Some(timeout))
-            .await
-            .ok()?;
         // From here to the send: no await, so the shard's buffers are ours alone.
         let n = match outcome {
             ReadOutcome::Data(n) => n,
@@ -513,7 +504,10 @@ impl Conn<'_> {
     }
 
     fn end_session(&mut self) {
-        drop(self.registration.take());
+        if let (Some(id), App::Chat(chat)) = (self.registered.take(), &self.session.app) {
+            self.apps.hub.unregister(&chat.user, id);
+            self.ctx.end_round(&self.apps.hub);
+        }
     }
 }
 

@@ -353,14 +353,16 @@ impl Egress {
         }
     }
 
-    /// Writes `out`'s queue until it is empty, waiting for the socket as needed.
+    /// Writes `out`'s queue until it is empty, waiting for the socket as needed. The wait
+    /// is boxed: it is rare (the socket full), and inline it would be the largest state of
+    /// every connection's future, idle ones included.
     pub async fn write_queue(&self, stream: &mut TcpStream, out: &Outbound) -> io::Result<()> {
         loop {
             let more = out.flush_now(&mut self.latency.borrow_mut(), &self.tls)?;
             if !more || out.overflowed() {
                 return Ok(());
             }
-            self.write_front(stream, out).await?;
+            Box::pin(self.write_front(stream, out)).await?;
         }
     }
 
