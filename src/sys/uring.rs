@@ -62,14 +62,21 @@ pub struct BufferPool {
     ring_layout: std::alloc::Layout,
     memory_layout: std::alloc::Layout,
     tail: Cell<u16>,
-    /// Per buffer: where the kernel's next write lands in it.
-    filled: RefCell<Vec<u32>>,
-    /// Per buffer: the kernel has finished with it (a completion without `BUF_MORE`).
-    spent: RefCell<Vec<bool>>,
-    /// Per buffer: chunks taken from it and not released.
-    held: RefCell<Vec<u32>>,
+    /// Per buffer, by buffer id.
+    buffers: RefCell<Vec<BufferState>>,
     /// Buffers in the ring (not all of them spent).
     lent: Cell<u16>,
+}
+
+/// Where one buffer of the pool stands.
+#[derive(Clone, Copy, Default)]
+struct BufferState {
+    /// Where the kernel's next write lands in it.
+    filled: u32,
+    /// Chunks taken from it and not released.
+    held: u32,
+    /// The kernel has finished with it (a completion without `BUF_MORE`).
+    spent: bool,
 }
 
 impl BufferPool {
@@ -104,9 +111,7 @@ impl BufferPool {
             ring_layout,
             memory_layout,
             tail: Cell::new(0),
-            filled: RefCell::new(vec![0; count as usize]),
-            spent: RefCell::new(vec![false; count as usize]),
-            held: RefCell::new(vec![0; count as usize]),
+            buffers: RefCell::new(vec![BufferState::default(); count as usize]),
             lent: Cell::new(0),
         };
         for bid in 0..count {
@@ -130,8 +135,10 @@ impl BufferPool {
             self.tail.set(tail.wrapping_add(1));
             (*tail_ptr).store(self.tail.get(), Ordering::Release);
         }
-        self.filled.borrow_mut()[bid as usize] = 0;
-        self.spent.borrow_mut()[bid as usize] = false;
+        let mut buffers = self.buffers.borrow_mut();
+        let buffer = &mut buffers[bid as usize];
+        buffer.filled = 0;
+        buffer.spent = false;
         self.lent.set(self.lent.get() + 1);
     }
 
@@ -142,15 +149,15 @@ impl BufferPool {
         if i >= self.count as usize {
             return None;
         }
-        let mut filled = self.filled.borrow_mut();
-        let offset = filled[i];
-        filled[i] = (offset + len).min(self.size);
-        drop(filled);
+        let mut buffers = self.buffers.borrow_mut();
+        let buffer = &mut buffers[i];
+        let offset = buffer.filled;
+        buffer.filled = (offset + len).min(self.size);
         if !buffer_more {
-            self.spent.borrow_mut()[i] = true;
+            buffer.spent = true;
             self.lent.set(self.lent.get() - 1);
         }
-        self.held.borrow_mut()[i] += 1;
+        buffer.held += 1;
         Some(Chunk {
             bid,
             offset,
@@ -160,17 +167,17 @@ impl BufferPool {
 
     /// One more hold on `chunk`'s buffer (released with `release`).
     pub fn hold(&self, chunk: Chunk) {
-        self.held.borrow_mut()[chunk.bid as usize] += 1;
+        self.buffers.borrow_mut()[chunk.bid as usize].held += 1;
     }
 
     /// Releases a hold on `chunk`'s buffer; the buffer goes back to the ring when it
     /// was the last and the kernel has filled it.
     pub fn release(&self, chunk: Chunk) {
-        let i = chunk.bid as usize;
-        let mut held = self.held.borrow_mut();
-        held[i] = held[i].saturating_sub(1);
-        let free = held[i] == 0 && self.spent.borrow()[i];
-        drop(held);
+        let mut buffers = self.buffers.borrow_mut();
+        let buffer = &mut buffers[chunk.bid as usize];
+        buffer.held = buffer.held.saturating_sub(1);
+        let free = buffer.held == 0 && buffer.spent;
+        drop(buffers);
         if free {
             self.lend(chunk.bid);
         }
