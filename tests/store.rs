@@ -66,6 +66,7 @@ on_each_store!(
     two_senders_into_one_conversation_get_one_order_everywhere,
     a_dropped_connection_resumes_with_nothing_missed,
     joining_a_room_with_since_recovers_what_was_missed,
+    a_member_that_joins_before_its_ready_gets_the_room_live,
     a_retried_send_is_stored_once_and_acked_with_the_original_position,
     trimmed_history_is_answered_not_recovered,
     bad_history_requests_get_clear_errors_and_keep_the_connection,
@@ -320,6 +321,68 @@ fn joining_a_room_with_since_recovers_what_was_missed(store: &[&str]) {
         // The room is now one of carol's conversations.
         let (_c2, ready) = connect(ports[0], "carol").await;
         assert_eq!(ready["convs"], json!([{"conv":"room:news","seq":5}]));
+    });
+}
+
+/// A connection may join a room before its `ready` is written (`ready` waits behind the
+/// store's queue of reads; `joined` does not). It was sent `joined`, so what is published
+/// into the room from then on reaches it live, even while its `ready` is still on its way.
+fn a_member_that_joins_before_its_ready_gets_the_room_live(store: &[&str]) {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let (_gw, ports) = gateway_on("store-join-before-ready", store, &[]);
+    runtime().block_on(async {
+        let (mut alice, _) = connect(ports[0], "alice").await;
+        send(&mut alice, json!({"type":"join","room":"lobby"})).await;
+        assert_eq!(recv(&mut alice).await, json!({"type":"joined","room":"lobby"}));
+        send(&mut alice, json!({"type":"join","room":"archive"})).await;
+        assert_eq!(recv(&mut alice).await, json!({"type":"joined","room":"archive"}));
+        for n in 0..40 {
+            send_acked(&mut alice, json!({"type":"publish","room":"archive","body":n})).await;
+        }
+        // A queue of reads in front of bob's `ready` (their answers taken as they come).
+        let (mut reader, _) = connect(ports[0], "reader").await;
+        let read = json!({"type":"history","conv":"room:archive","limit":40}).to_string();
+        for _ in 0..4000 {
+            reader.feed(Message::Text(read.clone())).await.unwrap();
+        }
+        reader.flush().await.unwrap();
+        let drain = tokio::spawn(async move {
+            use futures_util::StreamExt;
+            while let Some(Ok(_)) = reader.next().await {}
+        });
+        let (mut bob, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{}/ws?user=bob", ports[1]))
+            .await
+            .expect("upgrade");
+        send(&mut bob, json!({"type":"join","room":"lobby"})).await;
+        let mut before_joined = Vec::new();
+        loop {
+            let frame = recv(&mut bob).await;
+            if frame == json!({"type":"joined","room":"lobby"}) {
+                break;
+            }
+            before_joined.push(frame);
+        }
+        let ack = send_acked(
+            &mut alice,
+            json!({"type":"publish","room":"lobby","id":"p1","body":"hi"}),
+        )
+        .await;
+        assert_eq!((&ack["status"], seq(&ack)), (&json!("stored"), 1), "{ack}");
+        let mut seen = before_joined;
+        let message = loop {
+            let frame = recv(&mut bob).await;
+            if frame["type"] == "room_message" {
+                break frame;
+            }
+            seen.push(frame);
+        };
+        assert_eq!(
+            (&message["conv"], seq(&message), &message["body"]),
+            (&json!("room:lobby"), 1, &json!("hi")),
+            "frames before it: {seen:?}"
+        );
+        drain.abort();
     });
 }
 

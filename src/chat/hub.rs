@@ -38,7 +38,7 @@ pub struct Hub<O> {
     pub store: Option<Arc<StoreLink>>,
     /// Joins that asked for the room's messages after a seq, until they are in effect.
     recover_since: RefCell<HashMap<(ConnId, Arc<str>), u64>>,
-    /// With the store: connections whose `ready` has not been written yet. Stored
+    /// With the store: connections whose `ready` has not been written yet. Stored direct
     /// messages skip them: the store thread committed those before it listed the
     /// conversations for `ready`, whose heads include them.
     awaiting_ready: RefCell<HashSet<ConnId>>,
@@ -333,9 +333,13 @@ impl<O: ConnOutput> Hub<O> {
                         let both = both.chain(if a == b { &[][..] } else { router.local_connections(b) });
                         self.deliver_local(both.filter(ready), &frame, ingress, except, cross_node);
                     }
+                    // Not skipped while `ready` is on its way: a member was sent `joined`
+                    // already, and `ready` lists the room only if the store noted the
+                    // membership before listing, which it need not have (both wait behind
+                    // the store's groups). Skipping lost the message for such a member.
                     Audience::Room(room) => {
                         let members = router.local_room_connections(room);
-                        self.deliver_local(members.filter(ready), &frame, ingress, except, cross_node);
+                        self.deliver_local(members, &frame, ingress, except, cross_node);
                     }
                 }
             }
