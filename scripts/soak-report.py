@@ -224,11 +224,12 @@ def main():
         # Rates are summed over the soak's 5 s report lines: messages = rate x 5 s per line.
         # A group is one sync (embedded) or one pipeline: one round trip to one Redis, one
         # per primary it touches on a Redis Cluster.
-        s = {k: v for k, v in store.items() if k != "lines"}
+        s = {k.removesuffix("_per_s"): round(v * 5) if k.endswith("_per_s") else v
+             for k, v in store.items() if k != "lines"}
         s["groups_per_message"] = round(store["groups_per_s"] / store["appended_per_s"], 4)
         summary["store"] = s
-        text.append(f"store: {store['appended_per_s'] * 5:.0f} messages appended in {store['groups_per_s'] * 5:.0f} groups "
-                    f"({s['groups_per_message']:.3f} groups per message); from other nodes {store['from_nodes_per_s'] * 5:.0f}, "
+        text.append(f"store: {s['appended']} messages appended in {s['groups']} groups "
+                    f"({s['groups_per_message']:.3f} groups per message); from other nodes {s['from_nodes']}, "
                     f"held for order {store['held']}, late {store['late']}, gaps filled {store['gap_filled']}, skipped {store['gap_skipped']}, "
                     f"unavailable {store['unavailable']}")
     if a.redis_processes and a.cpu_seconds > 0:
