@@ -275,7 +275,7 @@ async fn publisher(th: Rc<Thread>) {
             break;
         }
         // Its acks are read (and dropped) so that they never fill its socket.
-        let _ = drain_now(&th, &mut stream);
+        drain_now(&th, &stream);
     }
     let until = shared.micros() + th.args.drain.as_micros() as u64;
     shared.give_up_at.store(until, Ordering::Relaxed);
@@ -363,17 +363,12 @@ async fn read(th: &Thread, stream: &mut TcpStream) -> std::io::Result<usize> {
     .await
 }
 
-/// Takes whatever is readable now without waiting (the publisher's acks).
-fn drain_now(th: &Thread, stream: &mut TcpStream) -> std::io::Result<()> {
+/// Takes whatever is readable now without waiting (the publisher's acks), until nothing
+/// is there, the stream ended or it failed (a lost publisher shows as missing deliveries).
+fn drain_now(th: &Thread, stream: &TcpStream) {
     use std::os::fd::AsRawFd;
     let mut rx = th.rx.borrow_mut();
-    loop {
-        // SAFETY: a valid buffer of that length.
-        let n = unsafe { libc::recv(stream.as_raw_fd(), rx.as_mut_ptr().cast(), rx.len(), libc::MSG_DONTWAIT) };
-        if n <= 0 {
-            return Ok(());
-        }
-    }
+    while let Ok(1..) = shardgate::sys::socket::recv(stream.as_raw_fd(), &mut rx[..]) {}
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
