@@ -206,7 +206,8 @@ pub fn credentials(request: &Request<'_>) -> (Option<String>, Option<String>) {
 /// limit.
 pub struct ChatConn<O> {
     pub user: Arc<str>,
-    rooms: Option<RoomGrants>,
+    /// Boxed: most tokens carry no room claim, and this state is kept per connection.
+    rooms: Option<Box<RoomGrants>>,
     pub out: Rc<O>,
     rate: RateLimit,
     /// When the last `rate_limited` error went out.
@@ -217,7 +218,7 @@ impl<O: ConnOutput> ChatConn<O> {
     pub fn new(who: ChatUser, out: Rc<O>, limits: &RateLimits) -> Self {
         ChatConn {
             user: who.user,
-            rooms: who.rooms,
+            rooms: who.rooms.map(Box::new),
             out,
             rate: RateLimit::new(limits, Instant::now()),
             rate_error_at: None,

@@ -17,7 +17,7 @@
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use super::{ConnId, ShardMask, ShardMsg, Ticket};
 
@@ -68,6 +68,51 @@ struct HomeRecord {
     rooms: Vec<Arc<str>>,
 }
 
+/// A user's connections on this shard: nearly always one, which needs no allocation.
+#[derive(Debug, Clone)]
+enum Devices {
+    One(ConnId),
+    Many(Vec<ConnId>),
+}
+
+impl Devices {
+    fn as_slice(&self) -> &[ConnId] {
+        match self {
+            Devices::One(conn) => std::slice::from_ref(conn),
+            Devices::Many(conns) => conns,
+        }
+    }
+
+    fn push(&mut self, conn: ConnId) {
+        match self {
+            Devices::One(first) => *self = Devices::Many(vec![*first, conn]),
+            Devices::Many(conns) => conns.push(conn),
+        }
+    }
+
+    /// Removes `conn`; true when no connection is left.
+    fn remove(&mut self, conn: ConnId) -> bool {
+        match self {
+            Devices::One(only) => *only == conn,
+            Devices::Many(conns) => {
+                conns.retain(|c| *c != conn);
+                match conns.as_slice() {
+                    [] => true,
+                    [one] => {
+                        *self = Devices::One(*one);
+                        false
+                    }
+                    _ => false,
+                }
+            }
+        }
+    }
+}
+
+/// The rooms of a user in none, shared: most users are in none, and an empty `Arc<[_]>`
+/// is an allocation of its own for each.
+static NO_ROOMS: LazyLock<Arc<[Arc<str>]>> = LazyLock::new(|| Arc::from(Vec::new()));
+
 #[derive(Debug, Clone)]
 struct Replica {
     mask: ShardMask,
@@ -82,7 +127,7 @@ pub struct Router {
     /// Shards holding members of each room, from their `RoomShard`s.
     room_masks: HashMap<Arc<str>, ShardMask>,
     /// This shard's connections, by user.
-    local_users: HashMap<Arc<str>, Vec<ConnId>>,
+    local_users: HashMap<Arc<str>, Devices>,
     /// This shard's connections that receive each room.
     local_rooms: HashMap<Arc<str>, HashSet<ConnId>>,
     /// Records of the users whose home is this shard.
@@ -169,7 +214,7 @@ impl Router {
 
     /// This shard's connections of `user`.
     pub fn local_connections(&self, user: &str) -> &[ConnId] {
-        self.local_users.get(user).map_or(&[], Vec::as_slice)
+        self.local_users.get(user).map_or(&[], Devices::as_slice)
     }
 
     /// This shard's connections that receive `room`.
@@ -204,7 +249,7 @@ impl Router {
                 false
             }
             Entry::Vacant(e) => {
-                e.insert(vec![conn]);
+                e.insert(Devices::One(conn));
                 true
             }
         };
@@ -250,8 +295,7 @@ impl Router {
         let Some(conns) = self.local_users.get_mut(user) else {
             return;
         };
-        conns.retain(|c| *c != conn);
-        let last = conns.is_empty();
+        let last = conns.remove(conn);
         let rooms = self.users.get(user).map(|r| r.rooms.clone());
         for room in rooms.iter().flat_map(|r| r.iter()) {
             self.remove_local_room_member(room, conn);
@@ -441,7 +485,10 @@ impl Router {
         let msg = ShardMsg::UserState {
             user: user.clone(),
             mask: rec.mask,
-            rooms: rec.rooms.iter().cloned().collect(),
+            rooms: match rec.rooms.is_empty() {
+                true => NO_ROOMS.clone(),
+                false => rec.rooms.iter().cloned().collect(),
+            },
         };
         if rec.mask == 0 {
             self.homes.remove(&user);
@@ -456,7 +503,7 @@ impl Router {
             .map(|r| r.rooms.iter().cloned().collect())
             .unwrap_or_default();
         let new: HashSet<Arc<str>> = rooms.iter().cloned().collect();
-        let conns = self.local_users.get(&user).cloned().unwrap_or_default();
+        let conns = self.local_connections(&user).to_vec();
         for room in new.difference(&old) {
             for &c in &conns {
                 self.add_local_room_member(room, c);
@@ -643,6 +690,34 @@ mod tests {
         for r in &c.routers {
             assert_eq!(r.room_shards("general"), 0);
             assert!(!r.is_member("alice", "general"));
+        }
+    }
+
+    #[test]
+    fn devices_on_one_shard_come_and_go_and_the_user_stays_until_the_last() {
+        let mut c = Cluster::new(2);
+        let alice = Cluster::user("alice");
+        for conn in [1, 2, 3] {
+            c.routers[1].connect(&alice, conn);
+        }
+        c.settle(&[0, 1]);
+        assert_eq!(c.routers[1].local_connections("alice"), &[1, 2, 3]);
+        c.routers[1].disconnect("alice", 2);
+        assert_eq!(c.routers[1].local_connections("alice"), &[1, 3]);
+        c.routers[1].disconnect("alice", 1);
+        assert_eq!(c.routers[1].local_connections("alice"), &[3]);
+        c.routers[1].disconnect("alice", 42); // not hers: nothing changes
+        c.settle(&[1, 0]);
+        assert_eq!(c.routers[1].local_connections("alice"), &[3]);
+        assert_eq!(c.routers[0].user_shards("alice"), 0b10);
+        c.routers[1].connect(&alice, 4);
+        assert_eq!(c.routers[1].local_connections("alice"), &[3, 4]);
+        c.routers[1].disconnect("alice", 3);
+        c.routers[1].disconnect("alice", 4);
+        c.settle(&[0, 1]);
+        assert_eq!(c.routers[1].local_connections("alice"), &[] as &[ConnId]);
+        for r in &c.routers {
+            assert_eq!(r.user_shards("alice"), 0);
         }
     }
 
