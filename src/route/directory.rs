@@ -109,8 +109,8 @@ impl Devices {
     }
 }
 
-/// The rooms of a user in none, shared: most users are in none, and an empty `Arc<[_]>`
-/// is an allocation of its own for each.
+/// The rooms list of every user in no room (most users): one shared allocation, where
+/// collecting an empty list into an `Arc<[_]>` would make one per user.
 static NO_ROOMS: LazyLock<Arc<[Arc<str>]>> = LazyLock::new(|| Arc::from(Vec::new()));
 
 #[derive(Debug, Clone)]
