@@ -36,7 +36,7 @@ use shardgate::chat::auth::Authenticator;
 use shardgate::ws::deflate::{accepted_in_response, Deflater, Inflater, EXTENSION, RSV1};
 use shardgate::ws::{write_close, write_frame, Decoder, Event, OpCode, Role};
 use shardgate_bench::accounting::{decode_histogram, encode_histogram, new_histogram, Answer, Report, Tracker};
-use shardgate_bench::tls_client;
+use shardgate_bench::{gather_response_head, tls_client};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Mode {
@@ -796,12 +796,8 @@ async fn connect(th: &Thread, gateway: usize, global: usize, cred: &str) -> Opti
     let mut head = Vec::new();
     let pos = loop {
         let n = wire.read(th).await.ok()?;
-        if n == 0 || head.len() > 8192 {
-            return None;
-        }
-        head.extend_from_slice(&th.rx.borrow()[..n]);
-        if let Some(p) = head.windows(4).position(|w| w == b"\r\n\r\n") {
-            break p + 4;
+        if let Some(end) = gather_response_head(&mut head, &th.rx.borrow()[..n])? {
+            break end;
         }
     };
     if !head.starts_with(b"HTTP/1.1 101 ") {

@@ -30,6 +30,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 use hdrhistogram::Histogram;
 use shardgate::ws::{write_frame, Decoder, Event, OpCode, Role};
 use shardgate_bench::accounting::new_histogram;
+use shardgate_bench::gather_response_head;
 
 #[derive(Debug, Clone, Parser)]
 #[command(name = "room-fanout", about = "publishes into one large room and times the fan-out")]
@@ -309,12 +310,8 @@ async fn connect_and_join(th: &Thread, user: &str, n: usize) -> Option<(TcpStrea
     let mut head = Vec::new();
     let end = loop {
         let n = read(th, &mut stream).await.ok()?;
-        if n == 0 || head.len() > 8192 {
-            return None;
-        }
-        head.extend_from_slice(&th.rx.borrow()[..n]);
-        if let Some(p) = head.windows(4).position(|w| w == b"\r\n\r\n") {
-            break p + 4;
+        if let Some(end) = gather_response_head(&mut head, &th.rx.borrow()[..n])? {
+            break end;
         }
     };
     if !head.starts_with(b"HTTP/1.1 101 ") {
