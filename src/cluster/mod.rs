@@ -12,6 +12,7 @@
 //! - `inbound`: a batch from another node handed to the shards, and its receipt.
 
 pub mod access;
+pub mod directory;
 pub mod inbound;
 pub mod node;
 pub mod presence;
