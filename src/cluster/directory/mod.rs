@@ -17,8 +17,10 @@
 //!   `Synced` for that view; until then its answers say `complete: false` (an empty one
 //!   is `unavailable` to the sender, never `offline`);
 //! - the keys a node released within `GRACE` are released again at their new home, and a
-//!   home keeps the records it no longer owns for `GRACE` after its view last changed:
-//!   views of different nodes differ for a moment, and these two make up for it.
+//!   home keeps the records it no longer owns until every node has agreed on its view for
+//!   `GRACE`: views of different nodes differ for a moment, and these two make up for it;
+//! - membership changes are applied together (`VIEW_SETTLE`), so that a cluster starting
+//!   at once moves each key a few times, not once per node.
 //!
 //! The view itself comes from the heartbeats every node publishes (`heard`, `left`,
 //! `tick`), which cost each node one small message per node per second.
@@ -45,6 +47,12 @@ const LOOKUP_TRIES: u8 = 3;
 const RECHECK: Duration = Duration::from_millis(100);
 /// How long released keys are remembered and disowned records kept (see the module doc).
 pub const GRACE: Duration = Duration::from_secs(30);
+/// Changes of membership are applied together: once none came for `VIEW_SETTLE`, or
+/// `VIEW_MAX_WAIT` after the first. A cluster that starts (or a NATS that comes back)
+/// brings every node at once; one view change per node heard would move each key once
+/// per node and send every node a `Synced` per change.
+pub const VIEW_SETTLE: Duration = Duration::from_millis(200);
+pub const VIEW_MAX_WAIT: Duration = Duration::from_secs(1);
 /// How long a node forgotten for its silence is remembered: if it speaks again within
 /// this, it is asked to send its keys again (it may not have forgotten us, and so would
 /// not send them by itself).
@@ -111,13 +119,21 @@ pub struct DirectoryStats {
 pub struct HomeDirectory {
     me: NodeId,
     timeout: Duration,
-    /// Other nodes of the view, with when each was last heard from.
+    /// Other nodes heard from, with when each was last heard from.
     members: HashMap<NodeId, Instant>,
-    /// The view: every member and this node, sorted; and its digest.
+    /// Membership changed since the view was last applied: when first, and when last.
+    view_pending: Option<(Instant, Instant)>,
+    /// Nodes that left or went silent since then (some may never have been in a view,
+    /// yet have been named as holders).
+    gone: Vec<NodeId>,
+    /// The view: the members and this node, sorted, as last applied; and its digest.
     view_nodes: Vec<NodeId>,
     view: u64,
-    view_since: Instant,
-    /// Has the view been stable for `GRACE`, and the disowned records dropped?
+    /// Has every node of the view said `Synced` for it?
+    ready: bool,
+    /// Since when every node of the view has agreed on it (`None`: not ready).
+    ready_since: Option<Instant>,
+    /// Have the records this node does not own been dropped since the view last changed?
     pruned: bool,
     /// The view each node last said `Synced` for.
     synced: HashMap<NodeId, u64>,
@@ -127,6 +143,7 @@ pub struct HomeDirectory {
     released: VecDeque<(Instant, DirKey, NodeId)>,
     homed: HashMap<DirKey, HomeRecord>,
     cache: LruCache<DirKey, Cached>,
+    cache_capacity: usize,
     asked: HashMap<DirKey, Asked>,
     resolved: Vec<DirKey>,
     /// Answers sent with `complete: false`: sent again once this node is ready.
@@ -146,16 +163,22 @@ impl HomeDirectory {
             me,
             timeout,
             members: HashMap::new(),
+            view_pending: None,
+            gone: Vec::new(),
             view_nodes: vec![me],
             view: view_digest(&[me]),
-            view_since: now,
+            ready: true,
+            ready_since: Some(now),
             pruned: false,
             synced: HashMap::new(),
             forgotten: HashMap::new(),
             local: HashMap::new(),
             released: VecDeque::new(),
             homed: HashMap::new(),
-            cache: LruCache::new(cache),
+            // Unbounded to the crate (which would allocate the whole capacity at once),
+            // bounded by `cache_put`.
+            cache: LruCache::unbounded(),
+            cache_capacity: cache.get(),
             asked: HashMap::new(),
             resolved: Vec::new(),
             told_incomplete: Vec::new(),
@@ -177,7 +200,21 @@ impl HomeDirectory {
 
     /// Has every node of the view said `Synced` for it (so empty answers mean offline)?
     pub fn is_ready(&self) -> bool {
-        self.members.keys().all(|m| self.synced.get(m) == Some(&self.view))
+        self.ready
+    }
+
+    /// `now` is when a change to ready counts from.
+    fn update_ready(&mut self, now: Instant) {
+        let (me, view) = (self.me, self.view);
+        self.ready = self
+            .view_nodes
+            .iter()
+            .all(|n| *n == me || self.synced.get(n) == Some(&view));
+        if !self.ready {
+            self.ready_since = None;
+        } else if self.ready_since.is_none() {
+            self.ready_since = Some(now);
+        }
     }
 
     /// The home of `key` under the current view.
@@ -187,7 +224,7 @@ impl HomeDirectory {
 
     pub fn stats(&self) -> DirectoryStats {
         DirectoryStats {
-            members: self.members.len(),
+            members: self.view_nodes.len() - 1,
             local: self.local.len(),
             homed: self.homed.len(),
             cached: self.cache.len(),
@@ -206,35 +243,54 @@ impl HomeDirectory {
             return;
         }
         if self.members.insert(node, now).is_none() {
-            self.change_view(now);
+            self.view_changed(now);
         }
     }
 
     /// `node` said bye.
     pub fn left(&mut self, node: NodeId, now: Instant) {
         if self.members.remove(&node).is_some() {
-            self.change_view(now);
+            self.gone.push(node);
+            self.view_changed(now);
         }
     }
 
     /// Every other node is forgotten (this node lost NATS: what it knew is stale).
     pub fn forget_all(&mut self, now: Instant) {
-        self.members.clear();
+        self.gone.extend(self.members.drain().map(|(n, _)| n));
         self.cache.clear();
         self.outbox.clear();
         self.change_view(now);
     }
 
-    /// Forgets members not heard from within the timeout, asks again for lookups left
-    /// unanswered, forgets old releases and, once the view has held for `GRACE`, the
-    /// records this node no longer owns.
+    fn view_changed(&mut self, now: Instant) {
+        let first = self.view_pending.map_or(now, |(first, _)| first);
+        self.view_pending = Some((first, now));
+    }
+
+    /// Forgets members not heard from within the timeout, applies membership changes,
+    /// asks again for lookups left unanswered, forgets old releases and, once every node
+    /// has agreed on the view for `GRACE`, the records this node no longer owns.
     pub fn tick(&mut self, now: Instant) {
         let timeout = self.timeout;
         let before = self.members.len();
-        self.members
-            .retain(|_, heard| now.saturating_duration_since(*heard) <= timeout);
+        let gone = &mut self.gone;
+        self.members.retain(|node, heard| {
+            let alive = now.saturating_duration_since(*heard) <= timeout;
+            if !alive {
+                gone.push(*node);
+            }
+            alive
+        });
         if self.members.len() != before {
-            self.change_view(now);
+            self.view_changed(now);
+        }
+        if let Some((first, last)) = self.view_pending {
+            if now.saturating_duration_since(last) >= VIEW_SETTLE
+                || now.saturating_duration_since(first) >= VIEW_MAX_WAIT
+            {
+                self.change_view(now);
+            }
         }
         let overdue: Vec<DirKey> = self
             .asked
@@ -265,14 +321,20 @@ impl HomeDirectory {
         {
             self.released.pop_front();
         }
-        if !self.pruned && now.saturating_duration_since(self.view_since) >= GRACE {
+        if !self.pruned
+            && self
+                .ready_since
+                .is_some_and(|t| now.saturating_duration_since(t) >= GRACE)
+        {
             self.pruned = true;
             let (me, nodes) = (self.me, &self.view_nodes);
             self.homed.retain(|key, _| home_among(key_hash(key), nodes) == me);
+            self.homed.shrink_to_fit();
         }
     }
 
     fn change_view(&mut self, now: Instant) {
+        self.view_pending = None;
         let old_nodes = std::mem::take(&mut self.view_nodes);
         let mut nodes: Vec<NodeId> = self.members.keys().copied().chain([self.me]).collect();
         nodes.sort_unstable();
@@ -281,16 +343,21 @@ impl HomeDirectory {
             .filter(|n| old_nodes.binary_search(n).is_err())
             .copied()
             .collect();
-        let departed: Vec<NodeId> = old_nodes
+        let mut departed: Vec<NodeId> = old_nodes
             .iter()
+            .chain(&self.gone)
             .filter(|n| nodes.binary_search(n).is_err())
             .copied()
             .collect();
+        departed.sort_unstable();
+        departed.dedup();
+        self.gone.clear();
         self.view_nodes = nodes;
         self.view = view_digest(&self.view_nodes);
-        self.view_since = now;
         self.pruned = false;
         self.synced.retain(|n, _| self.members.contains_key(n));
+        self.ready = false;
+        self.ready_since = None;
         let me = self.me;
         for node in &departed {
             self.forgotten.insert(*node, now);
@@ -392,6 +459,7 @@ impl HomeDirectory {
         for node in members {
             self.send(node, DirMsg::Synced { view });
         }
+        self.update_ready(now);
         self.check_ready();
     }
 
@@ -560,12 +628,14 @@ impl HomeDirectory {
     }
 
     fn cache_put(&mut self, key: DirKey, entry: Cached) {
-        if let Some((evicted, _)) = self.cache.push(key.clone(), entry) {
-            if evicted != key {
-                let home = self.home_of(&evicted);
-                if home != self.me {
-                    self.send(home, DirMsg::Unwatch { key: evicted });
-                }
+        self.cache.push(key, entry);
+        while self.cache.len() > self.cache_capacity {
+            let Some((evicted, _)) = self.cache.pop_lru() else {
+                break;
+            };
+            let home = self.home_of(&evicted);
+            if home != self.me {
+                self.send(home, DirMsg::Unwatch { key: evicted });
             }
         }
     }
@@ -585,6 +655,7 @@ impl HomeDirectory {
                 DirMsg::Hold { key, held: false } => self.remove_holder(&key, from),
                 DirMsg::Synced { view } => {
                     self.synced.insert(from, view);
+                    self.update_ready(now);
                 }
                 DirMsg::Lookup { key } => self.on_lookup(key, from),
                 DirMsg::Where { key, nodes, complete } => self.on_where(key, from, nodes, complete, now),

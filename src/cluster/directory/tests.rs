@@ -122,17 +122,34 @@ impl Cluster {
         panic!("messages never stopped");
     }
 
-    /// Every node hears every other and of every departure, and every message is
-    /// delivered.
+    /// Time enough passes for every node to apply the membership it has heard of.
+    fn apply_views(&mut self) {
+        self.now += VIEW_MAX_WAIT;
+        let now = self.now;
+        for n in self.nodes.values_mut() {
+            n.tick(now);
+        }
+    }
+
+    /// Every node hears every other and of every departure, applies what it heard, and
+    /// every message is delivered (messages from nodes not heard of yet make views change
+    /// again, hence the rounds).
     fn settle(&mut self) {
-        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
-        for a in &ids {
-            let known: Vec<NodeId> = self.nodes[a].members.keys().copied().collect();
-            for b in ids.iter().chain(&known) {
-                self.hears(*a, *b);
+        for _ in 0..10 {
+            let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+            for a in &ids {
+                let known: Vec<NodeId> = self.nodes[a].members.keys().copied().collect();
+                for b in ids.iter().chain(&known) {
+                    self.hears(*a, *b);
+                }
+            }
+            self.apply_views();
+            self.deliver_all();
+            if self.nodes.values().all(|n| n.view_pending.is_none()) {
+                return;
             }
         }
-        self.deliver_all();
+        panic!("views never settled");
     }
 
     fn holders(&self, key: &DirKey) -> Vec<NodeId> {
@@ -285,6 +302,9 @@ fn an_empty_answer_is_unavailable_until_every_node_has_synced() {
     // A third node appears to node 2 only: node 2 waits for its `Synced`.
     c.join(3);
     c.hears(2, 3);
+    let now = c.now + VIEW_MAX_WAIT;
+    c.now = now;
+    c.nodes.get_mut(&2).unwrap().tick(now);
     c.post();
     let now = c.now;
     let link = (1, 2);
