@@ -327,7 +327,7 @@ impl SimNode {
                 let name = user_name(user);
                 let here = match dir {
                     Dir::Replicated(p, _) => p.local_user_shards(&name).is_some(),
-                    Dir::Sharded(d) => d.local_shards(&DirKey::user(name.as_str())).is_some(),
+                    Dir::Sharded(d) => d.local_shards(directory::KeyKind::User, &name).is_some(),
                 };
                 if self.measuring {
                     if here {

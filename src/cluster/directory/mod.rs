@@ -37,7 +37,7 @@ use lru::LruCache;
 
 use crate::cluster::wire::NodeId;
 use crate::route::ShardMask;
-pub use wire::{DirKey, DirMsg, KeyKind};
+pub use wire::{DirKey, DirMsg, KeyKind, KeyView};
 
 /// An unanswered lookup is sent again after this long, at most `LOOKUP_TRIES` times in
 /// all; then the key is resolved as unavailable.
@@ -78,6 +78,8 @@ struct Held {
     home: NodeId,
     /// The other nodes holding it, as its home last said.
     others: Vec<NodeId>,
+    /// Has its home answered since it was last told (so lookups there find this node)?
+    confirmed: bool,
 }
 
 /// A key homed here: who holds it and who wants to hear of changes.
@@ -89,6 +91,8 @@ struct HomeRecord {
 
 #[derive(Debug)]
 struct Cached {
+    /// The home that answered (a change of view drops the entry if the home moves).
+    home: NodeId,
     nodes: Vec<NodeId>,
     complete: bool,
     at: Instant,
@@ -106,6 +110,9 @@ struct Asked {
 pub struct DirectoryStats {
     pub members: usize,
     pub local: usize,
+    /// Local keys whose home has not answered since it was told of them: until it does,
+    /// a lookup there may not find them.
+    pub local_unconfirmed: usize,
     pub homed: usize,
     pub cached: usize,
     pub lookups_in_flight: usize,
@@ -226,6 +233,7 @@ impl HomeDirectory {
         DirectoryStats {
             members: self.view_nodes.len() - 1,
             local: self.local.len(),
+            local_unconfirmed: self.local.values().filter(|h| !h.confirmed).count(),
             homed: self.homed.len(),
             cached: self.cache.len(),
             lookups_in_flight: self.asked.len(),
@@ -375,6 +383,7 @@ impl HomeDirectory {
             let home = new_home(key, held.home, &joined, &departed, &self.view_nodes);
             if home != held.home {
                 held.home = home;
+                held.confirmed = home == me;
                 if home == me {
                     own_home.push(key.clone());
                 } else {
@@ -393,9 +402,11 @@ impl HomeDirectory {
         // Keys of ours homed here now: what a record kept here says replaces what the old
         // home said (it may name nodes this node never heard of, now gone).
         for key in own_home {
-            self.homed.entry(key.clone()).or_default();
-            self.add_holder(key.clone(), me);
-            self.notify(&key);
+            if self.homed.get(&key).is_some_and(|r| r.holders.contains(&me)) {
+                self.notify(&key);
+            } else {
+                self.add_holder(key, me);
+            }
         }
         // Keys released lately: released again at their new home.
         let (view_nodes, released) = (&self.view_nodes, &mut self.released);
@@ -435,7 +446,7 @@ impl HomeDirectory {
         let moved: Vec<DirKey> = self
             .cache
             .iter()
-            .filter(|(key, _)| home_among(key_hash(key), &old_nodes) != home_among(key_hash(key), &self.view_nodes))
+            .filter(|(key, c)| new_home(key, c.home, &joined, &departed, &self.view_nodes) != c.home)
             .map(|(key, _)| key.clone())
             .collect();
         for key in moved {
@@ -508,6 +519,7 @@ impl HomeDirectory {
                         shards: bit,
                         home,
                         others,
+                        confirmed: home == self.me,
                     },
                 );
                 if home == self.me {
@@ -520,9 +532,11 @@ impl HomeDirectory {
         }
     }
 
-    /// The local shards holding `key`, and its interned name.
-    pub fn local_shards(&self, key: &DirKey) -> Option<(&Arc<str>, ShardMask)> {
-        self.local.get_key_value(key).map(|(k, h)| (&k.name, h.shards))
+    /// The local shards holding the user or room `name`, and its interned name (asked
+    /// for each record another node sends: no allocation).
+    pub fn local_shards(&self, kind: KeyKind, name: &str) -> Option<(&Arc<str>, ShardMask)> {
+        let view: &dyn KeyView = &(kind, name);
+        self.local.get_key_value(view).map(|(k, h)| (&k.name, h.shards))
     }
 
     /// A record for `key` reached this node, which does not hold it: its home is told
@@ -616,9 +630,11 @@ impl HomeDirectory {
 
     /// The key's home cannot answer: unavailable for `RECHECK`, then asked again.
     fn refuse(&mut self, key: DirKey, now: Instant) {
+        let home = self.home_of(&key);
         self.cache_put(
             key.clone(),
             Cached {
+                home,
                 nodes: Vec::new(),
                 complete: false,
                 at: now,
@@ -684,9 +700,12 @@ impl HomeDirectory {
     fn resync(&mut self, home: NodeId) {
         let keys: Vec<DirKey> = self
             .local
-            .iter()
+            .iter_mut()
             .filter(|(_, held)| held.home == home)
-            .map(|(key, _)| key.clone())
+            .map(|(key, held)| {
+                held.confirmed = false;
+                key.clone()
+            })
             .collect();
         for key in keys {
             self.send(home, DirMsg::Hold { key, held: true });
@@ -752,6 +771,7 @@ impl HomeDirectory {
         }
         let me = self.me;
         if let Some(held) = self.local.get_mut(&key) {
+            held.confirmed = true;
             let before = !held.others.is_empty();
             held.others = nodes.into_iter().filter(|n| *n != me).collect();
             let after = !held.others.is_empty();
@@ -765,6 +785,7 @@ impl HomeDirectory {
             self.cache_put(
                 key.clone(),
                 Cached {
+                    home: from,
                     nodes: nodes.into_iter().filter(|n| *n != me).collect(),
                     complete,
                     at: now,

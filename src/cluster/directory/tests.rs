@@ -190,6 +190,8 @@ impl Cluster {
         let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
         for id in &ids {
             prop_assert!(self.nodes[id].is_ready(), "node {id} not ready");
+            let unconfirmed = self.nodes[id].stats().local_unconfirmed;
+            prop_assert_eq!(unconfirmed, 0, "node {} has keys its home never answered for", id);
         }
         for key in keys {
             let holders = self.holders(key);
@@ -262,6 +264,27 @@ fn a_lookup_goes_to_the_home_and_the_asker_hears_of_changes() {
         c.nodes.get_mut(&asker).unwrap().resolve(&ann, now),
         Resolution::Nodes(&[])
     );
+}
+
+#[test]
+fn a_key_is_confirmed_once_its_home_answered() {
+    let mut c = Cluster::new(&[1, 2], 100);
+    c.settle();
+    let key = (0..100)
+        .map(|i| DirKey::user(format!("u{i}")))
+        .find(|k| c.nodes[&1].home_of(k) == 2)
+        .expect("some key is homed at node 2");
+    c.set(1, &key, 0, true);
+    assert_eq!(c.nodes[&1].stats().local_unconfirmed, 1);
+    c.deliver_all();
+    assert_eq!(c.nodes[&1].stats().local_unconfirmed, 0);
+    // Homed at itself: nothing to wait for.
+    let own = (0..100)
+        .map(|i| DirKey::user(format!("v{i}")))
+        .find(|k| c.nodes[&1].home_of(k) == 1)
+        .expect("some key is homed at node 1");
+    c.set(1, &own, 0, true);
+    assert_eq!(c.nodes[&1].stats().local_unconfirmed, 0);
 }
 
 #[test]

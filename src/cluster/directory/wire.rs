@@ -3,6 +3,8 @@
 //! Little-endian, names length-prefixed by one byte (user ids and room names are at most
 //! 255 bytes, as in the presence ops).
 
+use std::borrow::Borrow;
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use bytes::{Buf, BufMut, Bytes};
@@ -17,10 +19,64 @@ pub enum KeyKind {
 }
 
 /// A user or a room: what has a home node and a set of nodes holding it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct DirKey {
     pub kind: KeyKind,
     pub name: Arc<str>,
+}
+
+/// A key seen through a borrowed name, so that maps keyed by `DirKey` can be asked with
+/// `(KeyKind, &str)` (a record off the wire) without allocating a name.
+pub trait KeyView {
+    fn kind(&self) -> KeyKind;
+    fn name(&self) -> &str;
+}
+
+impl KeyView for DirKey {
+    fn kind(&self) -> KeyKind {
+        self.kind
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl KeyView for (KeyKind, &str) {
+    fn kind(&self) -> KeyKind {
+        self.0
+    }
+    fn name(&self) -> &str {
+        self.1
+    }
+}
+
+// The same hash and equality for a key and its view (what `Borrow` requires).
+impl Hash for DirKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.kind.hash(state);
+        self.name.hash(state);
+    }
+}
+
+impl Hash for dyn KeyView + '_ {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.kind().hash(state);
+        self.name().hash(state);
+    }
+}
+
+impl PartialEq for dyn KeyView + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.kind() == other.kind() && self.name() == other.name()
+    }
+}
+
+impl Eq for dyn KeyView + '_ {}
+
+impl<'a> Borrow<dyn KeyView + 'a> for DirKey {
+    fn borrow(&self) -> &(dyn KeyView + 'a) {
+        self
+    }
 }
 
 impl DirKey {
@@ -244,6 +300,20 @@ mod tests {
             let _ = read_dir(body.slice(..at));
             let _ = read_dir(Bytes::from(noise));
         }
+    }
+
+    #[test]
+    fn a_key_is_found_by_its_borrowed_name() {
+        let mut map = std::collections::HashMap::new();
+        map.insert(DirKey::user("ann"), 1);
+        map.insert(DirKey::room("ann"), 2);
+        let user: &dyn KeyView = &(KeyKind::User, "ann");
+        let room: &dyn KeyView = &(KeyKind::Room, "ann");
+        let other: &dyn KeyView = &(KeyKind::User, "bob");
+        assert_eq!(
+            (map.get(user), map.get(room), map.get(other)),
+            (Some(&1), Some(&2), None)
+        );
     }
 
     #[test]
