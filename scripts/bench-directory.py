@@ -19,7 +19,6 @@ import pathlib
 import socket
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from benchlib import Server, free_port  # noqa: E402
@@ -35,23 +34,23 @@ def sim(binary, url, nodes, users, directories, warmup, duration, out):
     return json.loads(out.read_text())
 
 
+def round_trip(s, first=b""):
+    """Sends `first` and a PING, and waits for the PONG: the server has handled all before it."""
+    s.sendall(first + b"PING\r\n")
+    buf = b""
+    while b"PONG" not in buf:
+        buf += s.recv(65536)
+
+
 def bytes_per_subscription(nats, subs):
     """nats-server's resident memory per subscription of one client, over `subs` subjects."""
     s = socket.create_connection(("127.0.0.1", nats.port))
     s.recv(4096)
-    s.sendall(b'CONNECT {"verbose":false,"pedantic":false}\r\nPING\r\n')
-    buf = b""
-    while b"PONG" not in buf:
-        buf += s.recv(4096)
-    time.sleep(1.0)
+    round_trip(s, b'CONNECT {"verbose":false,"pedantic":false}\r\n')
     before = nats.status_kib("VmRSS")
     for start in range(0, subs, 5000):
         s.sendall(b"".join(b"SUB sg.u.user-%d %d\r\n" % (i, i + 1) for i in range(start, min(subs, start + 5000))))
-    s.sendall(b"PING\r\n")
-    buf = b""
-    while b"PONG" not in buf:
-        buf += s.recv(65536)
-    time.sleep(1.0)
+    round_trip(s)
     after = nats.status_kib("VmRSS")
     s.close()
     return (after - before) * 1024 / subs

@@ -152,6 +152,15 @@ impl Cluster {
         panic!("views never settled");
     }
 
+    /// A user, named `prefix` and a number, whose home is `home` (in the first node's view).
+    fn user_homed_at(&self, home: NodeId, prefix: &str) -> DirKey {
+        let first = self.nodes.values().next().expect("a node");
+        (0..1000)
+            .map(|i| DirKey::user(format!("{prefix}{i}")))
+            .find(|k| first.home_of(k) == home)
+            .expect("some user is homed there")
+    }
+
     fn holders(&self, key: &DirKey) -> Vec<NodeId> {
         self.truth.get(key).map_or(Vec::new(), |h| h.keys().copied().collect())
     }
@@ -270,19 +279,13 @@ fn a_lookup_goes_to_the_home_and_the_asker_hears_of_changes() {
 fn a_key_is_confirmed_once_its_home_answered() {
     let mut c = Cluster::new(&[1, 2], 100);
     c.settle();
-    let key = (0..100)
-        .map(|i| DirKey::user(format!("u{i}")))
-        .find(|k| c.nodes[&1].home_of(k) == 2)
-        .expect("some key is homed at node 2");
+    let key = c.user_homed_at(2, "u");
     c.set(1, &key, 0, true);
     assert_eq!(c.nodes[&1].stats().local_unconfirmed, 1);
     c.deliver_all();
     assert_eq!(c.nodes[&1].stats().local_unconfirmed, 0);
     // Homed at itself: nothing to wait for.
-    let own = (0..100)
-        .map(|i| DirKey::user(format!("v{i}")))
-        .find(|k| c.nodes[&1].home_of(k) == 1)
-        .expect("some key is homed at node 1");
+    let own = c.user_homed_at(1, "v");
     c.set(1, &own, 0, true);
     assert_eq!(c.nodes[&1].stats().local_unconfirmed, 0);
 }
@@ -318,10 +321,7 @@ fn a_user_on_two_nodes_is_flagged_on_both() {
 fn an_empty_answer_is_unavailable_until_every_node_has_synced() {
     let mut c = Cluster::new(&[1, 2], 100);
     c.settle();
-    let key = (0..100)
-        .map(|i| DirKey::user(format!("u{i}")))
-        .find(|k| c.nodes[&1].home_of(k) == 2)
-        .expect("some key is homed at node 2");
+    let key = c.user_homed_at(2, "u");
     // A third node appears to node 2 only: node 2 waits for its `Synced`.
     c.join(3);
     c.hears(2, 3);
