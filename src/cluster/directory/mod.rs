@@ -117,10 +117,6 @@ pub struct DirectoryStats {
     pub cached: usize,
     pub lookups_in_flight: usize,
     pub ready: bool,
-    /// Directory messages queued for other nodes since the start.
-    pub msgs_out: u64,
-    /// Directory messages received since the start.
-    pub msgs_in: u64,
 }
 
 pub struct HomeDirectory {
@@ -158,8 +154,6 @@ pub struct HomeDirectory {
     outbox: HashMap<NodeId, Vec<DirMsg>>,
     /// Local users that gained or lost connections on other nodes, for the shards.
     remote_flags: Vec<(Arc<str>, bool)>,
-    msgs_out: u64,
-    msgs_in: u64,
 }
 
 impl HomeDirectory {
@@ -191,18 +185,7 @@ impl HomeDirectory {
             told_incomplete: Vec::new(),
             outbox: HashMap::new(),
             remote_flags: Vec::new(),
-            msgs_out: 0,
-            msgs_in: 0,
         }
-    }
-
-    pub fn me(&self) -> NodeId {
-        self.me
-    }
-
-    /// The digest of the current view (every node computes the same for the same set).
-    pub fn view(&self) -> u64 {
-        self.view
     }
 
     /// Has every node of the view said `Synced` for it (so empty answers mean offline)?
@@ -238,8 +221,6 @@ impl HomeDirectory {
             cached: self.cache.len(),
             lookups_in_flight: self.asked.len(),
             ready: self.is_ready(),
-            msgs_out: self.msgs_out,
-            msgs_in: self.msgs_in,
         }
     }
 
@@ -664,7 +645,6 @@ impl HomeDirectory {
             return;
         }
         self.heard(from, now);
-        self.msgs_in += msgs.len() as u64;
         for msg in msgs {
             match msg {
                 DirMsg::Hold { key, held: true } => self.add_holder(key, from),
@@ -878,7 +858,6 @@ impl HomeDirectory {
     // ---- out ----
 
     fn send(&mut self, node: NodeId, msg: DirMsg) {
-        self.msgs_out += 1;
         self.outbox.entry(node).or_default().push(msg);
     }
 
