@@ -243,10 +243,10 @@ if [ "$nats" = 1 ]; then
   # Every node must know every other before users arrive ("offline" is a promise).
   for k in $(seq 0 $((gateways - 1))); do
     for _ in $(seq 600); do
-      grep -q "cluster: presence settled: $((gateways - 1)) other node" "$results/gateway-$k.log" && break
+      grep -q "cluster: directory ready: $((gateways - 1)) other node" "$results/gateway-$k.log" && break
       sleep 0.05
     done
-    grep -q "cluster: presence settled: $((gateways - 1)) other node" "$results/gateway-$k.log" ||
+    grep -q "cluster: directory ready: $((gateways - 1)) other node" "$results/gateway-$k.log" ||
       { echo "soak: gateway $k did not join the cluster; see $results/gateway-$k.log" >&2; exit 1; }
   done
 fi

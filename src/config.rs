@@ -319,6 +319,8 @@ config_table! {
         #[arg(value_parser = parse_duration)]
         #[serde(with = "duration_serde")]
         cluster_ack_timeout: Duration = Duration::from_secs(2), "2s";
+        /// Entries a node keeps of where users and rooms held on other nodes are (the cluster directory's cache; each ~170 bytes).
+        directory_cache: usize = 100_000, "100000";
         /// In a cluster with a shared store: how long a stored message that arrived before
         /// one it follows waits for it, before the gap is read from the store.
         #[arg(value_parser = parse_duration)]
@@ -572,6 +574,9 @@ impl Config {
             if self.push_secret_file.is_none() {
                 return Err("--push-webhook needs --push-secret-file (requests are signed)".into());
             }
+        }
+        if self.directory_cache == 0 {
+            return Err("directory-cache must be at least 1".into());
         }
         if self.presence_timeout < Duration::from_secs(2) {
             return Err("presence-timeout must be at least 2s (nodes send a heartbeat every second)".into());

@@ -82,19 +82,15 @@ fn node(name: &str, url: &str, prefix: &str, extra: &[&str]) -> Node {
     }
 }
 
-/// Starts `n` nodes and waits until each has synced every other's presence.
+/// Starts `n` nodes and waits until each one's directory is ready with every other.
 fn cluster(name: &str, url: &str, n: usize, extra: &[&str]) -> Vec<Node> {
     let prefix = format!("t{}{}", std::process::id(), name.replace('-', "_"));
     let mut nodes: Vec<Node> = (0..n)
         .map(|i| node(&format!("{name}-{i}"), url, &prefix, extra))
         .collect();
-    let ids: Vec<String> = nodes.iter().map(|n| n.id.clone()).collect();
     for node in nodes.iter_mut() {
-        for id in ids.iter().filter(|id| **id != node.id) {
-            node.gw.seen_or_wait(&format!("cluster: node {id} synced"));
-        }
         node.gw
-            .seen_or_wait(&format!("cluster: presence settled: {} other node(s)", n - 1));
+            .seen_or_wait(&format!("cluster: directory ready: {} other node(s)", n - 1));
     }
     nodes
 }
@@ -460,6 +456,8 @@ fn a_killed_node_disappears_from_presence() {
             .wait_line(&format!("cluster: node {killed_id} not heard from"));
         let gone_after = t0.elapsed();
         assert!(gone_after < Duration::from_secs(5), "took {gone_after:?}");
+        // The directory applies the change with the next view (within a second).
+        nodes[0].gw.wait_line("cluster: directory ready: 0 other node(s)");
         send(&mut alice, json!({"type":"send","to":"bob","id":"after","body":1})).await;
         assert_eq!(
             recv(&mut alice).await,
@@ -595,16 +593,15 @@ fn a_stranger_on_nats_can_neither_write_to_users_nor_claim_them() {
         let mut other_key = forged;
         other_key.extend_from_slice(&[0x42; 40]);
         stranger.publish(inbox.clone(), other_key.into()).await.unwrap();
-        // A node of its own that holds carol: a presence delta and a hello.
-        let mut delta = vec![1u8];
-        delta.extend_from_slice(&0xbadu64.to_le_bytes());
-        delta.extend_from_slice(&1u64.to_le_bytes());
-        delta.extend_from_slice(&[1, 5]);
-        delta.extend_from_slice(b"carol");
-        stranger
-            .publish(format!("{prefix}.presence"), delta.into())
-            .await
-            .unwrap();
+        // A node of its own that holds carol: a directory `Hold` to each node (whichever
+        // is carol's home) and a hello.
+        let mut hold = 0xbadu64.to_le_bytes().to_vec();
+        hold.extend_from_slice(&[1, 1, 5]);
+        hold.extend_from_slice(b"carol");
+        for node in nodes.iter() {
+            let subject = format!("{prefix}.node.{}.dir", node.id);
+            stranger.publish(subject, hold.clone().into()).await.unwrap();
+        }
         let mut hello = vec![3u8];
         hello.extend_from_slice(&0xbadu64.to_le_bytes());
         stranger
@@ -622,8 +619,8 @@ fn a_stranger_on_nats_can_neither_write_to_users_nor_claim_them() {
         stranger.publish(inbox.clone(), overheard.payload).await.unwrap();
         stranger.flush().await.unwrap();
 
-        // Node 1 rejected the two forged batches, the replay and the two presence
-        // messages; node 0 the two presence messages; nothing else.
+        // Node 1 rejected the two forged batches, the replay, the hold and the hello;
+        // node 0 the hold and the hello; nothing else.
         assert_eq!(rejected_at_least(&mut nodes[1].gw, 5), 5);
         assert_eq!(rejected_at_least(&mut nodes[0].gw, 2), 2);
         // Bob's next message is the next real one: no forgery and no second copy came.
@@ -726,7 +723,7 @@ fn nodes_join_a_nats_that_wants_tls_and_a_password() {
         &cert,
     ]);
     outsider.wait_line("authorization violation");
-    outsider.wait_line("cluster: nodes=0 remote_users=0 remote_rooms=0 connected=false");
+    outsider.wait_line("cluster: nodes=0 remote_users=0 connected=false");
     assert!(!outsider.seen.iter().any(|l| l.contains("cluster: connected to NATS")));
 }
 
@@ -915,9 +912,17 @@ async fn connect_to_store(node: &Node, user: &str) -> (Ws, Value) {
     connect_stored(&node.gw.url(&format!("/ws?user={user}")), user).await
 }
 
-/// Waits for `node`'s next `cluster:` line saying it knows `n` users on other nodes.
+/// Waits for `node`'s next `cluster:` line saying it knows `n` users on other nodes (of
+/// its own users' other nodes, the users homed at it and those it looked up).
 fn wait_remote_users(node: &mut Node, n: usize) {
     node.gw.wait_line(&format!("remote_users={n} "));
+}
+
+/// Waits until the `keys` users and rooms held on `node` can be found from the other
+/// node: the home of each has answered it. In a cluster of two, a key's home is one of
+/// the two, so the other node's lookups find it from then on.
+fn wait_findable(node: &mut Node, keys: usize) {
+    node.gw.wait_line(&format!("local_keys={keys} unconfirmed=0 "));
 }
 
 fn seq_of(v: &Value) -> u64 {
@@ -1123,7 +1128,7 @@ fn a_message_another_node_stored_but_never_published_is_filled_from_the_store() 
     runtime().block_on(async {
         let (mut alice, _) = connect_to_store(&nodes[0], "alice").await;
         let (mut bob, _) = connect_to_store(&nodes[1], "bob").await;
-        wait_remote_users(&mut nodes[0], 1);
+        wait_findable(&mut nodes[1], 1);
         send(&mut alice, json!({"type":"send","to":"bob","id":"1","body":"one"})).await;
         assert_eq!(seq_of(&recv(&mut alice).await), 1);
         let outside_url = format!("ws://127.0.0.1:{}/ws?user=alice", outside_ports[0]);
@@ -1162,7 +1167,7 @@ fn a_node_killed_mid_stream_loses_nothing_and_its_users_catch_up_on_another() {
     runtime().block_on(async {
         let (mut alice, _) = connect_to_store(&nodes[0], "alice").await;
         let (mut bob, _) = connect_to_store(&nodes[1], "bob").await;
-        wait_remote_users(&mut nodes[0], 1);
+        wait_findable(&mut nodes[1], 1);
         for i in 0..COUNT {
             send(
                 &mut alice,
@@ -1233,7 +1238,7 @@ fn a_room_across_nodes_on_a_redis_cluster_has_one_order_and_join_since_recovers_
             assert_eq!(recv(ws).await, json!({"type":"joined","room":"news"}));
         }
         for node in nodes.iter_mut() {
-            node.gw.wait_line("remote_rooms=1 ");
+            wait_findable(node, 2);
         }
         // Both publish at once, from two nodes: each sees the other's in one seq order.
         let publish = |ws: &'static str| {
@@ -1280,7 +1285,7 @@ fn with_nats_away_sends_are_still_stored_and_reach_the_other_node_with_the_next_
     runtime().block_on(async {
         let (mut alice, _) = connect_to_store(&nodes[0], "alice").await;
         let (mut bob, _) = connect_to_store(&nodes[1], "bob").await;
-        wait_remote_users(&mut nodes[0], 1);
+        wait_findable(&mut nodes[1], 1);
         send(
             &mut alice,
             json!({"type":"send","to":"bob","id":"before","body":"before"}),
@@ -1301,8 +1306,10 @@ fn with_nats_away_sends_are_still_stored_and_reach_the_other_node_with_the_next_
         // Back: once node A knows again where Bob is, the next message brings the one he
         // missed (read from Redis for the gap), in order.
         nats.restart();
-        nodes[0].gw.wait_line("cluster: connected to NATS");
-        wait_remote_users(&mut nodes[0], 1);
+        for node in nodes.iter_mut() {
+            node.gw.wait_line("cluster: directory ready: 1 other node(s)");
+        }
+        wait_findable(&mut nodes[1], 1);
         send(
             &mut alice,
             json!({"type":"send","to":"bob","id":"after","body":"after"}),

@@ -309,8 +309,12 @@ impl SimNode {
             match &mut self.dir {
                 Dir::Replicated(p, actions) => p.on_presence(m, now, actions),
                 Dir::Sharded(d) => match m {
-                    PresenceMsg::Heartbeat { node, .. } | PresenceMsg::Hello { node } => d.heard(node, now),
-                    PresenceMsg::Bye { node } => d.left(node, now),
+                    PresenceMsg::Heartbeat { node, .. } | PresenceMsg::Hello { node } => {
+                        d.heard(node, now);
+                    }
+                    PresenceMsg::Bye { node } => {
+                        d.left(node, now);
+                    }
                     PresenceMsg::Delta { .. } => {}
                 },
             }
@@ -513,7 +517,9 @@ fn run_node(args: &Args, kind: Kind, index: usize, shared: Arc<Shared>, timing: 
                         last_dir_tick = now;
                         match &mut node.dir {
                             Dir::Replicated(p, actions) => p.tick(now, actions),
-                            Dir::Sharded(d) => d.tick(now),
+                            Dir::Sharded(d) => {
+                                d.tick(now);
+                            }
                         }
                         node.release().await;
                     }

@@ -1,11 +1,12 @@
 //! A batch from another node, handed to this node's shards (sans IO, apart from the
 //! shards' and store thread's inboxes): each record goes to every shard holding its
 //! recipient (a stored message to the store thread, which puts its conversation in order
-//! first), and the receipt says truthfully what became of it.
+//! first), and the receipt says truthfully what became of it. A record for a recipient
+//! not here tells the directory, which heals a home that still names this node.
 
 use std::time::Instant;
 
-use super::presence::Presence;
+use super::directory::{DirKey, HomeDirectory, KeyKind};
 use super::unix_nanos_to_instant;
 use super::wire::{Receipt, Record, RecordKind};
 use crate::route::inbox::Mesh;
@@ -20,7 +21,7 @@ use crate::store::ConvId;
 pub fn hand_over(
     seq: u64,
     records: Vec<Record>,
-    presence: &Presence,
+    directory: &mut HomeDirectory,
     (mesh, store): (&Mesh, Option<&StoreLink>),
     accepting: bool,
     (now, now_ns): (Instant, u64),
@@ -40,11 +41,11 @@ pub fn hand_over(
             receipt.absent.push(index);
             continue;
         };
-        let target = match record.kind {
-            RecordKind::Direct => presence.local_user_shards(name),
-            RecordKind::Room => presence.local_room_shards(name),
+        let kind = match record.kind {
+            RecordKind::Direct => KeyKind::User,
+            RecordKind::Room => KeyKind::Room,
             RecordKind::Stored => {
-                let outcome = hand_stored(&record, name, presence, store, (now, now_ns));
+                let outcome = hand_stored(&record, name, directory, store, (now, now_ns));
                 match outcome {
                     Handed::Yes => {}
                     Handed::Absent => receipt.absent.push(index),
@@ -53,7 +54,11 @@ pub fn hand_over(
                 continue;
             }
         };
-        let Some((name, mask)) = target else {
+        let Some((name, mask)) = directory.local_shards(kind, name) else {
+            directory.not_held_here(DirKey {
+                kind,
+                name: name.into(),
+            });
             receipt.absent.push(index);
             continue;
         };
@@ -103,7 +108,7 @@ enum Handed {
 fn hand_stored(
     record: &Record,
     conv: &str,
-    presence: &Presence,
+    directory: &mut HomeDirectory,
     store: Option<&StoreLink>,
     (now, now_ns): (Instant, u64),
 ) -> Handed {
@@ -111,11 +116,23 @@ fn hand_stored(
     let (Some(conv), Some(at)) = (ConvId::from_stored(conv), record.stored.filter(|at| at.seq > 0)) else {
         return Handed::Absent;
     };
-    let here = match (conv.direct_users(), conv.room_name()) {
-        (Some((a, b)), _) => presence.local_user_shards(a).is_some() || presence.local_user_shards(b).is_some(),
-        (None, Some(room)) => presence.local_room_shards(room).is_some(),
-        (None, None) => false,
+    let keys = match (conv.direct_users(), conv.room_name()) {
+        (Some((a, b)), _) => [Some((KeyKind::User, a)), Some((KeyKind::User, b))],
+        (None, Some(room)) => [Some((KeyKind::Room, room)), None],
+        (None, None) => [None, None],
     };
+    let here = keys
+        .iter()
+        .flatten()
+        .any(|(kind, name)| directory.local_shards(*kind, name).is_some());
+    if !here {
+        for (kind, name) in keys.into_iter().flatten() {
+            directory.not_held_here(DirKey {
+                kind,
+                name: name.into(),
+            });
+        }
+    }
     // A node without a store cannot order stored messages: to it they are absent (the
     // nodes of one cluster run with the same store).
     let Some(store) = store.filter(|_| here) else {
@@ -137,6 +154,7 @@ fn hand_stored(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::directory::DirMsg;
     use bytes::Bytes;
     use std::sync::Arc;
     use std::time::Duration;
@@ -151,17 +169,23 @@ mod tests {
         }
     }
 
-    fn presence_with(users: &[(&str, usize)]) -> Presence {
-        let mut p = Presence::new(1, Duration::from_secs(5));
+    /// Node 1's directory, holding `users`, in a view with node 2.
+    fn directory_with(users: &[(&str, usize)]) -> HomeDirectory {
+        let now = Instant::now();
+        let cache = std::num::NonZeroUsize::new(16).unwrap();
+        let mut d = HomeDirectory::new(1, Duration::from_secs(5), cache, now);
+        d.heard(2, now);
+        d.tick(now + Duration::from_secs(1));
         for (user, shard) in users {
-            p.local_user(Arc::from(*user), *shard, true);
+            d.local_key(DirKey::user(*user), *shard, true, now);
         }
-        p
+        d.take_messages();
+        d
     }
 
     #[test]
     fn a_full_inbox_refuses_and_never_says_offline() {
-        let presence = presence_with(&[("bob", 0), ("carol", 1)]);
+        let mut directory = directory_with(&[("bob", 0), ("carol", 1)]);
         let (mesh, _inboxes) = Mesh::with_limit(2, 1);
         // Shard 0's inbox is full already.
         mesh.push(
@@ -175,7 +199,7 @@ mod tests {
         let (receipt, rung) = hand_over(
             9,
             vec![record("bob"), record("carol"), record("dave")],
-            &presence,
+            &mut directory,
             (&mesh, None),
             true,
             now,
@@ -187,13 +211,39 @@ mod tests {
     }
 
     #[test]
+    fn a_record_for_someone_not_here_tells_the_home_so() {
+        // A user homed at node 2, which names this node as holding them.
+        let name = (0..)
+            .map(|i| format!("dave-{i}"))
+            .find(|n| directory_with(&[]).home_of(&DirKey::user(n.as_str())) == 2)
+            .unwrap();
+        let mut directory = directory_with(&[]);
+        let (mesh, _inboxes) = Mesh::new(1);
+        let (receipt, _) = hand_over(
+            1,
+            vec![record(&name)],
+            &mut directory,
+            (&mesh, None),
+            true,
+            (Instant::now(), 0),
+        );
+        assert_eq!(receipt.absent, vec![0]);
+        let told = directory.take_messages();
+        let release = DirMsg::Hold {
+            key: DirKey::user(name.as_str()),
+            held: false,
+        };
+        assert_eq!(told, vec![(2, vec![release])]);
+    }
+
+    #[test]
     fn a_node_that_shuts_down_refuses_everything() {
-        let presence = presence_with(&[("bob", 0)]);
+        let mut directory = directory_with(&[("bob", 0)]);
         let (mesh, _inboxes) = Mesh::new(1);
         let (receipt, rung) = hand_over(
             1,
             vec![record("bob"), record("dave")],
-            &presence,
+            &mut directory,
             (&mesh, None),
             false,
             (Instant::now(), 0),

@@ -1,17 +1,19 @@
 //! The cluster thread: one NATS connection per node.
 //!
 //! Subjects, under a prefix (`--nats-prefix`, default `shardgate`):
-//! - `<p>.presence`: every node's presence deltas, heartbeats, hellos and byes.
+//! - `<p>.presence`: every node's heartbeats, hellos and byes (who is in the cluster).
 //! - `<p>.node.<id>.inbox`: batches of deliveries for node `<id>`.
 //! - `<p>.node.<id>.receipts`: which of `<id>`'s batches arrived, gathered for a few
 //!   milliseconds per sender (one message per sender then, not one per batch).
-//! - `<p>.node.<id>.snapshot` / `.resync`: snapshots sent to `<id>`, requests for its own.
+//! - `<p>.node.<id>.dir`: what other nodes' directories have for `<id>`'s (where users
+//!   and rooms are: `directory`), one message per sender per round.
 //!
 //! A node subscribes to two subjects only: `<p>.presence` and `<p>.node.<its id>.>`.
 //! Everything one node has for another in one round goes as one batch (one NATS
 //! message), each frame encoded once by the sending shard.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,8 +23,8 @@ use crossbeam_channel::Receiver;
 use futures_util::StreamExt;
 
 use super::access::{redact_url, NatsAccess};
-use super::presence::{Action, Presence};
-use super::wire::{self, BatchWriter, ClusterKey, NodeId, ReceiptWriter, RecordKind, StoredAt};
+use super::directory::{self, DirKey, HomeDirectory, Resolution};
+use super::wire::{self, BatchWriter, ClusterKey, NodeId, PresenceMsg, ReceiptWriter, RecordKind, StoredAt};
 use super::{instant_to_unix_nanos, unix_nanos, ClusterLink, ToCluster};
 use crate::metrics::board::{Board, ClusterSnapshot};
 use crate::route::inbox::Mesh;
@@ -46,6 +48,8 @@ pub struct ClusterConfig {
     /// A node not heard from for this long is forgotten with its users.
     pub presence_timeout: Duration,
     pub heartbeat: Duration,
+    /// Entries the directory keeps of keys held on other nodes.
+    pub directory_cache: NonZeroUsize,
     /// A batch not acknowledged within this is answered `unavailable`.
     pub ack_timeout: Duration,
     pub cpu: Option<usize>,
@@ -95,6 +99,9 @@ const MAX_BATCH_BYTES: usize = 512 * 1024;
 /// A publish that cannot even be queued in this time (the client is reconnecting with a
 /// full buffer) is given up, so that the thread keeps serving the shards.
 const PUBLISH_WAIT: Duration = Duration::from_millis(200);
+/// Sends waiting for directory lookups beyond which more are answered at once as if the
+/// lookup had failed (`unavailable`): a silent home must not grow memory without bound.
+const MAX_PARKED: usize = 1 << 16;
 /// Receipts wait this long to go out together: a sender's acks come a little later, and
 /// NATS carries one receipt message per sender instead of one per batch.
 const RECEIPT_DELAY: Duration = Duration::from_millis(5);
@@ -180,6 +187,47 @@ enum Answer {
     Failed,
 }
 
+/// A send for other nodes, kept whole while it waits for a directory lookup.
+enum Outgoing {
+    /// To a user's (`Direct`) or a room's (`Room`) connections on other nodes; with
+    /// `ack`, the sender is answered.
+    Relay {
+        kind: RecordKind,
+        name: Arc<str>,
+        frame: Bytes,
+        ingress: Instant,
+        ack: Option<AckTo>,
+    },
+    /// A stored message, for its conversation's audience on other nodes; with `push`, the
+    /// recipient has no connection on the storing node.
+    Stored {
+        conv: ConvId,
+        at: StoredAt,
+        frame: Bytes,
+        ingress: Instant,
+        push: Option<PushEvent>,
+    },
+}
+
+impl Outgoing {
+    /// The users or room whose nodes it goes to.
+    fn keys(&self) -> Vec<DirKey> {
+        match self {
+            Outgoing::Relay {
+                kind: RecordKind::Room,
+                name,
+                ..
+            } => vec![DirKey::room(name.clone())],
+            Outgoing::Relay { name, .. } => vec![DirKey::user(name.clone())],
+            Outgoing::Stored { conv, .. } => match (conv.direct_users(), conv.room_name()) {
+                (Some((a, b)), _) => vec![DirKey::user(a), DirKey::user(b)],
+                (None, Some(room)) => vec![DirKey::room(room)],
+                (None, None) => Vec::new(),
+            },
+        }
+    }
+}
+
 struct Node {
     config: ClusterConfig,
     /// The process is stopping: from that instant deliveries are refused, even before
@@ -190,7 +238,11 @@ struct Node {
     mesh: Arc<Mesh>,
     store: Option<Arc<StoreLink>>,
     push: Option<PushQueue>,
-    presence: Presence,
+    directory: HomeDirectory,
+    /// Sends waiting for a lookup, in the order they came, by the key looked up; and how
+    /// many in all.
+    parked: HashMap<DirKey, VecDeque<Outgoing>>,
+    parked_count: usize,
     connected: bool,
     /// When the current NATS connection came up.
     connected_at: Option<Instant>,
@@ -205,7 +257,6 @@ struct Node {
     acks: slab::Slab<PendingAck>,
     /// Shards sent to this round (doorbells to ring).
     to_ring: ShardMask,
-    actions: Vec<Action>,
     /// Receipts to send, by the node whose batches they confirm.
     receipts: HashMap<NodeId, ReceiptWriter>,
     receipts_due: Option<tokio::time::Instant>,
@@ -359,7 +410,14 @@ impl Node {
             stop,
             store,
             push,
-            presence: Presence::new(config.node, config.presence_timeout),
+            directory: HomeDirectory::new(
+                config.node,
+                config.presence_timeout,
+                config.directory_cache,
+                Instant::now(),
+            ),
+            parked: HashMap::new(),
+            parked_count: 0,
             config,
             client,
             link,
@@ -374,7 +432,6 @@ impl Node {
             sent: HashMap::new(),
             acks: slab::Slab::new(),
             to_ring: 0,
-            actions: Vec::new(),
             receipts: HashMap::new(),
             receipts_due: None,
             traffic: Traffic::default(),
@@ -405,22 +462,26 @@ impl Node {
         if !self.connected || self.leaving {
             return;
         }
-        self.presence.tick(now, &mut self.actions);
-        let nodes = self.presence.synced_nodes();
+        for node in self.directory.tick(now) {
+            tracing::info!(
+                "cluster: node {node:016x} not heard from for {:?}: gone from the directory",
+                self.config.presence_timeout
+            );
+        }
+        self.release_parked(now);
+        let nodes = self.directory.members();
         if self.said_settled != Some(nodes) && self.settled() {
             self.said_settled = Some(nodes);
-            tracing::info!(
-                "cluster: presence settled: {} other node(s), {} remote user(s)",
-                self.presence.synced_nodes(),
-                self.presence.remote_users()
-            );
+            tracing::info!("cluster: directory ready: {nodes} other node(s)");
         }
         if now.duration_since(self.last_heartbeat) >= self.config.heartbeat {
             self.last_heartbeat = now;
-            // Our changes first: a heartbeat must never announce a change not sent yet.
-            self.presence.flush(&mut self.actions);
-            self.run_actions().await;
-            let hb = self.presence.heartbeat();
+            let hb = wire::write_presence(&PresenceMsg::Heartbeat {
+                node: self.config.node,
+                // What the replicated directory used: nothing reads it now.
+                seq: 0,
+                users: u32::try_from(self.directory.local_len()).unwrap_or(u32::MAX),
+            });
             self.publish(format!("{}.presence", self.config.prefix), hb).await;
         }
     }
@@ -428,9 +489,10 @@ impl Node {
     /// The shards are stopping: say bye, so that the other nodes forget us at once.
     async fn leave(&mut self) {
         self.leaving = true;
+        self.release_all_parked(Instant::now());
         let me = self.config.node;
         if self.connected {
-            let bye = wire::write_presence(&wire::PresenceMsg::Bye { node: me });
+            let bye = wire::write_presence(&PresenceMsg::Bye { node: me });
             self.publish(format!("{}.presence", self.config.prefix), bye).await;
             let _ = tokio::time::timeout(Duration::from_secs(1), self.client.flush()).await;
         }
@@ -448,27 +510,38 @@ impl Node {
 
     /// One message from a shard.
     fn on_shard_msg(&mut self, msg: ToCluster) {
-        match msg {
+        let now = Instant::now();
+        let out = match msg {
             ToCluster::Placement(Placement::User { user, shard, present }) => {
-                self.presence.local_user(user, shard, present)
+                return self.directory.local_key(DirKey::user(user), shard, present, now);
             }
             ToCluster::Placement(Placement::Room { room, shard, present }) => {
-                self.presence.local_room(room, shard, present)
+                return self.directory.local_key(DirKey::room(room), shard, present, now);
             }
-            // "offline" is a promise that no node holds the user: only made once presence
-            // is complete.
             ToCluster::Direct {
                 to,
                 frame,
                 ingress,
                 ack,
-            } => self.send_to_nodes(RecordKind::Direct, &to, &frame, ingress, ack, Outcome::Offline),
+            } => Outgoing::Relay {
+                kind: RecordKind::Direct,
+                name: to,
+                frame,
+                ingress,
+                ack,
+            },
             ToCluster::Publish {
                 room,
                 frame,
                 ingress,
                 ack,
-            } => self.send_to_nodes(RecordKind::Room, &room, &frame, ingress, Some(ack), Outcome::Routed),
+            } => Outgoing::Relay {
+                kind: RecordKind::Room,
+                name: room,
+                frame,
+                ingress,
+                ack: Some(ack),
+            },
             ToCluster::Stored {
                 conv,
                 seq,
@@ -476,99 +549,161 @@ impl Node {
                 frame,
                 ingress,
                 push,
-            } => {
-                let at = StoredAt { seq, after_previous };
-                self.send_stored(&conv, at, &frame, ingress, push)
-            }
-        }
-    }
-
-    /// A stored message goes to every other node holding some of its conversation's
-    /// audience. Its push (the recipient has no connection on the sending node) goes out
-    /// only if no other node holds the recipient either: one push per message, from the
-    /// node that stored it. While NATS is away nothing is known of other nodes, and the
-    /// push goes out (a notification too many rather than one missed).
-    fn send_stored(&mut self, conv: &ConvId, at: StoredAt, frame: &Bytes, ingress: Instant, push: Option<PushEvent>) {
-        let mut nodes = std::mem::take(&mut self.destinations);
-        nodes.clear();
-        match (conv.direct_users(), conv.room_name()) {
-            (Some((a, b)), _) => {
-                nodes.extend_from_slice(self.presence.user_nodes(a));
-                for node in self.presence.user_nodes(b) {
-                    if !nodes.contains(node) {
-                        nodes.push(*node);
-                    }
-                }
-            }
-            (None, Some(room)) => nodes.extend_from_slice(self.presence.room_nodes(room)),
-            (None, None) => {}
-        }
-        if let (Some(event), Some(queue)) = (push, &self.push) {
-            if self.presence.user_nodes(&event.user).is_empty() {
-                queue.offer(event);
-            }
-        }
-        if self.connected && !self.leaving && !nodes.is_empty() {
-            self.traffic.stored_out += 1;
-            self.add(
-                &nodes,
-                RecordKind::Stored,
-                conv.as_str(),
-                Some(at),
+            } => Outgoing::Stored {
+                conv,
+                at: StoredAt { seq, after_previous },
                 frame,
                 ingress,
-                None,
-            );
-        }
-        self.destinations = nodes;
+                push,
+            },
+        };
+        self.route(out, now);
     }
 
-    /// Adds a record for the user or room `name` to the batch of every other node that
-    /// holds it. With `ack`, the sender is answered once those nodes confirmed; when no node
-    /// holds it, at once: `none` if presence is complete, else `unavailable` (as when NATS
-    /// is down).
-    fn send_to_nodes(
-        &mut self,
-        kind: RecordKind,
-        name: &str,
-        frame: &Bytes,
-        ingress: Instant,
-        ack: Option<AckTo>,
-        none: Outcome,
-    ) {
-        if !self.connected || self.leaving {
-            if let Some(ack) = ack {
-                self.answer(ack, Outcome::Unavailable);
-            }
-            return;
-        }
+    /// Sends `out` to the other nodes holding its users or room, once the directory knows
+    /// them: a key being looked up parks it (and every later send for that key, so that
+    /// they leave in order) until the answer comes.
+    fn route(&mut self, out: Outgoing, now: Instant) {
         // The list lives in `self.destinations` between messages, for its capacity.
         let mut nodes = std::mem::take(&mut self.destinations);
         nodes.clear();
-        nodes.extend_from_slice(match kind {
-            RecordKind::Direct => self.presence.user_nodes(name),
-            RecordKind::Room => self.presence.room_nodes(name),
-            RecordKind::Stored => &[], // See `send_stored`.
-        });
-        if nodes.is_empty() {
-            if let Some(ack) = ack {
-                let outcome = if self.settled() { none } else { Outcome::Unavailable };
-                self.answer(ack, outcome);
+        let mut known = self.connected && !self.leaving;
+        // With a push: whether its user is connected to another node.
+        let push_user = match &out {
+            Outgoing::Stored { push: Some(p), .. } => Some(p.user.as_str()),
+            _ => None,
+        };
+        let mut push_user_elsewhere = false;
+        if known {
+            for key in out.keys() {
+                if self.parked.contains_key(&key) {
+                    self.destinations = nodes;
+                    return self.park(key, out);
+                }
+                match self.directory.resolve(&key, now) {
+                    Resolution::Nodes(held) => {
+                        if push_user == Some(&*key.name) && !held.is_empty() {
+                            push_user_elsewhere = true;
+                        }
+                        for node in held {
+                            if !nodes.contains(node) {
+                                nodes.push(*node);
+                            }
+                        }
+                    }
+                    Resolution::Pending => {
+                        self.destinations = nodes;
+                        return self.park(key, out);
+                    }
+                    Resolution::Unavailable => known = false,
+                }
             }
-        } else {
-            let pending = ack.map(|to| self.pending(to, kind == RecordKind::Room, nodes.len()));
-            self.add(&nodes, kind, name, None, frame, ingress, pending);
         }
+        self.send(out, &nodes, known, push_user_elsewhere);
         self.destinations = nodes;
     }
 
-    /// Is presence complete? Every live node heartbeats each interval, so two intervals
-    /// after connecting we have heard of all of them; and each must be in sync.
+    /// Parks `out` until `key`'s lookup ends; past `MAX_PARKED`, it is sent as if the
+    /// lookup had failed.
+    fn park(&mut self, key: DirKey, out: Outgoing) {
+        if self.parked_count >= MAX_PARKED {
+            return self.send(out, &[], false, false);
+        }
+        self.parked_count += 1;
+        self.parked.entry(key).or_default().push_back(out);
+    }
+
+    /// Lookups ended: what waited for them is routed, in the order it came.
+    fn release_parked(&mut self, now: Instant) {
+        for key in self.directory.take_resolved() {
+            let Some(waiting) = self.parked.remove(&key) else {
+                continue;
+            };
+            self.parked_count -= waiting.len();
+            for out in waiting {
+                self.route(out, now);
+            }
+        }
+    }
+
+    /// Every parked send is answered now (NATS is gone, or this node is leaving).
+    fn release_all_parked(&mut self, now: Instant) {
+        let parked: Vec<VecDeque<Outgoing>> = self.parked.drain().map(|(_, q)| q).collect();
+        self.parked_count = 0;
+        for out in parked.into_iter().flatten() {
+            self.route(out, now);
+        }
+    }
+
+    /// Adds `out` to the batches of `nodes` (every other node holding its users or room;
+    /// `known`: the directory could say for each of them).
+    ///
+    /// A relay's ack comes once those nodes confirmed; when none holds it, at once: `offline`
+    /// (a room: `routed`) only if the directory is settled, else `unavailable` (as when
+    /// NATS is down). A stored message's push (its recipient has no connection on this
+    /// node) goes out unless another node is known to hold the recipient: one push per
+    /// message, from the node that stored it; when nothing is known (NATS away) it goes out
+    /// (a notification too many rather than one missed).
+    fn send(&mut self, out: Outgoing, nodes: &[NodeId], known: bool, push_user_elsewhere: bool) {
+        match out {
+            Outgoing::Relay {
+                kind,
+                name,
+                frame,
+                ingress,
+                ack,
+            } => {
+                if nodes.is_empty() {
+                    if let Some(ack) = ack {
+                        let none = if kind == RecordKind::Room {
+                            Outcome::Routed
+                        } else {
+                            Outcome::Offline
+                        };
+                        let settled = known && self.settled();
+                        self.answer(ack, if settled { none } else { Outcome::Unavailable });
+                    }
+                    return;
+                }
+                let pending = ack.map(|to| self.pending(to, kind == RecordKind::Room, nodes.len()));
+                self.add(nodes, kind, &name, None, &frame, ingress, pending);
+            }
+            Outgoing::Stored {
+                conv,
+                at,
+                frame,
+                ingress,
+                push,
+            } => {
+                if let (Some(event), Some(queue)) = (push, &self.push) {
+                    if !push_user_elsewhere {
+                        queue.offer(event);
+                    }
+                }
+                if self.connected && !self.leaving && !nodes.is_empty() {
+                    self.traffic.stored_out += 1;
+                    self.add(
+                        nodes,
+                        RecordKind::Stored,
+                        conv.as_str(),
+                        Some(at),
+                        &frame,
+                        ingress,
+                        None,
+                    );
+                }
+            }
+        }
+    }
+
+    /// Is the directory complete? Every live node heartbeats each interval, so two
+    /// intervals after connecting we have heard of all of them, and the view takes them in
+    /// within `VIEW_MAX_WAIT`; then every node must have synced with it.
     fn settled(&self) -> bool {
-        let heard_all = self
-            .connected_at
-            .is_some_and(|t| t.elapsed() >= self.config.heartbeat * 2 + Duration::from_millis(100));
-        heard_all && self.presence.all_synced()
+        let heard_all = self.connected_at.is_some_and(|t| {
+            t.elapsed() >= self.config.heartbeat * 2 + directory::VIEW_MAX_WAIT + Duration::from_millis(100)
+        });
+        heard_all && self.directory.is_settled()
     }
 
     fn pending(&mut self, to: AckTo, room: bool, remaining: usize) -> usize {
@@ -598,7 +733,7 @@ impl Node {
     ) {
         let ingress_ns = instant_to_unix_nanos(ingress, Instant::now(), unix_nanos());
         for &node in nodes {
-            let me = self.presence.me;
+            let me = self.config.node;
             let full = self
                 .filling
                 .get(&node)
@@ -634,15 +769,19 @@ impl Node {
         !self.filling.is_empty() || !self.sealed.is_empty()
     }
 
-    /// The end of a round: presence changes go out, batches too if `flush`, doorbells ring.
+    /// The end of a round: the directory's messages go out, batches too if `flush`,
+    /// doorbells ring.
     async fn end_round(&mut self, flush: bool) {
+        let outbox = self.directory.take_outbox();
+        // While NATS is away they are dropped: every node this one hears again is a change
+        // of view, and the directory sends what it must then.
         if self.connected && !self.leaving {
-            self.presence.flush(&mut self.actions);
-        } else {
-            // Not published while NATS is away; peers resync from our snapshot later.
+            for (node, body) in outbox {
+                let subject = format!("{}.node.{node:016x}.dir", self.config.prefix);
+                self.publish(subject, body).await;
+            }
         }
-        self.run_actions().await;
-        for (user, remote) in self.presence.take_remote_flags() {
+        for (user, remote) in self.directory.take_remote_flags() {
             for shard in 0..self.mesh.shards() {
                 self.mesh.push(
                     shard,
@@ -680,28 +819,6 @@ impl Node {
             }
         }
         self.ring();
-    }
-
-    async fn run_actions(&mut self) {
-        let actions = std::mem::take(&mut self.actions);
-        for action in actions {
-            let p = self.config.prefix.clone();
-            match action {
-                Action::Broadcast(bytes) => {
-                    self.publish(format!("{p}.presence"), bytes).await;
-                }
-                Action::AskSnapshot(node) => {
-                    let me = self.presence.me.to_le_bytes().to_vec();
-                    self.publish(format!("{p}.node.{node:016x}.resync"), me).await;
-                }
-                Action::SendSnapshot(node, chunks) => {
-                    for chunk in chunks {
-                        self.publish(format!("{p}.node.{node:016x}.snapshot"), chunk).await;
-                    }
-                }
-                Action::Say(line) => tracing::info!("{line}"),
-            }
-        }
     }
 
     /// Seals and publishes, unless NATS is away; false when the message was not handed to
@@ -751,21 +868,36 @@ impl Node {
         }
     }
 
-    /// A message on the presence subject.
+    /// A message on the presence subject: who is in the cluster.
     fn on_presence(&mut self, msg: Message) {
         if self.leaving {
             return;
         }
         let Some((subject, body)) = self.open(msg) else { return };
+        let now = Instant::now();
         match wire::read_presence(body) {
-            Ok(m) => self.presence.on_presence(m, Instant::now(), &mut self.actions),
+            Ok(PresenceMsg::Heartbeat { node, .. } | PresenceMsg::Hello { node }) => {
+                if self.directory.heard(node, now) {
+                    tracing::info!("cluster: node {node:016x} joined");
+                }
+            }
+            Ok(PresenceMsg::Bye { node }) => {
+                if self.directory.left(node, now) {
+                    tracing::info!("cluster: node {node:016x} left");
+                }
+            }
+            // Nodes of one cluster run one version (docs/cluster-directory.md).
+            Ok(PresenceMsg::Delta { .. }) => self.reject(
+                subject.as_str(),
+                wire::WireError("a presence delta: a node of an older version, with a replicated directory"),
+            ),
             Err(e) => self.reject(subject.as_str(), e),
         }
     }
 
     /// A message on one of our own subjects.
     async fn on_own(&mut self, msg: Message) {
-        let own = format!("{}.node.{:016x}.", self.config.prefix, self.presence.me);
+        let own = format!("{}.node.{:016x}.", self.config.prefix, self.config.node);
         let Some((subject, body)) = self.open(msg) else { return };
         let Some(rest) = subject.as_str().strip_prefix(own.as_str()) else {
             return;
@@ -793,22 +925,18 @@ impl Node {
                     self.resolve(p, r);
                 }
             }
-        } else if rest == "snapshot" {
-            match wire::read_snapshot(body) {
-                Ok(chunk) => self.presence.on_snapshot(chunk, Instant::now(), &mut self.actions),
-                Err(e) => self.reject(&subject, e),
-            }
-        } else if rest == "resync" {
-            let Ok(bytes) = <[u8; 8]>::try_from(&body[..]) else {
-                return self.reject(&subject, wire::WireError("a resync request is a node id"));
-            };
+        } else if rest == "dir" {
             if self.leaving {
                 return;
             }
-            let to = NodeId::from_le_bytes(bytes);
-            self.presence.flush(&mut self.actions);
-            let snapshot = self.presence.snapshot();
-            self.actions.push(Action::SendSnapshot(to, snapshot));
+            match directory::wire::read_dir(body) {
+                Ok((from, msgs)) => {
+                    let now = Instant::now();
+                    self.directory.on_messages(from, msgs, now);
+                    self.release_parked(now);
+                }
+                Err(e) => self.reject(&subject, e),
+            }
         }
     }
 
@@ -829,7 +957,7 @@ impl Node {
         let now = (Instant::now(), unix_nanos());
         let accepting = !self.leaving && !self.stop.is_requested();
         let to = (&*self.mesh, self.store.as_deref());
-        let (receipt, rung) = super::inbound::hand_over(seq, records, &self.presence, to, accepting, now);
+        let (receipt, rung) = super::inbound::hand_over(seq, records, &mut self.directory, to, accepting, now);
         self.to_ring |= rung;
         self.receipts.entry(sender).or_default().push(&receipt);
         if self.receipts_due.is_none() {
@@ -847,7 +975,7 @@ impl Node {
                 tracing::info!("cluster: connected to NATS at {}", redact_url(&self.config.url));
                 if !self.leaving {
                     // New or back: everyone sends us their state, and learns of us.
-                    let hello = wire::write_presence(&wire::PresenceMsg::Hello { node: self.presence.me });
+                    let hello = wire::write_presence(&PresenceMsg::Hello { node: self.config.node });
                     self.publish(format!("{}.presence", self.config.prefix), hello).await;
                 }
             }
@@ -856,7 +984,9 @@ impl Node {
                 self.connected_at = None;
                 self.link.set_up(false);
                 // What we knew of other nodes goes stale while we cannot hear them.
-                self.presence.forget_all();
+                let now = Instant::now();
+                self.directory.forget_all(now);
+                self.release_all_parked(now);
                 let waiting = self.sent.len();
                 self.fail_all();
                 tracing::warn!(
@@ -965,12 +1095,19 @@ impl Node {
         let t = std::mem::take(&mut self.traffic);
         self.reported += t;
         let per_batch = |records: u64, batches: u64| records as f64 / batches.max(1) as f64;
+        let dir = self.directory.stats();
         println!(
-            "cluster: nodes={} remote_users={} remote_rooms={} connected={} out_records_per_s={:.1} out_batches_per_s={:.1} records_per_batch={:.2} in_records_per_s={:.1} in_batches_per_s={:.1} acks_routed={} acks_offline={} acks_unavailable={} acks_refused={} stored_out_per_s={:.1} awaiting_receipts={} rejected={} rejected_total={}",
-            self.presence.synced_nodes(),
-            self.presence.remote_users(),
-            self.presence.remote_rooms(),
+            "cluster: nodes={} remote_users={} connected={} directory_ready={} local_keys={} unconfirmed={} homed={} cached={} lookups={} parked={} out_records_per_s={:.1} out_batches_per_s={:.1} records_per_batch={:.2} in_records_per_s={:.1} in_batches_per_s={:.1} acks_routed={} acks_offline={} acks_unavailable={} acks_refused={} stored_out_per_s={:.1} awaiting_receipts={} rejected={} rejected_total={}",
+            dir.members,
+            self.directory.known_remote_users(),
             self.connected,
+            dir.ready,
+            dir.local,
+            dir.local_unconfirmed,
+            dir.homed,
+            dir.cached,
+            dir.lookups_in_flight,
+            self.parked_count,
             t.records_out as f64 / secs,
             t.batches_out as f64 / secs,
             per_batch(t.records_out, t.batches_out),
@@ -994,8 +1131,8 @@ impl Node {
         t += self.traffic;
         board.publish_cluster(ClusterSnapshot {
             connected: self.connected,
-            nodes: self.presence.synced_nodes() as u64,
-            remote_users: self.presence.remote_users() as u64,
+            nodes: self.directory.members() as u64,
+            remote_users: self.directory.known_remote_users() as u64,
             batches_out: t.batches_out,
             records_out: t.records_out,
             batches_in: t.batches_in,

@@ -17,6 +17,7 @@ mod receive;
 mod start;
 mod yield_policy;
 
+use std::num::NonZeroUsize;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::atomic::AtomicUsize;
@@ -221,6 +222,7 @@ fn start_cluster(
         access,
         presence_timeout: config.presence_timeout,
         heartbeat: Duration::from_secs(1),
+        directory_cache: NonZeroUsize::new(config.directory_cache).unwrap_or(NonZeroUsize::MIN),
         ack_timeout: config.cluster_ack_timeout,
         cpu: config.cluster_cpu,
         report_interval: config.report_interval,

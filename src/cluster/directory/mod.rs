@@ -193,6 +193,45 @@ impl HomeDirectory {
         self.ready
     }
 
+    /// Ready, with no change of membership waiting to be applied: an empty answer now
+    /// means the key is held nowhere.
+    pub fn is_settled(&self) -> bool {
+        self.ready && self.view_pending.is_none()
+    }
+
+    /// The other nodes of the view.
+    pub fn members(&self) -> usize {
+        self.view_nodes.len() - 1
+    }
+
+    /// Keys (users and rooms) held on this node.
+    pub fn local_len(&self) -> usize {
+        self.local.len()
+    }
+
+    /// Users this node knows to be connected to other nodes: its own users' other nodes,
+    /// the users homed here and its cache. Walks them all: for a report, not per message.
+    pub fn known_remote_users(&self) -> usize {
+        let me = self.me;
+        let user = |key: &DirKey| key.kind == KeyKind::User;
+        let held = self
+            .local
+            .iter()
+            .filter(|(k, h)| user(k) && !h.others.is_empty())
+            .count();
+        let homed = self
+            .homed
+            .iter()
+            .filter(|(k, r)| user(k) && !self.local.contains_key(*k) && r.holders.iter().any(|n| *n != me))
+            .count();
+        let cached = self
+            .cache
+            .iter()
+            .filter(|(k, c)| user(k) && !c.nodes.is_empty() && !self.homed.contains_key(*k))
+            .count();
+        held + homed + cached
+    }
+
     /// `now` is when a change to ready counts from.
     fn update_ready(&mut self, now: Instant) {
         let (me, view) = (self.me, self.view);
@@ -226,22 +265,26 @@ impl HomeDirectory {
 
     // ---- the view ----
 
-    /// A heartbeat (or any message) from `node`.
-    pub fn heard(&mut self, node: NodeId, now: Instant) {
+    /// A heartbeat (or any message) from `node`; true if it is new to this node.
+    pub fn heard(&mut self, node: NodeId, now: Instant) -> bool {
         if node == self.me {
-            return;
+            return false;
         }
-        if self.members.insert(node, now).is_none() {
+        let new = self.members.insert(node, now).is_none();
+        if new {
             self.view_changed(now);
         }
+        new
     }
 
-    /// `node` said bye.
-    pub fn left(&mut self, node: NodeId, now: Instant) {
-        if self.members.remove(&node).is_some() {
+    /// `node` said bye; true if it was a member.
+    pub fn left(&mut self, node: NodeId, now: Instant) -> bool {
+        let member = self.members.remove(&node).is_some();
+        if member {
             self.gone.push(node);
             self.view_changed(now);
         }
+        member
     }
 
     /// Every other node is forgotten (this node lost NATS: what it knew is stale).
@@ -257,21 +300,21 @@ impl HomeDirectory {
         self.view_pending = Some((first, now));
     }
 
-    /// Forgets members not heard from within the timeout, applies membership changes,
-    /// asks again for lookups left unanswered, forgets old releases and, once every node
-    /// has agreed on the view for `GRACE`, the records this node no longer owns.
-    pub fn tick(&mut self, now: Instant) {
+    /// Forgets members not heard from within the timeout (returned), applies membership
+    /// changes, asks again for lookups left unanswered, forgets old releases and, once
+    /// every node has agreed on the view for `GRACE`, the records this node no longer owns.
+    pub fn tick(&mut self, now: Instant) -> Vec<NodeId> {
         let timeout = self.timeout;
-        let before = self.members.len();
-        let gone = &mut self.gone;
+        let mut silent = Vec::new();
         self.members.retain(|node, heard| {
             let alive = now.saturating_duration_since(*heard) <= timeout;
             if !alive {
-                gone.push(*node);
+                silent.push(*node);
             }
             alive
         });
-        if self.members.len() != before {
+        if !silent.is_empty() {
+            self.gone.extend_from_slice(&silent);
             self.view_changed(now);
         }
         if let Some((first, last)) = self.view_pending {
@@ -320,6 +363,7 @@ impl HomeDirectory {
             self.homed.retain(|key, _| home_among(key_hash(key), nodes) == me);
             self.homed.shrink_to_fit();
         }
+        silent
     }
 
     fn change_view(&mut self, now: Instant) {
