@@ -12,6 +12,7 @@ use proptest::test_runner::{Config, TestRunner};
 
 use bytes::Bytes;
 use shardgate::chat::protocol::{self, ClientMessage};
+use shardgate::cluster::directory::{self, DirKey, DirMsg};
 use shardgate::cluster::wire;
 use shardgate::ws::handshake;
 use shardgate::ws::{write_frame, Decoder, Event, OpCode, Role};
@@ -271,24 +272,33 @@ fn fuzz_the_cluster_wire() {
     let mut batch = wire::BatchWriter::new(7, 42);
     batch.push(wire::RecordKind::Direct, 123, "bob", None, b"\x81\x02hi");
     batch.push(wire::RecordKind::Room, 456, "lobby", None, b"\x82\x00");
-    let presence = wire::write_presence(&wire::PresenceMsg::Delta {
+    let presence = wire::write_presence(&wire::PresenceMsg::Heartbeat {
         node: 1,
-        seq: 2,
-        ops: vec![wire::Op::UserUp("a".into()), wire::Op::RoomDown("r".into())],
+        seq: 0,
+        users: 2,
     });
-    let snapshot = wire::write_snapshot(9, 3, [wire::Op::UserUp("u".into())].into_iter());
+    let dir = directory::wire::write_dir(
+        9,
+        &[
+            DirMsg::Hold {
+                key: DirKey::user("u"),
+                held: true,
+            },
+            DirMsg::Where {
+                key: DirKey::room("r"),
+                nodes: vec![1, 2],
+                complete: true,
+            },
+            DirMsg::Synced { view: 3 },
+        ],
+    );
     let mut receipts = wire::ReceiptWriter::default();
     receipts.push(&wire::Receipt {
         seq: 5,
         absent: vec![1],
         refused: vec![0],
     });
-    let plain = vec![
-        batch.buf.clone(),
-        presence.to_vec(),
-        snapshot[0].to_vec(),
-        receipts.buf.clone(),
-    ];
+    let plain = vec![batch.buf.clone(), presence.to_vec(), dir.to_vec(), receipts.buf.clone()];
     let sealed: Vec<Vec<u8>> = plain
         .iter()
         .map(|body| key.seal("sg.node.1.inbox", body.clone(), now).to_vec())
@@ -303,7 +313,7 @@ fn fuzz_the_cluster_wire() {
             }
         }
         let _ = wire::read_presence(b.clone());
-        let _ = wire::read_snapshot(b.clone());
+        let _ = directory::wire::read_dir(b.clone());
         let _ = wire::read_receipts(b.clone());
         // Only an unchanged sealed message opens.
         if key.open("sg.node.1.inbox", b, now).is_ok() {

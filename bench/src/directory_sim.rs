@@ -1,8 +1,8 @@
 //! directory-sim: the cluster's directory at 10–100 nodes on one host.
 //!
 //! Each simulated node is a thread with its own current-thread tokio runtime and its own
-//! connection to a real nats-server, running the gateway's own directory code: the
-//! replicated one (`cluster::presence`, every node keeps every other node's users) or the
+//! connection to a real nats-server, running a directory: the replicated one the gateway
+//! used before (`replicated`, every node keeps every other node's users) or the gateway's
 //! sharded one (`cluster::directory`, a home node per user by rendezvous hashing). Users
 //! are synthetic: each node holds `--users` online users out of a pool twice that size,
 //! and they come and go with exponential sessions (mean `--session`), so each node sees
@@ -16,6 +16,8 @@
 //! directory messages received per second (NATS messages and bytes), the lookups and
 //! their latency, and each routed message's latency from send to arrival.
 
+mod replicated;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -28,9 +30,10 @@ use bytes::Bytes;
 use clap::{Parser, ValueEnum};
 use futures_util::StreamExt;
 use hdrhistogram::Histogram;
+use replicated::wire::{self, PresenceMsg};
+use replicated::{Action, Presence};
 use shardgate::cluster::directory::{self, DirKey, HomeDirectory, Resolution};
-use shardgate::cluster::presence::{Action, Presence};
-use shardgate::cluster::wire::{self, NodeId, PresenceMsg};
+use shardgate::cluster::wire::NodeId;
 
 /// Counts, per thread, the bytes allocated minus the bytes freed while `COUNTING` is set.
 /// The directory's memory is what dropping it frees (`heap_of`): exact, whoever allocated

@@ -5,8 +5,8 @@
 //! doorbell, exactly as they hand each other work; it hands deliveries back through the
 //! shards' own inboxes.
 //!
-//! - `wire`: the bytes nodes exchange (batches, receipts, presence, snapshots).
-//! - `presence`: which other nodes hold which users and rooms (sans IO).
+//! - `wire`: the bytes nodes exchange (batches, receipts, heartbeats).
+//! - `directory`: which nodes hold which users and rooms, sharded by home node (sans IO).
 //! - `node`: the thread: subjects, batching, receipts, reconnects.
 //! - `access`: the cluster key and the credentials this node gives NATS.
 //! - `inbound`: a batch from another node handed to the shards, and its receipt.
@@ -15,7 +15,6 @@ pub mod access;
 pub mod directory;
 pub mod inbound;
 pub mod node;
-pub mod presence;
 pub mod wire;
 
 use std::sync::atomic::{AtomicBool, Ordering};

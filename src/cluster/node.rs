@@ -886,11 +886,6 @@ impl Node {
                     tracing::info!("cluster: node {node:016x} left");
                 }
             }
-            // Nodes of one cluster run one version (docs/cluster-directory.md).
-            Ok(PresenceMsg::Delta { .. }) => self.reject(
-                subject.as_str(),
-                wire::WireError("a presence delta: a node of an older version, with a replicated directory"),
-            ),
             Err(e) => self.reject(subject.as_str(), e),
         }
     }

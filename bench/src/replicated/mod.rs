@@ -1,4 +1,5 @@
-//! Who is where in the cluster, sans IO.
+//! The replicated directory the gateway used before the sharded one
+//! (`shardgate::cluster::directory`), kept as the simulator's baseline (sans IO).
 //!
 //! Every node publishes its own changes (a user's first connection on the node, its last
 //! one, the same for rooms) as numbered deltas, and a heartbeat each second carrying its
@@ -9,14 +10,21 @@
 //!
 //! Routing then needs one lookup: which other nodes hold this user (or room).
 
+// The simulator routes to users only; rooms and the remote flags stay, with their tests,
+// so that the baseline is the directory the gateway ran.
+#![allow(dead_code)]
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::wire::{self, NodeId, Op, PresenceMsg, SnapshotChunk};
-use crate::route::ShardMask;
+pub mod wire;
+
+use shardgate::cluster::wire::NodeId;
+use shardgate::route::ShardMask;
+use wire::{Op, PresenceMsg, SnapshotChunk};
 
 /// What the node must send or say, produced by the state machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,10 +128,6 @@ impl Presence {
         self.local_users.get_key_value(user).map(|(k, m)| (k, *m))
     }
 
-    pub fn local_room_shards(&self, room: &str) -> Option<(&Arc<str>, ShardMask)> {
-        self.local_rooms.get_key_value(room).map(|(k, m)| (k, *m))
-    }
-
     /// Publishes the pending changes as one delta (none if there are none).
     pub fn flush(&mut self, out: &mut Vec<Action>) {
         if self.pending.is_empty() {
@@ -169,20 +173,6 @@ impl Presence {
     /// Nodes known and in sync.
     pub fn synced_nodes(&self) -> usize {
         self.nodes.values().filter(|n| n.synced).count()
-    }
-
-    /// Is every node we have heard of in sync?
-    pub fn all_synced(&self) -> bool {
-        self.nodes.values().all(|n| n.synced)
-    }
-
-    pub fn remote_users(&self) -> usize {
-        self.users.len()
-    }
-
-    /// Rooms with members on other nodes.
-    pub fn remote_rooms(&self) -> usize {
-        self.rooms.len()
     }
 
     /// Handles a message from the presence subject.
@@ -337,18 +327,6 @@ impl Presence {
         for node in overdue {
             self.ask(node, now, out);
         }
-    }
-
-    /// Forgets every other node (our NATS connection was lost: what we knew is stale).
-    pub fn forget_all(&mut self) {
-        for user in self.users.keys() {
-            if self.local_users.contains_key(user) {
-                self.remote_flags.push((user.clone(), false));
-            }
-        }
-        self.nodes.clear();
-        self.users.clear();
-        self.rooms.clear();
     }
 
     fn heard(&mut self, node: NodeId, now: Instant, out: &mut Vec<Action>) -> &mut RemoteNode {
