@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
+use shardgate::cluster::directory::{home_among, key_hash, DirKey};
 use tokio_tungstenite::tungstenite::Message;
 
 /// The run's nats-server, or one of this test's own.
@@ -496,6 +497,101 @@ fn without_nats_cross_node_sends_are_answered_unavailable_and_local_traffic_flow
         send(&mut alice, json!({"type":"send","to":"carol","id":"l","body":"local"})).await;
         assert_eq!(recv(&mut alice).await, json!({"type":"ack","id":"l","status":"routed"}));
         assert_eq!(recv(&mut carol).await["body"], "local");
+    });
+}
+
+/// The first sends to a user on another node wait for the directory's lookup at the
+/// user's home; those sent meanwhile leave after it, in the order they were sent, and
+/// each is acked `routed`.
+#[test]
+fn sends_that_wait_for_a_lookup_leave_in_order() {
+    let (_nats, url) = nats();
+    let mut nodes = cluster("lookup", &url, 2, &[]);
+    // A recipient whose home is node 1, so that node 0 must ask it.
+    let id = |n: &Node| u64::from_str_radix(&n.id, 16).expect("a hex node id");
+    let mut view = vec![id(&nodes[0]), id(&nodes[1])];
+    view.sort_unstable();
+    let bob = (0..)
+        .map(|i| format!("bob-{i}"))
+        .find(|name| home_among(key_hash(&DirKey::user(name.as_str())), &view) == id(&nodes[1]))
+        .expect("some name is homed at node 1");
+    runtime().block_on(async {
+        let mut bob_ws = connect(&nodes[1], &bob).await;
+        wait_findable(&mut nodes[1], 1);
+        // Node 0 has never routed to him: its first send asks his home.
+        let mut alice = connect(&nodes[0], "alice").await;
+        for n in 0..200 {
+            send(
+                &mut alice,
+                json!({"type":"send","to":bob,"id":format!("m{n}"),"body":n}),
+            )
+            .await;
+        }
+        for n in 0..200 {
+            assert_eq!(
+                recv(&mut alice).await,
+                json!({"type":"ack","id":format!("m{n}"),"status":"routed"})
+            );
+        }
+        for n in 0..200 {
+            assert_eq!(recv(&mut bob_ws).await["body"], n);
+        }
+    });
+    // The answer stays in node 0's cache; nothing waits any more.
+    nodes[0].gw.wait_line("cached=1 lookups=0 parked=0 ");
+}
+
+/// A third node joins while one node streams to users on another: the keys it wins move
+/// to it, and no send is lost, duplicated, reordered or answered `offline` (while the
+/// views differ the answer is `unavailable`).
+#[test]
+fn a_node_joining_mid_traffic_moves_homes_and_loses_nothing() {
+    let (_nats, url) = nats();
+    let mut nodes = cluster("join", &url, 2, &[]);
+    let prefix = nodes[0].prefix.clone();
+    // Thirteen keys (alice and these): some are won by the third node but for (2/3)^13.
+    let users: Vec<String> = (0..12).map(|i| format!("u{i}")).collect();
+    runtime().block_on(async {
+        let mut alice = connect(&nodes[0], "alice").await;
+        let mut recipients = Vec::new();
+        for user in &users {
+            recipients.push(connect(&nodes[1], user).await);
+        }
+        wait_findable(&mut nodes[1], users.len());
+        let mut routed = vec![Vec::new(); users.len()];
+        let mut third = None;
+        let mut since_ready = 0;
+        let mut n = 0u64;
+        // Until 200 sends after the first node's directory took the third one in.
+        while since_ready < 200 {
+            let i = n as usize % users.len();
+            let to = users[i].as_str();
+            send(&mut alice, json!({"type":"send","to":to,"id":n.to_string(),"body":n})).await;
+            let ack = recv(&mut alice).await;
+            match (ack["status"].as_str(), ack["code"].as_str()) {
+                (Some("routed"), _) => routed[i].push(n),
+                (_, Some("unavailable")) => {}
+                _ => panic!("send {n} to {to} was answered {ack}"),
+            }
+            n += 1;
+            if n == 100 {
+                third = Some(node("join-2", &url, &prefix, &[]));
+            }
+            if since_ready > 0 || third.is_some() && nodes[0].gw.saw("cluster: directory ready: 2 other node(s)") {
+                since_ready += 1;
+            }
+        }
+        for (i, ws) in recipients.iter_mut().enumerate() {
+            let last = *routed[i].last().expect("routed after the join");
+            let mut got = Vec::new();
+            while got.last() != Some(&last) {
+                got.push(recv(ws).await["body"].as_u64().expect("a body"));
+            }
+            assert!(got.windows(2).all(|w| w[0] < w[1]), "{}: {got:?}", users[i]);
+            let missing: Vec<u64> = routed[i].iter().filter(|r| !got.contains(r)).copied().collect();
+            assert!(missing.is_empty(), "{}: routed but never came: {missing:?}", users[i]);
+        }
+        drop(third);
     });
 }
 

@@ -210,19 +210,19 @@ enum Outgoing {
 }
 
 impl Outgoing {
-    /// The users or room whose nodes it goes to.
-    fn keys(&self) -> Vec<DirKey> {
+    /// The users or room whose nodes it goes to (one or two).
+    fn keys(&self) -> [Option<DirKey>; 2] {
         match self {
             Outgoing::Relay {
                 kind: RecordKind::Room,
                 name,
                 ..
-            } => vec![DirKey::room(name.clone())],
-            Outgoing::Relay { name, .. } => vec![DirKey::user(name.clone())],
+            } => [Some(DirKey::room(name.clone())), None],
+            Outgoing::Relay { name, .. } => [Some(DirKey::user(name.clone())), None],
             Outgoing::Stored { conv, .. } => match (conv.direct_users(), conv.room_name()) {
-                (Some((a, b)), _) => vec![DirKey::user(a), DirKey::user(b)],
-                (None, Some(room)) => vec![DirKey::room(room)],
-                (None, None) => Vec::new(),
+                (Some((a, b)), _) => [Some(DirKey::user(a)), Some(DirKey::user(b))],
+                (None, Some(room)) => [Some(DirKey::room(room)), None],
+                (None, None) => [None, None],
             },
         }
     }
@@ -501,6 +501,8 @@ impl Node {
 
     /// The shards are gone: whatever still waits for an answer gets one.
     async fn finish(&mut self) {
+        self.leaving = true;
+        self.release_all_parked(Instant::now());
         self.end_round(true).await;
         self.send_receipts().await;
         self.fail_all();
@@ -575,7 +577,7 @@ impl Node {
         };
         let mut push_user_elsewhere = false;
         if known {
-            for key in out.keys() {
+            for key in out.keys().into_iter().flatten() {
                 if self.parked.contains_key(&key) {
                     self.destinations = nodes;
                     return self.park(key, out);

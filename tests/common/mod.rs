@@ -122,6 +122,14 @@ impl Gateway {
         }
     }
 
+    /// Has a line containing `needle` come yet (without waiting for more)?
+    pub fn saw(&mut self, needle: &str) -> bool {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+        self.seen.iter().any(|l| l.contains(needle))
+    }
+
     /// A line containing `needle` already seen, else the next one to come.
     pub fn seen_or_wait(&mut self, needle: &str) -> String {
         match self.seen.iter().find(|l| l.contains(needle)) {

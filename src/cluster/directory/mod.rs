@@ -532,6 +532,10 @@ impl HomeDirectory {
                 self.released.push_back((now, key, home));
             }
             None if present => {
+                // A lookup in flight is answered now: the key is here.
+                if self.asked.remove(&key).is_some() {
+                    self.resolved.push(key.clone());
+                }
                 let home = self.home_of(&key);
                 // What the cache knew is now what the home tells a holder.
                 let others = self.cache.pop(&key).map(|c| c.nodes).unwrap_or_default();
