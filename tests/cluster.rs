@@ -194,6 +194,14 @@ fn two_nodes_exchange_direct_and_room_messages() {
         send(&mut bob, json!({"type":"send","to":"carol","id":"b2","body":"y"})).await;
         assert_eq!(recv(&mut bob).await, json!({"type":"ack","id":"b2","status":"routed"}));
         assert_eq!(recv(&mut carol).await["body"], "y");
+        // The directory (its gauges are a second old at most): settled, with alice, carol
+        // and the lobby held here, each one's home has answered, and nothing waits.
+        scrape_until(nodes[0].gw.addr, |s| {
+            sum(s, "shardgate_cluster_directory_ready", &[]) == 1.0
+                && sum(s, "shardgate_cluster_directory_keys", &["role=\"local\""]) == 3.0
+                && sum(s, "shardgate_cluster_directory_keys", &["role=\"unconfirmed\""]) == 0.0
+                && sum(s, "shardgate_cluster_directory_waiting", &["what=\"sends\""]) == 0.0
+        });
     });
     // /metrics shows the cluster: the other node, the batches, the sends that crossed.
     let m = scrape_until(nodes[0].gw.addr, |s| {

@@ -26,7 +26,7 @@ use super::access::{redact_url, NatsAccess};
 use super::directory::{self, DirKey, HomeDirectory, Resolution};
 use super::wire::{self, BatchWriter, ClusterKey, NodeId, PresenceMsg, ReceiptWriter, RecordKind, StoredAt};
 use super::{instant_to_unix_nanos, unix_nanos, ClusterLink, ToCluster};
-use crate::metrics::board::{Board, ClusterSnapshot};
+use crate::metrics::board::{Board, ClusterSnapshot, DirectoryGauges};
 use crate::route::inbox::Mesh;
 use crate::route::{AckTo, Outcome, Placement};
 use crate::route::{ShardMask, ShardMsg};
@@ -1126,6 +1126,7 @@ impl Node {
         let Some(board) = &self.board else { return };
         let mut t = self.reported;
         t += self.traffic;
+        let dir = self.directory.stats();
         board.publish_cluster(ClusterSnapshot {
             connected: self.connected,
             nodes: self.directory.members() as u64,
@@ -1138,6 +1139,15 @@ impl Node {
             outcomes: [t.routed, t.offline, t.unavailable, t.refused],
             awaiting_receipts: self.sent.len() as u64,
             rejected: t.rejected,
+            directory: DirectoryGauges {
+                ready: dir.ready,
+                local: dir.local as u64,
+                unconfirmed: dir.local_unconfirmed as u64,
+                homed: dir.homed as u64,
+                cached: dir.cached as u64,
+                lookups: dir.lookups_in_flight as u64,
+                parked: self.parked_count as u64,
+            },
         });
     }
 

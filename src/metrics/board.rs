@@ -119,6 +119,23 @@ pub struct ClusterSnapshot {
     /// Batches sent and not yet confirmed by the nodes they went to.
     pub awaiting_receipts: u64,
     pub rejected: u64,
+    pub directory: DirectoryGauges,
+}
+
+/// The cluster directory's sizes now (see `cluster::directory`).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct DirectoryGauges {
+    /// Every node of the view synced with it.
+    pub ready: bool,
+    /// Users and rooms held here, and those of them whose home has not answered yet.
+    pub local: u64,
+    pub unconfirmed: u64,
+    /// Keys homed here, and cache entries for keys held elsewhere.
+    pub homed: u64,
+    pub cached: u64,
+    /// Lookups asked and not answered, and the sends waiting for them.
+    pub lookups: u64,
+    pub parked: u64,
 }
 
 pub struct Board {

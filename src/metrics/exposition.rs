@@ -357,6 +357,36 @@ impl Collector for BoardCollector {
                 Gauge,
                 [(vec![], c.remote_users)],
             )?;
+            let d = &c.directory;
+            family(
+                &mut e,
+                "shardgate_cluster_directory_ready",
+                "1 while every node of the directory's view is synced with it.",
+                Gauge,
+                [(vec![], u64::from(d.ready))],
+            )?;
+            family(
+                &mut e,
+                "shardgate_cluster_directory_keys",
+                "Directory entries: users and rooms held here (local; unconfirmed: their home has not answered yet), homed here, cached.",
+                Gauge,
+                [
+                    (vec![("role", "local".to_string())], d.local),
+                    (vec![("role", "unconfirmed".to_string())], d.unconfirmed),
+                    (vec![("role", "homed".to_string())], d.homed),
+                    (vec![("role", "cached".to_string())], d.cached),
+                ],
+            )?;
+            family(
+                &mut e,
+                "shardgate_cluster_directory_waiting",
+                "Lookups asked of other nodes and not answered, and the sends waiting for them.",
+                Gauge,
+                [
+                    (vec![("what", "lookups".to_string())], d.lookups),
+                    (vec![("what", "sends".to_string())], d.parked),
+                ],
+            )?;
             family(
                 &mut e,
                 "shardgate_cluster_batches",
@@ -370,7 +400,7 @@ impl Collector for BoardCollector {
             family(
                 &mut e,
                 "shardgate_cluster_records",
-                "Records (messages, presence changes) in those batches, by direction.",
+                "Records (messages) in those batches, by direction.",
                 Counter,
                 [
                     (vec![("direction", "out".to_string())], c.records_out),
