@@ -156,6 +156,9 @@ type Links = (Arc<ClusterLink>, Arc<Mesh>, Option<Arc<StoreLink>>, Option<PushQu
 struct PendingAck {
     to: AckTo,
     room: bool,
+    /// The nodes it went to are the directory's final word (else "none has it" is not
+    /// `offline`: the view was changing).
+    final_nodes: bool,
     remaining: usize,
     delivered: bool,
     failed: bool,
@@ -185,6 +188,25 @@ enum Answer {
     Refused,
     /// No receipt (NATS down, timed out).
     Failed,
+}
+
+/// What the directory could say of a send's destinations.
+#[derive(Clone, Copy)]
+struct Answers {
+    /// It could say for each of its keys (else: NATS is away, or a home cannot answer).
+    known: bool,
+    /// Each answer was final (see `HomeDirectory::is_final`).
+    final_nodes: bool,
+    /// A stored message's push user is connected to another node.
+    push_user_elsewhere: bool,
+}
+
+impl Answers {
+    const UNKNOWN: Answers = Answers {
+        known: false,
+        final_nodes: false,
+        push_user_elsewhere: false,
+    };
 }
 
 /// A send for other nodes, kept whole while it waits for a directory lookup.
@@ -576,6 +598,7 @@ impl Node {
             _ => None,
         };
         let mut push_user_elsewhere = false;
+        let mut final_nodes = true;
         if known {
             for key in out.keys().into_iter().flatten() {
                 if self.parked.contains_key(&key) {
@@ -592,6 +615,7 @@ impl Node {
                                 nodes.push(*node);
                             }
                         }
+                        final_nodes &= self.directory.is_final(&key);
                     }
                     Resolution::Pending => {
                         self.destinations = nodes;
@@ -601,7 +625,12 @@ impl Node {
                 }
             }
         }
-        self.send(out, &nodes, known, push_user_elsewhere);
+        let answers = Answers {
+            known,
+            final_nodes,
+            push_user_elsewhere,
+        };
+        self.send(out, &nodes, answers);
         self.destinations = nodes;
     }
 
@@ -609,7 +638,7 @@ impl Node {
     /// lookup had failed.
     fn park(&mut self, key: DirKey, out: Outgoing) {
         if self.parked_count >= MAX_PARKED {
-            return self.send(out, &[], false, false);
+            return self.send(out, &[], Answers::UNKNOWN);
         }
         self.parked_count += 1;
         self.parked.entry(key).or_default().push_back(out);
@@ -637,8 +666,8 @@ impl Node {
         }
     }
 
-    /// Adds `out` to the batches of `nodes` (every other node holding its users or room;
-    /// `known`: the directory could say for each of them).
+    /// Adds `out` to the batches of `nodes` (every other node holding its users or room,
+    /// with what the directory could say of them).
     ///
     /// A relay's ack comes once those nodes confirmed; when none holds it, at once: `offline`
     /// (a room: `routed`) only if the directory is settled, else `unavailable` (as when
@@ -646,7 +675,12 @@ impl Node {
     /// node) goes out unless another node is known to hold the recipient: one push per
     /// message, from the node that stored it; when nothing is known (NATS away) it goes out
     /// (a notification too many rather than one missed).
-    fn send(&mut self, out: Outgoing, nodes: &[NodeId], known: bool, push_user_elsewhere: bool) {
+    fn send(&mut self, out: Outgoing, nodes: &[NodeId], answers: Answers) {
+        let Answers {
+            known,
+            final_nodes,
+            push_user_elsewhere,
+        } = answers;
         match out {
             Outgoing::Relay {
                 kind,
@@ -662,12 +696,13 @@ impl Node {
                         } else {
                             Outcome::Offline
                         };
-                        let settled = known && self.settled();
+                        let settled = known && final_nodes && self.settled();
                         self.answer(ack, if settled { none } else { Outcome::Unavailable });
                     }
                     return;
                 }
-                let pending = ack.map(|to| self.pending(to, kind == RecordKind::Room, nodes.len()));
+                let room = kind == RecordKind::Room;
+                let pending = ack.map(|to| self.pending(to, room, final_nodes, nodes.len()));
                 self.add(nodes, kind, &name, None, &frame, ingress, pending);
             }
             Outgoing::Stored {
@@ -708,10 +743,11 @@ impl Node {
         heard_all && self.directory.is_settled()
     }
 
-    fn pending(&mut self, to: AckTo, room: bool, remaining: usize) -> usize {
+    fn pending(&mut self, to: AckTo, room: bool, final_nodes: bool, remaining: usize) -> usize {
         self.acks.insert(PendingAck {
             to,
             room,
+            final_nodes,
             remaining,
             delivered: false,
             failed: false,
@@ -1062,8 +1098,10 @@ impl Node {
             Outcome::Refused
         } else if p.room || p.delivered {
             Outcome::Routed
-        } else {
+        } else if p.final_nodes {
             Outcome::Offline
+        } else {
+            Outcome::Unavailable
         };
         self.answer(p.to, outcome);
     }

@@ -362,6 +362,16 @@ impl HomeDirectory {
             let (me, nodes) = (self.me, &self.view_nodes);
             self.homed.retain(|key, _| home_among(key_hash(key), nodes) == me);
             self.homed.shrink_to_fit();
+            // Cache entries kept across the view change for keys now homed here.
+            let homed_here: Vec<DirKey> = self
+                .cache
+                .iter()
+                .filter(|(key, _)| home_among(key_hash(key), nodes) == me)
+                .map(|(key, _)| key.clone())
+                .collect();
+            for key in homed_here {
+                self.cache.pop(&key);
+            }
         }
         silent
     }
@@ -466,16 +476,20 @@ impl HomeDirectory {
             }
         }
 
-        // Our cache: entries whose home moved are dropped (the new home has not been
-        // asked, the old one no longer tells us); lookups in flight go to the new home.
-        let moved: Vec<DirKey> = self
-            .cache
-            .iter()
-            .filter(|(key, c)| new_home(key, c.home, &joined, &departed, &self.view_nodes) != c.home)
-            .map(|(key, _)| key.clone())
-            .collect();
-        for key in moved {
-            self.cache.pop(&key);
+        // Our cache: entries whose home moved stand, without the departed nodes, until
+        // the new home is asked at their next use (the old home no longer tells us of
+        // changes); meanwhile they are not final, so that sends keep reaching the holders
+        // while the view changes, and an all-absent answer is `unavailable`, not `offline`.
+        // Lookups in flight go to the new home.
+        let view_nodes = &self.view_nodes;
+        for (key, c) in self.cache.iter_mut() {
+            let home = new_home(key, c.home, &joined, &departed, view_nodes);
+            if home != c.home {
+                c.home = home;
+                c.complete = false;
+                c.at = now.checked_sub(RECHECK).unwrap_or(c.at);
+            }
+            c.nodes.retain(|n| departed.binary_search(n).is_err());
         }
         let reasked: Vec<DirKey> = self
             .asked
@@ -599,7 +613,12 @@ impl HomeDirectory {
             return match self.homed.get(key) {
                 Some(r) if !r.holders.is_empty() => Resolution::Nodes(&r.holders),
                 _ if ready => Resolution::Nodes(&[]),
-                _ => Resolution::Unavailable,
+                // Homed here since the view changed, and its holders have not said so yet:
+                // what the cache knew from the old home stands meanwhile (not final).
+                _ => match self.cache.peek(key) {
+                    Some(c) if !c.nodes.is_empty() => Resolution::Nodes(&c.nodes),
+                    _ => Resolution::Unavailable,
+                },
             };
         }
         if self.asked.contains_key(key) {
@@ -620,6 +639,20 @@ impl HomeDirectory {
             _ if stale => Resolution::Pending,
             _ => Resolution::Unavailable,
         }
+    }
+
+    /// Is what `resolve` gives for `key` final: held here (its home keeps this node told),
+    /// homed here with every node synced, or a complete answer from its home? A send routed
+    /// on an answer that is not (the view is changing) and that finds the key nowhere
+    /// cannot say `offline`.
+    pub fn is_final(&self, key: &DirKey) -> bool {
+        if self.local.contains_key(key) {
+            return true;
+        }
+        if self.home_of(key) == self.me {
+            return self.ready;
+        }
+        self.cache.peek(key).is_some_and(|c| c.complete)
     }
 
     /// Keys whose lookup ended (answered, refused or given up) since the last call: what
@@ -657,14 +690,16 @@ impl HomeDirectory {
         );
     }
 
-    /// The key's home cannot answer: unavailable for `RECHECK`, then asked again.
+    /// The key's home cannot answer: what was known stands (not final), else
+    /// unavailable, for `RECHECK`; then it is asked again.
     fn refuse(&mut self, key: DirKey, now: Instant) {
         let home = self.home_of(&key);
+        let nodes = self.cache.peek(&key).map(|c| c.nodes.clone()).unwrap_or_default();
         self.cache_put(
             key.clone(),
             Cached {
                 home,
-                nodes: Vec::new(),
+                nodes,
                 complete: false,
                 at: now,
             },
@@ -810,11 +845,19 @@ impl HomeDirectory {
         }
         let asked = self.asked.remove(&key).is_some();
         if asked || self.cache.contains(&key) {
+            let mut nodes: Vec<NodeId> = nodes.into_iter().filter(|n| *n != me).collect();
+            // An incomplete "nowhere" (a new home that has not heard from every node yet)
+            // leaves the nodes known before: sends keep reaching them meanwhile.
+            if !complete && nodes.is_empty() {
+                if let Some(before) = self.cache.peek(&key) {
+                    nodes.clone_from(&before.nodes);
+                }
+            }
             self.cache_put(
                 key.clone(),
                 Cached {
                     home: from,
-                    nodes: nodes.into_iter().filter(|n| *n != me).collect(),
+                    nodes,
                     complete,
                     at: now,
                 },

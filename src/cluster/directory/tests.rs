@@ -173,7 +173,8 @@ impl Cluster {
             Resolution::Pending => None,
             Resolution::Unavailable => return None,
         };
-        if let Some(mut n) = first {
+        // An answer that is not final (an entry whose home moved) was asked again.
+        if let Some(mut n) = first.filter(|_| self.nodes[&node].is_final(key)) {
             n.sort_unstable();
             return Some(n);
         }
