@@ -363,15 +363,7 @@ impl HomeDirectory {
             self.homed.retain(|key, _| home_among(key_hash(key), nodes) == me);
             self.homed.shrink_to_fit();
             // Cache entries kept across the view change for keys now homed here.
-            let homed_here: Vec<DirKey> = self
-                .cache
-                .iter()
-                .filter(|(key, _)| home_among(key_hash(key), nodes) == me)
-                .map(|(key, _)| key.clone())
-                .collect();
-            for key in homed_here {
-                self.cache.pop(&key);
-            }
+            self.uncache_homed_at(me);
         }
         silent
     }
@@ -773,18 +765,23 @@ impl HomeDirectory {
         for key in keys {
             self.send(home, DirMsg::Hold { key, held: true });
         }
+        self.uncache_homed_at(home);
+        let view = self.view;
+        self.send(home, DirMsg::Synced { view });
+    }
+
+    /// Drops the cache's entries for keys homed at `home` under the current view.
+    fn uncache_homed_at(&mut self, home: NodeId) {
         let nodes = &self.view_nodes;
-        let cached: Vec<DirKey> = self
+        let homed: Vec<DirKey> = self
             .cache
             .iter()
             .filter(|(key, _)| home_among(key_hash(key), nodes) == home)
             .map(|(key, _)| key.clone())
             .collect();
-        for key in cached {
+        for key in homed {
             self.cache.pop(&key);
         }
-        let view = self.view;
-        self.send(home, DirMsg::Synced { view });
     }
 
     fn on_lookup(&mut self, key: DirKey, from: NodeId) {
