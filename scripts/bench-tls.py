@@ -28,10 +28,10 @@ HANDSHAKE_CASES = [("plain", []), ("TLS full", ["--tls"]), ("TLS resumed", ["--t
 
 
 class Gateway(benchlib.Server):
-    def __init__(self, out, name, certs, shards=1):
+    def __init__(self, out, name, certs, shards=1, binary=GATEWAY):
         port, tls_port = free_port(), free_port()
         cpus = ["--cpus", "0"] if shards == 1 else []
-        cmd = [str(GATEWAY), "serve", "--listen", f"127.0.0.1:{port}", "--shards", str(shards), *cpus, "--echo",
+        cmd = [str(binary), "serve", "--listen", f"127.0.0.1:{port}", "--shards", str(shards), *cpus, "--echo",
                "--listen-tls", f"127.0.0.1:{tls_port}", "--tls-cert", str(certs / "cert.pem"),
                "--tls-key", str(certs / "key.pem"), "--max-message-size", "1048576",
                "--store", "none", "--data-dir", str(out), "--report-interval", "1h",
@@ -69,12 +69,12 @@ def table(title, header, rows, runs, sides):
     return "\n".join(lines)
 
 
-def idle_memory(out, certs, n, hold):
+def idle_memory(out, certs, n, hold, binary):
     """Bytes of server RSS per idle upgraded connection, plain and TLS, each on a fresh
     gateway."""
     result = {}
     for side, args in (("plain", []), ("TLS", ["--tls"])):
-        gw = Gateway(out, f"idle-{side}", certs, shards=2)
+        gw = Gateway(out, f"idle-{side}", certs, shards=2, binary=binary)
         try:
             time.sleep(0.5)
             before = gw.status_kib("VmRSS")
@@ -109,13 +109,14 @@ def main():
     ap.add_argument("--duration", default="5s")
     ap.add_argument("--idle", type=int, default=15000, help="connections held for the idle memory (0: skip)")
     ap.add_argument("--results", default=str(ROOT / "results/bench-tls"))
+    ap.add_argument("--gateway", default=str(GATEWAY), help="the shardgate binary to measure (another build, for an A/B)")
     args = ap.parse_args()
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     certs = Path(args.certs)
     runs = {}
     for r in range(args.rounds):
-        gw = Gateway(out, f"gateway-r{r}", certs)
+        gw = Gateway(out, f"gateway-r{r}", certs, binary=args.gateway)
         try:
             for conns, size, window in ECHO_CASES:
                 sides = ("plain", "TLS") if r % 2 == 0 else ("TLS", "plain")
@@ -144,7 +145,7 @@ def main():
         [("handshakes", "per second, one shard")], runs, ("plain", "TLS full", "TLS resumed"))
     text = echo + "\n\n" + hs
     if args.idle:
-        mem = idle_memory(out, certs, args.idle, "15s")
+        mem = idle_memory(out, certs, args.idle, "15s", args.gateway)
         text += (f"\n\nidle memory, {args.idle:,} upgraded connections on 2 shards (server RSS after − before, per connection): "
                  f"plain {mem['plain']:,.0f} B, TLS {mem['TLS']:,.0f} B")
     print(text)

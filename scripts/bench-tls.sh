@@ -5,6 +5,7 @@
 #
 #   scripts/bench-tls.sh                      # 3 rounds of 5 s per case
 #   scripts/bench-tls.sh --rounds 5 --duration 10s --idle 0
+#   scripts/bench-tls.sh --gateway OTHER/target/release/shardgate   # another build
 #
 # Builds the release binaries, makes a P-256 certificate for the run (openssl), and runs
 # scripts/bench-tls.py. Results in results/bench-tls/tls.md.

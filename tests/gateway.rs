@@ -4,7 +4,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use futures_util::{SinkExt, StreamExt};
@@ -400,6 +400,33 @@ fn sigterm_closes_every_client_with_1001_and_exits_zero() {
         "{:?}",
         gw.seen
     );
+}
+
+#[test]
+fn a_stopping_gateway_stops_listening_at_once() {
+    // A listener's accept in the shard ring holds its socket open: unless the shard
+    // cancels it when it stops accepting, the port keeps taking connections that nobody
+    // will serve until the process exits (and SO_REUSEPORT peers of a restarted gateway
+    // do not get them meanwhile).
+    let mut gw = Gateway::start(&["--shards", "2"]);
+    let mut held = raw_upgrade(gw.addr, "/echo");
+    drop(TcpStream::connect(gw.addr).expect("listening before the signal"));
+    gw.signal(libc::SIGTERM);
+    let (op, body) = read_frame(&mut held).expect("the server's Close");
+    assert_eq!((op, close_code(&body)), (0x8, 1001));
+    // `held` does not answer its Close: the gateway lingers on it for a second before it
+    // can exit, so a refusal within half of that comes from the closed listeners.
+    let deadline = Instant::now() + Duration::from_millis(500);
+    loop {
+        match TcpStream::connect(gw.addr) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
+            Err(e) => panic!("connect: {e}"),
+            Ok(_) => assert!(Instant::now() < deadline, "still accepting 500 ms after the stop"),
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(held);
+    assert!(gw.wait_exit().success());
 }
 
 #[test]

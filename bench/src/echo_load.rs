@@ -22,10 +22,10 @@ use glommio::net::TcpStream;
 use glommio::{LocalExecutorBuilder, Placement};
 use hdrhistogram::Histogram;
 use rustls::{ClientConfig, ClientConnection};
-use shardgate::sys::epoll::{event_buffer, Poller};
 use shardgate::sys::socket::{self, IoBatch, Push, IOV_BATCH};
 use shardgate::ws::deflate::{accepted_in_response, Deflater, Inflater, EXTENSION, RSV1};
 use shardgate::ws::{write_frame, Decoder, Event, OpCode, Role};
+use shardgate_bench::epoll::{event_buffer, Poller};
 use shardgate_bench::tls_client;
 use std::sync::Arc;
 

@@ -1,6 +1,7 @@
 //! Shared pieces of the benchmark tools.
 
 pub mod accounting;
+pub mod epoll;
 pub mod tls_client;
 
 /// The most bytes of an HTTP response head a client reads before giving up.

@@ -1,14 +1,15 @@
 //! What one shard shares among its connections: its buffers and way out (`Egress`), the
-//! ring its plain sockets' input arrives through, the epoll set that says when a
-//! listener or a TLS socket is ready (and wakes the shard for its executor's rings), and
-//! the registry of live connections that lets input, read deadlines and a stop reach
-//! every one of them.
+//! ring that everything of the shard's sockets arrives through (connections' input,
+//! listeners' new connections, a TLS socket's room to write, and the wake-ups of its
+//! executor's own rings), and the registry of live connections that lets input, read
+//! deadlines and a stop reach every one of them.
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,26 +23,23 @@ use slab::Slab;
 
 use super::budget::MemoryBudget;
 use super::deadlines::Deadlines;
-use super::egress::{Cork, Egress, Finish, Outbound};
+use super::egress::{Cork, Egress, Finish, Opened, Outbound, TLS_MAX_READ};
 use super::per_ip::{IpTicket, PerIpLimits};
-use super::receive::{Input, Read, Receiver, POOL_BUFFERS, POOL_BUFFER_BYTES};
+use super::receive::{self, Input, Read, Receiver, CANCELLED, OWN, POOL_BUFFERS, POOL_BUFFER_BYTES, WRITABLE};
 use super::yield_policy::YieldPolicy;
 use crate::chat::hub::Hub;
 use crate::config::Config;
 use crate::metrics::counters::ShardCounters;
-use crate::sys::epoll::{event_buffer, Poller};
 use crate::sys::uring::{Completion, ShardRing};
 use crate::sys::{process, socket};
 use crate::ws::deflate::{DeflateStats, Deflater, Inflater};
 
-/// Keys at and above this mark wake-up descriptors, not sockets (slab keys stay far below).
-const WAKE_KEY: u64 = u64::MAX - 64;
-/// Keys from here up to `WAKE_KEY` mark the shard's listening sockets.
-const LISTENER_KEY: u64 = WAKE_KEY - 64;
-
-/// The shard ring's tag for the epoll set's news (connections' tags stay below 2^62;
-/// `uring::SEND` is the ring's own).
-const EPOLL_NEWS: u64 = (1 << 62) | 1;
+/// The shard ring's tags for a listener's accepts (plus the listener's index) and for a
+/// poll of one of the executor's rings (plus its index); see `receive::OWN`.
+const LISTENER: u64 = OWN | (1 << 16);
+const EXECUTOR_RING: u64 = OWN | (2 << 16);
+/// Low bits of those tags: the index.
+const INDEX: u64 = 0xFFFF;
 
 /// What a read returned. For `Data(n)` the bytes are `egress.round(n)`'s, until the
 /// caller's next await: decode them before awaiting anything.
@@ -63,16 +61,14 @@ struct Entry {
     waker: Option<Waker>,
     /// How the socket's input reaches its reads, once watched.
     watch: Watch,
-    /// Whether a read may find input: set by an epoll event, cleared by a read that comes
-    /// up short (edge-triggered, as tokio does with epoll). Epoll-watched sockets only.
-    readable: bool,
-    /// What the shard ring received for the socket (`Watch::Ring`).
+    /// A TLS socket's handshake left bytes the socket did not take: a poll for room to
+    /// write is armed, and wakes the read that sends them.
+    waits_for_room: bool,
+    /// What the shard ring received for the socket.
     input: Input,
     /// When the waiting read gives up.
     deadline: Option<Instant>,
     timed_out: bool,
-    /// The executor pass in which a read last filled the buffer (see `read`).
-    full_read_pass: Option<u64>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -81,17 +77,46 @@ enum Watch {
     #[default]
     No,
     /// A multishot receive in the shard ring.
-    Ring,
-    /// The epoll set, and a `recv` per read (TLS sockets: their reads also send what the
-    /// socket did not take of a handshake, once it has room).
-    Epoll,
+    Plain,
+    /// The same, its input ciphertext; its reads also send what the socket did not take
+    /// of a handshake, once it has room.
+    Tls,
 }
 
-/// A listening socket as its shard sees it: accepts wait on the epoll set too.
+/// A listening socket as its shard sees it: a multishot accept in the shard ring.
 struct ListenerEntry {
+    fd: RawFd,
     waker: Option<Waker>,
-    /// Cleared when `accept` finds the queue empty, set by an epoll event.
-    readable: bool,
+    /// Connections the ring accepted, until `accept` hands them over.
+    accepted: VecDeque<OwnedFd>,
+    /// The error that ended the multishot accept (out of descriptors, say), for `accept`
+    /// to report once.
+    failed: Option<i32>,
+    /// The accept is armed (or queued to be).
+    armed: bool,
+    /// Closed: what arrives now is dropped.
+    closed: bool,
+}
+
+impl ListenerEntry {
+    /// A completion of the listener's accept: a new connection's descriptor, or the error
+    /// that ended the accept. Returns the waker of the task that takes them.
+    fn completed(&mut self, result: i32, more: bool) -> Option<Waker> {
+        if !more {
+            self.armed = false;
+        }
+        // SAFETY: the accept just handed us this descriptor alone.
+        let accepted = (result >= 0).then(|| unsafe { OwnedFd::from_raw_fd(result) });
+        if self.closed {
+            return None;
+        }
+        match accepted {
+            Some(socket) => self.accepted.push_back(socket),
+            None if !more && result != -libc::ECANCELED => self.failed = Some(-result),
+            None => {}
+        }
+        self.waker.take()
+    }
 }
 
 pub struct ShardContext {
@@ -109,22 +134,17 @@ pub struct ShardContext {
     dirty: RefCell<Vec<Rc<Outbound>>>,
     /// Every live connection: its waker, readiness and read deadline.
     connections: RefCell<Slab<Entry>>,
-    poller: Poller,
-    /// The shard's listening sockets (at most a few), by `LISTENER_KEY` offset.
+    /// The shard's listening sockets (at most a few), by index.
     listeners: RefCell<Vec<ListenerEntry>>,
-    /// What the last `epoll_wait` returned (reused).
-    events: RefCell<Vec<libc::epoll_event>>,
-    /// The epoll set may have news: its last wait returned some, or the shard ring
-    /// said it became ready since.
-    epoll_news: Cell<bool>,
-    /// Plain sockets' input from the shard ring, until their reads take it.
+    /// The executor's own rings, each with whether a poll of it is armed in the shard
+    /// ring (their completions must end the shard's sleep in it).
+    executor_rings: RefCell<Vec<(RawFd, bool)>>,
+    /// Sockets' input from the shard ring, until their reads take it.
     receiver: Receiver,
     /// Executor passes ended so far.
     pass: Cell<u64>,
     /// Connections that had their full read this pass and wait for the next one.
     next_pass: RefCell<Vec<usize>>,
-    /// An `epoll_wait` failure is reported once.
-    epoll_failed: Cell<bool>,
     /// The sweep that ends reads at their deadline.
     pub deadlines: Deadlines,
     stopping: Cell<bool>,
@@ -187,11 +207,7 @@ impl ShardDeflate {
 
 impl glommio::ExternalPoller for ShardContext {
     fn poll(&self) -> usize {
-        let mut woke = self.take_completions(None);
-        if self.epoll_news.get() {
-            woke += self.take_events();
-        }
-        woke
+        self.take_completions(None)
     }
 
     fn park(&self, timeout: Option<Duration>) -> usize {
@@ -208,17 +224,9 @@ impl glommio::ExternalPoller for ShardContext {
                 process::yield_cpu();
                 self.yield_policy.borrow_mut().yielded(start, Instant::now());
                 let woke = self.poll();
-                if woke > 0 || !self.events.borrow().is_empty() {
+                if woke > 0 {
                     return woke;
                 }
-            }
-        }
-        // What the epoll set holds now would not end the sleep (the ring hears only of
-        // news): take it first, and do not sleep if there was any.
-        if self.epoll_news.get() {
-            let woke = self.take_events();
-            if !self.events.borrow().is_empty() {
-                return woke;
             }
         }
         let wait = if timeout == Some(Duration::ZERO) {
@@ -226,11 +234,7 @@ impl glommio::ExternalPoller for ShardContext {
         } else {
             Some(timeout)
         };
-        let mut woke = self.take_completions(wait);
-        if self.epoll_news.get() {
-            woke += self.take_events();
-        }
-        woke
+        self.take_completions(wait)
     }
 
     fn end_pass(&self) -> usize {
@@ -255,7 +259,6 @@ impl ShardContext {
     ) -> io::Result<Self> {
         let budget = Rc::new(MemoryBudget::new(config.shard_memory_budget));
         let deflate_level = config.deflate_level;
-        let poller = Poller::new()?;
         Ok(ShardContext {
             id,
             config,
@@ -265,14 +268,11 @@ impl ShardContext {
             to_wake: RefCell::new(Vec::new()),
             dirty: RefCell::new(Vec::new()),
             connections: RefCell::new(Slab::new()),
-            poller,
             listeners: RefCell::new(Vec::new()),
-            events: RefCell::new(event_buffer()),
-            epoll_news: Cell::new(true),
+            executor_rings: RefCell::new(Vec::new()),
             receiver: Receiver::default(),
             pass: Cell::new(0),
             next_pass: RefCell::new(Vec::new()),
-            epoll_failed: Cell::new(false),
             deadlines: Deadlines::default(),
             stopping: Cell::new(false),
             drained: RefCell::new(None),
@@ -444,42 +444,54 @@ impl ShardContext {
         let Some(entry) = connections.get_mut(key) else {
             return Poll::Ready(Ok(ReadOutcome::Eof));
         };
-        if entry.watch == Watch::Ring {
-            match self
-                .receiver
-                .read(key, &mut entry.input, self.pass.get(), &self.egress, &self.budget)
-            {
-                Read::Data(n) => {
-                    entry.deadline = None;
-                    self.counters.read(n);
-                    return Poll::Ready(Ok(ReadOutcome::Data(n)));
+        let tls = entry.watch == Watch::Tls;
+        let fd = entry.input.fd();
+        loop {
+            if tls {
+                if self.egress.tls.peer_closed(fd) {
+                    return Poll::Ready(Ok(ReadOutcome::Eof));
                 }
-                Read::NextPass => self.next_pass.borrow_mut().push(key),
+                // What a handshake left unsent goes first, once the socket has room.
+                match self.egress.tls.flush(fd) {
+                    Ok(true) => {}
+                    Ok(false) if !entry.waits_for_room => {
+                        entry.waits_for_room = true;
+                        let user = receive::writable_user(key, &entry.input);
+                        self.egress.ring.borrow_mut().poll(fd, libc::POLLOUT, user);
+                    }
+                    Ok(false) => {}
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            }
+            let max = if tls { TLS_MAX_READ } else { usize::MAX };
+            let n = match self
+                .receiver
+                .read(key, &mut entry.input, self.pass.get(), max, &self.egress, &self.budget)
+            {
+                Read::Data(n) => n,
+                Read::NextPass => {
+                    self.next_pass.borrow_mut().push(key);
+                    break;
+                }
                 Read::Ended(Ok(())) => return Poll::Ready(Ok(ReadOutcome::Eof)),
                 Read::Ended(Err(e)) => return Poll::Ready(Err(e)),
-                Read::Nothing => {}
-            }
-        } else if entry.readable && entry.full_read_pass == Some(self.pass.get()) {
-            // One full read per connection per pass: a connection whose client refills
-            // it as fast as we answer would otherwise keep the pass from ending, and
-            // the others' input (polled between passes) would wait for the task slice.
-            self.next_pass.borrow_mut().push(key);
-        } else if entry.readable {
-            match self.egress.recv(read.stream.as_raw_fd()) {
-                Ok((0, _)) => return Poll::Ready(Ok(ReadOutcome::Eof)),
-                Ok((n, more)) => {
-                    // A short read drained the socket: wait for the next edge.
-                    entry.readable = more;
-                    if entry.readable {
-                        entry.full_read_pass = Some(self.pass.get());
-                    }
-                    entry.deadline = None;
-                    self.counters.read(n);
-                    return Poll::Ready(Ok(ReadOutcome::Data(n)));
+                Read::Nothing => break,
+            };
+            let n = if tls {
+                match self.egress.open_tls(fd, n) {
+                    // A handshake message, or part of a record: read on.
+                    Some(Ok(Opened::Plain(0))) => continue,
+                    Some(Ok(Opened::Plain(plain))) => plain,
+                    Some(Ok(Opened::Closed)) => return Poll::Ready(Ok(ReadOutcome::Eof)),
+                    Some(Err(e)) => return Poll::Ready(Err(e)),
+                    None => return Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => entry.readable = false,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
+            } else {
+                n
+            };
+            entry.deadline = None;
+            self.counters.read(n);
+            return Poll::Ready(Ok(ReadOutcome::Data(n)));
         }
         if entry.timed_out {
             entry.timed_out = false;
@@ -516,7 +528,8 @@ impl ShardContext {
 
     /// Submits what the pass queued in the shard ring and takes its completions (waiting
     /// for one, up to `wait`, when that is `Some`): input to connections, the ends of
-    /// their receives, news of the epoll set. Returns how many tasks it woke.
+    /// their receives, new connections, room to write, the executor's rings' news.
+    /// Returns how many tasks it woke.
     fn take_completions(&self, wait: Option<Option<Duration>>) -> usize {
         let mut woke = 0;
         let mut ring = self.egress.ring.borrow_mut();
@@ -525,79 +538,104 @@ impl ShardContext {
             .before_enter(&mut ring, &self.egress, &self.budget, &mut connections, |e| {
                 &mut e.input
             });
-        ring.enter(wait);
-        let mut rearm_poll = false;
-        ring.completions(|completion| match completion {
-            Completion::Status {
-                user: EPOLL_NEWS, more, ..
-            } => {
-                self.epoll_news.set(true);
-                rearm_poll |= !more;
+        // Polled again before each wait: an executor ring that still holds completions
+        // ends the wait at once, as a level-triggered watch would.
+        for (index, (fd, armed)) in self.executor_rings.borrow_mut().iter_mut().enumerate() {
+            if !*armed {
+                *armed = true;
+                ring.poll(*fd, libc::POLLIN, EXECUTOR_RING | index as u64);
             }
-            c => {
-                let news = self
-                    .receiver
-                    .completed(c, &self.egress, &mut connections, |e| &mut e.input);
-                if let Some(w) = news
+        }
+        ring.enter(wait);
+        let mut listeners = self.listeners.borrow_mut();
+        ring.completions(|completion| {
+            let user = completion.user();
+            let wake = if user & OWN != 0 && user != CANCELLED {
+                let index = (user & INDEX) as usize;
+                match (user & !INDEX, completion) {
+                    (LISTENER, Completion::Status { result, more, .. }) => {
+                        listeners.get_mut(index).and_then(|l| l.completed(result, more))
+                    }
+                    (EXECUTOR_RING, _) => {
+                        if let Some((_, armed)) = self.executor_rings.borrow_mut().get_mut(index) {
+                            *armed = false;
+                        }
+                        None
+                    }
+                    _ => None,
+                }
+            } else if user & WRITABLE != 0 && user & OWN == 0 {
+                let key = (user & u64::from(u32::MAX)) as usize;
+                connections
+                    .get_mut(key)
+                    .filter(|e| receive::writable_user(key, &e.input) == user)
+                    .and_then(|e| {
+                        e.waits_for_room = false;
+                        e.waker.take()
+                    })
+            } else {
+                self.receiver
+                    .completed(completion, &self.egress, &mut connections, |e| &mut e.input)
                     .and_then(|key| connections.get_mut(key))
                     .and_then(|e| e.waker.take())
-                {
-                    w.wake();
-                    woke += 1;
-                }
+            };
+            if let Some(w) = wake {
+                w.wake();
+                woke += 1;
             }
         });
-        if rearm_poll {
-            ring.poll_readable(self.poller.fd(), EPOLL_NEWS);
-        }
         woke
     }
 
     /// Makes the shard ring drive its executor (`glommio::ExternalPoller`, a
     /// patch of ours): each busy pass of the executor ends with one `io_uring_enter` on
     /// it that submits the pass's requests and hands over what arrived, and an idle shard
-    /// sleeps in it. The executor's rings join the epoll set, whose news reach the ring
-    /// through a multishot poll, so that their completions (timers' wake-ups, other
-    /// shards' doorbells) end that sleep too, as a listener's or a TLS socket's do.
-    pub fn drive_executor(self: &Rc<Self>) -> io::Result<()> {
-        for (index, fd) in glommio::set_external_poller(self.clone()).into_iter().enumerate() {
-            self.poller.add_level(fd, WAKE_KEY + index as u64)?;
-        }
-        self.egress
-            .ring
+    /// sleeps in it. The executor's rings are polled in it, so that their completions
+    /// (timers' wake-ups, other shards' doorbells) end that sleep too.
+    pub fn drive_executor(self: &Rc<Self>) {
+        let fds = glommio::set_external_poller(self.clone());
+        self.executor_rings
             .borrow_mut()
-            .poll_readable(self.poller.fd(), EPOLL_NEWS);
-        Ok(())
+            .extend(fds.into_iter().map(|fd| (fd, false)));
     }
 
-    /// Puts a listening socket in the shard's epoll set; `accept` then waits on it.
-    /// Returns the index to pass to `accept`.
-    pub fn watch_listener(&self, listener: RawFd) -> io::Result<usize> {
+    /// Arms a multishot accept on a listening socket in the shard ring; `accept` then
+    /// takes what it accepts. Returns the index to pass to `accept` and `close_listener`.
+    pub fn watch_listener(&self, listener: RawFd) -> usize {
         let mut listeners = self.listeners.borrow_mut();
         let index = listeners.len();
-        self.poller.add(listener, LISTENER_KEY + index as u64)?;
-        // A connection may be queued already.
+        self.egress.ring.borrow_mut().accept(listener, LISTENER | index as u64);
         listeners.push(ListenerEntry {
+            fd: listener,
             waker: None,
-            readable: true,
+            accepted: VecDeque::new(),
+            failed: None,
+            armed: true,
+            closed: false,
         });
-        Ok(index)
+        index
     }
 
-    /// Accepts the next connection on the listener `index` (see `watch_listener`); the
-    /// new socket is close-on-exec. Waits on the epoll set while the queue is empty.
-    pub async fn accept(&self, listener: RawFd, index: usize) -> io::Result<(OwnedFd, IpAddr)> {
+    /// The next connection accepted on the listener `index` (see `watch_listener`), with
+    /// its peer's address; the socket is close-on-exec. An error that ended the
+    /// multishot accept (out of descriptors) is returned once; the next call arms it
+    /// again.
+    pub async fn accept(&self, index: usize) -> io::Result<(OwnedFd, IpAddr)> {
         poll_fn(|cx| {
             let mut listeners = self.listeners.borrow_mut();
             let Some(entry) = listeners.get_mut(index) else {
                 return Poll::Ready(Err(io::Error::new(io::ErrorKind::NotFound, "no such listener")));
             };
-            if entry.readable {
-                match socket::accept(listener) {
-                    Ok(accepted) => return Poll::Ready(Ok(accepted)),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => entry.readable = false,
-                    Err(e) => return Poll::Ready(Err(e)),
-                }
+            if let Some(socket) = entry.accepted.pop_front() {
+                // A peer that reset since has no address: that concerns only it.
+                return Poll::Ready(socket::peer_ip(socket.as_raw_fd()).map(|ip| (socket, ip)));
+            }
+            if let Some(errno) = entry.failed.take() {
+                return Poll::Ready(Err(io::Error::from_raw_os_error(errno)));
+            }
+            if !entry.armed {
+                entry.armed = true;
+                self.egress.ring.borrow_mut().accept(entry.fd, LISTENER | index as u64);
             }
             if !entry.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                 entry.waker = Some(cx.waker().clone());
@@ -607,47 +645,20 @@ impl ShardContext {
         .await
     }
 
-    /// Marks the connections in `events` readable and wakes their tasks; returns how many
-    /// it woke.
-    fn mark_readable(&self, events: &[libc::epoll_event]) -> usize {
-        let mut connections = self.connections.borrow_mut();
-        let mut woke = 0;
-        for event in events.iter().filter(|e| e.u64 < WAKE_KEY) {
-            if event.u64 >= LISTENER_KEY {
-                let mut listeners = self.listeners.borrow_mut();
-                if let Some(entry) = listeners.get_mut((event.u64 - LISTENER_KEY) as usize) {
-                    entry.readable = true;
-                    if let Some(w) = entry.waker.take() {
-                        w.wake();
-                        woke += 1;
-                    }
-                }
-            } else if let Some(entry) = connections.get_mut(event.u64 as usize) {
-                entry.readable = true;
-                if let Some(w) = entry.waker.take() {
-                    w.wake();
-                    woke += 1;
-                }
-            }
-        }
-        woke
-    }
-
-    fn take_events(&self) -> usize {
-        let mut events = self.events.borrow_mut();
-        let result = self.poller.wait(&mut events, Some(Duration::ZERO));
-        // Level-triggered wake-ups stay in the set until handled: while a wait returns
-        // any, the next pass looks again.
-        self.epoll_news.set(!events.is_empty());
-        match result {
-            Ok(()) => self.mark_readable(&events),
-            // Task work or a signal: the executor looks at its rings next.
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
-            Err(e) => {
-                if !self.epoll_failed.replace(true) {
-                    tracing::error!("shard {}: epoll_wait failed: {e}", self.id);
-                }
-                0
+    /// Stops accepting on the listener `index`: its accept is cancelled (it holds the
+    /// socket open, so without this the port would keep taking connections nobody
+    /// serves) and what it accepted and was not taken is closed.
+    pub fn close_listener(&self, index: usize) {
+        let mut listeners = self.listeners.borrow_mut();
+        if let Some(entry) = listeners.get_mut(index) {
+            entry.closed = true;
+            entry.accepted.clear();
+            if entry.armed {
+                let mut ring = self.egress.ring.borrow_mut();
+                ring.cancel(LISTENER | index as u64, CANCELLED);
+                // Submitted now, not with the next pass: a shard with no connection
+                // left stops at once, and would leave it to its ring's teardown.
+                ring.enter(None);
             }
         }
     }
@@ -687,26 +698,14 @@ impl ConnectionSlot {
         self.key as usize
     }
 
-    /// Arms the socket's multishot receive in the shard ring, so that its
-    /// reads take what that receives. A TLS socket joins the epoll set instead, watched
-    /// for room to write too: its reads also send what the socket did not take of its
-    /// handshake.
-    pub fn watch(&self, socket: RawFd, tls: bool) -> io::Result<()> {
-        if tls {
-            self.ctx.poller.add_read_write(socket, self.key as u64)?;
-        }
+    /// Arms the socket's multishot receive in the shard ring, so that its reads take
+    /// what that receives (for a TLS socket, ciphertext they open).
+    pub fn watch(&self, socket: RawFd, tls: bool) {
         if let Some(entry) = self.ctx.connections.borrow_mut().get_mut(self.key()) {
-            if tls {
-                entry.watch = Watch::Epoll;
-                // Input may have arrived before the socket joined the set.
-                entry.readable = true;
-            } else {
-                entry.watch = Watch::Ring;
-                entry.input = self.ctx.receiver.input(socket);
-                self.ctx.receiver.start(self.key(), &mut entry.input);
-            }
+            entry.watch = if tls { Watch::Tls } else { Watch::Plain };
+            entry.input = self.ctx.receiver.input(socket);
+            self.ctx.receiver.start(self.key(), &mut entry.input);
         }
-        Ok(())
     }
 }
 
@@ -744,12 +743,14 @@ impl Future for ReadFuture<'_> {
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         let ctx = &self.ctx;
-        // The socket leaves the epoll set when it is closed, right after this; an event
-        // already taken for this key finds no entry, or marks a successor readable, which
-        // costs it one empty read.
         let mut entry = ctx.connections.borrow_mut().remove(self.key());
         ctx.receiver
             .close(self.key(), &mut entry.input, &ctx.egress, &ctx.budget);
+        if entry.waits_for_room {
+            // The poll holds the socket open, as a receive does.
+            let user = receive::writable_user(self.key(), &entry.input);
+            ctx.egress.ring.borrow_mut().cancel(user, CANCELLED);
+        }
         if let Some(ticket) = self.ip {
             ctx.per_ip.release(ticket);
         }

@@ -494,7 +494,7 @@ async fn shard_main(start: ShardStart, listening: Listening, inbox: Inbox) -> Re
         Err(e) => {
             stop.trigger();
             return Err(format!(
-                "shard {id} cannot set up its io_uring and epoll set: {e} (shardgate needs Linux 6.12 or later, with io_uring enabled)"
+                "shard {id} cannot set up its io_uring: {e} (shardgate needs Linux 6.12 or later, with io_uring enabled)"
             ));
         }
     };
@@ -506,7 +506,7 @@ async fn shard_main(start: ShardStart, listening: Listening, inbox: Inbox) -> Re
         .as_ref()
         .map(|(_, a)| format!(", own port {}", a.port()))
         .unwrap_or_default();
-    // Announced only once the shard holds every descriptor it keeps (the epoll set
+    // Announced only once the shard holds every descriptor it keeps (its ring
     // included): operators and tests take this line to mean "ready".
     tracing::info!(
         "shard {id}: cpu {cpu} (running on {}), thread {}, listening on {bound}{own_line}",
@@ -543,7 +543,7 @@ async fn shard_main(start: ShardStart, listening: Listening, inbox: Inbox) -> Re
 }
 
 /// The shard's own tasks besides its connections: the inbox pump, the report ticks, the
-/// read deadlines, and the epoll set driving the executor. False when one cannot start.
+/// read deadlines, and the ring driving the executor. False when one cannot start.
 fn start_tasks(ctx: &Rc<ShardContext>, apps: &Rc<Apps>, inbox: Inbox, reporter: &Reporter) -> bool {
     // Cross-shard deliveries arrive by a wake from another thread; glommio serves such
     // wakes promptly only for latency-sensitive queues (into a `NotImportant` queue one was
@@ -562,10 +562,7 @@ fn start_tasks(ctx: &Rc<ShardContext>, apps: &Rc<Apps>, inbox: Inbox, reporter: 
     };
     glommio::spawn_local(report_intervals(ctx.clone(), apps.clone(), reporter.clone())).detach();
     glommio::spawn_local(publish_to_board(ctx.clone(), apps.clone())).detach();
-    if let Err(e) = ctx.drive_executor() {
-        tracing::error!("shard {}: cannot watch the executor's rings: {e}", ctx.id);
-        return false;
-    }
+    ctx.drive_executor();
     let deadlines = ctx.clone();
     glommio::spawn_local(async move { deadlines.deadlines.expire(&deadlines).await }).detach();
     true
@@ -692,19 +689,29 @@ fn rand_node_id() -> Result<NodeId, StartError> {
     Ok(NodeId::from_le_bytes(bytes))
 }
 
+/// A listener's accept in the shard ring, cancelled when the accept loop ends (before
+/// the listening socket closes).
+struct WatchedListener<'a> {
+    ctx: &'a ShardContext,
+    index: usize,
+}
+
+impl Drop for WatchedListener<'_> {
+    fn drop(&mut self) {
+        self.ctx.close_listener(self.index);
+    }
+}
+
 /// Accepts on `listener` until the shard stops; with `tls`, each connection's first
 /// reads are its TLS handshake.
 async fn accept_loop(ctx: Rc<ShardContext>, apps: Rc<Apps>, listener: OwnedFd, tls: Option<Arc<rustls::ServerConfig>>) {
-    let index = match ctx.watch_listener(listener.as_raw_fd()) {
-        Ok(index) => index,
-        Err(e) => {
-            tracing::error!("shard {}: cannot watch its listener: {e}; accepting nothing", ctx.id);
-            return;
-        }
+    let watched = WatchedListener {
+        ctx: &ctx,
+        index: ctx.watch_listener(listener.as_raw_fd()),
     };
     let mut backoff = Duration::ZERO;
     loop {
-        match ctx.accept(listener.as_raw_fd(), index).await {
+        match ctx.accept(watched.index).await {
             Ok((fd, ip)) => {
                 backoff = Duration::ZERO;
                 let stream = socket::glommio_stream(fd);

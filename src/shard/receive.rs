@@ -1,4 +1,5 @@
-//! Plain sockets' input, as the shard ring delivers it: each connection's multishot
+//! Sockets' input, as the shard ring delivers it (a TLS socket's is ciphertext, opened by
+//! its read): each connection's multishot
 //! receive, the chunks it took waiting for the connection's reads, and the rules that
 //! keep one connection from holding the shared buffers:
 //! - a connection reads at most `PASS_BYTES` per executor pass, then waits for the next
@@ -34,9 +35,13 @@ const PASS_BYTES: usize = super::egress::RX_BUFFER;
 /// Buffers left to the kernel under which unread input is spilled.
 const LOW_WATER: u16 = POOL_BUFFERS / 4;
 
-/// The shard ring's tag for cancellations (nothing to do when they complete).
-/// Connections' tags stay below 2^62; `uring::SEND` is the ring's own.
-const CANCELLED: u64 = (1 << 62) | 2;
+/// The shard ring's tags: a connection's receive carries its slot and generation
+/// (`ring_user`, below 2^61), its wait for room to write that with `WRITABLE` set; the
+/// shard's own tags have `OWN` set; `uring::SEND` (bit 63) is the ring's.
+pub const WRITABLE: u64 = 1 << 61;
+pub const OWN: u64 = 1 << 62;
+/// Cancellations (nothing to do when they complete).
+pub const CANCELLED: u64 = OWN | 2;
 
 /// A connection's multishot receive.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +84,11 @@ struct Spill {
 }
 
 impl Input {
+    /// The socket.
+    pub fn fd(&self) -> RawFd {
+        self.fd
+    }
+
     fn unread(&self) -> usize {
         self.chunk_bytes as usize + self.spill.as_ref().map_or(0, |s| s.bytes.len() - s.at)
     }
@@ -145,8 +155,17 @@ impl Receiver {
         }
     }
 
-    /// The connection's next input in executor pass `pass`, made the egress's (or its end).
-    pub fn read(&self, key: usize, input: &mut Input, pass: u64, egress: &Egress, budget: &MemoryBudget) -> Read {
+    /// The connection's next input in executor pass `pass`, made the egress's (or its end):
+    /// one chunk, or up to `max` bytes of what was copied out of the pool.
+    pub fn read(
+        &self,
+        key: usize,
+        input: &mut Input,
+        pass: u64,
+        max: usize,
+        egress: &Egress,
+        budget: &MemoryBudget,
+    ) -> Read {
         if input.pass != pass {
             input.pass = pass;
             input.read_in_pass = 0;
@@ -155,7 +174,8 @@ impl Receiver {
             return Read::NextPass;
         }
         let n = if let Some(spill) = input.spill.as_mut() {
-            let n = egress.received_copy(&spill.bytes[spill.at..]);
+            let unread = &spill.bytes[spill.at..];
+            let n = egress.received_copy(&unread[..unread.len().min(max)]);
             spill.at += n;
             budget.dequeued(n);
             if spill.at == spill.bytes.len() {
@@ -349,8 +369,13 @@ impl Receiver {
     }
 }
 
-/// The shard ring's tag for a connection's requests: its slot and generation (30 bits
-/// of it: the tags above are the ring's and the shard's own).
+/// The shard ring's tag for a connection's receive: its slot and generation (29 bits of
+/// it: the bits above are `WRITABLE`, `OWN` and the ring's).
 fn ring_user(key: usize, generation: u32) -> u64 {
-    (u64::from(generation & 0x3FFF_FFFF) << 32) | (key as u64 & u64::from(u32::MAX))
+    (u64::from(generation & 0x1FFF_FFFF) << 32) | (key as u64 & u64::from(u32::MAX))
+}
+
+/// The tag of a wait for room to write on `input`'s socket (see `WRITABLE`).
+pub fn writable_user(key: usize, input: &Input) -> u64 {
+    ring_user(key, input.generation) | WRITABLE
 }

@@ -177,36 +177,21 @@ impl<'a> IoBatch<'a> {
     }
 }
 
-/// Accepts one connection from a non-blocking listener; the new socket is close-on-exec.
-/// `WouldBlock` when none is queued.
-pub fn accept(listener: RawFd) -> io::Result<(OwnedFd, IpAddr)> {
-    loop {
-        // SAFETY: sockaddr_storage is plain data, valid when zeroed.
-        let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        // SAFETY: `addr` and `len` describe a buffer the kernel may fill; it checks `listener`.
-        let fd = unsafe {
-            libc::accept4(
-                listener,
-                (&mut addr as *mut libc::sockaddr_storage).cast(),
-                &mut len,
-                libc::SOCK_CLOEXEC,
-            )
-        };
-        if fd >= 0 {
-            // SAFETY: accept4 just handed us this descriptor alone.
-            let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-            return Ok((socket, peer_ip(&addr)));
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
+/// The IP address of a connected socket's peer (`NotConnected` once the peer reset it).
+pub fn peer_ip(socket: RawFd) -> io::Result<IpAddr> {
+    // SAFETY: sockaddr_storage is plain data, valid when zeroed.
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `addr` and `len` describe a buffer the kernel may fill; it checks `socket`.
+    let rc = unsafe { libc::getpeername(socket, (&mut addr as *mut libc::sockaddr_storage).cast(), &mut len) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
     }
+    Ok(ip_of(&addr))
 }
 
 /// The IP address in a socket address the kernel filled (unspecified if not IP).
-fn peer_ip(addr: &libc::sockaddr_storage) -> IpAddr {
+fn ip_of(addr: &libc::sockaddr_storage) -> IpAddr {
     match addr.ss_family as libc::c_int {
         libc::AF_INET => {
             // SAFETY: the family says the storage holds a sockaddr_in.

@@ -50,6 +50,15 @@ pub enum Completion {
     Status { user: u64, result: i32, more: bool },
 }
 
+impl Completion {
+    /// The tag of the request it completes.
+    pub fn user(&self) -> u64 {
+        match *self {
+            Completion::Data { user, .. } | Completion::Status { user, .. } => user,
+        }
+    }
+}
+
 /// The buffers every receive of the ring lands in: `count` buffers of `size` bytes,
 /// lent to the kernel through a provided buffer ring. A buffer returns to the ring once
 /// the kernel has filled it and every chunk taken from it has been released.
@@ -272,12 +281,23 @@ impl ShardRing {
         self.push(opcode::AsyncCancel::new(target).build().user_data(user));
     }
 
-    /// Arms a multishot poll for input on `fd` (an epoll set whose news should end a
-    /// wait in this ring).
-    pub fn poll_readable(&mut self, fd: RawFd, user: u64) {
+    /// Arms a one-shot poll of `fd` for `events` (`POLLIN`, `POLLOUT`): it completes
+    /// once, at once if `fd` is ready when armed. Re-armed before each wait, it works as a
+    /// level-triggered watch: a descriptor still ready wakes the next wait too.
+    pub fn poll(&mut self, fd: RawFd, events: libc::c_short, user: u64) {
         self.push(
-            opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
-                .multi(true)
+            opcode::PollAdd::new(types::Fd(fd), events as u32)
+                .build()
+                .user_data(user),
+        );
+    }
+
+    /// Arms a multishot accept on the listening socket `fd`: each connection accepted
+    /// completes with its descriptor (close-on-exec), an error ends it.
+    pub fn accept(&mut self, fd: RawFd, user: u64) {
+        self.push(
+            opcode::AcceptMulti::new(types::Fd(fd))
+                .flags(libc::SOCK_CLOEXEC)
                 .build()
                 .user_data(user),
         );

@@ -50,14 +50,7 @@ pub fn serve(
     let mut socket = Socket { slot, stream };
     async move {
         let Socket { slot, stream } = &mut socket;
-        if let Err(e) = slot.watch(stream.as_raw_fd(), tls.is_some()) {
-            // Only a host out of epoll watches (fs.epoll.max_user_watches) or memory gets here.
-            tracing::warn!(
-                "shard {}: dropping a connection: cannot add it to the epoll set: {e}",
-                ctx.id
-            );
-            return;
-        }
+        slot.watch(stream.as_raw_fd(), tls.is_some());
         // Dropped before `socket` (captured), so before its descriptor can be reused.
         let _tls = tls.map(|session| TlsRegistration::new(&ctx, stream.as_raw_fd(), session));
         let Some(upgraded) = Box::pin(upgrade::upgrade(&ctx, &apps, stream, slot)).await else {

@@ -30,10 +30,10 @@ use glommio::net::TcpStream;
 pub use cork::Cork;
 pub use queue::Outbound;
 use send_batch::SendBatch;
-pub use tls::TlsConns;
+pub use tls::{Opened, TlsConns, MAX_READ as TLS_MAX_READ};
 
 use crate::metrics::LatencyRecorder;
-use crate::sys::socket::{self, Push};
+use crate::sys::socket::Push;
 use crate::sys::uring::{BufferPool, Chunk, ShardRing};
 
 /// One read takes up to this much from a socket. A read that fills it is the
@@ -134,19 +134,29 @@ impl Egress {
         })
     }
 
-    /// One non-blocking `recv` from `fd` into the arena (opened, for a TLS socket); the
-    /// bytes are then those of `round(n)`, until the caller's next await. Also says
-    /// whether the socket may hold more (the read filled the buffer).
-    pub fn recv(&self, fd: std::os::fd::RawFd) -> io::Result<(usize, bool)> {
-        self.release_input();
-        let mut rx = self.rx.borrow_mut();
+    /// Opens the last read's `n` bytes, ciphertext received for the TLS socket `fd`: the
+    /// plaintext is then the last read's bytes (`round`), in the arena. `None` for a
+    /// plain socket, whose bytes stay as they are.
+    pub fn open_tls(&self, fd: std::os::fd::RawFd, n: usize) -> Option<io::Result<Opened>> {
         let at = self.rx_at.get();
-        let buf = &mut rx[at..at + RX_BUFFER];
-        if let Some(opened) = self.tls.recv(fd, buf) {
-            return opened;
+        let loaded = match self.input.take() {
+            Some(chunk) => {
+                // SAFETY: held until released just below, and no round borrows it now.
+                let loaded = self.tls.load(fd, unsafe { self.pool.bytes(chunk) });
+                if !matches!(loaded, Ok(true)) {
+                    self.input.set(Some(chunk));
+                } else {
+                    self.pool.release(chunk);
+                }
+                loaded
+            }
+            None => self.tls.load(fd, &self.rx.borrow()[at..at + n]),
+        };
+        match loaded {
+            Ok(true) => Some(self.tls.open_loaded(fd, &mut self.rx.borrow_mut()[at..at + RX_BUFFER])),
+            Ok(false) => None,
+            Err(e) => Some(Err(e)),
         }
-        let n = socket::recv(fd, buf)?;
-        Ok((n, n == RX_BUFFER))
     }
 
     /// Where a read through another path (glommio's own) may land.

@@ -4,9 +4,10 @@
 //! one to the rest of the shard: a send reports what the peer will get, a short count
 //! when the socket is full, and the sender offers the rest again later.
 //!
-//! Buffers are the shard's, not the connection's: ciphertext is read into one scratch
-//! buffer and opened into the receive arena; records are sealed into another. A
-//! connection keeps only what is in flight (see `tls::session`).
+//! Buffers are the shard's, not the connection's: ciphertext arrives as any socket's
+//! input does (the shard ring's pool), is copied behind what is left of an incomplete
+//! record into one scratch buffer and opened into the receive arena; records are sealed
+//! into another. A connection keeps only what is in flight (see `tls::session`).
 
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -20,6 +21,9 @@ use crate::sys::socket::{self, IoBatch, Push};
 use crate::tls::session::SessionError;
 use crate::tls::TlsSession;
 
+/// The most ciphertext one read of a TLS socket takes: with an incomplete record kept
+/// before it (under 17 KiB), it fits the scratch buffer, and its plaintext the arena.
+pub const MAX_READ: usize = RX_BUFFER / 2;
 /// Plaintext sealed per step of a send: what the socket does not take of it waits in
 /// the connection (so this also bounds what a connection holds).
 const SEAL_STEP: usize = 64 * 1024;
@@ -52,13 +56,25 @@ pub struct TlsConns {
     /// By socket descriptor.
     by_fd: RefCell<Vec<Option<Conn>>>,
     live: Cell<usize>,
-    /// Ciphertext just read (`RX_BUFFER`, allocated with the first TLS connection).
+    /// Ciphertext just received, after an incomplete record's start (`RX_BUFFER`,
+    /// allocated with the first TLS connection).
     cipher_in: RefCell<Vec<u8>>,
     /// Records being sealed.
     cipher_out: RefCell<Vec<u8>>,
     /// Small slices gathered into one record.
     gathered: RefCell<Vec<u8>>,
     counts: Cell<TlsCounts>,
+    /// Bytes of `cipher_in` the last `load` filled.
+    loaded: Cell<usize>,
+}
+
+/// What opening a TLS socket's input gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opened {
+    /// This much plaintext (0: a handshake message, or part of a record).
+    Plain(usize),
+    /// close_notify, with no plaintext before it: the stream's end.
+    Closed,
 }
 
 impl TlsConns {
@@ -126,59 +142,83 @@ impl TlsConns {
         self.by_fd.borrow().iter().flatten().map(|c| c.session.held()).sum()
     }
 
-    /// One receive for a TLS socket (`None` for a plain one): plaintext written to
-    /// `plain` (0 at the end of the stream) and whether the socket may hold more.
-    /// Handshake messages are answered on the way; `WouldBlock` when no plaintext came.
-    pub fn recv(&self, fd: RawFd, plain: &mut [u8]) -> Option<io::Result<(usize, bool)>> {
+    /// Takes `cipher`, just received for the TLS socket `fd`, after what is left of its
+    /// last incomplete record, for `open_loaded`. False for a plain socket.
+    pub fn load(&self, fd: RawFd, cipher: &[u8]) -> io::Result<bool> {
         if self.live.get() == 0 {
-            return None;
+            return Ok(false);
         }
         let mut by_fd = self.by_fd.borrow_mut();
-        let conn = usize::try_from(fd).ok().and_then(|i| by_fd.get_mut(i))?.as_mut()?;
-        Some(self.recv_tls(fd, conn, plain))
+        let Some(conn) = usize::try_from(fd)
+            .ok()
+            .and_then(|i| by_fd.get_mut(i))
+            .and_then(Option::as_mut)
+        else {
+            return Ok(false);
+        };
+        let mut scratch = self.cipher_in.borrow_mut();
+        let kept = conn.session.partial_len();
+        let end = kept + cipher.len();
+        if end > scratch.len() {
+            // Reads are bounded well below the scratch's size (`MAX_READ`): not reached.
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a TLS read past the scratch buffer",
+            ));
+        }
+        conn.session.take_partial(&mut scratch[..kept]);
+        scratch[kept..end].copy_from_slice(cipher);
+        self.loaded.set(end);
+        Ok(true)
     }
 
-    fn recv_tls(&self, fd: RawFd, conn: &mut Conn, plain: &mut [u8]) -> io::Result<(usize, bool)> {
-        flush_unsent(fd, &mut conn.session)?;
-        if conn.session.peer_closed() {
-            return Ok((0, false));
-        }
+    /// Opens what `load` took for `fd` into `plain` (at least `RX_BUFFER` long), answering
+    /// handshake messages on the way (what the socket does not take of them waits for
+    /// `flush`).
+    pub fn open_loaded(&self, fd: RawFd, plain: &mut [u8]) -> io::Result<Opened> {
+        let loaded = self.loaded.take();
+        let mut by_fd = self.by_fd.borrow_mut();
+        let Some(conn) = usize::try_from(fd)
+            .ok()
+            .and_then(|i| by_fd.get_mut(i))
+            .and_then(Option::as_mut)
+        else {
+            return Err(io::ErrorKind::NotConnected.into());
+        };
         let mut cipher = self.cipher_in.borrow_mut();
-        let room = cipher.len().min(plain.len());
-        loop {
-            let kept = conn.session.partial_len();
-            let want = room - kept;
-            let n = match socket::recv(fd, &mut cipher[kept..room])? {
-                0 => return Ok((0, false)),
-                n => n,
-            };
-            conn.session.take_partial(&mut cipher[..kept]);
-            let plaintext = match conn.session.open(&mut cipher[..kept + n], plain) {
-                Ok(opened) => opened,
-                Err(e) => {
-                    if matches!(e, SessionError::NotTls) {
-                        self.count(|c| c.plaintext += 1);
-                        let _ = socket::send(fd, NOT_TLS_ANSWER, Push::WithFin);
-                    } else {
-                        self.count(|c| c.protocol += 1);
-                    }
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+        let plaintext = match conn.session.open(&mut cipher[..loaded], plain) {
+            Ok(opened) => opened,
+            Err(e) => {
+                if matches!(e, SessionError::NotTls) {
+                    self.count(|c| c.plaintext += 1);
+                    let _ = socket::send(fd, NOT_TLS_ANSWER, Push::WithFin);
+                } else {
+                    self.count(|c| c.protocol += 1);
                 }
-            };
-            if !conn.counted && conn.session.is_established() {
-                conn.counted = true;
-                let resumed = conn.session.resumed();
-                self.count(|c| if resumed { c.resumed += 1 } else { c.full += 1 });
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
             }
-            flush_unsent(fd, &mut conn.session)?;
-            let more = n == want;
-            if plaintext > 0 || conn.session.peer_closed() {
-                return Ok((plaintext, more));
-            }
-            if !more {
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
+        };
+        if !conn.counted && conn.session.is_established() {
+            conn.counted = true;
+            let resumed = conn.session.resumed();
+            self.count(|c| if resumed { c.resumed += 1 } else { c.full += 1 });
         }
+        flush_unsent(fd, &mut conn.session)?;
+        if plaintext == 0 && conn.session.peer_closed() {
+            return Ok(Opened::Closed);
+        }
+        Ok(Opened::Plain(plaintext))
+    }
+
+    /// Sends what a TLS socket's handshake left unsent, as much as the socket takes:
+    /// true when nothing is left (always, for a plain socket).
+    pub fn flush(&self, fd: RawFd) -> io::Result<bool> {
+        self.with(fd, |c| flush_unsent(fd, &mut c.session)).unwrap_or(Ok(true))
+    }
+
+    /// Whether the peer of the TLS socket `fd` sent close_notify: nothing more will come.
+    pub fn peer_closed(&self, fd: RawFd) -> bool {
+        self.with(fd, |c| c.session.peer_closed()).unwrap_or(false)
     }
 
     /// One non-blocking send of `iov`, sealed for a TLS socket: how many of its bytes the
@@ -428,8 +468,9 @@ mod tests {
             while tls.wants_write() {
                 tls.write_tls(&mut client).unwrap();
             }
-            match conns.recv(server.as_raw_fd(), &mut arena) {
-                Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+            match receive(conns, server.as_raw_fd(), &mut arena) {
+                Ok(Opened::Plain(0)) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 other => panic!("a handshake gives no plaintext: {other:?}"),
             }
             if tls.is_handshaking() {
@@ -439,6 +480,15 @@ mod tests {
         }
         assert_eq!(conns.take_counts().full, 1);
         (server, client, tls)
+    }
+
+    /// Receives what the peer sent and opens it, as the shard does with what its ring
+    /// received for the socket.
+    fn receive(conns: &TlsConns, fd: RawFd, arena: &mut [u8]) -> io::Result<Opened> {
+        let mut cipher = vec![0u8; MAX_READ];
+        let n = socket::recv(fd, &mut cipher)?;
+        assert!(conns.load(fd, &cipher[..n])?, "a TLS socket");
+        conns.open_loaded(fd, arena)
     }
 
     fn send(conns: &TlsConns, fd: RawFd, bytes: &[u8]) -> usize {
@@ -489,7 +539,9 @@ mod tests {
         tls.writer().write_all(b"hello, shard").unwrap();
         tls.write_tls(&mut client).unwrap();
         let mut arena = vec![0u8; RX_BUFFER];
-        let (n, _) = conns.recv(fd, &mut arena).unwrap().unwrap();
+        let Opened::Plain(n) = receive(&conns, fd, &mut arena).unwrap() else {
+            panic!("no plaintext");
+        };
         assert_eq!(&arena[..n], b"hello, shard");
         assert_eq!(send(&conns, fd, b"hello, client"), 13);
         let mut got = Vec::new();
@@ -574,7 +626,7 @@ mod tests {
         conns.insert(server.as_raw_fd(), Box::new(TlsSession::new(server_config).unwrap()));
         client.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
         let mut arena = vec![0u8; RX_BUFFER];
-        let err = conns.recv(server.as_raw_fd(), &mut arena).unwrap().unwrap_err();
+        let err = receive(&conns, server.as_raw_fd(), &mut arena).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         assert_eq!(conns.take_counts().plaintext, 1);
         drop(server);

@@ -1,6 +1,7 @@
-//! An epoll set: sockets join it once, edge-triggered; wake-up descriptors join it
-//! level-triggered. `wait` takes what is ready (without blocking, or sleeping up to a
-//! timeout with `epoll_pwait2`'s nanoseconds where the kernel has it).
+//! `echo-load`'s epoll set: sockets join it once, edge-triggered. `wait` takes what is
+//! ready (without blocking, or sleeping up to a timeout with `epoll_pwait2`'s
+//! nanoseconds where the kernel has it). (The gateway itself uses no epoll: its shards'
+//! sockets are all in their io_uring.)
 
 use std::cell::Cell;
 use std::io;
@@ -36,11 +37,6 @@ impl Poller {
         })
     }
 
-    /// The set's descriptor (readable while it holds news).
-    pub fn fd(&self) -> RawFd {
-        self.epoll.as_raw_fd()
-    }
-
     /// Adds `socket` (input, edge-triggered); its events come back tagged with `key`.
     pub fn add(&self, socket: RawFd, key: u64) -> io::Result<()> {
         self.add_events(socket, key, INTEREST)
@@ -55,21 +51,6 @@ impl Poller {
         let mut event = libc::epoll_event { events, u64: key };
         // SAFETY: `event` is a valid epoll_event; the kernel checks both descriptors.
         let rc = unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, socket, &mut event) };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    /// Adds a descriptor whose input should only end a `wait` (level-triggered: while it
-    /// stays readable every wait returns at once); its events come back tagged with `key`.
-    pub fn add_level(&self, fd: RawFd, key: u64) -> io::Result<()> {
-        let mut event = libc::epoll_event {
-            events: libc::EPOLLIN as u32,
-            u64: key,
-        };
-        // SAFETY: as in `add`.
-        let rc = unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut event) };
         if rc < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -190,33 +171,6 @@ mod tests {
         ready_now(&poller, &mut events);
         assert_eq!(keys(&events), [7]);
         assert_ne!(events[0].events & (libc::EPOLLRDHUP as u32 | libc::EPOLLHUP as u32), 0);
-    }
-
-    #[test]
-    fn a_wake_descriptor_ends_a_wait_and_stays_reported_while_readable() {
-        let poller = Poller::new().unwrap();
-        let (mut ring, ring_end) = UnixStream::pair().unwrap();
-        poller.add_level(ring_end.as_raw_fd(), 1001).unwrap();
-        let mut events = event_buffer();
-        // Nothing ready: a bounded wait times out empty.
-        poller.wait(&mut events, Some(Duration::from_millis(5))).unwrap();
-        assert!(events.is_empty());
-
-        ring.write_all(b"!").unwrap();
-        // An unbounded wait returns at once, and the key says it is a wake-up, not a socket.
-        poller.wait(&mut events, None).unwrap();
-        assert_eq!(keys(&events), [1001]);
-        // Level-triggered: it is reported again until it is drained.
-        poller.wait(&mut events, None).unwrap();
-        assert_eq!(keys(&events), [1001]);
-        // The set itself polls readable: how its news reach a shard's io_uring.
-        let mut pfd = libc::pollfd {
-            fd: poller.fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        assert_eq!(unsafe { libc::poll(&mut pfd, 1, 0) }, 1);
     }
 
     #[test]
