@@ -1,7 +1,7 @@
 //! Sockets' input, as the shard ring delivers it (a TLS socket's is ciphertext, opened by
-//! its read): each connection's multishot
-//! receive, the chunks it took waiting for the connection's reads, and the rules that
-//! keep one connection from holding the shared buffers:
+//! its read): each connection's multishot receive, the chunks it took waiting for the
+//! connection's reads, and the rules that keep one connection from holding the shared
+//! buffers:
 //! - a connection reads at most `PASS_BYTES` per executor pass, then waits for the next
 //!   one: a client that sends as fast as we answer must not keep the pass from ending
 //!   (everyone else's input is taken between passes);

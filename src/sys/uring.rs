@@ -1,5 +1,6 @@
-//! A shard's own io_uring, for its sockets' data both ways. Every plain socket of the
-//! shard has one multishot receive in it, and the kernel reads arriving bytes into one
+//! A shard's own io_uring, for everything of its sockets: data both ways, accepts, and
+//! polls (room to write, its executor's rings). Every socket of the shard, TLS or not,
+//! has one multishot receive in it, and the kernel reads arriving bytes into one
 //! pool of buffers shared by all of them (a provided buffer ring, consumed incrementally:
 //! a 20-byte message takes 20 bytes of a buffer, not a whole one). The answers of a pass
 //! go out as non-blocking sends in the same ring. Completions are deferred to the
