@@ -145,31 +145,23 @@ impl TlsConns {
     /// Takes `cipher`, just received for the TLS socket `fd`, after what is left of its
     /// last incomplete record, for `open_loaded`. False for a plain socket.
     pub fn load(&self, fd: RawFd, cipher: &[u8]) -> io::Result<bool> {
-        if self.live.get() == 0 {
-            return Ok(false);
-        }
-        let mut by_fd = self.by_fd.borrow_mut();
-        let Some(conn) = usize::try_from(fd)
-            .ok()
-            .and_then(|i| by_fd.get_mut(i))
-            .and_then(Option::as_mut)
-        else {
-            return Ok(false);
-        };
-        let mut scratch = self.cipher_in.borrow_mut();
-        let kept = conn.session.partial_len();
-        let end = kept + cipher.len();
-        if end > scratch.len() {
-            // Reads are bounded well below the scratch's size (`MAX_READ`): not reached.
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "a TLS read past the scratch buffer",
-            ));
-        }
-        conn.session.take_partial(&mut scratch[..kept]);
-        scratch[kept..end].copy_from_slice(cipher);
-        self.loaded.set(end);
-        Ok(true)
+        self.with(fd, |conn| {
+            let mut scratch = self.cipher_in.borrow_mut();
+            let kept = conn.session.partial_len();
+            let end = kept + cipher.len();
+            if end > scratch.len() {
+                // Reads are bounded well below the scratch's size (`MAX_READ`): not reached.
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "a TLS read past the scratch buffer",
+                ));
+            }
+            conn.session.take_partial(&mut scratch[..kept]);
+            scratch[kept..end].copy_from_slice(cipher);
+            self.loaded.set(end);
+            Ok(true)
+        })
+        .unwrap_or(Ok(false))
     }
 
     /// Opens what `load` took for `fd` into `plain` (at least `RX_BUFFER` long), answering
@@ -177,14 +169,11 @@ impl TlsConns {
     /// `flush`).
     pub fn open_loaded(&self, fd: RawFd, plain: &mut [u8]) -> io::Result<Opened> {
         let loaded = self.loaded.take();
-        let mut by_fd = self.by_fd.borrow_mut();
-        let Some(conn) = usize::try_from(fd)
-            .ok()
-            .and_then(|i| by_fd.get_mut(i))
-            .and_then(Option::as_mut)
-        else {
-            return Err(io::ErrorKind::NotConnected.into());
-        };
+        self.with(fd, |conn| self.open_into(fd, conn, loaded, plain))
+            .unwrap_or_else(|| Err(io::ErrorKind::NotConnected.into()))
+    }
+
+    fn open_into(&self, fd: RawFd, conn: &mut Conn, loaded: usize, plain: &mut [u8]) -> io::Result<Opened> {
         let mut cipher = self.cipher_in.borrow_mut();
         let plaintext = match conn.session.open(&mut cipher[..loaded], plain) {
             Ok(opened) => opened,
