@@ -3,16 +3,16 @@
 //! Opens N connections to an echo endpoint, keeps a window of W messages of S bytes in
 //! flight on each, and reports messages per second and round-trip percentiles from an HDR
 //! histogram. One thread per CPU: connections are made on glommio, then each thread drives
-//! its connections from one edge-triggered epoll set, like uWebSockets' `load_test`, so
-//! that the server rather than the client is what runs out of CPU. `--idle` only opens and
+//! its connections outside glommio's reactor, from an edge-triggered epoll set like
+//! uWebSockets' `load_test` (or through io_uring, `--io uring`), so that the server
+//! rather than the client is what runs out of CPU (`drive`). `--idle` only opens and
 //! holds the connections (for measuring the server's memory per connection);
 //! `--handshakes` measures new connections per second, each doing an upgrade, one echo and
 //! a close (on glommio). `--tls` speaks `wss://` (rustls, no certificate check).
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -22,12 +22,15 @@ use glommio::net::TcpStream;
 use glommio::{LocalExecutorBuilder, Placement};
 use hdrhistogram::Histogram;
 use rustls::{ClientConfig, ClientConnection};
-use shardgate::sys::socket::{self, IoBatch, Push, IOV_BATCH};
+use shardgate::sys::socket::{self, Push};
 use shardgate::ws::deflate::{accepted_in_response, Deflater, Inflater, EXTENSION, RSV1};
 use shardgate::ws::{write_frame, Decoder, Event, OpCode, Role};
-use shardgate_bench::epoll::{event_buffer, Poller};
 use shardgate_bench::tls_client;
 use std::sync::Arc;
+
+#[path = "echo_load/drive.rs"]
+mod drive;
+use drive::Io;
 
 #[derive(Debug, Clone, Parser)]
 #[command(name = "echo-load", about = "WebSocket echo load generator")]
@@ -80,6 +83,11 @@ struct Args {
     /// With --tls: keep sessions and resume them (a thread's connections share a store).
     #[arg(long, requires = "tls")]
     tls_resume: bool,
+    /// How the connections are driven once upgraded: epoll (a `recv` and a `sendmsg` per
+    /// socket, like uWebSockets' `load_test`) or io_uring (multishot receives, one batch
+    /// of sends per pass). With --tls always epoll.
+    #[arg(long, value_enum, default_value_t = Io::Epoll)]
+    io: Io,
 }
 
 /// A connected, upgraded stream, with its TLS state under `--tls`.
@@ -214,7 +222,8 @@ fn print_summary(args: &Args, total: &Stats, hist: &Histogram<u64>) {
         format!("mode=handshakes concurrency={} size={}", args.connections, args.size)
     } else {
         format!(
-            "connections={} size={} window={} payload={:?} deflate={} echo_bytes_per_msg={:.0}",
+            "io={} connections={} size={} window={} payload={:?} deflate={} echo_bytes_per_msg={:.0}",
+            drive::io_for(args).name(),
             args.connections,
             args.size,
             args.window,
@@ -303,10 +312,10 @@ async fn run_thread(args: Args, connections: usize) -> (Histogram<u64>, Stats) {
             );
         }
         let (measure_from, deadline) = measured_window(&args);
-        let (count, lost, received) = drive_all(&args, &mut streams, measure_from, deadline, &mut hist.borrow_mut());
-        messages.set(count);
-        rx_bytes = received;
-        failed += lost;
+        let driven = drive::drive(&args, &mut streams, measure_from, deadline, &mut hist.borrow_mut());
+        messages.set(driven.messages);
+        rx_bytes = driven.received;
+        failed += driven.failed;
         // The closing handshake is not waited for: the measured window is over.
         let mut close = Vec::new();
         shardgate::ws::write_close(&mut close, shardgate::ws::CloseCode::NORMAL, "", Some([1, 2, 3, 4]));
@@ -495,283 +504,4 @@ async fn handshake_loop(
         }
     }
     failed
-}
-
-/// One connection of `drive_all`.
-struct Conn {
-    fd: RawFd,
-    /// Under `--tls`: what is sealed waits in rustls until the socket takes it.
-    tls: Option<ClientConnection>,
-    decoder: Decoder,
-    /// When each message in flight was sent, oldest first.
-    in_flight: VecDeque<Instant>,
-    /// Bytes the socket did not take yet, from `sent` on.
-    pending: Vec<u8>,
-    sent: usize,
-    dead: bool,
-}
-
-/// Keeps `--window` messages in flight on every stream until `deadline`, like uWebSockets'
-/// `load_test` (the client of the peers' published charts): one edge-triggered epoll set
-/// per client thread, non-blocking `recv` and `send`. This runs outside glommio's reactor
-/// on purpose: its one-shot io_uring poll per read made the client the bottleneck at
-/// window 1 (99% of its CPU for every server). Returns the messages echoed in the
-/// measured window, the connections that failed and the bytes received in the window.
-fn drive_all(
-    args: &Args,
-    streams: &mut [Upgraded],
-    measure_from: Instant,
-    deadline: Instant,
-    hist: &mut Histogram<u64>,
-) -> (u64, u64, u64) {
-    let payload = make_payload(args.payload, args.size);
-    let opcode = if args.text || args.payload == Payload::Json {
-        OpCode::Text
-    } else {
-        OpCode::Binary
-    };
-    let poller = match Poller::new() {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("echo-load: epoll_create1: {e}");
-            return (0, streams.len() as u64, 0);
-        }
-    };
-    // One masked frame, encoded once and sent again and again on every connection: the
-    // client spends its time on system calls, not on encoding, and the kernel copies
-    // every send from the same cache-hot bytes (200 frames of 16 KiB, one per connection,
-    // would not fit in the cache). Compressed, it is deflated once too: with no context
-    // taken over, every copy is a valid message.
-    let frame = encode_message(opcode, &payload, 0x9e37_79b1u32.to_be_bytes(), args.deflate);
-    let frame = &frame[..];
-    let mut inflater = Inflater::new();
-    let mut received = 0u64;
-    let (mut conns, mut failed) = start_conns(args, streams, frame, &poller);
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut plain = Vec::with_capacity(64 * 1024);
-    let mut events = event_buffer();
-    let mut messages = 0u64;
-    // Connections whose socket still had input when their turn ended (see `read_echoes`),
-    // and the ones to read this time round.
-    let mut again: Vec<usize> = Vec::new();
-    let mut turn: Vec<(usize, bool, bool)> = Vec::new();
-    loop {
-        let now = Instant::now();
-        if now >= deadline {
-            break;
-        }
-        let wait = if again.is_empty() {
-            (deadline - now).clamp(Duration::from_millis(1), Duration::from_millis(100))
-        } else {
-            Duration::ZERO
-        };
-        if poller.wait(&mut events, Some(wait)).is_err() {
-            continue; // EINTR
-        }
-        turn.clear();
-        turn.extend(again.drain(..).map(|i| (i, false, true)));
-        turn.extend(events.iter().map(|e| {
-            let writable = e.events & libc::EPOLLOUT as u32 != 0;
-            (e.u64 as usize, writable, e.events != libc::EPOLLOUT as u32)
-        }));
-        for &(i, writable, readable) in &turn {
-            let c = &mut conns[i];
-            if c.dead {
-                continue;
-            }
-            let mut result = if writable { flush(c) } else { Ok(()) };
-            if result.is_ok() && readable {
-                let mut reader = Reader {
-                    args,
-                    frame,
-                    buf: &mut buf,
-                    plain: &mut plain,
-                    inflater: &mut inflater,
-                    measure_from,
-                    deadline,
-                };
-                result = reader
-                    .read_echoes(c, hist, &mut messages, &mut received)
-                    .map(|drained| {
-                        if !drained {
-                            again.push(i);
-                        }
-                    });
-            }
-            if let Err(e) = result {
-                c.dead = true;
-                failed += 1;
-                if failed <= 3 {
-                    eprintln!("echo-load: connection failed: {e}");
-                }
-            }
-        }
-    }
-    (messages, failed, received)
-}
-
-/// Every stream as a `Conn` in the epoll set, its first window of messages on the wire.
-/// Returns them and how many failed to start.
-fn start_conns(args: &Args, streams: &mut [Upgraded], frame: &[u8], poller: &Poller) -> (Vec<Conn>, u64) {
-    let start = Instant::now();
-    let mut conns: Vec<Conn> = streams
-        .iter_mut()
-        .map(|(s, tls)| Conn {
-            fd: s.as_raw_fd(),
-            tls: tls.take(),
-            pending: frame.repeat(args.window),
-            decoder: Decoder::new(Role::Client, usize::MAX),
-            in_flight: std::iter::repeat_n(start, args.window).collect(),
-            sent: 0,
-            dead: false,
-        })
-        .collect();
-    let mut failed = 0u64;
-    for (i, c) in conns.iter_mut().enumerate() {
-        if let Some(tls) = &mut c.tls {
-            // The first window goes through rustls like every later message.
-            if let Err(e) = std::io::Write::write_all(&mut tls.writer(), &c.pending) {
-                c.dead = true;
-                failed += 1;
-                eprintln!("echo-load: cannot start a connection: {e}");
-                continue;
-            }
-            c.pending.clear();
-        }
-        if let Err(e) = poller.add_read_write(c.fd, i as u64).and_then(|()| flush(c)) {
-            c.dead = true;
-            failed += 1;
-            eprintln!("echo-load: cannot start a connection: {e}");
-        }
-    }
-    (conns, failed)
-}
-
-/// What reading echoes needs besides the connection.
-struct Reader<'a> {
-    args: &'a Args,
-    frame: &'a [u8],
-    buf: &'a mut [u8],
-    /// What TLS opened of `buf` (under `--tls`).
-    plain: &'a mut Vec<u8>,
-    inflater: &'a mut Inflater,
-    measure_from: Instant,
-    deadline: Instant,
-}
-
-impl Reader<'_> {
-    /// Reads what the socket has, up to a few full buffers (then the other connections
-    /// get their turn: a client slower than the server, with TLS, would otherwise stay on
-    /// one connection that never runs dry), counts the echoes and sends as many new
-    /// messages as came back. Returns whether the socket was drained.
-    fn read_echoes(
-        &mut self,
-        c: &mut Conn,
-        hist: &mut Histogram<u64>,
-        messages: &mut u64,
-        received: &mut u64,
-    ) -> std::io::Result<bool> {
-        let size = self.args.size;
-        for _ in 0..READS_PER_TURN {
-            let n = match socket::recv(c.fd, self.buf) {
-                Ok(0) => return Err(std::io::Error::other("server closed the connection")),
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(true),
-                Err(e) => return Err(e),
-            };
-            let now = Instant::now();
-            let mut echoed = 0usize;
-            let mut bad = false;
-            let inflater = self.args.deflate.then_some(&mut *self.inflater);
-            let input = match &mut c.tls {
-                Some(tls) => {
-                    self.plain.clear();
-                    tls_client::take_in(tls, &self.buf[..n], self.plain)?;
-                    &mut self.plain[..]
-                }
-                None => &mut self.buf[..n],
-            };
-            let result = decode(&mut c.decoder, input, inflater, &mut |event| match event {
-                Event::Message { payload: p, .. } if p.len() == size => echoed += 1,
-                _ => bad = true,
-            });
-            if result.is_err() || bad || echoed > c.in_flight.len() {
-                return Err(std::io::Error::other("unexpected frame from the server"));
-            }
-            if now >= self.measure_from && now < self.deadline {
-                for sent in c.in_flight.iter().take(echoed) {
-                    let _ = hist.record(now.duration_since(*sent).as_micros().max(1) as u64);
-                }
-                *messages += echoed as u64;
-                *received += n as u64;
-            }
-            c.in_flight.drain(..echoed);
-            if echoed > 0 && now < self.deadline {
-                for _ in 0..echoed {
-                    c.in_flight.push_back(now);
-                }
-                send_frames(c, self.frame, echoed)?;
-            }
-            if n < self.buf.len() {
-                // A short read drained the socket: the next arrival is a new edge.
-                return Ok(true);
-            }
-        }
-        Ok(false)
-    }
-}
-
-/// Full reads one connection gets before the others' turn.
-const READS_PER_TURN: usize = 4;
-
-/// Sends `count` more copies of the frame on `c`. While nothing waits before them
-/// they go straight from the one encoded frame; only what the socket does not take is
-/// copied, to wait for its EPOLLOUT edge. (Copying each 16 KiB message into the pending
-/// buffer took a third of the client's CPU and made the client, not the server, the limit
-/// of the 16 KiB cases.)
-fn send_frames(c: &mut Conn, frame: &[u8], mut count: usize) -> std::io::Result<()> {
-    if let Some(tls) = &mut c.tls {
-        // In one go, as the plain path's one `sendmsg`: small messages share a record.
-        let copies = vec![std::io::IoSlice::new(frame); count];
-        std::io::Write::write_vectored(&mut tls.writer(), &copies)?;
-        return tls_client::flush(c.fd, tls).map(|_| ());
-    }
-    let len = frame.len();
-    while c.pending.is_empty() && count > 0 {
-        let k = count.min(IOV_BATCH);
-        let mut iov = IoBatch::new();
-        for _ in 0..k {
-            iov.push(frame);
-        }
-        let sent = iov.send(c.fd, Push::Now)?;
-        let (whole, part) = (sent / len, sent % len);
-        count -= whole;
-        if part > 0 {
-            c.pending.extend_from_slice(&frame[part..]);
-            count -= 1;
-        }
-        if whole < k {
-            break; // the socket is full
-        }
-    }
-    for _ in 0..count {
-        c.pending.extend_from_slice(frame);
-    }
-    Ok(())
-}
-
-/// Sends what is pending; what the socket does not take waits for its EPOLLOUT edge.
-fn flush(c: &mut Conn) -> std::io::Result<()> {
-    if let Some(tls) = &mut c.tls {
-        return tls_client::flush(c.fd, tls).map(|_| ());
-    }
-    while c.sent < c.pending.len() {
-        match socket::send(c.fd, &c.pending[c.sent..], Push::Now)? {
-            0 => return Ok(()),
-            n => c.sent += n,
-        }
-    }
-    c.pending.clear();
-    c.sent = 0;
-    Ok(())
 }
