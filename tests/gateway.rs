@@ -371,6 +371,41 @@ fn keepalive_pings_and_closes_a_silent_peer() {
 }
 
 #[test]
+fn a_peer_that_reads_nothing_is_dropped_once_its_socket_stays_full() {
+    let gw = Gateway::start(&["--shards", "1", "--ping-interval", "300ms", "--pong-timeout", "300ms"]);
+    let mut s = raw_upgrade(gw.addr, "/echo");
+    s.set_write_timeout(Some(Duration::from_millis(100))).unwrap();
+    let mut frame = Vec::new();
+    shardgate::ws::frame::write_frame(
+        &mut frame,
+        true,
+        shardgate::ws::OpCode::Binary,
+        &[7u8; 60_000],
+        Some([1, 2, 3, 4]),
+    );
+    // The echoes fill both sockets' buffers, then the gateway's writes wait for room that
+    // never comes: it must give the peer up (our writes then meet its reset), not wait
+    // for ever.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut at = 0;
+    let dropped = loop {
+        assert!(Instant::now() < deadline, "the gateway kept a peer that reads nothing");
+        match s.write(&frame[at..]) {
+            Ok(n) => at = (at + n) % frame.len(),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => break e,
+        }
+    };
+    assert!(
+        matches!(
+            dropped.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        ),
+        "{dropped}"
+    );
+}
+
+#[test]
 fn sigterm_closes_every_client_with_1001_and_exits_zero() {
     let mut gw = Gateway::start(&["--shards", "2"]);
     let status = runtime().block_on(async {

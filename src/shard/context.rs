@@ -17,13 +17,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use futures_lite::AsyncRead;
-use glommio::net::TcpStream;
 use slab::Slab;
 
 use super::budget::MemoryBudget;
 use super::deadlines::Deadlines;
-use super::egress::{Cork, Egress, Finish, Opened, Outbound, TLS_MAX_READ};
+use super::egress::{Cork, Egress, Finish, Opened, Outbound, Socket, TLS_MAX_READ};
 use super::per_ip::{IpTicket, PerIpLimits};
 use super::receive::{self, Input, Read, Receiver, CANCELLED, OWN, POOL_BUFFERS, POOL_BUFFER_BYTES, WRITABLE};
 use super::yield_policy::YieldPolicy;
@@ -61,19 +59,19 @@ struct Entry {
     waker: Option<Waker>,
     /// How the socket's input reaches its reads, once watched.
     watch: Watch,
-    /// A TLS socket's handshake left bytes the socket did not take: a poll for room to
-    /// write is armed, and wakes the read that sends them.
+    /// A poll for room to write is armed: a write waits for it (`RoomToWrite`), or a
+    /// TLS socket's read has handshake bytes the socket did not take.
     waits_for_room: bool,
     /// What the shard ring received for the socket.
     input: Input,
-    /// When the waiting read gives up.
+    /// When the waiting read (or wait for room to write) gives up.
     deadline: Option<Instant>,
     timed_out: bool,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 enum Watch {
-    /// Not yet (a refused connection never is): glommio's own reads.
+    /// Not yet.
     #[default]
     No,
     /// A multishot receive in the shard ring.
@@ -285,20 +283,21 @@ impl ShardContext {
         })
     }
 
-    /// Claims a place for a new connection (holding its address's `ticket`), or `None`
-    /// when the process is at its cap.
-    pub fn admit(self: &Rc<Self>, ticket: Option<IpTicket>) -> Option<ConnectionSlot> {
+    /// Claims a place for a new connection on `socket` (holding its address's
+    /// `ticket`); the socket is given back when the process is at its cap.
+    pub fn admit(self: &Rc<Self>, socket: OwnedFd, ticket: Option<IpTicket>) -> Result<ConnectionSlot, OwnedFd> {
         let before = self.open_connections.fetch_add(1, Ordering::Relaxed);
         if before >= self.max_connections {
             self.open_connections.fetch_sub(1, Ordering::Relaxed);
-            return None;
+            return Err(socket);
         }
         let key = self.connections.borrow_mut().insert(Entry::default());
-        Some(ConnectionSlot {
+        Ok(ConnectionSlot {
             ctx: self.clone(),
             // A shard holds far fewer than 2^32 connections (one descriptor each).
             key: key as u32,
             ip: ticket,
+            socket,
         })
     }
 
@@ -388,52 +387,35 @@ impl ShardContext {
         }
     }
 
-    /// Reads from `stream` into the shared receive buffer. With `interruptible`, a stop of
-    /// the shard ends the wait with `Stopping`; with `out`, a queue that needs the task
-    /// ends it with `Outbound`; with `timeout`, no input for that long ends it with
-    /// `TimedOut`.
+    /// Reads from `slot`'s socket (what the shard ring received for it). With
+    /// `interruptible`, a stop of the shard ends the wait with `Stopping`; with `out`, a
+    /// queue that needs the task ends it with `Outbound`; with `timeout`, no input for
+    /// that long ends it with `TimedOut`.
     pub fn read<'a>(
         &'a self,
-        stream: &'a mut TcpStream,
-        slot: Option<&ConnectionSlot>,
+        slot: &ConnectionSlot,
         interruptible: bool,
         out: Option<&'a Outbound>,
         timeout: Option<Duration>,
     ) -> ReadFuture<'a> {
-        let watched = slot
-            .map(ConnectionSlot::key)
-            .filter(|&key| self.connections.borrow().get(key).is_some_and(|e| e.watch != Watch::No));
-        let mut failed = None;
-        match watched {
-            Some(key) => {
-                if let Some(entry) = self.connections.borrow_mut().get_mut(key) {
-                    entry.timed_out = false;
-                    entry.deadline = None;
-                }
-            }
-            // Not watched (a connection refused for lack of room): glommio's own
-            // readiness and timer.
-            None => failed = stream.set_read_timeout(timeout).err().map(io::Error::from),
+        let key = slot.key();
+        if let Some(entry) = self.connections.borrow_mut().get_mut(key) {
+            entry.timed_out = false;
+            entry.deadline = None;
         }
         ReadFuture {
             ctx: self,
-            stream,
-            watched,
+            key,
             interruptible,
             out,
             timeout,
             deadline: None,
-            failed,
         }
     }
 
-    /// `ReadFuture::poll` for a connection in the shard's table.
-    fn poll_watched(
-        &self,
-        cx: &mut Context<'_>,
-        read: &mut ReadFuture<'_>,
-        key: usize,
-    ) -> Poll<io::Result<ReadOutcome>> {
+    /// `ReadFuture::poll`.
+    fn poll_read(&self, cx: &mut Context<'_>, read: &mut ReadFuture<'_>) -> Poll<io::Result<ReadOutcome>> {
+        let key = read.key;
         if read.interruptible && self.stopping.get() {
             return Poll::Ready(Ok(ReadOutcome::Stopping));
         }
@@ -506,24 +488,6 @@ impl ShardContext {
             entry.waker = Some(cx.waker().clone());
         }
         Poll::Pending
-    }
-
-    /// `ReadFuture::poll` for a connection outside the shard's table: glommio's read.
-    fn poll_unwatched(&self, cx: &mut Context<'_>, read: &mut ReadFuture<'_>) -> Poll<io::Result<ReadOutcome>> {
-        if read.interruptible && self.stopping.get() {
-            return Poll::Ready(Ok(ReadOutcome::Stopping));
-        }
-        let mut rx = self.egress.rx_space();
-        match Pin::new(&mut *read.stream).poll_read(cx, &mut rx) {
-            Poll::Ready(Ok(0)) => Poll::Ready(Ok(ReadOutcome::Eof)),
-            Poll::Ready(Ok(n)) => {
-                self.counters.read(n);
-                Poll::Ready(Ok(ReadOutcome::Data(n)))
-            }
-            Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::TimedOut => Poll::Ready(Ok(ReadOutcome::TimedOut)),
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => Poll::Pending,
-        }
     }
 
     /// Submits what the pass queued in the shard ring and takes its completions (waiting
@@ -663,8 +627,8 @@ impl ShardContext {
         }
     }
 
-    /// Ends the reads whose deadline has passed with `TimedOut`; returns the earliest
-    /// deadline still ahead (see `Deadlines`).
+    /// Ends the reads (and waits for room to write) whose deadline has passed with
+    /// `TimedOut`; returns the earliest deadline still ahead (see `Deadlines`).
     pub fn expire_reads(&self, now: Instant) -> Option<Instant> {
         let mut earliest: Option<Instant> = None;
         let mut connections = self.connections.borrow_mut();
@@ -685,12 +649,16 @@ impl ShardContext {
     }
 }
 
-/// A connection's place in its shard; dropping it frees the place.
+/// A connection's place in its shard, and its socket; dropping it frees the place (the
+/// socket's receive and any poll cancelled), then closes the socket.
 pub struct ConnectionSlot {
     ctx: Rc<ShardContext>,
     key: u32,
     /// The connection's place in its address's count, given back with the slot.
     ip: Option<IpTicket>,
+    /// Its own descriptor rather than glommio's `TcpStream` (120 bytes, in every
+    /// connection's future): reads and waits for room both go through the shard ring.
+    socket: OwnedFd,
 }
 
 impl ConnectionSlot {
@@ -700,12 +668,79 @@ impl ConnectionSlot {
 
     /// Arms the socket's multishot receive in the shard ring, so that its reads take
     /// what that receives (for a TLS socket, ciphertext they open).
-    pub fn watch(&self, socket: RawFd, tls: bool) {
+    pub fn watch(&self, tls: bool) {
         if let Some(entry) = self.ctx.connections.borrow_mut().get_mut(self.key()) {
             entry.watch = if tls { Watch::Tls } else { Watch::Plain };
-            entry.input = self.ctx.receiver.input(socket);
+            entry.input = self.ctx.receiver.input(self.socket.as_raw_fd());
             self.ctx.receiver.start(self.key(), &mut entry.input);
         }
+    }
+}
+
+impl Socket for ConnectionSlot {
+    fn fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+
+    /// A one-shot `POLLOUT` poll in the shard ring. A peer that takes nothing for a ping
+    /// interval and a pong timeout is gone: `TimedOut`.
+    fn room(&self) -> impl Future<Output = io::Result<()>> {
+        if let Some(entry) = self.ctx.connections.borrow_mut().get_mut(self.key()) {
+            entry.timed_out = false;
+            entry.deadline = None;
+        }
+        RoomToWrite {
+            slot: self,
+            armed: false,
+            deadline: None,
+        }
+    }
+}
+
+/// A wait for room to write in a connection's socket (`Socket::room`).
+struct RoomToWrite<'a> {
+    slot: &'a ConnectionSlot,
+    /// The poll is armed (by this wait or a TLS read before it).
+    armed: bool,
+    deadline: Option<Instant>,
+}
+
+impl Future for RoomToWrite<'_> {
+    type Output = io::Result<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let wait = self.get_mut();
+        let ctx = &wait.slot.ctx;
+        let key = wait.slot.key();
+        let mut connections = ctx.connections.borrow_mut();
+        let Some(entry) = connections.get_mut(key) else {
+            return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+        };
+        if wait.armed && !entry.waits_for_room {
+            entry.deadline = None;
+            return Poll::Ready(Ok(()));
+        }
+        if entry.timed_out {
+            entry.timed_out = false;
+            return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
+        }
+        if !entry.waits_for_room {
+            entry.waits_for_room = true;
+            let user = receive::writable_user(key, &entry.input);
+            ctx.egress
+                .ring
+                .borrow_mut()
+                .poll(wait.slot.socket.as_raw_fd(), libc::POLLOUT, user);
+        }
+        wait.armed = true;
+        let timeout = ctx.config.ping_interval + ctx.config.pong_timeout;
+        let at = *wait.deadline.get_or_insert_with(|| Instant::now() + timeout);
+        entry.deadline = Some(at);
+        ctx.deadlines.note(at);
+        if !entry.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            entry.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
     }
 }
 
@@ -713,15 +748,12 @@ impl ConnectionSlot {
 /// `async fn`: an idle connection waits in one, so its size is memory each of them holds.
 pub struct ReadFuture<'a> {
     ctx: &'a ShardContext,
-    stream: &'a mut TcpStream,
-    /// The connection's key in the shard's table; `None` when glommio reads it.
-    watched: Option<usize>,
+    /// The connection's key in the shard's table.
+    key: usize,
     interruptible: bool,
     out: Option<&'a Outbound>,
     timeout: Option<Duration>,
     deadline: Option<Instant>,
-    /// A read that cannot start: answered at the first poll.
-    failed: Option<io::Error>,
 }
 
 impl Future for ReadFuture<'_> {
@@ -729,14 +761,7 @@ impl Future for ReadFuture<'_> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let read = self.get_mut();
-        if let Some(e) = read.failed.take() {
-            return Poll::Ready(Err(e));
-        }
-        let ctx = read.ctx;
-        match read.watched {
-            Some(key) => ctx.poll_watched(cx, read, key),
-            None => ctx.poll_unwatched(cx, read),
-        }
+        read.ctx.poll_read(cx, read)
     }
 }
 

@@ -714,7 +714,6 @@ async fn accept_loop(ctx: Rc<ShardContext>, apps: Rc<Apps>, listener: OwnedFd, t
         match ctx.accept(watched.index).await {
             Ok((fd, ip)) => {
                 backoff = Duration::ZERO;
-                let stream = socket::glommio_stream(fd);
                 let ticket = match ctx.per_ip.admit(ip) {
                     Ok(ticket) => ticket,
                     Err(refusal) => {
@@ -722,6 +721,7 @@ async fn accept_loop(ctx: Rc<ShardContext>, apps: Rc<Apps>, listener: OwnedFd, t
                         // A refusal in plaintext means nothing to a TLS client, and a
                         // handshake to refuse it is work an overload should not pay.
                         if tls.is_none() {
+                            let stream = socket::glommio_stream(fd);
                             glommio::spawn_local(connection::refuse_per_ip(ctx.clone(), stream, refusal)).detach();
                         }
                         continue;
@@ -740,15 +740,15 @@ async fn accept_loop(ctx: Rc<ShardContext>, apps: Rc<Apps>, listener: OwnedFd, t
                         continue;
                     }
                 };
-                match ctx.admit(ticket) {
-                    Some(slot) => {
-                        glommio::spawn_local(connection::serve(ctx.clone(), apps.clone(), stream, slot, session))
-                            .detach();
+                match ctx.admit(fd, ticket) {
+                    Ok(slot) => {
+                        glommio::spawn_local(connection::serve(ctx.clone(), apps.clone(), slot, session)).detach();
                     }
-                    None if tls.is_none() => {
+                    Err(fd) if tls.is_none() => {
+                        let stream = socket::glommio_stream(fd);
                         glommio::spawn_local(connection::refuse_busy(ctx.clone(), stream)).detach();
                     }
-                    None => drop(stream),
+                    Err(fd) => drop(fd),
                 }
             }
             Err(e) => {

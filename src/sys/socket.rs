@@ -207,6 +207,16 @@ fn ip_of(addr: &libc::sockaddr_storage) -> IpAddr {
     }
 }
 
+/// Closes the sending side of a connected socket (its FIN goes after what is queued).
+pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
+    // SAFETY: no memory is passed.
+    if unsafe { libc::shutdown(fd, libc::SHUT_WR) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// A connected socket as a glommio stream (which takes ownership of the descriptor).
 pub fn glommio_stream(socket: OwnedFd) -> glommio::net::TcpStream {
     // SAFETY: `socket` is a connected TCP socket that nobody else owns; the stream now does.

@@ -6,15 +6,16 @@ mod session;
 mod upgrade;
 
 use std::future::Future;
-use std::os::fd::{AsRawFd, RawFd};
+use std::io;
+use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use futures_lite::AsyncWriteExt;
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 
 use super::context::{ConnectionSlot, ReadOutcome, ShardContext};
-use super::egress::Outbound;
+use super::egress::{Outbound, Socket};
 use super::per_ip::Refusal;
 use super::Apps;
 use crate::chat::session::ChatUser;
@@ -40,31 +41,22 @@ enum Endpoint {
 /// connection holds. It is an `async move` block rather than an `async fn` because the
 /// compiler keeps an `async fn`'s arguments twice (as passed and as moved into its
 /// body); the upgrade, run once and larger than the session, is boxed for its duration.
+#[allow(clippy::manual_async_fn)]
 pub fn serve(
     ctx: Rc<ShardContext>,
     apps: Rc<Apps>,
-    stream: TcpStream,
     slot: ConnectionSlot,
     tls: Option<Box<TlsSession>>,
 ) -> impl Future<Output = ()> {
-    let mut socket = Socket { slot, stream };
     async move {
-        let Socket { slot, stream } = &mut socket;
-        slot.watch(stream.as_raw_fd(), tls.is_some());
-        // Dropped before `socket` (captured), so before its descriptor can be reused.
-        let _tls = tls.map(|session| TlsRegistration::new(&ctx, stream.as_raw_fd(), session));
-        let Some(upgraded) = Box::pin(upgrade::upgrade(&ctx, &apps, stream, slot)).await else {
+        slot.watch(tls.is_some());
+        // Dropped before `slot` (captured), so before its descriptor can be reused.
+        let _tls = tls.map(|session| TlsRegistration::new(&ctx, slot.fd(), session));
+        let Some(upgraded) = Box::pin(upgrade::upgrade(&ctx, &apps, &slot)).await else {
             return;
         };
-        session::run(&ctx, &apps, stream, slot, upgraded).await;
+        session::run(&ctx, &apps, &slot, upgraded).await;
     }
-}
-
-/// A connection's slot and socket, in the order they go: the slot first (it leaves the
-/// shard's tables and cancels its receive), then the descriptor.
-struct Socket {
-    slot: ConnectionSlot,
-    stream: TcpStream,
 }
 
 /// A socket's place among the shard's TLS connections, for as long as it is open.
@@ -99,7 +91,7 @@ pub async fn refuse_busy(ctx: Rc<ShardContext>, mut stream: TcpStream) {
         "Retry-After: 1\r\n",
     );
     if stream.write_all(&out).await.is_ok() {
-        linger_close(&ctx, &mut stream, None).await;
+        linger_refused(stream).await;
     }
 }
 
@@ -110,35 +102,55 @@ pub async fn refuse_per_ip(ctx: Rc<ShardContext>, mut stream: TcpStream, refusal
     ctx.counters.http(429);
     handshake::write_response(&mut out, 429, refusal.reason(), "Retry-After: 1\r\n");
     if stream.write_all(&out).await.is_ok() {
-        linger_close(&ctx, &mut stream, None).await;
+        linger_refused(stream).await;
+    }
+}
+
+/// `linger_close` for a refused connection, which has no place in the shard: glommio's
+/// own reads, into a small buffer of its own.
+async fn linger_refused(mut stream: TcpStream) {
+    if stream.shutdown(std::net::Shutdown::Write).await.is_err() {
+        return;
+    }
+    let deadline = Instant::now() + LINGER;
+    let mut discard = [0u8; 512];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        match stream.read(&mut discard).await {
+            Ok(n) if n > 0 => continue,
+            _ => return,
+        }
     }
 }
 
 /// Closes a connection whose outgoing queue overflowed: finish the frame on the wire,
 /// then Close 1008 naming the reason. The socket is full, so this waits for the peer to
 /// read, as long as a pong may take: a peer that cannot take one frame by then is gone.
-async fn close_slow_consumer(ctx: &ShardContext, stream: &mut TcpStream, slot: &ConnectionSlot, out: &Outbound) {
-    let _ = stream.set_write_timeout(Some(ctx.config.pong_timeout));
-    loop {
-        match ctx.egress.write_front(stream, out).await {
-            Ok(true) => {}
-            Ok(false) => break,
-            Err(_) => return,
-        }
-    }
-    let mut close = Vec::new();
-    let reason = format!("slow consumer: more than {} bytes queued", out.limit());
-    ctx.counters.close_sent(CloseCode::POLICY_VIOLATION.into());
-    write_close(&mut close, CloseCode::POLICY_VIOLATION, &reason, None);
-    if ctx.egress.write_all(stream, &close).await.is_ok() {
-        linger_close(ctx, stream, Some(slot)).await;
+async fn close_slow_consumer(ctx: &ShardContext, slot: &ConnectionSlot, out: &Outbound) {
+    let close = async {
+        while ctx.egress.write_front(slot, out).await? {}
+        let mut close = Vec::new();
+        let reason = format!("slow consumer: more than {} bytes queued", out.limit());
+        ctx.counters.close_sent(CloseCode::POLICY_VIOLATION.into());
+        write_close(&mut close, CloseCode::POLICY_VIOLATION, &reason, None);
+        ctx.egress.write_all(slot, &close).await
+    };
+    let gone = async {
+        glommio::timer::sleep(ctx.config.pong_timeout).await;
+        Err::<(), _>(io::Error::from(io::ErrorKind::TimedOut))
+    };
+    if futures_lite::future::or(close, gone).await.is_ok() {
+        linger_close(ctx, slot).await;
     }
 }
 
 /// Half-closes, then reads and discards for a moment, so that our last bytes reach the
 /// peer instead of being cut off by a reset (closing a socket with unread input sends RST).
-async fn linger_close(ctx: &ShardContext, stream: &mut TcpStream, slot: Option<&ConnectionSlot>) {
-    if ctx.egress.shutdown(stream).await.is_err() {
+async fn linger_close(ctx: &ShardContext, slot: &ConnectionSlot) {
+    if ctx.egress.shutdown(slot).await.is_err() {
         return;
     }
     let deadline = Instant::now() + LINGER;
@@ -147,7 +159,7 @@ async fn linger_close(ctx: &ShardContext, stream: &mut TcpStream, slot: Option<&
         if left.is_zero() {
             return;
         }
-        match ctx.read(stream, slot, false, None, Some(left)).await {
+        match ctx.read(slot, false, None, Some(left)).await {
             Ok(ReadOutcome::Data(_)) => continue,
             _ => return,
         }

@@ -8,14 +8,12 @@ use std::future::Future;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use glommio::net::TcpStream;
-
 use super::upgrade::Upgraded;
 use super::{close_slow_consumer, linger_close, Endpoint, LINGER};
 use crate::chat::output::ConnOutput;
 use crate::chat::session::{Arrival, ChatConn};
 use crate::shard::context::{ConnectionSlot, ReadOutcome, ShardContext};
-use crate::shard::egress::{Cork, Finish, Outbound, RX_BUFFER};
+use crate::shard::egress::{Cork, Finish, Outbound, Socket, RX_BUFFER};
 use crate::shard::Apps;
 use crate::ws::deflate::{write_compressed_frame, Agreed, ConnDeflate, Deflater};
 use crate::ws::{write_close, CloseCode, Decoder, Event, OpCode, ProtocolError, Role};
@@ -265,14 +263,13 @@ struct Conn<'a> {
 pub(super) fn run<'a>(
     ctx: &'a ShardContext,
     apps: &'a Apps,
-    stream: &'a mut TcpStream,
     slot: &'a ConnectionSlot,
     upgraded: Upgraded,
 ) -> impl Future<Output = ()> + 'a {
-    let mut started = start(ctx, apps, stream, slot, upgraded);
+    let mut started = start(ctx, apps, slot, upgraded);
     async move {
         if let Some((conn, next)) = &mut started {
-            conn.drive(stream, *next).await;
+            conn.drive(*next).await;
         }
     }
 }
@@ -282,7 +279,6 @@ pub(super) fn run<'a>(
 fn start<'a>(
     ctx: &'a ShardContext,
     apps: &'a Apps,
-    stream: &mut TcpStream,
     slot: &'a ConnectionSlot,
     upgraded: Upgraded,
 ) -> Option<(Conn<'a>, Next)> {
@@ -291,12 +287,9 @@ fn start<'a>(
         endpoint,
         deflate,
     } = upgraded;
-    let config = &ctx.config;
-    // A peer that takes nothing for this long is gone.
-    stream
-        .set_write_timeout(Some(config.ping_interval + config.pong_timeout))
-        .ok()?;
-    let mut conn = open(ctx, apps, slot, stream, endpoint, deflate);
+    // (A peer that takes nothing for a ping interval and a pong timeout is gone: the
+    // slot's waits for room to write say so.)
+    let mut conn = open(ctx, apps, slot, endpoint, deflate);
     // The request head's buffer is freed here, not held for the connection's life: an
     // idle connection keeps no buffer (about 170 bytes each at 15,000 connections).
     let next = if leftover.is_empty() {
@@ -312,13 +305,11 @@ fn open<'a>(
     ctx: &'a ShardContext,
     apps: &'a Apps,
     slot: &'a ConnectionSlot,
-    stream: &TcpStream,
     endpoint: Endpoint,
     deflate: Option<Agreed>,
 ) -> Conn<'a> {
-    use std::os::fd::AsRawFd;
     let config = &ctx.config;
-    let fd = stream.as_raw_fd();
+    let fd = slot.fd();
     let id = apps.hub.next_conn_id();
     // A chat message over its limit closes the connection with 1009 as soon as the limit
     // is passed (RFC 6455 §7.4.1), instead of being assembled first: an unauthenticated
@@ -381,18 +372,18 @@ impl Drop for Conn<'_> {
 
 impl Conn<'_> {
     /// The connection's loop: send what is queued, read, answer, until it ends.
-    async fn drive(&mut self, stream: &mut TcpStream, mut next: Next) {
+    async fn drive(&mut self, mut next: Next) {
         let ctx = self.ctx;
         loop {
             if self.out.overflowed() {
                 // Out of the directory first: while the Close waits for the peer, sends to
                 // this user must not be acknowledged `routed` into a queue no one will read.
                 self.end_session();
-                Box::pin(close_slow_consumer(ctx, stream, self.slot, &self.out)).await;
+                Box::pin(close_slow_consumer(ctx, self.slot, &self.out)).await;
                 return;
             }
             if !self.out.is_empty() {
-                if ctx.egress.write_queue(stream, &self.out).await.is_err() {
+                if ctx.egress.write_queue(self.slot, &self.out).await.is_err() {
                     return;
                 }
                 continue;
@@ -404,11 +395,11 @@ impl Conn<'_> {
                 // that broke §5.5.1 sent more after its Close: closing with bytes unread
                 // would reset the connection and drop the Close unsent.
                 Next::Close => {
-                    let _ = Box::pin(ctx.egress.shutdown(stream)).await;
+                    let _ = Box::pin(ctx.egress.shutdown(self.slot)).await;
                     return;
                 }
                 Next::Fail => {
-                    Box::pin(linger_close(ctx, stream, Some(self.slot))).await;
+                    Box::pin(linger_close(ctx, self.slot)).await;
                     return;
                 }
             }
@@ -420,9 +411,7 @@ impl Conn<'_> {
                 .session
                 .read_timeout(ctx.config.ping_interval, ctx.config.pong_timeout);
             let open = self.session.state == State::Open;
-            let outcome = ctx
-                .read(stream, Some(self.slot), open, Some(&self.out), Some(timeout))
-                .await;
+            let outcome = ctx.read(self.slot, open, Some(&self.out), Some(timeout)).await;
             match outcome.ok().and_then(|outcome| self.on_read(outcome)) {
                 Some(n) => next = n,
                 None => return,

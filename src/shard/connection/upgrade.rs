@@ -3,8 +3,6 @@
 
 use std::time::{Duration, Instant};
 
-use glommio::net::TcpStream;
-
 use super::{linger_close, Endpoint};
 use crate::chat::session::authorize;
 use crate::metrics::exposition;
@@ -25,24 +23,19 @@ pub(super) struct Upgraded {
 
 /// Reads the request head and answers it. Returns the upgraded connection, or `None`
 /// when it is done.
-pub(super) async fn upgrade(
-    ctx: &ShardContext,
-    apps: &Apps,
-    stream: &mut TcpStream,
-    slot: &ConnectionSlot,
-) -> Option<Upgraded> {
+pub(super) async fn upgrade(ctx: &ShardContext, apps: &Apps, slot: &ConnectionSlot) -> Option<Upgraded> {
     let deadline = Instant::now() + ctx.config.handshake_timeout;
     let mut head: Vec<u8> = Vec::new();
     let request = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            refuse(ctx, stream, slot, &handshake_timeout()).await;
+            refuse(ctx, slot, &handshake_timeout()).await;
             return None;
         }
-        match ctx.read(stream, Some(slot), true, None, Some(left)).await {
+        match ctx.read(slot, true, None, Some(left)).await {
             Ok(ReadOutcome::Data(n)) => ctx.egress.copy_input(n, &mut head),
             Ok(ReadOutcome::TimedOut) => {
-                refuse(ctx, stream, slot, &handshake_timeout()).await;
+                refuse(ctx, slot, &handshake_timeout()).await;
                 return None;
             }
             Ok(ReadOutcome::Eof | ReadOutcome::Stopping | ReadOutcome::Outbound) | Err(_) => return None,
@@ -51,7 +44,7 @@ pub(super) async fn upgrade(
             Ok(Some(request)) => break request,
             Ok(None) => continue,
             Err(rejection) => {
-                refuse(ctx, stream, slot, &rejection).await;
+                refuse(ctx, slot, &rejection).await;
                 return None;
             }
         }
@@ -60,7 +53,7 @@ pub(super) async fn upgrade(
     match answer(ctx, apps, &request, &mut out) {
         Answer::Upgrade(endpoint, deflate) => {
             let head_len = request.head_len;
-            ctx.egress.write_all(stream, &out).await.ok()?;
+            ctx.egress.write_all(slot, &out).await.ok()?;
             head.drain(..head_len);
             Some(Upgraded {
                 leftover: head,
@@ -69,15 +62,15 @@ pub(super) async fn upgrade(
             })
         }
         Answer::Done => {
-            if ctx.egress.write_all(stream, &out).await.is_ok() {
-                linger_close(ctx, stream, Some(slot)).await;
+            if ctx.egress.write_all(slot, &out).await.is_ok() {
+                linger_close(ctx, slot).await;
             }
             None
         }
         Answer::LiveFeed => {
             drop(request);
-            if ctx.egress.write_all(stream, &out).await.is_ok() {
-                live_feed(ctx, apps, stream, slot).await;
+            if ctx.egress.write_all(slot, &out).await.is_ok() {
+                live_feed(ctx, apps, slot).await;
             }
             None
         }
@@ -189,7 +182,7 @@ const LIVE_FEED_HEAD: &[u8] =
 /// The dashboard's feed: the board as one event a second, until the client goes away or
 /// the shard stops. The wait between events is a read with a deadline, so a client that
 /// closes is noticed at once and a stop interrupts it.
-async fn live_feed(ctx: &ShardContext, apps: &Apps, stream: &mut TcpStream, slot: &ConnectionSlot) {
+async fn live_feed(ctx: &ShardContext, apps: &Apps, slot: &ConnectionSlot) {
     let mut event = Vec::new();
     loop {
         event.clear();
@@ -197,13 +190,10 @@ async fn live_feed(ctx: &ShardContext, apps: &Apps, stream: &mut TcpStream, slot
         // Serialising a `Value` into a Vec cannot fail.
         let _ = serde_json::to_writer(&mut event, &web::live::snapshot(&apps.board));
         event.extend_from_slice(b"\n\n");
-        if ctx.egress.write_all(stream, &event).await.is_err() {
+        if ctx.egress.write_all(slot, &event).await.is_err() {
             return;
         }
-        match ctx
-            .read(stream, Some(slot), true, None, Some(Duration::from_secs(1)))
-            .await
-        {
+        match ctx.read(slot, true, None, Some(Duration::from_secs(1))).await {
             Ok(ReadOutcome::TimedOut | ReadOutcome::Data(_) | ReadOutcome::Outbound) => {}
             Ok(ReadOutcome::Eof | ReadOutcome::Stopping) | Err(_) => return,
         }
@@ -218,11 +208,11 @@ fn handshake_timeout() -> Rejection {
     }
 }
 
-async fn refuse(ctx: &ShardContext, stream: &mut TcpStream, slot: &ConnectionSlot, rejection: &Rejection) {
+async fn refuse(ctx: &ShardContext, slot: &ConnectionSlot, rejection: &Rejection) {
     ctx.counters.http(rejection.status);
     let mut out = Vec::new();
     handshake::write_rejection(&mut out, rejection);
-    if ctx.egress.write_all(stream, &out).await.is_ok() {
-        linger_close(ctx, stream, Some(slot)).await;
+    if ctx.egress.write_all(slot, &out).await.is_ok() {
+        linger_close(ctx, slot).await;
     }
 }

@@ -19,13 +19,12 @@ mod send_batch;
 mod tls;
 
 use std::cell::{Cell, RefCell, RefMut};
+use std::future::Future;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::RawFd;
 use std::rc::Rc;
 
 use bytes::Bytes;
-use futures_lite::AsyncWriteExt;
-use glommio::net::TcpStream;
 
 pub use cork::Cork;
 pub use queue::Outbound;
@@ -33,7 +32,7 @@ use send_batch::SendBatch;
 pub use tls::{Opened, TlsConns, MAX_READ as TLS_MAX_READ};
 
 use crate::metrics::LatencyRecorder;
-use crate::sys::socket::Push;
+use crate::sys::socket::{self, Push};
 use crate::sys::uring::{BufferPool, Chunk, ShardRing};
 
 /// One read takes up to this much from a socket. A read that fills it is the
@@ -48,6 +47,35 @@ pub const RX_BUFFER: usize = 256 * 1024;
 /// reads start over at the beginning. Two reads' worth: four measured the same, and this
 /// CPU's L2 is 512 KiB (docs/perf/13-256k-reads.md).
 const RX_ARENA: usize = 2 * RX_BUFFER;
+
+/// A connection's socket as its writes see it (`ConnectionSlot`): the descriptor, and a
+/// wait for room in it.
+pub trait Socket {
+    fn fd(&self) -> RawFd;
+    /// Resolves once the socket may take more (or has failed: the next send says how).
+    fn room(&self) -> impl Future<Output = io::Result<()>>;
+}
+
+/// Writes some of `bytes` to a plain socket, waiting for room as needed: how much it
+/// took (0 only for no bytes).
+async fn write_some(socket: &impl Socket, bytes: &[u8]) -> io::Result<usize> {
+    loop {
+        let sent = socket::send(socket.fd(), bytes, Push::Now)?;
+        if sent > 0 || bytes.is_empty() {
+            return Ok(sent);
+        }
+        socket.room().await?;
+    }
+}
+
+/// Writes all of `bytes` to a plain socket, waiting for room as needed.
+async fn write_plain(socket: &impl Socket, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        let sent = write_some(socket, bytes).await?;
+        bytes = &bytes[sent..];
+    }
+    Ok(())
+}
 
 /// How the bytes of a round may leave.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,13 +185,6 @@ impl Egress {
             Ok(false) => None,
             Err(e) => Some(Err(e)),
         }
-    }
-
-    /// Where a read through another path (glommio's own) may land.
-    pub fn rx_space(&self) -> RefMut<'_, [u8]> {
-        self.release_input();
-        let at = self.rx_at.get();
-        RefMut::map(self.rx.borrow_mut(), |rx| &mut rx[at..at + RX_BUFFER])
     }
 
     /// Makes `chunk` (held, from the shard ring) the last read's bytes.
@@ -366,55 +387,51 @@ impl Egress {
     /// Writes `out`'s queue until it is empty, waiting for the socket as needed. The wait
     /// is boxed: it is rare (the socket full), and inline it would be the largest state of
     /// every connection's future, idle ones included.
-    pub async fn write_queue(&self, stream: &mut TcpStream, out: &Outbound) -> io::Result<()> {
+    pub async fn write_queue(&self, socket: &impl Socket, out: &Outbound) -> io::Result<()> {
         loop {
             let more = out.flush_now(&mut self.latency.borrow_mut(), &self.tls)?;
             if !more || out.overflowed() {
                 return Ok(());
             }
-            Box::pin(self.write_front(stream, out)).await?;
+            Box::pin(self.write_front(socket, out)).await?;
         }
     }
 
     /// Writes what is left of `out`'s front frame once the socket takes it. Returns false
     /// when the queue is empty.
-    pub async fn write_front(&self, stream: &mut TcpStream, out: &Outbound) -> io::Result<bool> {
+    pub async fn write_front(&self, socket: &impl Socket, out: &Outbound) -> io::Result<bool> {
         let Some(chunk) = out.begin_write() else {
             return Ok(false);
         };
         let written = if self.tls.is_tls(out.fd()) {
-            self.write_sealed(stream, &chunk).await
+            self.write_sealed(socket, &chunk).await
         } else {
-            stream.write(&chunk).await
+            write_some(socket, &chunk).await
         };
         out.end_write(*written.as_ref().unwrap_or(&0), &mut self.latency.borrow_mut());
         written.map(|_| true)
     }
 
     /// Writes some of `chunk` to a TLS socket, waiting for it as needed: how much.
-    async fn write_sealed(&self, stream: &mut TcpStream, chunk: &[u8]) -> io::Result<usize> {
-        let fd = stream.as_raw_fd();
+    async fn write_sealed(&self, socket: &impl Socket, chunk: &[u8]) -> io::Result<usize> {
         loop {
             // (No `IoBatch` here: its 1 KiB would live in every connection task's future.)
-            let sent = self.tls.send_bytes(fd, chunk, Push::Now)?;
+            let sent = self.tls.send_bytes(socket.fd(), chunk, Push::Now)?;
             if sent > 0 || chunk.is_empty() {
                 return Ok(sent);
             }
-            self.tls.write_unsent(stream).await?;
+            self.tls.write_unsent(socket).await?;
         }
     }
 
     /// Writes all of `bytes` (sealed, for a TLS socket), waiting for the socket as needed.
-    pub async fn write_all(&self, stream: &mut TcpStream, bytes: &[u8]) -> io::Result<()> {
-        self.tls.write_all(stream, bytes).await
+    pub async fn write_all(&self, socket: &impl Socket, bytes: &[u8]) -> io::Result<()> {
+        self.tls.write_all(socket, bytes).await
     }
 
     /// Closes the sending side (after close_notify, for a TLS socket).
-    pub async fn shutdown(&self, stream: &mut TcpStream) -> io::Result<()> {
-        self.tls.close_notify(stream).await?;
-        stream
-            .shutdown(std::net::Shutdown::Write)
-            .await
-            .map_err(io::Error::from)
+    pub async fn shutdown(&self, socket: &impl Socket) -> io::Result<()> {
+        self.tls.close_notify(socket).await?;
+        socket::shutdown_write(socket.fd())
     }
 }

@@ -11,12 +11,9 @@
 
 use std::cell::{Cell, RefCell};
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 
-use futures_lite::AsyncWriteExt;
-use glommio::net::TcpStream;
-
-use super::RX_BUFFER;
+use super::{write_plain, Socket, RX_BUFFER};
 use crate::sys::socket::{self, IoBatch, Push};
 use crate::tls::session::SessionError;
 use crate::tls::TlsSession;
@@ -318,12 +315,12 @@ impl TlsConns {
         self.with(fd, |c| c.session.take_unsent()).unwrap_or_default()
     }
 
-    /// Writes all of `bytes`, waiting for the socket as needed (glommio's write for a
-    /// plain socket).
-    pub async fn write_all(&self, stream: &mut TcpStream, bytes: &[u8]) -> io::Result<()> {
-        let fd = stream.as_raw_fd();
+    /// Writes all of `bytes`, waiting for the socket as needed (as they are, for a plain
+    /// socket).
+    pub async fn write_all(&self, socket: &impl Socket, bytes: &[u8]) -> io::Result<()> {
+        let fd = socket.fd();
         if !self.is_tls(fd) {
-            return stream.write_all(bytes).await;
+            return write_plain(socket, bytes).await;
         }
         let mut at = 0;
         loop {
@@ -334,22 +331,19 @@ impl TlsConns {
             if at == bytes.len() {
                 return Ok(());
             }
-            self.write_unsent(stream).await?;
+            self.write_unsent(socket).await?;
         }
     }
 
     /// Writes a TLS socket's unsent ciphertext, waiting for the socket as needed.
-    pub async fn write_unsent(&self, stream: &mut TcpStream) -> io::Result<()> {
-        let pending = self.take_unsent(stream.as_raw_fd());
-        if pending.is_empty() {
-            return Ok(());
-        }
-        stream.write_all(&pending).await
+    pub async fn write_unsent(&self, socket: &impl Socket) -> io::Result<()> {
+        let pending = self.take_unsent(socket.fd());
+        write_plain(socket, &pending).await
     }
 
     /// Before a TLS socket's sending side closes: close_notify, and whatever is unsent.
-    pub async fn close_notify(&self, stream: &mut TcpStream) -> io::Result<()> {
-        let fd = stream.as_raw_fd();
+    pub async fn close_notify(&self, socket: &impl Socket) -> io::Result<()> {
+        let fd = socket.fd();
         let sealed = self.with(fd, |c| {
             let mut alert = Vec::new();
             c.session.seal_close_notify(&mut alert).map(|()| alert)
@@ -360,10 +354,7 @@ impl TlsConns {
         if let Ok(alert) = sealed {
             pending.extend_from_slice(&alert);
         }
-        if pending.is_empty() {
-            return Ok(());
-        }
-        stream.write_all(&pending).await
+        write_plain(socket, &pending).await
     }
 }
 
@@ -406,6 +397,7 @@ fn io_error(e: SessionError) -> io::Error {
 mod tests {
     use super::*;
     use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixStream;
     use std::sync::Arc;
 
