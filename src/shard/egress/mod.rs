@@ -1,12 +1,13 @@
 //! The shard's buffers and its one way out for bytes.
 //!
-//! A shard has one io_uring (`ShardRing`) that its plain sockets' input arrives through
-//! and its batched answers leave through, one pool of receive buffers (the ring's), one
-//! receive arena (for what is not read through the ring: TLS plaintext, a refused
-//! connection's request, input copied out of the pool) and one cork, all shared by its
-//! connections (an idle connection holds no buffer), and it gathers the small answers of
-//! an executor pass in one send batch. Whatever a connection answers leaves through
-//! `Egress::finish_round`, which picks the cheapest of three paths underneath:
+//! A shard has one io_uring (`ShardRing`) that its sockets' input arrives through and
+//! its batched answers leave through, one pool of receive buffers (the ring's), one
+//! receive arena (TLS plaintext, input copied out of the pool) and one cork, all shared
+//! by its connections (an idle connection holds no buffer), and it gathers the small
+//! answers of an executor pass in one send batch. A write that finds its socket full
+//! waits for room through the same ring (`Socket::room`, the connection's slot's).
+//! Whatever a connection answers leaves through `Egress::finish_round`, which picks the
+//! cheapest of three paths underneath:
 //! - `send_batch`: an echo answer waits for the end of the pass and leaves with the
 //!   others in one `io_uring_enter` (in place where it was received when it is one run);
 //! - `cork`: everything else one read produced leaves in one `send`/`sendmsg`;
